@@ -1,0 +1,91 @@
+"""Multi-head scaled dot-product attention with an optional KV cache.
+
+The cache is a plain pytree `{"k": (B, S, H, K), "v": (B, S, H, K)}` passed in and returned, so
+decoding stays a pure function. During decoding, queries sit at cache columns
+[index, index + T) and may attend to every filled column at or before their own.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from plutao.model.config import ModelConfig
+from plutao.model.layers import INIT_STD, apply_rotary, dropout, normal_param, zeros_param
+
+Array = jax.Array
+MASKED = -1e30  # finite, so a fully masked row gives a uniform (not NaN) softmax
+
+
+def attention_weights(q_BTHK: Array, k_BSHK: Array, mask_BTS: Array | None) -> Array:
+    """softmax(QKᵀ/√d_k) over keys, in float32, with disallowed (False) positions masked out."""
+    scale = 1.0 / math.sqrt(q_BTHK.shape[-1])
+    logits_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK, preferred_element_type=jnp.float32) * scale
+    if mask_BTS is not None:
+        logits_BHTS = jnp.where(mask_BTS[:, None, :, :], logits_BHTS, MASKED)
+    return jax.nn.softmax(logits_BHTS, axis=-1)
+
+
+def causal_mask(q_index_BT: Array, k_index_S: Array, first_valid_B: Array | None = None) -> Array:
+    """True where query t may see key s: s ≤ t, and s is not left padding of row b."""
+    mask_BTS = k_index_S[None, None, :] <= q_index_BT[:, :, None]
+    if first_valid_B is not None:
+        mask_BTS &= k_index_S[None, None, :] >= first_valid_B[:, None, None]
+    return mask_BTS
+
+
+def init_cache(batch: int, length: int, cfg: ModelConfig, dtype=jnp.float32) -> list[dict[str, Array]]:
+    """An empty KV cache for every layer of a decoder."""
+    shape = (batch, length, cfg.n_heads, cfg.d_head)
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers)]
+
+
+class MultiHeadAttention(nnx.Module):
+    """h heads of scaled dot-product attention, concatenated and projected by W^O."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, h, k = cfg.d_model, cfg.n_heads, cfg.d_head
+        self.rotary = cfg.positions == "rotary"
+        self.dropout_rate = cfg.dropout
+        # W^Q, W^K, W^V stored as one (3, D, H, K) tensor: a single matmul reads x once.
+        self.w_qkv = normal_param(rngs, (3, d, h, k), (None, "embed", "heads", "kv"), INIT_STD)
+        self.b_qkv = zeros_param((3, h, k), (None, "heads", "kv")) if cfg.bias else None
+        self.w_o = normal_param(rngs, (h, k, d), ("heads", "kv", "embed"), INIT_STD / math.sqrt(2 * cfg.n_layers))
+        self.b_o = zeros_param((d,), ("embed",)) if cfg.bias else None
+
+    def __call__(
+        self,
+        x_BTD: Array,
+        mask_BTS: Array,
+        positions_BT: Array,
+        *,
+        cache: dict[str, Array] | None = None,
+        cache_index: Array | None = None,
+        dropout_key: Array | None = None,
+        return_weights: bool = False,
+    ):
+        dt = x_BTD.dtype
+        qkv_3BTHK = jnp.einsum("btd,sdhk->sbthk", x_BTD, self.w_qkv[...].astype(dt))
+        if self.b_qkv is not None:
+            qkv_3BTHK = qkv_3BTHK + self.b_qkv[...].astype(dt)[:, None, None]
+        q_BTHK, k_BTHK, v_BTHK = qkv_3BTHK[0], qkv_3BTHK[1], qkv_3BTHK[2]
+        if self.rotary:
+            q_BTHK = apply_rotary(q_BTHK, positions_BT)
+            k_BTHK = apply_rotary(k_BTHK, positions_BT)
+        if cache is not None:
+            k_BSHK = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_BTHK.astype(cache["k"].dtype), cache_index, 1)
+            v_BSHK = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_BTHK.astype(cache["v"].dtype), cache_index, 1)
+            cache = {"k": k_BSHK, "v": v_BSHK}
+            k_BSHK, v_BSHK = k_BSHK.astype(dt), v_BSHK.astype(dt)
+        else:
+            k_BSHK, v_BSHK = k_BTHK, v_BTHK
+        weights_BHTS = attention_weights(q_BTHK, k_BSHK, mask_BTS)
+        probs_BHTS = dropout(weights_BHTS, self.dropout_rate, dropout_key).astype(dt)
+        out_BTHK = jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BSHK)
+        out_BTD = jnp.einsum("bthk,hkd->btd", out_BTHK, self.w_o[...].astype(dt))
+        if self.b_o is not None:
+            out_BTD = out_BTD + self.b_o[...].astype(dt)
+        return out_BTD, cache, (weights_BHTS if return_weights else None)

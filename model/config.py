@@ -1,0 +1,61 @@
+"""Model hyperparameters as typed, validated data."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+Norm = Literal["pre", "post"]
+NormType = Literal["layernorm", "rmsnorm"]
+Positions = Literal["learned", "sinusoidal", "rotary"]
+Activation = Literal["relu", "gelu", "swiglu"]
+Family = Literal["decoder", "encoder_decoder", "encoder"]
+Dtype = Literal["float32", "bfloat16"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Sizes and architectural switches of a Transformer.
+
+    `d_head` defaults to d_model // n_heads and `d_ff` to 4 * d_model; both are resolved in
+    `resolved()` so a saved config always states them explicitly.
+    """
+
+    family: Family = "decoder"
+    vocab_size: int = 256
+    context_length: int = 128
+    n_layers: int = 4
+    d_model: int = 128
+    n_heads: int = 4
+    d_head: int = 0
+    d_ff: int = 0
+    dropout: float = 0.0
+    norm: Norm = "pre"
+    norm_type: NormType = "layernorm"
+    positions: Positions = "learned"
+    activation: Activation = "gelu"
+    bias: bool = False
+    tie_embeddings: bool = True
+    dtype: Dtype = "float32"  # compute dtype; parameters are always float32
+
+    def resolved(self) -> ModelConfig:
+        d_head = self.d_head or (self.d_model // self.n_heads if self.n_heads else 0)
+        d_ff = self.d_ff or 4 * self.d_model
+        return dataclasses.replace(self, d_head=d_head, d_ff=d_ff)
+
+    def problems(self) -> list[str]:
+        """Every reason this config cannot build a model, as user-facing sentences."""
+        out = []
+        for name in ("vocab_size", "context_length", "n_layers", "d_model", "n_heads"):
+            if getattr(self, name) <= 0:
+                out.append(f"model.{name} must be a positive integer, got {getattr(self, name)}")
+        if self.n_heads > 0 and not self.d_head and self.d_model % self.n_heads:
+            out.append(
+                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
+                "change one of them or set model.d_head explicitly"
+            )
+        if self.positions == "rotary" and (self.resolved().d_head % 2):
+            out.append(f"rotary positions need an even head size, got d_head={self.resolved().d_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            out.append(f"model.dropout must be in [0, 1), got {self.dropout}")
+        return out

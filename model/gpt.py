@@ -1,0 +1,114 @@
+"""The decoder-only Transformer (GPT): embeddings + positions → N residual blocks → LM head.
+
+Read top to bottom: `Block` is one "attention then MLP" layer with Add & Norm in pre- or post-norm
+arrangement; `GPT` stacks them and maps the final hidden states to vocabulary logits (optionally
+through the transposed token-embedding matrix).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from plutao.model.attention import MultiHeadAttention, causal_mask
+from plutao.model.config import ModelConfig
+from plutao.model.layers import INIT_STD, FeedForward, Norm, dropout, normal_param, sinusoidal_table
+
+Array = jax.Array
+
+
+class Block(nnx.Module):
+    """x + Attn(Norm(x)), then x + MLP(Norm(x)) (pre-norm, GPT-2); or Norm(x + Attn(x)) ... (post-norm)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.pre_norm = cfg.norm == "pre"
+        self.dropout_rate = cfg.dropout
+        self.norm_attn = Norm(cfg.d_model, cfg.norm_type, cfg.bias)
+        self.attn = MultiHeadAttention(cfg, rngs)
+        self.norm_mlp = Norm(cfg.d_model, cfg.norm_type, cfg.bias)
+        self.mlp = FeedForward(cfg, rngs)
+
+    def __call__(self, x_BTD, mask_BTS, positions_BT, *, cache=None, cache_index=None, dropout_key=None,
+                 return_weights=False):
+        keys = [None] * 3 if dropout_key is None else list(jax.random.split(dropout_key, 3))
+        h = self.norm_attn(x_BTD) if self.pre_norm else x_BTD
+        attn_BTD, cache, weights = self.attn(h, mask_BTS, positions_BT, cache=cache, cache_index=cache_index,
+                                             dropout_key=keys[0], return_weights=return_weights)
+        x_BTD = x_BTD + dropout(attn_BTD, self.dropout_rate, keys[1])
+        if not self.pre_norm:
+            x_BTD = self.norm_attn(x_BTD)
+        h = self.norm_mlp(x_BTD) if self.pre_norm else x_BTD
+        x_BTD = x_BTD + dropout(self.mlp(h), self.dropout_rate, keys[2])
+        if not self.pre_norm:
+            x_BTD = self.norm_mlp(x_BTD)
+        return x_BTD, cache, weights
+
+
+class GPT(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        cfg = cfg.resolved()
+        self.cfg = cfg
+        self.compute_dtype = jnp.dtype(cfg.dtype)
+        self.token_embed = normal_param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), INIT_STD)
+        self.pos_embed = (
+            normal_param(rngs, (cfg.context_length, cfg.d_model), (None, "embed"), INIT_STD)
+            if cfg.positions == "learned" else None
+        )
+        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+        # Post-norm blocks already end in a norm; pre-norm needs one before the head (GPT-2).
+        self.final_norm = Norm(cfg.d_model, cfg.norm_type, cfg.bias) if cfg.norm == "pre" else None
+        self.lm_head = (
+            None if cfg.tie_embeddings
+            else normal_param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), INIT_STD)
+        )
+
+    def __call__(
+        self,
+        tokens_BT: Array,
+        *,
+        cache: list[dict[str, Array]] | None = None,
+        cache_index: Array | int = 0,
+        first_valid_B: Array | None = None,
+        dropout_key: Array | None = None,
+        return_weights: bool = False,
+    ):
+        """Logits (B, T, V) in float32, the updated cache, and per-layer attention weights if asked.
+
+        Without a cache, token t attends to tokens ≤ t. With a cache, the T tokens occupy cache
+        columns [cache_index, cache_index + T); rows may be left-padded, their real tokens starting
+        at column first_valid_B (positions are counted from there).
+        """
+        cfg = self.cfg
+        B, T = tokens_BT.shape
+        if cache is None:
+            q_index_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+            k_index_S = jnp.arange(T)
+        else:
+            q_index_BT = jnp.broadcast_to(cache_index + jnp.arange(T), (B, T))
+            k_index_S = jnp.arange(cache[0]["k"].shape[1])
+        positions_BT = q_index_BT if first_valid_B is None else jnp.maximum(q_index_BT - first_valid_B[:, None], 0)
+        mask_BTS = causal_mask(q_index_BT, k_index_S, first_valid_B)
+
+        keys = [None] * (cfg.n_layers + 1)
+        if dropout_key is not None:
+            keys = list(jax.random.split(dropout_key, cfg.n_layers + 1))
+        x_BTD = self.token_embed[...][tokens_BT]
+        if cfg.positions == "learned":
+            x_BTD = x_BTD + self.pos_embed[...][positions_BT]
+        elif cfg.positions == "sinusoidal":
+            x_BTD = x_BTD + sinusoidal_table(cfg.context_length, cfg.d_model)[positions_BT]
+        x_BTD = dropout(x_BTD, cfg.dropout, keys[-1]).astype(self.compute_dtype)
+
+        new_cache, all_weights = [], []
+        for i, block in enumerate(self.blocks):
+            x_BTD, layer_cache, weights = block(
+                x_BTD, mask_BTS, positions_BT, cache=None if cache is None else cache[i],
+                cache_index=cache_index, dropout_key=keys[i], return_weights=return_weights)
+            new_cache.append(layer_cache)
+            all_weights.append(weights)
+        if self.final_norm is not None:
+            x_BTD = self.final_norm(x_BTD)
+        head_DV = self.token_embed[...].T if self.lm_head is None else self.lm_head[...]
+        logits_BTV = (x_BTD @ head_DV.astype(self.compute_dtype)).astype(jnp.float32)
+        return logits_BTV, (None if cache is None else new_cache), (all_weights if return_weights else None)

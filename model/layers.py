@@ -1,0 +1,111 @@
+"""Building blocks shared by every model family: linear maps, embeddings, positions, norms, MLPs.
+
+Parameters carry semantic axis names (`axes=("embed", "mlp")`); train/sharding.py maps those names
+to mesh axes through one table, so nothing here knows about devices. Parameters are float32; each
+layer casts them to the compute dtype at use.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from plutao.model.config import ModelConfig
+
+Array = jax.Array
+INIT_STD = 0.02  # GPT-2's initialiser scale
+
+
+def normal_param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], std: float) -> nnx.Param:
+    assert len(shape) == len(axes), (shape, axes)
+    return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32), axes=axes)
+
+
+def zeros_param(shape: tuple[int, ...], axes: tuple[str | None, ...]) -> nnx.Param:
+    return nnx.Param(jnp.zeros(shape, jnp.float32), axes=axes)
+
+
+def ones_param(shape: tuple[int, ...], axes: tuple[str | None, ...]) -> nnx.Param:
+    return nnx.Param(jnp.ones(shape, jnp.float32), axes=axes)
+
+
+def dropout(x: Array, rate: float, key: Array | None) -> Array:
+    """Inverted dropout; a no-op when rate is 0 or no key is given (evaluation)."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def sinusoidal_table(length: int, d_model: int) -> Array:
+    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d))."""
+    pos_L1 = jnp.arange(length, dtype=jnp.float32)[:, None]
+    two_i = jnp.arange(0, d_model, 2, dtype=jnp.float32)
+    angle_LH = pos_L1 / jnp.power(10000.0, two_i / d_model)
+    table_LD = jnp.zeros((length, d_model), jnp.float32)
+    table_LD = table_LD.at[:, 0::2].set(jnp.sin(angle_LH))
+    return table_LD.at[:, 1::2].set(jnp.cos(angle_LH[:, : d_model // 2]))
+
+
+def apply_rotary(x_BTHK: Array, positions_BT: Array, base: float = 10000.0) -> Array:
+    """Rotate consecutive feature pairs by position-dependent angles (RoPE, half-split layout)."""
+    half = x_BTHK.shape[-1] // 2
+    inv_freq_F = 1.0 / (base ** (jnp.arange(half, dtype=jnp.float32) / half))
+    angle_BTF = positions_BT.astype(jnp.float32)[..., None] * inv_freq_F
+    sin_BT1F = jnp.sin(angle_BTF)[:, :, None, :]
+    cos_BT1F = jnp.cos(angle_BTF)[:, :, None, :]
+    x1, x2 = x_BTHK[..., :half].astype(jnp.float32), x_BTHK[..., half:].astype(jnp.float32)
+    out = jnp.concatenate([x1 * cos_BT1F - x2 * sin_BT1F, x2 * cos_BT1F + x1 * sin_BT1F], axis=-1)
+    return out.astype(x_BTHK.dtype)
+
+
+class Norm(nnx.Module):
+    """LayerNorm (mean/variance, optional bias) or RMSNorm (root mean square only); computed in f32."""
+
+    def __init__(self, d_model: int, kind: str, bias: bool, eps: float = 1e-5):
+        self.kind, self.eps = kind, eps
+        self.scale = ones_param((d_model,), ("embed",))
+        self.bias = zeros_param((d_model,), ("embed",)) if (bias and kind == "layernorm") else None
+
+    def __call__(self, x_BTD: Array) -> Array:
+        x = x_BTD.astype(jnp.float32)
+        if self.kind == "layernorm":
+            x = x - jnp.mean(x, axis=-1, keepdims=True)
+        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        x = x * self.scale[...]
+        if self.bias is not None:
+            x = x + self.bias[...]
+        return x.astype(x_BTD.dtype)
+
+
+class FeedForward(nnx.Module):
+    """Position-wise MLP: relu/gelu (two maps) or SwiGLU (gated, three maps)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, f = cfg.d_model, cfg.d_ff
+        self.activation = cfg.activation
+        self.w_in = normal_param(rngs, (d, f), ("embed", "mlp"), INIT_STD)
+        self.w_gate = normal_param(rngs, (d, f), ("embed", "mlp"), INIT_STD) if cfg.activation == "swiglu" else None
+        # Residual-path outputs are scaled down with depth (GPT-2) so the stream's variance stays bounded.
+        self.w_out = normal_param(rngs, (f, d), ("mlp", "embed"), INIT_STD / math.sqrt(2 * cfg.n_layers))
+        self.b_in = zeros_param((f,), ("mlp",)) if cfg.bias else None
+        self.b_out = zeros_param((d,), ("embed",)) if cfg.bias else None
+
+    def __call__(self, x_BTD: Array) -> Array:
+        dt = x_BTD.dtype
+        h_BTF = x_BTD @ self.w_in[...].astype(dt)
+        if self.b_in is not None:
+            h_BTF = h_BTF + self.b_in[...].astype(dt)
+        if self.activation == "relu":
+            h_BTF = jax.nn.relu(h_BTF)
+        elif self.activation == "gelu":
+            h_BTF = jax.nn.gelu(h_BTF, approximate=True)
+        else:
+            h_BTF = jax.nn.silu(x_BTD @ self.w_gate[...].astype(dt)) * h_BTF
+        out_BTD = h_BTF @ self.w_out[...].astype(dt)
+        if self.b_out is not None:
+            out_BTD = out_BTD + self.b_out[...].astype(dt)
+        return out_BTD
