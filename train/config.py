@@ -1,0 +1,240 @@
+"""The experiment configuration: typed, validated, built from presets, files and `key=value` overrides.
+
+Every knob lives in one of five sections (data, model, train, optim, mesh). An override names a
+key as `section.field`; unknown keys and ill-typed values are user errors naming the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from plutao.model.config import ModelConfig
+from plutao.train.errors import UserError
+
+DEFAULT_CORPUS = "builtin:python-docs"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    # A file, a folder, a .jsonl file, a built-in or downloadable corpus name, or a list of them (a mixture).
+    path: str | list[str] = DEFAULT_CORPUS
+    weights: list[float] = dataclasses.field(default_factory=list)  # mixture weights; empty = equal
+    tokenizer: Literal["char", "byte", "bpe"] = "char"
+    vocab_size: int = 0  # BPE vocabulary size (required for bpe)
+    jsonl_field: str = "text"
+    glob: str = "**/*.txt"  # which files of a folder source to read
+    val_fraction: float = 0.1  # the last fraction of each source is held out
+    cache_dir: str = ""  # tokenized-corpus and download cache; empty = ~/.cache/plutao
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 32  # global, in sequences
+    steps: int = 1000
+    grad_accum: int = 1  # micro-batches per step (batch_size must be divisible by it)
+    eval_every: int = 250
+    eval_batches: int = 20
+    sample_every: int = 250  # milestone samples; 0 = never
+    sample_tokens: int = 200
+    sample_prompt: str = ""  # empty = start from <|endoftext|>
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2  # the latest k are kept, plus the best by val loss
+    log_every: int = 10
+    seed: int = 0
+    peak_flops: float = 0.0  # for MFU; 0 = measure a matmul peak on this device at start
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    name: Literal["adamw", "sgd", "adafactor", "lion"] = "adamw"
+    lr: float = 1e-3
+    min_lr: float = 1e-4  # where cosine/linear decay ends
+    schedule: Literal["cosine", "linear", "inverse_sqrt", "constant"] = "cosine"
+    warmup_steps: int = 100
+    weight_decay: float = 0.1  # on matrices only, never on norms, biases
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+    momentum: float = 0.9  # sgd
+    grad_clip: float = 1.0  # global-norm clipping; 0 = off
+    label_smoothing: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1  # -1 = all remaining devices
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(vocab_size=0))
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        return apply_overrides(cls(), flatten(d))
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _fields(section: str) -> dict[str, Any]:
+    cls = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "optim": OptimConfig, "mesh": MeshConfig}[section]
+    return typing.get_type_hints(cls)
+
+
+def all_keys() -> list[str]:
+    return [f"{s}.{k}" for s in SECTIONS for k in _fields(s)]
+
+
+def _describe(tp) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + " | ".join(map(str, get_args(tp)))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _coerce(key: str, raw: Any, tp) -> Any:
+    """Turn a CLI string (or a JSON/TOML value) into the field's type, or explain why it cannot be."""
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):  # str | list[str]: a list if given one
+        if isinstance(raw, list) or (isinstance(raw, str) and raw.startswith("[")):
+            return _coerce(key, raw, list[str])
+        return _coerce(key, raw, str)
+    if origin is list:
+        (item,) = get_args(tp)
+        if isinstance(raw, str):
+            raw = json.loads(raw) if raw.startswith("[") else [x for x in raw.split(",") if x]
+        return [_coerce(key, x, item) for x in raw]
+    if origin is Literal:
+        choices = get_args(tp)
+        if raw not in choices:
+            close = difflib.get_close_matches(str(raw), list(map(str, choices)), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise UserError(f"{key}={raw!r} is not allowed; use {_describe(tp)}{hint}")
+        return raw
+    try:
+        if tp is bool:
+            if isinstance(raw, bool):
+                return raw
+            if str(raw).lower() in ("true", "1", "yes"):
+                return True
+            if str(raw).lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if tp is int:
+            if isinstance(raw, float) and not raw.is_integer():
+                raise ValueError
+            if isinstance(raw, bool):
+                raise ValueError
+            return int(raw) if not isinstance(raw, str) else int(float(raw)) if "e" in raw.lower() else int(raw)
+        if tp is float:
+            if isinstance(raw, bool):
+                raise ValueError
+            return float(raw)
+        if tp is str:
+            return str(raw)
+    except (TypeError, ValueError):
+        raise UserError(f"{key} expects {_describe(tp)}, got {raw!r}") from None
+    raise AssertionError(f"unsupported config type {tp} for {key}")
+
+
+def _unknown_key(key: str) -> UserError:
+    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]}?" if close else "; `plutao train --help` lists the keys"
+    return UserError(f"unknown config key {key!r}{hint}")
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """Return cfg with each `section.field` set to the coerced value."""
+    sections = {name: getattr(cfg, name) for name in SECTIONS}
+    for key, raw in overrides.items():
+        section, _, field = key.partition(".")
+        if section not in SECTIONS or field not in _fields(section):
+            raise _unknown_key(key)
+        value = _coerce(key, raw, _fields(section)[field])
+        sections[section] = dataclasses.replace(sections[section], **{field: value})
+    return Config(**sections)
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    out = {}
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        if not eq or not key:
+            raise UserError(f"cannot read {arg!r}: overrides look like section.key=value, e.g. optim.lr=3e-4")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Flat overrides from a .toml or .json file with [data]/[model]/... sections."""
+    if not path.is_file():
+        raise UserError(f"config file {str(path)!r} does not exist; pass a preset name or an existing .toml/.json file")
+    try:
+        if path.suffix == ".toml":
+            d = tomllib.loads(path.read_text())
+        elif path.suffix == ".json":
+            d = json.loads(path.read_text())
+        else:
+            raise UserError(f"config file {str(path)!r} must end in .toml or .json")
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot parse {str(path)!r}: {e}") from None
+    return {k: v for k, v in flatten(d).items() if not k.startswith("provenance.")}
+
+
+def validate(cfg: Config) -> None:
+    """Raise a UserError for the first problem that would make the run fail later."""
+    problems = [p for p in cfg.model.problems() if not p.startswith("model.vocab_size")]
+    t, o, d = cfg.train, cfg.optim, cfg.data
+    if t.batch_size < 1 or t.steps < 1:
+        problems.append("train.batch_size and train.steps must be ≥ 1")
+    if t.grad_accum < 1 or t.batch_size % t.grad_accum:
+        problems.append(f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum}")
+    if d.tokenizer == "bpe" and d.vocab_size < len(_special_count()) + 1:
+        problems.append("data.tokenizer=bpe needs data.vocab_size (e.g. data.vocab_size=4096)")
+    if not 0.0 < d.val_fraction < 1.0:
+        problems.append(f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+    if d.weights and len(d.weights) != (len(d.path) if isinstance(d.path, list) else 1):
+        problems.append("data.weights needs one weight per data.path source")
+    if any(w < 0 for w in d.weights) or (d.weights and sum(d.weights) <= 0):
+        problems.append("data.weights must be non-negative and not all zero")
+    if o.lr <= 0 or o.warmup_steps < 0:
+        problems.append("optim.lr must be > 0 and optim.warmup_steps ≥ 0")
+    if not 0.0 <= o.label_smoothing < 1.0:
+        problems.append(f"optim.label_smoothing must be in [0, 1), got {o.label_smoothing}")
+    if o.schedule == "inverse_sqrt" and o.warmup_steps < 1:
+        problems.append("optim.schedule=inverse_sqrt needs optim.warmup_steps ≥ 1")
+    if problems:
+        raise UserError(problems[0])
+
+
+def _special_count():
+    from plutao.tokenizer import SPECIAL_TOKENS
+
+    return SPECIAL_TOKENS

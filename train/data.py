@@ -1,0 +1,173 @@
+"""From sources to batches: load documents, tokenize once into a cached token array, sample rows.
+
+A batch is a pure function of (seed, step): row r of step k starts at a position drawn from a
+generator seeded with (seed, k), so resuming at step k needs no replay, and every process computes
+the same global batch while materialising only its own rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from plutao.tokenizer import Tokenizer, TokenizerError
+from plutao.train import corpora
+from plutao.train.config import DataConfig
+from plutao.train.errors import UserError
+
+TRAIN, VAL = 0, 1  # purposes mixed into the sampling seed
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    return Path(cfg.cache_dir or os.environ.get("PLUTAO_CACHE", Path.home() / ".cache" / "plutao")).expanduser()
+
+
+def source_paths(cfg: DataConfig) -> list[str]:
+    return list(cfg.path) if isinstance(cfg.path, list) else [cfg.path]
+
+
+def read_documents(spec: str, cfg: DataConfig) -> list[str]:
+    """The documents of one source: a built-in/downloadable name, a .jsonl file, a text file or a folder."""
+    if spec.startswith("builtin:"):
+        return corpora.builtin_documents(spec, cache_root(cfg))
+    if spec in corpora.DOWNLOADS:
+        spec = str(corpora.download(spec, cache_root(cfg)))
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.glob(cfg.glob) if p.is_file())
+        if not files:
+            raise UserError(f"data.path folder {spec!r} has no files matching data.glob={cfg.glob!r}; "
+                            "put text files there or change data.glob")
+        docs = [_read_text(p) for p in files]
+    elif path.is_file():
+        docs = _read_jsonl(path, cfg.jsonl_field) if path.suffix == ".jsonl" else [_read_text(path)]
+    else:
+        names = ", ".join(corpora.BUILTINS + tuple(corpora.DOWNLOADS))
+        raise UserError(f"data.path {spec!r} does not exist; give a text file, a folder, a .jsonl file, or one of: {names}")
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise UserError(f"data.path {spec!r} contains no text; point data.path at a non-empty corpus")
+    return docs
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text; convert it or use data.glob to skip it") from None
+
+
+def _read_jsonl(path: Path, field: str) -> list[str]:
+    docs = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{path}:{n} is not valid JSON; fix the line or remove it") from None
+        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            raise UserError(f"{path}:{n} has no string field {field!r}; set data.jsonl_field to the text field")
+        docs.append(record[field])
+    return docs
+
+
+def content_hash(docs: list[str]) -> str:
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(d.encode("utf-8"))
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+def tokenize_documents(docs: list[str], tokenizer: Tokenizer, cache_dir: Path) -> np.ndarray:
+    """Documents joined by <|endoftext|> as one token array, memory-mapped from a cache keyed by
+    (content, tokenizer): the corpus is tokenized once per tokenizer, whatever the run."""
+    key = hashlib.sha256((content_hash(docs) + tokenizer.fingerprint).encode()).hexdigest()[:32]
+    path = cache_dir / "tokens" / f"{key}.npy"
+    if not path.is_file():
+        dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max else np.uint32
+        parts = []
+        for doc in docs:
+            try:
+                parts.append(tokenizer.encode_array(doc).astype(dtype))
+            except TokenizerError as e:
+                raise UserError(str(e)) from None
+            parts.append(np.array([tokenizer.eot_id], dtype))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
+        np.save(tmp, np.concatenate(parts))
+        tmp.replace(path)  # atomic: a crash never leaves a truncated cache entry
+    return np.load(path, mmap_mode="r")
+
+
+@dataclasses.dataclass
+class Split:
+    """One source's tokens, cut into a training part and a held-out tail."""
+
+    name: str
+    train: np.ndarray
+    val: np.ndarray
+
+
+def split_tokens(name: str, tokens: np.ndarray, val_fraction: float) -> Split:
+    cut = int(len(tokens) * (1.0 - val_fraction))
+    return Split(name, tokens[:cut], tokens[cut:])
+
+
+class Batches:
+    """Step-indexed batches of (B, T+1) tokens from a weighted mixture of sources."""
+
+    def __init__(self, splits: list[Split], weights: list[float], seq_len: int, global_batch: int, seed: int,
+                 process_index: int = 0, process_count: int = 1):
+        for s in splits:
+            for part, arr in (("training", s.train), ("held-out", s.val)):
+                if len(arr) < seq_len + 2:
+                    raise UserError(
+                        f"the {part} part of {s.name!r} has {len(arr)} tokens, fewer than the context "
+                        f"model.context_length={seq_len} + 2; use more text or a smaller context")
+        if global_batch % process_count:
+            raise UserError(f"train.batch_size={global_batch} is not divisible by the {process_count} processes")
+        self.splits, self.seq_len, self.global_batch, self.seed = splits, seq_len, global_batch, seed
+        w = np.asarray(weights or [1.0] * len(splits), np.float64)
+        self.weights = w / w.sum()
+        per_process = global_batch // process_count
+        self.rows = slice(process_index * per_process, (process_index + 1) * per_process)
+
+    def _draw(self, purpose: int, index: int, parts: list[np.ndarray], rows: slice) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, purpose, index])
+        source_B = rng.choice(len(parts), size=self.global_batch, p=self.weights)
+        # One uniform draw per row, scaled by each row's own source length: the same numbers for any split.
+        u_B = rng.random(self.global_batch)
+        out = np.empty((rows.stop - rows.start, self.seq_len + 1), np.int32)
+        for i, r in enumerate(range(rows.start, rows.stop)):
+            part = parts[source_B[r]]
+            start = int(u_B[r] * (len(part) - self.seq_len - 1 + 1))
+            out[i] = part[start: start + self.seq_len + 1]
+        return out
+
+    def train_batch(self, step: int) -> np.ndarray:
+        """This process's rows of the global training batch for `step`."""
+        return self._draw(TRAIN, step, [s.train for s in self.splits], self.rows)
+
+    def val_batch(self, index: int) -> np.ndarray:
+        return self._draw(VAL, index, [s.val for s in self.splits], self.rows)
+
+    def epochs_consumed(self, steps: int) -> dict[str, float]:
+        """Expected passes over each source's training tokens after `steps` steps."""
+        tokens = steps * self.global_batch * self.seq_len
+        return {s.name: float(tokens * w / len(s.train)) for s, w in zip(self.splits, self.weights)}
+
+
+def windows(tokens: np.ndarray, seq_len: int) -> np.ndarray:
+    """Non-overlapping (n, T+1) rows covering the stream: every token but the first is a target once."""
+    n = (len(tokens) - 1) // seq_len
+    if n == 0:
+        raise UserError(f"the text has {len(tokens)} tokens, too few to evaluate (need at least 2)")
+    idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
+    return np.asarray(tokens)[idx].astype(np.int32)

@@ -1,0 +1,34 @@
+"""Next-token cross-entropy, with label smoothing and a per-token weight mask."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def cross_entropy_sum(logits_BTV: Array, targets_BT: Array, weights_BT: Array | None = None,
+                      label_smoothing: float = 0.0) -> tuple[Array, Array]:
+    """(Σ weighted loss, Σ weights). Divide by max(count, 1) for the mean, so an all-masked batch is 0, not NaN.
+
+    With smoothing ε the target distribution is (1-ε)·onehot + ε/V, so the loss is
+    (1-ε)·(−log p_y) + ε·mean_v(−log p_v), computed from logsumexp without materialising log p.
+    """
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    loss_BT = logz_BT - target_logit_BT
+    if label_smoothing:
+        uniform_BT = logz_BT - jnp.mean(logits_BTV, axis=-1)
+        loss_BT = (1.0 - label_smoothing) * loss_BT + label_smoothing * uniform_BT
+    if weights_BT is None:
+        weights_BT = jnp.ones_like(loss_BT)
+    weights_BT = weights_BT.astype(jnp.float32)
+    return jnp.sum(loss_BT * weights_BT), jnp.sum(weights_BT)
+
+
+def token_logprobs(logits_BTV: Array, targets_BT: Array) -> Array:
+    """log P(target_t | tokens < t) for every position."""
+    logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]

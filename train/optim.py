@@ -1,0 +1,48 @@
+"""Optimizers and learning-rate schedules, all from optax."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from plutao.train.config import OptimConfig
+
+
+def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to cfg.lr, then cosine/linear decay to cfg.min_lr, constant, or 1/√step."""
+    warmup = cfg.warmup_steps
+    if cfg.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(total_steps, warmup + 1), cfg.min_lr)
+    if cfg.schedule == "inverse_sqrt":
+        # The original Transformer's d^-0.5·min(step^-0.5, step·warmup^-1.5), scaled so the peak is cfg.lr.
+        def inverse_sqrt(step):
+            step = jnp.maximum(step, 1).astype(jnp.float32)
+            return cfg.lr * jnp.minimum(step / warmup, jnp.sqrt(warmup / step))
+        return inverse_sqrt
+    ramp = optax.linear_schedule(0.0, cfg.lr, warmup) if warmup else optax.constant_schedule(cfg.lr)
+    if cfg.schedule == "linear":
+        decay = optax.linear_schedule(cfg.lr, cfg.min_lr, max(total_steps - warmup, 1))
+    else:
+        decay = optax.constant_schedule(cfg.lr)
+    return optax.join_schedules([ramp, decay], [warmup])
+
+
+def decay_mask(params):
+    """Weight decay on matrices only: never on norm scales, biases or other vectors."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    lr = lr_schedule(cfg, total_steps)
+    if cfg.name == "adamw":
+        opt = optax.adamw(lr, cfg.beta1, cfg.beta2, cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
+    elif cfg.name == "lion":
+        opt = optax.lion(lr, cfg.beta1, cfg.beta2, weight_decay=cfg.weight_decay, mask=decay_mask)
+    elif cfg.name == "adafactor":
+        opt = optax.adafactor(lr, weight_decay_rate=cfg.weight_decay or None, weight_decay_mask=decay_mask)
+    else:
+        opt = optax.chain(optax.add_decayed_weights(cfg.weight_decay, decay_mask), optax.sgd(lr, cfg.momentum))
+    if cfg.grad_clip > 0:
+        opt = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), opt)
+    return opt

@@ -1,0 +1,134 @@
+"""The training state and the jitted train/eval steps: pure functions of (state, batch).
+
+The NNX graph is split once: `graphdef` is static, `params` a plain pytree. Inside the step the
+module is rebuilt by `nnx.merge` at trace time only, so a step is one XLA program with no Python
+per call. State is created directly with its target sharding (parameters are never materialised
+whole on one device) and donated to the step, so it is updated in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from plutao.model.config import ModelConfig
+from plutao.model.gpt import GPT
+from plutao.train import sharding
+from plutao.train.losses import cross_entropy_sum
+
+DROPOUT = 1  # purpose tag folded into the per-step key
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    """Everything static about a run's step functions."""
+
+    model_cfg: ModelConfig
+    tx: optax.GradientTransformation
+    schedule: Any
+    mesh: Mesh
+    seed: int
+    grad_accum: int = 1
+    label_smoothing: float = 0.0
+
+    @functools.cached_property
+    def graphdef(self):
+        return nnx.split(nnx.eval_shape(lambda: GPT(self.model_cfg, nnx.Rngs(0))))[0]
+
+    def _init(self) -> dict:
+        params = nnx.to_pure_dict(nnx.state(GPT(self.model_cfg, nnx.Rngs(self.seed)), nnx.Param))
+        return {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+    @functools.cached_property
+    def abstract_state(self):
+        return jax.eval_shape(self._init)
+
+    @functools.cached_property
+    def state_shardings(self):
+        abstract_model = nnx.eval_shape(lambda: GPT(self.model_cfg, nnx.Rngs(0)))
+        params_sh = sharding.param_shardings(nnx.state(abstract_model, nnx.Param), self.mesh)
+        repl = sharding.replicated(self.mesh)
+        abs_params = self.abstract_state["params"]
+        # Optimizer moments shaped like a parameter are sharded like it; everything else is replicated.
+        opt_sh = optax.tree_map_params(
+            self.tx, lambda s, sh, p: sh if s.shape == p.shape else repl, self.abstract_state["opt_state"],
+            params_sh, abs_params, transform_non_params=lambda _: repl)
+        return {"params": params_sh, "opt_state": opt_sh, "step": repl}
+
+    def init_state(self) -> dict:
+        return jax.jit(self._init, out_shardings=self.state_shardings)()
+
+    def abstract_sharded_state(self):
+        """ShapeDtypeStructs with shardings: the restore target for checkpoints."""
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            self.abstract_state, self.state_shardings)
+
+    # --- the steps -------------------------------------------------------------------------------
+
+    def _loss_sum(self, params, tokens_BT1, key):
+        model = nnx.merge(self.graphdef, params)
+        logits_BTV, _, _ = model(tokens_BT1[:, :-1], dropout_key=key)
+        return cross_entropy_sum(logits_BTV, tokens_BT1[:, 1:], label_smoothing=self.label_smoothing)
+
+    def _train_step(self, state, tokens_BT1):
+        step = state["step"]
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.seed), DROPOUT), step)
+        grad_fn = jax.value_and_grad(self._loss_sum, has_aux=True)
+        A = self.grad_accum
+        if A == 1:
+            (loss_sum, count), grads = grad_fn(state["params"], tokens_BT1, key)
+        else:
+            # Sum the gradients of summed losses over micro-batches, then divide once by the total
+            # token count: exactly the gradient of the mean loss over the whole batch.
+            micro_ABT1 = tokens_BT1.reshape(A, tokens_BT1.shape[0] // A, *tokens_BT1.shape[1:])
+
+            def accumulate(carry, xs):
+                g_acc, l_acc, c_acc = carry
+                i, micro = xs
+                (l, c), g = grad_fn(state["params"], micro, jax.random.fold_in(key, i))
+                return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, c_acc + c), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state["params"])
+            (grads, loss_sum, count), _ = jax.lax.scan(
+                accumulate, (zeros, jnp.zeros(()), jnp.zeros(())), (jnp.arange(A), micro_ABT1))
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {"loss": loss_sum / denom, "grad_norm": optax.global_norm(grads), "lr": self.schedule(step)}
+        return {"params": params, "opt_state": opt_state, "step": step + 1}, metrics
+
+    def _eval_step(self, params, tokens_BT1):
+        loss_sum, count = self._loss_sum(params, tokens_BT1, None)
+        return loss_sum, count
+
+    @functools.cached_property
+    def train_step(self):
+        batch_sh = sharding.batch_sharding(self.mesh)
+        return jax.jit(self._train_step, in_shardings=(self.state_shardings, batch_sh),
+                       out_shardings=(self.state_shardings, sharding.replicated(self.mesh)), donate_argnums=0)
+
+    @functools.cached_property
+    def eval_step(self):
+        batch_sh = sharding.batch_sharding(self.mesh)
+        return jax.jit(self._eval_step, in_shardings=(self.state_shardings["params"], batch_sh),
+                       out_shardings=sharding.replicated(self.mesh))
+
+    def model(self, params) -> GPT:
+        """A live module over these parameters (for sampling and inspection outside the hot path)."""
+        return nnx.merge(self.graphdef, params)
+
+
+def global_batch(tokens_local, mesh: Mesh):
+    """Assemble the global (B, T+1) array from each process's rows, placed by the batch sharding."""
+    sh = sharding.batch_sharding(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(tokens_local, sh)
+    return jax.make_array_from_process_local_data(sh, tokens_local)
