@@ -87,7 +87,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
-        return apply_overrides(cls(), flatten(d))
+        return apply_overrides(cls(), flatten({k: v for k, v in d.items() if k in SECTIONS}))
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}

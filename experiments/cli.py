@@ -1,0 +1,300 @@
+"""The `plutao` command line: train, sample, eval, score, tokenize, params, bench.
+
+Every user mistake ends in one line on stderr ("plutao: error: ...") and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from plutao.experiments.presets import PRESETS
+
+
+def _user_errors():
+    from plutao.model.sampling import SamplingError
+    from plutao.tokenizer import TokenizerError
+    from plutao.train.errors import UserError
+
+    return (UserError, TokenizerError, SamplingError)
+
+
+def resolve_config(config: str | None, overrides: list[str]):
+    """Defaults ← preset or file ← key=value overrides, then validated."""
+    from plutao.train.config import Config, apply_overrides, load_config_file, parse_overrides, validate
+    from plutao.train.errors import UserError
+
+    name = config or "default"
+    if name in PRESETS:
+        layers = dict(PRESETS[name])
+    elif name.endswith((".toml", ".json")) or os.path.sep in name:
+        layers = load_config_file(Path(name))
+    else:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(PRESETS), n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise UserError(f"unknown preset {name!r}; {hint}presets: {', '.join(PRESETS)} (or a .toml/.json file)")
+    cfg = apply_overrides(Config(), layers)
+    cfg = apply_overrides(cfg, parse_overrides(overrides))
+    validate(cfg)
+    return Path(name).stem if name not in PRESETS else name, cfg
+
+
+def cmd_train(args) -> int:
+    from plutao.train.loop import train
+
+    config, overrides = args.config, list(args.overrides)
+    if config and "=" in config:  # `plutao train key=value ...` without a config
+        config, overrides = None, [config] + overrides
+    name, cfg = resolve_config(config, overrides)
+    run_dir = Path(args.workdir or Path("runs") / name)
+    summary = train(cfg, run_dir, quiet=args.quiet)
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+def _sampling(args):
+    from plutao.model.sampling import SamplingConfig
+
+    return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          max_new_tokens=args.max_new_tokens, seed=args.seed, stop_at_eot=not args.no_stop)
+
+
+def cmd_sample(args) -> int:
+    import numpy as np
+
+    from plutao.model.sampling import SamplingError, generate, stream, top_candidates
+    from plutao.train.run import load_run
+
+    sampling = _sampling(args)  # validate arguments before loading anything
+    if args.num_samples < 1:
+        raise SamplingError(f"--num-samples must be ≥ 1, got {args.num_samples}")
+    run = load_run(Path(args.run_dir), args.step)
+    tok = run.tokenizer
+    prompt_ids = tok.encode(args.prompt) if args.prompt else []
+    prompt = [tok.eot_id] + prompt_ids
+    context = run.cfg.model.context_length
+    if len(prompt) > context:
+        raise SamplingError(f"the prompt is {len(prompt_ids)} tokens but the model's context is {context} "
+                            f"(including the start token); shorten it to at most {context - 1} tokens")
+    model = run.model
+    if args.show_probs:
+        import jax
+
+        logits, _, _ = model(np.array([prompt], np.int32))
+        cands = top_candidates(np.asarray(jax.device_get(logits))[0, -1], args.show_probs, args.temperature or 1.0)
+        print(f"next-token candidates after {args.prompt!r}:")
+        print(f"{'rank':>4}  {'id':>6}  {'prob':>8}  token")
+        for r, (i, p) in enumerate(cands, 1):
+            print(f"{r:>4}  {i:>6}  {p:8.4f}  {tok.token_strings([i])[0]!r}")
+        print()
+    if args.stream:
+        sys.stdout.write(args.prompt)
+        sys.stdout.flush()
+        pending: list[int] = []
+        for token in stream(model, prompt, sampling, eot_id=tok.eot_id, pad_id=tok.pad_id):
+            pending.append(token)
+            text = tok.decode(pending)
+            if "\ufffd" not in text:  # wait for the rest of a multi-byte character
+                sys.stdout.write(text)
+                sys.stdout.flush()
+                pending = []
+        sys.stdout.write(tok.decode(pending) + "\n")
+        return 0
+    outs = generate(model, [prompt] * args.num_samples, sampling, eot_id=tok.eot_id, pad_id=tok.pad_id)
+    for i, ids in enumerate(outs):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1} ---")
+        print(args.prompt + tok.decode(ids))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from plutao.train import data as data_lib
+    from plutao.train.evaluate import stream_metrics
+    from plutao.train.run import load_run
+
+    run = load_run(Path(args.run_dir), args.step)
+    context = run.cfg.model.context_length
+    graphdef = run.trainer.graphdef
+    if args.data:
+        cfg = run.cfg.data
+        import dataclasses
+
+        docs = data_lib.read_documents(args.data, dataclasses.replace(cfg, path=args.data))
+        tokens = data_lib.tokenize_documents(docs, run.tokenizer, data_lib.cache_root(cfg))
+        result = {"data": args.data} | stream_metrics(graphdef, run.params, tokens, context, run.tokenizer)
+    else:
+        results = []
+        for spec in data_lib.source_paths(run.cfg.data):
+            docs = data_lib.read_documents(spec, run.cfg.data)
+            tokens = data_lib.tokenize_documents(docs, run.tokenizer, data_lib.cache_root(run.cfg.data))
+            val = data_lib.split_tokens(spec, tokens, run.cfg.data.val_fraction).val
+            results.append({"data": f"{spec} (held-out {run.cfg.data.val_fraction:.0%})"}
+                           | stream_metrics(graphdef, run.params, val, context, run.tokenizer))
+        result = results[0] if len(results) == 1 else {"sources": results}
+    result |= {"run_dir": str(run.run_dir), "step": run.step}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    for r in result.get("sources", [result]):
+        print(f"{r['data']}: loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.3f}, "
+              f"{r['bits_per_char']:.4f} bits/char, {r['bits_per_byte']:.4f} bits/byte "
+              f"({r['tokens']:,} tokens, step {run.step})")
+    return 0
+
+
+def cmd_score(args) -> int:
+    from plutao.train.evaluate import score_text
+    from plutao.train.run import load_run
+
+    run = load_run(Path(args.run_dir), args.step)
+    result = score_text(run.trainer.graphdef, run.params, run.tokenizer, args.text, run.cfg.model.context_length)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{'#':>4}  {'token':<16} {'id':>6}  {'log P':>9}  {'P':>8}  {'Σ log P':>9}")
+    running = 0.0
+    for i, row in enumerate(result["per_token"]):
+        running += row["logprob"]
+        print(f"{i:>4}  {row['token']!r:<16} {row['id']:>6}  {row['logprob']:9.4f}  {row['prob']:8.4f}  {running:9.3f}")
+    print(f"log P(text) = {result['logprob']:.4f} nats = {result['logprob_bits']:.3f} bits over "
+          f"{result['tokens']} tokens; perplexity {result['perplexity']:.3f}")
+    return 0
+
+
+def cmd_tokenize(args) -> int:
+    from plutao.tokenizer import ByteTokenizer, CharTokenizer, format_tokens, load_tokenizer
+
+    if args.tokenizer == "byte":
+        tok = ByteTokenizer()
+    elif args.tokenizer == "char":
+        tok = CharTokenizer.train([args.text])
+    else:
+        path = Path(args.tokenizer)
+        tok = load_tokenizer(path / "tokenizer" if (path / "tokenizer").is_dir() else path)
+    print(format_tokens(tok, args.text, args.price_per_1k))
+    return 0
+
+
+def cmd_params(args) -> int:
+    from plutao.model.presets import PUBLISHED_PARAMS, count_params, flops_per_token
+
+    name, cfg = resolve_config(args.preset, args.overrides)
+    model = cfg.model if cfg.model.vocab_size else cfg.model.__class__(**{**cfg.model.__dict__, "vocab_size": 256})
+    model = model.resolved()
+    counts = count_params(model)
+    published = PUBLISHED_PARAMS.get(name)
+    out = {"preset": name, "params": counts["total"], "non_embedding": counts["non_embedding"],
+           "embedding": counts["embedding"], "published": published,
+           "relative_to_published": (counts["total"] / published - 1) if published else None,
+           "n_layers": model.n_layers, "d_model": model.d_model, "n_heads": model.n_heads, "d_head": model.d_head,
+           "d_ff": model.d_ff, "context_length": model.context_length, "vocab_size": model.vocab_size,
+           "batch_tokens": cfg.train.batch_size * model.context_length, "lr": cfg.optim.lr,
+           "train_flops_per_token": flops_per_token(model)}
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    pub = f" (published {published / 1e9:.3g}B, {out['relative_to_published']:+.2%})" if published else ""
+    print(f"{name}: {counts['total']:,} parameters{pub}")
+    print(f"  non-embedding {counts['non_embedding']:,}, embedding {counts['embedding']:,}")
+    print(f"  n_layers {model.n_layers}, d_model {model.d_model}, n_heads {model.n_heads}, d_head {model.d_head}, "
+          f"d_ff {model.d_ff}, context {model.context_length}, vocab {model.vocab_size}")
+    print(f"  batch {cfg.train.batch_size} × {model.context_length} = {out['batch_tokens']:,} tokens, "
+          f"lr {cfg.optim.lr:g}; training {out['train_flops_per_token']:.3g} FLOPs/token")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from plutao.experiments.bench import run_bench
+
+    result = run_bench(data=args.data, steps=args.steps, torch=not args.no_torch, sample_tokens=args.sample_tokens,
+                       workdir=args.workdir)
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from plutao.train.config import all_keys
+
+    p = argparse.ArgumentParser(prog="plutao", description="Train and inspect Transformer language models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train (or resume) a model", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="presets: " + ", ".join(PRESETS) + "\nconfig keys:\n  " + "\n  ".join(all_keys()))
+    t.add_argument("config", nargs="?", help="preset name or .toml/.json file (default: the default experiment)")
+    t.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    t.add_argument("--workdir", help="run directory (default runs/CONFIG); re-running resumes it")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    t.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("sample", help="generate text from a trained run")
+    s.add_argument("run_dir")
+    s.add_argument("--prompt", default="")
+    s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--max-new-tokens", type=int, default=300)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--num-samples", type=int, default=1)
+    s.add_argument("--show-probs", type=int, default=0, metavar="K", help="table of the K likeliest next tokens")
+    s.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    s.add_argument("--no-stop", action="store_true", help="do not stop at <|endoftext|>")
+    s.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    s.set_defaults(fn=cmd_sample)
+
+    e = sub.add_parser("eval", help="loss, perplexity, bits per char/byte on held-out or given data")
+    e.add_argument("run_dir")
+    e.add_argument("--data", help="a text file, folder, .jsonl or corpus name (default: the run's held-out split)")
+    e.add_argument("--json", action="store_true")
+    e.add_argument("--step", type=int)
+    e.set_defaults(fn=cmd_eval)
+
+    c = sub.add_parser("score", help="log P(text) by the chain rule, per token")
+    c.add_argument("run_dir")
+    c.add_argument("--text", required=True)
+    c.add_argument("--json", action="store_true")
+    c.add_argument("--step", type=int)
+    c.set_defaults(fn=cmd_score)
+
+    k = sub.add_parser("tokenize", help="show how text splits into tokens")
+    k.add_argument("text")
+    k.add_argument("--tokenizer", default="byte", help="RUN_DIR, a tokenizer folder, char or byte (default byte)")
+    k.add_argument("--price-per-1k", type=float, help="cost per 1,000 tokens")
+    k.set_defaults(fn=cmd_tokenize)
+
+    m = sub.add_parser("params", help="parameter count of a preset without allocating it")
+    m.add_argument("preset")
+    m.add_argument("overrides", nargs="*")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(fn=cmd_params)
+
+    b = sub.add_parser("bench", help="nanoGPT's CPU benchmark: speed, MFU and val loss vs PyTorch eager")
+    b.add_argument("--data", help="Tiny Shakespeare text file (default: download or cache)")
+    b.add_argument("--steps", type=int, default=2000)
+    b.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    b.add_argument("--sample-tokens", type=int, default=500)
+    b.add_argument("--workdir", help="run directory for the benchmark (default: a temporary one)")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except _user_errors() as e:
+        print(f"plutao: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Named experiments: a model size plus the data, batch and optimizer settings it is trained with.
+
+Each preset is a flat dict of `section.key` overrides on top of the defaults in train/config.py,
+so a preset reads exactly like a command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from plutao.model.presets import MODEL_PRESETS
+
+
+def _model(name: str) -> dict:
+    cfg = MODEL_PRESETS[name]
+    return {f"model.{k}": v for k, v in dataclasses.asdict(cfg).items() if k not in ("vocab_size",)}
+
+
+def _gpt3(name: str, batch_tokens: float, lr: float) -> dict:
+    # Brown et al. 2020, Table 2.1: batch size in tokens, peak learning rate; context 2048, GPT-2 BPE.
+    return _model(name) | {
+        "model.vocab_size": 50257, "data.tokenizer": "bpe", "data.vocab_size": 50257,
+        "train.batch_size": int(round(batch_tokens / 2048)), "optim.lr": lr, "optim.min_lr": lr / 10,
+        "optim.beta2": 0.95, "optim.eps": 1e-8, "optim.weight_decay": 0.1, "optim.warmup_steps": 375,
+        "optim.grad_clip": 1.0,
+    }
+
+
+NANOGPT_RECIPE = {
+    "optim.lr": 1e-3, "optim.min_lr": 1e-4, "optim.beta2": 0.99, "optim.weight_decay": 0.1,
+    "optim.warmup_steps": 100, "optim.grad_clip": 1.0, "optim.schedule": "cosine", "data.tokenizer": "char",
+}
+
+PRESETS: dict[str, dict] = {
+    # `plutao train` with no config: a small char-level GPT on the standard library's docstrings.
+    "default": {
+        "data.path": "builtin:python-docs", "data.tokenizer": "char",
+        "model.n_layers": 4, "model.d_model": 128, "model.n_heads": 4, "model.context_length": 128,
+        "train.batch_size": 24, "train.steps": 2500, "train.eval_every": 500, "train.sample_every": 500,
+        "train.checkpoint_every": 500, "train.eval_batches": 20, **NANOGPT_RECIPE,
+    },
+    "tiny": _model("tiny") | {
+        "data.tokenizer": "char", "train.batch_size": 8, "train.steps": 50, "train.eval_every": 25,
+        "train.sample_every": 0, "train.checkpoint_every": 25, "train.eval_batches": 2, "train.log_every": 5,
+        "optim.lr": 3e-3, "optim.warmup_steps": 5,
+    },
+    # nanoGPT's CPU configuration for char-level Tiny Shakespeare (what `plutao bench` runs).
+    "nanogpt-cpu": _model("nanogpt-cpu") | NANOGPT_RECIPE | {
+        "data.path": "tinyshakespeare", "train.batch_size": 12, "train.steps": 2000, "train.eval_every": 250,
+        "train.sample_every": 500, "train.checkpoint_every": 500, "train.eval_batches": 20,
+    },
+    "shakespeare-char": _model("shakespeare-char") | NANOGPT_RECIPE | {
+        "data.path": "tinyshakespeare", "train.batch_size": 64, "train.steps": 5000, "train.eval_every": 250,
+        "train.sample_every": 1000, "train.checkpoint_every": 1000, "train.eval_batches": 200,
+    },
+    "gpt2-124m": _model("gpt2-124m") | {
+        "model.vocab_size": 50257, "data.tokenizer": "bpe", "data.vocab_size": 50257, "train.batch_size": 480,
+        "optim.lr": 6e-4, "optim.min_lr": 6e-5, "optim.beta2": 0.95, "optim.warmup_steps": 2000,
+        "train.steps": 600000, "train.grad_accum": 1,
+    },
+    "gpt3-small": _gpt3("gpt3-small", 0.5e6, 6.0e-4),
+    "gpt3-medium": _gpt3("gpt3-medium", 0.5e6, 3.0e-4),
+    "gpt3-large": _gpt3("gpt3-large", 0.5e6, 2.5e-4),
+    "gpt3-xl": _gpt3("gpt3-xl", 1e6, 2.0e-4),
+    "gpt3-2.7b": _gpt3("gpt3-2.7b", 1e6, 1.6e-4),
+    "gpt3-6.7b": _gpt3("gpt3-6.7b", 2e6, 1.2e-4),
+    "gpt3-13b": _gpt3("gpt3-13b", 2e6, 1.0e-4),
+    "gpt3-175b": _gpt3("gpt3-175b", 3.2e6, 0.6e-4),
+}

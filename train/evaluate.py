@@ -1,0 +1,79 @@
+"""Held-out loss, perplexity and bits per character/byte; log P(text) by the chain rule."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from plutao.train.errors import UserError
+from plutao.train.losses import cross_entropy_sum, token_logprobs
+
+EVAL_ROWS = 32  # windows per forward pass
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _loss_sum(graphdef, params, tokens_BT1, weights_BT):
+    logits_BTV, _, _ = nnx.merge(graphdef, params)(tokens_BT1[:, :-1])
+    return cross_entropy_sum(logits_BTV, tokens_BT1[:, 1:], weights_BT)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logprobs(graphdef, params, tokens_1T):
+    logits_1TV, _, _ = nnx.merge(graphdef, params)(tokens_1T[:, :-1])
+    return token_logprobs(logits_1TV, tokens_1T[:, 1:])[0]
+
+
+def stream_metrics(graphdef, params, tokens: np.ndarray, context: int, tokenizer) -> dict:
+    """Loss over every token of a stream after the first, in non-overlapping context-sized windows.
+
+    Bits per character/byte divide the total loss (in bits) by the characters/UTF-8 bytes of the
+    predicted text; a special token such as <|endoftext|> counts as one character and one byte.
+    """
+    tokens = np.asarray(tokens, np.int32)
+    if len(tokens) < 2:
+        raise UserError("the text has fewer than 2 tokens; nothing to evaluate")
+    n_full = (len(tokens) - 1) // context
+    total, count = 0.0, 0.0
+    for lo in range(0, n_full, EVAL_ROWS):
+        hi = min(lo + EVAL_ROWS, n_full)
+        idx = np.arange(lo, hi)[:, None] * context + np.arange(context + 1)[None, :]
+        s, c = _loss_sum(graphdef, params, tokens[idx], np.ones((hi - lo, context), np.float32))
+        total, count = total + float(s), count + float(c)
+    tail = tokens[n_full * context:]
+    if len(tail) >= 2:
+        s, c = _loss_sum(graphdef, params, tail[None, :], np.ones((1, len(tail) - 1), np.float32))
+        total, count = total + float(s), count + float(c)
+    predicted = tokens[1:].tolist()
+    specials = set(tokenizer.special_ids.values())
+    n_special = sum(1 for t in predicted if t in specials)
+    text = tokenizer.decode(predicted, skip_special=True)
+    chars, n_bytes = len(text) + n_special, len(text.encode("utf-8")) + n_special
+    loss = total / count
+    bits = total / math.log(2)
+    return {"loss": loss, "perplexity": math.exp(loss), "bits_per_token": loss / math.log(2),
+            "bits_per_char": bits / chars, "bits_per_byte": bits / n_bytes, "tokens": int(count),
+            "chars": chars, "bytes": n_bytes}
+
+
+def score_text(graphdef, params, tokenizer, text: str, context: int) -> dict:
+    """log P(text) = Σ_t log P(token_t | <|endoftext|>, tokens < t): the chain rule as a sum of logs."""
+    ids = tokenizer.encode(text)
+    if not ids:
+        raise UserError("--text is empty; give some text to score")
+    if len(ids) + 1 > context:
+        raise UserError(f"the text is {len(ids)} tokens but the model's context is {context} "
+                        f"(including the start token); score at most {context - 1} tokens")
+    tokens = np.array([[tokenizer.eot_id] + ids], np.int32)
+    logprobs = np.asarray(_logprobs(graphdef, params, tokens), np.float64)
+    total = float(logprobs.sum())
+    return {
+        "text": text, "tokens": len(ids), "logprob": total, "logprob_bits": total / math.log(2),
+        "perplexity": math.exp(-total / len(ids)),
+        "per_token": [{"token": s, "id": i, "logprob": float(lp), "prob": math.exp(lp)}
+                      for s, i, lp in zip(tokenizer.token_strings(ids), ids, logprobs)],
+    }

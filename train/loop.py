@@ -1,0 +1,313 @@
+"""`plutao train`: config → data → mesh and state → (resume) → steps with eval, samples, checkpoints.
+
+Everything that can fail on bad input (config, data, tokenizer, checkpoint compatibility) is checked
+before anything is written to the run directory, so a failed start never damages an existing run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from plutao.model.presets import count_params, flops_per_token
+from plutao.model.sampling import SamplingConfig, generate
+from plutao.tokenizer import Tokenizer, TokenizerError, load_tokenizer, train_tokenizer
+from plutao.train import data as data_lib
+from plutao.train import sharding
+from plutao.train.checkpoint import Checkpoints
+from plutao.train.config import Config, validate
+from plutao.train.errors import UserError
+from plutao.train.metrics import MetricsLog, measure_matmul_peak, plot_losses
+from plutao.train.optim import lr_schedule, make_optimizer
+from plutao.train.step import Trainer, global_batch
+
+# Keys that must agree between a run directory and a config resuming it.
+TOKENIZER_KEYS = ("tokenizer", "vocab_size")
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A run's data, tokenizer and step functions, ready to train or evaluate."""
+
+    cfg: Config
+    tokenizer: Tokenizer
+    splits: list[data_lib.Split]
+    batches: data_lib.Batches
+    trainer: Trainer
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0
+
+
+def log(msg: str) -> None:
+    if is_main_process():
+        tqdm.write(msg)
+
+
+def provenance(cfg: Config, tokenizer: Tokenizer, mesh) -> dict:
+    try:
+        commit = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"],
+                                capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        commit = None
+    versions = {}
+    for pkg in ("plutao", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "sentencepiece"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return {
+        "git_commit": commit, "versions": versions, "python": platform.python_version(),
+        "command": sys.argv, "tokenizer_fingerprint": tokenizer.fingerprint,
+        "devices": f"{jax.device_count()}× {jax.devices()[0].device_kind} ({jax.default_backend()}), "
+                   f"{jax.process_count()} process(es)",
+        "mesh": dict(mesh.shape),
+    }
+
+
+def read_run_config(run_dir: Path) -> dict | None:
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"{path} is not valid JSON; restore it or choose another --workdir") from None
+
+
+def check_compatible(saved: dict, cfg: Config, run_dir: Path) -> None:
+    """Refuse to resume a run whose model or tokenizer differs from this config."""
+    for key in TOKENIZER_KEYS:
+        old, new = saved["data"].get(key), getattr(cfg.data, key)
+        if old != new:
+            raise UserError(f"{run_dir} was trained with data.{key}={old}, but the config says {new}; "
+                            f"set data.{key}={old} to resume, or use a new --workdir")
+    old_model = saved["model"]
+    for key, new in dataclasses.asdict(cfg.model.resolved()).items():
+        if key == "vocab_size" and new == 0:
+            continue
+        if key in ("dropout", "dtype"):  # these change training, not the parameters
+            continue
+        if old_model.get(key) != new:
+            raise UserError(f"the checkpoint in {run_dir} has model.{key}={old_model.get(key)}, but the config says "
+                            f"{new}; set model.{key}={old_model.get(key)} to resume, or use a new --workdir")
+
+
+def prepare(cfg: Config, run_dir: Path | None, *, devices=None) -> Prepared:
+    """Validate the config, load data and tokenizer, build mesh and step functions. Writes nothing."""
+    validate(cfg)
+    saved = read_run_config(run_dir) if run_dir is not None else None
+    if saved is not None:
+        check_compatible(saved, cfg, run_dir)
+    sources = data_lib.source_paths(cfg.data)
+    docs_per_source = [data_lib.read_documents(s, cfg.data) for s in sources]
+
+    tok_dir = run_dir / "tokenizer" if run_dir is not None else None
+    try:
+        if tok_dir is not None and tok_dir.is_dir():
+            tokenizer = load_tokenizer(tok_dir)
+            if saved and saved.get("provenance", {}).get("tokenizer_fingerprint") not in (None, tokenizer.fingerprint):
+                raise UserError(f"{tok_dir} does not match the fingerprint recorded in config.json; "
+                                "restore the tokenizer folder or use a new --workdir")
+        else:
+            texts = (doc for docs in docs_per_source for doc in docs)
+            tokenizer = train_tokenizer(cfg.data.tokenizer, texts, cfg.data.vocab_size or None)
+    except TokenizerError as e:
+        raise UserError(str(e)) from None
+
+    vocab = cfg.model.vocab_size or tokenizer.vocab_size
+    if vocab < tokenizer.vocab_size:
+        raise UserError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer.vocab_size} ids; "
+                        "set model.vocab_size=0 (= the tokenizer's) or larger")
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab).resolved())
+    if saved is not None:
+        check_compatible(saved, cfg, run_dir)
+
+    cache = data_lib.cache_root(cfg.data)
+    splits = [data_lib.split_tokens(name, data_lib.tokenize_documents(docs, tokenizer, cache), cfg.data.val_fraction)
+              for name, docs in zip(sources, docs_per_source)]
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    dp = sharding.data_parallel_size(mesh)
+    micro = cfg.train.batch_size // cfg.train.grad_accum
+    if micro % dp:
+        raise UserError(f"the micro-batch of {micro} sequences (train.batch_size / train.grad_accum) is not "
+                        f"divisible by the {dp} data-parallel devices; change train.batch_size or mesh")
+    batches = data_lib.Batches(splits, cfg.data.weights, cfg.model.context_length, cfg.train.batch_size,
+                               cfg.train.seed, jax.process_index(), jax.process_count())
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    trainer = Trainer(cfg.model, tx, lr_schedule(cfg.optim, cfg.train.steps), mesh, cfg.train.seed,
+                      cfg.train.grad_accum, cfg.optim.label_smoothing)
+    return Prepared(cfg, tokenizer, splits, batches, trainer)
+
+
+def evaluate(p: Prepared, params, n_batches: int) -> float:
+    total, count = 0.0, 0.0
+    for i in range(n_batches):
+        s, c = p.trainer.eval_step(params, global_batch(p.batches.val_batch(i), p.trainer.mesh))
+        total, count = total + float(s), count + float(c)
+    return total / max(count, 1.0)
+
+
+def milestone_sample(p: Prepared, params, step: int) -> str:
+    prompt = p.tokenizer.encode(p.cfg.train.sample_prompt) if p.cfg.train.sample_prompt else [p.tokenizer.eot_id]
+    model = p.trainer.model(params)
+    sampling = SamplingConfig(temperature=0.8, max_new_tokens=p.cfg.train.sample_tokens, seed=step, stop_at_eot=False)
+    ids = generate(model, [prompt[-p.cfg.model.context_length:]], sampling, eot_id=p.tokenizer.eot_id,
+                   pad_id=p.tokenizer.pad_id)[0]
+    return p.cfg.train.sample_prompt + p.tokenizer.decode(ids)
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; the loop finishes the step in flight, saves and exits."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> dict:
+    """Train (or resume) the run in run_dir; returns a summary dict."""
+    run_dir = Path(run_dir)
+    p = prepare(cfg, run_dir, devices=devices)
+    cfg, trainer = p.cfg, p.trainer
+    main = is_main_process()
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not (run_dir / "tokenizer").is_dir():
+            p.tokenizer.save(run_dir / "tokenizer")
+        record = cfg.to_dict() | {"provenance": provenance(cfg, p.tokenizer, trainer.mesh)}
+        tmp = run_dir / "config.json.tmp"
+        tmp.write_text(json.dumps(record, indent=2))
+        tmp.replace(run_dir / "config.json")
+    checkpoints = Checkpoints(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
+    latest = checkpoints.latest_step()
+    if latest is not None:
+        state = checkpoints.restore(latest, trainer.abstract_sharded_state())
+        log(f"resumed from {run_dir}/checkpoints/{latest}")
+    else:
+        state = trainer.init_state()
+    start = int(jax.device_get(state["step"]))
+    n_params = count_params(cfg.model)
+    tokens_per_step = cfg.train.batch_size * cfg.model.context_length
+    flops_per_step = flops_per_token(cfg.model) * tokens_per_step
+    peak = cfg.train.peak_flops or measure_matmul_peak(np.dtype(cfg.model.dtype))
+    log(f"plutao: {n_params['total'] / 1e6:.2f}M parameters ({n_params['non_embedding'] / 1e6:.2f}M non-embedding), "
+        f"{tokenizer_summary(p.tokenizer)}, {sum(len(s.train) for s in p.splits):,} training tokens, "
+        f"mesh {dict(trainer.mesh.shape)}, steps {start}→{cfg.train.steps}")
+
+    metrics = MetricsLog(run_dir, enabled=main)
+    t = cfg.train
+    last_val = None
+    history = []
+    compile_s = None
+    try:
+        with StopFlag() as stop, tqdm(total=t.steps, initial=start, disable=quiet or not main, unit="step",
+                                      dynamic_ncols=True, file=sys.stderr) as bar:
+            window_start, window_steps = time.perf_counter(), 0
+            step = start
+            while step < t.steps and stop.signal is None:
+                tokens = global_batch(p.batches.train_batch(step), trainer.mesh)
+                t0 = time.perf_counter()
+                state, step_metrics = trainer.train_step(state, tokens)
+                step += 1
+                window_steps += 1
+                if compile_s is None:
+                    jax.block_until_ready(step_metrics)
+                    compile_s = time.perf_counter() - t0
+                    window_start, window_steps = time.perf_counter(), 0
+                if step % t.log_every == 0 or step == t.steps:
+                    m = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                    elapsed = time.perf_counter() - window_start
+                    tps = tokens_per_step * window_steps / elapsed if window_steps else float("nan")
+                    m |= {"step": step, "split": "train", "perplexity": math.exp(min(m["loss"], 50)),
+                          "tokens_per_sec": tps, "mfu": tps / tokens_per_step * flops_per_step / peak}
+                    metrics.write(m)
+                    history.append(m)
+                    bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+                    window_start, window_steps = time.perf_counter(), 0
+                bar.update(1)
+                if t.eval_every and step % t.eval_every == 0 and step < t.steps:
+                    last_val = evaluate(p, state["params"], t.eval_batches)
+                    metrics.write({"step": step, "split": "val", "loss": last_val,
+                                   "perplexity": math.exp(min(last_val, 50))})
+                    log(f"step {step}: val loss {last_val:.4f}")
+                if t.sample_every and step % t.sample_every == 0 and main:
+                    sample = milestone_sample(p, state["params"], step)
+                    metrics.write({"step": step, "sample": sample})
+                    log(f"--- sample at step {step} ---\n{sample}\n---")
+                if step % t.checkpoint_every == 0 and step < t.steps:
+                    checkpoints.save(step, state, last_val if t.eval_every and step % t.eval_every == 0 else None)
+                if window_steps == 0:
+                    window_start = time.perf_counter()
+            interrupted = stop.signal is not None
+        if interrupted:
+            checkpoints.save(step, state)
+            checkpoints.close()
+            log(f"stopped by signal {stop.signal} at step {step}; checkpoint saved in {run_dir}/checkpoints/{step}. "
+                "Run the same command again to resume.")
+            metrics.close()
+            return {"interrupted": True, "step": step, "run_dir": str(run_dir)}
+        final_val = evaluate(p, state["params"], t.eval_batches)
+        metrics.write({"step": step, "split": "val", "loss": final_val, "perplexity": math.exp(min(final_val, 50))})
+        checkpoints.save(step, state, final_val)
+        checkpoints.close()
+        sample = None
+        if main and t.sample_every:
+            sample = milestone_sample(p, state["params"], step)
+            metrics.write({"step": step, "sample": sample})
+        epochs = p.batches.epochs_consumed(step)
+        metrics.write({"step": step, "epochs": epochs})
+    finally:
+        metrics.close()
+    plot = plot_losses(run_dir) if main else None
+    summary = {
+        "step": step, "val_loss": final_val, "val_perplexity": math.exp(min(final_val, 50)),
+        "train_loss": history[-1]["loss"] if history else None,
+        "tokens_per_sec": float(np.median([h["tokens_per_sec"] for h in history[1:]] or [float("nan")])),
+        "compile_seconds": compile_s, "params": n_params["total"], "epochs": epochs,
+        "run_dir": str(run_dir), "checkpoint": str(run_dir / "checkpoints" / str(step)),
+        "plot": str(plot) if plot else None,
+    }
+    if sample is not None:
+        log(f"--- final sample ---\n{sample}\n---")
+    epochs_text = ", ".join(f"{name}: {e:.2f}" for name, e in epochs.items())
+    log(f"done: step {step}, val loss {final_val:.4f} (perplexity {summary['val_perplexity']:.2f}); "
+        f"epochs consumed {epochs_text}\n  checkpoint: {summary['checkpoint']}\n  metrics and samples: "
+        f"{run_dir / 'metrics.jsonl'}\n  plot: {plot}")
+    return summary
+
+
+def tokenizer_summary(tok: Tokenizer) -> str:
+    return f"{tok.kind} tokenizer with {tok.vocab_size} ids"
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0")

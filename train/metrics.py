@@ -1,0 +1,93 @@
+"""Run outputs a person reads: metrics.jsonl, TensorBoard events, loss.png, and a throughput model."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class MetricsLog:
+    """Appends one JSON object per line to RUN_DIR/metrics.jsonl and mirrors scalars to TensorBoard."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tb"), flush_secs=10)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        step, split = record.get("step", 0), record.get("split")
+        for k, v in record.items():
+            if split and isinstance(v, (int, float)) and k not in ("step",):
+                self.tb.add_scalar(f"{split}/{k}", v, step)
+        if "sample" in record:
+            self.tb.add_text("sample", record["sample"], step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(run_dir: Path) -> Path | None:
+    """Train and val loss against step, written to RUN_DIR/loss.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir)
+    train = [(r["step"], r["loss"]) for r in records if r.get("split") == "train" and "loss" in r]
+    val = [(r["step"], r["loss"]) for r in records if r.get("split") == "val" and "loss" in r]
+    if not train and not val:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    if train:
+        ax.plot(*zip(*train), label="train", lw=1, alpha=0.8)
+    if val:
+        ax.plot(*zip(*val), "o-", label="val", ms=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(Path(run_dir).name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(run_dir) / "loss.png"
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def measure_matmul_peak(dtype=jnp.float32, n: int = 1024, repeats: int = 10) -> float:
+    """FLOP/s of a large square matmul on the default device: the practical peak MFU is measured against."""
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n**3 / best * len(jax.local_devices())
+
+
+def median(xs) -> float:
+    return float(np.median(np.asarray(xs))) if len(xs) else float("nan")

@@ -1,0 +1,61 @@
+"""Open a finished (or running) run directory: its config, tokenizer and trained parameters."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from plutao.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+from plutao.train import sharding
+from plutao.train.checkpoint import Checkpoints
+from plutao.train.config import Config
+from plutao.train.errors import UserError
+from plutao.train.loop import read_run_config
+from plutao.train.optim import lr_schedule, make_optimizer
+from plutao.train.step import Trainer
+
+
+@dataclasses.dataclass
+class LoadedRun:
+    run_dir: Path
+    cfg: Config
+    tokenizer: Tokenizer
+    trainer: Trainer
+    params: dict
+    step: int
+
+    @property
+    def model(self):
+        return self.trainer.model(self.params)
+
+
+def load_run(run_dir: Path, step: int | None = None) -> LoadedRun:
+    run_dir = Path(run_dir)
+    saved = read_run_config(run_dir)
+    if saved is None:
+        raise UserError(f"{run_dir} is not a run directory (no config.json); pass the --workdir of a `plutao train` run")
+    cfg = Config.from_dict(saved)
+    try:
+        tokenizer = load_tokenizer(run_dir / "tokenizer")
+    except TokenizerError as e:
+        raise UserError(str(e)) from None
+    fingerprint = saved.get("provenance", {}).get("tokenizer_fingerprint")
+    if fingerprint not in (None, tokenizer.fingerprint):
+        raise UserError(f"{run_dir / 'tokenizer'} does not match the tokenizer this run was trained with; restore it")
+    if cfg.model.vocab_size < tokenizer.vocab_size:
+        raise UserError(f"{run_dir}: model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                        f"{tokenizer.vocab_size} ids; the run directory is inconsistent")
+    mesh = sharding.make_mesh(dataclasses.replace(cfg.mesh, data=-1, fsdp=1, tensor=1))
+    trainer = Trainer(cfg.model, make_optimizer(cfg.optim, cfg.train.steps), lr_schedule(cfg.optim, cfg.train.steps),
+                      mesh, cfg.train.seed)
+    checkpoints = Checkpoints(run_dir / "checkpoints", async_save=False)
+    steps = checkpoints.all_steps()
+    if not steps:
+        raise UserError(f"{run_dir} has no checkpoint yet; train it first (`plutao train --workdir {run_dir}`)")
+    if step is None:
+        step = max(steps)
+    elif step not in steps:
+        raise UserError(f"{run_dir} has no checkpoint at step {step}; available: {', '.join(map(str, sorted(steps)))}")
+    state = checkpoints.restore(step, trainer.abstract_sharded_state())
+    checkpoints.close()
+    return LoadedRun(run_dir, cfg, tokenizer, trainer, state["params"], step)
