@@ -147,7 +147,7 @@ def run_torch_reference(
 
     model.eval()
     with torch.no_grad():
-        val_loss = statistics.fmean(loss_fn(*batch(val)).item() for _ in range(eval_batches))
+        val_loss = statistics.fmean(model(*batch(val)).item() for _ in range(eval_batches))
 
     timed = times[10:] if len(times) > 10 else times
     median_s = statistics.median(timed)

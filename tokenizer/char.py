@@ -1,0 +1,95 @@
+"""Character-level tokenizer: one id per Unicode code point seen in training."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .base import NUM_SPECIAL, Tokenizer, TokenizerError, as_text_iterable, require_str
+
+_MAX_SHOWN = 5
+
+
+class CharTokenizer(Tokenizer):
+    """Specials, then the sorted characters of the training text."""
+
+    kind = "char"
+
+    def __init__(self, chars: Sequence[str]) -> None:
+        chars = list(chars)
+        if not chars:
+            raise TokenizerError("a char tokenizer needs at least one character; train it on non-empty text")
+        if any(not isinstance(c, str) or len(c) != 1 for c in chars):
+            raise TokenizerError("char vocabulary entries must be single characters; retrain the tokenizer")
+        if len(set(chars)) != len(chars) or chars != sorted(chars):
+            raise TokenizerError("char vocabulary must be sorted and without repeats; retrain the tokenizer")
+        super().__init__(NUM_SPECIAL + len(chars))
+        self.chars: tuple[str, ...] = tuple(chars)
+        self._id_of: dict[str, int] = {c: NUM_SPECIAL + i for i, c in enumerate(chars)}
+        # Code points in id order, for vectorised decode; surrogatepass keeps lone surrogates round-tripping.
+        self._codes = np.frombuffer("".join(chars).encode("utf-32-le", "surrogatepass"), dtype="<u4")
+        # Lookup table code point -> id, with one extra -1 slot that every larger code point maps to.
+        self._lut = np.full(int(self._codes.max()) + 2, -1, dtype=np.int32)
+        self._lut[self._codes] = np.arange(NUM_SPECIAL, self.vocab_size, dtype=np.int32)
+
+    @classmethod
+    def train(cls, texts: Iterable[str]) -> CharTokenizer:
+        """Vocabulary = every distinct character in `texts`."""
+        seen: set[str] = set()
+        for text in as_text_iterable(texts):
+            require_str(text)
+            seen.update(text)
+        if not seen:
+            raise TokenizerError("no training text for the char tokenizer; pass at least one non-empty text")
+        return cls(sorted(seen))
+
+    def encode(self, text: str) -> list[int]:
+        require_str(text)
+        id_of = self._id_of
+        try:
+            return [id_of[c] for c in text]
+        except KeyError:
+            raise self._unknown_error(text) from None
+
+    def encode_array(self, text: str) -> np.ndarray:
+        require_str(text)
+        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+        ids = self._lut[np.minimum(codes, self._lut.size - 1)]
+        if ids.size and int(ids.min()) < 0:
+            raise self._unknown_error(text)
+        return ids
+
+    def _unknown_error(self, text: str) -> TokenizerError:
+        missing = list(dict.fromkeys(c for c in text if c not in self._id_of))
+        shown = ", ".join(repr(c) for c in missing[:_MAX_SHOWN])
+        more = f" (and {len(missing) - _MAX_SHOWN} more)" if len(missing) > _MAX_SHOWN else ""
+        return TokenizerError(
+            f"text has {len(missing)} character(s) not in the char tokenizer's vocabulary: {shown}{more}; "
+            "use a byte or bpe tokenizer (they encode any text) or retrain the char tokenizer on text "
+            "that contains them"
+        )
+
+    def _decode_run(self, ids: np.ndarray) -> str:
+        return self._codes[ids - NUM_SPECIAL].tobytes().decode("utf-32-le", "surrogatepass")
+
+    def _token_string(self, token_id: int) -> str:
+        return self.chars[token_id - NUM_SPECIAL]
+
+    def _definition_bytes(self) -> bytes:
+        return json.dumps(self.chars).encode("ascii")
+
+    def _config(self) -> dict[str, Any]:
+        return {"chars": list(self.chars)}
+
+    @classmethod
+    def _from_config(cls, config: dict[str, Any], directory: Path) -> CharTokenizer:
+        chars = config.get("chars")
+        if not isinstance(chars, list):
+            raise TokenizerError(
+                f"{directory}/tokenizer.json has no 'chars' list; it is corrupt, retrain and save the tokenizer"
+            )
+        return cls(chars)

@@ -1,0 +1,88 @@
+"""Train a tokenizer by kind name, or load a saved one."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from .base import CONFIG_FILE, FORMAT_VERSION, SPECIAL_IDS, Tokenizer, TokenizerError
+from .bpe import BPETokenizer
+from .byte import ByteTokenizer
+from .char import CharTokenizer
+
+TOKENIZER_KINDS: dict[str, type[Tokenizer]] = {
+    "char": CharTokenizer,
+    "byte": ByteTokenizer,
+    "bpe": BPETokenizer,
+}
+
+
+def _check_kind(kind: object) -> str:
+    if kind not in TOKENIZER_KINDS:
+        raise TokenizerError(f"unknown tokenizer kind {kind!r}; choose one of: {', '.join(TOKENIZER_KINDS)}")
+    return str(kind)
+
+
+def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int | None = None) -> Tokenizer:
+    """Train a `kind` tokenizer on `texts`; vocab_size is required for bpe and ignored by char and byte,
+    whose vocabularies are fixed by the data (char) or by design (byte)."""
+    kind = _check_kind(kind)
+    if kind == "char":
+        return CharTokenizer.train(texts)
+    if kind == "byte":
+        return ByteTokenizer()
+    if vocab_size is None:
+        raise TokenizerError("a bpe tokenizer needs a vocab_size; set data.vocab_size (e.g. 8192)")
+    return BPETokenizer.train(texts, vocab_size)
+
+
+def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:
+    """Load a tokenizer written by Tokenizer.save; its fingerprint is checked against tokenizer.json."""
+    path = Path(directory)
+    config_path = path / CONFIG_FILE
+    if not path.is_dir():
+        raise TokenizerError(
+            f"no tokenizer directory at {str(path)!r}; train a tokenizer and save it there first "
+            "(or point to the directory that holds tokenizer.json)"
+        )
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TokenizerError(
+            f"{str(path)!r} has no {CONFIG_FILE}; train a tokenizer and save it there first "
+            "(or point to the directory that holds tokenizer.json)"
+        ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerError(
+            f"cannot read {str(config_path)!r} ({type(e).__name__}: {e}); it is corrupt, "
+            "delete the directory and save the tokenizer again"
+        ) from None
+    if not isinstance(config, dict):
+        raise TokenizerError(f"{str(config_path)!r} is not a JSON object; save the tokenizer again")
+    version = config.get("format_version", FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        raise TokenizerError(
+            f"{str(config_path)!r} has format_version {version!r} but this code reads {FORMAT_VERSION}; "
+            "use a matching plutao version or retrain the tokenizer"
+        )
+    kind = config.get("kind")
+    if kind not in TOKENIZER_KINDS:
+        raise TokenizerError(
+            f"{str(config_path)!r} has unknown kind {kind!r} (expected one of: {', '.join(TOKENIZER_KINDS)}); "
+            "it is corrupt, save the tokenizer again"
+        )
+    tok = TOKENIZER_KINDS[kind]._from_config(config, path)
+    expected = {
+        "vocab_size": tok.vocab_size,
+        "special_ids": SPECIAL_IDS,
+        "fingerprint": tok.fingerprint,
+    }
+    for key, value in expected.items():
+        if key in config and config[key] != value:
+            raise TokenizerError(
+                f"{str(config_path)!r} says {key}={config[key]!r} but its vocabulary gives {value!r}; "
+                "the files do not belong together, save the tokenizer again"
+            )
+    return tok
