@@ -50,8 +50,8 @@ class MultiHeadAttention(nnx.Module):
         d, h, k = cfg.d_model, cfg.n_heads, cfg.d_head
         self.rotary = cfg.positions == "rotary"
         self.dropout_rate = cfg.dropout
-        # W^Q, W^K, W^V stored as one (3, D, H, K) tensor: a single matmul reads x once.
-        self.w_qkv = normal_param(rngs, (3, d, h, k), (None, "embed", "heads", "kv"), INIT_STD)
+        # W^Q, W^K, W^V stored as one (D, 3, H, K) tensor: a single matmul reads x once.
+        self.w_qkv = normal_param(rngs, (d, 3, h, k), ("embed", None, "heads", "kv"), INIT_STD)
         self.b_qkv = zeros_param((3, h, k), (None, "heads", "kv")) if cfg.bias else None
         self.w_o = normal_param(rngs, (h, k, d), ("heads", "kv", "embed"), INIT_STD / math.sqrt(2 * cfg.n_layers))
         self.b_o = zeros_param((d,), ("embed",)) if cfg.bias else None
@@ -68,10 +68,13 @@ class MultiHeadAttention(nnx.Module):
         return_weights: bool = False,
     ):
         dt = x_BTD.dtype
-        qkv_3BTHK = jnp.einsum("btd,sdhk->sbthk", x_BTD, self.w_qkv[...].astype(dt))
+        B, T, D = x_BTD.shape
+        _, _, H, K = self.w_qkv.shape
+        # Projections as flat (B·T, D) @ (D, 3·H·K) matmuls: the layout XLA's CPU backend handles best.
+        qkv_N3HK = (x_BTD.reshape(B * T, D) @ self.w_qkv[...].astype(dt).reshape(D, 3 * H * K)).reshape(B * T, 3, H, K)
         if self.b_qkv is not None:
-            qkv_3BTHK = qkv_3BTHK + self.b_qkv[...].astype(dt)[:, None, None]
-        q_BTHK, k_BTHK, v_BTHK = qkv_3BTHK[0], qkv_3BTHK[1], qkv_3BTHK[2]
+            qkv_N3HK = qkv_N3HK + self.b_qkv[...].astype(dt)
+        q_BTHK, k_BTHK, v_BTHK = (qkv_N3HK[:, i].reshape(B, T, H, K) for i in range(3))
         if self.rotary:
             q_BTHK = apply_rotary(q_BTHK, positions_BT)
             k_BTHK = apply_rotary(k_BTHK, positions_BT)
@@ -85,7 +88,7 @@ class MultiHeadAttention(nnx.Module):
         weights_BHTS = attention_weights(q_BTHK, k_BSHK, mask_BTS)
         probs_BHTS = dropout(weights_BHTS, self.dropout_rate, dropout_key).astype(dt)
         out_BTHK = jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BSHK)
-        out_BTD = jnp.einsum("bthk,hkd->btd", out_BTHK, self.w_o[...].astype(dt))
+        out_BTD = (out_BTHK.reshape(B * T, H * K) @ self.w_o[...].astype(dt).reshape(H * K, D)).reshape(B, T, D)
         if self.b_o is not None:
             out_BTD = out_BTD + self.b_o[...].astype(dt)
         return out_BTD, cache, (weights_BHTS if return_weights else None)
