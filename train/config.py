@@ -48,6 +48,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # the latest k are kept, plus the best by val loss
     log_every: int = 10
     seed: int = 0
+    stop_at_step: int = 0  # end this invocation at this step (checkpointed, resumable); 0 = run to train.steps
     peak_flops: float = 0.0  # for MFU; 0 = measure a matmul peak on this device at start
 
 

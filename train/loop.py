@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import platform
 import signal
 import subprocess
@@ -233,7 +232,8 @@ def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> d
                                       dynamic_ncols=True, file=sys.stderr) as bar:
             window_start, window_steps = time.perf_counter(), 0
             step = start
-            while step < t.steps and stop.signal is None:
+            last_step = min(t.steps, t.stop_at_step) if t.stop_at_step > start else t.steps
+            while step < last_step and stop.signal is None:
                 tokens = global_batch(p.batches.train_batch(step), trainer.mesh)
                 t0 = time.perf_counter()
                 state, step_metrics = trainer.train_step(state, tokens)
@@ -267,13 +267,13 @@ def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> d
                     checkpoints.save(step, state, last_val if t.eval_every and step % t.eval_every == 0 else None)
                 if window_steps == 0:
                     window_start = time.perf_counter()
-            interrupted = stop.signal is not None
+            interrupted = stop.signal is not None or step < t.steps
         if interrupted:
             checkpoints.save(step, state)
             checkpoints.close()
-            log(f"stopped by signal {stop.signal} at step {step}; checkpoint saved in {run_dir}/checkpoints/{step}. "
+            why = f"stopped by signal {stop.signal}" if stop.signal is not None else "reached train.stop_at_step"
+            log(f"{why} at step {step}; checkpoint saved in {run_dir}/checkpoints/{step}. "
                 "Run the same command again to resume.")
-            metrics.close()
             return {"interrupted": True, "step": step, "run_dir": str(run_dir)}
         final_val = evaluate(p, state["params"], t.eval_batches)
         metrics.write({"step": step, "split": "val", "loss": final_val, "perplexity": math.exp(min(final_val, 50))})
@@ -308,6 +308,3 @@ def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> d
 def tokenizer_summary(tok: Tokenizer) -> str:
     return f"{tok.kind} tokenizer with {tok.vocab_size} ids"
 
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "") not in ("", "0")

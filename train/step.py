@@ -102,7 +102,7 @@ class Trainer:
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": loss_sum / denom, "grad_norm": optax.global_norm(grads), "lr": self.schedule(step)}
+        metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads), "lr": self.schedule(step)}
         return {"params": params, "opt_state": opt_state, "step": step + 1}, metrics
 
     def _eval_step(self, params, tokens_BT1):
