@@ -1,0 +1,125 @@
+"""The command line: outputs people read, and one-line errors with exit code 2 that leave runs untouched."""
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from plutao.experiments.cli import main
+from plutao.train import corpora
+
+
+def tree_digest(root: Path) -> dict:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, small_corpus):
+    path = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", "tiny", f"data.path={small_corpus}", "--workdir", str(path), "--quiet"]) == 0
+    return path
+
+
+def fails(capsys, argv, *needles):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("plutao: error: ")
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def test_train_writes_the_run_directory(run_dir):
+    for name in ("config.json", "metrics.jsonl", "loss.png", "tokenizer/tokenizer.json"):
+        assert (run_dir / name).is_file(), name
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["model"]["vocab_size"] > 0 and config["provenance"]["versions"]["jax"]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r.get("split") == "train"]
+    assert {"loss", "perplexity", "lr", "grad_norm", "tokens_per_sec", "mfu"} <= set(train[-1])
+    assert any(r.get("split") == "val" for r in records)
+    assert any(p.name.isdigit() for p in (run_dir / "checkpoints").iterdir())
+
+
+def test_sample_eval_score_tokenize_params(run_dir, capsys):
+    assert main(["sample", str(run_dir), "--prompt", "The ", "--max-new-tokens", "20", "--show-probs", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "next-token candidates" in out and "The " in out
+    assert main(["sample", str(run_dir), "--prompt", "a", "--max-new-tokens", "10", "--stream", "--no-stop"]) == 0
+    assert capsys.readouterr().out.startswith("a")
+    assert main(["eval", str(run_dir), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["perplexity"] == pytest.approx(2.718281828 ** result["loss"], rel=1e-6)
+    assert result["bits_per_char"] > 0
+    assert main(["score", str(run_dir), "--text", "the cat", "--json"]) == 0
+    score = json.loads(capsys.readouterr().out)
+    assert score["logprob"] == pytest.approx(sum(t["logprob"] for t in score["per_token"]))
+    assert score["logprob"] < 0 and len(score["per_token"]) == 7
+    assert main(["tokenize", "héllo", "--price-per-1k", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens: 6" in out and "cost" in out  # byte-level: é is two bytes
+    assert main(["tokenize", "--tokenizer", str(run_dir), "the"]) == 0
+    assert "tokens: 3" in capsys.readouterr().out
+    assert main(["params", "gpt3-175b", "--json"]) == 0
+    params = json.loads(capsys.readouterr().out)
+    assert abs(params["params"] / 175e9 - 1) < 0.01
+
+
+def test_bad_config_errors(capsys, small_corpus, tmp_path):
+    fails(capsys, ["train", "tiny", "optim.lrr=1e-3", "--workdir", str(tmp_path / "a")], "did you mean optim.lr")
+    fails(capsys, ["train", "tiny", "model.n_layers=two", "--workdir", str(tmp_path / "a")], "model.n_layers",
+          "integer")
+    fails(capsys, ["train", "tiny", "model.norm=middle", "--workdir", str(tmp_path / "a")], "pre | post")
+    fails(capsys, ["train", "tinny", "--workdir", str(tmp_path / "a")], "did you mean tiny")
+    assert not (tmp_path / "a").exists()
+
+
+def test_bad_data_errors(capsys, tmp_path):
+    fails(capsys, ["train", "tiny", f"data.path={tmp_path / 'missing.txt'}", "--workdir", str(tmp_path / "r")],
+          "does not exist")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+    fails(capsys, ["train", "tiny", f"data.path={empty}", "--workdir", str(tmp_path / "r")], "no text")
+    short = tmp_path / "short.txt"
+    short.write_text("Just a few words of text here.")
+    fails(capsys, ["train", "tiny", f"data.path={short}", "--workdir", str(tmp_path / "r")], "context")
+    assert not (tmp_path / "r").exists()
+
+
+def test_incompatible_resume_leaves_the_run_untouched(capsys, run_dir, small_corpus):
+    before = tree_digest(run_dir)
+    base = ["train", "tiny", f"data.path={small_corpus}", "--workdir", str(run_dir)]
+    fails(capsys, base + ["model.d_model=64"], "model.d_model=32")
+    fails(capsys, base + ["data.tokenizer=byte"], "data.tokenizer=char")
+    assert tree_digest(run_dir) == before
+
+
+def test_sampling_errors(capsys, run_dir):
+    fails(capsys, ["sample", str(run_dir), "--top-p", "1.5"], "--top-p")
+    fails(capsys, ["sample", str(run_dir), "--temperature", "-1"], "--temperature")
+    fails(capsys, ["sample", str(run_dir), "--prompt", "x" * 100], "context is 32")
+    fails(capsys, ["score", str(run_dir), "--text", "x" * 100], "context is 32")
+    fails(capsys, ["sample", str(run_dir / "nope")], "not a run directory")
+
+
+def test_offline_download_fails_clearly(monkeypatch, tmp_path):
+    monkeypatch.setitem(corpora.DOWNLOADS, "tinyshakespeare", ("http://127.0.0.1:9/input.txt", None))
+    with pytest.raises(corpora.UserError, match="cannot download tinyshakespeare"):
+        corpora.download("tinyshakespeare", tmp_path)
+    assert not list((tmp_path / "corpora").glob("*"))
+    cached = tmp_path / "corpora" / "tinyshakespeare.txt"
+    cached.write_text("already here")
+    assert corpora.download("tinyshakespeare", tmp_path) == cached
+
+
+def test_console_script_exit_code(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "plutao.experiments", "train", "tiny", "model.d_modle=8",
+                             "--workdir", str(tmp_path / "x")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "plutao: error: unknown config key 'model.d_modle'; did you mean model.d_model?"
