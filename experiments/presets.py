@@ -36,8 +36,8 @@ PRESETS: dict[str, dict] = {
     "default": {
         "data.path": "builtin:python-docs", "data.tokenizer": "char",
         "model.n_layers": 4, "model.d_model": 128, "model.n_heads": 4, "model.context_length": 128,
-        "train.batch_size": 24, "train.steps": 2500, "train.eval_every": 500, "train.sample_every": 500,
-        "train.checkpoint_every": 500, "train.eval_batches": 20, **NANOGPT_RECIPE,
+        "train.batch_size": 16, "train.steps": 1200, "train.eval_every": 200, "train.sample_every": 200,
+        "train.checkpoint_every": 400, "train.eval_batches": 20, **NANOGPT_RECIPE,
     },
     "tiny": _model("tiny") | {
         "data.tokenizer": "char", "train.batch_size": 8, "train.steps": 50, "train.eval_every": 25,

@@ -13,12 +13,13 @@ import math
 import os
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 _NO_TORCH = "PyTorch is not installed; pip install 'plutao[bench]' (torch==2.13.0) to compare against it"
-DEFAULT_DATA = "/work/shared/data/tinyshakespeare.txt"
+DEFAULT_DATA = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt")
 
 
 def _import_torch() -> Any:

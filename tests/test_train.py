@@ -101,23 +101,57 @@ train(apply_overrides(Config(), layers), Path(sys.argv[1]), quiet=True)
 """
 
 
-def test_resume_after_sigkill(small_corpus, tmp_path):
-    script = TRAIN_SCRIPT.format(corpus=str(small_corpus))
-    env = os.environ | {"PYTHONUNBUFFERED": "1"}
-    subprocess.run([sys.executable, "-c", script, str(tmp_path / "straight")], check=True, env=env,
+@pytest.fixture(scope="module")
+def straight_run(small_corpus, tmp_path_factory):
+    """The uninterrupted reference for the kill/terminate tests."""
+    path = tmp_path_factory.mktemp("straight") / "run"
+    subprocess.run([sys.executable, "-c", TRAIN_SCRIPT.format(corpus=str(small_corpus)), str(path)], check=True,
                    capture_output=True)
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-c", script, str(killed)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    return path
+
+
+def interrupt_after_first_checkpoint(small_corpus, run_dir: Path, sig: int) -> subprocess.CompletedProcess:
+    script = TRAIN_SCRIPT.format(corpus=str(small_corpus))
+    proc = subprocess.Popen([sys.executable, "-c", script, str(run_dir)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not (killed / "checkpoints" / "10").is_dir() and time.time() < deadline and proc.poll() is None:
+    while not (run_dir / "checkpoints" / "10").is_dir() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    steps = sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
-    assert steps and steps[-1] < 40, f"the process finished before it could be killed: {steps}"
-    subprocess.run([sys.executable, "-c", script, str(killed)], check=True, env=env, capture_output=True)
-    assert_same_params(final_params(tmp_path / "straight"), final_params(killed))
+    proc.send_signal(sig)
+    out, err = proc.communicate()
+    steps = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and steps[-1] < 40, f"the process finished before the signal arrived: {steps}"
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_resume_after_sigkill(small_corpus, tmp_path, straight_run):
+    interrupt_after_first_checkpoint(small_corpus, tmp_path / "killed", signal.SIGKILL)
+    subprocess.run([sys.executable, "-c", TRAIN_SCRIPT.format(corpus=str(small_corpus)), str(tmp_path / "killed")],
+                   check=True, capture_output=True)
+    assert_same_params(final_params(straight_run), final_params(tmp_path / "killed"))
+
+
+def test_sigterm_saves_and_exits_cleanly(small_corpus, tmp_path, straight_run):
+    done = interrupt_after_first_checkpoint(small_corpus, tmp_path / "term", signal.SIGTERM)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Run the same command again to resume" in done.stderr
+    subprocess.run([sys.executable, "-c", TRAIN_SCRIPT.format(corpus=str(small_corpus)), str(tmp_path / "term")],
+                   check=True, capture_output=True)
+    assert_same_params(final_params(straight_run), final_params(tmp_path / "term"))
+
+
+def test_checkpoints_keep_latest_and_best(tmp_path):
+    from plutao.train.checkpoint import Checkpoints
+
+    ckpt = Checkpoints(tmp_path / "ck", keep=2)
+    state = {"w": np.zeros(3, np.float32)}
+    for step, val in zip(range(1, 6), [5.0, 1.0, 4.0, 3.0, 2.0]):
+        ckpt.save(step, {"w": np.full(3, step, np.float32)}, val)
+    ckpt.close()
+    assert sorted(Checkpoints(tmp_path / "ck").all_steps()) == [2, 4, 5]
+    restored = Checkpoints(tmp_path / "ck").restore(2, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                                                                     state))
+    np.testing.assert_array_equal(restored["w"], np.full(3, 2.0))
 
 
 def test_batches_are_a_pure_function_of_seed_and_step():

@@ -54,7 +54,7 @@ def is_main_process() -> bool:
 
 def log(msg: str) -> None:
     if is_main_process():
-        tqdm.write(msg)
+        tqdm.write(msg, file=sys.stderr)
 
 
 def provenance(cfg: Config, tokenizer: Tokenizer, mesh) -> dict:
@@ -245,13 +245,13 @@ def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> d
                     window_start, window_steps = time.perf_counter(), 0
                 if step % t.log_every == 0 or step == t.steps:
                     m = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-                    elapsed = time.perf_counter() - window_start
-                    tps = tokens_per_step * window_steps / elapsed if window_steps else float("nan")
-                    m |= {"step": step, "split": "train", "perplexity": math.exp(min(m["loss"], 50)),
-                          "tokens_per_sec": tps, "mfu": tps / tokens_per_step * flops_per_step / peak}
+                    m |= {"step": step, "split": "train", "perplexity": math.exp(min(m["loss"], 50))}
+                    if window_steps:  # (the first step's window is its compilation)
+                        tps = tokens_per_step * window_steps / (time.perf_counter() - window_start)
+                        m |= {"tokens_per_sec": tps, "mfu": tps / tokens_per_step * flops_per_step / peak}
                     metrics.write(m)
                     history.append(m)
-                    bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+                    bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m.get('tokens_per_sec', 0):,.0f}", refresh=False)
                     window_start, window_steps = time.perf_counter(), 0
                 bar.update(1)
                 if t.eval_every and step % t.eval_every == 0 and step < t.steps:
@@ -280,7 +280,7 @@ def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> d
         checkpoints.save(step, state, final_val)
         checkpoints.close()
         sample = None
-        if main and t.sample_every:
+        if main and t.sample_every and step % t.sample_every:  # (a milestone sample at this step was just shown)
             sample = milestone_sample(p, state["params"], step)
             metrics.write({"step": step, "sample": sample})
         epochs = p.batches.epochs_consumed(step)
@@ -291,7 +291,7 @@ def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> d
     summary = {
         "step": step, "val_loss": final_val, "val_perplexity": math.exp(min(final_val, 50)),
         "train_loss": history[-1]["loss"] if history else None,
-        "tokens_per_sec": float(np.median([h["tokens_per_sec"] for h in history[1:]] or [float("nan")])),
+        "tokens_per_sec": float(np.median([h["tokens_per_sec"] for h in history if "tokens_per_sec" in h] or [0.0])),
         "compile_seconds": compile_s, "params": n_params["total"], "epochs": epochs,
         "run_dir": str(run_dir), "checkpoint": str(run_dir / "checkpoints" / str(step)),
         "plot": str(plot) if plot else None,

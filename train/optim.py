@@ -40,7 +40,9 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
     elif cfg.name == "lion":
         opt = optax.lion(lr, cfg.beta1, cfg.beta2, weight_decay=cfg.weight_decay, mask=decay_mask)
     elif cfg.name == "adafactor":
-        opt = optax.adafactor(lr, weight_decay_rate=cfg.weight_decay or None, weight_decay_mask=decay_mask)
+        # Without parameter-scale multiplication, optim.lr means an absolute step size, as for Adam.
+        opt = optax.adafactor(lr, multiply_by_parameter_scale=False, weight_decay_rate=cfg.weight_decay or None,
+                              weight_decay_mask=decay_mask)
     else:
         opt = optax.chain(optax.add_decayed_weights(cfg.weight_decay, decay_mask), optax.sgd(lr, cfg.momentum))
     if cfg.grad_clip > 0:
