@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-
 from plutao.experiments.presets import PRESETS
 from plutao.model.presets import flops_per_token
 from plutao.model.sampling import SamplingConfig, generate
@@ -74,7 +73,8 @@ def profile_step(cfg: Config, workdir: Path, steps: int = 5) -> dict:
     files = sorted(glob.glob(str(trace_dir / "**" / "*.trace.json.gz"), recursive=True))
     if not files:
         return {}
-    events = json.load(gzip.open(files[-1]))["traceEvents"]
+    with gzip.open(files[-1]) as f:
+        events = json.load(f)["traceEvents"]
     hlo = p.trainer.train_step.lower(state, batch).compile().as_text()
     per_op = collections.Counter()
     for e in events:

@@ -67,7 +67,6 @@ def _sampling(args):
 
 def cmd_sample(args) -> int:
     import numpy as np
-
     from plutao.model.sampling import SamplingError, generate, stream, top_candidates
     from plutao.train.run import load_run
 

@@ -20,7 +20,7 @@ def _gpt3(name: str, batch_tokens: float, lr: float) -> dict:
     # Brown et al. 2020, Table 2.1: batch size in tokens, peak learning rate; context 2048, GPT-2 BPE.
     return _model(name) | {
         "model.vocab_size": 50257, "data.tokenizer": "bpe", "data.vocab_size": 50257,
-        "train.batch_size": int(round(batch_tokens / 2048)), "optim.lr": lr, "optim.min_lr": lr / 10,
+        "train.batch_size": round(batch_tokens / 2048), "optim.lr": lr, "optim.min_lr": lr / 10,
         "optim.beta2": 0.95, "optim.eps": 1e-8, "optim.weight_decay": 0.1, "optim.warmup_steps": 375,
         "optim.grad_clip": 1.0,
     }

@@ -12,7 +12,6 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
-
 from plutao.model.config import ModelConfig
 
 Array = jax.Array

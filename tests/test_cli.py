@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from plutao.experiments.cli import main
 from plutao.train import corpora
 
@@ -120,6 +119,6 @@ def test_offline_download_fails_clearly(monkeypatch, tmp_path):
 
 def test_console_script_exit_code(tmp_path):
     result = subprocess.run([sys.executable, "-m", "plutao.experiments", "train", "tiny", "model.d_modle=8",
-                             "--workdir", str(tmp_path / "x")], capture_output=True, text=True)
+                             "--workdir", str(tmp_path / "x")], capture_output=True, text=True, check=False)
     assert result.returncode == 2
     assert result.stderr.strip() == "plutao: error: unknown config key 'model.d_modle'; did you mean model.d_model?"

@@ -6,7 +6,7 @@ import zipfile
 import jax
 import numpy as np
 import pytest
-
+from plutao.model.config import ModelConfig
 from plutao.tokenizer import CharTokenizer
 from plutao.train import corpora
 from plutao.train.config import Config, DataConfig, MeshConfig, OptimConfig, apply_overrides
@@ -15,7 +15,6 @@ from plutao.train.errors import UserError
 from plutao.train.optim import lr_schedule, make_optimizer
 from plutao.train.sharding import make_mesh
 from plutao.train.step import Trainer
-from plutao.model.config import ModelConfig
 
 
 def test_folder_and_jsonl_sources(tmp_path):

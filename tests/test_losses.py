@@ -1,6 +1,5 @@
 import jax
 import numpy as np
-
 from plutao.train.losses import cross_entropy_sum
 
 

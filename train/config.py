@@ -9,12 +9,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import tomllib
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
+import tomllib
 from plutao.model.config import ModelConfig
 from plutao.train.errors import UserError
 
@@ -212,6 +212,8 @@ def load_config_file(path: Path) -> dict[str, Any]:
 def validate(cfg: Config) -> None:
     """Raise a UserError for the first problem that would make the run fail later."""
     problems = [p for p in cfg.model.problems() if not p.startswith("model.vocab_size")]
+    if cfg.model.family != "decoder":
+        problems.append(f"model.family={cfg.model.family} is not available yet; use model.family=decoder")
     t, o, d = cfg.train, cfg.optim, cfg.data
     if t.batch_size < 1 or t.steps < 1:
         problems.append("train.batch_size and train.steps must be ≥ 1")

@@ -14,7 +14,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-
 from plutao.tokenizer import Tokenizer, TokenizerError
 from plutao.train import corpora
 from plutao.train.config import DataConfig

@@ -6,10 +6,8 @@ import functools
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-
 from plutao.train.errors import UserError
 from plutao.train.losses import cross_entropy_sum, token_logprobs
 

@@ -19,8 +19,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from tqdm import tqdm
-
 from plutao.model.presets import count_params, flops_per_token
 from plutao.model.sampling import SamplingConfig, generate
 from plutao.tokenizer import Tokenizer, TokenizerError, load_tokenizer, train_tokenizer
@@ -32,6 +30,7 @@ from plutao.train.errors import UserError
 from plutao.train.metrics import MetricsLog, measure_matmul_peak, plot_losses
 from plutao.train.optim import lr_schedule, make_optimizer
 from plutao.train.step import Trainer, global_batch
+from tqdm import tqdm
 
 # Keys that must agree between a run directory and a config resuming it.
 TOKENIZER_KEYS = ("tokenizer", "vocab_size")
@@ -60,7 +59,7 @@ def log(msg: str) -> None:
 def provenance(cfg: Config, tokenizer: Tokenizer, mesh) -> dict:
     try:
         commit = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"],
-                                capture_output=True, text=True, timeout=5).stdout.strip() or None
+                                capture_output=True, text=True, timeout=5, check=False).stdout.strip() or None
     except (OSError, subprocess.TimeoutExpired):
         commit = None
     versions = {}

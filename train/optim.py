@@ -5,7 +5,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
-
 from plutao.train.config import OptimConfig
 
 

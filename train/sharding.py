@@ -11,7 +11,6 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
 from plutao.train.config import MeshConfig
 from plutao.train.errors import UserError
 
