@@ -96,6 +96,7 @@ def test_incompatible_resume_leaves_the_run_untouched(capsys, run_dir, small_cor
     base = ["train", "tiny", f"data.path={small_corpus}", "--workdir", str(run_dir)]
     fails(capsys, base + ["model.d_model=64"], "model.d_model=32")
     fails(capsys, base + ["data.tokenizer=byte"], "data.tokenizer=char")
+    fails(capsys, base + ["optim.name=sgd"], "does not fit")  # a different optimizer state
     assert tree_digest(run_dir) == before
 
 

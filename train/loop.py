@@ -197,14 +197,8 @@ def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> d
     p = prepare(cfg, run_dir, devices=devices)
     cfg, trainer = p.cfg, p.trainer
     main = is_main_process()
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not (run_dir / "tokenizer").is_dir():
-            p.tokenizer.save(run_dir / "tokenizer")
-        record = cfg.to_dict() | {"provenance": provenance(cfg, p.tokenizer, trainer.mesh)}
-        tmp = run_dir / "config.json.tmp"
-        tmp.write_text(json.dumps(record, indent=2))
-        tmp.replace(run_dir / "config.json")
+    # Restore before writing anything: a checkpoint that does not fit this config fails here,
+    # leaving config.json and the checkpoints as they were.
     checkpoints = Checkpoints(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
     latest = checkpoints.latest_step()
     if latest is not None:
@@ -212,6 +206,13 @@ def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> d
         log(f"resumed from {run_dir}/checkpoints/{latest}")
     else:
         state = trainer.init_state()
+    if main:
+        if not (run_dir / "tokenizer").is_dir():
+            p.tokenizer.save(run_dir / "tokenizer")
+        record = cfg.to_dict() | {"provenance": provenance(cfg, p.tokenizer, trainer.mesh)}
+        tmp = run_dir / "config.json.tmp"
+        tmp.write_text(json.dumps(record, indent=2))
+        tmp.replace(run_dir / "config.json")
     start = int(jax.device_get(state["step"]))
     n_params = count_params(cfg.model)
     tokens_per_step = cfg.train.batch_size * cfg.model.context_length
