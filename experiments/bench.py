@@ -139,7 +139,19 @@ def resolve_data(data: str | None) -> str:
 
 def run_bench(data: str | None = None, steps: int = 2000, torch: bool = True, sample_tokens: int = 500,
               workdir: str | None = None) -> dict:
+    from plutao.train.errors import UserError
+
+    if steps < 20:
+        raise UserError(f"--steps {steps} is too few to time (the first 10 steps are warm-up); use at least 20")
     data = resolve_data(data)
+    if not Path(data).is_file():
+        from plutao.train import corpora
+        from plutao.train.data import cache_root
+
+        try:
+            data = str(corpora.download(data, cache_root(Config().data)))
+        except UserError as e:
+            raise UserError(f"{e} (for the benchmark: --data FILE)") from None
     tmp = tempfile.TemporaryDirectory(prefix="plutao-bench-")
     work = Path(workdir) if workdir else Path(tmp.name)
     work.mkdir(parents=True, exist_ok=True)
@@ -156,11 +168,7 @@ def run_bench(data: str | None = None, steps: int = 2000, torch: bool = True, sa
         try:
             from plutao.experiments.torch_reference import run_torch_reference
 
-            text = Path(data).read_text() if Path(data).is_file() else None
-            if text is None:
-                from plutao.train.data import read_documents
-
-                text = read_documents(data, cfg.data)[0]
+            text = Path(data).read_text(encoding="utf-8")
             print(f"PyTorch eager reference: {steps} steps ...", flush=True)
             reference = run_torch_reference(text, steps=steps) | {"matmul_peak": torch_matmul_peak()}
         except RuntimeError as e:

@@ -276,15 +276,18 @@ def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> d
                 "Run the same command again to resume.")
             return {"interrupted": True, "step": step, "run_dir": str(run_dir)}
         final_val = evaluate(p, state["params"], t.eval_batches)
-        metrics.write({"step": step, "split": "val", "loss": final_val, "perplexity": math.exp(min(final_val, 50))})
-        checkpoints.save(step, state, final_val)
-        checkpoints.close()
         sample = None
-        if main and t.sample_every and step % t.sample_every:  # (a milestone sample at this step was just shown)
-            sample = milestone_sample(p, state["params"], step)
-            metrics.write({"step": step, "sample": sample})
         epochs = p.batches.epochs_consumed(step)
-        metrics.write({"step": step, "epochs": epochs})
+        if step > start:  # (re-running a finished run only reports; it appends nothing)
+            metrics.write({"step": step, "split": "val", "loss": final_val, "perplexity": math.exp(min(final_val, 50))})
+            checkpoints.save(step, state, final_val)
+            if main and t.sample_every and step % t.sample_every:  # (else the milestone sample just shown)
+                sample = milestone_sample(p, state["params"], step)
+                metrics.write({"step": step, "sample": sample})
+            metrics.write({"step": step, "epochs": epochs})
+        else:
+            log(f"{run_dir} is already trained to step {step} (train.steps={t.steps}); raise train.steps to continue")
+        checkpoints.close()
     finally:
         metrics.close()
     plot = plot_losses(run_dir) if main else None
