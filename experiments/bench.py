@@ -9,11 +9,13 @@ measured in the same run, as a ratio.
 from __future__ import annotations
 
 import collections
+import functools
 import glob
 import gzip
 import json
 import os
 import re
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -138,7 +140,9 @@ def resolve_data(data: str | None) -> str:
 
 
 def run_bench(data: str | None = None, steps: int = 2000, torch: bool = True, sample_tokens: int = 500,
-              workdir: str | None = None) -> dict:
+              workdir: str | None = None, out=None) -> dict:
+    """Run the benchmark; the report goes to `out` (stdout by default)."""
+    out = out or sys.stdout
     from plutao.train.errors import UserError
 
     if steps < 20:
@@ -161,7 +165,8 @@ def run_bench(data: str | None = None, steps: int = 2000, torch: bool = True, sa
     cfg = apply_overrides(Config(), layers)
     load = os.getloadavg()[0]
     peak = matmul_peak()
-    print(f"machine: {os.cpu_count()} cores, load {load:.2f}; f32 matmul peak (2048³, XLA) {peak / 1e9:.0f} GFLOP/s")
+    print(f"machine: {os.cpu_count()} cores, load {load:.2f}; f32 matmul peak (2048³, XLA) {peak / 1e9:.0f} GFLOP/s",
+          file=out)
 
     reference = None
     if torch:
@@ -169,12 +174,12 @@ def run_bench(data: str | None = None, steps: int = 2000, torch: bool = True, sa
             from plutao.experiments.torch_reference import run_torch_reference
 
             text = Path(data).read_text(encoding="utf-8")
-            print(f"PyTorch eager reference: {steps} steps ...", flush=True)
+            print(f"PyTorch eager reference: {steps} steps ...", file=out, flush=True)
             reference = run_torch_reference(text, steps=steps) | {"matmul_peak": torch_matmul_peak()}
         except RuntimeError as e:
-            print(f"(skipping the PyTorch reference: {e})")
+            print(f"(skipping the PyTorch reference: {e})", file=out)
 
-    print(f"plutao: {steps} steps ...", flush=True)
+    print(f"plutao: {steps} steps ...", file=out, flush=True)
     run_dir = work / "run"
     if run_dir.exists():
         import shutil
@@ -207,29 +212,30 @@ def run_bench(data: str | None = None, steps: int = 2000, torch: bool = True, sa
     if reference:
         result["torch"] = reference
         result["speedup_vs_torch"] = result["tokens_per_sec"] / reference["tokens_per_sec"]
-    print_report(result)
+    print_report(result, out)
     tmp.cleanup()
     return result
 
 
-def print_report(r: dict) -> None:
-    print("\n=== nanoGPT CPU benchmark (char Tiny Shakespeare, 4 layers × 128, context 64, batch 12) ===")
-    print(f"plutao (JAX):  {r['ms_per_step_median']:.1f} ms/step, {r['tokens_per_sec']:,.0f} tokens/s, "
+def print_report(r: dict, out=None) -> None:
+    say = functools.partial(print, file=out or sys.stdout)
+    say("\n=== nanoGPT CPU benchmark (char Tiny Shakespeare, 4 layers × 128, context 64, batch 12) ===")
+    say(f"plutao (JAX):  {r['ms_per_step_median']:.1f} ms/step, {r['tokens_per_sec']:,.0f} tokens/s, "
           f"first compile {r['compile_seconds']:.1f} s, val loss {r['val_loss']:.4f} at step {r['steps']} "
           f"(20 random batches; {r['val_loss_full_split']:.4f} over the whole held-out 10%)")
-    print(f"roofline: {r['flops_per_step'] / 1e9:.2f} GFLOP/step (6N + 12·L·H·d·T per token) → "
+    say(f"roofline: {r['flops_per_step'] / 1e9:.2f} GFLOP/step (6N + 12·L·H·d·T per token) → "
           f"{r['achieved_flops'] / 1e9:.0f} GFLOP/s = MFU {r['mfu']:.0%} of the {r['matmul_peak'] / 1e9:.0f} GFLOP/s "
           f"matmul peak; at the peak a step would take {r['flops_per_step'] / r['matmul_peak'] * 1e3:.1f} ms")
     if "torch" in r:
         t = r["torch"]
-        print(f"PyTorch eager: {t['ms_per_step_median']:.1f} ms/step, {t['tokens_per_sec']:,.0f} tokens/s, "
+        say(f"PyTorch eager: {t['ms_per_step_median']:.1f} ms/step, {t['tokens_per_sec']:,.0f} tokens/s, "
               f"val loss {t['val_loss']:.4f} → plutao is {r['speedup_vs_torch']:.2f}× PyTorch eager")
     prof = r.get("profile") or {}
     if prof:
         kinds = ", ".join(f"{k} {v:.1f} ms" for k, v in prof["by_kind_ms"].items())
-        print(f"one step, traced: {prof['ms_per_step_traced']:.1f} ms of device work: {kinds}")
-        print("  heaviest ops: " + ", ".join(f"{o['op']} {o['ms']:.2f} ms" for o in prof["top_ops"][:5]))
+        say(f"one step, traced: {prof['ms_per_step_traced']:.1f} ms of device work: {kinds}")
+        say("  heaviest ops: " + ", ".join(f"{o['op']} {o['ms']:.2f} ms" for o in prof["top_ops"][:5]))
     s = r["sampling"]
-    print(f"sampling {s['new_tokens']} new tokens: KV cache {s['kv_cache_tokens_per_sec']:,.0f} tokens/s vs "
+    say(f"sampling {s['new_tokens']} new tokens: KV cache {s['kv_cache_tokens_per_sec']:,.0f} tokens/s vs "
           f"recomputing the context {s['recompute_tokens_per_sec']:,.0f} tokens/s")
-    print(f"load average {r['load_before']:.2f} before, {r['load_after']:.2f} after")
+    say(f"load average {r['load_before']:.2f} before, {r['load_after']:.2f} after")

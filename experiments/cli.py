@@ -213,7 +213,7 @@ def cmd_bench(args) -> int:
     from plutao.experiments.bench import run_bench
 
     result = run_bench(data=args.data, steps=args.steps, torch=not args.no_torch, sample_tokens=args.sample_tokens,
-                       workdir=args.workdir)
+                       workdir=args.workdir, out=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(result))
     return 0

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from plutao.model.config import ModelConfig
-from plutao.model.layers import INIT_STD, apply_rotary, dropout, normal_param, zeros_param
+from plutao.model.layers import INIT_STD, apply_rotary, dropout, no_constraint, normal_param, zeros_param
 
 Array = jax.Array
 MASKED = -1e30  # finite, so a fully masked row gives a uniform (not NaN) softmax
@@ -65,15 +65,18 @@ class MultiHeadAttention(nnx.Module):
         cache_index: Array | None = None,
         dropout_key: Array | None = None,
         return_weights: bool = False,
+        constrain=no_constraint,
     ):
         dt = x_BTD.dtype
         B, T, D = x_BTD.shape
         _, _, H, K = self.w_qkv.shape
-        # Projections as flat (B·T, D) @ (D, 3·H·K) matmuls: the layout XLA's CPU backend handles best.
-        qkv_N3HK = (x_BTD.reshape(B * T, D) @ self.w_qkv[...].astype(dt).reshape(D, 3 * H * K)).reshape(B * T, 3, H, K)
+        # Projections on flat (B·T, D) rows: the layout XLA's CPU backend handles best. The weight keeps
+        # its (D, 3, H, K) shape so heads stay a separate axis that tensor parallelism can split.
+        qkv_N3HK = jnp.einsum("nd,dshk->nshk", x_BTD.reshape(B * T, D), self.w_qkv[...].astype(dt))
         if self.b_qkv is not None:
             qkv_N3HK = qkv_N3HK + self.b_qkv[...].astype(dt)
-        q_BTHK, k_BTHK, v_BTHK = (qkv_N3HK[:, i].reshape(B, T, H, K) for i in range(3))
+        q_BTHK, k_BTHK, v_BTHK = (constrain(qkv_N3HK[:, i].reshape(B, T, H, K), ("batch", "length", "heads", "kv"))
+                                  for i in range(3))
         if self.rotary:
             q_BTHK = apply_rotary(q_BTHK, positions_BT)
             k_BTHK = apply_rotary(k_BTHK, positions_BT)

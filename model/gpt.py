@@ -12,9 +12,18 @@ import jax.numpy as jnp
 from flax import nnx
 from plutao.model.attention import MultiHeadAttention, causal_mask
 from plutao.model.config import ModelConfig
-from plutao.model.layers import INIT_STD, FeedForward, Norm, dropout, normal_param, sinusoidal_table
+from plutao.model.layers import (
+    INIT_STD,
+    FeedForward,
+    Norm,
+    dropout,
+    no_constraint,
+    normal_param,
+    sinusoidal_table,
+)
 
 Array = jax.Array
+ACT_BTD = ("batch", "length", "act_embed")  # the residual stream: split over the batch only
 
 
 class Block(nnx.Module):
@@ -29,19 +38,19 @@ class Block(nnx.Module):
         self.mlp = FeedForward(cfg, rngs)
 
     def __call__(self, x_BTD, mask_BTS, positions_BT, *, cache=None, cache_index=None, dropout_key=None,
-                 return_weights=False):
+                 return_weights=False, constrain=no_constraint):
         keys = [None] * 3 if dropout_key is None else list(jax.random.split(dropout_key, 3))
         h = self.norm_attn(x_BTD) if self.pre_norm else x_BTD
         attn_BTD, cache, weights = self.attn(h, mask_BTS, positions_BT, cache=cache, cache_index=cache_index,
-                                             dropout_key=keys[0], return_weights=return_weights)
+                                             dropout_key=keys[0], return_weights=return_weights, constrain=constrain)
         x_BTD = x_BTD + dropout(attn_BTD, self.dropout_rate, keys[1])
         if not self.pre_norm:
             x_BTD = self.norm_attn(x_BTD)
         h = self.norm_mlp(x_BTD) if self.pre_norm else x_BTD
-        x_BTD = x_BTD + dropout(self.mlp(h), self.dropout_rate, keys[2])
+        x_BTD = x_BTD + dropout(self.mlp(h, constrain), self.dropout_rate, keys[2])
         if not self.pre_norm:
             x_BTD = self.norm_mlp(x_BTD)
-        return x_BTD, cache, weights
+        return constrain(x_BTD, ACT_BTD), cache, weights
 
 
 class GPT(nnx.Module):
@@ -71,8 +80,12 @@ class GPT(nnx.Module):
         first_valid_B: Array | None = None,
         dropout_key: Array | None = None,
         return_weights: bool = False,
+        constrain=no_constraint,
     ):
         """Logits (B, T, V) in float32, the updated cache, and per-layer attention weights if asked.
+
+        `constrain(x, axis_names)` pins activations to a sharding (the trainer passes one built from
+        its mesh); by default nothing is pinned.
 
         Without a cache, token t attends to tokens ≤ t. With a cache, the T tokens occupy cache
         columns [cache_index, cache_index + T); rows may be left-padded, their real tokens starting
@@ -92,22 +105,25 @@ class GPT(nnx.Module):
         keys = [None] * (cfg.n_layers + 1)
         if dropout_key is not None:
             keys = list(jax.random.split(dropout_key, cfg.n_layers + 1))
-        x_BTD = self.token_embed[...][tokens_BT]
+        # Lookups read whole tables (gathered first under FSDP/TP): a row gather from a sharded
+        # table is something XLA's partitioner can only do by replicating it anyway.
+        x_BTD = constrain(self.token_embed[...], (None, None))[tokens_BT]
         if cfg.positions == "learned":
-            x_BTD = x_BTD + self.pos_embed[...][positions_BT]
+            x_BTD = x_BTD + constrain(self.pos_embed[...], (None, None))[positions_BT]
         elif cfg.positions == "sinusoidal":
             x_BTD = x_BTD + sinusoidal_table(cfg.context_length, cfg.d_model)[positions_BT]
-        x_BTD = dropout(x_BTD, cfg.dropout, keys[-1]).astype(self.compute_dtype)
+        x_BTD = constrain(dropout(x_BTD, cfg.dropout, keys[-1]).astype(self.compute_dtype), ACT_BTD)
 
         new_cache, all_weights = [], []
         for i, block in enumerate(self.blocks):
             x_BTD, layer_cache, weights = block(
                 x_BTD, mask_BTS, positions_BT, cache=None if cache is None else cache[i],
-                cache_index=cache_index, dropout_key=keys[i], return_weights=return_weights)
+                cache_index=cache_index, dropout_key=keys[i], return_weights=return_weights, constrain=constrain)
             new_cache.append(layer_cache)
             all_weights.append(weights)
         if self.final_norm is not None:
             x_BTD = self.final_norm(x_BTD)
         head_DV = self.token_embed[...].T if self.lm_head is None else self.lm_head[...]
-        logits_BTV = (x_BTD @ head_DV.astype(self.compute_dtype)).astype(jnp.float32)
+        logits_BTV = constrain((x_BTD @ head_DV.astype(self.compute_dtype)).astype(jnp.float32),
+                               ("batch", "length", "vocab"))
         return logits_BTV, (None if cache is None else new_cache), (all_weights if return_weights else None)

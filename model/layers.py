@@ -18,6 +18,11 @@ Array = jax.Array
 INIT_STD = 0.02  # GPT-2's initialiser scale
 
 
+def no_constraint(x: Array, axes: tuple[str, ...]) -> Array:
+    """The default activation-sharding hook: leave placement to XLA (or to a single device)."""
+    return x
+
+
 def normal_param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], std: float) -> nnx.Param:
     assert len(shape) == len(axes), (shape, axes)
     return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32), axes=axes)
@@ -93,7 +98,7 @@ class FeedForward(nnx.Module):
         self.b_in = zeros_param((f,), ("mlp",)) if cfg.bias else None
         self.b_out = zeros_param((d,), ("embed",)) if cfg.bias else None
 
-    def __call__(self, x_BTD: Array) -> Array:
+    def __call__(self, x_BTD: Array, constrain=no_constraint) -> Array:
         dt = x_BTD.dtype
         B, T, D = x_BTD.shape
         # Flat (B·T, D) rows: XLA's CPU backend transposes 2-D activations for the weight
@@ -102,6 +107,7 @@ class FeedForward(nnx.Module):
         h_NF = x_ND @ self.w_in[...].astype(dt)
         if self.b_in is not None:
             h_NF = h_NF + self.b_in[...].astype(dt)
+        h_NF = constrain(h_NF, ("batch", "mlp"))
         if self.activation == "relu":
             h_NF = jax.nn.relu(h_NF)
         elif self.activation == "gelu":

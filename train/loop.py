@@ -139,11 +139,7 @@ def prepare(cfg: Config, run_dir: Path | None, *, devices=None) -> Prepared:
     splits = [data_lib.split_tokens(name, data_lib.tokenize_documents(docs, tokenizer, cache), cfg.data.val_fraction)
               for name, docs in zip(sources, docs_per_source)]
     mesh = sharding.make_mesh(cfg.mesh, devices)
-    dp = sharding.data_parallel_size(mesh)
-    micro = cfg.train.batch_size // cfg.train.grad_accum
-    if micro % dp:
-        raise UserError(f"the micro-batch of {micro} sequences (train.batch_size / train.grad_accum) is not "
-                        f"divisible by the {dp} data-parallel devices; change train.batch_size or mesh")
+    sharding.check_divisibility(cfg.model, mesh, cfg.train.batch_size, cfg.train.grad_accum)
     batches = data_lib.Batches(splits, cfg.data.weights, cfg.model.context_length, cfg.train.batch_size,
                                cfg.train.seed, jax.process_index(), jax.process_count())
     tx = make_optimizer(cfg.optim, cfg.train.steps)

@@ -1,8 +1,23 @@
 """The device mesh and the one table that maps semantic axis names to mesh axes.
 
-Model code names axes (`embed`, `heads`, `mlp`, ...); only `LOGICAL_AXIS_RULES` decides where they
-live. With the default mesh (every device on `data`) parameters are replicated and the batch is
-split across devices: plain data parallelism.
+Model code names axes (`embed`, `heads`, `mlp`, ...) on parameters and activations; only
+`LOGICAL_AXIS_RULES` decides where they live:
+
+- data parallelism: the global batch is split over `data` and `fsdp`;
+- FSDP: parameters (and so the optimizer moments, which follow them) are split along `embed` over
+  `fsdp`, and XLA gathers each weight where it is used;
+- tensor parallelism (Megatron): attention heads and the MLP hidden dimension are split over
+  `tensor`, so W^Q/W^K/W^V and the MLP input are column-parallel and W^O and the MLP output are
+  row-parallel (one reduction per sub-layer).
+
+Activations are pinned with sharding constraints at the model's seams (embeddings, each block's
+output, q/k/v, the MLP hidden layer, logits); everything between them is left to XLA's sharding
+propagation. Constraints rather than explicit-sharding mode keep the model code free of mesh
+types, and let the same model run unsharded (no mesh at all) in sampling and tests.
+
+A mesh axis is used at most once per tensor, and never for a dimension it does not divide (that
+dimension is then replicated): a character vocabulary of 76 stays whole under tensor=8, while
+heads that do not divide are refused up front by `check_divisibility`.
 """
 
 from __future__ import annotations
@@ -10,21 +25,33 @@ from __future__ import annotations
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
+from plutao.model.config import ModelConfig
 from plutao.train.config import MeshConfig
 from plutao.train.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
-    "batch": ("data", "fsdp"),  # activations: the global batch is split over both data-parallel axes
-    "length": None,
-    "embed": "fsdp",  # parameters: FSDP shards the model dimension
-    "vocab": "tensor",
-    "heads": "tensor",  # Megatron: attention heads and the MLP hidden dimension split over `tensor`
-    "mlp": "tensor",
-    "kv": None,
+LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "length": (),
+    "embed": ("fsdp",),
+    "vocab": ("tensor",),
+    "heads": ("tensor",),
+    "mlp": ("tensor",),
+    "kv": (),
+    "layers": (),
 }
+
+# The activations the model pins, with their semantic axes (also written to the sharding dumps).
+ACTIVATION_AXES: dict[str, tuple[str, ...]] = {
+    "x_BTD (embeddings, block outputs)": ("batch", "length", "act_embed"),
+    "q/k/v_BTHK": ("batch", "length", "heads", "kv"),
+    "mlp hidden_NF": ("batch", "mlp"),
+    "logits_BTV": ("batch", "length", "vocab"),
+}
+# Activations keep the model dimension whole: FSDP's axis is already spent on the batch.
+LOGICAL_AXIS_RULES["act_embed"] = ()
 
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
@@ -51,26 +78,63 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
     return Mesh(np.asarray(devices).reshape([sizes[a] for a in MESH_AXES]), MESH_AXES)
 
 
-def logical_to_spec(axes: tuple[str | None, ...], mesh: Mesh) -> PartitionSpec:
-    """PartitionSpec for a tensor whose dimensions carry these semantic names (size-1 mesh axes dropped)."""
-    out = []
-    used: set[str] = set()
-    for name in axes:
-        rule = LOGICAL_AXIS_RULES.get(name) if name is not None else None
-        targets = (rule,) if isinstance(rule, str) else tuple(rule or ())
-        targets = tuple(t for t in targets if mesh.shape[t] > 1 and t not in used)
+def abstract_mesh(cfg: MeshConfig, n_devices: int) -> AbstractMesh:
+    """A mesh of the right shape without devices: enough to resolve PartitionSpecs."""
+    sizes = mesh_shape(cfg, n_devices)
+    return AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES)
+
+
+def check_divisibility(model: ModelConfig, mesh, batch_size: int, grad_accum: int = 1) -> None:
+    """User errors for shapes the mesh cannot split, raised before anything is compiled."""
+    tensor, dp = mesh.shape["tensor"], mesh.shape["data"] * mesh.shape["fsdp"]
+    if model.n_heads % tensor:
+        raise UserError(f"model.n_heads={model.n_heads} is not divisible by mesh.tensor={tensor}; "
+                        "choose a tensor size that divides the number of heads")
+    if model.resolved().d_ff % tensor:
+        raise UserError(f"model.d_ff={model.resolved().d_ff} is not divisible by mesh.tensor={tensor}")
+    micro = batch_size // grad_accum
+    if micro % dp:
+        raise UserError(f"the micro-batch of {micro} sequences (train.batch_size / train.grad_accum) is not "
+                        f"divisible by the {dp} data-parallel devices (mesh.data × mesh.fsdp); change one of them")
+
+
+def logical_to_spec(axes: tuple[str | None, ...], mesh, shape: tuple[int, ...] | None = None) -> PartitionSpec:
+    """The PartitionSpec for a tensor whose dimensions carry these semantic names."""
+    out, used = [], set()
+    for i, name in enumerate(axes):
+        targets = []
+        size = 1
+        for t in LOGICAL_AXIS_RULES.get(name, ()) if name else ():
+            n = mesh.shape[t]
+            if n == 1 or t in used or (shape is not None and shape[i] % (size * n)):
+                continue
+            targets.append(t)
+            size *= n
         used.update(targets)
-        out.append(None if not targets else targets[0] if len(targets) == 1 else targets)
+        out.append(None if not targets else targets[0] if len(targets) == 1 else tuple(targets))
     return PartitionSpec(*out)
 
 
-def param_shardings(abstract_state, mesh: Mesh):
-    """A NamedSharding for every parameter, from its `axes` metadata through the table."""
+def param_specs(abstract_state, mesh) -> dict:
+    """A PartitionSpec for every parameter (pure nested dict), from its `axes` metadata."""
     def one(var):
         axes = var.get_metadata().get("axes") or (None,) * len(var.shape)
-        return NamedSharding(mesh, logical_to_spec(tuple(axes), mesh))
+        return logical_to_spec(tuple(axes), mesh, var.shape)
 
     return nnx.to_pure_dict(jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+def param_shardings(abstract_state, mesh: Mesh) -> dict:
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs(abstract_state, mesh),
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def activation_constraint(mesh: Mesh):
+    """The function the model calls at its seams: pin x to the sharding its axis names resolve to."""
+    def constrain(x, axes):
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, mesh, x.shape)))
+
+    return constrain
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -38,6 +38,10 @@ class Trainer:
     label_smoothing: float = 0.0
 
     @functools.cached_property
+    def constrain(self):
+        return sharding.activation_constraint(self.mesh)
+
+    @functools.cached_property
     def graphdef(self):
         return nnx.split(nnx.eval_shape(lambda: GPT(self.model_cfg, nnx.Rngs(0))))[0]
 
@@ -73,7 +77,7 @@ class Trainer:
 
     def _loss_sum(self, params, tokens_BT1, key):
         model = nnx.merge(self.graphdef, params)
-        logits_BTV, _, _ = model(tokens_BT1[:, :-1], dropout_key=key)
+        logits_BTV, _, _ = model(tokens_BT1[:, :-1], dropout_key=key, constrain=self.constrain)
         return cross_entropy_sum(logits_BTV, tokens_BT1[:, 1:], label_smoothing=self.label_smoothing)
 
     def _train_step(self, state, tokens_BT1):
