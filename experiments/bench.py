@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
 from plutao.experiments.presets import PRESETS
 from plutao.model.presets import flops_per_token
 from plutao.model.sampling import SamplingConfig, generate

@@ -67,6 +67,7 @@ def _sampling(args):
 
 def cmd_sample(args) -> int:
     import numpy as np
+
     from plutao.model.sampling import SamplingError, generate, stream, top_candidates
     from plutao.train.run import load_run
 
@@ -209,6 +210,18 @@ def cmd_params(args) -> int:
     return 0
 
 
+def cmd_shardings(args) -> int:
+    from plutao.experiments.shardings import dumps, sharding_dump
+
+    _, cfg = resolve_config(args.preset, args.overrides)
+    text = dumps(sharding_dump(cfg, args.devices))
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        print(text, end="")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from plutao.experiments.bench import run_bench
 
@@ -274,6 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("overrides", nargs="*")
     m.add_argument("--json", action="store_true")
     m.set_defaults(fn=cmd_params)
+
+    d = sub.add_parser("shardings", help="JSON of every parameter's and key activation's PartitionSpec")
+    d.add_argument("preset")
+    d.add_argument("overrides", nargs="*", help="e.g. mesh.fsdp=8 mesh.tensor=2")
+    d.add_argument("--devices", type=int, required=True, help="number of devices of the mesh")
+    d.add_argument("--out", help="write to this file instead of stdout")
+    d.set_defaults(fn=cmd_shardings)
 
     b = sub.add_parser("bench", help="nanoGPT's CPU benchmark: speed, MFU and val loss vs PyTorch eager")
     b.add_argument("--data", help="Tiny Shakespeare text file (default: download or cache)")

@@ -12,6 +12,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
 from plutao.model.config import ModelConfig
 from plutao.model.layers import INIT_STD, apply_rotary, dropout, no_constraint, normal_param, zeros_param
 

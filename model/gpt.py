@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
 from plutao.model.attention import MultiHeadAttention, causal_mask
 from plutao.model.config import ModelConfig
 from plutao.model.layers import (

@@ -12,6 +12,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
 from plutao.model.config import ModelConfig
 
 Array = jax.Array

@@ -7,6 +7,7 @@ import dataclasses
 import jax
 import numpy as np
 from flax import nnx
+
 from plutao.model.config import ModelConfig
 from plutao.model.gpt import GPT
 

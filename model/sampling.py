@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
 from plutao.model.attention import init_cache
 
 Array = jax.Array

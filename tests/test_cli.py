@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from plutao.experiments.cli import main
 from plutao.train import corpora
 

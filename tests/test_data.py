@@ -6,6 +6,7 @@ import zipfile
 import jax
 import numpy as np
 import pytest
+
 from plutao.model.config import ModelConfig
 from plutao.tokenizer import CharTokenizer
 from plutao.train import corpora

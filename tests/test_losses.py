@@ -1,5 +1,6 @@
 import jax
 import numpy as np
+
 from plutao.train.losses import cross_entropy_sum
 
 

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+
 from plutao.model.attention import attention_weights, causal_mask, init_cache
 from plutao.model.config import ModelConfig
 from plutao.model.gpt import GPT

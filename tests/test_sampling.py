@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+
 from plutao.model.config import ModelConfig
 from plutao.model.gpt import GPT
 from plutao.model.sampling import SamplingConfig, SamplingError, filter_logits, generate, next_token, stream

@@ -11,6 +11,7 @@ import pytest
 import sentencepiece as spm
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from plutao.tokenizer import (
     SPECIAL_TOKENS,
     BPETokenizer,

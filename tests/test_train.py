@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+
 from plutao.experiments.presets import PRESETS
 from plutao.model.config import ModelConfig
 from plutao.train.config import Config, MeshConfig, OptimConfig, apply_overrides

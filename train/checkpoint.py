@@ -6,6 +6,7 @@ from pathlib import Path
 
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
 from plutao.train.errors import UserError
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import tomllib
+
 from plutao.model.config import ModelConfig
 from plutao.train.errors import UserError
 

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+
 from plutao.tokenizer import Tokenizer, TokenizerError
 from plutao.train import corpora
 from plutao.train.config import DataConfig

@@ -8,6 +8,7 @@ import math
 import jax
 import numpy as np
 from flax import nnx
+
 from plutao.train.errors import UserError
 from plutao.train.losses import cross_entropy_sum, token_logprobs
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from tqdm import tqdm
+
 from plutao.model.presets import count_params, flops_per_token
 from plutao.model.sampling import SamplingConfig, generate
 from plutao.tokenizer import Tokenizer, TokenizerError, load_tokenizer, train_tokenizer
@@ -30,7 +32,6 @@ from plutao.train.errors import UserError
 from plutao.train.metrics import MetricsLog, measure_matmul_peak, plot_losses
 from plutao.train.optim import lr_schedule, make_optimizer
 from plutao.train.step import Trainer, global_batch
-from tqdm import tqdm
 
 # Keys that must agree between a run directory and a config resuming it.
 TOKENIZER_KEYS = ("tokenizer", "vocab_size")

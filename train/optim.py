@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
+
 from plutao.train.config import OptimConfig
 
 

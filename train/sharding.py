@@ -26,6 +26,7 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
+
 from plutao.model.config import ModelConfig
 from plutao.train.config import MeshConfig
 from plutao.train.errors import UserError

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import Mesh
+
 from plutao.model.config import ModelConfig
 from plutao.model.gpt import GPT
 from plutao.train import sharding

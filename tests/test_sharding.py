@@ -1,0 +1,111 @@
+"""Parallelism from one axis table: identical losses on every mesh, FSDP memory, goldens, mesh errors."""
+
+import difflib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from plutao.experiments.cli import resolve_config
+from plutao.experiments.shardings import dumps, sharding_dump
+
+GOLDENS = Path(__file__).parent / "goldens"
+CASES = {
+    "tiny-data8": ("tiny", ["mesh.data=8"], 8),
+    "gpt2-124m-fsdp8": ("gpt2-124m", ["mesh.data=1", "mesh.fsdp=8"], 8),
+    "gpt2-124m-tensor8": ("gpt2-124m", ["mesh.data=1", "mesh.tensor=8"], 8),
+    "gpt2-124m-data2-fsdp2-tensor2": ("gpt2-124m", ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"], 8),
+    "gpt3-6.7b-fsdp64": ("gpt3-6.7b", ["mesh.data=1", "mesh.fsdp=64"], 64),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_sharding_goldens(name):
+    preset, overrides, devices = CASES[name]
+    golden = GOLDENS / f"shardings-{name}.json"
+    current = dumps(sharding_dump(resolve_config(preset, overrides)[1], devices))
+    if current != golden.read_text():
+        diff = "".join(difflib.unified_diff(golden.read_text().splitlines(True), current.splitlines(True),
+                                            str(golden), "now"))
+        pytest.fail(f"shardings changed; if intended, regenerate with `plutao shardings {preset} "
+                    f"{' '.join(overrides)} --devices {devices} --out {golden}`:\n{diff}")
+
+
+def test_megatron_layout_in_the_goldens():
+    specs = json.loads((GOLDENS / "shardings-gpt2-124m-data2-fsdp2-tensor2.json").read_text())["params"]
+    assert specs["blocks/0/attn/w_qkv"] == ["fsdp", None, "tensor", None]  # column-parallel over heads
+    assert specs["blocks/0/attn/w_o"] == ["tensor", None, "fsdp"]  # row-parallel
+    assert specs["blocks/0/mlp/w_in"] == ["fsdp", "tensor"]
+    assert specs["blocks/0/mlp/w_out"] == ["tensor", "fsdp"]
+    assert specs["token_embed"] == [None, "fsdp"]  # 50257 is not divisible by 2: the vocab stays whole
+
+
+MESH_SCRIPT = r"""
+import json, sys
+import jax, numpy as np
+from plutao.experiments.presets import PRESETS
+from plutao.train.config import Config, apply_overrides
+from plutao.train.errors import UserError
+from plutao.train.loop import prepare
+from plutao.train.step import global_batch
+
+assert jax.device_count() == 8
+base = dict(PRESETS["tiny"]) | {"data.path": sys.argv[1], "model.n_heads": 8, "model.d_model": 64,
+                                "train.batch_size": 16, "model.context_length": 32}
+out = {"losses": {}, "bytes": {}, "errors": {}}
+meshes = {"one": {"mesh.data": 1}, "data8": {"mesh.data": 8}, "fsdp8": {"mesh.data": 1, "mesh.fsdp": 8},
+          "tensor8": {"mesh.data": 1, "mesh.tensor": 8},
+          "data2xfsdp2xtensor2": {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}}
+for name, mesh in meshes.items():
+    p = prepare(apply_overrides(Config(), base | mesh), None, devices=jax.devices()[:1] if name == "one" else None)
+    state = p.trainer.init_state()
+    per_device = sum(a.addressable_shards[0].data.nbytes for a in jax.tree.leaves(state["params"]))
+    out["bytes"][name] = per_device
+    losses = []
+    for step in range(10):
+        state, m = p.trainer.train_step(state, global_batch(p.batches.train_batch(step), p.trainer.mesh))
+        losses.append(float(m["loss"]))
+    out["losses"][name] = losses
+bad = {"not-multiplying": {"mesh.data": 3, "mesh.fsdp": 2}, "batch": {"mesh.data": 8, "train.batch_size": 12},
+       "heads": {"mesh.data": 1, "mesh.tensor": 8, "model.n_heads": 4}}
+for name, mesh in bad.items():
+    try:
+        prepare(apply_overrides(Config(), base | mesh), None)
+        out["errors"][name] = None
+    except UserError as e:
+        out["errors"][name] = str(e)
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def mesh_results(small_corpus):
+    env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    result = subprocess.run([sys.executable, "-c", MESH_SCRIPT, str(small_corpus)], env=env, capture_output=True,
+                            text=True, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("mesh", ["data8", "fsdp8", "tensor8", "data2xfsdp2xtensor2"])
+def test_every_mesh_gives_the_same_losses(mesh_results, mesh):
+    np.testing.assert_allclose(mesh_results["losses"][mesh], mesh_results["losses"]["one"], rtol=1e-5)
+
+
+def test_fsdp_shrinks_parameter_bytes_per_device(mesh_results):
+    full, fsdp = mesh_results["bytes"]["one"], mesh_results["bytes"]["fsdp8"]
+    assert mesh_results["bytes"]["data8"] == full  # data parallelism replicates
+    # Everything with an `embed` axis is split 8 ways; only tiny vectors whose size 8 does not divide stay whole.
+    assert fsdp < full / 8 * 1.05
+
+
+def test_mesh_errors_before_compiling(mesh_results):
+    errors = mesh_results["errors"]
+    assert "multiplies to 6, but there are 8 devices" in errors["not-multiplying"]
+    assert "not divisible by the 8 data-parallel devices" in errors["batch"]
+    assert "model.n_heads=4 is not divisible by mesh.tensor=8" in errors["heads"]
+    assert all("\n" not in e for e in errors.values())
