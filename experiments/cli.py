@@ -222,6 +222,13 @@ def cmd_shardings(args) -> int:
     return 0
 
 
+def cmd_launch(args) -> int:
+    from plutao.experiments.launch import launch_local
+
+    command = args.command_args[1:] if args.command_args[:1] == ["--"] else args.command_args
+    return launch_local(command, args.local_processes, args.devices_per_process, args.port)
+
+
 def cmd_bench(args) -> int:
     from plutao.experiments.bench import run_bench
 
@@ -236,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     from plutao.train.config import all_keys
 
     p = argparse.ArgumentParser(prog="plutao", description="Train and inspect Transformer language models.")
+    dist = p.add_argument_group("multi-process runs (JAX's multi-controller runtime; SLURM, Open MPI and TPU VMs "
+                                "are detected without flags)")
+    dist.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordinator service")
+    dist.add_argument("--num-processes", type=int, metavar="N")
+    dist.add_argument("--process-id", type=int, metavar="I")
+    dist.add_argument("--init-timeout", type=int, default=300, metavar="S", help="seconds to wait for all processes")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train (or resume) a model", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -288,6 +301,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true")
     m.set_defaults(fn=cmd_params)
 
+    la = sub.add_parser("launch", help="run a command as N local processes joined by jax.distributed (gloo on CPU)",
+                        usage="plutao launch --local-processes N [--devices-per-process D] -- train ...")
+    la.add_argument("--local-processes", type=int, required=True, metavar="N")
+    la.add_argument("--devices-per-process", type=int, default=1, metavar="D",
+                    help="CPU devices each process gets (forced host devices; default 1)")
+    la.add_argument("--port", type=int, default=0, help="coordinator port on 127.0.0.1 (default: a free one)")
+    la.add_argument("command_args", nargs=argparse.REMAINDER, help="-- then a plutao command, e.g. -- train tiny")
+    la.set_defaults(fn=cmd_launch)
+
     d = sub.add_parser("shardings", help="JSON of every parameter's and key activation's PartitionSpec")
     d.add_argument("preset")
     d.add_argument("overrides", nargs="*", help="e.g. mesh.fsdp=8 mesh.tensor=2")
@@ -309,12 +331,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if args.command == "launch":  # everything after `--` belongs to the launched command
+        args.command_args, extra = args.command_args + extra, []
     # key=value overrides may come after options (`train tiny --workdir d optim.lr=1e-3`).
     if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
         args.overrides = list(args.overrides) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if args.command != "launch":
+            from plutao.train.distributed import initialize
+
+            initialize(args.coordinator, args.num_processes, args.process_id, args.init_timeout)
         return args.fn(args)
     except _user_errors() as e:
         print(f"plutao: error: {e}", file=sys.stderr)

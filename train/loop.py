@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import platform
 import signal
 import subprocess
@@ -28,6 +29,7 @@ from plutao.train import data as data_lib
 from plutao.train import sharding
 from plutao.train.checkpoint import Checkpoints
 from plutao.train.config import Config, validate
+from plutao.train.distributed import to_host
 from plutao.train.errors import UserError
 from plutao.train.metrics import MetricsLog, measure_matmul_peak, plot_losses
 from plutao.train.optim import lr_schedule, make_optimizer
@@ -153,7 +155,7 @@ def evaluate(p: Prepared, params, n_batches: int) -> float:
     total, count = 0.0, 0.0
     for i in range(n_batches):
         s, c = p.trainer.eval_step(params, global_batch(p.batches.val_batch(i), p.trainer.mesh))
-        total, count = total + float(s), count + float(c)
+        total, count = total + float(to_host(s)), count + float(to_host(c))
     return total / max(count, 1.0)
 
 
@@ -205,12 +207,15 @@ def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> d
         state = trainer.init_state()
     if main:
         if not (run_dir / "tokenizer").is_dir():
-            p.tokenizer.save(run_dir / "tokenizer")
+            # Written aside and renamed: other processes may be looking for it at the same time.
+            staging = run_dir / f"tokenizer.tmp-{os.getpid()}"
+            p.tokenizer.save(staging)
+            staging.rename(run_dir / "tokenizer")
         record = cfg.to_dict() | {"provenance": provenance(cfg, p.tokenizer, trainer.mesh)}
         tmp = run_dir / "config.json.tmp"
         tmp.write_text(json.dumps(record, indent=2))
         tmp.replace(run_dir / "config.json")
-    start = int(jax.device_get(state["step"]))
+    start = int(to_host(state["step"]))
     n_params = count_params(cfg.model)
     tokens_per_step = cfg.train.batch_size * cfg.model.context_length
     flops_per_step = flops_per_token(cfg.model) * tokens_per_step
@@ -241,7 +246,7 @@ def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> d
                     compile_s = time.perf_counter() - t0
                     window_start, window_steps = time.perf_counter(), 0
                 if step % t.log_every == 0 or step == t.steps:
-                    m = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                    m = {k: float(to_host(v)) for k, v in step_metrics.items()}
                     m |= {"step": step, "split": "train", "perplexity": math.exp(min(m["loss"], 50))}
                     if window_steps:  # (the first step's window is its compilation)
                         tps = tokens_per_step * window_steps / (time.perf_counter() - window_start)
@@ -256,7 +261,7 @@ def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> d
                     metrics.write({"step": step, "split": "val", "loss": last_val,
                                    "perplexity": math.exp(min(last_val, 50))})
                     log(f"step {step}: val loss {last_val:.4f}")
-                if t.sample_every and step % t.sample_every == 0 and main:
+                if t.sample_every and step % t.sample_every == 0:  # every process takes part; one prints
                     sample = milestone_sample(p, state["params"], step)
                     metrics.write({"step": step, "sample": sample})
                     log(f"--- sample at step {step} ---\n{sample}\n---")
@@ -278,7 +283,7 @@ def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> d
         if step > start:  # (re-running a finished run only reports; it appends nothing)
             metrics.write({"step": step, "split": "val", "loss": final_val, "perplexity": math.exp(min(final_val, 50))})
             checkpoints.save(step, state, final_val)
-            if main and t.sample_every and step % t.sample_every:  # (else the milestone sample just shown)
+            if t.sample_every and step % t.sample_every:  # (else the milestone sample just shown)
                 sample = milestone_sample(p, state["params"], step)
                 metrics.write({"step": step, "sample": sample})
             metrics.write({"step": step, "epochs": epochs})

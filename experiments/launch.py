@@ -1,0 +1,76 @@
+"""`plutao launch --local-processes N -- CMD`: N local processes joined by jax.distributed over loopback.
+
+What tests and laptops use to exercise multi-host code: each process gets D forced CPU devices and
+talks to the others through gloo collectives. Process 0's output streams through; the others stay
+silent unless one fails, in which case its last lines are shown and the rest are stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from plutao.train.errors import UserError
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_local(command: list[str], n: int, devices_per_process: int = 1, port: int = 0) -> int:
+    if n < 1 or devices_per_process < 1:
+        raise UserError("--local-processes and --devices-per-process must be ≥ 1")
+    if not command or command[0] == "launch":
+        raise UserError("give the command to run after `--`, e.g. plutao launch --local-processes 2 -- train tiny")
+    port = port or free_port()
+    env = os.environ | {
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices_per_process}",
+        "PYTHONUNBUFFERED": "1",
+    }
+    logs = Path(tempfile.mkdtemp(prefix="plutao-launch-"))
+    procs = []
+    for i in range(n):
+        argv = [sys.executable, "-m", "plutao.experiments", "--coordinator", f"127.0.0.1:{port}",
+                "--num-processes", str(n), "--process-id", str(i), *command]
+        out = None if i == 0 else open(logs / f"process-{i}.log", "w")  # noqa: SIM115 (closed below)
+        procs.append((subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT if out else None), out))
+
+    def forward(signum, frame):
+        for proc, _ in procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        failed = None
+        while any(proc.poll() is None for proc, _ in procs):
+            for i, (proc, _) in enumerate(procs):
+                if proc.poll() not in (None, 0) and failed is None:
+                    failed = i
+                    for other, _ in procs:  # a collective would wait for the dead process forever
+                        if other.poll() is None:
+                            other.terminate()
+            time.sleep(0.1)
+        codes = [proc.returncode for proc, _ in procs]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for _, out in procs:
+            if out:
+                out.close()
+    if failed is None:
+        failed = next((i for i, c in enumerate(codes) if c), None)
+    if failed is not None and failed != 0:
+        tail = (logs / f"process-{failed}.log").read_text().splitlines()[-15:]
+        print(f"plutao launch: process {failed} exited with {codes[failed]}; its last lines:", file=sys.stderr)
+        print("\n".join("  " + line for line in tail), file=sys.stderr)
+    return next((c for c in codes if c), 0) if failed is None else (codes[failed] or 1)
