@@ -222,6 +222,20 @@ def cmd_shardings(args) -> int:
     return 0
 
 
+def cmd_plan(args, argv: list[str]) -> int:
+    from plutao.experiments.plan import ensure_devices, parse_bytes, plan, report
+
+    device_memory = parse_bytes(args.device_memory) if args.device_memory else None
+    name, cfg = resolve_config(args.preset, args.overrides)
+    if args.devices:
+        code = ensure_devices(args.devices, argv)
+        if code is not None:
+            return code
+    result = plan(cfg, device_memory)
+    print(json.dumps(result) if args.json else report(name, result))
+    return 0
+
+
 def cmd_launch(args) -> int:
     from plutao.experiments.launch import launch_local
 
@@ -301,6 +315,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true")
     m.set_defaults(fn=cmd_params)
 
+    pl = sub.add_parser("plan", help="per-device memory of a training step, compiled ahead of time without allocating")
+    pl.add_argument("preset")
+    pl.add_argument("overrides", nargs="*", help="e.g. mesh.fsdp=64 train.batch_size=64")
+    pl.add_argument("--devices", type=int, help="plan for N devices (forced host devices on a CPU machine)")
+    pl.add_argument("--device-memory", help="memory of one device, e.g. 80GB: say whether the step fits")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(fn=None)
+
     la = sub.add_parser("launch", help="run a command as N local processes joined by jax.distributed (gloo on CPU)",
                         usage="plutao launch --local-processes N [--devices-per-process D] -- train ...")
     la.add_argument("--local-processes", type=int, required=True, metavar="N")
@@ -343,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
             from plutao.train.distributed import initialize
 
             initialize(args.coordinator, args.num_processes, args.process_id, args.init_timeout)
+        if args.command == "plan":
+            return cmd_plan(args, list(argv if argv is not None else sys.argv[1:]))
         return args.fn(args)
     except _user_errors() as e:
         print(f"plutao: error: {e}", file=sys.stderr)

@@ -16,11 +16,12 @@ def _model(name: str) -> dict:
     return {f"model.{k}": v for k, v in dataclasses.asdict(cfg).items() if k not in ("vocab_size",)}
 
 
-def _gpt3(name: str, batch_tokens: float, lr: float) -> dict:
-    # Brown et al. 2020, Table 2.1: batch size in tokens, peak learning rate; context 2048, GPT-2 BPE.
+def _gpt3(name: str, batch_sequences: int, lr: float) -> dict:
+    # Brown et al. 2020, Table 2.1: batch size (0.5M, 1M, 2M, 3.2M tokens = 256, 512, 1024, 1536
+    # sequences of 2048), peak learning rate; GPT-2's BPE vocabulary.
     return _model(name) | {
         "model.vocab_size": 50257, "data.tokenizer": "bpe", "data.vocab_size": 50257,
-        "train.batch_size": round(batch_tokens / 2048), "optim.lr": lr, "optim.min_lr": lr / 10,
+        "train.batch_size": batch_sequences, "optim.lr": lr, "optim.min_lr": lr / 10,
         "optim.beta2": 0.95, "optim.eps": 1e-8, "optim.weight_decay": 0.1, "optim.warmup_steps": 375,
         "optim.grad_clip": 1.0,
     }
@@ -58,12 +59,12 @@ PRESETS: dict[str, dict] = {
         "optim.lr": 6e-4, "optim.min_lr": 6e-5, "optim.beta2": 0.95, "optim.warmup_steps": 2000,
         "train.steps": 600000, "train.grad_accum": 1,
     },
-    "gpt3-small": _gpt3("gpt3-small", 0.5e6, 6.0e-4),
-    "gpt3-medium": _gpt3("gpt3-medium", 0.5e6, 3.0e-4),
-    "gpt3-large": _gpt3("gpt3-large", 0.5e6, 2.5e-4),
-    "gpt3-xl": _gpt3("gpt3-xl", 1e6, 2.0e-4),
-    "gpt3-2.7b": _gpt3("gpt3-2.7b", 1e6, 1.6e-4),
-    "gpt3-6.7b": _gpt3("gpt3-6.7b", 2e6, 1.2e-4),
-    "gpt3-13b": _gpt3("gpt3-13b", 2e6, 1.0e-4),
-    "gpt3-175b": _gpt3("gpt3-175b", 3.2e6, 0.6e-4),
+    "gpt3-small": _gpt3("gpt3-small", 256, 6.0e-4),
+    "gpt3-medium": _gpt3("gpt3-medium", 256, 3.0e-4),
+    "gpt3-large": _gpt3("gpt3-large", 256, 2.5e-4),
+    "gpt3-xl": _gpt3("gpt3-xl", 512, 2.0e-4),
+    "gpt3-2.7b": _gpt3("gpt3-2.7b", 512, 1.6e-4),
+    "gpt3-6.7b": _gpt3("gpt3-6.7b", 1024, 1.2e-4),
+    "gpt3-13b": _gpt3("gpt3-13b", 1024, 1.0e-4),
+    "gpt3-175b": _gpt3("gpt3-175b", 1536, 0.6e-4),
 }

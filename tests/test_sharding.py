@@ -109,3 +109,23 @@ def test_mesh_errors_before_compiling(mesh_results):
     assert "not divisible by the 8 data-parallel devices" in errors["batch"]
     assert "model.n_heads=4 is not divisible by mesh.tensor=8" in errors["heads"]
     assert all("\n" not in e for e in errors.values())
+
+
+def test_plan_gpt3_6_7b_on_64_forced_devices():
+    result = subprocess.run([sys.executable, "-m", "plutao.experiments", "plan", "gpt3-6.7b", "mesh.fsdp=64",
+                             "--devices", "64", "--device-memory", "80GB", "--json"], capture_output=True, text=True,
+                            check=False, env=os.environ | {"JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    plan = json.loads(result.stdout)
+    assert plan["devices"] == 64 and plan["mesh"] == {"data": 1, "fsdp": 64, "tensor": 1}
+    n_params = 6_658_404_352
+    assert plan["params_bytes"] == pytest.approx(n_params * 4 / 64, rel=0.01)  # FSDP: 1/64 of the f32 weights
+    assert plan["opt_state_bytes"] == pytest.approx(2 * plan["params_bytes"], rel=0.01)  # Adam's two moments
+    assert plan["temp_bytes"] > 0 and plan["fits"] is False
+
+
+def test_plan_rejects_a_bad_memory_size(capsys):
+    from plutao.experiments.cli import main
+
+    assert main(["plan", "tiny", "--device-memory", "lots"]) == 2
+    assert "is not a size" in capsys.readouterr().err

@@ -1,0 +1,110 @@
+"""`plutao plan PRESET mesh.fsdp=… [--devices N] [--device-memory 80GB]`: will a step fit?
+
+Compiles the training step ahead of time for N devices from abstract shapes (no parameter is ever
+allocated) and reads the per-device memory from the compiled executable's memory analysis. On a
+CPU machine the N devices are forced host devices: the process re-runs itself with that count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+
+from plutao.train import sharding
+from plutao.train.config import Config
+from plutao.train.errors import UserError
+from plutao.train.optim import lr_schedule, make_optimizer
+from plutao.train.step import Trainer
+
+UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
+         "TIB": 2**40}
+
+
+def parse_bytes(text: str) -> float:
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in UNITS:
+        raise UserError(f"--device-memory {text!r} is not a size; write e.g. 80GB, 16GiB or 24e9")
+    return float(m.group(1)) * UNITS[m.group(2).upper()]
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:,.1f} {unit}" if unit != "B" else f"{n:,.0f} B"
+        n /= 1024
+    return str(n)
+
+
+def ensure_devices(n: int, argv: list[str]) -> int | None:
+    """Re-run this command with n forced host devices when this process has another count."""
+    if jax.device_count() == n:
+        return None
+    if jax.default_backend() != "cpu":
+        raise UserError(f"--devices {n} but this machine has {jax.device_count()} {jax.default_backend()} devices; "
+                        "plan on a CPU machine (forced host devices) or pass --devices "
+                        f"{jax.device_count()}")
+    if os.environ.get("PLUTAO_PLAN_CHILD"):
+        raise AssertionError("forced host device count did not take effect")
+    env = os.environ | {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}",
+                        "JAX_PLATFORMS": "cpu", "PLUTAO_PLAN_CHILD": "1"}
+    return subprocess.run([sys.executable, "-m", "plutao.experiments", *argv], env=env, check=False).returncode
+
+
+def sharded_bytes(tree) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard of each)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape)
+        total += int(np.prod(shape)) * leaf.dtype.itemsize
+    return total
+
+
+def plan(cfg: Config, device_memory: float | None = None) -> dict:
+    model = cfg.model if cfg.model.vocab_size else dataclasses.replace(cfg.model, vocab_size=256)
+    model = model.resolved()
+    mesh = sharding.make_mesh(cfg.mesh)
+    sharding.check_divisibility(model, mesh, cfg.train.batch_size, cfg.train.grad_accum)
+    trainer = Trainer(model, make_optimizer(cfg.optim, cfg.train.steps), lr_schedule(cfg.optim, cfg.train.steps),
+                      mesh, cfg.train.seed, cfg.train.grad_accum, cfg.optim.label_smoothing)
+    state = trainer.abstract_sharded_state()
+    batch = jax.ShapeDtypeStruct((cfg.train.batch_size, model.context_length + 1), np.int32,
+                                 sharding=sharding.batch_sharding(mesh))
+    t = time.perf_counter()
+    compiled = trainer.train_step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t
+    mem = compiled.memory_analysis()
+    params = sharded_bytes(state["params"])
+    opt = sharded_bytes(state["opt_state"])
+    total = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+    out = {
+        "devices": jax.device_count(), "mesh": dict(mesh.shape), "params_bytes": params, "opt_state_bytes": opt,
+        "batch_bytes": sharded_bytes(batch), "temp_bytes": mem.temp_size_in_bytes,
+        "arguments_bytes": mem.argument_size_in_bytes, "outputs_not_aliased_bytes":
+            mem.output_size_in_bytes - mem.alias_size_in_bytes,
+        "total_bytes": total, "compile_seconds": compile_s,
+    }
+    if device_memory:
+        out |= {"device_memory": device_memory, "fits": total <= device_memory}
+    return out
+
+
+def report(name: str, r: dict) -> str:
+    lines = [f"{name} on {r['devices']} devices, mesh {r['mesh']} (compiled ahead of time in {r['compile_seconds']:.1f} s)",
+             "per device:",
+             f"  parameters        {human(r['params_bytes']):>12}",
+             f"  optimizer state   {human(r['opt_state_bytes']):>12}",
+             f"  batch             {human(r['batch_bytes']):>12}",
+             f"  temporaries       {human(r['temp_bytes']):>12}   (activations, gradients, workspace)",
+             f"  total             {human(r['total_bytes']):>12}   (arguments + temporaries + outputs not donated)"]
+    if "fits" in r:
+        verdict = "fits" if r["fits"] else "does NOT fit"
+        lines.append(f"{verdict} in {human(r['device_memory'])} per device "
+                     f"({r['total_bytes'] / r['device_memory']:.0%} used)")
+    return "\n".join(lines)
