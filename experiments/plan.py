@@ -3,6 +3,11 @@
 Compiles the training step ahead of time for N devices from abstract shapes (no parameter is ever
 allocated) and reads the per-device memory from the compiled executable's memory analysis. On a
 CPU machine the N devices are forced host devices: the process re-runs itself with that count.
+
+Parameters, optimizer state and batch are exact (they follow from shapes and shardings). The
+temporaries are what the compiling backend's buffer assignment needs: planned on CPU they are an
+upper bound for an accelerator, and XLA's CPU scheduler hoists rematerialised computations, so
+`model.remat` does not shrink them here as it does on GPU/TPU.
 """
 
 from __future__ import annotations

@@ -50,6 +50,7 @@ class MultiHeadAttention(nnx.Module):
         d, h, k = cfg.d_model, cfg.n_heads, cfg.d_head
         self.rotary = cfg.positions == "rotary"
         self.dropout_rate = cfg.dropout
+        self.impl = cfg.attention
         # W^Q, W^K, W^V stored as one (D, 3, H, K) tensor: a single matmul reads x once.
         self.w_qkv = normal_param(rngs, (d, 3, h, k), ("embed", None, "heads", "kv"), INIT_STD)
         self.b_qkv = zeros_param((3, h, k), (None, "heads", "kv")) if cfg.bias else None
@@ -88,9 +89,16 @@ class MultiHeadAttention(nnx.Module):
             k_BSHK, v_BSHK = k_BSHK.astype(dt), v_BSHK.astype(dt)
         else:
             k_BSHK, v_BSHK = k_BTHK, v_BTHK
-        weights_BHTS = attention_weights(q_BTHK, k_BSHK, mask_BTS)
-        probs_BHTS = dropout(weights_BHTS, self.dropout_rate, dropout_key).astype(dt)
-        out_BTHK = jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BSHK)
+        fused = self.impl != "naive" and not return_weights and (dropout_key is None or self.dropout_rate == 0.0)
+        if fused:
+            weights_BHTS = None
+            implementation = None if self.impl == "auto" else self.impl
+            out_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, mask=mask_BTS[:, None],
+                                                    implementation=implementation)
+        else:
+            weights_BHTS = attention_weights(q_BTHK, k_BSHK, mask_BTS)
+            probs_BHTS = dropout(weights_BHTS, self.dropout_rate, dropout_key).astype(dt)
+            out_BTHK = jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BSHK)
         out_BTD = (out_BTHK.reshape(B * T, H * K) @ self.w_o[...].astype(dt).reshape(H * K, D)).reshape(B, T, D)
         if self.b_o is not None:
             out_BTD = out_BTD + self.b_o[...].astype(dt)

@@ -11,6 +11,8 @@ Positions = Literal["learned", "sinusoidal", "rotary"]
 Activation = Literal["relu", "gelu", "swiglu"]
 Family = Literal["decoder", "encoder_decoder", "encoder"]
 Dtype = Literal["float32", "bfloat16"]
+Remat = Literal["none", "full", "dots_saveable"]
+AttentionImpl = Literal["naive", "xla", "cudnn", "auto"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +39,12 @@ class ModelConfig:
     bias: bool = False
     tie_embeddings: bool = True
     dtype: Dtype = "float32"  # compute dtype; parameters are always float32
+    # Recompute each block's activations in the backward pass instead of storing them: "full" keeps
+    # only block inputs, "dots_saveable" also keeps matmul outputs (less recomputation, more memory).
+    remat: Remat = "none"
+    # "naive" is the explicit softmax(QKᵀ/√d)V (and can return the weights); the others call
+    # jax.nn.dot_product_attention: "xla" everywhere, "cudnn" fused kernels on NVIDIA GPUs, "auto" picks.
+    attention: AttentionImpl = "naive"
 
     def resolved(self) -> ModelConfig:
         d_head = self.d_head or (self.d_model // self.n_heads if self.n_heads else 0)

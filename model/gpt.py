@@ -25,6 +25,8 @@ from plutao.model.layers import (
 
 Array = jax.Array
 ACT_BTD = ("batch", "length", "act_embed")  # the residual stream: split over the batch only
+REMAT_POLICIES = {"full": jax.checkpoint_policies.nothing_saveable,
+                  "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 class Block(nnx.Module):
@@ -116,12 +118,20 @@ class GPT(nnx.Module):
         x_BTD = constrain(dropout(x_BTD, cfg.dropout, keys[-1]).astype(self.compute_dtype), ACT_BTD)
 
         new_cache, all_weights = [], []
-        for i, block in enumerate(self.blocks):
-            x_BTD, layer_cache, weights = block(
-                x_BTD, mask_BTS, positions_BT, cache=None if cache is None else cache[i],
-                cache_index=cache_index, dropout_key=keys[i], return_weights=return_weights, constrain=constrain)
-            new_cache.append(layer_cache)
-            all_weights.append(weights)
+        if cfg.remat != "none" and cache is None and not return_weights:
+            def run(block, x_BTD, key):
+                return block(x_BTD, mask_BTS, positions_BT, dropout_key=key, constrain=constrain)[0]
+
+            run = nnx.remat(run, policy=REMAT_POLICIES[cfg.remat])
+            for i, block in enumerate(self.blocks):
+                x_BTD = run(block, x_BTD, keys[i])
+        else:
+            for i, block in enumerate(self.blocks):
+                x_BTD, layer_cache, weights = block(
+                    x_BTD, mask_BTS, positions_BT, cache=None if cache is None else cache[i],
+                    cache_index=cache_index, dropout_key=keys[i], return_weights=return_weights, constrain=constrain)
+                new_cache.append(layer_cache)
+                all_weights.append(weights)
         if self.final_norm is not None:
             x_BTD = self.final_norm(x_BTD)
         head_DV = self.token_embed[...].T if self.lm_head is None else self.lm_head[...]

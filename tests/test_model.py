@@ -122,3 +122,42 @@ def test_gpt3_parameter_counts(name):
     # 2.7B 2.65B (the closed form above is exact); the others land within 1%.
     tolerance = {"gpt3-medium": 0.02, "gpt3-xl": 0.02, "gpt3-2.7b": 0.02}.get(name, 0.01)
     assert abs(counted / PUBLISHED_PARAMS[name] - 1) < tolerance
+
+
+def _loss_and_grads(cfg, tokens, key):
+    from plutao.train.losses import cross_entropy_sum
+
+    graphdef, params = nnx.split(make(cfg))
+
+    def loss(p):
+        logits, _, _ = nnx.merge(graphdef, p)(tokens[:, :-1], dropout_key=key)
+        s, c = cross_entropy_sum(logits, tokens[:, 1:])
+        return s / c
+
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots_saveable"])
+def test_remat_gives_the_same_loss_and_gradients(remat):
+    tokens = np.random.default_rng(4).integers(0, 61, (4, 25)).astype(np.int32)
+    cfg = ModelConfig(**{**CFG.__dict__, "dropout": 0.1, "n_layers": 3})
+    ref_loss, ref_grads = _loss_and_grads(cfg, tokens, jax.random.key(1))
+    loss, grads = _loss_and_grads(ModelConfig(**{**cfg.__dict__, "remat": remat}), tokens, jax.random.key(1))
+    assert float(loss) == pytest.approx(float(ref_loss), abs=1e-6)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_fused_attention_matches_the_explicit_one():
+    tokens = np.random.default_rng(5).integers(0, 61, (2, 24)).astype(np.int32)
+    cfg = CFG.resolved()
+    naive = make(cfg)
+    fused = make(ModelConfig(**{**cfg.__dict__, "attention": "xla"}))
+    a, _, _ = naive(tokens)
+    b, _, _ = fused(tokens)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    cache = init_cache(2, 24, cfg)
+    c, cache, _ = fused(tokens[:, :10], cache=cache, cache_index=0)
+    d, _, _ = fused(tokens[:, 10:11], cache=cache, cache_index=10)
+    np.testing.assert_allclose(np.asarray(c), np.asarray(a[:, :10]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(d[:, 0]), np.asarray(a[:, 10]), atol=1e-5)

@@ -101,7 +101,7 @@ def check_compatible(saved: dict, cfg: Config, run_dir: Path) -> None:
     for key, new in dataclasses.asdict(cfg.model.resolved()).items():
         if key == "vocab_size" and new == 0:
             continue
-        if key in ("dropout", "dtype"):  # these change training, not the parameters
+        if key in ("dropout", "dtype", "remat", "attention"):  # these change computation, not the parameters
             continue
         if old_model.get(key) != new:
             raise UserError(f"the checkpoint in {run_dir} has model.{key}={old_model.get(key)}, but the config says "
