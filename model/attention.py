@@ -37,9 +37,14 @@ def causal_mask(q_index_BT: Array, k_index_S: Array, first_valid_B: Array | None
     return mask_BTS
 
 
-def init_cache(batch: int, length: int, cfg: ModelConfig, dtype=jnp.float32) -> list[dict[str, Array]]:
-    """An empty KV cache for every layer of a decoder."""
+def init_cache(batch: int, length: int, cfg: ModelConfig, dtype=jnp.float32):
+    """An empty KV cache for every layer: a list of per-layer dicts, or one dict of (L, ...) arrays
+    when the layers are scanned."""
+    cfg = cfg.resolved()
     shape = (batch, length, cfg.n_heads, cfg.d_head)
+    if cfg.scan_layers:
+        stacked = (cfg.n_layers, *shape)
+        return {"k": jnp.zeros(stacked, dtype), "v": jnp.zeros(stacked, dtype)}
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers)]
 
 

@@ -45,6 +45,9 @@ class ModelConfig:
     # "naive" is the explicit softmax(QKᵀ/√d)V (and can return the weights); the others call
     # jax.nn.dot_product_attention: "xla" everywhere, "cudnn" fused kernels on NVIDIA GPUs, "auto" picks.
     attention: AttentionImpl = "naive"
+    # One block traced once and run by a scan over stacked per-layer weights: compile time stops
+    # growing with depth. Changes the parameter layout (a leading `layers` axis).
+    scan_layers: bool = False
 
     def resolved(self) -> ModelConfig:
         d_head = self.d_head or (self.d_model // self.n_heads if self.n_heads else 0)

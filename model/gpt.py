@@ -66,7 +66,8 @@ class GPT(nnx.Module):
             normal_param(rngs, (cfg.context_length, cfg.d_model), (None, "embed"), INIT_STD)
             if cfg.positions == "learned" else None
         )
-        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+        self.blocks = stacked_blocks(cfg, rngs) if cfg.scan_layers else nnx.List([Block(cfg, rngs)
+                                                                                  for _ in range(cfg.n_layers)])
         # Post-norm blocks already end in a norm; pre-norm needs one before the head (GPT-2).
         self.final_norm = Norm(cfg.d_model, cfg.norm_type, cfg.bias) if cfg.norm == "pre" else None
         self.lm_head = (
@@ -101,7 +102,7 @@ class GPT(nnx.Module):
             k_index_S = jnp.arange(T)
         else:
             q_index_BT = jnp.broadcast_to(cache_index + jnp.arange(T), (B, T))
-            k_index_S = jnp.arange(cache[0]["k"].shape[1])
+            k_index_S = jnp.arange(cache["k"].shape[2] if cfg.scan_layers else cache[0]["k"].shape[1])
         positions_BT = q_index_BT if first_valid_B is None else jnp.maximum(q_index_BT - first_valid_B[:, None], 0)
         mask_BTS = causal_mask(q_index_BT, k_index_S, first_valid_B)
 
@@ -118,7 +119,12 @@ class GPT(nnx.Module):
         x_BTD = constrain(dropout(x_BTD, cfg.dropout, keys[-1]).astype(self.compute_dtype), ACT_BTD)
 
         new_cache, all_weights = [], []
-        if cfg.remat != "none" and cache is None and not return_weights:
+        if cfg.scan_layers:
+            if return_weights:
+                raise ValueError("attention weights are not collected from scanned layers; use model.scan_layers=false")
+            step_keys = None if dropout_key is None else jnp.stack(keys[:-1])
+            x_BTD, new_cache = self._scan(x_BTD, mask_BTS, positions_BT, cache, cache_index, step_keys, constrain)
+        elif cfg.remat != "none" and cache is None and not return_weights:
             def run(block, x_BTD, key):
                 return block(x_BTD, mask_BTS, positions_BT, dropout_key=key, constrain=constrain)[0]
 
@@ -138,3 +144,33 @@ class GPT(nnx.Module):
         logits_BTV = constrain((x_BTD @ head_DV.astype(self.compute_dtype)).astype(jnp.float32),
                                ("batch", "length", "vocab"))
         return logits_BTV, (None if cache is None else new_cache), (all_weights if return_weights else None)
+
+    def _scan(self, x_BTD, mask_BTS, positions_BT, cache, cache_index, keys, constrain):
+        """All blocks as one scan over their stacked weights (and stacked cache and dropout keys)."""
+        def step(block, x_BTD, layer_cache, key):
+            x_BTD, layer_cache, _ = block(x_BTD, mask_BTS, positions_BT, cache=layer_cache, cache_index=cache_index,
+                                          dropout_key=key, constrain=constrain)
+            return x_BTD, layer_cache
+
+        if self.cfg.remat != "none" and cache is None:
+            step = nnx.remat(step, policy=REMAT_POLICIES[self.cfg.remat])
+
+        @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0))
+        def body(x_BTD, block, layer_cache, key):
+            return step(block, x_BTD, layer_cache, key)
+
+        return body(x_BTD, self.blocks, cache, keys)
+
+
+def stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+    """n_layers blocks as one Block whose parameters have a leading `layers` axis."""
+    @nnx.split_rngs(splits=cfg.n_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+        return Block(cfg, rngs)
+
+    blocks = make(rngs)
+    for _, var in nnx.iter_graph(blocks):
+        if isinstance(var, nnx.Param):
+            var.set_metadata(axes=("layers", *var.get_metadata()["axes"]))
+    return blocks

@@ -120,9 +120,8 @@ def _decode_step(model, token_B, cache, index, first_valid_B):
 def _prefill_and_decode(graphdef, params, tokens_BP, first_valid_B, done_B, base_key, start_index, eot_id,
                         *, n_steps, temperature, top_k, top_p, stop):
     """Prefill the cache with the prompt window, then emit up to n_steps tokens (fewer if all rows stop)."""
-    model = nnx.merge(graphdef, params)
     B, P = tokens_BP.shape
-    logits_BV, cache = _prefill(model, tokens_BP, first_valid_B)
+    logits_BV, cache = _prefill(nnx.merge(graphdef, params), tokens_BP, first_valid_B)
 
     def emit(i, logits_BV, done_B):
         token_B = next_token(logits_BV, jax.random.fold_in(base_key, start_index + i), temperature, top_k, top_p)
@@ -133,16 +132,19 @@ def _prefill_and_decode(graphdef, params, tokens_BP, first_valid_B, done_B, base
     out_BN = jnp.full((B, n_steps), eot_id, jnp.int32).at[:, 0].set(token_B)
 
     def cond(carry):
-        i, _, _, done_B, _ = carry
+        i, _, _, done_B, _, _ = carry
         return (i < n_steps) & ~jnp.all(done_B)
 
     def body(carry):
-        i, token_B, cache, done_B, out_BN = carry
-        logits_BV, cache = _decode_step(model, token_B, cache, P + i - 1, first_valid_B)
+        i, token_B, cache, done_B, out_BN, params = carry
+        # The parameters travel in the carry and the module is rebuilt here: NNX modules (and the
+        # scan over layers inside them) must live at the loop body's trace level.
+        logits_BV, cache = _decode_step(nnx.merge(graphdef, params), token_B, cache, P + i - 1, first_valid_B)
         token_B, done_B = emit(i, logits_BV, done_B)
-        return i + 1, token_B, cache, done_B, out_BN.at[:, i].set(token_B)
+        return i + 1, token_B, cache, done_B, out_BN.at[:, i].set(token_B), params
 
-    n, _, _, done_B, out_BN = jax.lax.while_loop(cond, body, (jnp.int32(1), token_B, cache, done_B, out_BN))
+    n, _, _, done_B, out_BN, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), token_B, cache, done_B, out_BN,
+                                                                 params))
     return out_BN, n, done_B
 
 
