@@ -243,6 +243,15 @@ def cmd_launch(args) -> int:
     return launch_local(command, args.local_processes, args.devices_per_process, args.port)
 
 
+def cmd_bench_scaling(args) -> int:
+    from plutao.experiments.scaling import run_scaling
+
+    result = run_scaling(tuple(args.depths))
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
 def cmd_bench(args) -> int:
     from plutao.experiments.bench import run_bench
 
@@ -338,6 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--devices", type=int, required=True, help="number of devices of the mesh")
     d.add_argument("--out", help="write to this file instead of stdout")
     d.set_defaults(fn=cmd_shardings)
+
+    bs = sub.add_parser("bench-scaling", help="compile time vs depth (unrolled vs scanned), host memory 8 vs 1 devices")
+    bs.add_argument("--depths", type=int, nargs="+", default=[4, 16, 48])
+    bs.add_argument("--json", action="store_true")
+    bs.set_defaults(fn=cmd_bench_scaling)
 
     b = sub.add_parser("bench", help="nanoGPT's CPU benchmark: speed, MFU and val loss vs PyTorch eager")
     b.add_argument("--data", help="Tiny Shakespeare text file (default: download or cache)")
