@@ -64,13 +64,13 @@ def profile_step(cfg: Config, workdir: Path, steps: int = 5) -> dict:
     """Trace a few training steps and group the device time by kind of operation."""
     p = prepare(cfg, None)
     state = p.trainer.init_state()
-    batch = p.batches.train_batch(0)
+    batch = p.batches.train_rows(0)
     state, m = p.trainer.train_step(state, batch)
     jax.block_until_ready(m)
     trace_dir = workdir / "profile"
     jax.profiler.start_trace(str(trace_dir))
     for i in range(steps):
-        state, m = p.trainer.train_step(state, p.batches.train_batch(i + 1))
+        state, m = p.trainer.train_step(state, p.batches.train_rows(i + 1))
         jax.block_until_ready(m)
     jax.profiler.stop_trace()
     files = sorted(glob.glob(str(trace_dir / "**" / "*.trace.json.gz"), recursive=True))

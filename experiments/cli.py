@@ -53,7 +53,9 @@ def cmd_train(args) -> int:
     name, cfg = resolve_config(config, overrides)
     run_dir = Path(args.workdir or Path("runs") / name)
     summary = train(cfg, run_dir, quiet=args.quiet)
-    if args.json:
+    import jax
+
+    if args.json and jax.process_index() == 0:
         print(json.dumps(summary))
     return 0
 
@@ -72,8 +74,8 @@ def cmd_sample(args) -> int:
     from plutao.train.run import load_run
 
     sampling = _sampling(args)  # validate arguments before loading anything
-    if args.num_samples < 1:
-        raise SamplingError(f"--num-samples must be ≥ 1, got {args.num_samples}")
+    if args.num_samples < 1 or args.show_probs < 0:
+        raise SamplingError("--num-samples must be ≥ 1 and --show-probs ≥ 0")
     run = load_run(Path(args.run_dir), args.step)
     tok = run.tokenizer
     prompt_ids = tok.encode(args.prompt) if args.prompt else []
@@ -165,6 +167,17 @@ def cmd_score(args) -> int:
         print(f"{i:>4}  {row['token']!r:<16} {row['id']:>6}  {row['logprob']:9.4f}  {row['prob']:8.4f}  {running:9.3f}")
     print(f"log P(text) = {result['logprob']:.4f} nats = {result['logprob_bits']:.3f} bits over "
           f"{result['tokens']} tokens; perplexity {result['perplexity']:.3f}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from plutao.train.errors import UserError
+    from plutao.train.metrics import plot_losses
+
+    path = plot_losses(Path(args.run_dir))
+    if path is None:
+        raise UserError(f"{args.run_dir} has no metrics.jsonl with losses yet; train it first")
+    print(path)
     return 0
 
 
@@ -311,6 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
     c.add_argument("--step", type=int)
     c.set_defaults(fn=cmd_score)
+
+    pp = sub.add_parser("plot", help="(re)write RUN_DIR/loss.png from metrics.jsonl, e.g. while a run trains")
+    pp.add_argument("run_dir")
+    pp.set_defaults(fn=cmd_plot)
 
     k = sub.add_parser("tokenize", help="show how text splits into tokens")
     k.add_argument("text")

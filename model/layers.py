@@ -56,7 +56,7 @@ def sinusoidal_table(length: int, d_model: int) -> Array:
 
 
 def apply_rotary(x_BTHK: Array, positions_BT: Array, base: float = 10000.0) -> Array:
-    """Rotate consecutive feature pairs by position-dependent angles (RoPE, half-split layout)."""
+    """Rotate feature pairs (i, i + K/2) by position-dependent angles (RoPE, half-split layout)."""
     half = x_BTHK.shape[-1] // 2
     inv_freq_F = 1.0 / (base ** (jnp.arange(half, dtype=jnp.float32) / half))
     angle_BTF = positions_BT.astype(jnp.float32)[..., None] * inv_freq_F

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import numpy as np
 from flax import nnx
@@ -76,10 +74,8 @@ def flops_per_token(cfg: ModelConfig, context: int | None = None) -> float:
     """
     cfg = cfg.resolved()
     counts = count_params(cfg)
-    matmul_params = counts["non_embedding"] + cfg.vocab_size * cfg.d_model
+    # The LM head is a matmul; untied, it is already among the non-embedding parameters.
+    matmul_params = counts["non_embedding"] + (cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0)
     T = context or cfg.context_length
     return 6.0 * matmul_params + 12.0 * cfg.n_layers * cfg.n_heads * cfg.d_head * T
 
-
-def with_overrides(cfg: ModelConfig, **kw) -> ModelConfig:
-    return dataclasses.replace(cfg, **kw)

@@ -85,7 +85,7 @@ def top_candidates(logits_V: np.ndarray, k: int, temperature: float = 1.0) -> li
     return [(int(i), float(p[i])) for i in top]
 
 
-def _host(x) -> np.ndarray:
+def to_host(x) -> np.ndarray:
     """A replicated result as numpy, also when it spans devices of other processes."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         x = x.addressable_data(0)
@@ -174,8 +174,8 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], sampling: Samp
         out, n, done_after = _prefill_and_decode(
             graphdef, params, tokens, first_valid, done, base_key, produced, eot_id, n_steps=n_steps,
             temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, stop=sampling.stop_at_eot)
-        n = int(_host(n))
-        out = _host(out)[:, :n]
+        n = int(to_host(n))
+        out = to_host(out)[:, :n]
         for b in range(len(prompts)):
             if done[b]:
                 continue
@@ -184,7 +184,7 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], sampling: Samp
                 row = row[: row.index(eot_id)]
             new[b].extend(row)
             seqs[b].extend(row)
-        done = _host(done_after).copy()
+        done = to_host(done_after).copy()
         produced += n
         window = [s[-(context // 2):] for s in seqs]
     return new
@@ -210,7 +210,7 @@ def stream(model: nnx.Module, prompt: Sequence[int], sampling: SamplingConfig, *
         logits_BV, cache = _prefill_jit(graphdef, params, tokens, first_valid)
         index = tokens.shape[1]
         while True:
-            token = int(_host(_next_token_jit(logits_BV, jax.random.fold_in(base_key, produced), sampling.temperature,
+            token = int(to_host(_next_token_jit(logits_BV, jax.random.fold_in(base_key, produced), sampling.temperature,
                                               sampling.top_k, sampling.top_p))[0])
             if sampling.stop_at_eot and token == eot_id:
                 return

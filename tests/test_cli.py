@@ -66,6 +66,9 @@ def test_sample_eval_score_tokenize_params(run_dir, capsys):
     assert "tokens: 6" in out and "cost" in out  # byte-level: é is two bytes
     assert main(["tokenize", "--tokenizer", str(run_dir), "the"]) == 0
     assert "tokens: 3" in capsys.readouterr().out
+    (run_dir / "loss.png").unlink()
+    assert main(["plot", str(run_dir)]) == 0 and (run_dir / "loss.png").stat().st_size > 1000
+    capsys.readouterr()
     assert main(["params", "gpt3-175b", "--json"]) == 0
     params = json.loads(capsys.readouterr().out)
     assert abs(params["params"] / 175e9 - 1) < 0.01
@@ -107,6 +110,16 @@ def test_sampling_errors(capsys, run_dir):
     fails(capsys, ["sample", str(run_dir), "--prompt", "x" * 100], "context is 32")
     fails(capsys, ["score", str(run_dir), "--text", "x" * 100], "context is 32")
     fails(capsys, ["sample", str(run_dir / "nope")], "not a run directory")
+    fails(capsys, ["sample", str(run_dir), "--show-probs", "-1"], "--show-probs")
+
+
+def test_more_config_errors(capsys, tmp_path, small_corpus):
+    base = ["train", "tiny", f"data.path={small_corpus}"]
+    fails(capsys, base + ["train.checkpoint_every=0", "--workdir", str(tmp_path / "a")], "train.checkpoint_every")
+    fails(capsys, base + ["train.log_every=0", "--workdir", str(tmp_path / "a")], "train.log_every")
+    (tmp_path / "file").write_text("x")
+    fails(capsys, base + ["--workdir", str(tmp_path / "file")], "is a file")
+    assert not (tmp_path / "a").exists()
 
 
 def test_offline_download_fails_clearly(monkeypatch, tmp_path):

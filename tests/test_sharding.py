@@ -67,7 +67,7 @@ for name, mesh in meshes.items():
     out["bytes"][name] = per_device
     losses = []
     for step in range(10):
-        state, m = p.trainer.train_step(state, global_batch(p.batches.train_batch(step), p.trainer.mesh))
+        state, m = p.trainer.train_step(state, global_batch(p.batches.train_rows(step), p.trainer.mesh))
         losses.append(float(m["loss"]))
     out["losses"][name] = losses
 bad = {"not-multiplying": {"mesh.data": 3, "mesh.fsdp": 2}, "batch": {"mesh.data": 8, "train.batch_size": 12},

@@ -129,6 +129,12 @@ def test_resume_after_sigkill(small_corpus, tmp_path, straight_run):
     subprocess.run([sys.executable, "-c", TRAIN_SCRIPT.format(corpus=str(small_corpus)), str(tmp_path / "killed")],
                    check=True, capture_output=True)
     assert_same_params(final_params(straight_run), final_params(tmp_path / "killed"))
+    # Steps the killed process logged after its last checkpoint are dropped, not duplicated.
+    def train_steps(d):
+        return [r["step"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+                if r.get("split") == "train"]
+
+    assert train_steps(tmp_path / "killed") == train_steps(straight_run)
 
 
 def test_sigterm_saves_and_exits_cleanly(small_corpus, tmp_path, straight_run):
@@ -160,14 +166,14 @@ def test_batches_are_a_pure_function_of_seed_and_step():
               Split("b", rng.integers(0, 50, 2000), rng.integers(0, 50, 300))]
     whole = Batches(splits, [3, 1], 16, 8, seed=5)
     again = Batches(splits, [3, 1], 16, 8, seed=5)
-    np.testing.assert_array_equal(whole.train_batch(7), again.train_batch(7))
-    assert not np.array_equal(whole.train_batch(7), whole.train_batch(8))
-    assert not np.array_equal(whole.train_batch(7), Batches(splits, [3, 1], 16, 8, seed=6).train_batch(7))
-    # Four processes each materialise a quarter of the same global batch.
-    parts = [Batches(splits, [3, 1], 16, 8, seed=5, process_index=i, process_count=4).train_batch(7) for i in range(4)]
-    np.testing.assert_array_equal(np.concatenate(parts), whole.train_batch(7))
+    np.testing.assert_array_equal(whole.train_rows(7), again.train_rows(7))
+    assert not np.array_equal(whole.train_rows(7), whole.train_rows(8))
+    assert not np.array_equal(whole.train_rows(7), Batches(splits, [3, 1], 16, 8, seed=6).train_rows(7))
+    # Any split of the rows (one per device or process) materialises the same global batch.
+    parts = [whole.train_rows(7, slice(i * 2, (i + 1) * 2)) for i in range(4)]
+    np.testing.assert_array_equal(np.concatenate(parts), whole.train_rows(7))
     # Rows are contiguous windows of T+1 tokens of one source.
-    row = whole.train_batch(3)[0]
+    row = whole.train_rows(3)[0]
     assert row.shape == (17,)
     assert any(np.array_equal(s.train[i:i + 17], row) for s in splits for i in range(len(s.train) - 16))
 
@@ -178,7 +184,7 @@ def test_mixture_weights_and_epoch_report():
     splits = [Split("big", rng.integers(0, 25, 40000), rng.integers(0, 25, 500)),
               Split("small", rng.integers(25, 50, 10000), rng.integers(25, 50, 500))]
     batches = Batches(splits, [3, 1], 8, 64, seed=0)
-    rows = np.concatenate([batches.train_batch(step) for step in range(100)])
+    rows = np.concatenate([batches.train_rows(step) for step in range(100)])
     share_small = np.mean(rows[:, 0] >= 25)
     assert share_small == pytest.approx(0.25, abs=0.03)
     epochs = batches.epochs_consumed(100)

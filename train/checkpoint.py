@@ -11,7 +11,7 @@ from plutao.train.errors import UserError
 
 
 class Checkpoints:
-    def __init__(self, directory: Path, keep: int = 2, async_save: bool = True):
+    def __init__(self, directory: Path, keep: int = 2, async_save: bool = True, read_only: bool = False):
         policy = pp.AnyPreservationPolicy([
             pp.LatestN(n=max(keep, 1)),
             # BestN keeps the tail of the sorted list; descending order puts the lowest loss last.
@@ -19,7 +19,8 @@ class Checkpoints:
         ])
         self.manager = ocp.CheckpointManager(
             Path(directory).absolute(),
-            options=ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=async_save),
+            options=ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=async_save,
+                                                 read_only=read_only, create=not read_only),
         )
 
     def latest_step(self) -> int | None:
@@ -27,9 +28,6 @@ class Checkpoints:
 
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
-
-    def best_step(self) -> int | None:
-        return self.manager.best_step()
 
     def save(self, step: int, state, val_loss: float | None = None) -> None:
         metrics = None if val_loss is None else {"val_loss": float(val_loss)}
@@ -44,9 +42,6 @@ class Checkpoints:
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"checkpoint {step} does not fit this model/optimizer ({str(e).splitlines()[0][:160]}); "
                             "use the config it was trained with or a new --workdir") from None
-
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.wait_until_finished()

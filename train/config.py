@@ -17,6 +17,7 @@ from typing import Any, Literal, get_args, get_origin
 import tomllib
 
 from plutao.model.config import ModelConfig
+from plutao.tokenizer import SPECIAL_TOKENS
 from plutao.train.errors import UserError
 
 DEFAULT_CORPUS = "builtin:python-docs"
@@ -216,11 +217,19 @@ def validate(cfg: Config) -> None:
     if cfg.model.family != "decoder":
         problems.append(f"model.family={cfg.model.family} is not available yet; use model.family=decoder")
     t, o, d = cfg.train, cfg.optim, cfg.data
-    if t.batch_size < 1 or t.steps < 1:
-        problems.append("train.batch_size and train.steps must be ≥ 1")
+    for key in ("batch_size", "steps", "log_every", "checkpoint_every", "eval_batches", "keep_checkpoints"):
+        if getattr(t, key) < 1:
+            problems.append(f"train.{key} must be ≥ 1, got {getattr(t, key)}")
+    for key in ("eval_every", "sample_every", "stop_at_step"):
+        if getattr(t, key) < 0:
+            problems.append(f"train.{key} must be ≥ 0 (0 = off), got {getattr(t, key)}")
+    if t.sample_every and t.sample_tokens < 1:
+        problems.append("train.sample_tokens must be ≥ 1 when train.sample_every is on")
+    if o.grad_clip < 0 or o.weight_decay < 0:
+        problems.append("optim.grad_clip and optim.weight_decay must be ≥ 0")
     if t.grad_accum < 1 or t.batch_size % t.grad_accum:
         problems.append(f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum}")
-    if d.tokenizer == "bpe" and d.vocab_size < len(_special_count()) + 1:
+    if d.tokenizer == "bpe" and d.vocab_size < len(SPECIAL_TOKENS) + 1:
         problems.append("data.tokenizer=bpe needs data.vocab_size (e.g. data.vocab_size=4096)")
     if not 0.0 < d.val_fraction < 1.0:
         problems.append(f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
@@ -238,7 +247,3 @@ def validate(cfg: Config) -> None:
         raise UserError(problems[0])
 
 
-def _special_count():
-    from plutao.tokenizer import SPECIAL_TOKENS
-
-    return SPECIAL_TOKENS

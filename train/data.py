@@ -121,53 +121,49 @@ def split_tokens(name: str, tokens: np.ndarray, val_fraction: float) -> Split:
 
 
 class Batches:
-    """Step-indexed batches of (B, T+1) tokens from a weighted mixture of sources."""
+    """Step-indexed batches of (B, T+1) tokens from a weighted mixture of sources.
 
-    def __init__(self, splits: list[Split], weights: list[float], seq_len: int, global_batch: int, seed: int,
-                 process_index: int = 0, process_count: int = 1):
+    `train_rows(step, rows)` materialises only the requested rows of the global batch; the
+    trainer asks for exactly the rows its devices hold (see `train/step.py: sharded_batch`), so
+    each process reads its part of the batch, whatever the mesh.
+    """
+
+    def __init__(self, splits: list[Split], weights: list[float], seq_len: int, global_batch: int, seed: int):
         for s in splits:
             for part, arr in (("training", s.train), ("held-out", s.val)):
                 if len(arr) < seq_len + 2:
                     raise UserError(
                         f"the {part} part of {s.name!r} has {len(arr)} tokens, fewer than the context "
                         f"model.context_length={seq_len} + 2; use more text or a smaller context")
-        if global_batch % process_count:
-            raise UserError(f"train.batch_size={global_batch} is not divisible by the {process_count} processes")
         self.splits, self.seq_len, self.global_batch, self.seed = splits, seq_len, global_batch, seed
         w = np.asarray(weights or [1.0] * len(splits), np.float64)
         self.weights = w / w.sum()
-        per_process = global_batch // process_count
-        self.rows = slice(process_index * per_process, (process_index + 1) * per_process)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.global_batch, self.seq_len + 1
 
     def _draw(self, purpose: int, index: int, parts: list[np.ndarray], rows: slice) -> np.ndarray:
         rng = np.random.default_rng([self.seed, purpose, index])
         source_B = rng.choice(len(parts), size=self.global_batch, p=self.weights)
         # One uniform draw per row, scaled by each row's own source length: the same numbers for any split.
         u_B = rng.random(self.global_batch)
-        out = np.empty((rows.stop - rows.start, self.seq_len + 1), np.int32)
-        for i, r in enumerate(range(rows.start, rows.stop)):
+        rows = range(*rows.indices(self.global_batch))
+        out = np.empty((len(rows), self.seq_len + 1), np.int32)
+        for i, r in enumerate(rows):
             part = parts[source_B[r]]
-            start = int(u_B[r] * (len(part) - self.seq_len - 1 + 1))
+            start = int(u_B[r] * (len(part) - self.seq_len))
             out[i] = part[start: start + self.seq_len + 1]
         return out
 
-    def train_batch(self, step: int) -> np.ndarray:
-        """This process's rows of the global training batch for `step`."""
-        return self._draw(TRAIN, step, [s.train for s in self.splits], self.rows)
+    def train_rows(self, step: int, rows: slice = slice(None)) -> np.ndarray:
+        """Rows of the global training batch for `step` (all of them by default)."""
+        return self._draw(TRAIN, step, [s.train for s in self.splits], rows)
 
-    def val_batch(self, index: int) -> np.ndarray:
-        return self._draw(VAL, index, [s.val for s in self.splits], self.rows)
+    def val_rows(self, index: int, rows: slice = slice(None)) -> np.ndarray:
+        return self._draw(VAL, index, [s.val for s in self.splits], rows)
 
     def epochs_consumed(self, steps: int) -> dict[str, float]:
         """Expected passes over each source's training tokens after `steps` steps."""
         tokens = steps * self.global_batch * self.seq_len
         return {s.name: float(tokens * w / len(s.train)) for s, w in zip(self.splits, self.weights)}
-
-
-def windows(tokens: np.ndarray, seq_len: int) -> np.ndarray:
-    """Non-overlapping (n, T+1) rows covering the stream: every token but the first is a target once."""
-    n = (len(tokens) - 1) // seq_len
-    if n == 0:
-        raise UserError(f"the text has {len(tokens)} tokens, too few to evaluate (need at least 2)")
-    idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
-    return np.asarray(tokens)[idx].astype(np.int32)

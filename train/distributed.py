@@ -60,8 +60,8 @@ def initialize(coordinator: str | None, num_processes: int | None, process_id: i
                                initialization_timeout=timeout_s)
 
 
-def to_host(x) -> np.ndarray:
-    """A (replicated) jax.Array as numpy, also when it spans devices of other processes."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        x = x.addressable_data(0)
-    return np.asarray(jax.device_get(x))
+def any_process(flag: bool) -> bool:
+    """True on every process if it is true on any (a blocking all-gather of one bit)."""
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))

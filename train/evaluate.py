@@ -64,9 +64,9 @@ def score_text(graphdef, params, tokenizer, text: str, context: int) -> dict:
     ids = tokenizer.encode(text)
     if not ids:
         raise UserError("--text is empty; give some text to score")
-    if len(ids) + 1 > context:
-        raise UserError(f"the text is {len(ids)} tokens but the model's context is {context} "
-                        f"(including the start token); score at most {context - 1} tokens")
+    if len(ids) > context:
+        raise UserError(f"the text is {len(ids)} tokens but the model's context is {context}; "
+                        f"score at most {context} tokens")
     tokens = np.array([[tokenizer.eot_id] + ids], np.int32)
     logprobs = np.asarray(_logprobs(graphdef, params, tokens), np.float64)
     total = float(logprobs.sum())

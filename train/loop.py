@@ -7,6 +7,7 @@ before anything is written to the run directory, so a failed start never damages
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -23,17 +24,17 @@ import numpy as np
 from tqdm import tqdm
 
 from plutao.model.presets import count_params, flops_per_token
-from plutao.model.sampling import SamplingConfig, generate
+from plutao.model.sampling import SamplingConfig, generate, to_host
 from plutao.tokenizer import Tokenizer, TokenizerError, load_tokenizer, train_tokenizer
 from plutao.train import data as data_lib
 from plutao.train import sharding
 from plutao.train.checkpoint import Checkpoints
 from plutao.train.config import Config, validate
-from plutao.train.distributed import to_host
+from plutao.train.distributed import any_process
 from plutao.train.errors import UserError
 from plutao.train.metrics import MetricsLog, measure_matmul_peak, plot_losses
 from plutao.train.optim import lr_schedule, make_optimizer
-from plutao.train.step import Trainer, global_batch
+from plutao.train.step import Trainer, sharded_batch
 
 # Keys that must agree between a run directory and a config resuming it.
 TOKENIZER_KEYS = ("tokenizer", "vocab_size")
@@ -144,7 +145,7 @@ def prepare(cfg: Config, run_dir: Path | None, *, devices=None) -> Prepared:
     mesh = sharding.make_mesh(cfg.mesh, devices)
     sharding.check_divisibility(cfg.model, mesh, cfg.train.batch_size, cfg.train.grad_accum)
     batches = data_lib.Batches(splits, cfg.data.weights, cfg.model.context_length, cfg.train.batch_size,
-                               cfg.train.seed, jax.process_index(), jax.process_count())
+                               cfg.train.seed)
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     trainer = Trainer(cfg.model, tx, lr_schedule(cfg.optim, cfg.train.steps), mesh, cfg.train.seed,
                       cfg.train.grad_accum, cfg.optim.label_smoothing)
@@ -154,15 +155,17 @@ def prepare(cfg: Config, run_dir: Path | None, *, devices=None) -> Prepared:
 def evaluate(p: Prepared, params, n_batches: int) -> float:
     total, count = 0.0, 0.0
     for i in range(n_batches):
-        s, c = p.trainer.eval_step(params, global_batch(p.batches.val_batch(i), p.trainer.mesh))
+        batch = sharded_batch(functools.partial(p.batches.val_rows, i), p.batches.shape, p.trainer.mesh)
+        s, c = p.trainer.eval_step(params, batch)
         total, count = total + float(to_host(s)), count + float(to_host(c))
     return total / max(count, 1.0)
 
 
 def milestone_sample(p: Prepared, params, step: int) -> str:
-    prompt = p.tokenizer.encode(p.cfg.train.sample_prompt) if p.cfg.train.sample_prompt else [p.tokenizer.eot_id]
+    prompt = [p.tokenizer.eot_id] + p.tokenizer.encode(p.cfg.train.sample_prompt)
     model = p.trainer.model(params)
-    sampling = SamplingConfig(temperature=0.8, max_new_tokens=p.cfg.train.sample_tokens, seed=step, stop_at_eot=False)
+    sampling = SamplingConfig(temperature=0.8, max_new_tokens=p.cfg.train.sample_tokens,
+                              seed=p.cfg.train.seed * 1_000_003 + step, stop_at_eot=False)
     ids = generate(model, [prompt[-p.cfg.model.context_length:]], sampling, eot_id=p.tokenizer.eot_id,
                    pad_id=p.tokenizer.pad_id)[0]
     return p.cfg.train.sample_prompt + p.tokenizer.decode(ids)
@@ -189,10 +192,19 @@ class StopFlag:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    def agreed(self, step: int, every: int) -> bool:
+        """Whether to stop before `step + 1`. With several processes all must stop at the same step,
+        so the flags are compared (one small collective) every `every` steps only."""
+        if jax.process_count() == 1:
+            return self.signal is not None
+        return step % every == 0 and any_process(self.signal is not None)
+
 
 def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> dict:
     """Train (or resume) the run in run_dir; returns a summary dict."""
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--workdir {run_dir} is a file; give a directory (new or an earlier run's)")
     p = prepare(cfg, run_dir, devices=devices)
     cfg, trainer = p.cfg, p.trainer
     main = is_main_process()
@@ -224,7 +236,7 @@ def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> d
         f"{tokenizer_summary(p.tokenizer)}, {sum(len(s.train) for s in p.splits):,} training tokens, "
         f"mesh {dict(trainer.mesh.shape)}, steps {start}→{cfg.train.steps}")
 
-    metrics = MetricsLog(run_dir, enabled=main)
+    metrics = MetricsLog(run_dir, enabled=main, start_step=start)
     t = cfg.train
     last_val = None
     history = []
@@ -234,9 +246,12 @@ def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> d
                                       dynamic_ncols=True, file=sys.stderr) as bar:
             window_start, window_steps = time.perf_counter(), 0
             step = start
-            last_step = min(t.steps, t.stop_at_step) if t.stop_at_step > start else t.steps
-            while step < last_step and stop.signal is None:
-                tokens = global_batch(p.batches.train_batch(step), trainer.mesh)
+            last_step = min(t.steps, t.stop_at_step) if t.stop_at_step else t.steps
+            if last_step <= start < t.steps:
+                log(f"{run_dir} is already at step {start} ≥ train.stop_at_step={t.stop_at_step}; nothing to do")
+                return {"interrupted": True, "step": start, "run_dir": str(run_dir)}
+            while step < last_step and not stop.agreed(step, t.log_every):
+                tokens = sharded_batch(functools.partial(p.batches.train_rows, step), p.batches.shape, trainer.mesh)
                 t0 = time.perf_counter()
                 state, step_metrics = trainer.train_step(state, tokens)
                 step += 1
@@ -269,27 +284,32 @@ def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> d
                     checkpoints.save(step, state, last_val if t.eval_every and step % t.eval_every == 0 else None)
                 if window_steps == 0:
                     window_start = time.perf_counter()
-            interrupted = stop.signal is not None or step < t.steps
-        if interrupted:
-            checkpoints.save(step, state)
+            interrupted = step < t.steps
+            if interrupted:
+                checkpoints.save(step, state)
+                checkpoints.close()
+                why = f"stopped by signal {stop.signal}" if stop.signal is not None else "reached train.stop_at_step"
+                log(f"{why} at step {step}; checkpoint saved in {run_dir}/checkpoints/{step}. "
+                    "Run the same command again to resume.")
+                if main:
+                    plot_losses(run_dir)
+                return {"interrupted": True, "step": step, "run_dir": str(run_dir)}
+            # Still under StopFlag: a signal now cannot cut the final evaluation and save short.
+            final_val = evaluate(p, state["params"], t.eval_batches)
+            sample = None
+            epochs = p.batches.epochs_consumed(step)
+            if step > start:  # (re-running a finished run only reports; it appends nothing)
+                metrics.write({"step": step, "split": "val", "loss": final_val,
+                               "perplexity": math.exp(min(final_val, 50))})
+                checkpoints.save(step, state, final_val)
+                if t.sample_every and step % t.sample_every:  # (else the milestone sample just shown)
+                    sample = milestone_sample(p, state["params"], step)
+                    metrics.write({"step": step, "sample": sample})
+                metrics.write({"step": step, "epochs": epochs})
+            else:
+                log(f"{run_dir} is already trained to step {step} (train.steps={t.steps}); raise train.steps to "
+                    "continue (the learning-rate schedule is then recomputed for the new length)")
             checkpoints.close()
-            why = f"stopped by signal {stop.signal}" if stop.signal is not None else "reached train.stop_at_step"
-            log(f"{why} at step {step}; checkpoint saved in {run_dir}/checkpoints/{step}. "
-                "Run the same command again to resume.")
-            return {"interrupted": True, "step": step, "run_dir": str(run_dir)}
-        final_val = evaluate(p, state["params"], t.eval_batches)
-        sample = None
-        epochs = p.batches.epochs_consumed(step)
-        if step > start:  # (re-running a finished run only reports; it appends nothing)
-            metrics.write({"step": step, "split": "val", "loss": final_val, "perplexity": math.exp(min(final_val, 50))})
-            checkpoints.save(step, state, final_val)
-            if t.sample_every and step % t.sample_every:  # (else the milestone sample just shown)
-                sample = milestone_sample(p, state["params"], step)
-                metrics.write({"step": step, "sample": sample})
-            metrics.write({"step": step, "epochs": epochs})
-        else:
-            log(f"{run_dir} is already trained to step {step} (train.steps={t.steps}); raise train.steps to continue")
-        checkpoints.close()
     finally:
         metrics.close()
     plot = plot_losses(run_dir) if main else None

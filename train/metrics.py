@@ -8,20 +8,26 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 class MetricsLog:
     """Appends one JSON object per line to RUN_DIR/metrics.jsonl and mirrors scalars to TensorBoard."""
 
-    def __init__(self, run_dir: Path, enabled: bool = True):
+    def __init__(self, run_dir: Path, enabled: bool = True, start_step: int = 0):
+        """Resuming at start_step drops records past it (from steps a crash made the run redo)."""
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.tb = None
         if enabled:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tb"), flush_secs=10)
+            if self.path.is_file():
+                kept = [line for line in self.path.read_text().splitlines()
+                        if line.strip() and json.loads(line).get("step", 0) <= start_step]
+                tmp = self.path.with_suffix(".tmp")
+                tmp.write_text("".join(line + "\n" for line in kept))
+                tmp.replace(self.path)
+            self.tb = SummaryWriter(str(run_dir / "tb"), flush_secs=10, purge_step=start_step + 1 if start_step else None)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -86,8 +92,5 @@ def measure_matmul_peak(dtype=jnp.float32, n: int = 1024, repeats: int = 10) -> 
         t = time.perf_counter()
         f(a).block_until_ready()
         best = min(best, time.perf_counter() - t)
-    return 2.0 * n**3 / best * len(jax.local_devices())
+    return 2.0 * n**3 / best * jax.device_count()  # (tokens/s is global, so is the peak)
 
-
-def median(xs) -> float:
-    return float(np.median(np.asarray(xs))) if len(xs) else float("nan")

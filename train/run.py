@@ -48,7 +48,9 @@ def load_run(run_dir: Path, step: int | None = None) -> LoadedRun:
     mesh = sharding.make_mesh(dataclasses.replace(cfg.mesh, data=-1, fsdp=1, tensor=1))
     trainer = Trainer(cfg.model, make_optimizer(cfg.optim, cfg.train.steps), lr_schedule(cfg.optim, cfg.train.steps),
                       mesh, cfg.train.seed)
-    checkpoints = Checkpoints(run_dir / "checkpoints", async_save=False)
+    if not (run_dir / "checkpoints").is_dir():
+        raise UserError(f"{run_dir} has no checkpoint yet; train it first (`plutao train --workdir {run_dir}`)")
+    checkpoints = Checkpoints(run_dir / "checkpoints", async_save=False, read_only=True)
     steps = checkpoints.all_steps()
     if not steps:
         raise UserError(f"{run_dir} has no checkpoint yet; train it first (`plutao train --workdir {run_dir}`)")

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh
@@ -91,7 +92,9 @@ class Trainer:
         else:
             # Sum the gradients of summed losses over micro-batches, then divide once by the total
             # token count: exactly the gradient of the mean loss over the whole batch.
-            micro_ABT1 = tokens_BT1.reshape(A, tokens_BT1.shape[0] // A, *tokens_BT1.shape[1:])
+            # Micro-batch i takes rows i, i+A, i+2A, ...: every micro-batch is spread over all
+            # data-parallel devices instead of living on 1/A of them.
+            micro_ABT1 = tokens_BT1.reshape(tokens_BT1.shape[0] // A, A, *tokens_BT1.shape[1:]).swapaxes(0, 1)
 
             def accumulate(carry, xs):
                 g_acc, l_acc, c_acc = carry
@@ -110,8 +113,9 @@ class Trainer:
         return {"params": params, "opt_state": opt_state, "step": step + 1}, metrics
 
     def _eval_step(self, params, tokens_BT1):
-        loss_sum, count = self._loss_sum(params, tokens_BT1, None)
-        return loss_sum, count
+        model = nnx.merge(self.graphdef, params)
+        logits_BTV, _, _ = model(tokens_BT1[:, :-1], constrain=self.constrain)
+        return cross_entropy_sum(logits_BTV, tokens_BT1[:, 1:])  # plain cross-entropy: no smoothing
 
     @functools.cached_property
     def train_step(self):
@@ -130,9 +134,21 @@ class Trainer:
         return nnx.merge(self.graphdef, params)
 
 
-def global_batch(tokens_local, mesh: Mesh):
-    """Assemble the global (B, T+1) array from each process's rows, placed by the batch sharding."""
-    sh = sharding.batch_sharding(mesh)
-    if jax.process_count() == 1:
-        return jax.device_put(tokens_local, sh)
-    return jax.make_array_from_process_local_data(sh, tokens_local)
+def global_batch(tokens, mesh: Mesh):
+    """Place a whole (B, T+1) batch held by this (single) process with the batch sharding."""
+    return jax.device_put(tokens, sharding.batch_sharding(mesh))
+
+
+def sharded_batch(draw_rows, shape: tuple[int, int], mesh: Mesh):
+    """The global batch, built from the rows each local device holds: `draw_rows(slice)` is called
+    once per distinct row range this process needs, never for rows only other processes hold."""
+    drawn: dict[tuple, np.ndarray] = {}
+
+    def rows_for(index):
+        rows = index[0]
+        key = rows.indices(shape[0])
+        if key not in drawn:
+            drawn[key] = draw_rows(rows)
+        return drawn[key][:, index[1]]
+
+    return jax.make_array_from_callback(shape, sharding.batch_sharding(mesh), rows_for)
