@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -23,6 +24,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _forward_stdout(stream) -> None:
+    """Process 0's stdout, less gloo's connection chatter (so `--json` output stays parseable)."""
+    for line in stream:
+        if not line.startswith("[Gloo] "):
+            sys.stdout.write(line)
+            sys.stdout.flush()
 
 
 def launch_local(command: list[str], n: int, devices_per_process: int = 1, port: int = 0) -> int:
@@ -42,7 +51,13 @@ def launch_local(command: list[str], n: int, devices_per_process: int = 1, port:
         argv = [sys.executable, "-m", "plutao.experiments", "--coordinator", f"127.0.0.1:{port}",
                 "--num-processes", str(n), "--process-id", str(i), *command]
         out = None if i == 0 else open(logs / f"process-{i}.log", "w")  # noqa: SIM115 (closed below)
-        procs.append((subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT if out else None), out))
+        if i == 0:
+            proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True)
+            forwarder = threading.Thread(target=_forward_stdout, args=(proc.stdout,), daemon=True)
+            forwarder.start()
+        else:
+            proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+        procs.append((proc, out))
 
     def forward(signum, frame):
         for proc, _ in procs:
@@ -61,6 +76,7 @@ def launch_local(command: list[str], n: int, devices_per_process: int = 1, port:
                             other.terminate()
             time.sleep(0.1)
         codes = [proc.returncode for proc, _ in procs]
+        forwarder.join(timeout=10)  # the last lines of process 0's output
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

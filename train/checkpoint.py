@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import orbax.checkpoint as ocp
@@ -17,6 +18,8 @@ class Checkpoints:
             # BestN keeps the tail of the sorted list; descending order puts the lowest loss last.
             pp.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1, keep_checkpoints_without_metrics=False),
         ])
+        if read_only:  # orbax warns that a read-only manager is read-only; nothing to tell the user
+            logging.getLogger("absl").setLevel(logging.ERROR)
         self.manager = ocp.CheckpointManager(
             Path(directory).absolute(),
             options=ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=async_save,
