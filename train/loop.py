@@ -242,8 +242,8 @@ def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> d
     history = []
     compile_s = None
     try:
-        with StopFlag() as stop, tqdm(total=t.steps, initial=start, disable=quiet or not main, unit="step",
-                                      dynamic_ncols=True, file=sys.stderr) as bar:
+        with StopFlag() as stop, tqdm(total=t.steps, initial=start, disable=quiet or not main or start >= t.steps,
+                                      unit="step", dynamic_ncols=True, file=sys.stderr) as bar:
             window_start, window_steps = time.perf_counter(), 0
             step = start
             last_step = min(t.steps, t.stop_at_step) if t.stop_at_step else t.steps
