@@ -276,7 +276,7 @@ def cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from plutao.train.config import all_keys
+    from plutao.train.config import config_defaults
 
     p = argparse.ArgumentParser(prog="plutao", description="Train and inspect Transformer language models.")
     dist = p.add_argument_group("multi-process runs (JAX's multi-controller runtime; SLURM, Open MPI and TPU VMs "
@@ -288,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train (or resume) a model", formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="presets: " + ", ".join(PRESETS) + "\nconfig keys:\n  " + "\n  ".join(all_keys()))
+                       epilog="presets: " + ", ".join(PRESETS) + "\nconfig keys (defaults before a preset):\n  "
+                       + "\n  ".join(f"{k} = {v!r}" for k, v in config_defaults().items()))
     t.add_argument("config", nargs="?", help="preset name or .toml/.json file (default: the default experiment)")
     t.add_argument("overrides", nargs="*", help="section.key=value overrides")
     t.add_argument("--workdir", help="run directory (default runs/CONFIG); re-running resumes it")

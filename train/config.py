@@ -105,6 +105,11 @@ def all_keys() -> list[str]:
     return [f"{s}.{k}" for s in SECTIONS for k in _fields(s)]
 
 
+def config_defaults() -> dict[str, Any]:
+    """Every `section.key` with its default value."""
+    return flatten(Config().to_dict())
+
+
 def _describe(tp) -> str:
     if get_origin(tp) is Literal:
         return "one of " + " | ".join(map(str, get_args(tp)))
