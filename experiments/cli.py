@@ -199,8 +199,7 @@ def cmd_params(args) -> int:
     from plutao.model.presets import PUBLISHED_PARAMS, count_params, flops_per_token
 
     name, cfg = resolve_config(args.preset, args.overrides)
-    model = cfg.model if cfg.model.vocab_size else cfg.model.__class__(**{**cfg.model.__dict__, "vocab_size": 256})
-    model = model.resolved()
+    model = cfg.shaped_model()
     counts = count_params(model)
     published = PUBLISHED_PARAMS.get(name)
     out = {"preset": name, "params": counts["total"], "non_embedding": counts["non_embedding"],

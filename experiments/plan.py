@@ -12,7 +12,6 @@ upper bound for an accelerator, and XLA's CPU scheduler hoists rematerialised co
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import subprocess
@@ -72,8 +71,7 @@ def sharded_bytes(tree) -> int:
 
 
 def plan(cfg: Config, device_memory: float | None = None) -> dict:
-    model = cfg.model if cfg.model.vocab_size else dataclasses.replace(cfg.model, vocab_size=256)
-    model = model.resolved()
+    model = cfg.shaped_model()
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_divisibility(model, mesh, cfg.train.batch_size, cfg.train.grad_accum)
     trainer = Trainer(model, make_optimizer(cfg.optim, cfg.train.steps), lr_schedule(cfg.optim, cfg.train.steps),

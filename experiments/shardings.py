@@ -7,7 +7,6 @@ to the axis table or to the model's axis names.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import jax
@@ -22,8 +21,8 @@ def _spec_list(spec: PartitionSpec) -> list:
     return [list(p) if isinstance(p, tuple) else p for p in spec]
 
 
-def sharding_dump(cfg: Config, n_devices: int, vocab_size: int = 0) -> dict:
-    model = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or vocab_size or 256).resolved()
+def sharding_dump(cfg: Config, n_devices: int) -> dict:
+    model = cfg.shaped_model()
     mesh = sharding.abstract_mesh(cfg.mesh, n_devices)
     specs = sharding.param_specs(abstract_params(model), mesh)
     flat = {"/".join(str(getattr(k, "key", k)) for k in path): _spec_list(spec)

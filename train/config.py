@@ -85,6 +85,11 @@ class Config:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
+    def shaped_model(self, placeholder_vocab: int = 256) -> ModelConfig:
+        """The resolved model for shape-only tools (params, plan, shardings): when the vocabulary
+        comes from a tokenizer not trained yet (model.vocab_size=0), a placeholder size stands in."""
+        return dataclasses.replace(self.model, vocab_size=self.model.vocab_size or placeholder_vocab).resolved()
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

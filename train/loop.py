@@ -113,7 +113,7 @@ def prepare(cfg: Config, run_dir: Path | None, *, devices=None) -> Prepared:
     """Validate the config, load data and tokenizer, build mesh and step functions. Writes nothing."""
     validate(cfg)
     saved = read_run_config(run_dir) if run_dir is not None else None
-    if saved is not None:
+    if saved is not None:  # early, before data is read; checked again once the vocabulary is known
         check_compatible(saved, cfg, run_dir)
     sources = data_lib.source_paths(cfg.data)
     docs_per_source = [data_lib.read_documents(s, cfg.data) for s in sources]
