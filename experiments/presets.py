@@ -54,6 +54,33 @@ PRESETS: dict[str, dict] = {
         "data.path": "tinyshakespeare", "train.batch_size": 64, "train.steps": 5000, "train.eval_every": 250,
         "train.sample_every": 1000, "train.checkpoint_every": 1000, "train.eval_batches": 200,
     },
+    # Vaswani et al. 2017's base model and recipe: Adam β=(0.9, 0.98), ε=1e-9, lr = d^-0.5·min(step^-0.5,
+    # step·4000^-1.5) (peak 512^-0.5·4000^-0.5 ≈ 7e-4), label smoothing 0.1, shared BPE vocabulary.
+    "transformer-base": _model("transformer-base") | {
+        "data.tokenizer": "bpe", "data.vocab_size": 37000, "train.batch_size": 256, "train.steps": 100000,
+        "optim.name": "adamw", "optim.beta1": 0.9, "optim.beta2": 0.98, "optim.eps": 1e-9, "optim.weight_decay": 0.0,
+        "optim.schedule": "inverse_sqrt", "optim.warmup_steps": 4000, "optim.lr": 512 ** -0.5 * 4000 ** -0.5,
+        "optim.grad_clip": 0.0, "optim.label_smoothing": 0.1, "train.eval_every": 1000, "train.sample_every": 1000,
+        "train.checkpoint_every": 1000,
+    },
+    # French→English on 2 CPU cores: `plutao train translate-cpu data.path=…/fra-eng/train.tsv`.
+    "translate-cpu": _model("translate-cpu") | {
+        "data.tokenizer": "bpe", "data.vocab_size": 4000, "train.batch_size": 64, "train.steps": 6000,
+        "optim.name": "adamw", "optim.beta1": 0.9, "optim.beta2": 0.98, "optim.eps": 1e-9, "optim.weight_decay": 0.01,
+        "optim.schedule": "inverse_sqrt", "optim.warmup_steps": 600, "optim.lr": 1.5e-3, "optim.grad_clip": 1.0,
+        "optim.label_smoothing": 0.1, "train.eval_every": 1000, "train.eval_batches": 20, "train.sample_every": 1000,
+        "train.checkpoint_every": 1000, "data.val_fraction": 0.02,
+    },
+    "bert-cpu": _model("bert-cpu") | NANOGPT_RECIPE | {
+        "data.tokenizer": "bpe", "data.vocab_size": 4000, "data.path": "builtin:python-docs", "train.batch_size": 32,
+        "train.steps": 2000, "optim.lr": 5e-4, "optim.warmup_steps": 200, "train.eval_every": 250,
+        "train.sample_every": 500, "train.checkpoint_every": 500,
+    },
+    "lstm-small": _model("lstm-small") | {
+        "data.tokenizer": "word", "train.batch_size": 20, "train.steps": 4000, "optim.name": "adamw",
+        "optim.lr": 3e-3, "optim.min_lr": 3e-4, "optim.warmup_steps": 100, "optim.weight_decay": 0.0,
+        "optim.grad_clip": 5.0, "train.eval_every": 500, "train.sample_every": 1000, "train.checkpoint_every": 1000,
+    },
     "gpt2-124m": _model("gpt2-124m") | {
         "model.vocab_size": 50257, "data.tokenizer": "bpe", "data.vocab_size": 50257, "train.batch_size": 480,
         "optim.lr": 6e-4, "optim.min_lr": 6e-5, "optim.beta2": 0.95, "optim.warmup_steps": 2000,

@@ -48,6 +48,27 @@ def init_cache(batch: int, length: int, cfg: ModelConfig, dtype=jnp.float32):
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers)]
 
 
+def attend(q_BTHK: Array, k_BSHK: Array, v_BSHK: Array, mask_BTS: Array, w_o_HKD: Array, b_o, *, impl: str,
+           dropout_rate: float, dropout_key: Array | None, return_weights: bool) -> tuple[Array, Array | None]:
+    """softmax(QKᵀ/√d_k)V per head, heads concatenated and projected by W^O: (out (B, T, D), weights or None)."""
+    dt = q_BTHK.dtype
+    B, T, H, K = q_BTHK.shape
+    D = w_o_HKD.shape[-1]
+    fused = impl != "naive" and not return_weights and (dropout_key is None or dropout_rate == 0.0)
+    if fused:
+        weights_BHTS = None
+        out_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, mask=mask_BTS[:, None],
+                                                implementation=None if impl == "auto" else impl)
+    else:
+        weights_BHTS = attention_weights(q_BTHK, k_BSHK, mask_BTS)
+        probs_BHTS = dropout(weights_BHTS, dropout_rate, dropout_key).astype(dt)
+        out_BTHK = jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BSHK)
+    out_BTD = (out_BTHK.reshape(B * T, H * K) @ w_o_HKD.astype(dt).reshape(H * K, D)).reshape(B, T, D)
+    if b_o is not None:
+        out_BTD = out_BTD + b_o[...].astype(dt)
+    return out_BTD, (weights_BHTS if return_weights else None)
+
+
 class MultiHeadAttention(nnx.Module):
     """h heads of scaled dot-product attention, concatenated and projected by W^O."""
 
@@ -94,17 +115,47 @@ class MultiHeadAttention(nnx.Module):
             k_BSHK, v_BSHK = k_BSHK.astype(dt), v_BSHK.astype(dt)
         else:
             k_BSHK, v_BSHK = k_BTHK, v_BTHK
-        fused = self.impl != "naive" and not return_weights and (dropout_key is None or self.dropout_rate == 0.0)
-        if fused:
-            weights_BHTS = None
-            implementation = None if self.impl == "auto" else self.impl
-            out_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, mask=mask_BTS[:, None],
-                                                    implementation=implementation)
-        else:
-            weights_BHTS = attention_weights(q_BTHK, k_BSHK, mask_BTS)
-            probs_BHTS = dropout(weights_BHTS, self.dropout_rate, dropout_key).astype(dt)
-            out_BTHK = jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BSHK)
-        out_BTD = (out_BTHK.reshape(B * T, H * K) @ self.w_o[...].astype(dt).reshape(H * K, D)).reshape(B, T, D)
-        if self.b_o is not None:
-            out_BTD = out_BTD + self.b_o[...].astype(dt)
+        out_BTD, weights_BHTS = attend(q_BTHK, k_BSHK, v_BSHK, mask_BTS, self.w_o[...], self.b_o, impl=self.impl,
+                                       dropout_rate=self.dropout_rate, dropout_key=dropout_key,
+                                       return_weights=return_weights)
         return out_BTD, cache, (weights_BHTS if return_weights else None)
+
+
+class CrossAttention(nnx.Module):
+    """Encoder-decoder attention: queries from the decoder, keys and values from the encoder output.
+
+    The keys and values depend only on the encoder output, so a decoder computes them once per
+    source (`memory_kv`) and reuses them at every decoding step.
+    """
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, h, k = cfg.d_model, cfg.n_heads, cfg.d_head
+        self.dropout_rate = cfg.dropout
+        self.impl = cfg.attention
+        self.w_q = normal_param(rngs, (d, h, k), ("embed", "heads", "kv"), INIT_STD)
+        self.w_kv = normal_param(rngs, (d, 2, h, k), ("embed", None, "heads", "kv"), INIT_STD)
+        self.w_o = normal_param(rngs, (h, k, d), ("heads", "kv", "embed"), INIT_STD / math.sqrt(2 * cfg.n_layers))
+        self.b_q = zeros_param((h, k), ("heads", "kv")) if cfg.bias else None
+        self.b_kv = zeros_param((2, h, k), (None, "heads", "kv")) if cfg.bias else None
+        self.b_o = zeros_param((d,), ("embed",)) if cfg.bias else None
+
+    def memory_kv(self, memory_BSD: Array) -> dict[str, Array]:
+        B, S, D = memory_BSD.shape
+        dt = memory_BSD.dtype
+        kv_N2HK = jnp.einsum("nd,dshk->nshk", memory_BSD.reshape(B * S, D), self.w_kv[...].astype(dt))
+        if self.b_kv is not None:
+            kv_N2HK = kv_N2HK + self.b_kv[...].astype(dt)
+        H, K = kv_N2HK.shape[2:]
+        return {"k": kv_N2HK[:, 0].reshape(B, S, H, K), "v": kv_N2HK[:, 1].reshape(B, S, H, K)}
+
+    def __call__(self, x_BTD: Array, kv: dict[str, Array], mask_BTS: Array, *, dropout_key: Array | None = None,
+                 return_weights: bool = False, constrain=no_constraint):
+        B, T, D = x_BTD.shape
+        dt = x_BTD.dtype
+        q_BTHK = jnp.einsum("nd,dhk->nhk", x_BTD.reshape(B * T, D), self.w_q[...].astype(dt))
+        if self.b_q is not None:
+            q_BTHK = q_BTHK + self.b_q[...].astype(dt)
+        q_BTHK = constrain(q_BTHK.reshape(B, T, *q_BTHK.shape[1:]), ("batch", "length", "heads", "kv"))
+        return attend(q_BTHK, kv["k"].astype(dt), kv["v"].astype(dt), mask_BTS, self.w_o[...], self.b_o,
+                      impl=self.impl, dropout_rate=self.dropout_rate, dropout_key=dropout_key,
+                      return_weights=return_weights)

@@ -9,7 +9,9 @@ Norm = Literal["pre", "post"]
 NormType = Literal["layernorm", "rmsnorm"]
 Positions = Literal["learned", "sinusoidal", "rotary"]
 Activation = Literal["relu", "gelu", "swiglu"]
-Family = Literal["decoder", "encoder_decoder", "encoder"]
+# Transformers (decoder-only GPT, encoder-decoder, encoder-only BERT) and the baselines they replaced.
+Family = Literal["decoder", "encoder_decoder", "encoder", "lstm", "gru", "rnn", "ngram"]
+Smoothing = Literal["kneser_ney", "add_k"]
 Dtype = Literal["float32", "bfloat16"]
 Remat = Literal["none", "full", "dots_saveable"]
 AttentionImpl = Literal["naive", "xla", "cudnn", "auto"]
@@ -48,6 +50,12 @@ class ModelConfig:
     # One block traced once and run by a scan over stacked per-layer weights: compile time stops
     # growing with depth. Changes the parameter layout (a leading `layers` axis).
     scan_layers: bool = False
+    # encoder_decoder: layers of the encoder stack (0 = n_layers); the decoder has n_layers.
+    n_encoder_layers: int = 0
+    # ngram: order n (the last n-1 tokens condition the next), smoothing, and add-k's k.
+    ngram_order: int = 3
+    ngram_smoothing: Smoothing = "kneser_ney"
+    ngram_k: float = 1.0
 
     def resolved(self) -> ModelConfig:
         d_head = self.d_head or (self.d_model // self.n_heads if self.n_heads else 0)

@@ -1,7 +1,7 @@
 """The decoder-only Transformer (GPT): embeddings + positions → N residual blocks → LM head.
 
-Read top to bottom: `Block` is one "attention then MLP" layer with Add & Norm in pre- or post-norm
-arrangement; `GPT` stacks them and maps the final hidden states to vocabulary logits (optionally
+Read top to bottom: `GPT` stacks `Block`s (model/blocks.py: causal self-attention then MLP, each
+with Add & Norm in pre- or post-norm arrangement) and maps the final hidden states to vocabulary logits (optionally
 through the transposed token-embedding matrix).
 """
 
@@ -11,11 +11,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from plutao.model.attention import MultiHeadAttention, causal_mask
+from plutao.model.attention import causal_mask, init_cache
+from plutao.model.blocks import ACT_BTD, Block
 from plutao.model.config import ModelConfig
 from plutao.model.layers import (
     INIT_STD,
-    FeedForward,
     Norm,
     dropout,
     no_constraint,
@@ -24,36 +24,8 @@ from plutao.model.layers import (
 )
 
 Array = jax.Array
-ACT_BTD = ("batch", "length", "act_embed")  # the residual stream: split over the batch only
 REMAT_POLICIES = {"full": jax.checkpoint_policies.nothing_saveable,
                   "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
-
-
-class Block(nnx.Module):
-    """x + Attn(Norm(x)), then x + MLP(Norm(x)) (pre-norm, GPT-2); or Norm(x + Attn(x)) ... (post-norm)."""
-
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.pre_norm = cfg.norm == "pre"
-        self.dropout_rate = cfg.dropout
-        self.norm_attn = Norm(cfg.d_model, cfg.norm_type, cfg.bias)
-        self.attn = MultiHeadAttention(cfg, rngs)
-        self.norm_mlp = Norm(cfg.d_model, cfg.norm_type, cfg.bias)
-        self.mlp = FeedForward(cfg, rngs)
-
-    def __call__(self, x_BTD, mask_BTS, positions_BT, *, cache=None, cache_index=None, dropout_key=None,
-                 return_weights=False, constrain=no_constraint):
-        keys = [None] * 3 if dropout_key is None else list(jax.random.split(dropout_key, 3))
-        h = self.norm_attn(x_BTD) if self.pre_norm else x_BTD
-        attn_BTD, cache, weights = self.attn(h, mask_BTS, positions_BT, cache=cache, cache_index=cache_index,
-                                             dropout_key=keys[0], return_weights=return_weights, constrain=constrain)
-        x_BTD = x_BTD + dropout(attn_BTD, self.dropout_rate, keys[1])
-        if not self.pre_norm:
-            x_BTD = self.norm_attn(x_BTD)
-        h = self.norm_mlp(x_BTD) if self.pre_norm else x_BTD
-        x_BTD = x_BTD + dropout(self.mlp(h, constrain), self.dropout_rate, keys[2])
-        if not self.pre_norm:
-            x_BTD = self.norm_mlp(x_BTD)
-        return constrain(x_BTD, ACT_BTD), cache, weights
 
 
 class GPT(nnx.Module):
@@ -74,6 +46,10 @@ class GPT(nnx.Module):
             None if cfg.tie_embeddings
             else normal_param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), INIT_STD)
         )
+
+    def init_cache(self, batch: int, length: int):
+        """An empty KV cache for incremental decoding (see model/sampling.py)."""
+        return init_cache(batch, length, self.cfg, self.compute_dtype)
 
     def __call__(
         self,

@@ -7,7 +7,7 @@ import numpy as np
 from flax import nnx
 
 from plutao.model.config import ModelConfig
-from plutao.model.gpt import GPT
+from plutao.model.families import TRANSFORMERS, build_model
 
 GPT2_VOCAB = 50257
 
@@ -25,6 +25,20 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     # nanoGPT's GPU "shakespeare_char" configuration.
     "shakespeare-char": ModelConfig(vocab_size=65, context_length=256, n_layers=6, d_model=384, n_heads=6,
                                     dropout=0.2),
+    # The original Transformer "base" (Vaswani et al. 2017, Table 3): 6+6 layers, post-norm, sinusoidal.
+    "transformer-base": ModelConfig(family="encoder_decoder", vocab_size=37000, context_length=256, n_layers=6,
+                                    d_model=512, n_heads=8, d_ff=2048, dropout=0.1, norm="post",
+                                    positions="sinusoidal", activation="relu", bias=True),
+    # A small translation model that trains on 2 CPU cores in minutes.
+    "translate-cpu": ModelConfig(family="encoder_decoder", vocab_size=4000, context_length=32, n_layers=3,
+                                 d_model=256, n_heads=4, d_ff=1024, dropout=0.1, norm="pre",
+                                 positions="sinusoidal", activation="relu"),
+    # BERT-style masked LM, CPU-sized.
+    "bert-cpu": ModelConfig(family="encoder", vocab_size=4000, context_length=128, n_layers=4, d_model=256,
+                            n_heads=4, dropout=0.1, activation="gelu"),
+    # Zaremba et al. 2014's small LSTM for Penn Treebank: 2 layers of 200.
+    "lstm-small": ModelConfig(family="lstm", vocab_size=10000, context_length=35, n_layers=2, d_model=200,
+                              n_heads=1),
     "gpt2-124m": ModelConfig(vocab_size=GPT2_VOCAB, context_length=1024, n_layers=12, d_model=768, n_heads=12,
                              bias=True),
     "gpt3-small": _gpt3(12, 768, 12, 64),
@@ -48,7 +62,7 @@ PUBLISHED_PARAMS = {
 
 def abstract_params(cfg: ModelConfig) -> nnx.State:
     """The model's parameter shapes and axis names, traced abstractly: nothing is allocated."""
-    model = nnx.eval_shape(lambda: GPT(cfg, nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0)))
     return nnx.state(model, nnx.Param)
 
 
@@ -77,5 +91,12 @@ def flops_per_token(cfg: ModelConfig, context: int | None = None) -> float:
     # The LM head is a matmul; untied, it is already among the non-embedding parameters.
     matmul_params = counts["non_embedding"] + (cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0)
     T = context or cfg.context_length
-    return 6.0 * matmul_params + 12.0 * cfg.n_layers * cfg.n_heads * cfg.d_head * T
+    if cfg.family not in TRANSFORMERS:  # recurrent: every weight is a matmul per token, no attention
+        return 6.0 * matmul_params
+    attention = 12.0 * cfg.n_layers * cfg.n_heads * cfg.d_head * T
+    if cfg.family == "encoder_decoder":
+        # A source token passes the encoder, a target token the decoder and the head: with sources
+        # and targets of similar length, a token costs about half of all weights, plus its attention.
+        return 6.0 * matmul_params / 2 + attention
+    return 6.0 * matmul_params + attention
 

@@ -17,8 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from plutao.model.attention import init_cache
-
 Array = jax.Array
 
 
@@ -105,7 +103,7 @@ def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray
 def _prefill(model, tokens_BP, first_valid_B):
     """Run the prompt window through the model once, filling a fresh KV cache."""
     B = tokens_BP.shape[0]
-    cache = init_cache(B, model.cfg.context_length, model.cfg, model.compute_dtype)
+    cache = model.init_cache(B, model.cfg.context_length)
     logits_BPV, cache, _ = model(tokens_BP, cache=cache, cache_index=0, first_valid_B=first_valid_B)
     return logits_BPV[:, -1], cache
 

@@ -1,4 +1,4 @@
-"""Tokenizers for plutao: char, byte and sentencepiece BPE, with shared special tokens.
+"""Tokenizers for plutao: char, byte, sentencepiece BPE and word, with shared special tokens.
 
 tok = train_tokenizer("bpe", texts, vocab_size=8192)
 tok.save("runs/x/tokenizer"); tok = load_tokenizer("runs/x/tokenizer")
@@ -12,6 +12,7 @@ from .byte import ByteTokenizer
 from .char import CharTokenizer
 from .factory import TOKENIZER_KINDS, load_tokenizer, train_tokenizer
 from .viewer import format_tokens
+from .word import WordTokenizer
 
 __all__ = [
     "SPECIAL_TOKENS",
@@ -21,6 +22,7 @@ __all__ = [
     "CharTokenizer",
     "Tokenizer",
     "TokenizerError",
+    "WordTokenizer",
     "format_tokens",
     "load_tokenizer",
     "train_tokenizer",

@@ -11,11 +11,13 @@ from .base import CONFIG_FILE, FORMAT_VERSION, SPECIAL_IDS, Tokenizer, Tokenizer
 from .bpe import BPETokenizer
 from .byte import ByteTokenizer
 from .char import CharTokenizer
+from .word import WordTokenizer
 
 TOKENIZER_KINDS: dict[str, type[Tokenizer]] = {
     "char": CharTokenizer,
     "byte": ByteTokenizer,
     "bpe": BPETokenizer,
+    "word": WordTokenizer,
 }
 
 
@@ -26,13 +28,15 @@ def _check_kind(kind: object) -> str:
 
 
 def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int | None = None) -> Tokenizer:
-    """Train a `kind` tokenizer on `texts`; vocab_size is required for bpe and ignored by char and byte,
-    whose vocabularies are fixed by the data (char) or by design (byte)."""
+    """Train a `kind` tokenizer on `texts`; vocab_size is required for bpe, caps word (None = every word)
+    and is ignored by char and byte, whose vocabularies are fixed by the data (char) or by design (byte)."""
     kind = _check_kind(kind)
     if kind == "char":
         return CharTokenizer.train(texts)
     if kind == "byte":
         return ByteTokenizer()
+    if kind == "word":
+        return WordTokenizer.train(texts, vocab_size)
     if vocab_size is None:
         raise TokenizerError("a bpe tokenizer needs a vocab_size; set data.vocab_size (e.g. 8192)")
     return BPETokenizer.train(texts, vocab_size)

@@ -28,8 +28,8 @@ class DataConfig:
     # A file, a folder, a .jsonl file, a built-in or downloadable corpus name, or a list of them (a mixture).
     path: str | list[str] = DEFAULT_CORPUS
     weights: list[float] = dataclasses.field(default_factory=list)  # mixture weights; empty = equal
-    tokenizer: Literal["char", "byte", "bpe"] = "char"
-    vocab_size: int = 0  # BPE vocabulary size (required for bpe)
+    tokenizer: Literal["char", "byte", "bpe", "word"] = "char"
+    vocab_size: int = 0  # BPE vocabulary size (required for bpe); word: keep the most frequent (0 = all)
     jsonl_field: str = "text"
     glob: str = "**/*.txt"  # which files of a folder source to read
     val_fraction: float = 0.1  # the last fraction of each source is held out
@@ -51,6 +51,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     stop_at_step: int = 0  # end this invocation at this step (checkpointed, resumable); 0 = run to train.steps
+    mask_rate: float = 0.15  # encoder (masked LM): the fraction of tokens selected for prediction
     peak_flops: float = 0.0  # for MFU; 0 = measure a matmul peak on this device at start
 
 
@@ -224,9 +225,17 @@ def load_config_file(path: Path) -> dict[str, Any]:
 def validate(cfg: Config) -> None:
     """Raise a UserError for the first problem that would make the run fail later."""
     problems = [p for p in cfg.model.problems() if not p.startswith("model.vocab_size")]
-    if cfg.model.family != "decoder":
-        problems.append(f"model.family={cfg.model.family} is not available yet; use model.family=decoder")
     t, o, d = cfg.train, cfg.optim, cfg.data
+    if cfg.model.family == "encoder_decoder" and d.weights:
+        problems.append("translation data (model.family=encoder_decoder) has no mixture weights; drop data.weights")
+    if not 0.0 < t.mask_rate < 1.0:
+        problems.append(f"train.mask_rate must be in (0, 1), got {t.mask_rate}")
+    if cfg.model.family == "ngram" and cfg.model.ngram_order < 1:
+        problems.append(f"model.ngram_order must be ≥ 1, got {cfg.model.ngram_order}")
+    if cfg.model.ngram_k <= 0:
+        problems.append(f"model.ngram_k must be > 0, got {cfg.model.ngram_k}")
+    if cfg.model.n_encoder_layers < 0:
+        problems.append(f"model.n_encoder_layers must be ≥ 0 (0 = model.n_layers), got {cfg.model.n_encoder_layers}")
     for key in ("batch_size", "steps", "log_every", "checkpoint_every", "eval_batches", "keep_checkpoints"):
         if getattr(t, key) < 1:
             problems.append(f"train.{key} must be ≥ 1, got {getattr(t, key)}")

@@ -143,6 +143,15 @@ class Batches:
     def shape(self) -> tuple[int, int]:
         return self.global_batch, self.seq_len + 1
 
+    def train_shape(self, step: int) -> tuple[int, int]:
+        return self.shape
+
+    def val_shape(self, index: int) -> tuple[int, int]:
+        return self.shape
+
+    def tokens_per_step(self, step: int) -> int:
+        return self.global_batch * self.seq_len
+
     def _draw(self, purpose: int, index: int, parts: list[np.ndarray], rows: slice) -> np.ndarray:
         rng = np.random.default_rng([self.seed, purpose, index])
         source_B = rng.choice(len(parts), size=self.global_batch, p=self.weights)

@@ -21,11 +21,14 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from flax import nnx
 from tqdm import tqdm
 
+from plutao.model.config import ModelConfig
 from plutao.model.presets import count_params, flops_per_token
 from plutao.model.sampling import SamplingConfig, generate, to_host
 from plutao.tokenizer import Tokenizer, TokenizerError, load_tokenizer, train_tokenizer
+from plutao.tokenizer.base import NUM_SPECIAL
 from plutao.train import data as data_lib
 from plutao.train import sharding
 from plutao.train.checkpoint import Checkpoints
@@ -33,7 +36,9 @@ from plutao.train.config import Config, validate
 from plutao.train.distributed import any_process
 from plutao.train.errors import UserError
 from plutao.train.metrics import MetricsLog, measure_matmul_peak, plot_losses
+from plutao.train.objectives import Objective
 from plutao.train.optim import lr_schedule, make_optimizer
+from plutao.train.pairs import PairBatches, encode_pairs, held_out, pack, read_pairs
 from plutao.train.step import Trainer, sharded_batch
 
 # Keys that must agree between a run directory and a config resuming it.
@@ -46,9 +51,9 @@ class Prepared:
 
     cfg: Config
     tokenizer: Tokenizer
-    splits: list[data_lib.Split]
-    batches: data_lib.Batches
+    batches: data_lib.Batches | PairBatches
     trainer: Trainer
+    data_summary: str
 
 
 def is_main_process() -> bool:
@@ -104,7 +109,7 @@ def check_compatible(saved: dict, cfg: Config, run_dir: Path) -> None:
             continue
         if key in ("dropout", "dtype", "remat", "attention"):  # these change computation, not the parameters
             continue
-        if old_model.get(key) != new:
+        if old_model.get(key, getattr(ModelConfig(), key)) != new:
             raise UserError(f"the checkpoint in {run_dir} has model.{key}={old_model.get(key)}, but the config says "
                             f"{new}; set model.{key}={old_model.get(key)} to resume, or use a new --workdir")
 
@@ -116,7 +121,12 @@ def prepare(cfg: Config, run_dir: Path | None, *, devices=None) -> Prepared:
     if saved is not None:  # early, before data is read; checked again once the vocabulary is known
         check_compatible(saved, cfg, run_dir)
     sources = data_lib.source_paths(cfg.data)
-    docs_per_source = [data_lib.read_documents(s, cfg.data) for s in sources]
+    translation = cfg.model.family == "encoder_decoder"
+    if translation:  # one shared vocabulary is trained on both sides of every pair
+        pairs = [pair for s in sources for pair in read_pairs(s)]
+        docs_per_source = [[text for pair in pairs for text in pair]]
+    else:
+        docs_per_source = [data_lib.read_documents(s, cfg.data) for s in sources]
 
     tok_dir = run_dir / "tokenizer" if run_dir is not None else None
     try:
@@ -139,29 +149,54 @@ def prepare(cfg: Config, run_dir: Path | None, *, devices=None) -> Prepared:
     if saved is not None:
         check_compatible(saved, cfg, run_dir)
 
-    cache = data_lib.cache_root(cfg.data)
-    splits = [data_lib.split_tokens(name, data_lib.tokenize_documents(docs, tokenizer, cache), cfg.data.val_fraction)
-              for name, docs in zip(sources, docs_per_source)]
+    if translation:
+        val = [held_out(pair, cfg.data.val_fraction) for pair in pairs]
+        batches = PairBatches(encode_pairs([q for q, v in zip(pairs, val) if not v], tokenizer),
+                              encode_pairs([q for q, v in zip(pairs, val) if v], tokenizer),
+                              cfg.model.context_length, cfg.train.batch_size, cfg.train.seed, tokenizer.pad_id,
+                              ",".join(sources))
+        summary = (f"{len(batches.train):,} training and {len(batches.val):,} held-out pairs"
+                   + (f" ({batches.dropped:,} longer than the context left out)" if batches.dropped else ""))
+    else:
+        cache = data_lib.cache_root(cfg.data)
+        splits = [data_lib.split_tokens(name, data_lib.tokenize_documents(docs, tokenizer, cache),
+                                        cfg.data.val_fraction) for name, docs in zip(sources, docs_per_source)]
+        batches = data_lib.Batches(splits, cfg.data.weights, cfg.model.context_length, cfg.train.batch_size,
+                                   cfg.train.seed)
+        summary = f"{sum(len(s.train) for s in splits):,} training tokens"
     mesh = sharding.make_mesh(cfg.mesh, devices)
     sharding.check_divisibility(cfg.model, mesh, cfg.train.batch_size, cfg.train.grad_accum)
-    batches = data_lib.Batches(splits, cfg.data.weights, cfg.model.context_length, cfg.train.batch_size,
-                               cfg.train.seed)
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     trainer = Trainer(cfg.model, tx, lr_schedule(cfg.optim, cfg.train.steps), mesh, cfg.train.seed,
-                      cfg.train.grad_accum, cfg.optim.label_smoothing)
-    return Prepared(cfg, tokenizer, splits, batches, trainer)
+                      cfg.train.grad_accum, objective_for(cfg, tokenizer))
+    return Prepared(cfg, tokenizer, batches, trainer, summary)
 
 
-def evaluate(p: Prepared, params, n_batches: int) -> float:
-    total, count = 0.0, 0.0
+def objective_for(cfg: Config, tokenizer: Tokenizer) -> Objective:
+    return Objective(cfg.model.family, cfg.optim.label_smoothing, pad_id=tokenizer.pad_id, mask_id=tokenizer.mask_id,
+                     first_regular_id=NUM_SPECIAL, vocab_limit=tokenizer.vocab_size, mask_rate=cfg.train.mask_rate)
+
+
+def evaluate(p: Prepared, params, n_batches: int) -> dict:
+    """Held-out loss over n batches (and masked-token accuracy for the masked LM)."""
+    sums: dict[str, float] = {}
     for i in range(n_batches):
-        batch = sharded_batch(functools.partial(p.batches.val_rows, i), p.batches.shape, p.trainer.mesh)
-        s, c = p.trainer.eval_step(params, batch)
-        total, count = total + float(to_host(s)), count + float(to_host(c))
-    return total / max(count, 1.0)
+        batch = sharded_batch(functools.partial(p.batches.val_rows, i), p.batches.val_shape(i), p.trainer.mesh)
+        for k, v in p.trainer.eval_step(params, batch).items():
+            sums[k] = sums.get(k, 0.0) + float(to_host(v))
+    count = max(sums["count"], 1.0)
+    out = {"loss": sums["loss"] / count, "perplexity": math.exp(min(sums["loss"] / count, 50))}
+    if "correct" in sums:
+        out["accuracy"] = sums["correct"] / count
+    return out
 
 
 def milestone_sample(p: Prepared, params, step: int) -> str:
+    family = p.cfg.model.family
+    if family == "encoder_decoder":
+        return translation_sample(p, params)
+    if family == "encoder":
+        return fill_mask_sample(p, params)
     prompt = [p.tokenizer.eot_id] + p.tokenizer.encode(p.cfg.train.sample_prompt)
     model = p.trainer.model(params)
     sampling = SamplingConfig(temperature=0.8, max_new_tokens=p.cfg.train.sample_tokens,
@@ -229,11 +264,10 @@ def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> d
         tmp.replace(run_dir / "config.json")
     start = int(to_host(state["step"]))
     n_params = count_params(cfg.model)
-    tokens_per_step = cfg.train.batch_size * cfg.model.context_length
-    flops_per_step = flops_per_token(cfg.model) * tokens_per_step
+    flops_per_tok = flops_per_token(cfg.model)
     peak = cfg.train.peak_flops or measure_matmul_peak(np.dtype(cfg.model.dtype))
     log(f"plutao: {n_params['total'] / 1e6:.2f}M parameters ({n_params['non_embedding'] / 1e6:.2f}M non-embedding), "
-        f"{tokenizer_summary(p.tokenizer)}, {sum(len(s.train) for s in p.splits):,} training tokens, "
+        f"{tokenizer_summary(p.tokenizer)}, {p.data_summary}, "
         f"mesh {dict(trainer.mesh.shape)}, steps {start}→{cfg.train.steps}")
 
     metrics = MetricsLog(run_dir, enabled=main, start_step=start)
@@ -244,14 +278,16 @@ def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> d
     try:
         with StopFlag() as stop, tqdm(total=t.steps, initial=start, disable=quiet or not main or start >= t.steps,
                                       unit="step", dynamic_ncols=True, file=sys.stderr) as bar:
-            window_start, window_steps = time.perf_counter(), 0
+            window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
             step = start
             last_step = min(t.steps, t.stop_at_step) if t.stop_at_step else t.steps
             if last_step <= start < t.steps:
                 log(f"{run_dir} is already at step {start} ≥ train.stop_at_step={t.stop_at_step}; nothing to do")
                 return {"interrupted": True, "step": start, "run_dir": str(run_dir)}
             while step < last_step and not stop.agreed(step, t.log_every):
-                tokens = sharded_batch(functools.partial(p.batches.train_rows, step), p.batches.shape, trainer.mesh)
+                tokens = sharded_batch(functools.partial(p.batches.train_rows, step), p.batches.train_shape(step),
+                                       trainer.mesh)
+                window_tokens += p.batches.tokens_per_step(step)
                 t0 = time.perf_counter()
                 state, step_metrics = trainer.train_step(state, tokens)
                 step += 1
@@ -259,23 +295,24 @@ def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> d
                 if compile_s is None:
                     jax.block_until_ready(step_metrics)
                     compile_s = time.perf_counter() - t0
-                    window_start, window_steps = time.perf_counter(), 0
+                    window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
                 if step % t.log_every == 0 or step == t.steps:
                     m = {k: float(to_host(v)) for k, v in step_metrics.items()}
                     m |= {"step": step, "split": "train", "perplexity": math.exp(min(m["loss"], 50))}
                     if window_steps:  # (the first step's window is its compilation)
-                        tps = tokens_per_step * window_steps / (time.perf_counter() - window_start)
-                        m |= {"tokens_per_sec": tps, "mfu": tps / tokens_per_step * flops_per_step / peak}
+                        tps = window_tokens / (time.perf_counter() - window_start)
+                        m |= {"tokens_per_sec": tps, "mfu": tps * flops_per_tok / peak}
                     metrics.write(m)
                     history.append(m)
                     bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m.get('tokens_per_sec', 0):,.0f}", refresh=False)
-                    window_start, window_steps = time.perf_counter(), 0
+                    window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
                 bar.update(1)
                 if t.eval_every and step % t.eval_every == 0 and step < t.steps:
-                    last_val = evaluate(p, state["params"], t.eval_batches)
-                    metrics.write({"step": step, "split": "val", "loss": last_val,
-                                   "perplexity": math.exp(min(last_val, 50))})
-                    log(f"step {step}: val loss {last_val:.4f}")
+                    val = evaluate(p, state["params"], t.eval_batches)
+                    last_val = val["loss"]
+                    metrics.write({"step": step, "split": "val", **val})
+                    log(f"step {step}: val loss {last_val:.4f}" + (f", masked-token accuracy {val['accuracy']:.3f}"
+                                                                   if "accuracy" in val else ""))
                 if t.sample_every and step % t.sample_every == 0:  # every process takes part; one prints
                     sample = milestone_sample(p, state["params"], step)
                     metrics.write({"step": step, "sample": sample})
@@ -283,7 +320,7 @@ def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> d
                 if step % t.checkpoint_every == 0 and step < t.steps:
                     checkpoints.save(step, state, last_val if t.eval_every and step % t.eval_every == 0 else None)
                 if window_steps == 0:
-                    window_start = time.perf_counter()
+                    window_start, window_tokens = time.perf_counter(), 0
             interrupted = step < t.steps
             if interrupted:
                 checkpoints.save(step, state)
@@ -295,12 +332,12 @@ def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> d
                     plot_losses(run_dir)
                 return {"interrupted": True, "step": step, "run_dir": str(run_dir)}
             # Still under StopFlag: a signal now cannot cut the final evaluation and save short.
-            final_val = evaluate(p, state["params"], t.eval_batches)
+            final = evaluate(p, state["params"], t.eval_batches)
+            final_val = final["loss"]
             sample = None
             epochs = p.batches.epochs_consumed(step)
             if step > start:  # (re-running a finished run only reports; it appends nothing)
-                metrics.write({"step": step, "split": "val", "loss": final_val,
-                               "perplexity": math.exp(min(final_val, 50))})
+                metrics.write({"step": step, "split": "val", **final})
                 checkpoints.save(step, state, final_val)
                 if t.sample_every and step % t.sample_every:  # (else the milestone sample just shown)
                     sample = milestone_sample(p, state["params"], step)
@@ -318,6 +355,7 @@ def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> d
         "train_loss": history[-1]["loss"] if history else None,
         "tokens_per_sec": float(np.median([h["tokens_per_sec"] for h in history if "tokens_per_sec" in h] or [0.0])),
         "compile_seconds": compile_s, "params": n_params["total"], "epochs": epochs,
+        **({"val_accuracy": final["accuracy"]} if "accuracy" in final else {}),
         "run_dir": str(run_dir), "checkpoint": str(run_dir / "checkpoints" / str(step)),
         "plot": str(plot) if plot else None,
     }
@@ -333,3 +371,39 @@ def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> d
 def tokenizer_summary(tok: Tokenizer) -> str:
     return f"{tok.kind} tokenizer with {tok.vocab_size} ids"
 
+
+
+def translation_sample(p: Prepared, params, n: int = 4) -> str:
+    """Greedy translations of the first few held-out sources, with their references."""
+    from plutao.model.seq2seq import greedy_decode, strip
+
+    val = p.batches.val
+    ids = list(range(min(n, len(val))))
+    L = p.cfg.model.context_length
+    src = pack([val.src[i] for i in ids], [val.tgt[i] for i in ids], L, p.tokenizer.pad_id)[:, :L]
+    graphdef, live = nnx.split(p.trainer.model(params))
+    out, _ = greedy_decode(graphdef, live, src, src != p.tokenizer.pad_id, p.tokenizer.bos_id, p.tokenizer.eos_id,
+                           max_len=L)
+    out = to_host(out)
+    lines = []
+    for row, i in enumerate(ids):
+        source = p.tokenizer.decode(strip(val.src[i], p.tokenizer.eos_id, p.tokenizer.pad_id))
+        hyp = p.tokenizer.decode(strip(out[row], p.tokenizer.eos_id, p.tokenizer.pad_id))
+        ref = p.tokenizer.decode(strip(val.tgt[i][1:], p.tokenizer.eos_id, p.tokenizer.pad_id))
+        lines.append(f"{source} → {hyp}   (reference: {ref})")
+    return "\n".join(lines)
+
+
+def fill_mask_sample(p: Prepared, params, width: int = 64) -> str:
+    """A held-out snippet with every 7th token masked, and the model's best guess for each mask."""
+    tokens = np.asarray(p.batches.val_rows(0, slice(0, 1))[0, :width], np.int32)
+    masked = tokens.copy()
+    positions = [i for i in range(3, len(tokens), 7) if tokens[i] >= NUM_SPECIAL]
+    masked[positions] = p.tokenizer.mask_id
+    logits, _ = p.trainer.model(params)(masked[None])
+    filled = masked.copy()
+    filled[positions] = np.argmax(to_host(logits)[0, positions], axis=-1)
+    hits = int(sum(filled[i] == tokens[i] for i in positions))
+    show = p.tokenizer.decode
+    return (f"input:  {show(masked.tolist())}\nfilled: {show(filled.tolist())}\n"
+            f"({hits}/{len(positions)} masked tokens recovered)")

@@ -20,11 +20,11 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from plutao.model.config import ModelConfig
-from plutao.model.gpt import GPT
+from plutao.model.families import build_model
 from plutao.train import sharding
-from plutao.train.losses import cross_entropy_sum
+from plutao.train.objectives import Objective
 
-DROPOUT = 1  # purpose tag folded into the per-step key
+DROPOUT, EVAL_MASKS = 1, 2  # purpose tags folded into keys
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +37,11 @@ class Trainer:
     mesh: Mesh
     seed: int
     grad_accum: int = 1
-    label_smoothing: float = 0.0
+    objective: Objective | None = None  # None = next-token prediction without label smoothing
+
+    @functools.cached_property
+    def _objective(self) -> Objective:
+        return self.objective or Objective(self.model_cfg.family)
 
     @functools.cached_property
     def constrain(self):
@@ -45,10 +49,10 @@ class Trainer:
 
     @functools.cached_property
     def graphdef(self):
-        return nnx.split(nnx.eval_shape(lambda: GPT(self.model_cfg, nnx.Rngs(0))))[0]
+        return nnx.split(nnx.eval_shape(lambda: build_model(self.model_cfg, nnx.Rngs(0))))[0]
 
     def _init(self) -> dict:
-        params = nnx.to_pure_dict(nnx.state(GPT(self.model_cfg, nnx.Rngs(self.seed)), nnx.Param))
+        params = nnx.to_pure_dict(nnx.state(build_model(self.model_cfg, nnx.Rngs(self.seed)), nnx.Param))
         return {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
     @functools.cached_property
@@ -57,7 +61,7 @@ class Trainer:
 
     @functools.cached_property
     def state_shardings(self):
-        abstract_model = nnx.eval_shape(lambda: GPT(self.model_cfg, nnx.Rngs(0)))
+        abstract_model = nnx.eval_shape(lambda: build_model(self.model_cfg, nnx.Rngs(0)))
         params_sh = sharding.param_shardings(nnx.state(abstract_model, nnx.Param), self.mesh)
         repl = sharding.replicated(self.mesh)
         abs_params = self.abstract_state["params"]
@@ -78,9 +82,9 @@ class Trainer:
     # --- the steps -------------------------------------------------------------------------------
 
     def _loss_sum(self, params, tokens_BT1, key):
-        model = nnx.merge(self.graphdef, params)
-        logits_BTV, _, _ = model(tokens_BT1[:, :-1], dropout_key=key, constrain=self.constrain)
-        return cross_entropy_sum(logits_BTV, tokens_BT1[:, 1:], label_smoothing=self.label_smoothing)
+        sums = self._objective.sums(nnx.merge(self.graphdef, params), tokens_BT1, key, train=True,
+                                    constrain=self.constrain)
+        return sums["loss"], sums["count"]
 
     def _train_step(self, state, tokens_BT1):
         step = state["step"]
@@ -113,9 +117,11 @@ class Trainer:
         return {"params": params, "opt_state": opt_state, "step": step + 1}, metrics
 
     def _eval_step(self, params, tokens_BT1):
-        model = nnx.merge(self.graphdef, params)
-        logits_BTV, _, _ = model(tokens_BT1[:, :-1], constrain=self.constrain)
-        return cross_entropy_sum(logits_BTV, tokens_BT1[:, 1:])  # plain cross-entropy: no smoothing
+        """Summed plain cross-entropy (no smoothing, no dropout) and its token count (and, for the
+        masked LM, correct predictions), under masks that are the same at every evaluation."""
+        key = jax.random.fold_in(jax.random.key(self.seed), EVAL_MASKS)
+        return self._objective.sums(nnx.merge(self.graphdef, params), tokens_BT1, key, train=False,
+                                    constrain=self.constrain)
 
     @functools.cached_property
     def train_step(self):
@@ -129,7 +135,7 @@ class Trainer:
         return jax.jit(self._eval_step, in_shardings=(self.state_shardings["params"], batch_sh),
                        out_shardings=sharding.replicated(self.mesh))
 
-    def model(self, params) -> GPT:
+    def model(self, params) -> nnx.Module:
         """A live module over these parameters (for sampling and inspection outside the hot path)."""
         return nnx.merge(self.graphdef, params)
 

@@ -1,0 +1,1 @@
+"""Pre-Transformer language models kept as baselines: recurrent networks and n-grams."""

@@ -1,0 +1,29 @@
+"""One entry point from a ModelConfig to its module: the three Transformer families and the
+recurrent baselines (the n-gram model is counted, not trained by gradient: model/baselines/ngram.py)."""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from plutao.model.config import ModelConfig
+
+TRANSFORMERS = ("decoder", "encoder_decoder", "encoder")
+RECURRENT = ("lstm", "gru", "rnn")
+# Families whose forward pass is next-token prediction over a (B, T) token array (GPT's interface).
+CAUSAL_LM = ("decoder", *RECURRENT)
+
+
+def build_model(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
+    if cfg.family == "decoder":
+        from plutao.model.gpt import GPT
+        return GPT(cfg, rngs)
+    if cfg.family == "encoder_decoder":
+        from plutao.model.encoder_decoder import EncoderDecoder
+        return EncoderDecoder(cfg, rngs)
+    if cfg.family == "encoder":
+        from plutao.model.bert import BERT
+        return BERT(cfg, rngs)
+    if cfg.family in RECURRENT:
+        from plutao.model.baselines.rnn import RecurrentLM
+        return RecurrentLM(cfg, rngs)
+    raise ValueError(f"model.family={cfg.family} has no neural module; it is trained by counting")
