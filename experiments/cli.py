@@ -67,6 +67,46 @@ def _sampling(args):
                           max_new_tokens=args.max_new_tokens, seed=args.seed, stop_at_eot=not args.no_stop)
 
 
+def _family(run_dir: Path) -> str:
+    from plutao.train.errors import UserError
+    from plutao.train.loop import read_run_config
+
+    saved = read_run_config(run_dir)
+    if saved is None:
+        raise UserError(f"{run_dir} is not a run directory (no config.json); pass the --workdir of a `plutao train` run")
+    return saved.get("model", {}).get("family", "decoder")
+
+
+def _sample_ngram(args, sampling) -> int:
+    from plutao.tokenizer import load_tokenizer
+    from plutao.train.ngram_run import load_ngram
+
+    run_dir = Path(args.run_dir)
+    tok = load_tokenizer(run_dir / "tokenizer")
+    model = load_ngram(run_dir)
+    context = [tok.eot_id] + (tok.encode(args.prompt) if args.prompt else [])
+    if args.show_probs:
+        import numpy as np
+
+        from plutao.model.sampling import top_candidates
+        cands = top_candidates(np.log(np.maximum(model.distribution(context), 1e-300)), args.show_probs,
+                               args.temperature or 1.0)
+        print(f"next-token candidates after {args.prompt!r} ({model.order}-gram):")
+        for r, (i, p) in enumerate(cands, 1):
+            print(f"{r:>4}  {i:>6}  {p:8.4f}  {tok.token_strings([i])[0]!r}")
+        print()
+    for n in range(args.num_samples):
+        ids = model.generate(context, sampling.max_new_tokens, seed=sampling.seed + n,
+                             temperature=sampling.temperature)
+        if sampling.stop_at_eot and tok.eot_id in ids:
+            ids = ids[: ids.index(tok.eot_id)]
+        if args.num_samples > 1:
+            print(f"--- sample {n + 1} ---")
+        sep = " " if tok.kind == "word" and args.prompt and ids else ""
+        print(args.prompt + sep + tok.decode(ids))
+    return 0
+
+
 def cmd_sample(args) -> int:
     import numpy as np
 
@@ -76,6 +116,12 @@ def cmd_sample(args) -> int:
     sampling = _sampling(args)  # validate arguments before loading anything
     if args.num_samples < 1 or args.show_probs < 0:
         raise SamplingError("--num-samples must be ≥ 1 and --show-probs ≥ 0")
+    family = _family(Path(args.run_dir))
+    if family == "ngram":
+        return _sample_ngram(args, sampling)
+    if family in ("encoder", "encoder_decoder"):
+        raise SamplingError(f"{args.run_dir} is a model.family={family} run; use `plutao "
+                            f"{'fill-mask' if family == 'encoder' else 'translate'}` for it")
     run = load_run(Path(args.run_dir), args.step)
     tok = run.tokenizer
     prompt_ids = tok.encode(args.prompt) if args.prompt else []
@@ -116,38 +162,231 @@ def cmd_sample(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
+def _held_out_tokens(cfg, tokenizer) -> list[tuple[str, object]]:
+    """(name, tokens) of each held-out part a run was evaluated on during training."""
     from plutao.train import data as data_lib
-    from plutao.train.evaluate import stream_metrics
+
+    cache = data_lib.cache_root(cfg.data)
+    if cfg.data.val_path:
+        docs = data_lib.read_documents(cfg.data.val_path, cfg.data)
+        return [(cfg.data.val_path, data_lib.tokenize_documents(docs, tokenizer, cache))]
+    out = []
+    for spec in data_lib.source_paths(cfg.data):
+        tokens = data_lib.tokenize_documents(data_lib.read_documents(spec, cfg.data), tokenizer, cache)
+        out.append((f"{spec} (held-out {cfg.data.val_fraction:.0%})",
+                    data_lib.split_tokens(spec, tokens, cfg.data.val_fraction).val))
+    return out
+
+
+def _eval_texts(args, cfg, tokenizer) -> list[tuple[str, object]]:
+    import dataclasses
+
+    from plutao.train import data as data_lib
+
+    if not args.data:
+        return _held_out_tokens(cfg, tokenizer)
+    docs = data_lib.read_documents(args.data, dataclasses.replace(cfg.data, path=args.data))
+    return [(args.data, data_lib.tokenize_documents(docs, tokenizer, data_lib.cache_root(cfg.data)))]
+
+
+def _print_result(args, result: dict, lines: list[str]) -> int:
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print("\n".join(lines))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from plutao.train.errors import UserError
+    from plutao.train.loop import read_run_config
+
+    saved = read_run_config(Path(args.run_dir))
+    if saved is None:
+        raise UserError(f"{args.run_dir} is not a run directory (no config.json); pass the --workdir of a "
+                        "`plutao train` run")
+    family = saved.get("model", {}).get("family", "decoder")
+    if family == "ngram":
+        return _eval_ngram(args)
+    if family == "encoder_decoder":
+        return _eval_translation(args)
+    from plutao.train.evaluate import masked_lm_metrics, stream_metrics
     from plutao.train.run import load_run
 
     run = load_run(Path(args.run_dir), args.step)
     context = run.cfg.model.context_length
-    graphdef = run.trainer.graphdef
-    if args.data:
-        cfg = run.cfg.data
-        import dataclasses
-
-        docs = data_lib.read_documents(args.data, dataclasses.replace(cfg, path=args.data))
-        tokens = data_lib.tokenize_documents(docs, run.tokenizer, data_lib.cache_root(cfg))
-        result = {"data": args.data} | stream_metrics(graphdef, run.params, tokens, context, run.tokenizer)
-    else:
-        results = []
-        for spec in data_lib.source_paths(run.cfg.data):
-            docs = data_lib.read_documents(spec, run.cfg.data)
-            tokens = data_lib.tokenize_documents(docs, run.tokenizer, data_lib.cache_root(run.cfg.data))
-            val = data_lib.split_tokens(spec, tokens, run.cfg.data.val_fraction).val
-            results.append({"data": f"{spec} (held-out {run.cfg.data.val_fraction:.0%})"}
-                           | stream_metrics(graphdef, run.params, val, context, run.tokenizer))
-        result = results[0] if len(results) == 1 else {"sources": results}
+    results = []
+    for name, tokens in _eval_texts(args, run.cfg, run.tokenizer):
+        if family == "encoder":
+            results.append({"data": name} | masked_lm_metrics(run.trainer, run.params, tokens, context))
+        else:
+            results.append({"data": name} | stream_metrics(run.trainer.graphdef, run.params, tokens, context,
+                                                           run.tokenizer))
+    result = results[0] if len(results) == 1 else {"sources": results}
     result |= {"run_dir": str(run.run_dir), "step": run.step}
-    if args.json:
-        print(json.dumps(result))
-        return 0
+    lines = []
     for r in result.get("sources", [result]):
-        print(f"{r['data']}: loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.3f}, "
-              f"{r['bits_per_char']:.4f} bits/char, {r['bits_per_byte']:.4f} bits/byte "
-              f"({r['tokens']:,} tokens, step {run.step})")
+        if family == "encoder":
+            lines.append(f"{r['data']}: masked-LM loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.3f}, "
+                         f"masked-token accuracy {r['masked_accuracy']:.2%} ({r['masked_tokens']:,} masked of "
+                         f"{r['tokens']:,} tokens, step {run.step})")
+        else:
+            lines.append(f"{r['data']}: loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.3f}, "
+                         f"{r['bits_per_char']:.4f} bits/char, {r['bits_per_byte']:.4f} bits/byte "
+                         f"({r['tokens']:,} tokens, step {run.step})")
+    return _print_result(args, result, lines)
+
+
+def _eval_ngram(args) -> int:
+    import math
+
+    import numpy as np
+
+    from plutao.tokenizer import load_tokenizer
+    from plutao.train.config import Config
+    from plutao.train.loop import read_run_config
+    from plutao.train.ngram_run import load_ngram
+
+    run_dir = Path(args.run_dir)
+    cfg = Config.from_dict(read_run_config(run_dir))
+    tokenizer = load_tokenizer(run_dir / "tokenizer")
+    model = load_ngram(run_dir)
+    results = []
+    for name, tokens in _eval_texts(args, cfg, tokenizer):
+        logprobs = model.logprobs(np.asarray(tokens, np.int64))
+        loss = float(-np.mean(logprobs))
+        results.append({"data": name, "loss": loss, "perplexity": math.exp(loss), "tokens": len(logprobs)})
+    result = (results[0] if len(results) == 1 else {"sources": results}) | {"run_dir": str(run_dir)}
+    lines = [f"{r['data']}: loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.3f} ({r['tokens']:,} tokens, "
+             f"{model.order}-gram {model.smoothing})" for r in result.get("sources", [result])]
+    return _print_result(args, result, lines)
+
+
+def _eval_translation(args) -> int:
+    from plutao.train.pairs import held_out, read_pairs
+    from plutao.train.run import load_run
+    from plutao.train.translate import evaluate_translation
+
+    run = load_run(Path(args.run_dir), args.step)
+    if args.data:
+        pairs, name = read_pairs(args.data), args.data
+    elif run.cfg.data.val_path:
+        pairs, name = read_pairs(run.cfg.data.val_path), run.cfg.data.val_path
+    else:
+        from plutao.train import data as data_lib
+
+        pairs = [q for s in data_lib.source_paths(run.cfg.data) for q in read_pairs(s)
+                 if held_out(q, run.cfg.data.val_fraction)]
+        name = f"held-out {run.cfg.data.val_fraction:.0%} of {run.cfg.data.path}"
+    if args.limit:
+        pairs = pairs[: args.limit]
+    beams = sorted({1, args.beam})
+    result = {"data": name, "pairs": len(pairs)} | evaluate_translation(run, pairs, beams, args.length_penalty)
+    result |= {"run_dir": str(run.run_dir), "step": run.step}
+    lines = [f"{name}: {len(pairs):,} pairs, step {run.step}",
+             f"  teacher-forced loss {result['loss']:.4f} nats/token, perplexity {result['perplexity']:.3f}"]
+    for beam in beams:
+        key = "greedy" if beam == 1 else f"beam{beam}"
+        r = result[key]
+        label = "greedy" if beam == 1 else f"beam {beam} (length penalty α={args.length_penalty:g})"
+        lines.append(f"  {label}: BLEU {r['bleu']:.2f}, chrF {r['chrf']:.2f}   [{r['bleu_signature']}]")
+    ex = result["greedy"]["examples"][:3]
+    lines += [f"    {e['source']} → {e['hypothesis']}   (reference: {e['reference']})" for e in ex]
+    return _print_result(args, result, lines)
+
+
+def cmd_translate(args) -> int:
+    from plutao.train.errors import UserError
+    from plutao.train.run import load_run
+    from plutao.train.translate import translate
+
+    run = load_run(Path(args.run_dir), args.step)
+    if run.cfg.model.family != "encoder_decoder":
+        raise UserError(f"{args.run_dir} is a model.family={run.cfg.model.family} run; `plutao translate` needs an "
+                        "encoder_decoder run (e.g. `plutao train translate-cpu data.path=pairs.tsv`)")
+    sources = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not sources:
+        raise UserError("give the sentences to translate as arguments or on standard input")
+    outs = translate(run.model, run.tokenizer, sources, beam_size=args.beam, alpha=args.length_penalty,
+                     n_best=args.n_best)
+    if args.json:
+        print(json.dumps([{"source": s, "translations": [{"text": t, "score": sc} for t, sc in o]}
+                          for s, o in zip(sources, outs)]))
+        return 0
+    for s, o in zip(sources, outs):
+        if args.n_best == 1 and len(sources) == 1:
+            print(o[0][0])
+            continue
+        print(s)
+        for rank, (t, sc) in enumerate(o, 1):
+            print(f"  {rank}. {t}   (score {sc:.3f})")
+    return 0
+
+
+def cmd_attention(args) -> int:
+    from plutao.experiments.inspect import attention_maps
+    from plutao.train.run import load_run
+
+    run = load_run(Path(args.run_dir), args.step)
+    out_dir = Path(args.out or Path(args.run_dir) / "attention")
+    for path in attention_maps(run, args.text, args.target, out_dir):
+        print(path)
+    return 0
+
+
+def cmd_neighbors(args) -> int:
+    from plutao.experiments.inspect import embedding_table, token_id
+    from plutao.model.probes import nearest_neighbors
+    from plutao.train.run import load_run
+
+    run = load_run(Path(args.run_dir), args.step)
+    table = embedding_table(run)
+    i = token_id(run.tokenizer, args.token)
+    special = list(run.tokenizer.special_ids.values())
+    result = [{"token": run.tokenizer.token_strings([j])[0], "id": j, "cosine": c}
+              for j, c in nearest_neighbors(table[: run.tokenizer.vocab_size], i, args.k, exclude=special)]
+    if args.json:
+        print(json.dumps({"token": args.token, "id": i, "neighbors": result}))
+        return 0
+    print(f"nearest neighbours of {args.token!r} (id {i}) by cosine similarity of embeddings:")
+    for r in result:
+        print(f"  {r['cosine']:+.3f}  {r['token']!r}")
+    return 0
+
+
+def cmd_analogy(args) -> int:
+    from plutao.experiments.inspect import embedding_table, token_id
+    from plutao.model.probes import analogy
+    from plutao.train.run import load_run
+
+    run = load_run(Path(args.run_dir), args.step)
+    table = embedding_table(run)
+    a, b, c = (token_id(run.tokenizer, t) for t in (args.a, args.b, args.c))
+    special = list(run.tokenizer.special_ids.values())
+    result = [{"token": run.tokenizer.token_strings([j])[0], "id": j, "cosine": s}
+              for j, s in analogy(table[: run.tokenizer.vocab_size], a, b, c, args.k, exclude=special)]
+    if args.json:
+        print(json.dumps({"query": [args.a, args.b, args.c], "answers": result}))
+        return 0
+    print(f"{args.a} − {args.b} + {args.c} ≈")
+    for r in result:
+        print(f"  {r['cosine']:+.3f}  {r['token']!r}")
+    return 0
+
+
+def cmd_fill_mask(args) -> int:
+    from plutao.experiments.inspect import fill_mask
+    from plutao.train.run import load_run
+
+    run = load_run(Path(args.run_dir), args.step)
+    result = fill_mask(run, args.text, args.top_k)
+    if args.json:
+        print(json.dumps({"text": args.text, "masks": result}))
+        return 0
+    for n, m in enumerate(result, 1):
+        print(f"<mask> #{n}:")
+        for f in m["fills"]:
+            print(f"  {f['prob']:7.2%}  {f['token']!r}")
     return 0
 
 
@@ -313,10 +552,58 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="loss, perplexity, bits per char/byte on held-out or given data")
     e.add_argument("run_dir")
-    e.add_argument("--data", help="a text file, folder, .jsonl or corpus name (default: the run's held-out split)")
+    e.add_argument("--data", help="a text file, folder, .jsonl or corpus name; for a translation run a TSV of "
+                   "source<TAB>reference pairs (default: the run's held-out split)")
+    e.add_argument("--beam", type=int, default=4, help="translation: beam size scored besides greedy (default 4)")
+    e.add_argument("--length-penalty", type=float, default=0.6, help="translation: GNMT length penalty α")
+    e.add_argument("--limit", type=int, default=0, help="translation: score only the first N pairs")
     e.add_argument("--json", action="store_true")
     e.add_argument("--step", type=int)
     e.set_defaults(fn=cmd_eval)
+
+    tr = sub.add_parser("translate", help="translate sentences with an encoder-decoder run (greedy or beam search)")
+    tr.add_argument("run_dir")
+    tr.add_argument("text", nargs="*", help="source sentences (default: one per line on standard input)")
+    tr.add_argument("--beam", type=int, default=4, help="beam size (1 = greedy)")
+    tr.add_argument("--length-penalty", type=float, default=0.6, help="GNMT α: 0 = raw log-probability")
+    tr.add_argument("--n-best", type=int, default=1, help="print the N best hypotheses with their scores")
+    tr.add_argument("--json", action="store_true")
+    tr.add_argument("--step", type=int)
+    tr.set_defaults(fn=cmd_translate)
+
+    fm = sub.add_parser("fill-mask", help="a masked LM's top-k fills for each <mask> in a text")
+    fm.add_argument("run_dir")
+    fm.add_argument("text", help='e.g. "Return the <mask> of the list."')
+    fm.add_argument("--top-k", type=int, default=5)
+    fm.add_argument("--json", action="store_true")
+    fm.add_argument("--step", type=int)
+    fm.set_defaults(fn=cmd_fill_mask)
+
+    at = sub.add_parser("attention", help="PNG grids (layer × head) of attention weights for a sentence")
+    at.add_argument("run_dir")
+    at.add_argument("--text", required=True, help="the sentence (the source, for a translation model)")
+    at.add_argument("--target", help="translation: the target to attend from (default: the greedy translation)")
+    at.add_argument("--out", help="output folder (default RUN_DIR/attention)")
+    at.add_argument("--step", type=int)
+    at.set_defaults(fn=cmd_attention)
+
+    nb = sub.add_parser("neighbors", help="tokens whose embeddings are closest (cosine) to a token's")
+    nb.add_argument("run_dir")
+    nb.add_argument("token")
+    nb.add_argument("-k", type=int, default=10)
+    nb.add_argument("--json", action="store_true")
+    nb.add_argument("--step", type=int)
+    nb.set_defaults(fn=cmd_neighbors)
+
+    an = sub.add_parser("analogy", help="A − B + C by embedding arithmetic (king − man + woman ≈ queen)")
+    an.add_argument("run_dir")
+    an.add_argument("a")
+    an.add_argument("b")
+    an.add_argument("c")
+    an.add_argument("-k", type=int, default=5)
+    an.add_argument("--json", action="store_true")
+    an.add_argument("--step", type=int)
+    an.set_defaults(fn=cmd_analogy)
 
     c = sub.add_parser("score", help="log P(text) by the chain rule, per token")
     c.add_argument("run_dir")

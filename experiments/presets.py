@@ -65,11 +65,11 @@ PRESETS: dict[str, dict] = {
     },
     # French→English on 2 CPU cores: `plutao train translate-cpu data.path=…/fra-eng/train.tsv`.
     "translate-cpu": _model("translate-cpu") | {
-        "data.tokenizer": "bpe", "data.vocab_size": 4000, "train.batch_size": 64, "train.steps": 6000,
+        "data.tokenizer": "bpe", "data.vocab_size": 4000, "train.batch_size": 64, "train.steps": 3500,
         "optim.name": "adamw", "optim.beta1": 0.9, "optim.beta2": 0.98, "optim.eps": 1e-9, "optim.weight_decay": 0.01,
-        "optim.schedule": "inverse_sqrt", "optim.warmup_steps": 600, "optim.lr": 1.5e-3, "optim.grad_clip": 1.0,
-        "optim.label_smoothing": 0.1, "train.eval_every": 1000, "train.eval_batches": 20, "train.sample_every": 1000,
-        "train.checkpoint_every": 1000, "data.val_fraction": 0.02,
+        "optim.schedule": "cosine", "optim.warmup_steps": 300, "optim.lr": 1e-3, "optim.min_lr": 5e-5,
+        "optim.grad_clip": 1.0, "optim.label_smoothing": 0.1, "train.eval_every": 500, "train.eval_batches": 15,
+        "train.sample_every": 500, "train.checkpoint_every": 500, "data.val_fraction": 0.02,
     },
     "bert-cpu": _model("bert-cpu") | NANOGPT_RECIPE | {
         "data.tokenizer": "bpe", "data.vocab_size": 4000, "data.path": "builtin:python-docs", "train.batch_size": 32,

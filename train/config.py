@@ -32,7 +32,8 @@ class DataConfig:
     vocab_size: int = 0  # BPE vocabulary size (required for bpe); word: keep the most frequent (0 = all)
     jsonl_field: str = "text"
     glob: str = "**/*.txt"  # which files of a folder source to read
-    val_fraction: float = 0.1  # the last fraction of each source is held out
+    val_fraction: float = 0.1  # the last fraction of each source is held out (unless data.val_path is set)
+    val_path: str = ""  # a separate held-out file (e.g. a standard validation split); then all of data.path trains
     cache_dir: str = ""  # tokenized-corpus and download cache; empty = ~/.cache/plutao
 
 
@@ -50,6 +51,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # the latest k are kept, plus the best by val loss
     log_every: int = 10
     seed: int = 0
+    max_seconds: float = 0.0  # a wall-clock budget for this invocation's steps: the run ends there; 0 = none
     stop_at_step: int = 0  # end this invocation at this step (checkpointed, resumable); 0 = run to train.steps
     mask_rate: float = 0.15  # encoder (masked LM): the fraction of tokens selected for prediction
     peak_flops: float = 0.0  # for MFU; 0 = measure a matmul peak on this device at start
@@ -256,6 +258,8 @@ def validate(cfg: Config) -> None:
         problems.append("data.weights needs one weight per data.path source")
     if any(w < 0 for w in d.weights) or (d.weights and sum(d.weights) <= 0):
         problems.append("data.weights must be non-negative and not all zero")
+    if t.max_seconds < 0:
+        problems.append(f"train.max_seconds must be ≥ 0 (0 = no budget), got {t.max_seconds}")
     if o.lr <= 0 or o.warmup_steps < 0:
         problems.append("optim.lr must be > 0 and optim.warmup_steps ≥ 0")
     if not 0.0 <= o.label_smoothing < 1.0:

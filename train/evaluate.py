@@ -76,3 +76,22 @@ def score_text(graphdef, params, tokenizer, text: str, context: int) -> dict:
         "per_token": [{"token": s, "id": i, "logprob": float(lp), "prob": math.exp(lp)}
                       for s, i, lp in zip(tokenizer.token_strings(ids), ids, logprobs)],
     }
+
+
+def masked_lm_metrics(trainer, params, tokens: np.ndarray, context: int) -> dict:
+    """Masked-LM loss and accuracy over non-overlapping windows, with the evaluation masks (15% of the
+    ordinary tokens, 80/10/10 corruption, the same draw for every call)."""
+    tokens = np.asarray(tokens, np.int32)
+    n = (len(tokens) - 1) // context
+    if n < 1:
+        raise UserError(f"the text has {len(tokens)} tokens, fewer than one window of model.context_length="
+                        f"{context} + 1; give more text")
+    sums: dict[str, float] = {}
+    for lo in range(0, n, EVAL_ROWS):
+        hi = min(lo + EVAL_ROWS, n)
+        idx = np.arange(lo, hi)[:, None] * context + np.arange(context + 1)[None, :]
+        for k, v in trainer.eval_step(params, tokens[idx]).items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    loss = sums["loss"] / max(sums["count"], 1.0)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "masked_accuracy": sums["correct"] / sums["count"],
+            "masked_tokens": int(sums["count"]), "tokens": int(n * context)}

@@ -82,7 +82,7 @@ def provenance(cfg: Config, tokenizer: Tokenizer, mesh) -> dict:
         "command": sys.argv, "tokenizer_fingerprint": tokenizer.fingerprint,
         "devices": f"{jax.device_count()}× {jax.devices()[0].device_kind} ({jax.default_backend()}), "
                    f"{jax.process_count()} process(es)",
-        "mesh": dict(mesh.shape),
+        "mesh": dict(mesh.shape) if mesh is not None else None,
     }
 
 
@@ -150,9 +150,13 @@ def prepare(cfg: Config, run_dir: Path | None, *, devices=None) -> Prepared:
         check_compatible(saved, cfg, run_dir)
 
     if translation:
-        val = [held_out(pair, cfg.data.val_fraction) for pair in pairs]
-        batches = PairBatches(encode_pairs([q for q, v in zip(pairs, val) if not v], tokenizer),
-                              encode_pairs([q for q, v in zip(pairs, val) if v], tokenizer),
+        if cfg.data.val_path:
+            train_pairs, val_pairs = pairs, read_pairs(cfg.data.val_path)
+        else:
+            val = [held_out(pair, cfg.data.val_fraction) for pair in pairs]
+            train_pairs = [q for q, v in zip(pairs, val) if not v]
+            val_pairs = [q for q, v in zip(pairs, val) if v]
+        batches = PairBatches(encode_pairs(train_pairs, tokenizer), encode_pairs(val_pairs, tokenizer),
                               cfg.model.context_length, cfg.train.batch_size, cfg.train.seed, tokenizer.pad_id,
                               ",".join(sources))
         summary = (f"{len(batches.train):,} training and {len(batches.val):,} held-out pairs"
@@ -161,9 +165,17 @@ def prepare(cfg: Config, run_dir: Path | None, *, devices=None) -> Prepared:
         cache = data_lib.cache_root(cfg.data)
         splits = [data_lib.split_tokens(name, data_lib.tokenize_documents(docs, tokenizer, cache),
                                         cfg.data.val_fraction) for name, docs in zip(sources, docs_per_source)]
+        if cfg.data.val_path:
+            if len(splits) > 1:
+                raise UserError("data.val_path holds out one file for one source; with a mixture use data.val_fraction")
+            val_docs = data_lib.read_documents(cfg.data.val_path, cfg.data)
+            whole = data_lib.tokenize_documents(docs_per_source[0], tokenizer, cache)
+            splits = [data_lib.Split(sources[0], whole, data_lib.tokenize_documents(val_docs, tokenizer, cache))]
         batches = data_lib.Batches(splits, cfg.data.weights, cfg.model.context_length, cfg.train.batch_size,
                                    cfg.train.seed)
         summary = f"{sum(len(s.train) for s in splits):,} training tokens"
+    if cfg.model.family == "ngram":  # counted, not trained: no mesh, optimizer or step functions
+        return Prepared(cfg, tokenizer, batches, None, summary)
     mesh = sharding.make_mesh(cfg.mesh, devices)
     sharding.check_divisibility(cfg.model, mesh, cfg.train.batch_size, cfg.train.grad_accum)
     tx = make_optimizer(cfg.optim, cfg.train.steps)
@@ -227,12 +239,13 @@ class StopFlag:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
-    def agreed(self, step: int, every: int) -> bool:
-        """Whether to stop before `step + 1`. With several processes all must stop at the same step,
-        so the flags are compared (one small collective) every `every` steps only."""
+    def agreed(self, step: int, every: int, out_of_time: bool = False) -> bool:
+        """Whether to stop before `step + 1` (on a signal, or when this process's time budget is spent).
+        With several processes all must stop at the same step, so the flags are compared (one small
+        collective) every `every` steps only."""
         if jax.process_count() == 1:
-            return self.signal is not None
-        return step % every == 0 and any_process(self.signal is not None)
+            return self.signal is not None or out_of_time
+        return step % every == 0 and any_process(self.signal is not None or out_of_time)
 
 
 def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> dict:
@@ -243,6 +256,25 @@ def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> d
     p = prepare(cfg, run_dir, devices=devices)
     cfg, trainer = p.cfg, p.trainer
     main = is_main_process()
+
+    def write_run_files():
+        if not main:
+            return
+        if not (run_dir / "tokenizer").is_dir():
+            # Written aside and renamed: other processes may be looking for it at the same time.
+            staging = run_dir / f"tokenizer.tmp-{os.getpid()}"
+            p.tokenizer.save(staging)
+            staging.rename(run_dir / "tokenizer")
+        record = cfg.to_dict() | {"provenance": provenance(cfg, p.tokenizer, trainer.mesh if trainer else None)}
+        tmp = run_dir / "config.json.tmp"
+        tmp.write_text(json.dumps(record, indent=2))
+        tmp.replace(run_dir / "config.json")
+
+    if cfg.model.family == "ngram":
+        from plutao.train.ngram_run import train_ngram
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return train_ngram(p, run_dir, write_run_files, log)
     # Restore before writing anything: a checkpoint that does not fit this config fails here,
     # leaving config.json and the checkpoints as they were.
     checkpoints = Checkpoints(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
@@ -252,16 +284,7 @@ def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> d
         log(f"resumed from {run_dir}/checkpoints/{latest}")
     else:
         state = trainer.init_state()
-    if main:
-        if not (run_dir / "tokenizer").is_dir():
-            # Written aside and renamed: other processes may be looking for it at the same time.
-            staging = run_dir / f"tokenizer.tmp-{os.getpid()}"
-            p.tokenizer.save(staging)
-            staging.rename(run_dir / "tokenizer")
-        record = cfg.to_dict() | {"provenance": provenance(cfg, p.tokenizer, trainer.mesh)}
-        tmp = run_dir / "config.json.tmp"
-        tmp.write_text(json.dumps(record, indent=2))
-        tmp.replace(run_dir / "config.json")
+    write_run_files()
     start = int(to_host(state["step"]))
     n_params = count_params(cfg.model)
     flops_per_tok = flops_per_token(cfg.model)
@@ -284,7 +307,12 @@ def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> d
             if last_step <= start < t.steps:
                 log(f"{run_dir} is already at step {start} ≥ train.stop_at_step={t.stop_at_step}; nothing to do")
                 return {"interrupted": True, "step": start, "run_dir": str(run_dir)}
-            while step < last_step and not stop.agreed(step, t.log_every):
+            budget_start = time.perf_counter()
+
+            def out_of_time():
+                return bool(t.max_seconds) and time.perf_counter() - budget_start >= t.max_seconds
+
+            while step < last_step and not stop.agreed(step, t.log_every, out_of_time()):
                 tokens = sharded_batch(functools.partial(p.batches.train_rows, step), p.batches.train_shape(step),
                                        trainer.mesh)
                 window_tokens += p.batches.tokens_per_step(step)
@@ -321,7 +349,16 @@ def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> d
                     checkpoints.save(step, state, last_val if t.eval_every and step % t.eval_every == 0 else None)
                 if window_steps == 0:
                     window_start, window_tokens = time.perf_counter(), 0
-            interrupted = step < t.steps
+            # A spent time budget ends the run like its last step (final evaluation and checkpoint);
+            # a signal or stop_at_step leaves it resumable.
+            def everywhere(flag: bool) -> bool:  # the same answer on every process
+                return any_process(flag) if jax.process_count() > 1 else flag
+
+            budget_spent = (step < last_step and everywhere(out_of_time())
+                            and not everywhere(stop.signal is not None))
+            if budget_spent:
+                log(f"train.max_seconds={t.max_seconds:g} reached at step {step}; finishing the run here")
+            interrupted = step < t.steps and not budget_spent
             if interrupted:
                 checkpoints.save(step, state)
                 checkpoints.close()
@@ -356,6 +393,7 @@ def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> d
         "tokens_per_sec": float(np.median([h["tokens_per_sec"] for h in history if "tokens_per_sec" in h] or [0.0])),
         "compile_seconds": compile_s, "params": n_params["total"], "epochs": epochs,
         **({"val_accuracy": final["accuracy"]} if "accuracy" in final else {}),
+        "budget_spent": budget_spent, "train_seconds": time.perf_counter() - budget_start,
         "run_dir": str(run_dir), "checkpoint": str(run_dir / "checkpoints" / str(step)),
         "plot": str(plot) if plot else None,
     }

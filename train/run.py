@@ -10,7 +10,7 @@ from plutao.train import sharding
 from plutao.train.checkpoint import Checkpoints
 from plutao.train.config import Config
 from plutao.train.errors import UserError
-from plutao.train.loop import read_run_config
+from plutao.train.loop import objective_for, read_run_config
 from plutao.train.optim import lr_schedule, make_optimizer
 from plutao.train.step import Trainer
 
@@ -47,7 +47,7 @@ def load_run(run_dir: Path, step: int | None = None) -> LoadedRun:
                         f"{tokenizer.vocab_size} ids; the run directory is inconsistent")
     mesh = sharding.make_mesh(dataclasses.replace(cfg.mesh, data=-1, fsdp=1, tensor=1))
     trainer = Trainer(cfg.model, make_optimizer(cfg.optim, cfg.train.steps), lr_schedule(cfg.optim, cfg.train.steps),
-                      mesh, cfg.train.seed)
+                      mesh, cfg.train.seed, objective=objective_for(cfg, tokenizer))
     if not (run_dir / "checkpoints").is_dir():
         raise UserError(f"{run_dir} has no checkpoint yet; train it first (`plutao train --workdir {run_dir}`)")
     checkpoints = Checkpoints(run_dir / "checkpoints", async_save=False, read_only=True)

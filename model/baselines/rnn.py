@@ -50,7 +50,8 @@ class RecurrentLayer(nnx.Module):
     def __init__(self, kind: str, d_in: int, d_hidden: int, rngs: nnx.Rngs):
         n_gates = N_GATES[kind]
         self.kind = kind
-        # LeCun scale 1/√fan_in: pre-activations of order |x|, inside the gates' responsive range.
+        # LeCun scale 1/√fan_in: a pre-activation's std equals the rms of the input, so hidden states in
+        # (-1, 1) drive the gates within their responsive range rather than into saturation.
         self.w_x = normal_param(rngs, (d_in, n_gates, d_hidden), ("embed", None, "mlp"), 1.0 / math.sqrt(d_in))
         # Output units split over `mlp` like w_x's, so under tensor parallelism the gate math stays
         # local and each step only gathers h (B, H).
@@ -116,8 +117,8 @@ class RecurrentLM(nnx.Module):
         self.cfg = cfg.resolved()
         self.compute_dtype = jnp.dtype(cfg.dtype)
         d = cfg.d_model
-        # Rows of about unit norm: inputs of order 1 for the first layer and, when tied, logits of
-        # order |h| ≤ √d (GPT's 0.02 would start the recurrence with inputs near zero).
+        # Std 1/√d, like the untied head's: tied or not, the initial logits have std rms(h) ≤ 1, a
+        # near-uniform prediction.
         self.token_embed = normal_param(rngs, (cfg.vocab_size, d), ("vocab", "embed"), 1.0 / math.sqrt(d))
         self.layers = nnx.List([RecurrentLayer(cfg.family, d, d, rngs) for _ in range(cfg.n_layers)])
         self.lm_head = (
@@ -159,7 +160,7 @@ class RecurrentLM(nnx.Module):
         if first_valid_B is not None:
             keep_TB = (cache_index + jnp.arange(T))[:, None] >= jnp.asarray(first_valid_B)[None, :]
 
-        x_TBD = constrain(self.token_embed[...], (None, None))[jnp.asarray(tokens_BT).T] * float(__import__("os").environ.get("ES", "1"))
+        x_TBD = constrain(self.token_embed[...], (None, None))[jnp.asarray(tokens_BT).T]
         x_TBD = constrain(dropout(x_TBD, cfg.dropout, keys[-1]).astype(self.compute_dtype), ACT_TBD)
         state = self.init_cache(B) if cache is None else cache
         new_cache = []
