@@ -23,6 +23,12 @@ def make(family, seed=0, **overrides):
     return RecurrentLM(dataclasses.replace(CFG, family=family, **overrides), nnx.Rngs(seed))
 
 
+@nnx.jit
+def forward(model, tokens, cache=None, cache_index=0, first_valid_B=None, dropout_key=None):
+    """The model under jit, as the trainer and sampler run it (eager calls recompile every scan)."""
+    return model(tokens, cache=cache, cache_index=cache_index, first_valid_B=first_valid_B, dropout_key=dropout_key)
+
+
 def random_tokens(shape, seed=0, vocab=CFG.vocab_size):
     return np.random.default_rng(seed).integers(0, vocab, shape).astype(np.int32)
 
@@ -54,17 +60,17 @@ def test_unknown_family_is_refused():
 def test_incremental_state_equals_full_forward(family):
     model = make(family)
     tokens = random_tokens((3, 16), seed=1)
-    full, full_state, _ = model(tokens, cache=model.init_cache(3, 16))
-    logits, cache, _ = model(tokens[:, :7], cache=model.init_cache(3, 16), cache_index=0)
+    full, full_state, _ = forward(model, tokens, model.init_cache(3, 16))
+    logits, cache, _ = forward(model, tokens[:, :7], model.init_cache(3, 16), 0)
     steps = [logits]
     for t in range(7, 16):
-        logits, cache, _ = model(tokens[:, t:t + 1], cache=cache, cache_index=t)
+        logits, cache, _ = forward(model, tokens[:, t:t + 1], cache, t)
         steps.append(logits)
     np.testing.assert_allclose(np.concatenate(steps, 1), np.asarray(full), atol=1e-5, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(full_state)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
     # No cache means the zero state: the same logits as an explicit empty cache.
-    np.testing.assert_allclose(np.asarray(model(tokens)[0]), np.asarray(full), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(forward(model, tokens)[0]), np.asarray(full), atol=1e-6)
 
 
 @pytest.mark.parametrize("family", CELLS)
@@ -72,40 +78,44 @@ def test_left_padding_never_reaches_real_positions(family):
     model = make(family)
     real = random_tokens((9,), seed=2)
     other = random_tokens((13,), seed=3)
-    ref_real, _, _ = model(real[None])
-    ref_other, _, _ = model(other[None])
-    ref_state = model(real[None], cache=model.init_cache(1, 16))[1]
-    for pad_seed in (4, 5):  # whatever the padding tokens are
-        padded = np.stack([np.concatenate([random_tokens((4,), seed=pad_seed), real]), other])
-        first_valid = jnp.array([4, 0])
-        out, _, _ = model(padded, first_valid_B=first_valid)
-        np.testing.assert_allclose(np.asarray(out[0, 4:]), np.asarray(ref_real[0]), atol=1e-5, rtol=1e-5)
-        np.testing.assert_allclose(np.asarray(out[1]), np.asarray(ref_other[0]), atol=1e-5, rtol=1e-5)
-        # The sampler's path: prefill the padded window into a cache, then decode one token at a time.
-        prefill, cache, _ = model(padded[:, :10], cache=model.init_cache(2, 16), first_valid_B=first_valid)
-        steps = [prefill]
-        for t in range(10, 13):
-            logits, cache, _ = model(padded[:, t:t + 1], cache=cache, cache_index=t, first_valid_B=first_valid)
-            steps.append(logits)
-        np.testing.assert_allclose(np.concatenate(steps, 1)[0, 4:], np.asarray(ref_real[0]), atol=1e-5, rtol=1e-5)
+    ref_real, ref_state, _ = forward(model, real[None], model.init_cache(1, 16))
+    ref_other, _, _ = forward(model, other[None])
+    # Two rows padded with different tokens (whatever the padding is, it must not matter), one unpadded.
+    padded = np.stack([np.concatenate([random_tokens((4,), seed=4), real]),
+                       np.concatenate([random_tokens((4,), seed=5), real]), other])
+    first_valid = jnp.array([4, 4, 0])
+    out, _, _ = forward(model, padded, first_valid_B=first_valid)
+    for row in (0, 1):
+        np.testing.assert_allclose(np.asarray(out[row, 4:]), np.asarray(ref_real[0]), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(out[2]), np.asarray(ref_other[0]), atol=1e-5, rtol=1e-5)
+    # The sampler's path: prefill the padded window into a cache, then decode one token at a time.
+    prefill, cache, _ = forward(model, padded[:, :10], model.init_cache(3, 16), 0, first_valid)
+    steps = [prefill]
+    for t in range(10, 13):
+        logits, cache, _ = forward(model, padded[:, t:t + 1], cache, t, first_valid)
+        steps.append(logits)
+    decoded = np.concatenate(steps, 1)
+    for row in (0, 1):
+        np.testing.assert_allclose(decoded[row, 4:], np.asarray(ref_real[0]), atol=1e-5, rtol=1e-5)
         for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(ref_state)):
-            np.testing.assert_allclose(np.asarray(a[:1]), np.asarray(b), atol=1e-5, rtol=1e-5)
+            np.testing.assert_allclose(np.asarray(a[row]), np.asarray(b[0]), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("family", CELLS)
 def test_dropout_only_with_a_key(family):
     model = make(family, dropout=0.3)
     tokens = random_tokens((2, 10), seed=6)
-    plain = np.asarray(model(tokens)[0])
-    np.testing.assert_array_equal(np.asarray(model(tokens)[0]), plain)
+    plain = np.asarray(forward(model, tokens)[0])
+    np.testing.assert_array_equal(np.asarray(forward(model, tokens)[0]), plain)
     k1, k2 = jax.random.key(1), jax.random.key(2)
-    with_k1 = np.asarray(model(tokens, dropout_key=k1)[0])
+    with_k1 = np.asarray(forward(model, tokens, dropout_key=k1)[0])
     assert not np.allclose(with_k1, plain, atol=1e-3)
-    assert not np.allclose(with_k1, np.asarray(model(tokens, dropout_key=k2)[0]), atol=1e-3)
-    np.testing.assert_array_equal(np.asarray(model(tokens, dropout_key=k1)[0]), with_k1)
+    assert not np.allclose(with_k1, np.asarray(forward(model, tokens, dropout_key=k2)[0]), atol=1e-3)
+    np.testing.assert_array_equal(np.asarray(forward(model, tokens, dropout_key=k1)[0]), with_k1)
     # A key with rate 0 changes nothing.
     no_rate = make(family, dropout=0.0)
-    np.testing.assert_array_equal(np.asarray(no_rate(tokens, dropout_key=k1)[0]), np.asarray(no_rate(tokens)[0]))
+    np.testing.assert_allclose(np.asarray(forward(no_rate, tokens, dropout_key=k1)[0]),
+                               np.asarray(forward(no_rate, tokens)[0]), atol=1e-6)
 
 
 def sigmoid(z):
@@ -134,7 +144,7 @@ def test_cell_matches_numpy_reference(family):
     rng = np.random.default_rng(7)
     for _, var in nnx.iter_graph(model):
         if isinstance(var, nnx.Param):
-            var.value = jnp.asarray(0.7 * rng.standard_normal(var.shape), jnp.float32)
+            var[...] = jnp.asarray(0.7 * rng.standard_normal(var.shape), jnp.float32)
     get = {name: np.asarray(var[...], np.float64) for name, var in nnx.iter_graph(model.layers[0])
            if isinstance(var, nnx.Param) for name in [name[-1]]}
     embed, head = np.asarray(model.token_embed[...], np.float64), np.asarray(model.lm_head[...], np.float64)
@@ -146,7 +156,7 @@ def test_cell_matches_numpy_reference(family):
             h, c = reference_cell(family, embed[tokens[row, t]], h, c, get["w_x"], get["w_h"], get["b"],
                                   get.get("b_hn"))
             ref[row, t] = h @ head
-    np.testing.assert_allclose(np.asarray(model(tokens)[0]), ref, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(forward(model, tokens)[0]), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_initialisation():
@@ -190,10 +200,10 @@ def test_jitted_value_and_grad_over_split_merge():
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
         g = np.asarray(g)
         assert np.isfinite(g).all() and np.abs(g).max() > 0, path
-    for i in range(5):
-        params = jax.tree.map(lambda p, g: p - 0.5 * g, params, grads)
+    for i in range(10):
+        params = jax.tree.map(lambda p, g: p - 2.0 * g, params, grads)
         loss, grads = step(params, tokens, jax.random.key(i + 1))
-    assert float(loss) < float(loss0) - 0.1
+    assert float(loss) < float(loss0) - 0.2
 
 
 GAP = 20  # distractor steps between the symbol and the position that must recall it
@@ -234,22 +244,28 @@ def recall_accuracy(family, steps=600, seed=0):
     return float(jnp.mean(jnp.argmax(logits[:, -1], -1) == symbol_B))
 
 
-def test_lstm_recalls_a_symbol_across_20_steps(record_property):
+def test_lstm_recalls_a_symbol_across_20_steps():
     """Gradients flow through time: only the first token decides the answer at step 21 (chance 0.25)."""
     assert recall_accuracy("lstm") >= 0.95
-    # The plain tanh RNN usually stays at chance on this task; recorded, not asserted.
-    record_property("rnn_recall_accuracy", recall_accuracy("rnn"))
 
 
-def test_greedy_generation_through_the_sampler(monkeypatch):
+@pytest.mark.slow
+def test_tanh_rnn_recalls_worse_than_lstm():
+    """The vanishing gradient the LSTM was designed against: averaged over seeds, so one lucky or
+    unlucky initialisation does not decide it."""
+    lstm = np.mean([recall_accuracy("lstm", seed=s) for s in range(3)])
+    rnn = np.mean([recall_accuracy("rnn", seed=s) for s in range(3)])
+    assert lstm >= 0.95 and rnn < lstm - 0.3, (lstm, rnn)
+
+
+def test_greedy_generation_through_the_sampler():
     """The sampler's jitted prefill + while_loop decode, with the model's own state as its cache."""
     model = make("gru")
-    monkeypatch.setattr(sampling, "init_cache", lambda batch, length, cfg, dtype=None: model.init_cache(batch, length))
     prompts = [[3, 1, 4, 1, 5], [9, 2]]
     cfg = sampling.SamplingConfig(temperature=0.0, max_new_tokens=6, stop_at_eot=False)
     out = sampling.generate(model, prompts, cfg, eot_id=0, pad_id=0)
     for prompt, new in zip(prompts, out):
-        seq = list(prompt)
-        for _ in range(6):
-            seq.append(int(np.argmax(np.asarray(model(np.array([seq], np.int32))[0][0, -1]))))
-        assert new == seq[len(prompt):]
+        assert len(new) == 6
+        # Greedy means each new token is the argmax after everything before it (teacher forcing).
+        logits, _, _ = model(np.array([prompt + new[:-1]], np.int32))
+        assert np.argmax(np.asarray(logits[0, len(prompt) - 1:]), -1).tolist() == new

@@ -102,11 +102,13 @@ class PairBatches:
 
         self.train, self.val = fits(train), fits(val)
         self.dropped = len(train) - len(self.train)
-        for part, pairs in (("training", self.train), ("held-out", self.val)):
-            if len(pairs) < global_batch:
-                raise UserError(f"the {part} part of {name!r} has {len(pairs)} pairs that fit model.context_length="
-                                f"{max_len}, fewer than train.batch_size={global_batch}; use more data, a longer "
-                                "context or a smaller batch")
+        if len(self.train) < global_batch:
+            raise UserError(f"the training part of {name!r} has {len(self.train)} pairs that fit model.context_length="
+                            f"{max_len}, fewer than train.batch_size={global_batch}; use more data, a longer "
+                            "context or a smaller batch")
+        if not len(self.val):
+            raise UserError(f"no held-out pair of {name!r} fits model.context_length={max_len}; raise "
+                            "data.val_fraction or give data.val_path")
         self.name, self.max_len, self.global_batch, self.seed, self.pad_id = name, max_len, global_batch, seed, pad_id
         self.batches_per_epoch = len(self.train) // global_batch
         self._train_lengths = self.train.lengths()

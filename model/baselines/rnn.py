@@ -30,7 +30,7 @@ def orthogonal_param(rngs: nnx.Rngs, d_hidden: int, n_gates: int, axes: tuple[st
 
     An orthogonal matrix preserves the norm of what it multiplies, so at initialisation the
     gradient through many time steps neither explodes nor vanishes because of the recurrent
-    weights (Saxe et al., 2014); for the plain tanh RNN this is what makes long spans learnable.
+    weights (Saxe et al., 2014). The plain tanh RNN, which has no gates to rescue it, needs this most.
     """
     keys = jax.random.split(rngs.params(), n_gates)
     q_GHH = jax.vmap(lambda k: jax.nn.initializers.orthogonal()(k, (d_hidden, d_hidden), jnp.float32))(keys)
@@ -53,8 +53,8 @@ class RecurrentLayer(nnx.Module):
         # LeCun scale 1/√fan_in: a pre-activation's std equals the rms of the input, so hidden states in
         # (-1, 1) drive the gates within their responsive range rather than into saturation.
         self.w_x = normal_param(rngs, (d_in, n_gates, d_hidden), ("embed", None, "mlp"), 1.0 / math.sqrt(d_in))
-        # Output units split over `mlp` like w_x's, so under tensor parallelism the gate math stays
-        # local and each step only gathers h (B, H).
+        # Output units split over `mlp` like w_x's: under tensor parallelism the gates of a unit then
+        # live on one device, and a step needs only h (B, H) gathered, not partial sums of all gates.
         self.w_h = orthogonal_param(rngs, d_hidden, n_gates, (None, None, "mlp"))
         b_GH = jnp.zeros((n_gates, d_hidden), jnp.float32)
         if kind == "lstm":
@@ -126,7 +126,7 @@ class RecurrentLM(nnx.Module):
             else normal_param(rngs, (d, cfg.vocab_size), ("embed", "vocab"), 1.0 / math.sqrt(d))
         )
 
-    def init_cache(self, batch: int, length: int = 0) -> list[dict[str, Array]]:
+    def init_cache(self, batch: int, length: int) -> list[dict[str, Array]]:
         """The zero state of every layer: {"h": (B, D)}, plus "c" for the LSTM. `length` is ignored (the
         state does not grow with the sequence); it is accepted because the sampler passes its context."""
         shape = (batch, self.cfg.d_model)
@@ -162,7 +162,7 @@ class RecurrentLM(nnx.Module):
 
         x_TBD = constrain(self.token_embed[...], (None, None))[jnp.asarray(tokens_BT).T]
         x_TBD = constrain(dropout(x_TBD, cfg.dropout, keys[-1]).astype(self.compute_dtype), ACT_TBD)
-        state = self.init_cache(B) if cache is None else cache
+        state = self.init_cache(B, T) if cache is None else cache
         new_cache = []
         for i, layer in enumerate(self.layers):
             x_TBD, layer_state = layer(x_TBD, state[i], keep_TB)

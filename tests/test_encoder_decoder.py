@@ -1,0 +1,144 @@
+"""The original Transformer: masks, the cross-attention path, KV-cache decoding, greedy and beam search."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from plutao.model.config import ModelConfig
+from plutao.model.encoder_decoder import EncoderDecoder
+from plutao.model.seq2seq import beam_search, greedy_decode, length_penalty, strip
+
+PAD, BOS, EOS = 0, 2, 3
+CFG = ModelConfig(family="encoder_decoder", vocab_size=40, context_length=16, n_layers=2, d_model=32, n_heads=4,
+                  norm="post", positions="sinusoidal", activation="relu")
+
+
+def make(cfg=CFG, seed=0):
+    return EncoderDecoder(cfg, nnx.Rngs(seed))
+
+
+def tokens(shape, seed):
+    return jnp.asarray(np.random.default_rng(seed).integers(11, 40, shape), jnp.int32)
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = make()
+    # Larger weights than the 0.02 init, so outputs depend visibly on their inputs.
+    for _, v in nnx.iter_graph(m):
+        if isinstance(v, nnx.Param) and v[...].ndim >= 2:
+            v[...] = v[...] * 8.0
+    return m
+
+
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_decoder_self_attention_is_causal(norm):
+    m = make(ModelConfig(**{**CFG.__dict__, "norm": norm}))
+    src = tokens((2, 7), 0)
+    tgt = tokens((2, 9), 1)
+    changed = tgt.at[:, 5:].set(tokens((2, 4), 2))
+    a, _ = m(src, src != PAD, tgt)
+    b, _ = m(src, src != PAD, changed)
+    np.testing.assert_allclose(a[:, :5], b[:, :5], atol=1e-6)
+    assert not np.allclose(a[:, 5:], b[:, 5:], atol=1e-4)
+
+
+def test_source_reaches_the_decoder_only_through_cross_attention(model):
+    src, other = tokens((2, 7), 0), tokens((2, 7), 5)
+    tgt = tokens((2, 6), 1)
+    a, _ = model(src, src != PAD, tgt)
+    b, _ = model(other, other != PAD, tgt)
+    assert not np.allclose(a, b, atol=1e-4)  # the source matters ...
+    cut = nnx.clone(model)
+    for block in cut.decoder:  # ... and with every cross-attention output zeroed it no longer does
+        block.cross_attn.w_o[...] = jnp.zeros_like(block.cross_attn.w_o[...])
+    a, _ = cut(src, src != PAD, tgt)
+    b, _ = cut(other, other != PAD, tgt)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_padding_never_affects_real_positions(model):
+    src, tgt = tokens((2, 6), 0), tokens((2, 5), 1)
+    base, _ = model(src, src != PAD, tgt)
+    # Extra source padding (different amounts per row, with garbage ids under the mask) changes nothing.
+    padded_src = jnp.concatenate([src, tokens((2, 4), 9)], axis=1)
+    valid = jnp.concatenate([jnp.ones((2, 6), bool), jnp.zeros((2, 4), bool)], axis=1)
+    out, _ = model(padded_src, valid, tgt)
+    np.testing.assert_allclose(out, base, atol=1e-5)
+    # Right padding of the target changes no earlier position.
+    out, _ = model(src, src != PAD, jnp.concatenate([tgt, jnp.zeros((2, 3), jnp.int32)], axis=1))
+    np.testing.assert_allclose(out[:, :5], base, atol=1e-5)
+
+
+def test_incremental_decoding_with_caches_equals_teacher_forcing(model):
+    src, tgt = tokens((3, 7), 0), tokens((3, 8), 1)
+    valid = (src != PAD).at[1, 4:].set(False)
+    full, _ = model(src, valid, tgt)
+    memory, _ = model.encode(src, valid)
+    kv = model.memory_kv(memory)
+    cache = model.init_cache(3, CFG.context_length)
+    steps = []
+    for i in range(tgt.shape[1]):
+        logits, cache, _ = model.decode(tgt[:, i:i + 1], kv, valid, cache=cache, cache_index=i)
+        steps.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-4, rtol=1e-5)
+
+
+def test_attention_weights_are_distributions_over_real_keys(model):
+    src, tgt = tokens((1, 6), 0), tokens((1, 4), 1)
+    valid = (src != PAD).at[0, 4:].set(False)
+    _, w = model(src, valid, tgt, return_weights=True)
+    assert set(w) == {"encoder-self", "decoder-self", "cross"}
+    cross = np.asarray(w["cross"][0])  # (B, H, T, S)
+    assert cross.shape == (1, CFG.n_heads, 4, 6)
+    np.testing.assert_allclose(cross.sum(-1), 1.0, atol=1e-5)
+    assert np.all(cross[..., 4:] < 1e-6)  # padding gets no attention
+    dec = np.asarray(w["decoder-self"][0])
+    assert np.all(np.triu(np.ones((4, 4)), 1)[None, None] * dec < 1e-6)  # nothing from the future
+
+
+def _decode_inputs():
+    src = tokens((3, 6), 3)
+    valid = (src != PAD).at[2, 3:].set(False)
+    return src, valid
+
+
+def test_beam_size_one_equals_greedy(model):
+    graphdef, params = nnx.split(model)
+    src, valid = _decode_inputs()
+    g_tokens, g_score = greedy_decode(graphdef, params, src, valid, BOS, EOS, max_len=12)
+    b_tokens, _, b_raw = beam_search(graphdef, params, src, valid, BOS, EOS, PAD, max_len=12, beam_size=1, alpha=0.6)
+    for row in range(3):
+        assert strip(g_tokens[row], EOS, PAD) == strip(b_tokens[row, 0], EOS, PAD)
+    np.testing.assert_allclose(g_score, b_raw[:, 0], rtol=1e-5)
+
+
+def test_beam_search_returns_hypotheses_in_score_order(model):
+    graphdef, params = nnx.split(model)
+    src, valid = _decode_inputs()
+    hyps, norm, raw = beam_search(graphdef, params, src, valid, BOS, EOS, PAD, max_len=12, beam_size=4, alpha=0.6)
+    norm = np.asarray(norm)
+    assert np.all(np.diff(norm, axis=1) <= 1e-6)
+    # Each reported score is the hypothesis' own log-probability, recomputed by teacher forcing.
+    for row in range(3):
+        for k in range(4):
+            ids = strip(hyps[row, k], EOS, PAD)
+            finished = EOS in np.asarray(hyps[row, k]).tolist()
+            tgt = jnp.array([[BOS] + ids], jnp.int32)
+            logits, _ = model(src[row:row + 1], valid[row:row + 1], tgt)
+            logp = jax.nn.log_softmax(logits[0])
+            targets = ids + ([EOS] if finished else [])
+            total = float(sum(logp[i, t] for i, t in enumerate(targets)))
+            np.testing.assert_allclose(float(raw[row, k]), total, rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(float(norm[row, k]), total / float(length_penalty(jnp.array(len(targets)),
+                                                                                         0.6)), rtol=1e-4)
+
+
+def test_beam_search_finds_at_least_the_greedy_log_probability(model):
+    graphdef, params = nnx.split(model)
+    src, valid = _decode_inputs()
+    _, g_score = greedy_decode(graphdef, params, src, valid, BOS, EOS, max_len=12)
+    _, _, raw = beam_search(graphdef, params, src, valid, BOS, EOS, PAD, max_len=12, beam_size=4, alpha=0.0)
+    assert np.all(np.asarray(raw[:, 0]) >= np.asarray(g_score) - 1e-5)
