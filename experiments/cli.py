@@ -210,11 +210,13 @@ def cmd_eval(args) -> int:
         return _eval_ngram(args)
     if family == "encoder_decoder":
         return _eval_translation(args)
+    from plutao.model.families import RECURRENT
     from plutao.train.evaluate import masked_lm_metrics, stream_metrics
     from plutao.train.run import load_run
 
     run = load_run(Path(args.run_dir), args.step)
-    context = run.cfg.model.context_length
+    # A recurrent model has no context limit: it carries its state across long windows.
+    context = 512 if family in RECURRENT else run.cfg.model.context_length
     results = []
     for name, tokens in _eval_texts(args, run.cfg, run.tokenizer):
         if family == "encoder":
@@ -503,6 +505,16 @@ def cmd_bench_scaling(args) -> int:
     return 0
 
 
+def cmd_bench_baselines(args) -> int:
+    from plutao.experiments.baselines_bench import run_baselines
+
+    result = run_baselines(args.task, args.minutes, Path(args.data_dir), args.workdir,
+                           out=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
 def cmd_bench(args) -> int:
     from plutao.experiments.bench import run_bench
 
@@ -656,6 +668,15 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--depths", type=int, nargs="+", default=[4, 16, 48])
     bs.add_argument("--json", action="store_true")
     bs.set_defaults(fn=cmd_bench_scaling)
+
+    bb = sub.add_parser("bench-baselines", help="Transformer vs LSTM vs n-gram at equal wall-clock (PTB or "
+                        "Tiny Shakespeare)")
+    bb.add_argument("task", choices=["ptb", "shakespeare"])
+    bb.add_argument("--minutes", type=float, default=5.0, help="training budget per neural model")
+    bb.add_argument("--data-dir", default="../shared/data", help="folder holding ptb/ and tinyshakespeare.txt")
+    bb.add_argument("--workdir", help="where the run directories go (default: a temporary folder)")
+    bb.add_argument("--json", action="store_true")
+    bb.set_defaults(fn=cmd_bench_baselines)
 
     b = sub.add_parser("bench", help="nanoGPT's CPU benchmark: speed, MFU and val loss vs PyTorch eager")
     b.add_argument("--data", help="Tiny Shakespeare text file (default: download or cache)")

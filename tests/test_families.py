@@ -132,3 +132,30 @@ def test_ngram_runs_like_any_other_family(capsys, tmp_path, small_corpus):
                               "--workdir", str(run), "--json"])
     assert (run / "ngram.npz").stat().st_mtime_ns == before and again["val_loss"] == summary["val_loss"]
     fails(capsys, ["neighbors", str(run), "e"], "no checkpoint")
+
+
+def test_lstm_trains_evaluates_and_samples_through_the_same_loop(capsys, tmp_path, small_corpus):
+    run = tmp_path / "lstm"
+    held_out = tmp_path / "valid.txt"
+    held_out.write_text(small_corpus.read_text()[:3000])
+    summary = run_json(capsys, ["train", "model.family=lstm", "model.n_layers=2", "model.d_model=64",
+                                "model.context_length=32", "train.batch_size=8", "train.steps=30",
+                                "train.eval_every=15", "train.sample_every=30", "train.sample_tokens=20",
+                                "train.checkpoint_every=30", f"data.path={small_corpus}", f"data.val_path={held_out}",
+                                "--workdir", str(run), "--json", "--quiet"])
+    assert summary["step"] == 30 and summary["val_loss"] < math.log(summary["params"])
+    r = run_json(capsys, ["eval", str(run), "--json"])
+    assert r["data"] == str(held_out) and r["tokens"] == len(held_out.read_text())  # char level: one per char
+    assert main(["sample", str(run), "--prompt", "The", "--max-new-tokens", "10"]) == 0
+    assert capsys.readouterr().out.startswith("The")
+    fails(capsys, ["attention", str(run), "--text", "abc"], "has no attention")
+
+
+def test_a_time_budget_ends_the_run_with_a_final_evaluation(capsys, tmp_path, small_corpus):
+    run = tmp_path / "budget"
+    summary = run_json(capsys, ["train", "tiny", f"data.path={small_corpus}", "train.steps=100000",
+                                "train.max_seconds=3", "--workdir", str(run), "--json", "--quiet"])
+    assert summary["budget_spent"] and 0 < summary["step"] < 100000
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("split") == "val" and r["step"] == summary["step"] for r in records)
+    assert (run / "checkpoints" / str(summary["step"])).is_dir()
