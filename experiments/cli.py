@@ -505,6 +505,112 @@ def cmd_bench_scaling(args) -> int:
     return 0
 
 
+def _sweep_spec(args):
+    """The sweep to run: a spec file, or a base config (preset/file) plus --grid/--zip/--random flags."""
+    from plutao.experiments.sweep import SPEC_KEYS, SweepSpec, load_spec, parse_axis, spec_from_dict
+    from plutao.train.config import parse_overrides
+    from plutao.train.errors import UserError
+
+    config = args.config
+    overrides = list(args.overrides)
+    if config and "=" in config:
+        config, overrides = None, [config, *overrides]
+    spec = None
+    if config and Path(config).suffix in (".yaml", ".yml", ".py"):
+        spec = load_spec(Path(config))
+    elif config and Path(config).suffix in (".json", ".toml") and Path(config).is_file():
+        from plutao.train.config import load_config_file
+
+        raw = (json.loads(Path(config).read_text()) if config.endswith(".json")
+               else __import__("tomllib").loads(Path(config).read_text()))
+        if isinstance(raw, dict) and set(raw) & (SPEC_KEYS - {"name"}) and not set(raw) & {"model", "train", "data"}:
+            spec = spec_from_dict(raw, config)
+        else:
+            load_config_file(Path(config))  # a train config: validated when resolved
+    if spec is None:
+        spec = SweepSpec(base=config)
+    for flag, target in (("--grid", spec.grid), ("--zip", spec.zip)):
+        for arg in getattr(args, flag[2:]) or []:
+            key, values = parse_axis(arg, flag)
+            target[key] = values
+    if args.random:
+        params = {}
+        for arg in args.random:
+            key, _, dist = arg.partition("=")
+            kind, _, bounds = dist.partition(":")
+            values = bounds.split(":") if kind != "choice" else bounds.split(",")
+            if not key or kind not in ("uniform", "loguniform", "int", "choice") or not values:
+                raise UserError(f"cannot read --random {arg!r}; write e.g. --random optim.lr=loguniform:1e-4:1e-2 "
+                                "or --random model.norm=choice:pre,post")
+            try:
+                params[key] = {kind: values if kind == "choice" else [float(v) for v in values]}
+            except ValueError:
+                raise UserError(f"cannot read the bounds of --random {arg!r}; give numbers") from None
+        target = "optuna" if args.optuna else "random"
+        setattr(spec, target, {"params": params, "budget": args.budget, "trials": args.budget, "seed": 0})
+    elif args.optuna:
+        raise UserError("--optuna needs a search space: add --random key=loguniform:lo:hi ...")
+    for name in ("seeds", "parallel", "max_steps", "max_seconds", "executor"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(spec, name, value)
+    spec.validate()
+    return spec, parse_overrides(overrides)
+
+
+def cmd_sweep(args) -> int:
+    from plutao.experiments.sweep import sweep
+
+    spec, overrides = _sweep_spec(args)
+    result = sweep(spec, Path(args.workdir), overrides, retry_failed=args.retry_failed,
+                   log=lambda m: print(m, file=sys.stderr, flush=True))
+    if not args.no_report:
+        from plutao.experiments.report import report
+
+        result["report"] = report(Path(args.workdir))["report"]
+        print(f"report: {result['report']}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(result))
+    return 130 if result.get("status", {}).get("interrupted") else 0
+
+
+def cmd_study(args) -> int:
+    from plutao.experiments.report import report
+    from plutao.experiments.studies import study
+    from plutao.experiments.sweep import sweep
+    from plutao.train.config import parse_overrides
+
+    scale = args.scale
+    rest = []
+    for o in args.overrides:  # `scale=4` reads like the other key=value knobs
+        if o.startswith("scale="):
+            scale = float(o.partition("=")[2])
+        else:
+            rest.append(o)
+    spec = study(args.name, scale)
+    for name in ("seeds", "parallel"):
+        if getattr(args, name) is not None:
+            setattr(spec, name, getattr(args, name))
+    spec.validate()
+    workdir = Path(args.workdir or Path("runs") / f"study-{args.name}")
+    result = sweep(spec, workdir, parse_overrides(rest), log=lambda m: print(m, file=sys.stderr, flush=True))
+    out = report(workdir)
+    print((Path(out["report"])).read_text())
+    return 130 if result.get("status", {}).get("interrupted") else 0
+
+
+def cmd_report(args) -> int:
+    from plutao.experiments.report import report
+
+    out = report(Path(args.sweep_dir), Path(args.out) if args.out else None)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(Path(out["report"]).read_text())
+        print(f"written: {out['report']}, {out['csv']}, " + ", ".join(out["plots"]))
+    return 0
+
+
 def cmd_bench_baselines(args) -> int:
     from plutao.experiments.baselines_bench import run_baselines
 
@@ -668,6 +774,45 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--depths", type=int, nargs="+", default=[4, 16, 48])
     bs.add_argument("--json", action="store_true")
     bs.set_defaults(fn=cmd_bench_scaling)
+
+    sw = sub.add_parser("sweep", help="run many trainings as isolated, resumable trials, then report",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        epilog="examples:\n  plutao sweep tiny --workdir sweeps/lr --grid optim.lr=1e-3,3e-3 --seeds 2\n"
+                               "  plutao sweep spec.yaml --workdir sweeps/ablation --parallel 2")
+    sw.add_argument("config", nargs="?", help="a sweep spec (.yaml/.py/.json/.toml), or the base preset/config file")
+    sw.add_argument("overrides", nargs="*", help="section.key=value applied to every trial")
+    sw.add_argument("--workdir", required=True, help="the sweep directory (re-running resumes it)")
+    sw.add_argument("--grid", action="append", metavar="KEY=V1,V2", help="sweep a key over values (product)")
+    sw.add_argument("--zip", action="append", metavar="KEY=V1,V2", help="keys varied together, value by value")
+    sw.add_argument("--random", action="append", metavar="KEY=DIST:LO:HI",
+                    help="random search: loguniform:lo:hi, uniform:lo:hi, int:lo:hi or choice:a,b")
+    sw.add_argument("--budget", type=int, default=8, help="random search / Optuna: number of trials")
+    sw.add_argument("--optuna", action="store_true", help="Bayesian search (TPE) with median pruning over --random")
+    sw.add_argument("--seeds", type=int, help="seeds per variant (train.seed = 0, 1, ...)")
+    sw.add_argument("--parallel", type=int, help="trials at once")
+    sw.add_argument("--max-steps", type=int, help="per-trial step budget (sets train.steps)")
+    sw.add_argument("--max-seconds", type=float, help="per-trial wall-clock budget (sets train.max_seconds)")
+    sw.add_argument("--executor", choices=["local", "slurm"])
+    sw.add_argument("--retry-failed", action="store_true", help="run failed trials again")
+    sw.add_argument("--no-report", action="store_true")
+    sw.add_argument("--json", action="store_true")
+    sw.set_defaults(fn=cmd_sweep)
+
+    st = sub.add_parser("study", help="a built-in ablation study (sweep + report): lr-warmup, norm-depth, "
+                        "positions, heads, activations, families")
+    st.add_argument("name")
+    st.add_argument("overrides", nargs="*", help="scale=S (model width × S, steps × S) and section.key=value")
+    st.add_argument("--workdir", help="default runs/study-NAME")
+    st.add_argument("--scale", type=float, default=1.0)
+    st.add_argument("--seeds", type=int)
+    st.add_argument("--parallel", type=int)
+    st.set_defaults(fn=cmd_study)
+
+    rp = sub.add_parser("report", help="Markdown/CSV table and plots of a sweep, from its trial directories")
+    rp.add_argument("sweep_dir")
+    rp.add_argument("--out", help="output folder (default SWEEP_DIR/report)")
+    rp.add_argument("--json", action="store_true")
+    rp.set_defaults(fn=cmd_report)
 
     bb = sub.add_parser("bench-baselines", help="Transformer vs LSTM vs n-gram at equal wall-clock (PTB or "
                         "Tiny Shakespeare)")

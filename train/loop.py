@@ -302,6 +302,7 @@ def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> d
         with StopFlag() as stop, tqdm(total=t.steps, initial=start, disable=quiet or not main or start >= t.steps,
                                       unit="step", dynamic_ncols=True, file=sys.stderr) as bar:
             window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
+            steps_seconds, first_step_unix = 0.0, None
             step = start
             last_step = min(t.steps, t.stop_at_step) if t.stop_at_step else t.steps
             if last_step <= start < t.steps:
@@ -323,11 +324,13 @@ def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> d
                 if compile_s is None:
                     jax.block_until_ready(step_metrics)
                     compile_s = time.perf_counter() - t0
+                    first_step_unix = time.time()
                     window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
                 if step % t.log_every == 0 or step == t.steps:
                     m = {k: float(to_host(v)) for k, v in step_metrics.items()}
                     m |= {"step": step, "split": "train", "perplexity": math.exp(min(m["loss"], 50))}
                     if window_steps:  # (the first step's window is its compilation)
+                        steps_seconds += time.perf_counter() - window_start
                         tps = window_tokens / (time.perf_counter() - window_start)
                         m |= {"tokens_per_sec": tps, "mfu": tps * flops_per_tok / peak}
                     metrics.write(m)
@@ -394,6 +397,8 @@ def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> d
         "compile_seconds": compile_s, "params": n_params["total"], "epochs": epochs,
         **({"val_accuracy": final["accuracy"]} if "accuracy" in final else {}),
         "budget_spent": budget_spent, "train_seconds": time.perf_counter() - budget_start,
+        # Time inside training steps (after the first, compiling one), and when the first step ended.
+        "steps_seconds": steps_seconds, "first_step_unix": first_step_unix,
         "run_dir": str(run_dir), "checkpoint": str(run_dir / "checkpoints" / str(step)),
         "plot": str(plot) if plot else None,
     }

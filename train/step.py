@@ -51,13 +51,13 @@ class Trainer:
     def graphdef(self):
         return nnx.split(nnx.eval_shape(lambda: build_model(self.model_cfg, nnx.Rngs(0))))[0]
 
-    def _init(self) -> dict:
-        params = nnx.to_pure_dict(nnx.state(build_model(self.model_cfg, nnx.Rngs(self.seed)), nnx.Param))
+    def _init(self, seed) -> dict:
+        params = nnx.to_pure_dict(nnx.state(build_model(self.model_cfg, nnx.Rngs(jax.random.key(seed))), nnx.Param))
         return {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
     @functools.cached_property
     def abstract_state(self):
-        return jax.eval_shape(self._init)
+        return jax.eval_shape(self._init, jnp.int32(0))
 
     @functools.cached_property
     def state_shardings(self):
@@ -72,7 +72,7 @@ class Trainer:
         return {"params": params_sh, "opt_state": opt_sh, "step": repl}
 
     def init_state(self) -> dict:
-        return jax.jit(self._init, out_shardings=self.state_shardings)()
+        return jax.jit(self._init, out_shardings=self.state_shardings)(jnp.int32(self.seed))
 
     def abstract_sharded_state(self):
         """ShapeDtypeStructs with shardings: the restore target for checkpoints."""
@@ -86,9 +86,11 @@ class Trainer:
                                     constrain=self.constrain)
         return sums["loss"], sums["count"]
 
-    def _train_step(self, state, tokens_BT1):
+    # The seed is an argument, not a constant baked into the program: runs that differ only by seed
+    # share one compiled executable (and the persistent compilation cache across a sweep's trials).
+    def _train_step(self, state, tokens_BT1, seed):
         step = state["step"]
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.seed), DROPOUT), step)
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), DROPOUT), step)
         grad_fn = jax.value_and_grad(self._loss_sum, has_aux=True)
         A = self.grad_accum
         if A == 1:
@@ -116,28 +118,45 @@ class Trainer:
         metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads), "lr": self.schedule(step)}
         return {"params": params, "opt_state": opt_state, "step": step + 1}, metrics
 
-    def _eval_step(self, params, tokens_BT1):
+    def _eval_step(self, params, tokens_BT1, seed):
         """Summed plain cross-entropy (no smoothing, no dropout) and its token count (and, for the
         masked LM, correct predictions), under masks that are the same at every evaluation."""
-        key = jax.random.fold_in(jax.random.key(self.seed), EVAL_MASKS)
+        key = jax.random.fold_in(jax.random.key(seed), EVAL_MASKS)
         return self._objective.sums(nnx.merge(self.graphdef, params), tokens_BT1, key, train=False,
                                     constrain=self.constrain)
 
     @functools.cached_property
     def train_step(self):
         batch_sh = sharding.batch_sharding(self.mesh)
-        return jax.jit(self._train_step, in_shardings=(self.state_shardings, batch_sh),
-                       out_shardings=(self.state_shardings, sharding.replicated(self.mesh)), donate_argnums=0)
+        repl = sharding.replicated(self.mesh)
+        step = jax.jit(self._train_step, in_shardings=(self.state_shardings, batch_sh, repl),
+                       out_shardings=(self.state_shardings, repl), donate_argnums=0)
+        return SeededStep(step, np.int32(self.seed))
 
     @functools.cached_property
     def eval_step(self):
         batch_sh = sharding.batch_sharding(self.mesh)
-        return jax.jit(self._eval_step, in_shardings=(self.state_shardings["params"], batch_sh),
-                       out_shardings=sharding.replicated(self.mesh))
+        repl = sharding.replicated(self.mesh)
+        step = jax.jit(self._eval_step, in_shardings=(self.state_shardings["params"], batch_sh, repl), out_shardings=repl)
+        return SeededStep(step, np.int32(self.seed))
 
     def model(self, params) -> nnx.Module:
         """A live module over these parameters (for sampling and inspection outside the hot path)."""
         return nnx.merge(self.graphdef, params)
+
+
+@dataclasses.dataclass(frozen=True)
+class SeededStep:
+    """A jitted step with the run's seed bound as its last (traced) argument."""
+
+    jitted: Any
+    seed: np.ndarray
+
+    def __call__(self, state, batch):
+        return self.jitted(state, batch, self.seed)
+
+    def lower(self, state, batch):
+        return self.jitted.lower(state, batch, self.seed)
 
 
 def global_batch(tokens, mesh: Mesh):

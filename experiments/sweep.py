@@ -1,0 +1,548 @@
+"""Sweeps and ablations: many `plutao train` runs as isolated, resumable trials, then one report.
+
+A sweep is a base config plus variants (grid, zip, explicit lists, random samples, named ablations,
+or an Optuna study) times seeds. Every trial is its own process and its own run directory under
+`SWEEP_DIR/trials/`, holding the usual config.json and metrics.jsonl plus `trial.json` (its
+overrides and status). Re-running a sweep skips finished trials, resumes interrupted ones from
+their checkpoints and starts missing ones; a failed trial records its one-line error and the others
+go on. Trials share a persistent XLA compilation cache, so trials of the same shape compile once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from plutao.train.errors import UserError
+
+TRIAL_FILE = "trial.json"
+SPEC_KEYS = {"base", "overrides", "grid", "zip", "trials", "ablations", "random", "optuna", "seeds", "parallel",
+             "max_steps", "max_seconds", "executor", "slurm", "name"}
+DONE, FAILED, INTERRUPTED, PRUNED, RUNNING = "done", "failed", "interrupted", "pruned", "running"
+
+
+# --- the spec ---------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class SweepSpec:
+    base: str | None = None  # a preset name or config file; None = the default experiment
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # applied to every trial
+    grid: dict[str, list] = dataclasses.field(default_factory=dict)  # every combination
+    zip: dict[str, list] = dataclasses.field(default_factory=dict)  # varied together, row by row
+    trials: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # explicit override sets
+    ablations: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # named variants
+    random: dict[str, Any] = dataclasses.field(default_factory=dict)  # {"budget": N, "seed": S, "params": {...}}
+    optuna: dict[str, Any] = dataclasses.field(default_factory=dict)  # {"trials": N, "params": {...}, ...}
+    seeds: int = 1
+    parallel: int = 1
+    max_steps: int = 0  # per-trial budgets (0 = the config's train.steps / no time limit)
+    max_seconds: float = 0.0
+    executor: str = "local"  # local | slurm
+    slurm: dict[str, Any] = dataclasses.field(default_factory=dict)
+    name: str = ""
+
+    def validate(self) -> None:
+        if self.seeds < 1 or self.parallel < 1:
+            raise UserError(f"--seeds and --parallel must be ≥ 1, got seeds={self.seeds}, parallel={self.parallel}")
+        if self.executor not in ("local", "slurm"):
+            raise UserError(f"executor {self.executor!r} is not known; use local or slurm")
+        for key, values in {**self.grid, **self.zip}.items():
+            if not isinstance(values, list) or not values:
+                raise UserError(f"sweep values for {key} must be a non-empty list, got {values!r}")
+        lengths = {len(v) for v in self.zip.values()}
+        if len(lengths) > 1:
+            raise UserError(f"zip lists must have equal lengths, got {sorted(lengths)}")
+        if self.random and self.optuna:
+            raise UserError("a sweep uses random search or an Optuna study, not both")
+        for section in ("random", "optuna"):
+            spec = getattr(self, section)
+            if spec and not spec.get("params"):
+                raise UserError(f"{section} search needs params, e.g. {{optim.lr: {{loguniform: [1e-4, 1e-2]}}}}")
+            for key, dist in spec.get("params", {}).items():
+                _check_distribution(key, dist)
+
+
+def _check_distribution(key: str, dist) -> None:
+    if not (isinstance(dist, dict) and len(dist) == 1 and next(iter(dist)) in ("uniform", "loguniform", "choice",
+                                                                                "int")):
+        raise UserError(f"the distribution of {key} must be one of {{uniform: [lo, hi]}}, {{loguniform: [lo, hi]}}, "
+                        f"{{int: [lo, hi]}}, {{choice: [a, b, ...]}}; got {dist!r}")
+
+
+def load_spec(path: Path) -> SweepSpec:
+    """A sweep spec from YAML, JSON, TOML, or a Python file defining SWEEP = {...}."""
+    if not path.is_file():
+        raise UserError(f"sweep spec {str(path)!r} does not exist")
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(path.read_text())
+        elif path.suffix == ".json":
+            raw = json.loads(path.read_text())
+        elif path.suffix == ".toml":
+            import tomllib
+
+            raw = tomllib.loads(path.read_text())
+        elif path.suffix == ".py":
+            import runpy
+
+            raw = runpy.run_path(str(path)).get("SWEEP")
+        else:
+            raise UserError(f"sweep spec {str(path)!r} must be .yaml, .json, .toml or .py")
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 (any parse error in a user's file: say where, in one line)
+        raise UserError(f"cannot read sweep spec {str(path)!r}: {type(e).__name__}: {e}".replace("\n", " ")) from None
+    return spec_from_dict(raw, str(path))
+
+
+def spec_from_dict(raw, where: str) -> SweepSpec:
+    if not isinstance(raw, dict):
+        raise UserError(f"{where} must define a mapping (a Python file: SWEEP = {{...}})")
+    unknown = set(raw) - SPEC_KEYS
+    if unknown:
+        import difflib
+
+        key = min(unknown)
+        close = difflib.get_close_matches(key, sorted(SPEC_KEYS), n=1)
+        raise UserError(f"{where}: unknown sweep key {key!r}" + (f"; did you mean {close[0]}?" if close else
+                                                                 f"; known keys: {', '.join(sorted(SPEC_KEYS))}"))
+    spec = SweepSpec(**raw)
+    spec.validate()
+    return spec
+
+
+def parse_values(raw: str) -> list:
+    """`1e-3,3e-4` → [0.001, 0.0003]; `pre,post` → ["pre", "post"] (values stay strings unless numeric)."""
+    out = []
+    for item in raw.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            out.append(int(item))
+        except ValueError:
+            try:
+                out.append(float(item))
+            except ValueError:
+                out.append(item)
+    return out
+
+
+def parse_axis(arg: str, flag: str) -> tuple[str, list]:
+    key, eq, values = arg.partition("=")
+    if not eq or not key or not values:
+        raise UserError(f"cannot read {flag} {arg!r}; write {flag} section.key=v1,v2 (e.g. {flag} optim.lr=1e-3,3e-4)")
+    return key.strip(), parse_values(values)
+
+
+# --- trials ----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Trial:
+    variant: str  # what distinguishes it (seeds of one variant share this)
+    params: dict[str, Any]  # the swept values
+    seed: int
+    overrides: dict[str, Any]  # everything passed to `plutao train` (spec overrides + params + seed + budget)
+    directory: Path
+
+    @property
+    def name(self) -> str:
+        return self.directory.name
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=+-]+", "_", text).strip("_")[:120] or "base"
+
+
+def _short(key: str) -> str:
+    return key.split(".", 1)[-1]
+
+
+def _fmt(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _sample(dist: dict, rng: random.Random):
+    (kind, args), = dist.items()
+    if kind == "choice":
+        return rng.choice(list(args))
+    lo, hi = args
+    if kind == "uniform":
+        return rng.uniform(lo, hi)
+    if kind == "int":
+        return rng.randint(int(lo), int(hi))
+    return math.exp(rng.uniform(math.log(lo), math.log(hi)))
+
+
+def variants(spec: SweepSpec) -> list[tuple[str, dict[str, Any]]]:
+    """(name, swept values) of every variant: the product of the grid, zip rows, explicit trials,
+    ablations and random samples (each a list of override sets; an absent one contributes {})."""
+    groups: list[list[tuple[str | None, dict]]] = []
+    if spec.grid:
+        keys = list(spec.grid)
+        groups.append([(None, dict(zip(keys, combo))) for combo in itertools.product(*(spec.grid[k] for k in keys))])
+    if spec.zip:
+        keys = list(spec.zip)
+        groups.append([(None, {k: spec.zip[k][i] for k in keys}) for i in range(len(spec.zip[keys[0]]))])
+    if spec.trials:
+        groups.append([(None, dict(t)) for t in spec.trials])
+    if spec.ablations:
+        groups.append([(name, dict(o or {})) for name, o in spec.ablations.items()])
+    if spec.random:
+        rng = random.Random(spec.random.get("seed", 0))
+        budget = int(spec.random.get("budget", 8))
+        groups.append([(None, {k: _sample(d, rng) for k, d in spec.random["params"].items()}) for _ in range(budget)])
+    out = []
+    for combo in itertools.product(*groups) if groups else [()]:
+        params, names = {}, []
+        for name, values in combo:
+            params.update(values)
+            names.append(name if name is not None else " ".join(f"{_short(k)}={_fmt(v)}" for k, v in values.items()))
+        out.append((" ".join(n for n in names if n) or "base", params))
+    seen = {}
+    for name, _ in out:
+        seen[name] = seen.get(name, 0) + 1
+    dupes = [n for n, c in seen.items() if c > 1]
+    if dupes:
+        raise UserError(f"two sweep variants are both named {dupes[0]!r}; give them distinct values")
+    return out
+
+
+def expand(spec: SweepSpec, sweep_dir: Path, cli_overrides: dict[str, str]) -> list[Trial]:
+    trials = []
+    for name, params in variants(spec):
+        for seed in range(spec.seeds):
+            overrides = {**spec.overrides, **cli_overrides, **params, "train.seed": seed + int(
+                {**spec.overrides, **cli_overrides}.get("train.seed", 0))}
+            if spec.max_steps:
+                overrides["train.steps"] = spec.max_steps
+            if spec.max_seconds:
+                overrides["train.max_seconds"] = spec.max_seconds
+            directory = sweep_dir / "trials" / (_slug(name) + (f"-seed{seed}" if spec.seeds > 1 else ""))
+            trials.append(Trial(name, params, seed, overrides, directory))
+    return trials
+
+
+def read_trial(directory: Path) -> dict | None:
+    path = directory / TRIAL_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def write_trial(directory: Path, record: dict) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / (TRIAL_FILE + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    tmp.replace(directory / TRIAL_FILE)
+
+
+# --- running one trial -----------------------------------------------------------------------------
+
+def compilation_cache_env(sweep_dir: Path) -> dict[str, str]:
+    """A persistent XLA cache shared by the sweep's trials: the first trial of a shape compiles, the
+    rest load the executable from disk."""
+    return {"JAX_COMPILATION_CACHE_DIR": str(sweep_dir / ".jax-cache"),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+
+
+def train_command(base: str | None, trial: Trial) -> list[str]:
+    cmd = [sys.executable, "-m", "plutao.experiments.cli", "train"]
+    if base:
+        cmd.append(base)
+    cmd += ["--workdir", str(trial.directory), "--quiet", "--json"]
+    cmd += [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in trial.overrides.items()]
+    return cmd
+
+
+class Runner:
+    """Runs trials as child processes; on SIGINT/SIGTERM it asks each to checkpoint and stop."""
+
+    def __init__(self, spec: SweepSpec, sweep_dir: Path, log):
+        self.spec, self.sweep_dir, self.log = spec, sweep_dir, log
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.lock = threading.Lock()
+        self.stopping = False
+
+    def stop_all(self, signum=signal.SIGINT) -> None:
+        self.stopping = True
+        with self.lock:
+            for proc in self.procs.values():
+                if proc.poll() is None:
+                    proc.send_signal(signum)
+
+    def run(self, trial: Trial, monitor=None) -> dict:
+        """Run (or resume) one trial to completion; returns its trial.json record."""
+        record = {"variant": trial.variant, "params": trial.params, "seed": trial.seed, "overrides": trial.overrides,
+                  "base": self.spec.base, "status": RUNNING, "launched_unix": time.time()}
+        if self.stopping:
+            return record
+        write_trial(trial.directory, record)
+        env = {**os.environ, **compilation_cache_env(self.sweep_dir)}
+        log_path = trial.directory / "train.log"
+        with log_path.open("ab") as stderr:
+            # Own session: a terminal's Ctrl-C reaches the sweep once, and the sweep forwards it.
+            proc = subprocess.Popen(train_command(self.spec.base, trial), stdout=subprocess.PIPE, stderr=stderr,
+                                    env=env, start_new_session=True)
+            with self.lock:
+                self.procs[trial.name] = proc
+            pruned = monitor(trial, proc) if monitor else False
+            out, _ = proc.communicate()
+            with self.lock:
+                self.procs.pop(trial.name, None)
+        record["finished_unix"] = time.time()
+        record["wall_seconds"] = record["finished_unix"] - record["launched_unix"]
+        record["returncode"] = proc.returncode
+        summary = None
+        for line in reversed(out.decode(errors="replace").splitlines()):
+            if line.startswith("{"):
+                try:
+                    summary = json.loads(line)
+                    break
+                except json.JSONDecodeError:
+                    pass
+        if proc.returncode == 0 and summary is not None:
+            record["summary"] = summary
+            record["status"] = PRUNED if pruned else (INTERRUPTED if summary.get("interrupted") else DONE)
+        else:
+            record["status"] = INTERRUPTED if self.stopping else FAILED
+            record["error"] = _last_error(log_path) or f"exited with code {proc.returncode}"
+        write_trial(trial.directory, record)
+        return record
+
+
+def _last_error(log_path: Path) -> str | None:
+    lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("plutao: error:")]
+    if errors:
+        return errors[-1].removeprefix("plutao: error: ")
+    return lines[-1] if lines else None
+
+
+# --- executors -------------------------------------------------------------------------------------
+
+def pending(trials: list[Trial], retry_failed: bool) -> tuple[list[Trial], list[Trial]]:
+    """(to run, already done): finished trials are skipped; failed ones only with retry_failed."""
+    todo, done = [], []
+    for trial in trials:
+        record = read_trial(trial.directory)
+        status = record.get("status") if record else None
+        if status in (DONE, PRUNED) or (status == FAILED and not retry_failed):
+            done.append(trial)
+        else:
+            todo.append(trial)
+    return todo, done
+
+
+def run_local(spec: SweepSpec, sweep_dir: Path, trials: list[Trial], log) -> list[dict]:
+    runner = Runner(spec, sweep_dir, log)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def on_signal(signum, frame):
+        if runner.stopping:  # a second Ctrl-C: stop waiting
+            raise KeyboardInterrupt
+        log(f"signal {signum}: asking running trials to checkpoint and stop (finished trials are kept); "
+            "re-run the same command to resume")
+        runner.stop_all(signum)
+
+    for s in previous:
+        signal.signal(s, on_signal)
+    results = []
+    try:
+        def one(trial):
+            record = runner.run(trial)
+            status = record["status"]
+            detail = f": {record.get('error')}" if status == FAILED else ""
+            if status != RUNNING:
+                log(f"[{status}] {trial.name}{detail}")
+            return record
+
+        with ThreadPoolExecutor(max_workers=spec.parallel) as pool:
+            results = list(pool.map(one, trials))
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return results
+
+
+def run_slurm(spec: SweepSpec, sweep_dir: Path, trials: list[Trial], log) -> list[dict]:
+    """One SLURM job array through submitit: each array task runs one trial (on `nodes` nodes with
+    `tasks_per_node` processes joined by jax.distributed, which reads SLURM's environment)."""
+    try:
+        import submitit
+    except ImportError:
+        raise UserError("executor=slurm needs submitit: pip install 'plutao[sweep]'") from None
+    s = dict(spec.slurm)
+    executor = submitit.AutoExecutor(folder=str(sweep_dir / "slurm" / "%j"), cluster=s.pop("cluster", None))
+    params = {"timeout_min": int(s.pop("timeout_min", 60)), "slurm_array_parallelism": spec.parallel,
+              "nodes": int(s.pop("nodes", 1)), "tasks_per_node": int(s.pop("tasks_per_node", 1)),
+              "cpus_per_task": int(s.pop("cpus_per_task", 1)), "name": spec.name or "plutao-sweep"}
+    if "partition" in s:
+        params["slurm_partition"] = s.pop("partition")
+    params.update({k if k.startswith("slurm_") else f"slurm_{k}": v for k, v in s.items()})
+    executor.update_parameters(**params)
+    jobs = executor.map_array(run_trial_task, [(spec, str(sweep_dir), t) for t in trials])
+    log(f"submitted job array {jobs[0].job_id.split('_')[0]} with {len(jobs)} trials "
+        f"(at most {spec.parallel} at once); logs in {sweep_dir / 'slurm'}")
+    results = []
+    for trial, job in zip(trials, jobs):
+        try:
+            job.result()
+        except Exception as e:  # noqa: BLE001 (the job failed: node failure, time limit; record it)
+            record = read_trial(trial.directory) or {"variant": trial.variant, "params": trial.params,
+                                                     "seed": trial.seed, "overrides": trial.overrides}
+            if record.get("status") != DONE:
+                record.update(status=FAILED, error=f"SLURM job {job.job_id}: {str(e).splitlines()[-1][:300]}")
+                write_trial(trial.directory, record)
+        record = read_trial(trial.directory) or {}
+        log(f"[{record.get('status', FAILED)}] {trial.name}")
+        results.append(record)
+    return results
+
+
+def run_trial_task(args) -> str:
+    """The function each SLURM array task runs: one trial, in the task's own processes. With several
+    tasks per trial, every task runs `plutao train` and jax.distributed joins them (SLURM env vars)."""
+    spec, sweep_dir, trial = args
+    env = os.environ
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and env.get("SLURM_PROCID", "0") != "0":
+        subprocess.run(train_command(spec.base, trial), check=True, stdout=subprocess.DEVNULL,
+                       env={**env, **compilation_cache_env(Path(sweep_dir))})
+        return "worker"
+    return Runner(spec, Path(sweep_dir), print).run(trial)["status"]
+
+
+def run_optuna(spec: SweepSpec, sweep_dir: Path, base_trial: Trial, cli_overrides: dict, log) -> list[dict]:
+    """Bayesian search (Optuna's TPE) with median pruning on the trials' reported val losses.
+
+    The study lives in SWEEP_DIR/optuna.db, so re-running continues it. Trials run one after another
+    (`parallel` at once), each a normal plutao trial; a trial whose val loss is worse than the median
+    of earlier trials at the same step is stopped (SIGTERM: it checkpoints) and recorded as pruned.
+    """
+    try:
+        import optuna
+    except ImportError:
+        raise UserError("optuna search needs Optuna: pip install 'plutao[sweep]'") from None
+    o = spec.optuna
+    storage = f"sqlite:///{sweep_dir / 'optuna.db'}"
+    pruner = (optuna.pruners.MedianPruner(n_startup_trials=int(o.get("startup_trials", 3)),
+                                          n_warmup_steps=int(o.get("warmup_steps", 0)))
+              if o.get("pruner", "median") == "median" else optuna.pruners.NopPruner())
+    study = optuna.create_study(study_name=spec.name or "plutao", storage=storage, load_if_exists=True,
+                                direction="minimize", sampler=optuna.samplers.TPESampler(seed=int(o.get("seed", 0))),
+                                pruner=pruner)
+    runner = Runner(spec, sweep_dir, log)
+    results = []
+    remaining = int(o.get("trials", 10)) - len([t for t in study.trials if t.state.is_finished()])
+
+    def monitor(trial_obj):
+        def watch(trial: Trial, proc: subprocess.Popen) -> bool:
+            seen = 0
+            while proc.poll() is None:
+                time.sleep(0.5)
+                for record in _read_val(trial.directory)[seen:]:
+                    seen += 1
+                    trial_obj.report(record["loss"], record["step"])
+                    if trial_obj.should_prune():
+                        proc.send_signal(signal.SIGTERM)
+                        return True
+            return False
+        return watch
+
+    for _ in range(max(remaining, 0)):
+        if runner.stopping:
+            break
+        t = study.ask()
+        params = {}
+        for key, dist in o["params"].items():
+            (kind, args), = dist.items()
+            if kind == "choice":
+                params[key] = t.suggest_categorical(key, list(args))
+            elif kind == "int":
+                params[key] = t.suggest_int(key, int(args[0]), int(args[1]))
+            else:
+                params[key] = t.suggest_float(key, args[0], args[1], log=kind == "loguniform")
+        name = f"optuna-{t.number:03d}"
+        trial = Trial(name, params, base_trial.seed, {**base_trial.overrides, **params},
+                      sweep_dir / "trials" / name)
+        record = runner.run(trial, monitor(t))
+        if record["status"] == DONE:
+            study.tell(t, record["summary"]["val_loss"])
+        elif record["status"] == PRUNED:
+            study.tell(t, state=optuna.trial.TrialState.PRUNED)
+        else:
+            study.tell(t, state=optuna.trial.TrialState.FAIL)
+        log(f"[{record['status']}] {name} {params}")
+        results.append(record)
+    return results
+
+
+def _read_val(directory: Path) -> list[dict]:
+    path = directory / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line being written
+        if r.get("split") == "val":
+            out.append(r)
+    return out
+
+
+# --- the command -----------------------------------------------------------------------------------
+
+def sweep(spec: SweepSpec, sweep_dir: Path, cli_overrides: dict[str, str], *, retry_failed: bool = False,
+          log=print) -> dict:
+    from plutao.experiments.cli import resolve_config
+
+    sweep_dir = Path(sweep_dir)
+    if sweep_dir.exists() and not sweep_dir.is_dir():
+        raise UserError(f"--workdir {sweep_dir} is a file; give a directory")
+    # Fail on a bad base config or shared override before starting anything (a bad swept value
+    # fails its own trials only, and is recorded there).
+    resolve_config(spec.base, [f"{k}={v}" for k, v in {**spec.overrides, **cli_overrides}.items()])
+    t0 = time.time()
+    trials = expand(spec, sweep_dir, cli_overrides)
+    record_path = sweep_dir / "sweep.json"
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    record = {"spec": dataclasses.asdict(spec), "cli_overrides": cli_overrides, "created_unix":
+              previous.get("created_unix", t0), "trials": [t.name for t in trials]}
+    tmp = record_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    tmp.replace(record_path)
+    if spec.optuna:
+        results = run_optuna(spec, sweep_dir, trials[0], cli_overrides, log)
+        return {"sweep_dir": str(sweep_dir), "started_unix": t0, "ran": len(results), "skipped": 0}
+    todo, done = pending(trials, retry_failed)
+    log(f"sweep {sweep_dir}: {len(trials)} trials ({len(done)} already finished, {len(todo)} to run, "
+        f"{spec.parallel} at a time, executor {spec.executor})")
+    results = (run_slurm if spec.executor == "slurm" else run_local)(spec, sweep_dir, todo, log) if todo else []
+    counts = {}
+    for t in trials:
+        status = (read_trial(t.directory) or {}).get("status", "missing")
+        counts[status] = counts.get(status, 0) + 1
+    log("trial status: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    return {"sweep_dir": str(sweep_dir), "started_unix": t0, "ran": len(results), "skipped": len(done),
+            "status": counts}
