@@ -139,8 +139,11 @@ def markdown(sweep_dir: Path, variants: list[dict], rows: list[dict], plots: lis
              "| rank | variant | seeds | val loss | perplexity | best step | tokens/s | params | wall time |",
              "|---|---|---|---|---|---|---|---|---|"]
     for v in variants:
-        loss = "–" if v["val_loss_mean"] is None else f"{v['val_loss_mean']:.4f} ± {v['val_loss_std']:.4f}"
-        ppl = "–" if v["perplexity_mean"] is None else f"{v['perplexity_mean']:.3f} ± {v['perplexity_std']:.3f}"
+        spread = v["seeds"] > 1  # one seed has no spread to show
+        loss = "–" if v["val_loss_mean"] is None else (f"{v['val_loss_mean']:.4f}" + (
+            f" ± {v['val_loss_std']:.4f}" if spread else ""))
+        ppl = "–" if v["perplexity_mean"] is None else (f"{v['perplexity_mean']:.3f}" + (
+            f" ± {v['perplexity_std']:.3f}" if spread else ""))
         failed = f" ({v['failed']} failed)" if v["failed"] else ""
         params = "–" if v["n_params"] is None else f"{v['n_params'] / 1e6:.3f}M"
         lines.append(f"| {v['rank'] or '–'} | {v['variant']} | {v['seeds']}{failed} | {loss} | {ppl} | "
