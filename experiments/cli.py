@@ -611,6 +611,15 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_bench_sweep(args) -> int:
+    from plutao.experiments.sweep_bench import run_sweep_bench
+
+    result = run_sweep_bench(args.steps, out=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
 def cmd_bench_baselines(args) -> int:
     from plutao.experiments.baselines_bench import run_baselines
 
@@ -813,6 +822,11 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", help="output folder (default SWEEP_DIR/report)")
     rp.add_argument("--json", action="store_true")
     rp.set_defaults(fn=cmd_report)
+
+    bw = sub.add_parser("bench-sweep", help="sweep overhead: time to the first step, share outside training steps")
+    bw.add_argument("--steps", type=int, default=300, help="steps per trial")
+    bw.add_argument("--json", action="store_true")
+    bw.set_defaults(fn=cmd_bench_sweep)
 
     bb = sub.add_parser("bench-baselines", help="Transformer vs LSTM vs n-gram at equal wall-clock (PTB or "
                         "Tiny Shakespeare)")
