@@ -186,3 +186,16 @@ def test_reports_are_deterministic_and_match_the_goldens(tmp_path):
     assert [r["variant"] for r in a["ranking"]] == ["lr=0.003", "lr=0.001", "lr=0.01"]
     assert "significant at the 95% level" in a["significance"]
     assert b["plots"] and all(Path(p).stat().st_size > 1000 for p in b["plots"])
+
+
+def test_optuna_search_records_every_trial_and_resumes_its_study(tmp_path, small_corpus):
+    sweep_dir = tmp_path / "optuna"
+    argv = ["sweep", "tiny", "--workdir", str(sweep_dir), "--optuna", "--random", "optim.lr=loguniform:1e-4:3e-2",
+            "--budget", "3", f"data.path={small_corpus}", "train.steps=20", "--no-report", *FAST]
+    assert main(argv) == 0
+    records = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("trials/optuna-*/trial.json"))]
+    assert len(records) == 3 and all(r["status"] in ("done", "pruned") for r in records)
+    assert all(1e-4 <= r["params"]["optim.lr"] <= 3e-2 for r in records)
+    assert (sweep_dir / "optuna.db").is_file()
+    assert main(argv) == 0  # the study already has its 3 trials: nothing new runs
+    assert len(list(sweep_dir.glob("trials/optuna-*"))) == 3
