@@ -66,12 +66,13 @@ def embedding_table(run) -> np.ndarray:
 
 def token_id(tokenizer, token: str) -> int:
     """The single id a user's token string stands for (a word-initial BPE piece if the tokenizer has one)."""
-    candidates = [tokenizer.encode(token), tokenizer.encode(" " + token) if not token.startswith(" ") else []]
+    # The word-initial form first: for BPE, " chat" is the word, "chat" a piece inside other words.
+    candidates = [tokenizer.encode(" " + token) if not token.startswith(" ") else [], tokenizer.encode(token)]
     for ids in candidates:
         if len(ids) == 1:
             return ids[0]
-    pieces = tokenizer.token_strings(candidates[0])
-    raise UserError(f"{token!r} is {len(candidates[0])} tokens here ({' '.join(map(repr, pieces))}); give a single "
+    pieces = tokenizer.token_strings(candidates[1])
+    raise UserError(f"{token!r} is {len(candidates[1])} tokens here ({' '.join(map(repr, pieces))}); give a single "
                     "token (see `plutao tokenize --tokenizer RUN_DIR TEXT`)")
 
 

@@ -55,7 +55,7 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
 
 # Published sizes, to check our counts against (parameters).
 PUBLISHED_PARAMS = {
-    "gpt2-124m": 124e6, "gpt3-small": 125e6, "gpt3-medium": 350e6, "gpt3-large": 760e6, "gpt3-xl": 1.3e9,
+    "transformer-base": 65e6, "gpt2-124m": 124e6, "gpt3-small": 125e6, "gpt3-medium": 350e6, "gpt3-large": 760e6, "gpt3-xl": 1.3e9,
     "gpt3-2.7b": 2.7e9, "gpt3-6.7b": 6.7e9, "gpt3-13b": 13e9, "gpt3-175b": 175e9,
 }
 

@@ -90,8 +90,10 @@ class Config:
 
     def shaped_model(self, placeholder_vocab: int = 256) -> ModelConfig:
         """The resolved model for shape-only tools (params, plan, shardings): when the vocabulary
-        comes from a tokenizer not trained yet (model.vocab_size=0), a placeholder size stands in."""
-        return dataclasses.replace(self.model, vocab_size=self.model.vocab_size or placeholder_vocab).resolved()
+        comes from a tokenizer not trained yet (model.vocab_size=0), the BPE/word data.vocab_size or a placeholder
+        size stands in."""
+        vocab = self.model.vocab_size or (self.data.vocab_size if self.data.tokenizer in ("bpe", "word") else 0)
+        return dataclasses.replace(self.model, vocab_size=vocab or placeholder_vocab).resolved()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
