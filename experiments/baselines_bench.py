@@ -103,6 +103,55 @@ def _run_ngram(name: str, overrides: dict, workdir: Path) -> dict:
             "table_bytes": table["bytes"], "possible": float(table["possible"][str(table["order"])])}
 
 
+def _grad_fn(graphdef):
+    import jax
+    from flax import nnx
+
+    from plutao.train.losses import cross_entropy_sum
+
+    @jax.jit
+    def grad(params, tokens):
+        def loss(params):
+            logits, _, _ = nnx.merge(graphdef, params)(tokens[:, :-1])
+            s, c = cross_entropy_sum(logits, tokens[:, 1:])
+            return s / c
+        return jax.grad(loss)(params)
+
+    return grad
+
+
+def sequence_latency(lengths=(64, 256, 1024), repeats: int = 5) -> list[dict]:
+    """Forward + backward time of one sequence (batch 1) as it grows: the LSTM's recurrence runs T
+    steps one after another, the Transformer's layers process all T positions at once."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from plutao.model.config import ModelConfig
+    from plutao.model.families import build_model
+
+    models = {"Transformer 4×128": {"family": "decoder", "n_layers": 4, "d_model": 128, "n_heads": 4},
+              "LSTM 2×224": {"family": "lstm", "n_layers": 2, "d_model": 224, "n_heads": 1}}
+    rows = []
+    for name, kw in models.items():
+        for T in lengths:
+            model = build_model(ModelConfig(vocab_size=76, context_length=T, **kw), nnx.Rngs(0))
+            graphdef, params = nnx.split(model)
+
+            grad = _grad_fn(graphdef)
+            tokens = jnp.asarray(np.random.default_rng(0).integers(11, 76, (1, T + 1)), jnp.int32)
+            jax.block_until_ready(grad(params, tokens))
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                jax.block_until_ready(grad(params, tokens))
+                times.append(time.perf_counter() - t0)
+            ms = 1e3 * min(times)
+            rows.append({"model": name, "length": T, "ms": ms, "us_per_token": 1e3 * ms / T})
+    return rows
+
+
 def run_baselines(task: str, minutes: float, data_dir: Path, workdir: str | None = None, out=sys.stdout) -> dict:
     tasks = _tasks(data_dir)
     if task not in tasks:
@@ -117,6 +166,8 @@ def run_baselines(task: str, minutes: float, data_dir: Path, workdir: str | None
     def say(msg):
         print(msg, file=out, flush=True)
 
+    if workdir and Path(workdir).exists() and any(Path(workdir).iterdir()):
+        raise UserError(f"--workdir {workdir} is not empty; the benchmark trains from scratch, give a new folder")
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix=f"plutao-baselines-{task}-"))
     say(f"{task}: each neural model trains for {minutes:g} min (run directories under {root})")
     rows = []
@@ -129,7 +180,17 @@ def run_baselines(task: str, minutes: float, data_dir: Path, workdir: str | None
         r = rows[-1]
         say(f"  {name}: {spec['metric']} {r['val_perplexity' if task == 'ptb' else 'val_loss']:.3f}")
     say(table(task, rows))
-    return {"task": task, "minutes": minutes, "rows": rows}
+    result = {"task": task, "minutes": minutes, "rows": rows}
+    if task == "shakespeare":
+        latency = sequence_latency()
+        say("one sequence (batch 1), forward + backward:")
+        say("| model | T=" + " | T=".join(str(r["length"]) for r in latency[:3]) + " |")
+        say("|---|---|---|---|")
+        for name in dict.fromkeys(r["model"] for r in latency):
+            cells = [f"{r['ms']:.1f} ms ({r['us_per_token']:.0f} µs/token)" for r in latency if r["model"] == name]
+            say(f"| {name} | " + " | ".join(cells) + " |")
+        result["sequence_latency"] = latency
+    return result
 
 
 def table(task: str, rows: list[dict]) -> str:

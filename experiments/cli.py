@@ -44,6 +44,15 @@ def resolve_config(config: str | None, overrides: list[str]):
     return Path(name).stem if name not in PRESETS else name, cfg
 
 
+def _neural(cfg, command: str):
+    from plutao.train.errors import UserError
+
+    if cfg.model.family == "ngram":
+        raise UserError(f"`plutao {command}` needs a neural model; an n-gram model is a count table (`plutao train` "
+                        "reports its size)")
+    return cfg
+
+
 def cmd_train(args) -> int:
     from plutao.train.loop import train
 
@@ -265,6 +274,7 @@ def _eval_ngram(args) -> int:
 
 
 def _eval_translation(args) -> int:
+    from plutao.train.errors import UserError
     from plutao.train.pairs import held_out, read_pairs
     from plutao.train.run import load_run
     from plutao.train.translate import evaluate_translation
@@ -280,6 +290,8 @@ def _eval_translation(args) -> int:
         pairs = [q for s in data_lib.source_paths(run.cfg.data) for q in read_pairs(s)
                  if held_out(q, run.cfg.data.val_fraction)]
         name = f"held-out {run.cfg.data.val_fraction:.0%} of {run.cfg.data.path}"
+    if args.limit < 0:
+        raise UserError(f"--limit must be ≥ 0 (0 = all pairs), got {args.limit}")
     if args.limit:
         pairs = pairs[: args.limit]
     beams = sorted({1, args.beam})
@@ -339,8 +351,11 @@ def cmd_attention(args) -> int:
 def cmd_neighbors(args) -> int:
     from plutao.experiments.inspect import embedding_table, token_id
     from plutao.model.probes import nearest_neighbors
+    from plutao.train.errors import UserError
     from plutao.train.run import load_run
 
+    if args.k < 1:
+        raise UserError(f"-k must be ≥ 1, got {args.k}")
     run = load_run(Path(args.run_dir), args.step)
     table = embedding_table(run)
     i = token_id(run.tokenizer, args.token)
@@ -359,8 +374,11 @@ def cmd_neighbors(args) -> int:
 def cmd_analogy(args) -> int:
     from plutao.experiments.inspect import embedding_table, token_id
     from plutao.model.probes import analogy
+    from plutao.train.errors import UserError
     from plutao.train.run import load_run
 
+    if args.k < 1:
+        raise UserError(f"-k must be ≥ 1, got {args.k}")
     run = load_run(Path(args.run_dir), args.step)
     table = embedding_table(run)
     a, b, c = (token_id(run.tokenizer, t) for t in (args.a, args.b, args.c))
@@ -440,7 +458,7 @@ def cmd_params(args) -> int:
     from plutao.model.presets import PUBLISHED_PARAMS, count_params, flops_per_token
 
     name, cfg = resolve_config(args.preset, args.overrides)
-    model = cfg.shaped_model()
+    model = _neural(cfg, "params").shaped_model()
     counts = count_params(model)
     published = PUBLISHED_PARAMS.get(name)
     out = {"preset": name, "params": counts["total"], "non_embedding": counts["non_embedding"],
@@ -467,7 +485,7 @@ def cmd_shardings(args) -> int:
     from plutao.experiments.shardings import dumps, sharding_dump
 
     _, cfg = resolve_config(args.preset, args.overrides)
-    text = dumps(sharding_dump(cfg, args.devices))
+    text = dumps(sharding_dump(_neural(cfg, "shardings"), args.devices))
     if args.out:
         Path(args.out).write_text(text)
     else:
@@ -480,6 +498,7 @@ def cmd_plan(args, argv: list[str]) -> int:
 
     device_memory = parse_bytes(args.device_memory) if args.device_memory else None
     name, cfg = resolve_config(args.preset, args.overrides)
+    _neural(cfg, "plan")
     if args.devices:
         code = ensure_devices(args.devices, argv)
         if code is not None:
@@ -571,7 +590,19 @@ def cmd_sweep(args) -> int:
         print(f"report: {result['report']}", file=sys.stderr)
     if args.json:
         print(json.dumps(result))
-    return 130 if result.get("status", {}).get("interrupted") else 0
+    return _sweep_exit(result)
+
+
+def _sweep_exit(result: dict) -> int:
+    """130 when interrupted (resumable), 1 when a trial failed (the others ran), else 0."""
+    status = result.get("status", {})
+    if status.get("interrupted") or status.get("running"):
+        return 130
+    if status.get("failed"):
+        print(f"plutao: {status['failed']} trial(s) failed; their errors are in trial.json and the report",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_study(args) -> int:
@@ -579,12 +610,16 @@ def cmd_study(args) -> int:
     from plutao.experiments.studies import study
     from plutao.experiments.sweep import sweep
     from plutao.train.config import parse_overrides
+    from plutao.train.errors import UserError
 
     scale = args.scale
     rest = []
     for o in args.overrides:  # `scale=4` reads like the other key=value knobs
         if o.startswith("scale="):
-            scale = float(o.partition("=")[2])
+            try:
+                scale = float(o.partition("=")[2])
+            except ValueError:
+                raise UserError(f"cannot read {o!r}; scale is a number, e.g. scale=4") from None
         else:
             rest.append(o)
     spec = study(args.name, scale)
@@ -596,7 +631,7 @@ def cmd_study(args) -> int:
     result = sweep(spec, workdir, parse_overrides(rest), log=lambda m: print(m, file=sys.stderr, flush=True))
     out = report(workdir)
     print((Path(out["report"])).read_text())
-    return 130 if result.get("status", {}).get("interrupted") else 0
+    return _sweep_exit(result)
 
 
 def cmd_report(args) -> int:
@@ -869,6 +904,9 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as e:
         print(f"plutao: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("plutao: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import numpy as np
 from plutao.train import sharding
 from plutao.train.config import Config
 from plutao.train.errors import UserError
+from plutao.train.objectives import Objective
 from plutao.train.optim import lr_schedule, make_optimizer
 from plutao.train.step import Trainer
 
@@ -75,9 +76,13 @@ def plan(cfg: Config, device_memory: float | None = None) -> dict:
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_divisibility(model, mesh, cfg.train.batch_size, cfg.train.grad_accum)
     trainer = Trainer(model, make_optimizer(cfg.optim, cfg.train.steps), lr_schedule(cfg.optim, cfg.train.steps),
-                      mesh, cfg.train.seed, cfg.train.grad_accum, cfg.optim.label_smoothing)
+                      mesh, cfg.train.seed, cfg.train.grad_accum,
+                      objective=Objective(model.family, cfg.optim.label_smoothing, vocab_limit=model.vocab_size,
+                                          mask_rate=cfg.train.mask_rate))
     state = trainer.abstract_sharded_state()
-    batch = jax.ShapeDtypeStruct((cfg.train.batch_size, model.context_length + 1), np.int32,
+    # A translation row packs a source of L and a target of L + 1 tokens.
+    width = 2 * model.context_length + 1 if model.family == "encoder_decoder" else model.context_length + 1
+    batch = jax.ShapeDtypeStruct((cfg.train.batch_size, width), np.int32,
                                  sharding=sharding.batch_sharding(mesh))
     t = time.perf_counter()
     compiled = trainer.train_step.lower(state, batch).compile()

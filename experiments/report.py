@@ -48,12 +48,15 @@ def collect(sweep_dir: Path) -> list[dict]:
         val = [r for r in records if r["split"] == "val"]
         train = [r for r in records if r["split"] == "train"]
         summary = trial.get("summary") or {}
-        best = min(val, key=lambda r: (r["loss"], r["step"])) if val else None
+        finite = [r for r in val if math.isfinite(r["loss"])]
+        best = min(finite, key=lambda r: (r["loss"], r["step"])) if finite else None
         tps = [r["tokens_per_sec"] for r in train if "tokens_per_sec" in r]
         rows.append({
             "trial": directory.name, "variant": trial["variant"], "params": trial.get("params", {}),
             "seed": trial.get("seed", 0), "status": trial.get("status"), "error": trial.get("error"),
-            "final_val_loss": val[-1]["loss"] if val and trial.get("status") == DONE else None,
+            # A diverged run (non-finite loss) has no result to rank.
+            "final_val_loss": (val[-1]["loss"] if val and trial.get("status") == DONE and math.isfinite(val[-1]["loss"])
+                               else None),
             "best_val_loss": best["loss"] if best else None, "best_step": best["step"] if best else None,
             "tokens_per_sec": float(np.median(tps)) if tps else summary.get("tokens_per_sec"),
             "n_params": summary.get("params"), "wall_seconds": trial.get("wall_seconds"),
@@ -84,7 +87,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
         mean, std = _mean_std(losses)
         ppl = [math.exp(x) for x in losses]
         out.append({
-            "variant": variant, "params": trials[0]["params"], "seeds": len(ok), "failed": len(trials) - len(ok),
+            "variant": variant, "params": trials[0]["params"], "seeds": len(ok), "unfinished": len(trials) - len(ok),
             "errors": sorted({t["error"] for t in trials if t["error"]}),
             "val_loss_mean": mean, "val_loss_std": std, "losses": losses,
             "perplexity_mean": _mean_std(ppl)[0], "perplexity_std": _mean_std(ppl)[1],
@@ -144,7 +147,7 @@ def markdown(sweep_dir: Path, variants: list[dict], rows: list[dict], plots: lis
             f" ± {v['val_loss_std']:.4f}" if spread else ""))
         ppl = "–" if v["perplexity_mean"] is None else (f"{v['perplexity_mean']:.3f}" + (
             f" ± {v['perplexity_std']:.3f}" if spread else ""))
-        failed = f" ({v['failed']} failed)" if v["failed"] else ""
+        failed = f" ({v['unfinished']} not finished)" if v["unfinished"] else ""
         params = "–" if v["n_params"] is None else f"{v['n_params'] / 1e6:.3f}M"
         lines.append(f"| {v['rank'] or '–'} | {v['variant']} | {v['seeds']}{failed} | {loss} | {ppl} | "
                      f"{_f(v['best_step'], '.0f')} | {_f(v['tokens_per_sec'], ',.0f')} | {params} | "
@@ -164,14 +167,20 @@ def csv_text(variants: list[dict]) -> str:
     keys = sorted({k for v in variants for k in v["params"]})
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["rank", "variant", *keys, "seeds", "failed", "val_loss_mean", "val_loss_std", "perplexity_mean",
+    w.writerow(["rank", "variant", *keys, "seeds", "unfinished", "val_loss_mean", "val_loss_std", "perplexity_mean",
                 "perplexity_std", "best_step", "tokens_per_sec", "params", "wall_seconds"])
     for v in variants:
-        w.writerow([v["rank"] or "", v["variant"], *[v["params"].get(k, "") for k in keys], v["seeds"], v["failed"],
+        w.writerow([v["rank"] or "", v["variant"], *[v["params"].get(k, "") for k in keys], v["seeds"], v["unfinished"],
                     *[("" if x is None else f"{x:.6g}") for x in (
                         v["val_loss_mean"], v["val_loss_std"], v["perplexity_mean"], v["perplexity_std"],
                         v["best_step"], v["tokens_per_sec"], v["n_params"], v["wall_seconds"])]])
     return buf.getvalue()
+
+
+def _order(x):
+    """Numbers by value, then everything else by text."""
+    is_number = isinstance(x, (int, float)) and not isinstance(x, bool)
+    return (0, x, "") if is_number else (1, 0, str(x))
 
 
 def plots(out_dir: Path, variants: list[dict], rows: list[dict]) -> list[str]:
@@ -208,7 +217,7 @@ def plots(out_dir: Path, variants: list[dict], rows: list[dict]) -> list[str]:
             continue
         fig, ax = plt.subplots(figsize=(6, 4))
         numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x, _, _ in points)
-        labels = sorted({x for x, _, _ in points}, key=lambda x: (str(type(x)), x))
+        labels = sorted({x for x, _, _ in points}, key=_order)
         for x, m, s in points:
             ax.errorbar(x if numeric else labels.index(x), m, yerr=s, fmt="o", color="tab:blue", alpha=0.8)
         if numeric and len(labels) > 2 and min(labels) > 0 and max(labels) / min(labels) >= 10:
@@ -225,8 +234,8 @@ def plots(out_dir: Path, variants: list[dict], rows: list[dict]) -> list[str]:
         written.append(name)
     # A heatmap when exactly two hyperparameters were swept.
     if len(keys) == 2 and finished:
-        xs = sorted({v["params"].get(keys[0]) for v in finished}, key=str)
-        ys = sorted({v["params"].get(keys[1]) for v in finished}, key=str)
+        xs = sorted({v["params"].get(keys[0]) for v in finished}, key=_order)
+        ys = sorted({v["params"].get(keys[1]) for v in finished}, key=_order)
         grid = np.full((len(ys), len(xs)), np.nan)
         for v in finished:
             grid[ys.index(v["params"].get(keys[1])), xs.index(v["params"].get(keys[0]))] = v["val_loss_mean"]
@@ -258,5 +267,5 @@ def report(sweep_dir: Path, out_dir: Path | None = None) -> dict:
     (out_dir / "results.csv").write_text(csv_text(variants))
     return {"report": str(out_dir / "report.md"), "csv": str(out_dir / "results.csv"),
             "plots": [str(out_dir / p) for p in written],
-            "ranking": [{k: v[k] for k in ("rank", "variant", "val_loss_mean", "val_loss_std", "seeds", "failed")}
+            "ranking": [{k: v[k] for k in ("rank", "variant", "val_loss_mean", "val_loss_std", "seeds", "unfinished")}
                         for v in variants], "significance": significance_note(variants)}

@@ -38,10 +38,10 @@ def _study(name: str, scale: float) -> SweepSpec:
                                             # SwiGLU has a third matrix: d_ff = 8/3·d keeps the parameters equal.
                                             "swiglu": {"model.activation": "swiglu",
                                                        "model.d_ff": int(8 * width / 3)}}, seeds=3),
-        # About equal parameter counts: a 2-layer Transformer of width d has ~12·2·d² weights; a
-        # 2-layer LSTM of width h has ~16·h², so h ≈ 0.87·d. The n-gram is counted, not trained.
+        # About equal parameter counts: 2 Transformer layers of width d hold ~2·12·d² weights, 2 LSTM
+        # layers of width h ~2·8·h², so h ≈ √1.5·d ≈ 1.22·d. The n-gram is counted, not trained.
         "families": SweepSpec(ablations={"transformer": {},
-                                         "lstm": {"model.family": "lstm", "model.d_model": int(width * 0.87),
+                                         "lstm": {"model.family": "lstm", "model.d_model": int(width * 1.22),
                                                   "model.n_heads": 1},
                                          "ngram": {"model.family": "ngram", "model.ngram_order": 5}}, seeds=2),
     }

@@ -55,6 +55,23 @@ class SweepSpec:
     name: str = ""
 
     def validate(self) -> None:
+        for name, kind in (("seeds", int), ("parallel", int), ("max_steps", int), ("max_seconds", (int, float)),
+                           ("overrides", dict), ("grid", dict), ("zip", dict), ("trials", list), ("ablations", dict),
+                           ("random", dict), ("optuna", dict), ("slurm", dict)):
+            value = getattr(self, name)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise UserError(f"sweep key {name} has the wrong type ({type(value).__name__}: {value!r}); see "
+                                "`plutao sweep --help` for the spec format")
+        if any(not isinstance(v, dict) for v in [*self.trials, *self.ablations.values()] if v is not None):
+            raise UserError("every entry of trials/ablations must be a mapping of section.key: value")
+        if "train.seed" in {**self.grid, **self.zip}:
+            raise UserError("train.seed is not a sweep axis; use --seeds N (seeds 0..N-1 for every variant)")
+        if self.max_steps < 0 or self.max_seconds < 0:
+            raise UserError(f"--max-steps and --max-seconds must be ≥ 0, got {self.max_steps}, {self.max_seconds}")
+        for section in ("random", "optuna"):
+            for key in ("budget", "trials", "seed"):
+                if key in getattr(self, section) and not isinstance(getattr(self, section)[key], int):
+                    raise UserError(f"{section}.{key} must be an integer, got {getattr(self, section)[key]!r}")
         if self.seeds < 1 or self.parallel < 1:
             raise UserError(f"--seeds and --parallel must be ≥ 1, got seeds={self.seeds}, parallel={self.parallel}")
         if self.executor not in ("local", "slurm"):
@@ -76,10 +93,20 @@ class SweepSpec:
 
 
 def _check_distribution(key: str, dist) -> None:
+    shape = ("must be one of {uniform: [lo, hi]}, {loguniform: [lo, hi]}, {int: [lo, hi]}, {choice: [a, b, ...]}; "
+             f"got {dist!r}")
     if not (isinstance(dist, dict) and len(dist) == 1 and next(iter(dist)) in ("uniform", "loguniform", "choice",
                                                                                 "int")):
-        raise UserError(f"the distribution of {key} must be one of {{uniform: [lo, hi]}}, {{loguniform: [lo, hi]}}, "
-                        f"{{int: [lo, hi]}}, {{choice: [a, b, ...]}}; got {dist!r}")
+        raise UserError(f"the distribution of {key} {shape}")
+    (kind, args), = dist.items()
+    if not isinstance(args, list) or not args:
+        raise UserError(f"the distribution of {key} {shape}")
+    if kind != "choice":
+        if len(args) != 2 or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+            raise UserError(f"the distribution of {key} needs two numbers [lo, hi], got {args!r}")
+        if not args[0] < args[1] or (kind == "loguniform" and args[0] <= 0):
+            raise UserError(f"the distribution of {key} needs lo < hi" + (" and lo > 0" if kind == "loguniform" else "")
+                            + f", got {args!r}")
 
 
 def load_spec(path: Path) -> SweepSpec:
@@ -227,14 +254,19 @@ def expand(spec: SweepSpec, sweep_dir: Path, cli_overrides: dict[str, str]) -> l
     trials = []
     for name, params in variants(spec):
         for seed in range(spec.seeds):
-            overrides = {**spec.overrides, **cli_overrides, **params, "train.seed": seed + int(
-                {**spec.overrides, **cli_overrides}.get("train.seed", 0))}
-            if spec.max_steps:
-                overrides["train.steps"] = spec.max_steps
-            if spec.max_seconds:
-                overrides["train.max_seconds"] = spec.max_seconds
+            shared = {**spec.overrides, **cli_overrides}
+            budget = ({"train.steps": spec.max_steps} if spec.max_steps else {}) | (
+                {"train.max_seconds": spec.max_seconds} if spec.max_seconds else {})
+            # A swept value wins over the per-trial budget; seeds count up from the shared train.seed.
+            overrides = {**shared, **budget, **params, "train.seed": seed + int(shared.get("train.seed", 0))}
             directory = sweep_dir / "trials" / (_slug(name) + (f"-seed{seed}" if spec.seeds > 1 else ""))
             trials.append(Trial(name, params, seed, overrides, directory))
+    seen: dict[Path, str] = {}
+    for t in trials:
+        if t.directory in seen and seen[t.directory] != t.variant:
+            raise UserError(f"variants {seen[t.directory]!r} and {t.variant!r} would share the trial directory "
+                            f"{t.directory.name}; make their values differ in more than punctuation")
+        seen[t.directory] = t.variant
     return trials
 
 
@@ -304,6 +336,8 @@ class Runner:
                                     env=env, start_new_session=True)
             with self.lock:
                 self.procs[trial.name] = proc
+                if self.stopping:  # a stop that arrived while this trial was starting
+                    proc.send_signal(signal.SIGINT)
             pruned = monitor(trial, proc) if monitor else False
             out, _ = proc.communicate()
             with self.lock:
@@ -339,11 +373,19 @@ def _last_error(log_path: Path) -> str | None:
 
 # --- executors -------------------------------------------------------------------------------------
 
+def _canonical(overrides: dict) -> str:
+    return json.dumps({k: str(v) for k, v in overrides.items()}, sort_keys=True)
+
+
 def pending(trials: list[Trial], retry_failed: bool) -> tuple[list[Trial], list[Trial]]:
-    """(to run, already done): finished trials are skipped; failed ones only with retry_failed."""
+    """(to run, already done): finished trials are skipped; failed ones only with retry_failed.
+    A trial directory made with other overrides is refused: its results would pass for this spec's."""
     todo, done = [], []
     for trial in trials:
         record = read_trial(trial.directory)
+        if record and "overrides" in record and _canonical(record["overrides"]) != _canonical(trial.overrides):
+            raise UserError(f"{trial.directory} was run with other settings ({_canonical(record['overrides'])}); "
+                            "use a new --workdir, or delete that trial directory to run it again")
         status = record.get("status") if record else None
         if status in (DONE, PRUNED) or (status == FAILED and not retry_failed):
             done.append(trial)
@@ -451,7 +493,13 @@ def run_optuna(spec: SweepSpec, sweep_dir: Path, base_trial: Trial, cli_override
                                 pruner=pruner)
     runner = Runner(spec, sweep_dir, log)
     results = []
-    remaining = int(o.get("trials", 10)) - len([t for t in study.trials if t.state.is_finished()])
+    # Trials of an earlier, interrupted invocation: run their parameters again first (from scratch).
+    for stale in study.trials:
+        if stale.state == optuna.trial.TrialState.RUNNING:
+            study.enqueue_trial(stale.params, skip_if_exists=False)
+            study.tell(stale.number, state=optuna.trial.TrialState.FAIL)
+    remaining = int(o.get("trials", 10)) - len([t for t in study.trials if t.state.is_finished()
+                                                and t.state != optuna.trial.TrialState.FAIL])
 
     def monitor(trial_obj):
         def watch(trial: Trial, proc: subprocess.Popen) -> bool:
@@ -467,32 +515,54 @@ def run_optuna(spec: SweepSpec, sweep_dir: Path, base_trial: Trial, cli_override
             return False
         return watch
 
-    for _ in range(max(remaining, 0)):
-        if runner.stopping:
-            break
-        t = study.ask()
-        params = {}
-        for key, dist in o["params"].items():
-            (kind, args), = dist.items()
-            if kind == "choice":
-                params[key] = t.suggest_categorical(key, list(args))
-            elif kind == "int":
-                params[key] = t.suggest_int(key, int(args[0]), int(args[1]))
-            else:
-                params[key] = t.suggest_float(key, args[0], args[1], log=kind == "loguniform")
-        name = f"optuna-{t.number:03d}"
-        trial = Trial(name, params, base_trial.seed, {**base_trial.overrides, **params},
-                      sweep_dir / "trials" / name)
-        record = runner.run(trial, monitor(t))
-        if record["status"] == DONE:
-            study.tell(t, record["summary"]["val_loss"])
-        elif record["status"] == PRUNED:
-            study.tell(t, state=optuna.trial.TrialState.PRUNED)
-        else:
-            study.tell(t, state=optuna.trial.TrialState.FAIL)
-        log(f"[{record['status']}] {name} {params}")
-        results.append(record)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def on_signal(signum, frame):
+        log(f"signal {signum}: asking the running trial to checkpoint and stop; re-run to continue the study")
+        runner.stop_all(signum)
+
+    for sig in previous:
+        signal.signal(sig, on_signal)
+    try:
+        for _ in range(max(remaining, 0)):
+            if runner.stopping:
+                break
+            results.append(_optuna_trial(study, o, runner, base_trial, sweep_dir, monitor, log))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return results
+
+
+def _optuna_trial(study, o, runner, base_trial, sweep_dir, monitor, log) -> dict:
+    """Ask the study for parameters, run them as a trial, and tell it the outcome."""
+    import optuna
+
+    t = study.ask()
+    params = {}
+    for key, dist in o["params"].items():
+        (kind, args), = dist.items()
+        if kind == "choice":
+            params[key] = t.suggest_categorical(key, list(args))
+        elif kind == "int":
+            params[key] = t.suggest_int(key, int(args[0]), int(args[1]))
+        else:
+            params[key] = t.suggest_float(key, args[0], args[1], log=kind == "loguniform")
+    name = f"optuna-{t.number:03d}"
+    trial = Trial(name, params, base_trial.seed, {**base_trial.overrides, **params},
+                  sweep_dir / "trials" / name)
+    record = runner.run(trial, monitor(t))
+    if record["status"] == DONE:
+        study.tell(t, record["summary"]["val_loss"])
+    elif record["status"] == PRUNED:
+        study.tell(t, state=optuna.trial.TrialState.PRUNED)
+    elif record["status"] == INTERRUPTED:
+        study.enqueue_trial(params, skip_if_exists=False)  # asked again first on the next run
+        study.tell(t, state=optuna.trial.TrialState.FAIL)
+    else:
+        study.tell(t, state=optuna.trial.TrialState.FAIL)
+    log(f"[{record['status']}] {name} {params}")
+    return record
 
 
 def _read_val(directory: Path) -> list[dict]:
@@ -521,7 +591,8 @@ def sweep(spec: SweepSpec, sweep_dir: Path, cli_overrides: dict[str, str], *, re
         raise UserError(f"--workdir {sweep_dir} is a file; give a directory")
     # Fail on a bad base config or shared override before starting anything (a bad swept value
     # fails its own trials only, and is recorded there).
-    resolve_config(spec.base, [f"{k}={v}" for k, v in {**spec.overrides, **cli_overrides}.items()])
+    resolve_config(spec.base, [f"{k}={json.dumps(v) if isinstance(v, list) else v}"
+                               for k, v in {**spec.overrides, **cli_overrides}.items()])
     t0 = time.time()
     trials = expand(spec, sweep_dir, cli_overrides)
     record_path = sweep_dir / "sweep.json"

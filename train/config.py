@@ -238,6 +238,11 @@ def validate(cfg: Config) -> None:
         problems.append(f"model.ngram_order must be ≥ 1, got {cfg.model.ngram_order}")
     if cfg.model.ngram_k <= 0:
         problems.append(f"model.ngram_k must be > 0, got {cfg.model.ngram_k}")
+    if cfg.model.family != "decoder" and (cfg.model.scan_layers or cfg.model.remat != "none"):
+        problems.append(f"model.scan_layers and model.remat apply to model.family=decoder only; drop them for "
+                        f"model.family={cfg.model.family}")
+    if not 0 <= t.seed < 2**31:
+        problems.append(f"train.seed must be in [0, 2^31), got {t.seed}")
     if cfg.model.n_encoder_layers < 0:
         problems.append(f"model.n_encoder_layers must be ≥ 0 (0 = model.n_layers), got {cfg.model.n_encoder_layers}")
     for key in ("batch_size", "steps", "log_every", "checkpoint_every", "eval_batches", "keep_checkpoints"):

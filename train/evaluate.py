@@ -79,8 +79,8 @@ def score_text(graphdef, params, tokenizer, text: str, context: int) -> dict:
 
 
 def masked_lm_metrics(trainer, params, tokens: np.ndarray, context: int) -> dict:
-    """Masked-LM loss and accuracy over non-overlapping windows, with the evaluation masks (15% of the
-    ordinary tokens, 80/10/10 corruption, the same draw for every call)."""
+    """Masked-LM loss and accuracy over non-overlapping windows, with the evaluation masks (train.mask_rate
+    of the ordinary tokens, 80/10/10 corruption, the same draw for every call)."""
     tokens = np.asarray(tokens, np.int32)
     n = (len(tokens) - 1) // context
     if n < 1:
@@ -90,8 +90,16 @@ def masked_lm_metrics(trainer, params, tokens: np.ndarray, context: int) -> dict
     for lo in range(0, n, EVAL_ROWS):
         hi = min(lo + EVAL_ROWS, n)
         idx = np.arange(lo, hi)[:, None] * context + np.arange(context + 1)[None, :]
-        for k, v in trainer.eval_step(params, tokens[idx]).items():
+        for k, v in trainer.eval_step(params, pad_rows(tokens[idx], trainer.mesh.size, 0)).items():
             sums[k] = sums.get(k, 0.0) + float(v)
-    loss = sums["loss"] / max(sums["count"], 1.0)
+    if not sums["count"]:
+        raise UserError("the text has no ordinary (non-special) tokens to mask; give some text")
+    loss = sums["loss"] / sums["count"]
     return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "masked_accuracy": sums["correct"] / sums["count"],
             "masked_tokens": int(sums["count"]), "tokens": int(n * context)}
+
+
+def pad_rows(batch: np.ndarray, multiple: int, pad_id: int) -> np.ndarray:
+    """Append padding rows so the batch splits evenly over the devices; padding carries no loss."""
+    extra = -len(batch) % multiple
+    return batch if not extra else np.concatenate([batch, np.full((extra, batch.shape[1]), pad_id, batch.dtype)])

@@ -309,9 +309,23 @@ def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> d
                 log(f"{run_dir} is already at step {start} ≥ train.stop_at_step={t.stop_at_step}; nothing to do")
                 return {"interrupted": True, "step": start, "run_dir": str(run_dir)}
             budget_start = time.perf_counter()
+            # Training time accumulates across invocations (saved beside each checkpoint), so a
+            # time budget covers the whole run however often it was interrupted and resumed.
+            time_file = run_dir / "train_seconds.json"
+            spent_before = json.loads(time_file.read_text())["seconds"] if start and time_file.is_file() else 0.0
+
+            def spent() -> float:
+                return spent_before + time.perf_counter() - budget_start
 
             def out_of_time():
-                return bool(t.max_seconds) and time.perf_counter() - budget_start >= t.max_seconds
+                return bool(t.max_seconds) and spent() >= t.max_seconds
+
+            def save(at_step, val=None):
+                checkpoints.save(at_step, state, val)
+                if main:
+                    tmp = time_file.with_suffix(".tmp")
+                    tmp.write_text(json.dumps({"step": at_step, "seconds": spent()}))
+                    tmp.replace(time_file)
 
             while step < last_step and not stop.agreed(step, t.log_every, out_of_time()):
                 tokens = sharded_batch(functools.partial(p.batches.train_rows, step), p.batches.train_shape(step),
@@ -349,7 +363,7 @@ def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> d
                     metrics.write({"step": step, "sample": sample})
                     log(f"--- sample at step {step} ---\n{sample}\n---")
                 if step % t.checkpoint_every == 0 and step < t.steps:
-                    checkpoints.save(step, state, last_val if t.eval_every and step % t.eval_every == 0 else None)
+                    save(step, last_val if t.eval_every and step % t.eval_every == 0 else None)
                 if window_steps == 0:
                     window_start, window_tokens = time.perf_counter(), 0
             # A spent time budget ends the run like its last step (final evaluation and checkpoint);
@@ -363,7 +377,7 @@ def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> d
                 log(f"train.max_seconds={t.max_seconds:g} reached at step {step}; finishing the run here")
             interrupted = step < t.steps and not budget_spent
             if interrupted:
-                checkpoints.save(step, state)
+                save(step)
                 checkpoints.close()
                 why = f"stopped by signal {stop.signal}" if stop.signal is not None else "reached train.stop_at_step"
                 log(f"{why} at step {step}; checkpoint saved in {run_dir}/checkpoints/{step}. "
@@ -378,7 +392,7 @@ def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> d
             epochs = p.batches.epochs_consumed(step)
             if step > start:  # (re-running a finished run only reports; it appends nothing)
                 metrics.write({"step": step, "split": "val", **final})
-                checkpoints.save(step, state, final_val)
+                save(step, final_val)
                 if t.sample_every and step % t.sample_every:  # (else the milestone sample just shown)
                     sample = milestone_sample(p, state["params"], step)
                     metrics.write({"step": step, "sample": sample})
@@ -396,7 +410,7 @@ def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> d
         "tokens_per_sec": float(np.median([h["tokens_per_sec"] for h in history if "tokens_per_sec" in h] or [0.0])),
         "compile_seconds": compile_s, "params": n_params["total"], "epochs": epochs,
         **({"val_accuracy": final["accuracy"]} if "accuracy" in final else {}),
-        "budget_spent": budget_spent, "train_seconds": time.perf_counter() - budget_start,
+        "budget_spent": budget_spent, "train_seconds": spent(),
         # Time inside training steps (after the first, compiling one), and when the first step ended.
         "steps_seconds": steps_seconds, "first_step_unix": first_step_unix,
         "run_dir": str(run_dir), "checkpoint": str(run_dir / "checkpoints" / str(step)),

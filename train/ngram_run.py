@@ -11,6 +11,7 @@ import math
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from plutao.model.baselines.ngram import NGramLM
@@ -44,7 +45,7 @@ def train_ngram(p, run_dir: Path, write_run_files, log) -> dict:
     score_s = time.perf_counter() - t1
     val_loss = float(-np.mean(logprobs))
     table = model.table_size()
-    if fitted_now:
+    if fitted_now and jax.process_index() == 0:  # one writer, whatever the process count
         write_run_files()
         tmp = run_dir / f"{TABLE_FILE}.tmp.npz"
         model.save(tmp)

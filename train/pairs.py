@@ -48,8 +48,10 @@ def read_pairs(path: str) -> list[tuple[str, str]]:
 
 
 def held_out(pair: tuple[str, str], fraction: float) -> bool:
-    """A pair's split depends on its text alone (a hash), so it never changes with file order or runs."""
-    h = int.from_bytes(hashlib.sha256("\t".join(pair).encode()).digest()[:8], "little")
+    """A pair's split depends on its target text alone (a hash), so it never changes with file order or
+    runs, and every translation into the same target sentence lands on the same side (the held-out
+    references are never training targets)."""
+    h = int.from_bytes(hashlib.sha256(pair[1].encode()).digest()[:8], "little")
     return h / 2**64 < fraction
 
 
@@ -113,8 +115,9 @@ class PairBatches:
         self.batches_per_epoch = len(self.train) // global_batch
         self._train_lengths = self.train.lengths()
         self._epoch_cache: dict[int, np.ndarray] = {}
-        # Held-out batches in a fixed order, sorted by length (evaluation order does not matter).
-        self._val_order = np.argsort(self.val.lengths(), kind="stable")
+        # Held-out batches in one fixed random order: the first k batches are a fair sample of all
+        # lengths (training-time evaluation reads only train.eval_batches of them).
+        self._val_order = np.random.default_rng([seed, VAL]).permutation(len(self.val))
 
     def _epoch(self, epoch: int) -> np.ndarray:
         """(batches_per_epoch, B) pair indices: a seeded permutation, sorted by length within chunks,
