@@ -290,9 +290,11 @@ def write_trial(directory: Path, record: dict) -> None:
 # --- running one trial -----------------------------------------------------------------------------
 
 def compilation_cache_env(sweep_dir: Path) -> dict[str, str]:
-    """A persistent XLA cache shared by the sweep's trials: the first trial of a shape compiles, the
-    rest load the executable from disk."""
-    return {"JAX_COMPILATION_CACHE_DIR": str(sweep_dir / ".jax-cache"),
+    """A persistent XLA cache shared by every trial (of this and later sweeps): the first trial of a
+    program compiles it, the rest load the executable from disk. One fixed location, because JAX's
+    cache keys include the cache directory's path. PLUTAO_CACHE moves it with the data cache."""
+    root = Path(os.environ.get("PLUTAO_CACHE", Path.home() / ".cache" / "plutao")).expanduser()
+    return {"JAX_COMPILATION_CACHE_DIR": str(root / "xla"),
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
 
 

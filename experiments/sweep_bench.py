@@ -10,13 +10,14 @@ evaluation, checkpoints).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from plutao.experiments.sweep import SweepSpec, compilation_cache_env, sweep
+from plutao.experiments.sweep import SweepSpec, sweep
 
 
 def _measure(sweep_dir: Path, steps: int, say) -> dict:
@@ -48,12 +49,18 @@ def run_sweep_bench(steps: int = 300, out=sys.stdout) -> dict:
 
     root = Path(tempfile.mkdtemp(prefix="plutao-sweep-bench-"))
     say(f"4 trials × {steps} steps (2 variants × 2 seeds), one at a time; scratch in {root}")
-    say("cold (empty compilation cache):")
-    cold = _measure(root / "cold", steps, say)
-    # The same sweep again, with the cache the first one filled (e.g. a re-run with more seeds).
-    shutil.copytree(Path(compilation_cache_env(root / "cold")["JAX_COMPILATION_CACHE_DIR"]),
-                    Path(compilation_cache_env(root / "warm")["JAX_COMPILATION_CACHE_DIR"]))
-    say("warm (cache from the first sweep):")
-    warm = _measure(root / "warm", steps, say)
-    shutil.rmtree(root, ignore_errors=True)
+    # An empty cache (tokenized data and compiled programs) for the first sweep; the second reuses it.
+    previous = os.environ.get("PLUTAO_CACHE")
+    os.environ["PLUTAO_CACHE"] = str(root / "cache")
+    try:
+        say("cold (empty caches):")
+        cold = _measure(root / "cold", steps, say)
+        say("warm (the same sweep in a new directory, with the caches the first one filled):")
+        warm = _measure(root / "warm", steps, say)
+    finally:
+        if previous is None:
+            os.environ.pop("PLUTAO_CACHE")
+        else:
+            os.environ["PLUTAO_CACHE"] = previous
+        shutil.rmtree(root, ignore_errors=True)
     return {"steps": steps, "cold": cold, "warm": warm}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -18,16 +19,30 @@ class MetricsLog:
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.tb = None
+        self._tb_ready = None
         if enabled:
-            from tensorboardX import SummaryWriter
-
             if self.path.is_file():
                 kept = [line for line in self.path.read_text().splitlines()
                         if line.strip() and json.loads(line).get("step", 0) <= start_step]
                 tmp = self.path.with_suffix(".tmp")
                 tmp.write_text("".join(line + "\n" for line in kept))
                 tmp.replace(self.path)
-            self.tb = SummaryWriter(str(run_dir / "tb"), flush_secs=10, purge_step=start_step + 1 if start_step else None)
+            # tensorboardX takes seconds to import (it imports PyTorch when installed): do it in the
+            # background while the first step compiles.
+            def open_writer():
+                from tensorboardX import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tb"), flush_secs=10,
+                                        purge_step=start_step + 1 if start_step else None)
+
+            self._tb_ready = threading.Thread(target=open_writer, daemon=True)
+            self._tb_ready.start()
+
+    def _writer(self):
+        if self._tb_ready is not None:
+            self._tb_ready.join()
+            self._tb_ready = None
+        return self.tb
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -35,14 +50,15 @@ class MetricsLog:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         step, split = record.get("step", 0), record.get("split")
+        tb = self._writer()
         for k, v in record.items():
             if split and isinstance(v, (int, float)) and k not in ("step",):
-                self.tb.add_scalar(f"{split}/{k}", v, step)
+                tb.add_scalar(f"{split}/{k}", v, step)
         if "sample" in record:
-            self.tb.add_text("sample", record["sample"], step)
+            tb.add_text("sample", record["sample"], step)
 
     def close(self) -> None:
-        if self.tb is not None:
+        if self.enabled and self._writer() is not None:
             self.tb.close()
 
 
