@@ -159,3 +159,14 @@ def test_a_time_budget_ends_the_run_with_a_final_evaluation(capsys, tmp_path, sm
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("split") == "val" and r["step"] == summary["step"] for r in records)
     assert (run / "checkpoints" / str(summary["step"])).is_dir()
+
+
+def test_a_time_budget_counts_the_time_of_earlier_invocations(capsys, tmp_path, small_corpus):
+    run = tmp_path / "resumed"
+    first = run_json(capsys, ["train", "tiny", f"data.path={small_corpus}", "train.steps=1000", "train.stop_at_step=5",
+                              "--workdir", str(run), "--json", "--quiet"])
+    assert first["interrupted"] and (run / "train_seconds.json").is_file()
+    # The first invocation already spent more than this budget: the run ends where it is.
+    again = run_json(capsys, ["train", "tiny", f"data.path={small_corpus}", "train.steps=1000",
+                              "train.max_seconds=0.01", "--workdir", str(run), "--json", "--quiet"])
+    assert again["step"] == 5 and again["budget_spent"]

@@ -115,8 +115,12 @@ def test_sigint_keeps_finished_trials_and_leaves_running_ones_resumable(tmp_path
     checkpoints = [int(p.name) for p in (long / "checkpoints").iterdir() if p.name.isdigit()]
     assert checkpoints and max(checkpoints) >= 20
     spec = SweepSpec(base="tiny", zip={"train.steps": [20, 5000]})
-    todo, done = pending(expand(spec, sweep_dir, {}), retry_failed=False)
+    same_cli = dict(o.split("=", 1) for o in [f"data.path={small_corpus}", *FAST])
+    todo, done = pending(expand(spec, sweep_dir, same_cli), retry_failed=False)
     assert [t.name for t in todo] == ["steps=5000"] and [t.name for t in done] == ["steps=20"]
+    # The same directory with other settings is refused rather than passed off as this spec's result.
+    with pytest.raises(Exception, match="was run with other settings"):
+        pending(expand(spec, sweep_dir, {}), retry_failed=False)
 
 
 def test_spec_files_expand_grids_zips_ablations_seeds_and_random_search(tmp_path):
