@@ -54,7 +54,7 @@ def test_masked_lm_loss_counts_only_selected_positions():
     np.testing.assert_allclose(float(sums["loss"]), expected, rtol=1e-5)
     # Logits at unselected positions do not enter the loss at all.
     noisy = logits + jnp.where(selected[..., None], 0.0, 100.0 * jax.random.normal(jax.random.key(9), logits.shape))
-    s, c = cross_entropy_sum(noisy, batch[:, :-1], selected)
+    s, _c = cross_entropy_sum(noisy, batch[:, :-1], selected)
     np.testing.assert_allclose(float(s), expected, rtol=1e-5)
 
 

@@ -7,7 +7,7 @@ from plutao.tokenizer import train_tokenizer
 from plutao.train.errors import UserError
 from plutao.train.pairs import PairBatches, encode_pairs, held_out, pack, read_pairs
 
-WORDS = "un deux trois quatre cinq six sept huit neuf dix".split()
+WORDS = ["un", "deux", "trois", "quatre", "cinq", "six", "sept", "huit", "neuf", "dix"]
 
 
 def make_pairs(n, seed=0):
