@@ -23,6 +23,14 @@ def _keys(dropout_key, n):
     return [None] * n if dropout_key is None else list(jax.random.split(dropout_key, n))
 
 
+def add_and_norm(x_BTD, sublayer, norm: Norm, pre_norm: bool, rate: float, key):
+    """One residual sub-layer: x + Dropout(F(Norm(x))) (pre-norm) or Norm(x + Dropout(F(x))) (post-norm).
+    `sublayer` returns F's output and anything else it computed (a cache, attention weights)."""
+    out_BTD, extra = sublayer(norm(x_BTD) if pre_norm else x_BTD)
+    x_BTD = x_BTD + dropout(out_BTD, rate, key)
+    return (x_BTD if pre_norm else norm(x_BTD)), extra
+
+
 class Block(nnx.Module):
     """x + Attn(Norm(x)), then x + MLP(Norm(x)) (pre-norm, GPT-2); or Norm(x + Attn(x)) ... (post-norm)."""
 
@@ -37,16 +45,17 @@ class Block(nnx.Module):
     def __call__(self, x_BTD, mask_BTS, positions_BT, *, cache=None, cache_index=None, dropout_key=None,
                  return_weights=False, constrain=no_constraint):
         keys = _keys(dropout_key, 3)
-        h = self.norm_attn(x_BTD) if self.pre_norm else x_BTD
-        attn_BTD, cache, weights = self.attn(h, mask_BTS, positions_BT, cache=cache, cache_index=cache_index,
-                                             dropout_key=keys[0], return_weights=return_weights, constrain=constrain)
-        x_BTD = x_BTD + dropout(attn_BTD, self.dropout_rate, keys[1])
-        if not self.pre_norm:
-            x_BTD = self.norm_attn(x_BTD)
-        h = self.norm_mlp(x_BTD) if self.pre_norm else x_BTD
-        x_BTD = x_BTD + dropout(self.mlp(h, constrain), self.dropout_rate, keys[2])
-        if not self.pre_norm:
-            x_BTD = self.norm_mlp(x_BTD)
+
+        def attention(h):
+            out, new_cache, weights = self.attn(h, mask_BTS, positions_BT, cache=cache, cache_index=cache_index,
+                                                dropout_key=keys[0], return_weights=return_weights,
+                                                constrain=constrain)
+            return out, (new_cache, weights)
+
+        x_BTD, (cache, weights) = add_and_norm(x_BTD, attention, self.norm_attn, self.pre_norm, self.dropout_rate,
+                                               keys[1])
+        x_BTD, _ = add_and_norm(x_BTD, lambda h: (self.mlp(h, constrain), None), self.norm_mlp, self.pre_norm,
+                                self.dropout_rate, keys[2])
         return constrain(x_BTD, ACT_BTD), cache, weights
 
 
@@ -67,21 +76,21 @@ class CrossBlock(nnx.Module):
     def __call__(self, x_BTD, self_mask_BTS, positions_BT, memory_kv, cross_mask_BTS, *, cache=None,
                  cache_index=None, dropout_key=None, return_weights=False, constrain=no_constraint):
         keys = _keys(dropout_key, 5)
-        h = self.norm_self(x_BTD) if self.pre_norm else x_BTD
-        a_BTD, cache, self_weights = self.self_attn(h, self_mask_BTS, positions_BT, cache=cache,
-                                                    cache_index=cache_index, dropout_key=keys[0],
-                                                    return_weights=return_weights, constrain=constrain)
-        x_BTD = x_BTD + dropout(a_BTD, self.dropout_rate, keys[1])
-        if not self.pre_norm:
-            x_BTD = self.norm_self(x_BTD)
-        h = self.norm_cross(x_BTD) if self.pre_norm else x_BTD
-        c_BTD, cross_weights = self.cross_attn(h, memory_kv, cross_mask_BTS, dropout_key=keys[2],
-                                               return_weights=return_weights, constrain=constrain)
-        x_BTD = x_BTD + dropout(c_BTD, self.dropout_rate, keys[3])
-        if not self.pre_norm:
-            x_BTD = self.norm_cross(x_BTD)
-        h = self.norm_mlp(x_BTD) if self.pre_norm else x_BTD
-        x_BTD = x_BTD + dropout(self.mlp(h, constrain), self.dropout_rate, keys[4])
-        if not self.pre_norm:
-            x_BTD = self.norm_mlp(x_BTD)
+
+        def self_attention(h):
+            out, new_cache, weights = self.self_attn(h, self_mask_BTS, positions_BT, cache=cache,
+                                                     cache_index=cache_index, dropout_key=keys[0],
+                                                     return_weights=return_weights, constrain=constrain)
+            return out, (new_cache, weights)
+
+        def cross_attention(h):
+            return self.cross_attn(h, memory_kv, cross_mask_BTS, dropout_key=keys[2], return_weights=return_weights,
+                                   constrain=constrain)
+
+        x_BTD, (cache, self_weights) = add_and_norm(x_BTD, self_attention, self.norm_self, self.pre_norm,
+                                                    self.dropout_rate, keys[1])
+        x_BTD, cross_weights = add_and_norm(x_BTD, cross_attention, self.norm_cross, self.pre_norm,
+                                            self.dropout_rate, keys[3])
+        x_BTD, _ = add_and_norm(x_BTD, lambda h: (self.mlp(h, constrain), None), self.norm_mlp, self.pre_norm,
+                                self.dropout_rate, keys[4])
         return constrain(x_BTD, ACT_BTD), cache, (self_weights, cross_weights)
