@@ -822,7 +822,17 @@ def build_parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="run many trainings as isolated, resumable trials, then report",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
                         epilog="examples:\n  plutao sweep tiny --workdir sweeps/lr --grid optim.lr=1e-3,3e-3 --seeds 2\n"
-                               "  plutao sweep spec.yaml --workdir sweeps/ablation --parallel 2")
+                               "  plutao sweep spec.yaml --workdir sweeps/ablation --parallel 2\n\n"
+                               "spec format (YAML, JSON, TOML, or a .py file defining SWEEP = {...}); every key "
+                               "optional:\n"
+                               "  base: PRESET_OR_CONFIG_FILE        overrides: {section.key: value}  (every trial)\n"
+                               "  grid: {key: [v1, v2]}   zip: {key: [..], key2: [..]}   trials: [{key: value}, ...]\n"
+                               "  ablations: {name: {key: value}}   random: {budget: N, seed: S, params: {key: DIST}}\n"
+                               "  optuna: {trials: N, params: {key: DIST}, pruner: median|none}\n"
+                               "  DIST: {uniform: [lo, hi]} | {loguniform: [lo, hi]} | {int: [lo, hi]} | "
+                               "{choice: [a, b]}\n"
+                               "  seeds: N   parallel: N   max_steps: N   max_seconds: S   executor: local|slurm\n"
+                               "  slurm: {partition: P, timeout_min: M, nodes: N, tasks_per_node: T, cpus_per_task: C}")
     sw.add_argument("config", nargs="?", help="a sweep spec (.yaml/.py/.json/.toml), or the base preset/config file")
     sw.add_argument("overrides", nargs="*", help="section.key=value applied to every trial")
     sw.add_argument("--workdir", required=True, help="the sweep directory (re-running resumes it)")
