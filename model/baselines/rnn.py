@@ -33,8 +33,25 @@ def orthogonal_param(rngs: nnx.Rngs, d_hidden: int, n_gates: int, axes: tuple[st
     weights (Saxe et al., 2014). The plain tanh RNN, which has no gates to rescue it, needs this most.
     """
     keys = jax.random.split(rngs.params(), n_gates)
-    q_GHH = jax.vmap(lambda k: jax.nn.initializers.orthogonal()(k, (d_hidden, d_hidden), jnp.float32))(keys)
+    q_GHH = jax.vmap(lambda k: orthogonal(k, d_hidden))(keys)
     return nnx.Param(q_GHH.transpose(1, 0, 2), axes=axes)
+
+
+def orthogonal(key: Array, n: int, iterations: int = 60) -> Array:
+    """A random orthogonal (n, n) matrix: the polar factor of a Gaussian matrix (Haar-distributed, like
+    QR with sign correction), by Newton–Schulz iteration X ← 1.5·X − 0.5·X·Xᵀ·X, which uses matmuls only.
+
+    Not QR: XLA CPU's QR factorisation inside a jitted initialiser can deadlock its 2-thread pool on
+    a 2-core machine (seen with jaxlib 0.10.2). Scaling by the Frobenius norm puts every singular value
+    in (0, 1]; each iteration multiplies small ones by ~1.5 and then converges quadratically to 1.
+    """
+    a_NN = jax.random.normal(key, (n, n), jnp.float32)
+    x_NN = a_NN / jnp.linalg.norm(a_NN)
+
+    def step(x_NN, _):
+        return 1.5 * x_NN - 0.5 * (x_NN @ x_NN.T) @ x_NN, None
+
+    return jax.lax.scan(step, x_NN, None, length=iterations)[0]
 
 
 class RecurrentLayer(nnx.Module):
