@@ -597,6 +597,8 @@ def sweep(spec: SweepSpec, sweep_dir: Path, cli_overrides: dict[str, str], *, re
                                for k, v in {**spec.overrides, **cli_overrides}.items()])
     t0 = time.time()
     trials = expand(spec, sweep_dir, cli_overrides)
+    # Refused settings (a trial directory made with others) fail here, before sweep.json is rewritten.
+    todo, done = pending(trials, retry_failed) if not spec.optuna else ([], [])
     record_path = sweep_dir / "sweep.json"
     sweep_dir.mkdir(parents=True, exist_ok=True)
     previous = json.loads(record_path.read_text()) if record_path.is_file() else {}
@@ -608,7 +610,6 @@ def sweep(spec: SweepSpec, sweep_dir: Path, cli_overrides: dict[str, str], *, re
     if spec.optuna:
         results = run_optuna(spec, sweep_dir, trials[0], cli_overrides, log)
         return {"sweep_dir": str(sweep_dir), "started_unix": t0, "ran": len(results), "skipped": 0}
-    todo, done = pending(trials, retry_failed)
     log(f"sweep {sweep_dir}: {len(trials)} trials ({len(done)} already finished, {len(todo)} to run, "
         f"{spec.parallel} at a time, executor {spec.executor})")
     results = (run_slurm if spec.executor == "slurm" else run_local)(spec, sweep_dir, todo, log) if todo else []

@@ -131,7 +131,7 @@ def test_ngram_runs_like_any_other_family(capsys, tmp_path, small_corpus):
     again = run_json(capsys, ["train", "model.family=ngram", "model.ngram_order=3", f"data.path={small_corpus}",
                               "--workdir", str(run), "--json"])
     assert (run / "ngram.npz").stat().st_mtime_ns == before and again["val_loss"] == summary["val_loss"]
-    fails(capsys, ["neighbors", str(run), "e"], "no checkpoint")
+    fails(capsys, ["neighbors", str(run), "e"], "is an n-gram run")
 
 
 def test_lstm_trains_evaluates_and_samples_through_the_same_loop(capsys, tmp_path, small_corpus):

@@ -35,6 +35,9 @@ def load_run(run_dir: Path, step: int | None = None) -> LoadedRun:
     if saved is None:
         raise UserError(f"{run_dir} is not a run directory (no config.json); pass the --workdir of a `plutao train` run")
     cfg = Config.from_dict(saved)
+    if cfg.model.family == "ngram":
+        raise UserError(f"{run_dir} is an n-gram run (a count table, no neural checkpoint); use `plutao eval` or "
+                        "`plutao sample` with it")
     try:
         tokenizer = load_tokenizer(run_dir / "tokenizer")
     except TokenizerError as e:
