@@ -319,8 +319,8 @@ def cmd_translate(args) -> int:
         raise UserError(f"{args.run_dir} is a model.family={run.cfg.model.family} run; `plutao translate` needs an "
                         "encoder_decoder run (e.g. `plutao train translate-cpu data.path=pairs.tsv`)")
     sources = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    if not sources:
-        raise UserError("give the sentences to translate as arguments or on standard input")
+    if not sources or not all(s.strip() for s in sources):
+        raise UserError("give non-empty sentences to translate, as arguments or one per line on standard input")
     outs = translate(run.model, run.tokenizer, sources, beam_size=args.beam, alpha=args.length_penalty,
                      n_best=args.n_best)
     if args.json:
@@ -675,10 +675,18 @@ def cmd_bench(args) -> int:
     return 0
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse's usage mistakes in the same one-line form as every other error (subcommands inherit it)."""
+
+    def error(self, message: str):
+        print(f"plutao: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from plutao.train.config import config_defaults
 
-    p = argparse.ArgumentParser(prog="plutao", description="Train and inspect Transformer language models.")
+    p = OneLineErrors(prog="plutao", description="Train and inspect Transformer language models.")
     dist = p.add_argument_group("multi-process runs (JAX's multi-controller runtime; SLURM, Open MPI and TPU VMs "
                                 "are detected without flags)")
     dist.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordinator service")
@@ -718,7 +726,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "source<TAB>reference pairs (default: the run's held-out split)")
     e.add_argument("--beam", type=int, default=4, help="translation: beam size scored besides greedy (default 4)")
     e.add_argument("--length-penalty", type=float, default=0.6, help="translation: GNMT length penalty α")
-    e.add_argument("--limit", type=int, default=0, help="translation: score only the first N pairs")
+    e.add_argument("--limit", type=int, default=0, help="translation: score only the first N pairs (0 = all)")
     e.add_argument("--json", action="store_true")
     e.add_argument("--step", type=int)
     e.set_defaults(fn=cmd_eval)

@@ -245,9 +245,11 @@ def plots(out_dir: Path, variants: list[dict], rows: list[dict]) -> list[str]:
         ax.set_yticks(range(len(ys)), [str(y) for y in ys])
         ax.set_xlabel(keys[0])
         ax.set_ylabel(keys[1])
+        lo, hi = np.nanmin(grid), np.nanmax(grid)
         for (yi, xi), val in np.ndenumerate(grid):
-            if not np.isnan(val):
-                ax.text(xi, yi, f"{val:.3f}", ha="center", va="center", color="w", fontsize=8)
+            if not np.isnan(val):  # dark text on the light (low-loss) cells of viridis_r, white on dark ones
+                light = hi == lo or (val - lo) / (hi - lo) < 0.5
+                ax.text(xi, yi, f"{val:.3f}", ha="center", va="center", color="k" if light else "w", fontsize=8)
         fig.colorbar(im, ax=ax, label="mean final val loss")
         fig.tight_layout()
         fig.savefig(out_dir / "heatmap.png", dpi=100, metadata={"Software": None})
