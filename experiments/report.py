@@ -19,21 +19,13 @@ import numpy as np
 
 from plutao.experiments.sweep import DONE, TRIAL_FILE
 from plutao.train.errors import UserError
+from plutao.train.metrics import read_metrics
 
 BOOTSTRAP_SAMPLES = 10_000
 
 
-def _val_records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
-            if r.get("split") in ("val", "train") and "loss" in r:
-                out.append(r)
-    return out
+def _loss_records(run_dir: Path) -> list[dict]:
+    return [r for r in read_metrics(run_dir) if r.get("split") in ("val", "train") and "loss" in r]
 
 
 def collect(sweep_dir: Path) -> list[dict]:
@@ -44,7 +36,7 @@ def collect(sweep_dir: Path) -> list[dict]:
     rows = []
     for directory in sorted(p for p in trials_dir.iterdir() if (p / TRIAL_FILE).is_file()):
         trial = json.loads((directory / TRIAL_FILE).read_text())
-        records = _val_records(directory)
+        records = _loss_records(directory)
         val = [r for r in records if r["split"] == "val"]
         train = [r for r in records if r["split"] == "train"]
         summary = trial.get("summary") or {}
