@@ -8,6 +8,7 @@ silent unless one fails, in which case its last lines are shown and the rest are
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -85,8 +86,16 @@ def launch_local(command: list[str], n: int, devices_per_process: int = 1, port:
                 out.close()
     if failed is None:
         failed = next((i for i, c in enumerate(codes) if c), None)
-    if failed is not None and failed != 0:
+    if failed is None:  # the logs are only worth keeping when something went wrong
+        shutil.rmtree(logs, ignore_errors=True)
+    elif failed != 0:
         tail = (logs / f"process-{failed}.log").read_text().splitlines()[-15:]
-        print(f"plutao launch: process {failed} exited with {codes[failed]}; its last lines:", file=sys.stderr)
+        print(f"plutao launch: process {failed} exited with {codes[failed]}; logs of processes 1-{n - 1} kept in "
+              f"{logs}; its last lines:", file=sys.stderr)
         print("\n".join("  " + line for line in tail), file=sys.stderr)
+    elif n > 1:  # process 0 printed its own error; the others' logs may tell more
+        print(f"plutao launch: process 0 exited with {codes[0]}; logs of processes 1-{n - 1} kept in {logs}",
+              file=sys.stderr)
+    else:
+        shutil.rmtree(logs, ignore_errors=True)  # a single process leaves no log behind
     return next((c for c in codes if c), 0) if failed is None else (codes[failed] or 1)

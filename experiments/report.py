@@ -108,6 +108,8 @@ def bootstrap_difference(a: list[float], b: list[float], seed: int = 0) -> dict 
 
 def significance_note(variants: list[dict]) -> str:
     ranked = [v for v in variants if v["rank"] is not None]
+    if not ranked:
+        return "No trial finished; nothing to compare (each trial's error is listed below)."
     if len(ranked) < 2:
         return "Only one variant finished; nothing to compare."
     best, second = ranked[0], ranked[1]
@@ -143,7 +145,7 @@ def markdown(sweep_dir: Path, variants: list[dict], rows: list[dict], plots: lis
         params = "–" if v["n_params"] is None else f"{v['n_params'] / 1e6:.3f}M"
         lines.append(f"| {v['rank'] or '–'} | {v['variant']} | {v['seeds']}{failed} | {loss} | {ppl} | "
                      f"{_f(v['best_step'], '.0f')} | {_f(v['tokens_per_sec'], ',.0f')} | {params} | "
-                     f"{_f(v['wall_seconds'], '.1f')} s |")
+                     f"{_f(v['wall_seconds'], '.1f')}{'' if v['wall_seconds'] is None else ' s'} |")
     lines += ["", significance_note(variants), ""]
     failures = [r for r in rows if r["status"] != DONE]
     if failures:
@@ -181,25 +183,25 @@ def plots(out_dir: Path, variants: list[dict], rows: list[dict]) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
+    written = []  # a plot with no data is not drawn at all
     # Overlaid val-loss curves: one colour per variant, one line per seed.
-    fig, ax = plt.subplots(figsize=(8, 5))
-    colours = plt.get_cmap("tab10")
-    for i, v in enumerate(variants):
-        for j, r in enumerate(t for t in rows if t["variant"] == v["variant"] and t["curve"]):
-            steps, losses = zip(*r["curve"])
-            ax.plot(steps, losses, color=colours(i % 10), alpha=0.85, marker=".",
-                    label=v["variant"] if j == 0 else None)
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("validation loss per variant (one line per seed)")
-    ax.grid(alpha=0.3)
-    if variants:
+    if any(r["curve"] for r in rows):
+        fig, ax = plt.subplots(figsize=(8, 5))
+        colours = plt.get_cmap("tab10")
+        for i, v in enumerate(variants):
+            for j, r in enumerate(t for t in rows if t["variant"] == v["variant"] and t["curve"]):
+                steps, losses = zip(*r["curve"])
+                ax.plot(steps, losses, color=colours(i % 10), alpha=0.85, marker=".",
+                        label=v["variant"] if j == 0 else None)
+        ax.set_xlabel("step")
+        ax.set_ylabel("validation loss (nats/token)")
+        ax.set_title("validation loss per variant (one line per seed)")
+        ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "loss_curves.png", dpi=100, metadata={"Software": None})
-    plt.close(fig)
-    written.append("loss_curves.png")
+        fig.tight_layout()
+        fig.savefig(out_dir / "loss_curves.png", dpi=100, metadata={"Software": None})
+        plt.close(fig)
+        written.append("loss_curves.png")
     # Final val loss against each swept hyperparameter.
     keys = sorted({k for v in variants for k in v["params"]})
     finished = [v for v in variants if v["val_loss_mean"] is not None]
@@ -257,6 +259,9 @@ def report(sweep_dir: Path, out_dir: Path | None = None) -> dict:
     out_dir = Path(out_dir or sweep_dir / "report")
     out_dir.mkdir(parents=True, exist_ok=True)
     written = plots(out_dir, variants, rows)
+    for stale in [out_dir / "loss_curves.png", out_dir / "heatmap.png", *out_dir.glob("val_loss_vs_*.png")]:
+        if stale.name not in written:  # an earlier report's plot that has no data now
+            stale.unlink(missing_ok=True)
     (out_dir / "report.md").write_text(markdown(sweep_dir, variants, rows, written))
     (out_dir / "results.csv").write_text(csv_text(variants))
     return {"report": str(out_dir / "report.md"), "csv": str(out_dir / "results.csv"),

@@ -14,8 +14,12 @@ from plutao.experiments.launch import free_port
 from plutao.train.run import load_run
 
 
-def run(args: list[str], devices: int = 4, check: bool = True) -> subprocess.CompletedProcess:
+def run(args: list[str], devices: int = 4, check: bool = True,
+        tmpdir: Path | None = None) -> subprocess.CompletedProcess:
     env = os.environ | {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    if tmpdir is not None:  # where `plutao launch` keeps its per-process logs
+        tmpdir.mkdir(parents=True, exist_ok=True)
+        env["TMPDIR"] = str(tmpdir)
     result = subprocess.run([sys.executable, "-m", "plutao.experiments", *args], env=env, capture_output=True,
                             text=True, check=False)
     if check:
@@ -49,13 +53,24 @@ def one_by_four(small_corpus, tmp_path_factory):
 
 
 def test_two_processes_match_one_process(small_corpus, tmp_path, one_by_four):
-    run(two_by_two(train_args(small_corpus, tmp_path / "2x2")))
+    run(two_by_two(train_args(small_corpus, tmp_path / "2x2")), tmpdir=tmp_path / "tmp")
+    assert not list((tmp_path / "tmp").glob("plutao-launch-*"))  # the launcher's logs go once all succeeded
     assert len(losses(tmp_path / "2x2")) == 20
     np.testing.assert_allclose(losses(tmp_path / "2x2"), losses(one_by_four), rtol=1e-5)
     # Only process 0 writes run files.
     assert not list((tmp_path / "2x2").glob("tokenizer.tmp-*"))
     assert len((tmp_path / "2x2" / "metrics.jsonl").read_text().splitlines()) == len(
         (one_by_four / "metrics.jsonl").read_text().splitlines())
+
+
+def test_a_failed_launch_keeps_its_logs_and_says_where(tmp_path):
+    result = run(two_by_two(["train", "tiny", "optim.lrr=1", "--workdir", str(tmp_path / "x")]), check=False,
+                 tmpdir=tmp_path / "tmp")
+    assert result.returncode == 2
+    kept = list((tmp_path / "tmp").glob("plutao-launch-*"))
+    assert len(kept) == 1 and (kept[0] / "process-1.log").is_file()
+    assert "plutao launch: process " in result.stderr and str(kept[0]) in result.stderr, result.stderr
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize("first,second", [("2x2", "1x4"), ("1x4", "2x2")])
