@@ -59,9 +59,11 @@ def cmd_train(args) -> int:
     config, overrides = args.config, list(args.overrides)
     if config and "=" in config:  # `plutao train key=value ...` without a config
         config, overrides = None, [config] + overrides
+    allowed = [k for group in args.allow_changed or [] for k in group]
+    overrides += [k for k in allowed if "=" in k]  # (`--allow-changed KEY key=value`: the override is not a key)
     name, cfg = resolve_config(config, overrides)
     run_dir = Path(args.workdir or Path("runs") / name)
-    summary = train(cfg, run_dir, quiet=args.quiet)
+    summary = train(cfg, run_dir, quiet=args.quiet, allow_changed=tuple(k for k in allowed if "=" not in k))
     import jax
 
     if args.json and jax.process_index() == 0:
@@ -77,12 +79,9 @@ def _sampling(args):
 
 
 def _family(run_dir: Path) -> str:
-    from plutao.train.errors import UserError
-    from plutao.train.loop import read_run_config
+    from plutao.train.loop import existing_run_config
 
-    saved = read_run_config(run_dir)
-    if saved is None:
-        raise UserError(f"{run_dir} is not a run directory (no config.json); pass the --workdir of a `plutao train` run")
+    saved = existing_run_config(run_dir)
     return saved.get("model", {}).get("family", "decoder")
 
 
@@ -177,7 +176,7 @@ def _held_out_tokens(cfg, tokenizer) -> list[tuple[str, object]]:
 
     cache = data_lib.cache_root(cfg.data)
     if cfg.data.val_path:
-        docs = data_lib.read_documents(cfg.data.val_path, cfg.data)
+        docs = data_lib.read_documents(cfg.data.val_path, cfg.data, flag="data.val_path")
         return [(cfg.data.val_path, data_lib.tokenize_documents(docs, tokenizer, cache))]
     out = []
     for spec in data_lib.source_paths(cfg.data):
@@ -194,7 +193,7 @@ def _eval_texts(args, cfg, tokenizer) -> list[tuple[str, object]]:
 
     if not args.data:
         return _held_out_tokens(cfg, tokenizer)
-    docs = data_lib.read_documents(args.data, dataclasses.replace(cfg.data, path=args.data))
+    docs = data_lib.read_documents(args.data, dataclasses.replace(cfg.data, path=args.data), flag="--data")
     return [(args.data, data_lib.tokenize_documents(docs, tokenizer, data_lib.cache_root(cfg.data)))]
 
 
@@ -207,13 +206,9 @@ def _print_result(args, result: dict, lines: list[str]) -> int:
 
 
 def cmd_eval(args) -> int:
-    from plutao.train.errors import UserError
-    from plutao.train.loop import read_run_config
+    from plutao.train.loop import existing_run_config
 
-    saved = read_run_config(Path(args.run_dir))
-    if saved is None:
-        raise UserError(f"{args.run_dir} is not a run directory (no config.json); pass the --workdir of a "
-                        "`plutao train` run")
+    saved = existing_run_config(Path(args.run_dir))
     family = saved.get("model", {}).get("family", "decoder")
     if family == "ngram":
         return _eval_ngram(args)
@@ -281,9 +276,9 @@ def _eval_translation(args) -> int:
 
     run = load_run(Path(args.run_dir), args.step)
     if args.data:
-        pairs, name = read_pairs(args.data), args.data
+        pairs, name = read_pairs(args.data, flag="--data"), args.data
     elif run.cfg.data.val_path:
-        pairs, name = read_pairs(run.cfg.data.val_path), run.cfg.data.val_path
+        pairs, name = read_pairs(run.cfg.data.val_path, flag="data.val_path"), run.cfg.data.val_path
     else:
         from plutao.train import data as data_lib
 
@@ -642,7 +637,7 @@ def cmd_report(args) -> int:
         print(json.dumps(out))
     else:
         print(Path(out["report"]).read_text())
-        print(f"written: {out['report']}, {out['csv']}, " + ", ".join(out["plots"]))
+        print("written: " + ", ".join([out["report"], out["csv"], *out["plots"]]))
     return 0
 
 
@@ -703,18 +698,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--workdir", help="run directory (default runs/CONFIG); re-running resumes it")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    t.add_argument("--allow-changed", nargs="+", action="append", metavar="KEY",
+                   help="resume although these experiment-defining keys differ from the run's config.json "
+                        "(the change is recorded in its history); train.steps and other run-control keys "
+                        "may always change")
     t.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("sample", help="generate text from a trained run")
-    s.add_argument("run_dir")
-    s.add_argument("--prompt", default="")
-    s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    s.add_argument("--top-k", type=int, default=0)
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--max-new-tokens", type=int, default=300)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--num-samples", type=int, default=1)
-    s.add_argument("--show-probs", type=int, default=0, metavar="K", help="table of the K likeliest next tokens")
+    s.add_argument("run_dir", help="the --workdir of a `plutao train` run")
+    s.add_argument("--prompt", default="", help="text to continue (default: none, start from <|endoftext|>)")
+    s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: %(default)s)")
+    s.add_argument("--top-k", type=int, default=0,
+                   help="sample from the K likeliest tokens only; 0 = all (default: %(default)s)")
+    s.add_argument("--top-p", type=float, default=1.0,
+                   help="sample from the fewest tokens whose probabilities sum to P; 1 = all (default: %(default)s)")
+    s.add_argument("--max-new-tokens", type=int, default=300, help="tokens to generate (default: %(default)s)")
+    s.add_argument("--seed", type=int, default=0, help="random seed of the sampling (default: %(default)s)")
+    s.add_argument("--num-samples", type=int, default=1, help="samples to print (default: %(default)s)")
+    s.add_argument("--show-probs", type=int, default=0, metavar="K",
+                   help="table of the K likeliest next tokens; 0 = none (default: %(default)s)")
     s.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     s.add_argument("--no-stop", action="store_true", help="do not stop at <|endoftext|>")
     s.add_argument("--step", type=int, help="checkpoint step (default: latest)")
@@ -921,7 +923,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except _user_errors() as e:
         print(f"plutao: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         print("plutao: interrupted", file=sys.stderr)
         return 130

@@ -21,11 +21,10 @@ import numpy as np
 
 from plutao.model.presets import MODEL_PRESETS, flops_per_token
 from plutao.train.config import MeshConfig, OptimConfig
+from plutao.train.metrics import published_peak
 from plutao.train.optim import lr_schedule, make_optimizer
 from plutao.train.sharding import make_mesh
 from plutao.train.step import Trainer, global_batch
-
-VENDOR_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
 
 
 def bf16_matmul_peak(n: int = 8192, repeats: int = 10) -> float:
@@ -43,7 +42,7 @@ def run(preset: str, batch_sizes: list[int], steps: int, attention: str) -> list
     cfg = dataclasses.replace(MODEL_PRESETS[preset], dtype="bfloat16", attention=attention, scan_layers=True).resolved()
     mesh = make_mesh(MeshConfig())
     kind = jax.devices()[0].device_kind
-    vendor = next((v for k, v in VENDOR_BF16_PEAK.items() if k in kind), None)
+    vendor = published_peak(kind, jnp.bfloat16)
     peak = bf16_matmul_peak(8192 if jax.default_backend() != "cpu" else 1024)
     rows = []
     for batch in batch_sizes:

@@ -100,7 +100,9 @@ def test_incompatible_resume_leaves_the_run_untouched(capsys, run_dir, small_cor
     base = ["train", "tiny", f"data.path={small_corpus}", "--workdir", str(run_dir)]
     fails(capsys, base + ["model.d_model=64"], "model.d_model=32")
     fails(capsys, base + ["data.tokenizer=byte"], "data.tokenizer=char")
-    fails(capsys, base + ["optim.name=sgd"], "does not fit")  # a different optimizer state
+    fails(capsys, base + ["optim.name=sgd"], "different experiment", "optim.name 'adamw' → 'sgd'")
+    # Allowed as a change of experiment, a different optimizer state still cannot be restored.
+    fails(capsys, base + ["optim.name=sgd", "--allow-changed", "optim.name"], "does not fit", "opt_state")
     assert tree_digest(run_dir) == before
 
 
@@ -109,7 +111,8 @@ def test_sampling_errors(capsys, run_dir):
     fails(capsys, ["sample", str(run_dir), "--temperature", "-1"], "--temperature")
     fails(capsys, ["sample", str(run_dir), "--prompt", "x" * 100], "context is 32")
     fails(capsys, ["score", str(run_dir), "--text", "x" * 100], "context is 32")
-    fails(capsys, ["sample", str(run_dir / "nope")], "not a run directory")
+    fails(capsys, ["sample", str(run_dir / "nope")], "does not exist")
+    fails(capsys, ["sample", str(run_dir / "checkpoints")], "not a run directory (no config.json)")
     fails(capsys, ["sample", str(run_dir), "--show-probs", "-1"], "--show-probs")
 
 
@@ -137,3 +140,58 @@ def test_console_script_exit_code(tmp_path):
                              "--workdir", str(tmp_path / "x")], capture_output=True, text=True, check=False)
     assert result.returncode == 2
     assert result.stderr.strip() == "plutao: error: unknown config key 'model.d_modle'; did you mean model.d_model?"
+
+
+READ_ONLY = {"sample": [], "eval": [], "score": ["--text", "the"], "translate": ["a cat"], "fill-mask": ["a <mask>"],
+             "attention": ["--text", "the"], "neighbors": ["e"], "analogy": ["a", "b", "c"]}
+
+
+@pytest.mark.parametrize("command", sorted(READ_ONLY))
+def test_a_missing_run_dir_and_a_folder_that_is_no_run_get_different_errors(capsys, tmp_path, command):
+    missing = tmp_path / "nope"
+    err = fails(capsys, [command, str(missing), *READ_ONLY[command]], f"{missing} does not exist",
+                "--workdir of a `plutao train` run")
+    assert "no config.json" not in err
+    (tmp_path / "folder").mkdir()
+    err = fails(capsys, [command, str(tmp_path / "folder"), *READ_ONLY[command]],
+                f"{tmp_path / 'folder'} is not a run directory (no config.json)")
+    assert "does not exist" not in err
+    assert not missing.exists()
+
+
+def test_eval_data_errors_name_the_data_flag(capsys, run_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    err = fails(capsys, ["eval", str(run_dir), "--data", str(empty)], f"--data {str(empty)!r} contains no text",
+                "point --data at")
+    assert "data.path" not in err
+    err = fails(capsys, ["eval", str(run_dir), "--data", str(tmp_path / "missing.txt")], "--data", "does not exist")
+    assert "data.path" not in err
+    (tmp_path / "folder").mkdir()
+    err = fails(capsys, ["eval", str(run_dir), "--data", str(tmp_path / "folder")], "--data folder")
+    assert "data.path" not in err
+
+
+def test_read_pairs_names_the_flag_it_is_given(tmp_path):
+    from plutao.train.errors import UserError
+    from plutao.train.pairs import read_pairs
+
+    with pytest.raises(UserError, match=r"^--data '.*missing\.tsv' does not exist"):
+        read_pairs(str(tmp_path / "missing.tsv"), flag="--data")
+    with pytest.raises(UserError, match=r"^data\.path '.*missing\.tsv' does not exist"):
+        read_pairs(str(tmp_path / "missing.tsv"))
+
+
+def test_sample_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["sample", "--help"])
+    assert exit_.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps long help lines
+    for default in ("default: 0.8", "default: 300", "default: 1.0", "default: latest"):
+        assert default in out, out
+    assert "default: None" not in out and "default: False" not in out
+
+
+def test_gitignore_covers_the_readme_sweep_folders():
+    ignored = (Path(__file__).parents[1] / ".gitignore").read_text().splitlines()
+    assert "/sweeps/" in ignored or "sweeps/" in ignored

@@ -54,7 +54,10 @@ class TrainConfig:
     max_seconds: float = 0.0  # a wall-clock budget for this invocation's steps: the run ends there; 0 = none
     stop_at_step: int = 0  # end this invocation at this step (checkpointed, resumable); 0 = run to train.steps
     mask_rate: float = 0.15  # encoder (masked LM): the fraction of tokens selected for prediction
-    peak_flops: float = 0.0  # for MFU; 0 = measure a matmul peak on this device at start
+    peak_flops: float = 0.0  # for MFU; 0 = the device's published peak, or a matmul measured at start
+    # A step whose loss or gradient norm is NaN/inf: "stop" ends the run (exit code 3) without saving
+    # that state; "skip" leaves parameters and optimizer state as they were and goes on (counted).
+    on_nonfinite: Literal["stop", "skip"] = "stop"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +67,8 @@ class OptimConfig:
     min_lr: float = 1e-4  # where cosine/linear decay ends
     schedule: Literal["cosine", "linear", "inverse_sqrt", "constant"] = "cosine"
     warmup_steps: int = 100
-    weight_decay: float = 0.1  # on matrices only, never on norms, biases
+    weight_decay: float = 0.1  # on weight matrices (by role, not shape); never on norms or biases
+    decay_embeddings: bool = True  # also decay token/position embedding tables (as GPT-2/nanoGPT do)
     beta1: float = 0.9
     beta2: float = 0.99
     eps: float = 1e-8
@@ -75,7 +79,7 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    data: int = -1  # -1 = all remaining devices
+    data: int = 0  # 0 = the remaining devices (1 when mesh.fsdp or mesh.tensor is -1); -1 = the remaining devices
     fsdp: int = 1
     tensor: int = 1
 

@@ -31,8 +31,10 @@ def source_paths(cfg: DataConfig) -> list[str]:
     return list(cfg.path) if isinstance(cfg.path, list) else [cfg.path]
 
 
-def read_documents(spec: str, cfg: DataConfig) -> list[str]:
-    """The documents of one source: a built-in/downloadable name, a .jsonl file, a text file or a folder."""
+def read_documents(spec: str, cfg: DataConfig, *, flag: str = "data.path") -> list[str]:
+    """The documents of one source: a built-in/downloadable name, a .jsonl file, a text file or a folder.
+
+    `flag` is what the user typed to name the source (`data.path`, `data.val_path`, `--data`), for the errors."""
     if spec.startswith("builtin:"):
         return corpora.builtin_documents(spec, cache_root(cfg))
     if spec in corpora.DOWNLOADS:
@@ -41,17 +43,17 @@ def read_documents(spec: str, cfg: DataConfig) -> list[str]:
     if path.is_dir():
         files = sorted(p for p in path.glob(cfg.glob) if p.is_file())
         if not files:
-            raise UserError(f"data.path folder {spec!r} has no files matching data.glob={cfg.glob!r}; "
+            raise UserError(f"{flag} folder {spec!r} has no files matching data.glob={cfg.glob!r}; "
                             "put text files there or change data.glob")
         docs = [_read_text(p) for p in files]
     elif path.is_file():
         docs = _read_jsonl(path, cfg.jsonl_field) if path.suffix == ".jsonl" else [_read_text(path)]
     else:
         names = ", ".join(corpora.BUILTINS + tuple(corpora.DOWNLOADS))
-        raise UserError(f"data.path {spec!r} does not exist; give a text file, a folder, a .jsonl file, or one of: {names}")
+        raise UserError(f"{flag} {spec!r} does not exist; give a text file, a folder, a .jsonl file, or one of: {names}")
     docs = [d for d in docs if d.strip()]
     if not docs:
-        raise UserError(f"data.path {spec!r} contains no text; point data.path at a non-empty corpus")
+        raise UserError(f"{flag} {spec!r} contains no text; point {flag} at a non-empty corpus")
     return docs
 
 

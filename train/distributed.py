@@ -54,7 +54,8 @@ def initialize(coordinator: str | None, num_processes: int | None, process_id: i
     if jax.config.jax_platforms in (None, "", "cpu") and os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if explicit and process_id == 0:
-        print(f"plutao: coordinating {num_processes} processes at {coordinator} (waiting up to {timeout_s} s)",
+        print(f"plutao: coordinating {num_processes} process{'es' if num_processes != 1 else ''} at {coordinator} "
+              f"(waiting up to {timeout_s} s)",
               file=sys.stderr)
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
                                initialization_timeout=timeout_s)

@@ -6,7 +6,9 @@ before anything is written to the run directory, so a failed start never damages
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import difflib
 import functools
 import json
 import math
@@ -32,17 +34,27 @@ from plutao.tokenizer.base import NUM_SPECIAL
 from plutao.train import data as data_lib
 from plutao.train import sharding
 from plutao.train.checkpoint import Checkpoints
-from plutao.train.config import Config, validate
+from plutao.train.config import SECTIONS, Config, all_keys, flatten, validate
 from plutao.train.distributed import any_process
-from plutao.train.errors import UserError
-from plutao.train.metrics import MetricsLog, measure_matmul_peak, plot_losses
+from plutao.train.errors import NonFiniteError, UserError
+from plutao.train.lock import RunLock
+from plutao.train.metrics import MetricsLog, device_peak_flops, plot_losses
 from plutao.train.objectives import Objective
 from plutao.train.optim import lr_schedule, make_optimizer
 from plutao.train.pairs import PairBatches, encode_pairs, held_out, pack, read_pairs
-from plutao.train.step import Trainer, sharded_batch
+from plutao.train.step import CHECKPOINTED, Trainer, sharded_batch
 
 # Keys that must agree between a run directory and a config resuming it.
 TOKENIZER_KEYS = ("tokenizer", "vocab_size")
+# Keys a resumed run may change freely: how long it runs, how often it logs, evaluates, samples and
+# saves, and how it is laid out on devices. Any other difference makes it a different experiment
+# (refused unless named with --allow-changed).
+RUN_CONTROL = frozenset({
+    "train.steps", "train.eval_every", "train.eval_batches", "train.sample_every", "train.sample_tokens",
+    "train.sample_prompt", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
+    "train.max_seconds", "train.stop_at_step", "train.peak_flops", "train.on_nonfinite", "train.grad_accum",
+    "data.cache_dir", "model.remat", "model.attention", "mesh.data", "mesh.fsdp", "mesh.tensor",
+})
 
 
 @dataclasses.dataclass
@@ -54,6 +66,7 @@ class Prepared:
     batches: data_lib.Batches | PairBatches
     trainer: Trainer
     data_summary: str
+    notes: list[str] = dataclasses.field(default_factory=list)  # one-line facts worth telling at start
 
 
 def is_main_process() -> bool:
@@ -96,6 +109,17 @@ def read_run_config(run_dir: Path) -> dict | None:
         raise UserError(f"{path} is not valid JSON; restore it or choose another --workdir") from None
 
 
+def existing_run_config(run_dir: Path) -> dict:
+    """The saved config of a run that read-only commands open, or one line on what RUN_DIR is instead."""
+    run_dir = Path(run_dir)
+    saved = read_run_config(run_dir)
+    if saved is not None:
+        return saved
+    if not run_dir.exists():
+        raise UserError(f"{run_dir} does not exist; pass the --workdir of a `plutao train` run")
+    raise UserError(f"{run_dir} is not a run directory (no config.json); pass the --workdir of a `plutao train` run")
+
+
 def check_compatible(saved: dict, cfg: Config, run_dir: Path) -> None:
     """Refuse to resume a run whose model or tokenizer differs from this config."""
     for key in TOKENIZER_KEYS:
@@ -112,6 +136,35 @@ def check_compatible(saved: dict, cfg: Config, run_dir: Path) -> None:
         if old_model.get(key, getattr(ModelConfig(), key)) != new:
             raise UserError(f"the checkpoint in {run_dir} has model.{key}={old_model.get(key)}, but the config says "
                             f"{new}; set model.{key}={old_model.get(key)} to resume, or use a new --workdir")
+
+
+def experiment_changes(saved: dict, cfg: Config) -> dict[str, tuple]:
+    """{key: (saved value, new value)} for every experiment-defining key that differs (keys a run
+    directory from an older version does not record are taken to be unchanged)."""
+    old = flatten({k: v for k, v in saved.items() if k in SECTIONS})
+    return {k: (old[k], v) for k, v in flatten(cfg.to_dict()).items()
+            if k in old and k not in RUN_CONTROL and old[k] != v}
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def legacy_train_seconds(run_dir: Path, step: int) -> float:
+    """Training seconds recorded by older versions beside (not inside) the checkpoint of `step`."""
+    path = run_dir / "train_seconds.json"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return 0.0
+    return float(record.get("seconds", 0.0)) if step and record.get("step") == step else 0.0
+
+
+def last_checkpoint_text(checkpoints: Checkpoints) -> str:
+    steps = checkpoints.all_steps() + ([checkpoints._pending[0]] if checkpoints._pending else [])
+    return (f"the last checkpoint is {checkpoints.directory / str(max(steps))}" if steps
+            else "no checkpoint was saved yet")
 
 
 def prepare(cfg: Config, run_dir: Path | None, *, devices=None) -> Prepared:
@@ -151,7 +204,7 @@ def prepare(cfg: Config, run_dir: Path | None, *, devices=None) -> Prepared:
 
     if translation:
         if cfg.data.val_path:
-            train_pairs, val_pairs = pairs, read_pairs(cfg.data.val_path)
+            train_pairs, val_pairs = pairs, read_pairs(cfg.data.val_path, flag="data.val_path")
         else:
             val = [held_out(pair, cfg.data.val_fraction) for pair in pairs]
             train_pairs = [q for q, v in zip(pairs, val) if not v]
@@ -168,7 +221,7 @@ def prepare(cfg: Config, run_dir: Path | None, *, devices=None) -> Prepared:
         if cfg.data.val_path:
             if len(splits) > 1:
                 raise UserError("data.val_path holds out one file for one source; with a mixture use data.val_fraction")
-            val_docs = data_lib.read_documents(cfg.data.val_path, cfg.data)
+            val_docs = data_lib.read_documents(cfg.data.val_path, cfg.data, flag="data.val_path")
             whole = data_lib.tokenize_documents(docs_per_source[0], tokenizer, cache)
             splits = [data_lib.Split(sources[0], whole, data_lib.tokenize_documents(val_docs, tokenizer, cache))]
         batches = data_lib.Batches(splits, cfg.data.weights, cfg.model.context_length, cfg.train.batch_size,
@@ -180,21 +233,24 @@ def prepare(cfg: Config, run_dir: Path | None, *, devices=None) -> Prepared:
     sharding.check_divisibility(cfg.model, mesh, cfg.train.batch_size, cfg.train.grad_accum)
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     trainer = Trainer(cfg.model, tx, lr_schedule(cfg.optim, cfg.train.steps), mesh, cfg.train.seed,
-                      cfg.train.grad_accum, objective_for(cfg, tokenizer))
+                      cfg.train.grad_accum, objective_for(cfg, tokenizer), on_nonfinite=cfg.train.on_nonfinite)
     return Prepared(cfg, tokenizer, batches, trainer, summary)
 
 
 def objective_for(cfg: Config, tokenizer: Tokenizer) -> Objective:
     return Objective(cfg.model.family, cfg.optim.label_smoothing, pad_id=tokenizer.pad_id, mask_id=tokenizer.mask_id,
-                     first_regular_id=NUM_SPECIAL, vocab_limit=tokenizer.vocab_size, mask_rate=cfg.train.mask_rate)
+                     first_regular_id=NUM_SPECIAL, vocab_limit=tokenizer.vocab_size, mask_rate=cfg.train.mask_rate,
+                     target_specials=(tokenizer.eot_id, tokenizer.eos_id, tokenizer.unk_id))
 
 
 def evaluate(p: Prepared, params, n_batches: int) -> dict:
-    """Held-out loss over n batches (and masked-token accuracy for the masked LM)."""
+    """Held-out loss over n batches (and masked-token accuracy for the masked LM). Translation pairs are
+    a finite set: at most one pass over them, each pair counted once."""
     sums: dict[str, float] = {}
+    n_batches = min(n_batches, getattr(p.batches, "val_batches", lambda: n_batches)())
     for i in range(n_batches):
         batch = sharded_batch(functools.partial(p.batches.val_rows, i), p.batches.val_shape(i), p.trainer.mesh)
-        for k, v in p.trainer.eval_step(params, batch).items():
+        for k, v in p.trainer.eval_step(params, batch, np.int32(i)).items():
             sums[k] = sums.get(k, 0.0) + float(to_host(v))
     count = max(sums["count"], 1.0)
     out = {"loss": sums["loss"] / count, "perplexity": math.exp(min(sums["loss"] / count, 50))}
@@ -248,16 +304,52 @@ class StopFlag:
         return step % every == 0 and any_process(self.signal is not None or out_of_time)
 
 
-def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> dict:
-    """Train (or resume) the run in run_dir; returns a summary dict."""
+@contextlib.contextmanager
+def holding(run_dir: Path):
+    """Hold RUN_DIR/train.lock for a training (process 0 takes it; every process agrees on the outcome)."""
+    lock = RunLock(run_dir, log) if is_main_process() else None
+    error = None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except UserError as e:
+            error = e
+    if jax.process_count() > 1 and any_process(error is not None) and error is None:
+        error = UserError(f"{run_dir} is in use by another training (process 0 says by whom)")
+    if error is not None:
+        raise error
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False,
+          allow_changed: tuple[str, ...] = ()) -> dict:
+    """Train (or resume) the run in run_dir; returns a summary dict.
+
+    `allow_changed` names experiment-defining keys whose change against the run's config.json is
+    accepted (and recorded in its history) when resuming."""
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--workdir {run_dir} is a file; give a directory (new or an earlier run's)")
+    validate(cfg)
+    for key in allow_changed:
+        if key not in all_keys():
+            raise UserError(f"--allow-changed {key}: unknown config key" + (
+                f"; did you mean {close[0]}?" if (close := difflib.get_close_matches(key, all_keys(), n=1)) else ""))
+    with holding(run_dir):
+        return _train(cfg, run_dir, devices, quiet, tuple(allow_changed))
+
+
+def _train(cfg: Config, run_dir: Path, devices, quiet: bool, allow_changed: tuple[str, ...]) -> dict:
     p = prepare(cfg, run_dir, devices=devices)
     cfg, trainer = p.cfg, p.trainer
     main = is_main_process()
+    saved = read_run_config(run_dir)
 
-    def write_run_files():
+    def write_run_files(history_entry: dict | None = None):
         if not main:
             return
         if not (run_dir / "tokenizer").is_dir():
@@ -265,7 +357,10 @@ def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> d
             staging = run_dir / f"tokenizer.tmp-{os.getpid()}"
             p.tokenizer.save(staging)
             staging.rename(run_dir / "tokenizer")
+        history = (saved or {}).get("history", []) + ([history_entry] if history_entry else [])
         record = cfg.to_dict() | {"provenance": provenance(cfg, p.tokenizer, trainer.mesh if trainer else None)}
+        if history:
+            record["history"] = history
         tmp = run_dir / "config.json.tmp"
         tmp.write_text(json.dumps(record, indent=2))
         tmp.replace(run_dir / "config.json")
@@ -278,26 +373,51 @@ def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> d
     # Restore before writing anything: a checkpoint that does not fit this config fails here,
     # leaving config.json and the checkpoints as they were.
     checkpoints = Checkpoints(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
-    latest = checkpoints.latest_step()
-    if latest is not None:
-        state = checkpoints.restore(latest, trainer.abstract_sharded_state())
+    meta: dict = {}
+    history_entry = None
+    if checkpoints.all_steps():
+        changes = experiment_changes(saved, cfg) if saved else {}
+        refused = sorted(set(changes) - set(allow_changed))
+        if refused:
+            listed = ", ".join(f"{k} {_short(changes[k][0])} → {_short(changes[k][1])}" for k in refused)
+            raise UserError(f"{run_dir} was trained as a different experiment ({listed}); resume it with its own "
+                            f"settings, use another --workdir, or pass --allow-changed {' '.join(refused)} to "
+                            "continue it with the change recorded in config.json")
+        agree = any_process if jax.process_count() > 1 else (lambda failed: failed)
+        latest, restored, unreadable = checkpoints.restore_newest(trainer.checkpoint_target(), agree)
+        for bad_step, reason in unreadable:
+            moved = checkpoints.set_aside(bad_step) if main else None
+            log(f"checkpoint {bad_step} cannot be read ({reason}); kept as {moved}, resuming from checkpoint {latest}")
+        if unreadable and jax.process_count() > 1:
+            any_process(False)  # (a barrier: the moves are done before anyone looks again)
+            checkpoints.manager.reload()
+        meta = checkpoints.metadata(latest)
+        state = trainer.resumed_state(restored, int(meta.get("nonfinite_steps", 0)))
         log(f"resumed from {run_dir}/checkpoints/{latest}")
+        if changes:
+            history_entry = {"step": latest, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": sys.argv,
+                             "changes": {k: list(v) for k, v in changes.items()}}
     else:
         state = trainer.init_state()
-    write_run_files()
+    write_run_files(history_entry)
     start = int(to_host(state["step"]))
     n_params = count_params(cfg.model)
     flops_per_tok = flops_per_token(cfg.model)
-    peak = cfg.train.peak_flops or measure_matmul_peak(np.dtype(cfg.model.dtype))
+    peak, peak_source = (cfg.train.peak_flops, "train.peak_flops") if cfg.train.peak_flops else device_peak_flops(
+        np.dtype(cfg.model.dtype))
     log(f"plutao: {n_params['total'] / 1e6:.2f}M parameters ({n_params['non_embedding'] / 1e6:.2f}M non-embedding), "
         f"{tokenizer_summary(p.tokenizer)}, {p.data_summary}, "
-        f"mesh {dict(trainer.mesh.shape)}, steps {start}→{cfg.train.steps}")
+        f"mesh {dict(trainer.mesh.shape)}, steps {start}→{cfg.train.steps}; MFU against {peak_source}")
+    for note in p.notes:
+        log(note)
 
     metrics = MetricsLog(run_dir, enabled=main, start_step=start)
     t = cfg.train
+    skip = t.on_nonfinite == "skip"
     last_val = None
     history = []
     compile_s = None
+    step_metrics = None
     try:
         with StopFlag() as stop, tqdm(total=t.steps, initial=start, disable=quiet or not main or start >= t.steps,
                                       unit="step", dynamic_ncols=True, file=sys.stderr) as bar:
@@ -309,10 +429,9 @@ def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> d
                 log(f"{run_dir} is already at step {start} ≥ train.stop_at_step={t.stop_at_step}; nothing to do")
                 return {"interrupted": True, "step": start, "run_dir": str(run_dir)}
             budget_start = time.perf_counter()
-            # Training time accumulates across invocations (saved beside each checkpoint), so a
+            # Training time accumulates across invocations (kept in each checkpoint's metadata), so a
             # time budget covers the whole run however often it was interrupted and resumed.
-            time_file = run_dir / "train_seconds.json"
-            spent_before = json.loads(time_file.read_text())["seconds"] if start and time_file.is_file() else 0.0
+            spent_before = float(meta.get("train_seconds", legacy_train_seconds(run_dir, start)))
 
             def spent() -> float:
                 return spent_before + time.perf_counter() - budget_start
@@ -320,12 +439,26 @@ def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> d
             def out_of_time():
                 return bool(t.max_seconds) and spent() >= t.max_seconds
 
+            def check_finite(at_step: int) -> None:
+                """Stop (train.on_nonfinite=stop) once a step was non-finite; a sync only where one happens anyway."""
+                if step_metrics is None:
+                    return
+                first = int(to_host(step_metrics["first_nonfinite"]))
+                if first and not skip:
+                    raise NonFiniteError(
+                        f"the loss or gradient norm became NaN/inf at step {first}; stopped at step {at_step} without "
+                        f"saving that state ({last_checkpoint_text(checkpoints)}); lower optim.lr or clip harder (optim.grad_clip), "
+                        "or resume with train.on_nonfinite=skip to skip such steps")
+
             def save(at_step, val=None):
-                checkpoints.save(at_step, state, val)
-                if main:
-                    tmp = time_file.with_suffix(".tmp")
-                    tmp.write_text(json.dumps({"step": at_step, "seconds": spent()}))
-                    tmp.replace(time_file)
+                check_finite(at_step)
+                if not bool(to_host(trainer.params_finite(state["params"]))):
+                    raise NonFiniteError(f"the parameters are NaN/inf at step {at_step}; not saving them "
+                                         f"({last_checkpoint_text(checkpoints)}); lower optim.lr or clip harder (optim.grad_clip)")
+                good_val = val if val is not None and math.isfinite(val) else None
+                nonfinite = int(to_host(state["health"]["nonfinite_steps"]))
+                checkpoints.save(at_step, {k: state[k] for k in CHECKPOINTED},
+                                 {"val_loss": good_val, "train_seconds": spent(), "nonfinite_steps": nonfinite})
 
             while step < last_step and not stop.agreed(step, t.log_every, out_of_time()):
                 tokens = sharded_batch(functools.partial(p.batches.train_rows, step), p.batches.train_shape(step),
@@ -341,8 +474,13 @@ def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> d
                     first_step_unix = time.time()
                     window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
                 if step % t.log_every == 0 or step == t.steps:
+                    check_finite(step)
                     m = {k: float(to_host(v)) for k, v in step_metrics.items()}
+                    m.pop("first_nonfinite")
+                    skipped = m.pop("nonfinite_steps")
                     m |= {"step": step, "split": "train", "perplexity": math.exp(min(m["loss"], 50))}
+                    if skip:
+                        m["skipped_steps"] = int(skipped)
                     if window_steps:  # (the first step's window is its compilation)
                         steps_seconds += time.perf_counter() - window_start
                         tps = window_tokens / (time.perf_counter() - window_start)
@@ -353,12 +491,14 @@ def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> d
                     window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
                 bar.update(1)
                 if t.eval_every and step % t.eval_every == 0 and step < t.steps:
+                    check_finite(step)
                     val = evaluate(p, state["params"], t.eval_batches)
                     last_val = val["loss"]
                     metrics.write({"step": step, "split": "val", **val})
                     log(f"step {step}: val loss {last_val:.4f}" + (f", masked-token accuracy {val['accuracy']:.3f}"
                                                                    if "accuracy" in val else ""))
                 if t.sample_every and step % t.sample_every == 0:  # every process takes part; one prints
+                    check_finite(step)
                     sample = milestone_sample(p, state["params"], step)
                     metrics.write({"step": step, "sample": sample})
                     log(f"--- sample at step {step} ---\n{sample}\n---")
@@ -366,6 +506,8 @@ def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> d
                     save(step, last_val if t.eval_every and step % t.eval_every == 0 else None)
                 if window_steps == 0:
                     window_start, window_tokens = time.perf_counter(), 0
+            check_finite(step)
+
             # A spent time budget ends the run like its last step (final evaluation and checkpoint);
             # a signal or stop_at_step leaves it resumable.
             def everywhere(flag: bool) -> bool:  # the same answer on every process
@@ -401,6 +543,9 @@ def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False) -> d
                 log(f"{run_dir} is already trained to step {step} (train.steps={t.steps}); raise train.steps to "
                     "continue (the learning-rate schedule is then recomputed for the new length)")
             checkpoints.close()
+    except NonFiniteError:
+        checkpoints.close()  # the saves before this point complete
+        raise
     finally:
         metrics.close()
     plot = plot_losses(run_dir) if main else None

@@ -9,19 +9,24 @@ Array = jax.Array
 
 
 def cross_entropy_sum(logits_BTV: Array, targets_BT: Array, weights_BT: Array | None = None,
-                      label_smoothing: float = 0.0) -> tuple[Array, Array]:
+                      label_smoothing: float = 0.0, support_V: Array | None = None) -> tuple[Array, Array]:
     """(Σ weighted loss, Σ weights). Divide by max(count, 1) for the mean, so an all-masked batch is 0, not NaN.
 
-    With smoothing ε the target distribution is (1-ε)·onehot + ε/V, so the loss is
-    (1-ε)·(−log p_y) + ε·mean_v(−log p_v), computed from logsumexp without materialising log p.
+    With smoothing ε the target distribution is (1-ε)·onehot + ε·uniform over the ids in `support_V`
+    (a boolean mask over the vocabulary: the ids a target can be; default every id), so the loss is
+    (1-ε)·(−log p_y) + ε·mean_{v∈support}(−log p_v), computed from logsumexp without materialising log p.
     """
     logits_BTV = logits_BTV.astype(jnp.float32)
     logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
     target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
     loss_BT = logz_BT - target_logit_BT
     if label_smoothing:
-        uniform_BT = logz_BT - jnp.mean(logits_BTV, axis=-1)
-        loss_BT = (1.0 - label_smoothing) * loss_BT + label_smoothing * uniform_BT
+        if support_V is None:
+            mean_logit_BT = jnp.mean(logits_BTV, axis=-1)
+        else:
+            support_V = support_V.astype(jnp.float32)
+            mean_logit_BT = (logits_BTV @ support_V) / jnp.sum(support_V)
+        loss_BT = (1.0 - label_smoothing) * loss_BT + label_smoothing * (logz_BT - mean_logit_BT)
     if weights_BT is None:
         weights_BT = jnp.ones_like(loss_BT)
     weights_BT = weights_BT.astype(jnp.float32)

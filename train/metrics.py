@@ -98,8 +98,26 @@ def plot_losses(run_dir: Path) -> Path | None:
     return out
 
 
-def measure_matmul_peak(dtype=jnp.float32, n: int = 1024, repeats: int = 10) -> float:
-    """FLOP/s of a large square matmul on the default device: the practical peak MFU is measured against."""
+# Dense bf16 matmul peaks as the vendors publish them, FLOP/s per device (first match of the device kind).
+PUBLISHED_BF16_PEAK: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("L4", 121e12),
+    ("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5p", 459e12), ("TPU v5", 459e12),
+    ("TPU v6 lite", 918e12), ("TPU v6e", 918e12),
+)
+
+
+def published_peak(device_kind: str, dtype) -> float | None:
+    """A device's published dense peak for this compute dtype, when known (bf16 only)."""
+    if jnp.dtype(dtype) != jnp.bfloat16:
+        return None
+    return next((flops for name, flops in PUBLISHED_BF16_PEAK if name in device_kind), None)
+
+
+def measure_matmul_peak(dtype=jnp.float32, n: int | None = None, repeats: int = 10) -> float:
+    """FLOP/s of a square matmul on the default device, times the device count (tokens/s is global, so
+    is the peak). n defaults to a size the device is busy with: 1024 on a CPU (~10 ms), 8192 on an
+    accelerator (where 1024³ measures dispatch, not arithmetic)."""
+    n = n or (1024 if jax.default_backend() == "cpu" else 8192)
     a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
@@ -108,5 +126,14 @@ def measure_matmul_peak(dtype=jnp.float32, n: int = 1024, repeats: int = 10) -> 
         t = time.perf_counter()
         f(a).block_until_ready()
         best = min(best, time.perf_counter() - t)
-    return 2.0 * n**3 / best * jax.device_count()  # (tokens/s is global, so is the peak)
+    return 2.0 * n**3 / best * jax.device_count()
 
+
+def device_peak_flops(dtype) -> tuple[float, str]:
+    """(peak FLOP/s over all devices, where it comes from): the published figure when the device and
+    dtype are known, else a matmul measured now."""
+    kind = jax.devices()[0].device_kind
+    published = published_peak(kind, dtype)
+    if published:
+        return published * jax.device_count(), f"published {jnp.dtype(dtype).name} peak of {kind}"
+    return measure_matmul_peak(dtype), f"a {jnp.dtype(dtype).name} matmul measured on {kind}"

@@ -51,6 +51,28 @@ class Objective:
     first_regular_id: int = 11  # ids below are special tokens
     vocab_limit: int = 0  # the tokenizer's vocabulary size: random replacements are drawn below it
     mask_rate: float = 0.15
+    # Special ids that are real prediction targets (<|endoftext|>, <eos>, a word-level <unk>): label smoothing spreads its
+    # mass over these and the ordinary ids below vocab_limit, never over padding, other specials or
+    # the padded rows of a vocabulary rounded up past the tokenizer's.
+    target_specials: tuple[int, ...] = (1, 3, 4)
+
+    def smoothing_support(self, vocab: int) -> Array | None:
+        if not self.vocab_limit:
+            return None
+        ids_V = jnp.arange(vocab)
+        support_V = (ids_V >= self.first_regular_id) & (ids_V < self.vocab_limit)
+        for i in self.target_specials:
+            support_V |= ids_V == i
+        return support_V
+
+    def _cross_entropy(self, logits, targets, weights, smoothing: float) -> dict:
+        """{"loss", "count"} and, when smoothing, "nll": the plain cross-entropy beside the smoothed loss."""
+        loss, count = cross_entropy_sum(logits, targets, weights, label_smoothing=smoothing,
+                                        support_V=self.smoothing_support(logits.shape[-1]) if smoothing else None)
+        out = {"loss": loss, "count": count}
+        if smoothing:
+            out["nll"] = cross_entropy_sum(logits, targets, weights)[0]
+        return out
 
     def sums(self, model, batch: Array, key: Array | None, *, train: bool, constrain=no_constraint) -> dict:
         """{"loss", "count"[, "correct"]}: summed token losses and how many tokens they cover.
@@ -62,15 +84,13 @@ class Objective:
         dropout_key = key if train else None
         if self.family in CAUSAL_LM:
             logits, _, _ = model(batch[:, :-1], dropout_key=dropout_key, constrain=constrain)
-            loss, count = cross_entropy_sum(logits, batch[:, 1:], label_smoothing=smoothing)
-            return {"loss": loss, "count": count}
+            return self._cross_entropy(logits, batch[:, 1:], None, smoothing)
         if self.family == "encoder_decoder":
             src_BL, tgt_BL1 = split_pair_row(batch)
             logits, _ = model(src_BL, src_BL != self.pad_id, tgt_BL1[:, :-1], dropout_key=dropout_key,
                               constrain=constrain)
             targets = tgt_BL1[:, 1:]
-            loss, count = cross_entropy_sum(logits, targets, targets != self.pad_id, label_smoothing=smoothing)
-            return {"loss": loss, "count": count}
+            return self._cross_entropy(logits, targets, targets != self.pad_id, smoothing)
         if self.family == "encoder":
             tokens_BT = batch[:, :-1]
             mask_key, dropout_key = jax.random.split(key)
@@ -79,7 +99,7 @@ class Objective:
                                                  vocab_limit=self.vocab_limit)
             logits, _ = model(inputs_BT, tokens_BT != self.pad_id, dropout_key=dropout_key if train else None,
                               constrain=constrain)
-            loss, count = cross_entropy_sum(logits, tokens_BT, selected_BT, label_smoothing=smoothing)
             correct = jnp.sum((jnp.argmax(logits, -1) == tokens_BT) & selected_BT)
-            return {"loss": loss, "count": count, "correct": correct.astype(jnp.float32)}
+            return self._cross_entropy(logits, tokens_BT, selected_BT, smoothing) | {
+                "correct": correct.astype(jnp.float32)}
         raise ValueError(f"no gradient objective for model.family={self.family}")

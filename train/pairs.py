@@ -24,11 +24,12 @@ SORT_CHUNK = 64  # batches per length-sorted chunk
 TRAIN, VAL = 0, 1
 
 
-def read_pairs(path: str) -> list[tuple[str, str]]:
-    """`source<TAB>target` lines of a TSV file (extra columns, e.g. attributions, are ignored)."""
+def read_pairs(path: str, *, flag: str = "data.path") -> list[tuple[str, str]]:
+    """`source<TAB>target` lines of a TSV file (extra columns, e.g. attributions, are ignored); `flag` is what
+    the user typed to name the file (`data.path`, `--data`), for the errors."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise UserError(f"data.path {path!r} does not exist; give a TSV file of source<TAB>target lines")
+        raise UserError(f"{flag} {path!r} does not exist; give a TSV file of source<TAB>target lines")
     pairs = []
     try:
         lines = p.read_text(encoding="utf-8").splitlines()
@@ -140,12 +141,15 @@ class PairBatches:
         return self._epoch(step // self.batches_per_epoch)[step % self.batches_per_epoch]
 
     def _val_ids(self, index: int) -> np.ndarray:
-        n = len(self.val)
-        start = (index * self.global_batch) % n
-        return self._val_order[(start + np.arange(self.global_batch)) % n]
+        """Batch `index` of one pass over the held-out pairs in their fixed order; the last batch is
+        filled up with -1 (rows of padding, which carry no loss), so no pair is counted twice."""
+        ids = np.full(self.global_batch, -1, np.int64)
+        part = self._val_order[index * self.global_batch:(index + 1) * self.global_batch]
+        ids[:len(part)] = part
+        return ids
 
     def _shape(self, pairs: EncodedPairs, ids: np.ndarray) -> tuple[int, int]:
-        longest = max(max(len(pairs.src[i]), len(pairs.tgt[i]) - 1) for i in ids)
+        longest = max((max(len(pairs.src[i]), len(pairs.tgt[i]) - 1) for i in ids if i >= 0), default=1)
         return self.global_batch, 2 * padded_length(longest, self.max_len) + 1
 
     def train_shape(self, step: int) -> tuple[int, int]:
@@ -155,8 +159,10 @@ class PairBatches:
         return self._shape(self.val, self._val_ids(index))
 
     def _rows(self, pairs, ids, rows: slice, width: int) -> np.ndarray:
+        empty = np.zeros(0, np.int32)
         ids = ids[rows]
-        return pack([pairs.src[i] for i in ids], [pairs.tgt[i] for i in ids], (width - 1) // 2, self.pad_id)
+        return pack([pairs.src[i] if i >= 0 else empty for i in ids], [pairs.tgt[i] if i >= 0 else empty for i in ids],
+                    (width - 1) // 2, self.pad_id)
 
     def train_rows(self, step: int, rows: slice = slice(None)) -> np.ndarray:
         return self._rows(self.train, self._train_ids(step), rows, self.train_shape(step)[1])

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
 from plutao.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 from plutao.train import sharding
-from plutao.train.checkpoint import Checkpoints
+from plutao.train.checkpoint import Checkpoints, Unreadable
 from plutao.train.config import Config
 from plutao.train.errors import UserError
-from plutao.train.loop import objective_for, read_run_config
+from plutao.train.loop import existing_run_config, objective_for
 from plutao.train.optim import lr_schedule, make_optimizer
 from plutao.train.step import Trainer
 
@@ -31,9 +32,7 @@ class LoadedRun:
 
 def load_run(run_dir: Path, step: int | None = None) -> LoadedRun:
     run_dir = Path(run_dir)
-    saved = read_run_config(run_dir)
-    if saved is None:
-        raise UserError(f"{run_dir} is not a run directory (no config.json); pass the --workdir of a `plutao train` run")
+    saved = existing_run_config(run_dir)
     cfg = Config.from_dict(saved)
     if cfg.model.family == "ngram":
         raise UserError(f"{run_dir} is an n-gram run (a count table, no neural checkpoint); use `plutao eval` or "
@@ -57,10 +56,18 @@ def load_run(run_dir: Path, step: int | None = None) -> LoadedRun:
     steps = checkpoints.all_steps()
     if not steps:
         raise UserError(f"{run_dir} has no checkpoint yet; train it first (`plutao train --workdir {run_dir}`)")
-    if step is None:
-        step = max(steps)
+    if step is None:  # the newest that can be read (an unreadable one is reported, and left as it is)
+        step, state, unreadable = checkpoints.restore_newest(trainer.checkpoint_target())
+        for bad, reason in unreadable:
+            print(f"plutao: checkpoint {bad} of {run_dir} cannot be read ({reason}); using checkpoint {step}",
+                  file=sys.stderr)
     elif step not in steps:
         raise UserError(f"{run_dir} has no checkpoint at step {step}; available: {', '.join(map(str, sorted(steps)))}")
-    state = checkpoints.restore(step, trainer.abstract_sharded_state())
+    else:
+        try:
+            state = checkpoints.restore(step, trainer.checkpoint_target())
+        except Unreadable as e:
+            raise UserError(f"checkpoint {step} of {run_dir} cannot be read ({e}); leave out --step to use the "
+                            "newest readable one") from None
     checkpoints.close()
     return LoadedRun(run_dir, cfg, tokenizer, trainer, state["params"], step)

@@ -56,12 +56,17 @@ LOGICAL_AXIS_RULES["act_embed"] = ()
 
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
+    """Axis sizes for n devices. `mesh.data=0` (the default) takes the remaining devices unless another
+    axis was given -1 explicitly, which then wins (data becomes 1)."""
     sizes = {"data": cfg.data, "fsdp": cfg.fsdp, "tensor": cfg.tensor}
+    if sizes["data"] == 0:
+        sizes["data"] = 1 if -1 in (cfg.fsdp, cfg.tensor) else -1
     free = [a for a, s in sizes.items() if s == -1]
     if len(free) > 1:
         raise UserError(f"only one of mesh.{', mesh.'.join(free)} may be -1 (= the remaining devices)")
     if any(s == 0 or s < -1 for s in sizes.values()):
-        raise UserError(f"mesh sizes must be positive or -1, got {sizes}")
+        raise UserError(f"mesh sizes must be positive or -1 (mesh.data may also be 0), got "
+                        f"{ {'data': cfg.data, 'fsdp': cfg.fsdp, 'tensor': cfg.tensor} }")
     fixed = int(np.prod([s for s in sizes.values() if s != -1]))
     if free:
         if n_devices % fixed:
