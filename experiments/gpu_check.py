@@ -47,7 +47,7 @@ def run(preset: str, batch_sizes: list[int], steps: int, attention: str) -> list
     rows = []
     for batch in batch_sizes:
         optim = OptimConfig()
-        trainer = Trainer(cfg, make_optimizer(optim, 1000), lr_schedule(optim, 1000), mesh, 0)
+        trainer = Trainer(cfg, make_optimizer(optim, 1000, cfg), lr_schedule(optim, 1000), mesh, 0)
         state = trainer.init_state()
         tokens = global_batch(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, cfg.context_length + 1))
                               .astype(np.int32), mesh)

@@ -75,8 +75,8 @@ def plan(cfg: Config, device_memory: float | None = None) -> dict:
     model = cfg.shaped_model()
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_divisibility(model, mesh, cfg.train.batch_size, cfg.train.grad_accum)
-    trainer = Trainer(model, make_optimizer(cfg.optim, cfg.train.steps), lr_schedule(cfg.optim, cfg.train.steps),
-                      mesh, cfg.train.seed, cfg.train.grad_accum,
+    trainer = Trainer(model, make_optimizer(cfg.optim, cfg.train.steps, model),
+                      lr_schedule(cfg.optim, cfg.train.steps), mesh, cfg.train.seed, cfg.train.grad_accum,
                       objective=Objective(model.family, cfg.optim.label_smoothing, vocab_limit=model.vocab_size,
                                           mask_rate=cfg.train.mask_rate))
     state = trainer.abstract_sharded_state()

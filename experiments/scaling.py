@@ -23,7 +23,7 @@ from plutao.train.step import Trainer
 layers, scan = int(sys.argv[1]), sys.argv[2] == "1"
 cfg = ModelConfig(vocab_size=256, context_length=128, n_layers=layers, d_model=256, n_heads=8, scan_layers=scan)
 optim = OptimConfig()
-trainer = Trainer(cfg.resolved(), make_optimizer(optim, 100), lr_schedule(optim, 100), make_mesh(MeshConfig()), 0)
+trainer = Trainer(cfg.resolved(), make_optimizer(optim, 100, cfg), lr_schedule(optim, 100), make_mesh(MeshConfig()), 0)
 state = trainer.abstract_sharded_state()
 batch = jax.ShapeDtypeStruct((8, 129), np.int32, sharding=batch_sharding(trainer.mesh))
 t = time.perf_counter()
@@ -42,7 +42,7 @@ from plutao.train.step import Trainer, global_batch
 mesh_cfg = MeshConfig(data=1, fsdp=-1)
 cfg = ModelConfig(vocab_size=256, context_length=256, n_layers=8, d_model=512, n_heads=8).resolved()
 optim = OptimConfig()
-trainer = Trainer(cfg, make_optimizer(optim, 100), lr_schedule(optim, 100), make_mesh(mesh_cfg), 0)
+trainer = Trainer(cfg, make_optimizer(optim, 100, cfg), lr_schedule(optim, 100), make_mesh(mesh_cfg), 0)
 state = trainer.init_state()
 tokens = np.random.default_rng(0).integers(0, 256, (16, 257)).astype(np.int32)
 for _ in range(3):

@@ -23,8 +23,10 @@ class BERT(nnx.Module):
         cfg = cfg.resolved()
         self.cfg = cfg
         self.compute_dtype = jnp.dtype(cfg.dtype)
-        self.token_embed = normal_param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), INIT_STD)
-        self.pos_embed = (normal_param(rngs, (cfg.context_length, cfg.d_model), (None, "embed"), INIT_STD)
+        self.token_embed = normal_param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), INIT_STD,
+                                        role="embedding")
+        self.pos_embed = (normal_param(rngs, (cfg.context_length, cfg.d_model), (None, "embed"), INIT_STD,
+                                       role="embedding")
                           if cfg.positions == "learned" else None)
         self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
         self.final_norm = Norm(cfg.d_model, cfg.norm_type, cfg.bias) if cfg.norm == "pre" else None

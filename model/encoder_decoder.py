@@ -32,8 +32,9 @@ class EncoderDecoder(nnx.Module):
         # N(0, 1/d) rows: after the √d scaling the embeddings have unit scale, and the tied output
         # projection gives logits of unit scale.
         self.token_embed = normal_param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
-                                        cfg.d_model ** -0.5)
-        self.pos_embed = (normal_param(rngs, (cfg.context_length, cfg.d_model), (None, "embed"), 0.02)
+                                        cfg.d_model ** -0.5, role="embedding")
+        self.pos_embed = (normal_param(rngs, (cfg.context_length, cfg.d_model), (None, "embed"), 0.02,
+                                       role="embedding")
                           if cfg.positions == "learned" else None)
         self.encoder = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_encoder_layers or cfg.n_layers)])
         self.decoder = nnx.List([CrossBlock(cfg, rngs) for _ in range(cfg.n_layers)])

@@ -27,3 +27,13 @@ def build_model(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
         from plutao.model.baselines.rnn import RecurrentLM
         return RecurrentLM(cfg, rngs)
     raise ValueError(f"model.family={cfg.family} has no neural module; it is trained by counting")
+
+
+def param_roles(cfg: ModelConfig) -> dict:
+    """The `role` of every parameter ("weight", "embedding", "bias", "norm"), as a pure nested dict
+    shaped like the parameters; computed from abstract shapes (nothing is allocated)."""
+    import jax
+
+    state = nnx.state(nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0))), nnx.Param)
+    roles = jax.tree.map(lambda var: var.get_metadata()["role"], state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.to_pure_dict(roles)

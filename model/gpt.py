@@ -33,9 +33,10 @@ class GPT(nnx.Module):
         cfg = cfg.resolved()
         self.cfg = cfg
         self.compute_dtype = jnp.dtype(cfg.dtype)
-        self.token_embed = normal_param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), INIT_STD)
+        self.token_embed = normal_param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), INIT_STD,
+                                        role="embedding")
         self.pos_embed = (
-            normal_param(rngs, (cfg.context_length, cfg.d_model), (None, "embed"), INIT_STD)
+            normal_param(rngs, (cfg.context_length, cfg.d_model), (None, "embed"), INIT_STD, role="embedding")
             if cfg.positions == "learned" else None
         )
         self.blocks = stacked_blocks(cfg, rngs) if cfg.scan_layers else nnx.List([Block(cfg, rngs)

@@ -24,17 +24,23 @@ def no_constraint(x: Array, axes: tuple[str, ...]) -> Array:
     return x
 
 
-def normal_param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], std: float) -> nnx.Param:
-    assert len(shape) == len(axes), (shape, axes)
-    return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32), axes=axes)
+# What a parameter is for, recorded on it (`role` metadata) where it is created: the optimizer
+# decays weights (and, if asked, embeddings) by role, never by shape (a stacked norm scale is 2-D).
+ROLES = ("weight", "embedding", "bias", "norm")
 
 
-def zeros_param(shape: tuple[int, ...], axes: tuple[str | None, ...]) -> nnx.Param:
-    return nnx.Param(jnp.zeros(shape, jnp.float32), axes=axes)
+def normal_param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], std: float,
+                 role: str = "weight") -> nnx.Param:
+    assert len(shape) == len(axes) and role in ROLES, (shape, axes, role)
+    return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32), axes=axes, role=role)
 
 
-def ones_param(shape: tuple[int, ...], axes: tuple[str | None, ...]) -> nnx.Param:
-    return nnx.Param(jnp.ones(shape, jnp.float32), axes=axes)
+def zeros_param(shape: tuple[int, ...], axes: tuple[str | None, ...], role: str = "bias") -> nnx.Param:
+    return nnx.Param(jnp.zeros(shape, jnp.float32), axes=axes, role=role)
+
+
+def ones_param(shape: tuple[int, ...], axes: tuple[str | None, ...], role: str = "norm") -> nnx.Param:
+    return nnx.Param(jnp.ones(shape, jnp.float32), axes=axes, role=role)
 
 
 def dropout(x: Array, rate: float, key: Array | None) -> Array:

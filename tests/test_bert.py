@@ -71,3 +71,20 @@ def test_encoder_attention_is_bidirectional_and_ignores_padding():
     valid = jnp.concatenate([jnp.ones((2, 10), bool), jnp.zeros((2, 4), bool)], axis=1)
     out, _ = model(padded, valid)
     np.testing.assert_allclose(out[:, :10], base, atol=1e-5)
+
+
+def test_each_evaluation_batch_draws_its_own_fixed_masks():
+    from plutao.train.config import MeshConfig, OptimConfig
+    from plutao.train.optim import lr_schedule, make_optimizer
+    from plutao.train.sharding import make_mesh
+    from plutao.train.step import Trainer
+
+    cfg = ModelConfig(family="encoder", vocab_size=40, context_length=32, n_layers=1, d_model=16, n_heads=2).resolved()
+    optim = OptimConfig()
+    trainer = Trainer(cfg, make_optimizer(optim, 10, cfg), lr_schedule(optim, 10), make_mesh(MeshConfig()), 0,
+                      objective=Objective("encoder", vocab_limit=40))
+    params = trainer.init_state()["params"]
+    batch = np.random.default_rng(0).integers(11, 40, (8, 33)).astype(np.int32)
+    sums = [{k: float(v) for k, v in trainer.eval_step(params, batch, np.int32(i)).items()} for i in (0, 1, 0)]
+    assert sums[0] == sums[2]  # batch 0 masks the same positions at every evaluation (comparable checkpoints)
+    assert sums[0] != sums[1]  # and batch 1 other ones: an evaluation does not score the same positions twice

@@ -6,6 +6,7 @@ message, and that the earlier checkpoints still restore afterwards.
 """
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -24,7 +25,7 @@ TINY = ["train.log_every=5", "train.eval_every=10", "train.eval_batches=2", "tra
 
 def plutao(*argv, env=None, timeout=300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "plutao.experiments", *map(str, argv)], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+                          timeout=timeout, env=env, check=False)
 
 
 def train(run: Path, corpus: Path, *overrides, **kw) -> subprocess.CompletedProcess:
@@ -82,7 +83,7 @@ def test_skip_leaves_parameters_unchanged_and_counts_the_skipped_steps(small_cor
     skipped = [r["skipped_steps"] for r in rows if r.get("split") == "train"]
     assert skipped == sorted(skipped) and skipped[-1] > 0, skipped
     loss, step = eval_loss(run)
-    assert step == 20 and loss == loss and loss < 1e3  # finite: the saved parameters are the last good ones
+    assert step == 20 and math.isfinite(loss)  # the saved parameters are the last good ones
 
 
 def corrupt(checkpoint: Path) -> None:
@@ -122,8 +123,8 @@ def test_no_readable_checkpoint_is_one_line_and_exit_2(small_corpus, run20):
 
 def can_mount_tmpfs(path: Path) -> bool:
     path.mkdir(parents=True, exist_ok=True)
-    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(path)], capture_output=True).returncode == 0
-    return ok
+    mount = ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(path)]
+    return subprocess.run(mount, capture_output=True, check=False).returncode == 0
 
 
 def test_a_full_disk_ends_the_run_in_one_line_and_keeps_earlier_checkpoints(small_corpus, tmp_path):

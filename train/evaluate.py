@@ -80,7 +80,7 @@ def score_text(graphdef, params, tokenizer, text: str, context: int) -> dict:
 
 def masked_lm_metrics(trainer, params, tokens: np.ndarray, context: int) -> dict:
     """Masked-LM loss and accuracy over non-overlapping windows, with the evaluation masks (train.mask_rate
-    of the ordinary tokens, 80/10/10 corruption, the same draw for every call)."""
+    of the ordinary tokens, 80/10/10 corruption): each batch of windows its own draw, the same at every call."""
     tokens = np.asarray(tokens, np.int32)
     n = (len(tokens) - 1) // context
     if n < 1:
@@ -90,7 +90,8 @@ def masked_lm_metrics(trainer, params, tokens: np.ndarray, context: int) -> dict
     for lo in range(0, n, EVAL_ROWS):
         hi = min(lo + EVAL_ROWS, n)
         idx = np.arange(lo, hi)[:, None] * context + np.arange(context + 1)[None, :]
-        for k, v in trainer.eval_step(params, pad_rows(tokens[idx], trainer.mesh.size, 0)).items():
+        batch = pad_rows(tokens[idx], trainer.mesh.size, 0)
+        for k, v in trainer.eval_step(params, batch, np.int32(lo // EVAL_ROWS)).items():
             sums[k] = sums.get(k, 0.0) + float(v)
     if not sums["count"]:
         raise UserError("the text has no ordinary (non-special) tokens to mask; give some text")

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from plutao.model.config import ModelConfig
+from plutao.model.families import param_roles
 from plutao.train.config import OptimConfig
 
 
@@ -28,23 +30,27 @@ def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([ramp, decay], [warmup])
 
 
-def decay_mask(params):
-    """Weight decay on matrices only: never on norm scales, biases or other vectors."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+def decay_mask(cfg: OptimConfig, model: ModelConfig) -> dict:
+    """Which parameters weight decay applies to, by role (never by shape: with scanned layers a norm
+    scale is 2-D): weight matrices always, embedding tables if optim.decay_embeddings, norms and
+    biases never."""
+    decayed = ("weight", "embedding") if cfg.decay_embeddings else ("weight",)
+    return jax.tree.map(lambda role: role in decayed, param_roles(model.resolved()))
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimConfig, total_steps: int, model: ModelConfig) -> optax.GradientTransformation:
     lr = lr_schedule(cfg, total_steps)
+    mask = decay_mask(cfg, model)
     if cfg.name == "adamw":
-        opt = optax.adamw(lr, cfg.beta1, cfg.beta2, cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
+        opt = optax.adamw(lr, cfg.beta1, cfg.beta2, cfg.eps, weight_decay=cfg.weight_decay, mask=mask)
     elif cfg.name == "lion":
-        opt = optax.lion(lr, cfg.beta1, cfg.beta2, weight_decay=cfg.weight_decay, mask=decay_mask)
+        opt = optax.lion(lr, cfg.beta1, cfg.beta2, weight_decay=cfg.weight_decay, mask=mask)
     elif cfg.name == "adafactor":
         # Without parameter-scale multiplication, optim.lr means an absolute step size, as for Adam.
         opt = optax.adafactor(lr, multiply_by_parameter_scale=False, weight_decay_rate=cfg.weight_decay or None,
-                              weight_decay_mask=decay_mask)
+                              weight_decay_mask=mask)
     else:
-        opt = optax.chain(optax.add_decayed_weights(cfg.weight_decay, decay_mask), optax.sgd(lr, cfg.momentum))
+        opt = optax.chain(optax.add_decayed_weights(cfg.weight_decay, mask), optax.sgd(lr, cfg.momentum))
     if cfg.grad_clip > 0:
         opt = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), opt)
     return opt

@@ -48,8 +48,8 @@ def load_run(run_dir: Path, step: int | None = None) -> LoadedRun:
         raise UserError(f"{run_dir}: model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                         f"{tokenizer.vocab_size} ids; the run directory is inconsistent")
     mesh = sharding.make_mesh(dataclasses.replace(cfg.mesh, data=-1, fsdp=1, tensor=1))
-    trainer = Trainer(cfg.model, make_optimizer(cfg.optim, cfg.train.steps), lr_schedule(cfg.optim, cfg.train.steps),
-                      mesh, cfg.train.seed, objective=objective_for(cfg, tokenizer))
+    trainer = Trainer(cfg.model, make_optimizer(cfg.optim, cfg.train.steps, cfg.model),
+                      lr_schedule(cfg.optim, cfg.train.steps), mesh, cfg.train.seed, objective=objective_for(cfg, tokenizer))
     if not (run_dir / "checkpoints").is_dir():
         raise UserError(f"{run_dir} has no checkpoint yet; train it first (`plutao train --workdir {run_dir}`)")
     checkpoints = Checkpoints(run_dir / "checkpoints", async_save=False, read_only=True)

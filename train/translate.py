@@ -72,7 +72,7 @@ def teacher_forced_loss(trainer, params, tokenizer, pairs: list[tuple[str, str]]
         ids = keep[lo:lo + DECODE_BATCH]
         width = padded_length(max(max(len(enc.src[i]), len(enc.tgt[i]) - 1) for i in ids), L)
         batch = pack([enc.src[i] for i in ids], [enc.tgt[i] for i in ids], width, tokenizer.pad_id)
-        sums = trainer.eval_step(params, pad_rows(batch, trainer.mesh.size, tokenizer.pad_id))
+        sums = trainer.eval_step(params, pad_rows(batch, trainer.mesh.size, tokenizer.pad_id), np.int32(lo))
         total, count = total + float(sums["loss"]), count + float(sums["count"])
     loss = total / max(count, 1.0)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "target_tokens": int(count),

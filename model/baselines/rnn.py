@@ -34,7 +34,7 @@ def orthogonal_param(rngs: nnx.Rngs, d_hidden: int, n_gates: int, axes: tuple[st
     """
     keys = jax.random.split(rngs.params(), n_gates)
     q_GHH = jax.vmap(lambda k: orthogonal(k, d_hidden))(keys)
-    return nnx.Param(q_GHH.transpose(1, 0, 2), axes=axes)
+    return nnx.Param(q_GHH.transpose(1, 0, 2), axes=axes, role="weight")
 
 
 def orthogonal(key: Array, n: int, iterations: int = 60) -> Array:
@@ -78,7 +78,7 @@ class RecurrentLayer(nnx.Module):
             # Forget gate open at the start (Gers et al., 2000; Jozefowicz et al., 2015): the cell
             # carries information and gradient across time until training learns to forget.
             b_GH = b_GH.at[1].set(1.0)
-        self.b = nnx.Param(b_GH, axes=(None, "mlp"))
+        self.b = nnx.Param(b_GH, axes=(None, "mlp"), role="bias")
         self.b_hn = zeros_param((d_hidden,), ("mlp",)) if kind == "gru" else None
 
     def __call__(self, x_TBD: Array, state: dict[str, Array], keep_TB: Array | None):
@@ -136,7 +136,8 @@ class RecurrentLM(nnx.Module):
         d = cfg.d_model
         # Std 1/√d, like the untied head's: tied or not, the initial logits have std rms(h) ≤ 1, a
         # near-uniform prediction.
-        self.token_embed = normal_param(rngs, (cfg.vocab_size, d), ("vocab", "embed"), 1.0 / math.sqrt(d))
+        self.token_embed = normal_param(rngs, (cfg.vocab_size, d), ("vocab", "embed"), 1.0 / math.sqrt(d),
+                                        role="embedding")
         self.layers = nnx.List([RecurrentLayer(cfg.family, d, d, rngs) for _ in range(cfg.n_layers)])
         self.lm_head = (
             None if cfg.tie_embeddings
