@@ -79,6 +79,7 @@ def plan(cfg: Config, device_memory: float | None = None) -> dict:
                       lr_schedule(cfg.optim, cfg.train.steps), mesh, cfg.train.seed, cfg.train.grad_accum,
                       objective=Objective(model.family, cfg.optim.label_smoothing, vocab_limit=model.vocab_size,
                                           mask_rate=cfg.train.mask_rate))
+    trainer.split.check()
     state = trainer.abstract_sharded_state()
     # A translation row packs a source of L and a target of L + 1 tokens.
     width = 2 * model.context_length + 1 if model.family == "encoder_decoder" else model.context_length + 1
@@ -97,6 +98,10 @@ def plan(cfg: Config, device_memory: float | None = None) -> dict:
         "arguments_bytes": mem.argument_size_in_bytes, "outputs_not_aliased_bytes":
             mem.output_size_in_bytes - mem.alias_size_in_bytes,
         "total_bytes": total, "compile_seconds": compile_s,
+        "params_whole": [{"name": w.name, "mesh_axis": w.mesh_axis, "dimension": w.logical, "size": w.dim}
+                         for w in trainer.split.whole],
+        "whole_extra_bytes": trainer.split.wasted_bytes(trainer.moments_per_param),
+        "split_note": trainer.split.note(trainer.moments_per_param),
     }
     if device_memory:
         out |= {"device_memory": device_memory, "fits": total <= device_memory}
@@ -104,13 +109,16 @@ def plan(cfg: Config, device_memory: float | None = None) -> dict:
 
 
 def report(name: str, r: dict) -> str:
-    lines = [f"{name} on {r['devices']} devices, mesh {r['mesh']} (compiled ahead of time in {r['compile_seconds']:.1f} s)",
+    devices = f"{r['devices']} device{'s' if r['devices'] != 1 else ''}"
+    lines = [f"{name} on {devices}, mesh {r['mesh']} (compiled ahead of time in {r['compile_seconds']:.1f} s)",
              "per device:",
              f"  parameters        {human(r['params_bytes']):>12}",
              f"  optimizer state   {human(r['opt_state_bytes']):>12}",
              f"  batch             {human(r['batch_bytes']):>12}",
              f"  temporaries       {human(r['temp_bytes']):>12}   (activations, gradients, workspace)",
              f"  total             {human(r['total_bytes']):>12}   (arguments + temporaries + outputs not donated)"]
+    if r.get("split_note"):
+        lines.append(r["split_note"])
     if "fits" in r:
         verdict = "fits" if r["fits"] else "does NOT fit"
         lines.append(f"{verdict} in {human(r['device_memory'])} per device "

@@ -231,10 +231,21 @@ def prepare(cfg: Config, run_dir: Path | None, *, devices=None) -> Prepared:
         return Prepared(cfg, tokenizer, batches, None, summary)
     mesh = sharding.make_mesh(cfg.mesh, devices)
     sharding.check_divisibility(cfg.model, mesh, cfg.train.batch_size, cfg.train.grad_accum)
-    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    tx = make_optimizer(cfg.optim, cfg.train.steps, cfg.model)
     trainer = Trainer(cfg.model, tx, lr_schedule(cfg.optim, cfg.train.steps), mesh, cfg.train.seed,
                       cfg.train.grad_accum, objective_for(cfg, tokenizer), on_nonfinite=cfg.train.on_nonfinite)
-    return Prepared(cfg, tokenizer, batches, trainer, summary)
+    trainer.split.check()
+    notes = [note for note in (trainer.split.note(trainer.moments_per_param), attention_note(cfg.model)) if note]
+    return Prepared(cfg, tokenizer, batches, trainer, summary, notes)
+
+
+def attention_note(model: ModelConfig) -> str | None:
+    """Where a fused-attention setting falls back to the explicit softmax(QKᵀ/√d)V path."""
+    if model.attention == "naive" or not model.dropout:
+        return None
+    return (f"model.attention={model.attention}: training steps use the explicit attention path, because "
+            f"model.dropout={model.dropout:g} drops attention weights, which the fused kernels do not; evaluation "
+            "and sampling use the fused kernel")
 
 
 def objective_for(cfg: Config, tokenizer: Tokenizer) -> Objective:

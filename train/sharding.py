@@ -22,6 +22,8 @@ heads that do not divide are refused up front by `check_divisibility`.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 from flax import nnx
@@ -128,6 +130,102 @@ def param_specs(abstract_state, mesh) -> dict:
         return logical_to_spec(tuple(axes), mesh, var.shape)
 
     return nnx.to_pure_dict(jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+# The config key behind each parameter dimension a mesh axis splits (for messages).
+AXIS_KEYS = {"embed": "model.d_model", "heads": "model.n_heads", "mlp": "model.d_ff", "vocab": "the vocabulary size"}
+SHARDING_AXES = ("fsdp", "tensor")  # mesh axes that split parameters (data only splits the batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class Whole:
+    """A parameter a mesh axis would split, held whole on every device because the axis does not divide it."""
+
+    name: str
+    mesh_axis: str
+    logical: str
+    dim: int
+    nbytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitReport:
+    """What FSDP and tensor parallelism do to the parameters on this mesh."""
+
+    mesh_sizes: dict[str, int]
+    split: dict[str, int]  # mesh axis -> parameter tensors it splits
+    whole: list[Whole]
+    n_params: int
+
+    def wasted_bytes(self, moments: int = 0) -> int:
+        """Bytes per device the whole tensors take beyond their split size (with `moments` optimizer
+        moments shaped like each parameter)."""
+        return int(sum(w.nbytes * (1 - 1 / self.mesh_sizes[w.mesh_axis]) for w in self.whole) * (1 + moments))
+
+    def check(self) -> None:
+        """A mesh axis that splits no parameter at all is a user error naming the dimension and the sizes
+        that would divide it."""
+        for axis in SHARDING_AXES:
+            n = self.mesh_sizes[axis]
+            if n == 1 or self.split[axis]:
+                continue
+            blocked = [w for w in self.whole if w.mesh_axis == axis]
+            if not blocked:
+                raise UserError(f"mesh.{axis}={n} splits no parameter of this model; set mesh.{axis}=1")
+            logical = max({w.logical for w in blocked}, key=lambda a: sum(w.nbytes for w in blocked if w.logical == a))
+            dim = max((w for w in blocked if w.logical == logical), key=lambda w: w.nbytes).dim
+            total = int(np.prod(list(self.mesh_sizes.values())))
+            fits = [k for k in range(2, total + 1) if dim % k == 0 and total % k == 0]
+            choice = (f"mesh.{axis} sizes that divide both {dim} and the {total} devices: "
+                      f"{', '.join(map(str, fits))}" if fits else f"no mesh.{axis} > 1 divides both {dim} and the "
+                      f"{total} devices")
+            raise UserError(f"mesh.{axis}={n} would shard no parameter: the {logical!r} dimension "
+                            f"({AXIS_KEYS.get(logical, logical)}={dim}) is not a multiple of {n}, so every parameter "
+                            f"would stay whole on every device; {choice}, or choose {AXIS_KEYS.get(logical, logical)} "
+                            f"divisible by {n}")
+
+    def note(self, moments: int = 0) -> str | None:
+        """One line on the parameters that stay whole, or None when every split applies."""
+        if not self.whole:
+            return None
+        names = sorted({w.name for w in self.whole})
+        reasons = sorted({f"{w.logical} {w.dim} is not a multiple of mesh.{w.mesh_axis}={self.mesh_sizes[w.mesh_axis]}"
+                          for w in self.whole})
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        return (f"sharding: {len(names)} of {self.n_params} parameter tensors stay whole on every device "
+                f"({'; '.join(reasons)}): {shown}; that costs {_mib(self.wasted_bytes(moments))} per device "
+                f"more than split" + (" (with the optimizer moments)" if moments else ""))
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.2f} MiB"
+
+
+def split_report(abstract_state, mesh) -> SplitReport:
+    """For each parameter and each mesh axis that splits parameters: split, or held whole because the
+    axis does not divide the dimension it would split."""
+    sizes = dict(mesh.shape)
+    split = {a: 0 for a in SHARDING_AXES}
+    whole: list[Whole] = []
+    leaves = jax.tree_util.tree_flatten_with_path(abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+    for path, var in leaves:
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        axes = tuple(var.get_metadata().get("axes") or (None,) * len(var.shape))
+        spec = logical_to_spec(axes, mesh, var.shape)
+        used = {t for part in spec if part for t in ((part,) if isinstance(part, str) else part)}
+        for axis in SHARDING_AXES:
+            if sizes[axis] == 1:
+                continue
+            if axis in used:
+                split[axis] += 1
+                continue
+            # Dimensions this axis would split, and none of them divisible by it.
+            wanted = [(i, a) for i, a in enumerate(axes) if a and axis in LOGICAL_AXIS_RULES.get(a, ())]
+            if wanted and all(var.shape[i] % sizes[axis] for i, _ in wanted):
+                i, logical = wanted[0]
+                nbytes = int(np.prod(var.shape)) * np.dtype(var.dtype).itemsize
+                whole.append(Whole(name, axis, logical, int(var.shape[i]), nbytes))
+    return SplitReport(sizes, split, whole, len(leaves))
 
 
 def param_shardings(abstract_state, mesh: Mesh) -> dict:

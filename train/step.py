@@ -169,6 +169,20 @@ class Trainer:
         return SeededStep(step, np.int32(self.seed))
 
     @functools.cached_property
+    def split(self) -> sharding.SplitReport:
+        """Which parameters FSDP and tensor parallelism split on this mesh, and which stay whole."""
+        abstract_model = nnx.eval_shape(lambda: build_model(self.model_cfg, nnx.Rngs(0)))
+        return sharding.split_report(nnx.state(abstract_model, nnx.Param), self.mesh)
+
+    @functools.cached_property
+    def moments_per_param(self) -> int:
+        """Optimizer-state tensors shaped like each parameter (AdamW: 2), for memory accounting."""
+        params = jax.tree.leaves(self.abstract_state["params"])
+        shapes = {p.shape for p in params if p.ndim}
+        moments = [s for s in jax.tree.leaves(self.abstract_state["opt_state"]) if s.ndim and s.shape in shapes]
+        return round(len(moments) / max(len(params), 1))
+
+    @functools.cached_property
     def params_finite(self):
         """Whether every parameter is finite (one bool, computed on the devices)."""
         return jax.jit(lambda params: jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)])))
