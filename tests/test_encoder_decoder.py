@@ -105,11 +105,12 @@ def _decode_inputs():
     return src, valid
 
 
-def test_beam_size_one_equals_greedy(model):
+def test_beam_size_one_without_length_penalty_equals_greedy(model):
+    """With K = 1 and α = 0 a finished hypothesis is final as soon as it is the best continuation: greedy."""
     graphdef, params = nnx.split(model)
     src, valid = _decode_inputs()
     g_tokens, g_score = greedy_decode(graphdef, params, src, valid, BOS, EOS, max_len=12)
-    b_tokens, _, b_raw = beam_search(graphdef, params, src, valid, BOS, EOS, PAD, max_len=12, beam_size=1, alpha=0.6)
+    b_tokens, _, b_raw = beam_search(graphdef, params, src, valid, BOS, EOS, PAD, max_len=12, beam_size=1, alpha=0.0)
     for row in range(3):
         assert strip(g_tokens[row], EOS, PAD) == strip(b_tokens[row, 0], EOS, PAD)
     np.testing.assert_allclose(g_score, b_raw[:, 0], rtol=1e-5)
@@ -136,9 +137,91 @@ def test_beam_search_returns_hypotheses_in_score_order(model):
                                                                                          0.6)), rtol=1e-4)
 
 
-def test_beam_search_finds_at_least_the_greedy_log_probability(model):
-    graphdef, params = nnx.split(model)
-    src, valid = _decode_inputs()
-    _, g_score = greedy_decode(graphdef, params, src, valid, BOS, EOS, max_len=12)
-    _, _, raw = beam_search(graphdef, params, src, valid, BOS, EOS, PAD, max_len=12, beam_size=4, alpha=0.0)
-    assert np.all(np.asarray(raw[:, 0]) >= np.asarray(g_score) - 1e-5)
+class Markov(nnx.Module):
+    """A stand-in decoder whose next-token log-probabilities depend on the previous token only (a
+    table), with the encoder-decoder's decoding interface: exact scores for any hypothesis are easy."""
+
+    def __init__(self, logp_VV: np.ndarray):
+        self.table = nnx.Param(jnp.asarray(logp_VV, jnp.float32))
+
+    def encode(self, src_BS, valid_BS):
+        return jnp.zeros((*src_BS.shape, 1)), None
+
+    def memory_kv(self, memory_BSD):
+        return {}
+
+    def init_cache(self, batch, length):
+        return {"rows": jnp.zeros((batch, 1))}
+
+    def decode(self, token_N1, kv, valid_NS, *, cache, cache_index):
+        return self.table[...][token_N1], cache, None
+
+
+def chain_table(rows: dict[int, dict[int, float]], V: int) -> np.ndarray:
+    """Log-probabilities: the given transitions, the rest of each row's mass spread over ids ≥ EOS."""
+    out = np.full((V, V), -1e9)
+    for prev, nxt in rows.items():
+        rest = [t for t in range(EOS, V) if t not in nxt]
+        spare = (1.0 - sum(nxt.values())) / len(rest)
+        for t in range(EOS, V):
+            out[prev, t] = np.log(nxt.get(t, spare))
+    return out
+
+
+def brute_force(logp_VV: np.ndarray, max_len: int, alpha: float) -> list[tuple[float, list[int]]]:
+    """Every hypothesis up to max_len (ended by <eos>, or cut at max_len), by normalised score."""
+    V, out = logp_VV.shape[0], []
+
+    def walk(prefix, last, raw):
+        for t in range(EOS, V):
+            if logp_VV[last, t] < -1e8:
+                continue
+            seq, score = prefix + [t], raw + logp_VV[last, t]
+            if t == EOS or len(seq) == max_len:
+                out.append((score / ((5 + len(seq)) / 6) ** alpha, [x for x in seq if x != EOS]))
+            else:
+                walk(seq, t, score)
+
+    walk([], BOS, 0.0)
+    return sorted(out, key=lambda h: -h[0])
+
+
+def run_beam(table: np.ndarray, max_len: int, beam: int, alpha: float):
+    graphdef, params = nnx.split(Markov(table))
+    src = jnp.full((1, 3), 11, jnp.int32)
+    hyps, norm, _ = beam_search(graphdef, params, src, src != PAD, BOS, EOS, PAD, max_len=max_len, beam_size=beam,
+                                alpha=alpha)
+    return [strip(h, EOS, PAD) for h in np.asarray(hyps[0])], np.asarray(norm[0])
+
+
+def test_a_longer_hypothesis_wins_after_the_length_penalty():
+    """<eos> right away is the likeliest first step, and [x <eos>] keeps the second beam slot, so a beam
+    that kept finished hypotheses in its slots would never extend [a]; with finished hypotheses in their
+    own pool, [a b c d <eos>] survives and wins once scores are divided by lp(length)."""
+    a, b, c, d, x = 11, 12, 13, 14, 15
+    table = chain_table({BOS: {EOS: 0.40, x: 0.35, a: 0.25 - 4e-6}, x: {EOS: 0.9}, a: {b: 0.99}, b: {c: 0.99},
+                         c: {d: 0.99}, d: {EOS: 0.99}}, V=16)
+    best = brute_force(table, max_len=6, alpha=1.0)[0]
+    assert best[1] == [a, b, c, d]
+    hyps, norm = run_beam(table, max_len=6, beam=2, alpha=1.0)
+    assert hyps[0] == [a, b, c, d] and norm[0] == pytest.approx(best[0], rel=1e-5)
+    assert brute_force(table, max_len=6, alpha=0.0)[0][1] == []  # without the penalty the empty output wins
+    assert run_beam(table, max_len=6, beam=2, alpha=0.0)[0][0] == []
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("alpha", [0.0, 0.6, 2.0])
+def test_a_beam_wide_enough_to_keep_every_prefix_is_exact(seed, alpha):
+    """Two ordinary tokens and max_len 4: at most 8 unfinished prefixes, so K = 8 prunes nothing and the
+    K best hypotheses are exactly the K best of all of them, in order."""
+    rng = np.random.default_rng(seed)
+    V = 6
+    table = np.full((V, V), -1e9)
+    for prev in (BOS, 4, 5):
+        table[prev, [EOS, 4, 5]] = np.log(rng.dirichlet(np.ones(3)))
+    every = brute_force(table, max_len=4, alpha=alpha)
+    score_of = {tuple(seq): score for score, seq in every}
+    hyps, norm = run_beam(table, max_len=4, beam=8, alpha=alpha)
+    np.testing.assert_allclose(norm, [score for score, _ in every[:8]], rtol=1e-5)  # the 8 best scores, in order
+    assert len({tuple(h) for h in hyps}) == 8  # (hypotheses with equal scores may come in either order)
+    np.testing.assert_allclose(norm, [score_of[tuple(h)] for h in hyps], rtol=1e-5)
