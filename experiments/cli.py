@@ -287,12 +287,17 @@ def _eval_translation(args) -> int:
         name = f"held-out {run.cfg.data.val_fraction:.0%} of {run.cfg.data.path}"
     if args.limit < 0:
         raise UserError(f"--limit must be ≥ 0 (0 = all pairs), got {args.limit}")
+    unique = list(dict.fromkeys(pairs))  # a pair listed twice is scored once
+    duplicates, pairs = len(pairs) - len(unique), unique
     if args.limit:
         pairs = pairs[: args.limit]
     beams = sorted({1, args.beam})
     result = {"data": name, "pairs": len(pairs)} | evaluate_translation(run, pairs, beams, args.length_penalty)
-    result |= {"run_dir": str(run.run_dir), "step": run.step}
-    lines = [f"{name}: {len(pairs):,} pairs, step {run.step}",
+    result |= {"run_dir": str(run.run_dir), "step": run.step, "duplicate_pairs_dropped": duplicates}
+    notes = ([f"{duplicates:,} duplicate pair(s) scored once"] if duplicates else []) + (
+        [f"{result['sources_cut_to_context']:,} source(s) cut to the context (keeping <eos>)"]
+        if result["sources_cut_to_context"] else [])
+    lines = [f"{name}: {len(pairs):,} pairs, step {run.step}" + (f" ({'; '.join(notes)})" if notes else ""),
              f"  teacher-forced loss {result['loss']:.4f} nats/token, perplexity {result['perplexity']:.3f}"]
     for beam in beams:
         key = "greedy" if beam == 1 else f"beam{beam}"

@@ -63,3 +63,27 @@ def test_malformed_or_missing_files_are_one_line_errors(tmp_path):
     bad.write_text("a\tb\n\tonly target\n")
     with pytest.raises(UserError, match="bad.tsv:2"):
         read_pairs(str(bad))
+
+
+def test_held_out_batches_cover_each_pair_once_and_pad_the_last_batch():
+    """Held-out loss sums over whole batches: the last one is filled with padding rows (no loss), not
+    with pairs from the beginning again."""
+    tok = train_tokenizer("char", [t for p in make_pairs(300) for t in p])
+    train, val = encode_pairs(make_pairs(300, 1), tok), encode_pairs(make_pairs(21, 2), tok)
+    batches = PairBatches(train, val, 64, 8, seed=3, pad_id=tok.pad_id, name="x")
+    assert batches.val_batches() == 3
+    ids = np.concatenate([batches._val_ids(i) for i in range(3)])
+    real = ids[ids >= 0]
+    assert sorted(real.tolist()) == list(range(21)) and (ids < 0).sum() == 3
+    last = batches.val_rows(2)
+    assert (last[-3:] == tok.pad_id).all() and (last[:-3] != tok.pad_id).any(axis=1).all()
+
+
+def test_a_source_cut_to_the_context_keeps_its_end_of_sequence():
+    from plutao.train.translate import fit_source
+
+    ids = np.array([20, 21, 22, 23, 24, 3], np.int32)  # ... <eos>
+    cut, was_cut = fit_source(ids, 4, eos_id=3)
+    assert cut.tolist() == [20, 21, 22, 3] and was_cut
+    same, was_cut = fit_source(ids, 6, eos_id=3)
+    assert same.tolist() == ids.tolist() and not was_cut

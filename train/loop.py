@@ -209,6 +209,7 @@ def prepare(cfg: Config, run_dir: Path | None, *, devices=None) -> Prepared:
             val = [held_out(pair, cfg.data.val_fraction) for pair in pairs]
             train_pairs = [q for q, v in zip(pairs, val) if not v]
             val_pairs = [q for q, v in zip(pairs, val) if v]
+        val_pairs = list(dict.fromkeys(val_pairs))  # each held-out pair is scored once
         batches = PairBatches(encode_pairs(train_pairs, tokenizer), encode_pairs(val_pairs, tokenizer),
                               cfg.model.context_length, cfg.train.batch_size, cfg.train.seed, tokenizer.pad_id,
                               ",".join(sources))

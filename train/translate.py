@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 from flax import nnx
@@ -16,17 +17,36 @@ from plutao.train.pairs import encode_pairs, encode_source, pack, padded_length
 DECODE_BATCH = 64
 
 
+def fit_source(ids: np.ndarray, context: int, eos_id: int) -> tuple[np.ndarray, bool]:
+    """A source cut to the context keeps its final <eos> (the encoder was trained on sources that end in
+    one); (ids, whether it was cut)."""
+    if len(ids) <= context:
+        return ids, False
+    return np.concatenate([ids[:context - 1], np.array([eos_id], ids.dtype)]), True
+
+
+def _report_cut(sources: list[str], context: int) -> None:
+    first = sources[0] if len(sources[0]) <= 40 else sources[0][:37] + "..."
+    print(f"plutao: {len(sources)} source(s) longer than the model's context of {context} tokens were cut to it "
+          f"(keeping <eos>), e.g. {first!r}", file=sys.stderr)
+
+
 def translate(model, tokenizer, sources: list[str], *, beam_size: int = 1, alpha: float = 0.6,
-              max_len: int | None = None, n_best: int = 1) -> list[list[tuple[str, float]]]:
+              max_len: int | None = None, n_best: int = 1, on_cut=_report_cut) -> list[list[tuple[str, float]]]:
     """For each source, its n_best translations with their scores (log-probability for greedy,
-    length-normalised log-probability for beam search), best first."""
+    length-normalised log-probability for beam search), best first. Sources longer than the context
+    are cut to it, and `on_cut(cut_sources, context)` is told."""
     if beam_size < 1 or n_best < 1 or n_best > beam_size:
         raise UserError(f"--beam must be ≥ 1 and --n-best between 1 and the beam size, got beam {beam_size}, "
                         f"n-best {n_best}")
     context = model.cfg.context_length
     max_len = max_len or context
     graphdef, params = nnx.split(model)
-    encoded = [encode_source(tokenizer, s)[:context] for s in sources]
+    fitted = [fit_source(encode_source(tokenizer, s), context, tokenizer.eos_id) for s in sources]
+    encoded = [ids for ids, _ in fitted]
+    cut = [s for s, (_, was_cut) in zip(sources, fitted) if was_cut]
+    if cut and on_cut is not None:
+        on_cut(cut, context)
     order = np.argsort([len(e) for e in encoded], kind="stable")  # similar lengths share a batch
     out: list[list[tuple[str, float]]] = [[] for _ in sources]
     for lo in range(0, len(order), DECODE_BATCH):
@@ -86,8 +106,10 @@ def evaluate_translation(run, pairs: list[tuple[str, str]], beams: list[int], al
     result = teacher_forced_loss(run.trainer, run.params, run.tokenizer, pairs)
     sources, references = [s for s, _ in pairs], [t for _, t in pairs]
     model = run.model
+    context = model.cfg.context_length
+    result["sources_cut_to_context"] = sum(len(encode_source(run.tokenizer, s)) > context for s in sources)
     for beam in beams:
-        hyps = [h[0][0] for h in translate(model, run.tokenizer, sources, beam_size=beam, alpha=alpha)]
+        hyps = [h[0][0] for h in translate(model, run.tokenizer, sources, beam_size=beam, alpha=alpha, on_cut=None)]
         name = "greedy" if beam == 1 else f"beam{beam}"
         result[name] = corpus_scores(hyps, references)
         result[name]["examples"] = [{"source": s, "hypothesis": h, "reference": r}
