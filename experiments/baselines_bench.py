@@ -61,11 +61,7 @@ def _config(overrides: dict) -> Config:
 def _validation(cfg: Config, tokenizer):
     from plutao.train import data as data_lib
 
-    cache = data_lib.cache_root(cfg.data)
-    if cfg.data.val_path:
-        return data_lib.tokenize_documents(data_lib.read_documents(cfg.data.val_path, cfg.data), tokenizer, cache)
-    tokens = data_lib.tokenize_documents(data_lib.read_documents(cfg.data.path, cfg.data), tokenizer, cache)
-    return data_lib.split_tokens(cfg.data.path, tokens, cfg.data.val_fraction).val
+    return data_lib.held_out_tokens(cfg.data, tokenizer)[0][1]
 
 
 def _run_neural(name: str, overrides: dict, seconds: float, workdir: Path, say) -> dict:

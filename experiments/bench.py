@@ -204,8 +204,7 @@ def run_bench(data: str | None = None, steps: int = 2000, torch: bool = True, sa
     from plutao.train.evaluate import stream_metrics
 
     run = load_run(run_dir)
-    val = data_lib.split_tokens(data, data_lib.tokenize_documents(data_lib.read_documents(data, cfg.data), run.tokenizer,
-                                                                   data_lib.cache_root(cfg.data)), 0.1).val
+    val = data_lib.held_out_tokens(run.cfg.data, run.tokenizer)[0][1]
     result["val_loss_full_split"] = stream_metrics(run.trainer.graphdef, run.params, val, cfg.model.context_length,
                                                    run.tokenizer)["loss"]
     result["profile"] = profile_step(cfg, work)

@@ -170,29 +170,13 @@ def cmd_sample(args) -> int:
     return 0
 
 
-def _held_out_tokens(cfg, tokenizer) -> list[tuple[str, object]]:
-    """(name, tokens) of each held-out part a run was evaluated on during training."""
-    from plutao.train import data as data_lib
-
-    cache = data_lib.cache_root(cfg.data)
-    if cfg.data.val_path:
-        docs = data_lib.read_documents(cfg.data.val_path, cfg.data, flag="data.val_path")
-        return [(cfg.data.val_path, data_lib.tokenize_documents(docs, tokenizer, cache))]
-    out = []
-    for spec in data_lib.source_paths(cfg.data):
-        tokens = data_lib.tokenize_documents(data_lib.read_documents(spec, cfg.data), tokenizer, cache)
-        out.append((f"{spec} (held-out {cfg.data.val_fraction:.0%})",
-                    data_lib.split_tokens(spec, tokens, cfg.data.val_fraction).val))
-    return out
-
-
 def _eval_texts(args, cfg, tokenizer) -> list[tuple[str, object]]:
     import dataclasses
 
     from plutao.train import data as data_lib
 
     if not args.data:
-        return _held_out_tokens(cfg, tokenizer)
+        return data_lib.held_out_tokens(cfg.data, tokenizer)
     docs = data_lib.read_documents(args.data, dataclasses.replace(cfg.data, path=args.data), flag="--data")
     return [(args.data, data_lib.tokenize_documents(docs, tokenizer, data_lib.cache_root(cfg.data)))]
 

@@ -122,6 +122,12 @@ class Tokenizer(abc.ABC):
     def encode_array(self, text: str) -> np.ndarray:
         """Same ids as `encode`, as an int32 array of shape [n_tokens], fast for large corpora."""
 
+    def encode_unseen(self, text: str) -> np.ndarray:
+        """`encode_array` for text the tokenizer was not trained on (held-out text): what it has no id for
+        becomes <unk>. Only a char vocabulary lacks anything; byte, BPE (byte fallback) and word
+        tokenizers encode any text already."""
+        return self.encode_array(text)
+
     # ---- decoding -------------------------------------------------------------------------------
 
     def decode(self, ids: IdsLike, *, skip_special: bool = False) -> str:

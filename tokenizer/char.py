@@ -63,6 +63,12 @@ class CharTokenizer(Tokenizer):
             raise self._unknown_error(text)
         return ids
 
+    def encode_unseen(self, text: str) -> np.ndarray:
+        require_str(text)
+        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+        ids = np.where(codes < self._lut.size, self._lut[np.minimum(codes, self._lut.size - 1)], -1)
+        return np.where(ids < 0, self.unk_id, ids).astype(np.int32)
+
     def _unknown_error(self, text: str) -> TokenizerError:
         missing = list(dict.fromkeys(c for c in text if c not in self._id_of))
         shown = ", ".join(repr(c) for c in missing[:_MAX_SHOWN])

@@ -87,17 +87,19 @@ def content_hash(docs: list[str]) -> str:
     return h.hexdigest()
 
 
-def tokenize_documents(docs: list[str], tokenizer: Tokenizer, cache_dir: Path) -> np.ndarray:
+def tokenize_documents(docs: list[str], tokenizer: Tokenizer, cache_dir: Path, *, unseen: bool = False) -> np.ndarray:
     """Documents joined by <|endoftext|> as one token array, memory-mapped from a cache keyed by
-    (content, tokenizer): the corpus is tokenized once per tokenizer, whatever the run."""
-    key = hashlib.sha256((content_hash(docs) + tokenizer.fingerprint).encode()).hexdigest()[:32]
-    path = cache_dir / "tokens" / f"{key}.npy"
+    (content, tokenizer): the corpus is tokenized once per tokenizer, whatever the run. `unseen` marks
+    text the tokenizer was not trained on (held-out text): a character it has no id for becomes <unk>."""
+    key = hashlib.sha256((content_hash(docs) + tokenizer.fingerprint + ("/unseen" if unseen else "")).encode())
+    path = cache_dir / "tokens" / f"{key.hexdigest()[:32]}.npy"
+    encode = tokenizer.encode_unseen if unseen else tokenizer.encode_array
     if not path.is_file():
         dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max else np.uint32
         parts = []
         for doc in docs:
             try:
-                parts.append(tokenizer.encode_array(doc).astype(dtype))
+                parts.append(encode(doc).astype(dtype))
             except TokenizerError as e:
                 raise UserError(str(e)) from None
             parts.append(np.array([tokenizer.eot_id], dtype))
@@ -117,9 +119,51 @@ class Split:
     val: np.ndarray
 
 
-def split_tokens(name: str, tokens: np.ndarray, val_fraction: float) -> Split:
-    cut = int(len(tokens) * (1.0 - val_fraction))
-    return Split(name, tokens[:cut], tokens[cut:])
+def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """(training documents, held-out documents): the first 1 − val_fraction of a source's characters
+    train and the rest is held out; the document the cut falls in is split in two there. The split is
+    made on text, before any tokenizer exists, so the tokenizer is trained on the training part only."""
+    cut = int(sum(len(d) for d in docs) * (1.0 - val_fraction))
+    seen = 0
+    for k, doc in enumerate(docs):
+        if seen + len(doc) >= cut:
+            head, tail = doc[: cut - seen], doc[cut - seen:]
+            return docs[:k] + ([head] if head else []), ([tail] if tail else []) + docs[k + 1:]
+        seen += len(doc)
+    return list(docs), []
+
+
+def training_texts(cfg: DataConfig, docs_per_source: list[list[str]]):
+    """The text a run's tokenizer is trained on: every source's training part, never held-out text."""
+    for docs in docs_per_source:
+        yield from (docs if cfg.val_path else split_documents(docs, cfg.val_fraction)[0])
+
+
+def load_splits(cfg: DataConfig, docs_per_source: list[list[str]], tokenizer: Tokenizer) -> list[Split]:
+    """Each source's training and held-out tokens (the held-out part is data.val_path when given)."""
+    cache = cache_root(cfg)
+    sources = source_paths(cfg)
+    if cfg.val_path:
+        if len(sources) > 1:
+            raise UserError("data.val_path holds out one file for one source; with a mixture use data.val_fraction")
+        val_docs = read_documents(cfg.val_path, cfg, flag="data.val_path")
+        return [Split(sources[0], tokenize_documents(docs_per_source[0], tokenizer, cache),
+                      tokenize_documents(val_docs, tokenizer, cache, unseen=True))]
+    out = []
+    for name, docs in zip(sources, docs_per_source):
+        train, val = split_documents(docs, cfg.val_fraction)
+        out.append(Split(name, tokenize_documents(train, tokenizer, cache),
+                         tokenize_documents(val, tokenizer, cache, unseen=True)))
+    return out
+
+
+def held_out_tokens(cfg: DataConfig, tokenizer: Tokenizer) -> list[tuple[str, np.ndarray]]:
+    """(name, tokens) of each held-out part of a run's data, as its training evaluated them."""
+    docs_per_source = [read_documents(s, cfg) for s in source_paths(cfg)]
+    splits = load_splits(cfg, docs_per_source, tokenizer)
+    if cfg.val_path:
+        return [(cfg.val_path, splits[0].val)]
+    return [(f"{s.name} (held-out {cfg.val_fraction:.0%})", s.val) for s in splits]
 
 
 class Batches:

@@ -175,9 +175,16 @@ def prepare(cfg: Config, run_dir: Path | None, *, devices=None) -> Prepared:
         check_compatible(saved, cfg, run_dir)
     sources = data_lib.source_paths(cfg.data)
     translation = cfg.model.family == "encoder_decoder"
-    if translation:  # one shared vocabulary is trained on both sides of every pair
+    if translation:  # one shared vocabulary is trained on both sides of the training pairs
         pairs = [pair for s in sources for pair in read_pairs(s)]
-        docs_per_source = [[text for pair in pairs for text in pair]]
+        if cfg.data.val_path:
+            train_pairs, val_pairs = pairs, read_pairs(cfg.data.val_path, flag="data.val_path")
+        else:
+            val = [held_out(pair, cfg.data.val_fraction) for pair in pairs]
+            train_pairs = [q for q, v in zip(pairs, val) if not v]
+            val_pairs = [q for q, v in zip(pairs, val) if v]
+        val_pairs = list(dict.fromkeys(val_pairs))  # each held-out pair is scored once
+        docs_per_source = [[text for pair in train_pairs for text in pair]]
     else:
         docs_per_source = [data_lib.read_documents(s, cfg.data) for s in sources]
 
@@ -189,7 +196,8 @@ def prepare(cfg: Config, run_dir: Path | None, *, devices=None) -> Prepared:
                 raise UserError(f"{tok_dir} does not match the fingerprint recorded in config.json; "
                                 "restore the tokenizer folder or use a new --workdir")
         else:
-            texts = (doc for docs in docs_per_source for doc in docs)
+            # Never held-out text: the training pairs, or each source's training part.
+            texts = iter(docs_per_source[0]) if translation else data_lib.training_texts(cfg.data, docs_per_source)
             tokenizer = train_tokenizer(cfg.data.tokenizer, texts, cfg.data.vocab_size or None)
     except TokenizerError as e:
         raise UserError(str(e)) from None
@@ -203,28 +211,13 @@ def prepare(cfg: Config, run_dir: Path | None, *, devices=None) -> Prepared:
         check_compatible(saved, cfg, run_dir)
 
     if translation:
-        if cfg.data.val_path:
-            train_pairs, val_pairs = pairs, read_pairs(cfg.data.val_path, flag="data.val_path")
-        else:
-            val = [held_out(pair, cfg.data.val_fraction) for pair in pairs]
-            train_pairs = [q for q, v in zip(pairs, val) if not v]
-            val_pairs = [q for q, v in zip(pairs, val) if v]
-        val_pairs = list(dict.fromkeys(val_pairs))  # each held-out pair is scored once
-        batches = PairBatches(encode_pairs(train_pairs, tokenizer), encode_pairs(val_pairs, tokenizer),
+        batches = PairBatches(encode_pairs(train_pairs, tokenizer), encode_pairs(val_pairs, tokenizer, unseen=True),
                               cfg.model.context_length, cfg.train.batch_size, cfg.train.seed, tokenizer.pad_id,
                               ",".join(sources))
         summary = (f"{len(batches.train):,} training and {len(batches.val):,} held-out pairs"
                    + (f" ({batches.dropped:,} longer than the context left out)" if batches.dropped else ""))
     else:
-        cache = data_lib.cache_root(cfg.data)
-        splits = [data_lib.split_tokens(name, data_lib.tokenize_documents(docs, tokenizer, cache),
-                                        cfg.data.val_fraction) for name, docs in zip(sources, docs_per_source)]
-        if cfg.data.val_path:
-            if len(splits) > 1:
-                raise UserError("data.val_path holds out one file for one source; with a mixture use data.val_fraction")
-            val_docs = data_lib.read_documents(cfg.data.val_path, cfg.data, flag="data.val_path")
-            whole = data_lib.tokenize_documents(docs_per_source[0], tokenizer, cache)
-            splits = [data_lib.Split(sources[0], whole, data_lib.tokenize_documents(val_docs, tokenizer, cache))]
+        splits = data_lib.load_splits(cfg.data, docs_per_source, tokenizer)
         batches = data_lib.Batches(splits, cfg.data.weights, cfg.model.context_length, cfg.train.batch_size,
                                    cfg.train.seed)
         summary = f"{sum(len(s.train) for s in splits):,} training tokens"

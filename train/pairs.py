@@ -75,10 +75,19 @@ def encode_source(tokenizer: Tokenizer, text: str) -> np.ndarray:
         raise UserError(str(e)) from None
 
 
-def encode_pairs(pairs: list[tuple[str, str]], tokenizer: Tokenizer) -> EncodedPairs:
-    src = [encode_source(tokenizer, s) for s, _ in pairs]
-    tgt = [np.array([tokenizer.bos_id] + tokenizer.encode(t) + [tokenizer.eos_id], np.int32) for _, t in pairs]
-    return EncodedPairs(src, tgt)
+def encode_pairs(pairs: list[tuple[str, str]], tokenizer: Tokenizer, *, unseen: bool = False) -> EncodedPairs:
+    """Sources + <eos> and <bos> + targets + <eos>. `unseen`: held-out pairs, which may hold characters
+    a char tokenizer trained on the training pairs has no id for (they become <unk>)."""
+    def ids(text):
+        if unseen:
+            return tokenizer.encode_unseen(text).tolist()
+        try:
+            return tokenizer.encode(text)
+        except TokenizerError as e:
+            raise UserError(str(e)) from None
+
+    return EncodedPairs([np.array(ids(s) + [tokenizer.eos_id], np.int32) for s, _ in pairs],
+                        [np.array([tokenizer.bos_id] + ids(t) + [tokenizer.eos_id], np.int32) for _, t in pairs])
 
 
 def pack(src: list[np.ndarray], tgt: list[np.ndarray], length: int, pad_id: int) -> np.ndarray:
