@@ -326,6 +326,9 @@ def cmd_attention(args) -> int:
     from plutao.train.run import load_run
 
     run = load_run(Path(args.run_dir), args.step)
+    if run.cfg.model.attention != "naive":
+        print(f"plutao: attention weights come from the explicit softmax path (this run's model.attention="
+              f"{run.cfg.model.attention} kernel returns no weights)", file=sys.stderr)
     out_dir = Path(args.out or Path(args.run_dir) / "attention")
     for path in attention_maps(run, args.text, args.target, out_dir):
         print(path)

@@ -7,6 +7,7 @@ decoding stays a pure function. During decoding, queries sit at cache columns
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -37,6 +38,49 @@ def causal_mask(q_index_BT: Array, k_index_S: Array, first_valid_B: Array | None
     return mask_BTS
 
 
+@dataclasses.dataclass(frozen=True)
+class Mask:
+    """Which keys each query may see, in the two forms the attention paths take.
+
+    `allowed_BTS` (True = may attend) is what the explicit softmax(QKᵀ/√d)V path applies. The fused
+    kernels behind `jax.nn.dot_product_attention` want structure instead of a dense mask (which cuDNN
+    would turn into an additive bias): `causal` (key s ≤ query t, both counted from 0) and
+    `kv_lengths_B` (keys from this index on are padding). They are set only where they describe
+    `allowed_BTS` exactly; otherwise the dense mask is passed.
+    """
+
+    allowed_BTS: Array
+    causal: bool = False
+    kv_lengths_B: Array | None = None
+
+    @property
+    def structured(self) -> bool:
+        return self.causal or self.kv_lengths_B is not None
+
+
+def self_attention_mask(q_index_BT: Array, k_index_S: Array, first_valid_B: Array | None = None, *,
+                        cached: bool = False) -> Mask:
+    """Causal self-attention. Without a cache and left padding: `causal`. Decoding one token at cache
+    column i without left padding: the first i + 1 keys, i.e. `kv_lengths_B = i + 1`."""
+    allowed_BTS = causal_mask(q_index_BT, k_index_S, first_valid_B)
+    if first_valid_B is not None:
+        return Mask(allowed_BTS)
+    if not cached:
+        return Mask(allowed_BTS, causal=True)
+    if q_index_BT.shape[1] == 1:
+        return Mask(allowed_BTS, kv_lengths_B=(q_index_BT[:, 0] + 1).astype(jnp.int32))
+    return Mask(allowed_BTS)
+
+
+def padding_mask(valid_BS: Array, T: int) -> Mask:
+    """Every query may see every real key; `valid_BS` must be a prefix of each row (right padding), as
+    every batch here is. A row of padding only keeps one key, so no softmax is over nothing."""
+    B, S = valid_BS.shape
+    lengths_B = jnp.maximum(jnp.sum(valid_BS, axis=-1), 1).astype(jnp.int32)
+    keys_BS = jnp.arange(S)[None, :] < lengths_B[:, None]
+    return Mask(jnp.broadcast_to(keys_BS[:, None, :], (B, T, S)), kv_lengths_B=lengths_B)
+
+
 def init_cache(batch: int, length: int, cfg: ModelConfig, dtype=jnp.float32):
     """An empty KV cache for every layer: a list of per-layer dicts, or one dict of (L, ...) arrays
     when the layers are scanned."""
@@ -48,19 +92,28 @@ def init_cache(batch: int, length: int, cfg: ModelConfig, dtype=jnp.float32):
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers)]
 
 
-def attend(q_BTHK: Array, k_BSHK: Array, v_BSHK: Array, mask_BTS: Array, w_o_HKD: Array, b_o, *, impl: str,
+def attend(q_BTHK: Array, k_BSHK: Array, v_BSHK: Array, mask: Mask, w_o_HKD: Array, b_o, *, impl: str,
            dropout_rate: float, dropout_key: Array | None, return_weights: bool) -> tuple[Array, Array | None]:
-    """softmax(QKᵀ/√d_k)V per head, heads concatenated and projected by W^O: (out (B, T, D), weights or None)."""
+    """softmax(QKᵀ/√d_k)V per head, heads concatenated and projected by W^O: (out (B, T, D), weights or None).
+
+    impl != "naive" calls the fused `jax.nn.dot_product_attention` with the mask's structure, except
+    where a setting needs the explicit path: returned weights, or dropout on the weights."""
     dt = q_BTHK.dtype
     B, T, H, K = q_BTHK.shape
     D = w_o_HKD.shape[-1]
     fused = impl != "naive" and not return_weights and (dropout_key is None or dropout_rate == 0.0)
     if fused:
         weights_BHTS = None
-        out_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, mask=mask_BTS[:, None],
-                                                implementation=None if impl == "auto" else impl)
+        implementation = None if impl == "auto" else impl
+        if mask.structured:
+            out_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, is_causal=mask.causal,
+                                                    key_value_seq_lengths=mask.kv_lengths_B,
+                                                    implementation=implementation)
+        else:
+            out_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, mask=mask.allowed_BTS[:, None],
+                                                    implementation=implementation)
     else:
-        weights_BHTS = attention_weights(q_BTHK, k_BSHK, mask_BTS)
+        weights_BHTS = attention_weights(q_BTHK, k_BSHK, mask.allowed_BTS)
         probs_BHTS = dropout(weights_BHTS, dropout_rate, dropout_key).astype(dt)
         out_BTHK = jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BSHK)
     out_BTD = (out_BTHK.reshape(B * T, H * K) @ w_o_HKD.astype(dt).reshape(H * K, D)).reshape(B, T, D)
@@ -86,7 +139,7 @@ class MultiHeadAttention(nnx.Module):
     def __call__(
         self,
         x_BTD: Array,
-        mask_BTS: Array,
+        mask: Mask,
         positions_BT: Array,
         *,
         cache: dict[str, Array] | None = None,
@@ -115,7 +168,7 @@ class MultiHeadAttention(nnx.Module):
             k_BSHK, v_BSHK = k_BSHK.astype(dt), v_BSHK.astype(dt)
         else:
             k_BSHK, v_BSHK = k_BTHK, v_BTHK
-        out_BTD, weights_BHTS = attend(q_BTHK, k_BSHK, v_BSHK, mask_BTS, self.w_o[...], self.b_o, impl=self.impl,
+        out_BTD, weights_BHTS = attend(q_BTHK, k_BSHK, v_BSHK, mask, self.w_o[...], self.b_o, impl=self.impl,
                                        dropout_rate=self.dropout_rate, dropout_key=dropout_key,
                                        return_weights=return_weights)
         return out_BTD, cache, (weights_BHTS if return_weights else None)
@@ -148,7 +201,7 @@ class CrossAttention(nnx.Module):
         H, K = kv_N2HK.shape[2:]
         return {"k": kv_N2HK[:, 0].reshape(B, S, H, K), "v": kv_N2HK[:, 1].reshape(B, S, H, K)}
 
-    def __call__(self, x_BTD: Array, kv: dict[str, Array], mask_BTS: Array, *, dropout_key: Array | None = None,
+    def __call__(self, x_BTD: Array, kv: dict[str, Array], mask: Mask, *, dropout_key: Array | None = None,
                  return_weights: bool = False, constrain=no_constraint):
         B, T, D = x_BTD.shape
         dt = x_BTD.dtype
@@ -156,6 +209,6 @@ class CrossAttention(nnx.Module):
         if self.b_q is not None:
             q_BTHK = q_BTHK + self.b_q[...].astype(dt)
         q_BTHK = constrain(q_BTHK.reshape(B, T, *q_BTHK.shape[1:]), ("batch", "length", "heads", "kv"))
-        return attend(q_BTHK, kv["k"].astype(dt), kv["v"].astype(dt), mask_BTS, self.w_o[...], self.b_o,
+        return attend(q_BTHK, kv["k"].astype(dt), kv["v"].astype(dt), mask, self.w_o[...], self.b_o,
                       impl=self.impl, dropout_rate=self.dropout_rate, dropout_key=dropout_key,
                       return_weights=return_weights)

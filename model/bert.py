@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from plutao.model.attention import padding_mask
 from plutao.model.blocks import ACT_BTD, Block
 from plutao.model.config import ModelConfig
 from plutao.model.layers import INIT_STD, Norm, dropout, no_constraint, normal_param, sinusoidal_table
@@ -48,10 +49,10 @@ class BERT(nnx.Module):
             x_BTD = x_BTD + sinusoidal_table(cfg.context_length, cfg.d_model)[positions_BT]
         x_BTD = constrain(dropout(x_BTD, cfg.dropout, keys[-1]).astype(self.compute_dtype), ACT_BTD)
         valid_BT = jnp.ones((B, T), bool) if valid_BT is None else valid_BT
-        mask_BTT = jnp.broadcast_to(valid_BT[:, None, :], (B, T, T))
+        mask = padding_mask(valid_BT, T)
         weights = []
         for block, key in zip(self.blocks, keys):
-            x_BTD, _, w = block(x_BTD, mask_BTT, positions_BT, dropout_key=key, return_weights=return_weights,
+            x_BTD, _, w = block(x_BTD, mask, positions_BT, dropout_key=key, return_weights=return_weights,
                                 constrain=constrain)
             weights.append(w)
         if self.final_norm is not None:

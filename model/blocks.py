@@ -42,12 +42,12 @@ class Block(nnx.Module):
         self.norm_mlp = Norm(cfg.d_model, cfg.norm_type, cfg.bias)
         self.mlp = FeedForward(cfg, rngs)
 
-    def __call__(self, x_BTD, mask_BTS, positions_BT, *, cache=None, cache_index=None, dropout_key=None,
+    def __call__(self, x_BTD, mask, positions_BT, *, cache=None, cache_index=None, dropout_key=None,
                  return_weights=False, constrain=no_constraint):
         keys = _keys(dropout_key, 3)
 
         def attention(h):
-            out, new_cache, weights = self.attn(h, mask_BTS, positions_BT, cache=cache, cache_index=cache_index,
+            out, new_cache, weights = self.attn(h, mask, positions_BT, cache=cache, cache_index=cache_index,
                                                 dropout_key=keys[0], return_weights=return_weights,
                                                 constrain=constrain)
             return out, (new_cache, weights)
@@ -73,18 +73,18 @@ class CrossBlock(nnx.Module):
         self.norm_mlp = Norm(cfg.d_model, cfg.norm_type, cfg.bias)
         self.mlp = FeedForward(cfg, rngs)
 
-    def __call__(self, x_BTD, self_mask_BTS, positions_BT, memory_kv, cross_mask_BTS, *, cache=None,
+    def __call__(self, x_BTD, self_mask, positions_BT, memory_kv, cross_mask, *, cache=None,
                  cache_index=None, dropout_key=None, return_weights=False, constrain=no_constraint):
         keys = _keys(dropout_key, 5)
 
         def self_attention(h):
-            out, new_cache, weights = self.self_attn(h, self_mask_BTS, positions_BT, cache=cache,
+            out, new_cache, weights = self.self_attn(h, self_mask, positions_BT, cache=cache,
                                                      cache_index=cache_index, dropout_key=keys[0],
                                                      return_weights=return_weights, constrain=constrain)
             return out, (new_cache, weights)
 
         def cross_attention(h):
-            return self.cross_attn(h, memory_kv, cross_mask_BTS, dropout_key=keys[2], return_weights=return_weights,
+            return self.cross_attn(h, memory_kv, cross_mask, dropout_key=keys[2], return_weights=return_weights,
                                    constrain=constrain)
 
         x_BTD, (cache, self_weights) = add_and_norm(x_BTD, self_attention, self.norm_self, self.pre_norm,

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from plutao.model.attention import init_cache
+from plutao.model.attention import init_cache, padding_mask, self_attention_mask
 from plutao.model.blocks import ACT_BTD, Block, CrossBlock
 from plutao.model.config import ModelConfig
 from plutao.model.layers import Norm, dropout, no_constraint, normal_param, sinusoidal_table
@@ -59,10 +59,10 @@ class EncoderDecoder(nnx.Module):
         positions_BS = jnp.broadcast_to(jnp.arange(S), (B, S))
         x_BSD = self._embed(src_BS, positions_BS, keys[-1], constrain)
         # Every query may see every real source token (bidirectional); padding is never a key.
-        mask_BSS = jnp.broadcast_to(src_valid_BS[:, None, :], (B, S, S))
+        mask = padding_mask(src_valid_BS, S)
         weights = []
         for block, key in zip(self.encoder, keys):
-            x_BSD, _, w = block(x_BSD, mask_BSS, positions_BS, dropout_key=key, return_weights=return_weights,
+            x_BSD, _, w = block(x_BSD, mask, positions_BS, dropout_key=key, return_weights=return_weights,
                                 constrain=constrain)
             weights.append(w)
         if self.encoder_norm is not None:
@@ -87,13 +87,14 @@ class EncoderDecoder(nnx.Module):
             jax.random.split(dropout_key, cfg.n_layers + 1))
         q_index_BT = jnp.broadcast_to(cache_index + jnp.arange(T), (B, T))
         k_index_S = jnp.arange(T if cache is None else cache[0]["k"].shape[1])
-        self_mask_BTS = k_index_S[None, None, :] <= q_index_BT[:, :, None]
-        cross_mask_BTS = jnp.broadcast_to(src_valid_BS[:, None, :], (B, T, src_valid_BS.shape[1]))
+        # Target padding needs no mask: it comes after every real target token, which causality already hides.
+        self_mask = self_attention_mask(q_index_BT, k_index_S, cached=cache is not None)
+        cross_mask = padding_mask(src_valid_BS, T)
         x_BTD = self._embed(tgt_BT, q_index_BT, keys[-1], constrain)
         new_cache, self_weights, cross_weights = [], [], []
         for i, block in enumerate(self.decoder):
             x_BTD, layer_cache, (w_self, w_cross) = block(
-                x_BTD, self_mask_BTS, q_index_BT, memory_kv[i], cross_mask_BTS,
+                x_BTD, self_mask, q_index_BT, memory_kv[i], cross_mask,
                 cache=None if cache is None else cache[i], cache_index=cache_index, dropout_key=keys[i],
                 return_weights=return_weights, constrain=constrain)
             new_cache.append(layer_cache)

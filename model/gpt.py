@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from plutao.model.attention import causal_mask, init_cache
+from plutao.model.attention import init_cache, self_attention_mask
 from plutao.model.blocks import ACT_BTD, Block
 from plutao.model.config import ModelConfig
 from plutao.model.layers import (
@@ -81,7 +81,7 @@ class GPT(nnx.Module):
             q_index_BT = jnp.broadcast_to(cache_index + jnp.arange(T), (B, T))
             k_index_S = jnp.arange(cache["k"].shape[2] if cfg.scan_layers else cache[0]["k"].shape[1])
         positions_BT = q_index_BT if first_valid_B is None else jnp.maximum(q_index_BT - first_valid_B[:, None], 0)
-        mask_BTS = causal_mask(q_index_BT, k_index_S, first_valid_B)
+        mask = self_attention_mask(q_index_BT, k_index_S, first_valid_B, cached=cache is not None)
 
         keys = [None] * (cfg.n_layers + 1)
         if dropout_key is not None:
@@ -100,10 +100,10 @@ class GPT(nnx.Module):
             if return_weights:
                 raise ValueError("attention weights are not collected from scanned layers; use model.scan_layers=false")
             step_keys = None if dropout_key is None else jnp.stack(keys[:-1])
-            x_BTD, new_cache = self._scan(x_BTD, mask_BTS, positions_BT, cache, cache_index, step_keys, constrain)
+            x_BTD, new_cache = self._scan(x_BTD, mask, positions_BT, cache, cache_index, step_keys, constrain)
         elif cfg.remat != "none" and cache is None and not return_weights:
             def run(block, x_BTD, key):
-                return block(x_BTD, mask_BTS, positions_BT, dropout_key=key, constrain=constrain)[0]
+                return block(x_BTD, mask, positions_BT, dropout_key=key, constrain=constrain)[0]
 
             run = nnx.remat(run, policy=REMAT_POLICIES[cfg.remat])
             for i, block in enumerate(self.blocks):
@@ -111,7 +111,7 @@ class GPT(nnx.Module):
         else:
             for i, block in enumerate(self.blocks):
                 x_BTD, layer_cache, weights = block(
-                    x_BTD, mask_BTS, positions_BT, cache=None if cache is None else cache[i],
+                    x_BTD, mask, positions_BT, cache=None if cache is None else cache[i],
                     cache_index=cache_index, dropout_key=keys[i], return_weights=return_weights, constrain=constrain)
                 new_cache.append(layer_cache)
                 all_weights.append(weights)
@@ -122,10 +122,10 @@ class GPT(nnx.Module):
                                ("batch", "length", "vocab"))
         return logits_BTV, (None if cache is None else new_cache), (all_weights if return_weights else None)
 
-    def _scan(self, x_BTD, mask_BTS, positions_BT, cache, cache_index, keys, constrain):
+    def _scan(self, x_BTD, mask, positions_BT, cache, cache_index, keys, constrain):
         """All blocks as one scan over their stacked weights (and stacked cache and dropout keys)."""
         def step(block, x_BTD, layer_cache, key):
-            x_BTD, layer_cache, _ = block(x_BTD, mask_BTS, positions_BT, cache=layer_cache, cache_index=cache_index,
+            x_BTD, layer_cache, _ = block(x_BTD, mask, positions_BT, cache=layer_cache, cache_index=cache_index,
                                           dropout_key=key, constrain=constrain)
             return x_BTD, layer_cache
 
