@@ -919,6 +919,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("plutao: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk, a permission, an I/O error outside the checkpoints (which say more)
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"plutao: error: {e.strerror or e}{where}; fix the cause and run the same command again "
+              "(a training resumes from its last checkpoint)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
