@@ -57,6 +57,10 @@ class RunLock:
         except json.JSONDecodeError:
             return {"pid": "?", "host": "?"}
 
+    def _in_use(self, holder: dict) -> UserError:
+        return UserError(f"{self.run_dir} is in use: {_describe(holder)} is training in it; wait for it to finish "
+                         "or stop it, or use another --workdir")
+
     def acquire(self) -> None:
         self._created_dir = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -66,8 +70,7 @@ class RunLock:
         except BlockingIOError:
             holder = self._read(fd)
             os.close(fd)
-            raise UserError(f"{self.run_dir} is in use: {_describe(holder)} is training in it; wait for it to finish "
-                            "or stop it, or use another --workdir") from None
+            raise self._in_use(holder) from None
         except OSError as e:  # a filesystem without locks: fall back to the recorded holder
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                 os.close(fd)
@@ -76,8 +79,7 @@ class RunLock:
             if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) \
                     and holder["pid"] != os.getpid() and _pid_alive(holder["pid"]):
                 os.close(fd)
-                raise UserError(f"{self.run_dir} is in use: {_describe(holder)} is training in it; wait for it to "
-                                "finish or stop it, or use another --workdir") from None
+                raise self._in_use(holder) from None
         previous = self._read(fd)
         if previous:
             self.log(f"{self.path}: taking over the lock of {_describe(previous)}, which is gone "
