@@ -74,7 +74,7 @@ def test_every_optimizer_learns(name):
     cfg = ModelConfig(vocab_size=32, context_length=16, n_layers=1, d_model=32, n_heads=2).resolved()
     lr = {"sgd": 0.5, "lion": 3e-3}.get(name, 1e-2)
     optim = OptimConfig(name=name, lr=lr, warmup_steps=0, schedule="constant")
-    trainer = Trainer(cfg, make_optimizer(optim, 100), lr_schedule(optim, 100), make_mesh(MeshConfig()), 0)
+    trainer = Trainer(cfg, make_optimizer(optim, 100, cfg), lr_schedule(optim, 100), make_mesh(MeshConfig()), 0)
     state = trainer.init_state()
     batch = np.random.default_rng(0).integers(0, 32, (8, 17)).astype(np.int32)
     losses = []
@@ -84,19 +84,53 @@ def test_every_optimizer_learns(name):
     assert losses[-1] < losses[0] - 0.5, losses
 
 
+def _all_eqns(jaxpr):
+    """Every equation of a jaxpr, those inside nested jaxprs (jit, custom_jvp, scan, ...) included."""
+    from jax.extend import core as jcore
+
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(sub, jcore.ClosedJaxpr):
+                    yield from _all_eqns(sub.jaxpr)
+                elif isinstance(sub, jcore.Jaxpr):
+                    yield from _all_eqns(sub)
+
+
 def test_bfloat16_compute_keeps_float32_params_and_tracks_float32():
     cfg32 = ModelConfig(vocab_size=32, context_length=16, n_layers=2, d_model=64, n_heads=2).resolved()
     optim = OptimConfig(lr=3e-3, warmup_steps=0)
     batch = np.random.default_rng(0).integers(0, 32, (8, 17)).astype(np.int32)
-    final = {}
+    final, logits = {}, {}
     for dtype in ("float32", "bfloat16"):
         cfg = ModelConfig(**{**cfg32.__dict__, "dtype": dtype})
-        trainer = Trainer(cfg, make_optimizer(optim, 50), lr_schedule(optim, 50), make_mesh(MeshConfig()), 0)
+        trainer = Trainer(cfg, make_optimizer(optim, 50, cfg), lr_schedule(optim, 50), make_mesh(MeshConfig()), 0)
         state = trainer.init_state()
+        # The compute dtype is really used: the forward's matmuls take bf16 operands (and only then),
+        # the softmax's exp stays float32, and the logits come back float32.
+        forward = jax.make_jaxpr(lambda p, t=trainer: t.model(p)(batch[:, :-1])[0])(state["params"])
+        eqns = list(_all_eqns(forward.jaxpr))
+        dots = [[str(v.aval.dtype) for v in e.invars] for e in eqns if e.primitive.name == "dot_general"]
+        assert len(dots) >= 4 * cfg.n_layers + 1, dots  # QKV, scores, AV, W_O, 2 MLP per layer + head
+        assert all(d == ["bfloat16", "bfloat16"] if dtype == "bfloat16" else d == ["float32", "float32"]
+                   for d in dots), (dtype, dots)
+        exps = [str(e.outvars[0].aval.dtype) for e in eqns if e.primitive.name == "exp"]
+        assert exps and set(exps) == {"float32"}, exps
+        assert forward.out_avals[0].dtype == np.float32
+        # ... and in the compiled train step too.
+        step_hlo = trainer.train_step.lower(state, batch).as_text()
+        bf16_dots = [line for line in step_hlo.splitlines() if "dot_general" in line and "bf16" in line]
+        assert (len(bf16_dots) >= len(dots)) if dtype == "bfloat16" else not bf16_dots, len(bf16_dots)
+        logits[dtype] = np.asarray(trainer.model(state["params"])(batch[:, :-1])[0])
         for _ in range(50):
             state, m = trainer.train_step(state, batch)
         assert all(p.dtype == np.float32 for p in jax.tree.leaves(state["params"]))
         final[dtype] = float(m["loss"])
+    # Same initial parameters: bf16 logits differ from float32's by far more than float32 round-off
+    # (~1e-6 here), but only by bf16's own rounding.
+    gap = np.abs(logits["bfloat16"] - logits["float32"]).max()
+    assert 1e-3 < gap < 0.05, gap
     # bf16 has an 8-bit mantissa; after 50 steps the loss stays within 5% of float32's.
     assert final["bfloat16"] == pytest.approx(final["float32"], rel=0.05)
 

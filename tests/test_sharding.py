@@ -35,13 +35,26 @@ def test_sharding_goldens(name):
                     f"{' '.join(overrides)} --devices {devices} --out {golden}`:\n{diff}")
 
 
-def test_megatron_layout_in_the_goldens():
-    specs = json.loads((GOLDENS / "shardings-gpt2-124m-data2-fsdp2-tensor2.json").read_text())["params"]
-    assert specs["blocks/0/attn/w_qkv"] == ["fsdp", None, "tensor", None]  # column-parallel over heads
-    assert specs["blocks/0/attn/w_o"] == ["tensor", None, "fsdp"]  # row-parallel
-    assert specs["blocks/0/mlp/w_in"] == ["fsdp", "tensor"]
-    assert specs["blocks/0/mlp/w_out"] == ["tensor", "fsdp"]
+def test_megatron_layout_of_the_resolved_specs():
+    # Resolved now from the axis table and the model's axis names (not read from a golden).
+    preset, overrides, devices = CASES["gpt2-124m-data2-fsdp2-tensor2"]
+    dump = sharding_dump(resolve_config(preset, overrides)[1], devices)
+    assert dump["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+    specs = dump["params"]
+    for i in range(12):  # every block, not only the first
+        assert specs[f"blocks/{i}/attn/w_qkv"] == ["fsdp", None, "tensor", None]  # column-parallel over heads
+        assert specs[f"blocks/{i}/attn/w_o"] == ["tensor", None, "fsdp"]  # row-parallel
+        assert specs[f"blocks/{i}/mlp/w_in"] == ["fsdp", "tensor"]  # column-parallel
+        assert specs[f"blocks/{i}/mlp/w_out"] == ["tensor", "fsdp"]  # row-parallel
+    assert not any(k.startswith("blocks/12/") for k in specs)
     assert specs["token_embed"] == [None, "fsdp"]  # 50257 is not divisible by 2: the vocab stays whole
+    assert dump["activations"]["q/k/v_BTHK"] == [["data", "fsdp"], None, "tensor", None]
+    assert dump["activations"]["mlp hidden_NF"] == [["data", "fsdp"], "tensor"]
+    assert dump["batch"] == [["data", "fsdp"], None]
+    # A mesh axis never splits a dimension it does not divide: 76 stays whole under tensor=8, 80 is split.
+    for vocab, expected in ((76, [None, None]), (80, ["tensor", None])):
+        cfg = resolve_config("gpt2-124m", ["mesh.data=1", "mesh.tensor=8", f"model.vocab_size={vocab}"])[1]
+        assert sharding_dump(cfg, 8)["params"]["token_embed"] == expected, vocab
 
 
 MESH_SCRIPT = r"""

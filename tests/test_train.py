@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -33,7 +34,7 @@ def tiny_config(corpus: Path, **overrides) -> Config:
 def test_tiny_model_overfits_one_batch():
     cfg = ModelConfig(vocab_size=32, context_length=32, n_layers=2, d_model=64, n_heads=4).resolved()
     optim = OptimConfig(lr=1e-2, warmup_steps=10, min_lr=1e-3, weight_decay=0.0)
-    trainer = Trainer(cfg, make_optimizer(optim, 300), lr_schedule(optim, 300), make_mesh(MeshConfig()), seed=0)
+    trainer = Trainer(cfg, make_optimizer(optim, 300, cfg), lr_schedule(optim, 300), make_mesh(MeshConfig()), seed=0)
     state = trainer.init_state()
     batch = np.random.default_rng(0).integers(0, 32, (4, 33)).astype(np.int32)
     for _ in range(300):
@@ -41,20 +42,69 @@ def test_tiny_model_overfits_one_batch():
     assert float(metrics["loss"]) < 0.05
 
 
+def padded_translation_batch(lengths, L: int = 8, seed: int = 1) -> np.ndarray:
+    """Rows of source (L ids, <eos>, padding) and target (<bos> n ids <eos>, padding, L + 1 ids):
+    target row r carries lengths[r] + 1 loss-carrying tokens, the rest is padding (id 0)."""
+    rng = np.random.default_rng(seed)
+    rows = np.zeros((len(lengths), 2 * L + 1), np.int32)
+    for r, n in enumerate(lengths):
+        m = int(rng.integers(1, L))
+        rows[r, :m] = rng.integers(11, 32, m)
+        rows[r, m] = 3  # <eos>
+        rows[r, L:L + n + 2] = [2, *rng.integers(11, 32, n), 3]  # <bos> ... <eos>
+    return rows
+
+
 def test_gradient_accumulation_equals_one_big_batch():
-    cfg = ModelConfig(vocab_size=32, context_length=16, n_layers=2, d_model=32, n_heads=2).resolved()
-    # SGD, so the comparison sees the gradients themselves (Adam's m/√v amplifies round-off near zero).
-    optim = OptimConfig(name="sgd", lr=0.1, warmup_steps=0)
-    batch = np.random.default_rng(1).integers(0, 32, (8, 17)).astype(np.int32)
-    params = []
+    from plutao.train.objectives import Objective
+
+    cfg = ModelConfig(family="encoder_decoder", vocab_size=32, context_length=8, n_layers=1, d_model=32,
+                      n_heads=2).resolved()
+    objective = Objective("encoder_decoder", pad_id=0)
+    # Plain SGD with a constant rate and no clipping, momentum or decay: params' = params - lr·gradient,
+    # so the comparison sees the gradients themselves (Adam's m/√v amplifies round-off near zero).
+    optim = OptimConfig(name="sgd", lr=0.1, warmup_steps=0, schedule="constant", momentum=0.0, weight_decay=0.0,
+                        grad_clip=0.0)
+    # Micro-batch i of 4 takes rows i and i + 4: 8 + 7 = 15, 1 + 1 = 2, 2 + 3 = 5 and 4 + 6 = 10 target
+    # tokens. Only summing over micro-batches and dividing once by all 32 gives the big-batch gradient.
+    lengths = [7, 0, 1, 3, 6, 0, 2, 5]
+    batch = padded_translation_batch(lengths)
+    micro = [batch[i::4] for i in range(4)]
+    assert [int((m[:, 9:] != 0).sum()) for m in micro] == [15, 2, 5, 10]
+
+    params, metrics, state = [], [], None
     for accum in (1, 4):
-        trainer = Trainer(cfg, make_optimizer(optim, 10), lr_schedule(optim, 10), make_mesh(MeshConfig()), 0, accum)
-        state = trainer.init_state()
-        for _ in range(3):
-            state, _ = trainer.train_step(state, batch)
-        params.append(jax.device_get(state["params"]))
-    for a, b in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1])):
-        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6)
+        trainer = Trainer(cfg, make_optimizer(optim, 10, cfg), lr_schedule(optim, 10), make_mesh(MeshConfig()), 0, accum,
+                          objective)
+        if state is None:  # (both trainers start from the same parameters: initialise once)
+            state = trainer.init_state()
+            start = jax.device_get(state["params"])
+        first = jax.tree.map(jnp.copy, state)  # the step donates its state
+        after, m = trainer.train_step(first, batch)
+        metrics.append(jax.device_get(m))
+        params.append(jax.device_get(after["params"]))
+
+    @jax.jit
+    def summed(p, rows):  # the gradient of one micro-batch's summed loss, and its token count
+        def loss_sum(q):
+            sums = objective.sums(trainer.model(q), rows, None, train=False)  # no dropout, no smoothing
+            return sums["loss"], sums["count"]
+        return jax.grad(loss_sum, has_aux=True)(p)
+
+    grads, counts = zip(*(summed(start, m) for m in micro))
+    assert [float(c) for c in counts] == [15, 2, 5, 10]
+    big_batch = jax.tree.map(lambda *g: sum(g) / sum(counts), *grads)
+    mean_of_means = jax.tree.map(lambda *g: sum(gi / c for gi, c in zip(g, counts)) / len(g), *grads)
+    right = jax.tree.map(lambda p, g: p - 0.1 * g, start, big_batch)
+    wrong = jax.tree.map(lambda p, g: p - 0.1 * g, start, mean_of_means)
+    # The batch discriminates: "average of micro-batch means" moves parameters far from the big batch.
+    gap = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(right), jax.tree.leaves(wrong)))
+    assert gap > 1e-3, gap
+    for got in params:  # accum 1 (the big batch in one go) and accum 4 both take the big-batch step
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(right)):
+            np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(metrics[1]["loss"], metrics[0]["loss"], rtol=1e-6)
+    np.testing.assert_allclose(metrics[1]["grad_norm"], metrics[0]["grad_norm"], rtol=1e-5)
 
 
 def test_loss_falls_on_tiny_shakespeare(shakespeare, tmp_path):
@@ -152,9 +202,10 @@ def test_checkpoints_keep_latest_and_best(tmp_path):
     ckpt = Checkpoints(tmp_path / "ck", keep=2)
     state = {"w": np.zeros(3, np.float32)}
     for step, val in zip(range(1, 6), [5.0, 1.0, 4.0, 3.0, 2.0]):
-        ckpt.save(step, {"w": np.full(3, step, np.float32)}, val)
+        ckpt.save(step, {"w": np.full(3, step, np.float32)}, {"val_loss": val, "train_seconds": float(step)})
     ckpt.close()
     assert sorted(Checkpoints(tmp_path / "ck").all_steps()) == [2, 4, 5]
+    assert Checkpoints(tmp_path / "ck").metadata(4) == {"val_loss": 3.0, "train_seconds": 4.0}
     restored = Checkpoints(tmp_path / "ck").restore(2, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
                                                                      state))
     np.testing.assert_array_equal(restored["w"], np.full(3, 2.0))
