@@ -54,14 +54,19 @@ def train_rows(run: Path) -> list[int]:
             if json.loads(line).get("split") == "train"]
 
 
-@pytest.fixture()
-def run20(small_corpus, tmp_path) -> Path:
-    """A run stopped (checkpointed, resumable) at step 20 of 40, with checkpoints 10 and 20."""
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def stopped_run(small_corpus, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("faults") / "run"
     result = train(run, small_corpus, "train.steps=40", "train.stop_at_step=20")
     assert result.returncode == 0, result.stderr[-3000:]
     assert Checkpoints(run / "checkpoints", read_only=True).all_steps() == [10, 20]
     return run
+
+
+@pytest.fixture()
+def run20(stopped_run, tmp_path) -> Path:
+    """A run stopped (checkpointed, resumable) at step 20 of 40, with checkpoints 10 and 20 (a fresh copy)."""
+    return Path(shutil.copytree(stopped_run, tmp_path / "run"))
 
 
 def test_a_nonfinite_loss_stops_the_run_without_saving_it(small_corpus, run20):

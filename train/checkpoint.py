@@ -115,6 +115,10 @@ class Checkpoints:
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
+    def steps_saved_or_saving(self) -> list[int]:
+        """Every finalized step, and the one being written in the background."""
+        return sorted(set(self.all_steps() + ([self._pending[0]] if self._pending else [])))
+
     def metadata(self, step: int) -> dict:
         """The step's resume metadata ({} when it has none or it cannot be read)."""
         try:

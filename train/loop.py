@@ -162,8 +162,8 @@ def legacy_train_seconds(run_dir: Path, step: int) -> float:
 
 
 def last_checkpoint_text(checkpoints: Checkpoints) -> str:
-    steps = checkpoints.all_steps() + ([checkpoints._pending[0]] if checkpoints._pending else [])
-    return (f"the last checkpoint is {checkpoints.directory / str(max(steps))}" if steps
+    steps = checkpoints.steps_saved_or_saving()
+    return (f"the last checkpoint is {checkpoints.directory / str(steps[-1])}" if steps
             else "no checkpoint was saved yet")
 
 
