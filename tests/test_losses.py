@@ -62,3 +62,11 @@ def test_training_logs_the_unsmoothed_loss_beside_the_smoothed_one():
     assert "loss_unsmoothed" not in metrics[0.0]
     assert metrics[0.2]["loss_unsmoothed"] == np.float32(metrics[0.0]["loss"])  # the same parameters, plain CE
     assert metrics[0.2]["loss"] > metrics[0.2]["loss_unsmoothed"]
+
+
+def test_the_loss_plot_compares_like_with_like():
+    from plutao.train.metrics import loss_curves
+
+    rows = [{"step": 10, "split": "train", "loss": 2.5, "loss_unsmoothed": 2.1}, {"step": 10, "split": "val", "loss": 2.2},
+            {"step": 20, "split": "train", "loss": 2.0}, {"step": 20, "sample": "text"}]
+    assert loss_curves(rows) == ([(10, 2.1), (20, 2.0)], [(10, 2.2)])

@@ -69,6 +69,15 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def loss_curves(records: list[dict]) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(step, loss) of the train and val rows. With label smoothing the train curve is the plain
+    cross-entropy (`loss_unsmoothed`), which is what val measures."""
+    train = [(r["step"], r.get("loss_unsmoothed", r["loss"])) for r in records
+             if r.get("split") == "train" and "loss" in r]
+    val = [(r["step"], r["loss"]) for r in records if r.get("split") == "val" and "loss" in r]
+    return train, val
+
+
 def plot_losses(run_dir: Path) -> Path | None:
     """Train and val loss against step, written to RUN_DIR/loss.png."""
     import matplotlib
@@ -76,9 +85,7 @@ def plot_losses(run_dir: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = read_metrics(run_dir)
-    train = [(r["step"], r["loss"]) for r in records if r.get("split") == "train" and "loss" in r]
-    val = [(r["step"], r["loss"]) for r in records if r.get("split") == "val" and "loss" in r]
+    train, val = loss_curves(read_metrics(run_dir))
     if not train and not val:
         return None
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
