@@ -20,9 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from plutao.experiments.presets import PRESETS
 from plutao.train.config import Config, apply_overrides
 from plutao.train.errors import UserError
+from plutao.train.presets import PRESETS
 
 RECURRENT_EVAL_WINDOW = 512
 

@@ -25,12 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from plutao.experiments.presets import PRESETS
 from plutao.model.presets import flops_per_token
 from plutao.model.sampling import SamplingConfig, generate
 from plutao.train.config import Config, apply_overrides
 from plutao.train.loop import prepare, train
 from plutao.train.metrics import read_metrics
+from plutao.train.presets import PRESETS
 from plutao.train.run import load_run
 
 

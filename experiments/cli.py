@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-from plutao.experiments.presets import PRESETS
+from plutao.train.config import resolve_config
+from plutao.train.presets import PRESETS
 
 
 def _user_errors():
@@ -20,28 +20,6 @@ def _user_errors():
     from plutao.train.errors import UserError
 
     return (UserError, TokenizerError, SamplingError)
-
-
-def resolve_config(config: str | None, overrides: list[str]):
-    """Defaults ← preset or file ← key=value overrides, then validated."""
-    from plutao.train.config import Config, apply_overrides, load_config_file, parse_overrides, validate
-    from plutao.train.errors import UserError
-
-    name = config or "default"
-    if name in PRESETS:
-        layers = dict(PRESETS[name])
-    elif name.endswith((".toml", ".json")) or os.path.sep in name:
-        layers = load_config_file(Path(name))
-    else:
-        import difflib
-
-        close = difflib.get_close_matches(name, list(PRESETS), n=1)
-        hint = f"did you mean {close[0]}? " if close else ""
-        raise UserError(f"unknown preset {name!r}; {hint}presets: {', '.join(PRESETS)} (or a .toml/.json file)")
-    cfg = apply_overrides(Config(), layers)
-    cfg = apply_overrides(cfg, parse_overrides(overrides))
-    validate(cfg)
-    return Path(name).stem if name not in PRESETS else name, cfg
 
 
 def _neural(cfg, command: str):

@@ -586,7 +586,7 @@ def _read_val(directory: Path) -> list[dict]:
 
 def sweep(spec: SweepSpec, sweep_dir: Path, cli_overrides: dict[str, str], *, retry_failed: bool = False,
           log=print) -> dict:
-    from plutao.experiments.cli import resolve_config
+    from plutao.train.config import resolve_config
 
     sweep_dir = Path(sweep_dir)
     if sweep_dir.exists() and not sweep_dir.is_dir():

@@ -102,8 +102,8 @@ def test_twenty_steps_match_the_recorded_trajectory(case, golden, small_corpus, 
 
 
 SAMPLING_GOLDEN = Path(__file__).parent / "goldens" / "sampling.json"
-SAMPLING_CASES = {"greedy": dict(temperature=0.0), "t0.8": dict(temperature=0.8), "k5": dict(temperature=1.0, top_k=5),
-                  "p0.9": dict(temperature=0.9, top_p=0.9), "k3p0.8": dict(temperature=1.2, top_k=3, top_p=0.8)}
+SAMPLING_CASES = {"greedy": {"temperature": 0.0}, "t0.8": {"temperature": 0.8}, "k5": {"temperature": 1.0, "top_k": 5},
+                  "p0.9": {"temperature": 0.9, "top_p": 0.9}, "k3p0.8": {"temperature": 1.2, "top_k": 3, "top_p": 0.8}}
 
 
 def test_sampled_tokens_match_the_recorded_ones():

@@ -6,10 +6,9 @@ import sys
 
 import pytest
 
-from plutao.experiments.cli import resolve_config
 from plutao.model.presets import abstract_params
 from plutao.train import sharding
-from plutao.train.config import MeshConfig
+from plutao.train.config import MeshConfig, resolve_config
 from plutao.train.errors import UserError
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from plutao.experiments.cli import resolve_config
 from plutao.experiments.shardings import dumps, sharding_dump
+from plutao.train.config import resolve_config
 
 GOLDENS = Path(__file__).parent / "goldens"
 CASES = {
@@ -60,7 +60,7 @@ def test_megatron_layout_of_the_resolved_specs():
 MESH_SCRIPT = r"""
 import json, sys
 import jax, numpy as np
-from plutao.experiments.presets import PRESETS
+from plutao.train.presets import PRESETS
 from plutao.train.config import Config, apply_overrides
 from plutao.train.errors import UserError
 from plutao.train.loop import prepare

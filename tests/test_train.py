@@ -13,12 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from plutao.experiments.presets import PRESETS
 from plutao.model.config import ModelConfig
 from plutao.train.config import Config, MeshConfig, OptimConfig, apply_overrides
 from plutao.train.data import Batches, Split
 from plutao.train.loop import train
 from plutao.train.optim import lr_schedule, make_optimizer
+from plutao.train.presets import PRESETS
 from plutao.train.run import load_run
 from plutao.train.sharding import make_mesh
 from plutao.train.step import Trainer
@@ -143,7 +143,7 @@ TRAIN_SCRIPT = """
 import sys
 from pathlib import Path
 from plutao.train.config import Config, apply_overrides
-from plutao.experiments.presets import PRESETS
+from plutao.train.presets import PRESETS
 from plutao.train.loop import train
 layers = dict(PRESETS["tiny"]) | {{"data.path": {corpus!r}, "train.steps": 40, "train.checkpoint_every": 10,
     "model.d_model": 256, "model.n_heads": 4, "model.n_layers": 3, "model.context_length": 64, "train.batch_size": 32}}
@@ -249,7 +249,7 @@ import json, sys
 from pathlib import Path
 import jax
 from plutao.train.config import Config, apply_overrides
-from plutao.experiments.presets import PRESETS
+from plutao.train.presets import PRESETS
 from plutao.train.loop import train
 assert jax.device_count() == 8, jax.devices()
 base = dict(PRESETS["tiny"]) | {{"data.path": {str(small_corpus)!r}, "train.steps": 10, "train.log_every": 1,

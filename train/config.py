@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 import types
 import typing
 from pathlib import Path
@@ -281,3 +282,20 @@ def validate(cfg: Config) -> None:
         raise UserError(problems[0])
 
 
+def resolve_config(config: str | None, overrides: list[str]):
+    """Defaults ← preset or file ← key=value overrides, then validated."""
+    from plutao.train.presets import PRESETS
+
+    name = config or "default"
+    if name in PRESETS:
+        layers = dict(PRESETS[name])
+    elif name.endswith((".toml", ".json")) or os.path.sep in name:
+        layers = load_config_file(Path(name))
+    else:
+        close = difflib.get_close_matches(name, list(PRESETS), n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise UserError(f"unknown preset {name!r}; {hint}presets: {', '.join(PRESETS)} (or a .toml/.json file)")
+    cfg = apply_overrides(Config(), layers)
+    cfg = apply_overrides(cfg, parse_overrides(overrides))
+    validate(cfg)
+    return Path(name).stem if name not in PRESETS else name, cfg
