@@ -72,6 +72,29 @@ def self_attention_mask(q_index_BT: Array, k_index_S: Array, first_valid_B: Arra
     return Mask(allowed_BTS)
 
 
+def same_segment(segment_ids_BT: Array) -> Array:
+    """(B, T, T): True where query t and key s belong to the same packed document."""
+    return segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+
+
+def segment_causal_mask(segment_ids_BT: Array) -> Mask:
+    """Causal self-attention within each packed document (block-diagonal causal): a token sees the
+    earlier tokens of its own document only."""
+    T = segment_ids_BT.shape[1]
+    index_T = jnp.arange(T)
+    return Mask((index_T[None, :, None] >= index_T[None, None, :]) & same_segment(segment_ids_BT))
+
+
+def segment_bidirectional_mask(segment_ids_BT: Array, valid_BT: Array) -> Mask:
+    """Bidirectional attention within each packed document (block-diagonal), never to padding. A
+    query whose document has no real key (a padding row) keeps its own position, so no softmax is over
+    nothing."""
+    T = segment_ids_BT.shape[1]
+    allowed_BTS = same_segment(segment_ids_BT) & valid_BT[:, None, :]
+    allowed_BTS |= jnp.eye(T, dtype=bool)[None] & ~jnp.any(allowed_BTS, axis=-1, keepdims=True)
+    return Mask(allowed_BTS)
+
+
 def padding_mask(valid_BS: Array, T: int) -> Mask:
     """Every query may see every real key; `valid_BS` must be a prefix of each row (right padding), as
     every batch here is. A row of padding only keeps one key, so no softmax is over nothing."""

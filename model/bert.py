@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from plutao.model.attention import padding_mask
+from plutao.model.attention import padding_mask, segment_bidirectional_mask
 from plutao.model.blocks import ACT_BTD, Block
 from plutao.model.config import ModelConfig
 from plutao.model.layers import INIT_STD, Norm, dropout, no_constraint, normal_param, sinusoidal_table
@@ -34,14 +34,16 @@ class BERT(nnx.Module):
         self.lm_head = (None if cfg.tie_embeddings
                         else normal_param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), INIT_STD))
 
-    def __call__(self, tokens_BT: Array, valid_BT: Array | None = None, *, dropout_key=None, return_weights=False,
-                 constrain=no_constraint):
-        """Logits (B, T, V) at every position (each sees the whole sequence but padding), and weights if asked."""
+    def __call__(self, tokens_BT: Array, valid_BT: Array | None = None, *, positions_BT: Array | None = None,
+                 segment_ids_BT: Array | None = None, dropout_key=None, return_weights=False, constrain=no_constraint):
+        """Logits (B, T, V) at every position (each sees the whole sequence but padding, or with
+        `segment_ids_BT` its own packed document only), and weights if asked."""
         cfg = self.cfg
         B, T = tokens_BT.shape
         keys = [None] * (cfg.n_layers + 1) if dropout_key is None else list(
             jax.random.split(dropout_key, cfg.n_layers + 1))
-        positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
         x_BTD = constrain(self.token_embed[...], (None, None))[tokens_BT]
         if cfg.positions == "learned":
             x_BTD = x_BTD + self.pos_embed[...][positions_BT]
@@ -49,7 +51,8 @@ class BERT(nnx.Module):
             x_BTD = x_BTD + sinusoidal_table(cfg.context_length, cfg.d_model)[positions_BT]
         x_BTD = constrain(dropout(x_BTD, cfg.dropout, keys[-1]).astype(self.compute_dtype), ACT_BTD)
         valid_BT = jnp.ones((B, T), bool) if valid_BT is None else valid_BT
-        mask = padding_mask(valid_BT, T)
+        mask = padding_mask(valid_BT, T) if segment_ids_BT is None else segment_bidirectional_mask(segment_ids_BT,
+                                                                                                   valid_BT)
         weights = []
         for block, key in zip(self.blocks, keys):
             x_BTD, _, w = block(x_BTD, mask, positions_BT, dropout_key=key, return_weights=return_weights,

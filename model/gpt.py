@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from plutao.model.attention import init_cache, self_attention_mask
+from plutao.model.attention import init_cache, segment_causal_mask, self_attention_mask
 from plutao.model.blocks import ACT_BTD, Block
 from plutao.model.config import ModelConfig
 from plutao.model.layers import (
@@ -56,6 +56,8 @@ class GPT(nnx.Module):
         self,
         tokens_BT: Array,
         *,
+        positions_BT: Array | None = None,
+        segment_ids_BT: Array | None = None,
         cache: list[dict[str, Array]] | None = None,
         cache_index: Array | int = 0,
         first_valid_B: Array | None = None,
@@ -71,6 +73,9 @@ class GPT(nnx.Module):
         Without a cache, token t attends to tokens ≤ t. With a cache, the T tokens occupy cache
         columns [cache_index, cache_index + T); rows may be left-padded, their real tokens starting
         at column first_valid_B (positions are counted from there).
+
+        Packed rows (no cache): `segment_ids_BT` keeps each document's tokens from attending to another
+        document's, and `positions_BT` (e.g. restarting at 0 for each document) replaces 0..T-1.
         """
         cfg = self.cfg
         B, T = tokens_BT.shape
@@ -80,8 +85,12 @@ class GPT(nnx.Module):
         else:
             q_index_BT = jnp.broadcast_to(cache_index + jnp.arange(T), (B, T))
             k_index_S = jnp.arange(cache["k"].shape[2] if cfg.scan_layers else cache[0]["k"].shape[1])
-        positions_BT = q_index_BT if first_valid_B is None else jnp.maximum(q_index_BT - first_valid_B[:, None], 0)
-        mask = self_attention_mask(q_index_BT, k_index_S, first_valid_B, cached=cache is not None)
+        if positions_BT is None:
+            positions_BT = q_index_BT if first_valid_B is None else jnp.maximum(q_index_BT - first_valid_B[:, None], 0)
+        if segment_ids_BT is not None and cache is None:
+            mask = segment_causal_mask(segment_ids_BT)
+        else:
+            mask = self_attention_mask(q_index_BT, k_index_S, first_valid_B, cached=cache is not None)
 
         keys = [None] * (cfg.n_layers + 1)
         if dropout_key is not None:
