@@ -1,12 +1,22 @@
-"""Tokenizers for plutao: char, byte, sentencepiece BPE and word, with shared special tokens.
+"""Tokenizers for plutao: char, byte, sentencepiece BPE and word, each declaring its special tokens.
 
 tok = train_tokenizer("bpe", texts, vocab_size=8192)
 tok.save("runs/x/tokenizer"); tok = load_tokenizer("runs/x/tokenizer")
 ids = tok.encode_array(corpus)          # int32 [n_tokens]
 print(format_tokens(tok, "Hello, world!", price_per_1k=0.002))
+
+Special tokens are the tokenizer's to declare (see `SpecialTokens` in base.py): ask it, never assume ids.
+tok.specials                            {"<pad>": 0, "<|endoftext|>": 1, ...}  token string -> id
+tok.special_id("user")                  id by role or by token string; TokenizerError if undeclared
+tok.eot_id, tok.pad_id, tok.user_id     the same, for each role
+tok.is_special(ids)                     bool / bool array
+tok.ordinary_mask(model_vocab_size)     bool [V]: ordinary ids True; specials and padded rows False
+train_tokenizer("char", texts, specials={"<pad>": 40, ...})   specials wherever a vocabulary has them
+SPECIAL_TOKENS / NUM_SPECIAL describe only the historical layout (those eleven at ids 0..10) that
+tokenizers trained here use by default and that every folder saved without a declaration loads with.
 """
 
-from .base import SPECIAL_TOKENS, Tokenizer, TokenizerError
+from .base import DEFAULT_ROLES, NUM_SPECIAL, SPECIAL_TOKENS, SpecialTokens, Tokenizer, TokenizerError
 from .bpe import BPETokenizer
 from .byte import ByteTokenizer
 from .char import CharTokenizer
@@ -15,11 +25,14 @@ from .viewer import format_tokens
 from .word import WordTokenizer
 
 __all__ = [
+    "DEFAULT_ROLES",
+    "NUM_SPECIAL",
     "SPECIAL_TOKENS",
     "TOKENIZER_KINDS",
     "BPETokenizer",
     "ByteTokenizer",
     "CharTokenizer",
+    "SpecialTokens",
     "Tokenizer",
     "TokenizerError",
     "WordTokenizer",

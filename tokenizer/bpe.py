@@ -7,7 +7,7 @@ import itertools
 import operator
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +15,7 @@ import numpy as np
 import sentencepiece as spm
 
 from .base import (
-    NUM_SPECIAL,
-    SPECIAL_IDS,
-    SPECIAL_TOKENS,
+    SpecialTokens,
     Tokenizer,
     TokenizerError,
     as_text_iterable,
@@ -47,9 +45,11 @@ _MAX_SENTENCE_BYTES = 8192
 # learned piece contains a non-space followed by a space, so cutting there never changes the encoding.
 _WORD_START = re.compile(r"(?<=[^ ])(?= )")
 
-_SPECIAL_META = {"<pad>": "pad", "<bos>": "bos", "<eos>": "eos", "<unk>": "unk"}
+# The roles sentencepiece itself knows (its "meta" pieces, placed at any id we name); every other special
+# is a control symbol, which the trainer puts at the lowest ids left free, in the order given.
+_META_ROLES = ("pad", "bos", "eos", "unk")
 
-TRAINER_OPTIONS: dict[str, Any] = {
+_BASE_OPTIONS: dict[str, Any] = {
     "model_type": "bpe",
     "byte_fallback": True,  # unseen characters become UTF-8 byte pieces, never <unk>
     "character_coverage": 1.0,
@@ -70,12 +70,38 @@ TRAINER_OPTIONS: dict[str, Any] = {
     "num_threads": 2,
     # sentencepiece trains per line and drops "\n"; as a user-defined symbol it is always one atomic piece.
     "user_defined_symbols": [_NEWLINE],
-    "control_symbols": [s for s in SPECIAL_TOKENS if s not in _SPECIAL_META],
-    **{f"{meta}_id": SPECIAL_IDS[name] for name, meta in _SPECIAL_META.items()},
-    **{f"{meta}_piece": name for name, meta in _SPECIAL_META.items()},
     "minloglevel": 2,
 }
 _SEED = 0
+
+
+def trainer_options(specials: SpecialTokens) -> dict[str, Any]:
+    """Sentencepiece trainer options that reserve `specials`: the pad/bos/eos/unk roles as sentencepiece's
+    own pieces at their declared ids (a role not declared is switched off; unk is required), every other
+    special as a control symbol, in id order. The trainer fills the lowest free ids with control symbols,
+    then the newline and the byte pieces, so a declaration whose other specials do not take exactly those
+    ids cannot be trained and BPETokenizer reports it. In the historical layout the options are, key for
+    key, those every saved BPE model was trained with."""
+    if "unk" not in specials.roles:
+        raise TokenizerError(
+            "a bpe tokenizer needs an 'unk' special (sentencepiece requires one); declare it among its specials"
+        )
+    meta = {role: specials.roles[role] for role in _META_ROLES if role in specials.roles}
+    if len(set(meta.values())) != len(meta):
+        raise TokenizerError(
+            f"sentencepiece needs distinct tokens for its pad/bos/eos/unk roles, got {meta}; "
+            "give each role its own special token"
+        )
+    options = dict(_BASE_OPTIONS)
+    options["control_symbols"] = [name for name in specials.ids if name not in meta.values()]
+    for role in _META_ROLES:
+        options[f"{role}_id"] = specials.ids[meta[role]] if role in meta else -1
+        if role in meta:
+            options[f"{role}_piece"] = meta[role]
+    return options
+
+
+TRAINER_OPTIONS: dict[str, Any] = trainer_options(SpecialTokens.historical())
 
 
 def _num_threads() -> int:
@@ -182,19 +208,29 @@ def _training_error(err: Exception, vocab_size: int) -> TokenizerError:
         least = int(too_small.group(2))
         return TokenizerError(
             f"vocab_size={vocab_size} is too small for this corpus: BPE needs at least {least} ids "
-            f"({NUM_SPECIAL} specials, newline, 256 byte pieces and every distinct character); "
+            f"(the specials, newline, 256 byte pieces and every distinct character); "
             f"set data.vocab_size >= {least}"
         )
     first = msg.strip().splitlines()[-1] if msg.strip() else type(err).__name__
     return TokenizerError(f"sentencepiece BPE training failed: {first}; check the corpus and vocab_size")
 
 
+def _misplaced_special(sp: spm.SentencePieceProcessor, specials: SpecialTokens) -> tuple[str, int] | None:
+    """The first declared special whose id does not hold that piece in `sp`, or None."""
+    for name, i in specials.ids.items():
+        if i >= sp.get_piece_size() or sp.id_to_piece(i) != name:
+            return name, i
+    return None
+
+
 class BPETokenizer(Tokenizer):
-    """Sentencepiece BPE with byte fallback; ids 0..10 are the specials (never produced from text)."""
+    """Sentencepiece BPE with byte fallback. The declared specials must be sentencepiece control (or unk)
+    pieces with those strings at those ids, so they are never produced from text; in the historical layout
+    they are ids 0..10."""
 
     kind = "bpe"
 
-    def __init__(self, model: bytes) -> None:
+    def __init__(self, model: bytes, specials: SpecialTokens | Mapping[str, int] | None = None) -> None:
         self.model_bytes: bytes = bytes(model)
         sp = spm.SentencePieceProcessor()
         try:
@@ -204,13 +240,20 @@ class BPETokenizer(Tokenizer):
                 "the sentencepiece model is unreadable (corrupt or not a model file); retrain and save it"
             ) from None
         self._sp = sp
-        super().__init__(sp.get_piece_size())
-        for name, i in SPECIAL_IDS.items():
-            if i >= self.vocab_size or sp.id_to_piece(i) != name:
+        declared = SpecialTokens.coerce(specials)
+        misplaced = _misplaced_special(sp, declared)
+        if misplaced is not None:
+            raise TokenizerError(
+                f"the sentencepiece model does not reserve {misplaced[0]!r} at id {misplaced[1]}; "
+                "train it with BPETokenizer.train so the specials are in place"
+            )
+        for name, i in declared.ids.items():
+            if not (sp.is_control(i) or sp.is_unknown(i)):
                 raise TokenizerError(
-                    f"the sentencepiece model does not reserve {name!r} at id {i}; "
-                    "train it with BPETokenizer.train so the specials are in place"
+                    f"the sentencepiece piece {name!r} at id {i} is ordinary text to sentencepiece (encoding "
+                    "can produce it), so it cannot be a special token; make it a control symbol"
                 )
+        super().__init__(sp.get_piece_size(), declared)
         byte_ids = [sp.piece_to_id(f"<0x{b:02X}>") for b in range(256)]
         newline_id = sp.piece_to_id(_NEWLINE)
         if not all(sp.is_byte(i) for i in byte_ids) or newline_id == sp.unk_id():
@@ -229,8 +272,14 @@ class BPETokenizer(Tokenizer):
             )
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
-        """Train a BPE model with exactly `vocab_size` ids (specials, newline and 256 byte pieces included)."""
+    def train(
+        cls,
+        texts: Iterable[str],
+        vocab_size: int,
+        specials: SpecialTokens | Mapping[str, int] | None = None,
+    ) -> BPETokenizer:
+        """Train a BPE model with exactly `vocab_size` ids (specials, newline and 256 byte pieces included);
+        `specials` None is the historical layout."""
         try:
             vocab_size = operator.index(vocab_size)
         except TypeError:
@@ -241,6 +290,8 @@ class BPETokenizer(Tokenizer):
             raise TokenizerError(
                 f"vocab_size must be a positive int, got {vocab_size!r}; set data.vocab_size"
             )
+        declared = SpecialTokens.coerce(specials)
+        options = trainer_options(declared)
         sentences = _training_sentences(as_text_iterable(texts))
         if not sentences:
             raise TokenizerError("no training text for the bpe tokenizer; pass at least one non-empty text")
@@ -251,11 +302,19 @@ class BPETokenizer(Tokenizer):
                 sentence_iterator=iter(sentences),
                 model_writer=model,
                 vocab_size=vocab_size,
-                **TRAINER_OPTIONS,
+                **options,
             )
         except RuntimeError as e:
             raise _training_error(e, vocab_size) from None
-        return cls(model.getvalue())
+        trained = spm.SentencePieceProcessor(model_proto=model.getvalue())
+        misplaced = _misplaced_special(trained, declared)
+        if misplaced is not None:
+            raise TokenizerError(
+                f"sentencepiece cannot train special {misplaced[0]!r} at id {misplaced[1]}: it puts control "
+                "symbols at the lowest ids that pad/bos/eos/unk leave free; declare the other specials "
+                "there, or build the model elsewhere and pass it to BPETokenizer(model, specials)"
+            )
+        return cls(model.getvalue(), declared)
 
     # ---- encoding -------------------------------------------------------------------------------
 
@@ -323,4 +382,4 @@ class BPETokenizer(Tokenizer):
                 f"cannot read the BPE model {str(path)!r}: {e.strerror or e}; "
                 "save the tokenizer again (it writes tokenizer.json and bpe.model together)"
             ) from None
-        return cls(model)
+        return cls(model, SpecialTokens.from_config(config, directory))

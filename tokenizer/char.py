@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .base import NUM_SPECIAL, Tokenizer, TokenizerError, as_text_iterable, require_str
+from .base import SpecialTokens, Tokenizer, TokenizerError, as_text_iterable, require_str
 
 _MAX_SHOWN = 5
 
 
 class CharTokenizer(Tokenizer):
-    """Specials, then the sorted characters of the training text."""
+    """The sorted characters of the training text, at the ids the specials leave free (in the historical
+    layout: the specials, then the characters)."""
 
     kind = "char"
 
-    def __init__(self, chars: Sequence[str]) -> None:
+    def __init__(
+        self, chars: Sequence[str], specials: SpecialTokens | Mapping[str, int] | None = None
+    ) -> None:
         chars = list(chars)
         if not chars:
             raise TokenizerError("a char tokenizer needs at least one character; train it on non-empty text")
@@ -27,25 +30,27 @@ class CharTokenizer(Tokenizer):
             raise TokenizerError("char vocabulary entries must be single characters; retrain the tokenizer")
         if len(set(chars)) != len(chars) or chars != sorted(chars):
             raise TokenizerError("char vocabulary must be sorted and without repeats; retrain the tokenizer")
-        super().__init__(NUM_SPECIAL + len(chars))
+        super().__init__(len(chars) + self._count_specials(specials), specials)
         self.chars: tuple[str, ...] = tuple(chars)
-        self._id_of: dict[str, int] = {c: NUM_SPECIAL + i for i, c in enumerate(chars)}
+        self._id_of: dict[str, int] = dict(zip(chars, self._ordinary_ids.tolist()))
         # Code points in id order, for vectorised decode; surrogatepass keeps lone surrogates round-tripping.
         self._codes = np.frombuffer("".join(chars).encode("utf-32-le", "surrogatepass"), dtype="<u4")
         # Lookup table code point -> id, with one extra -1 slot that every larger code point maps to.
         self._lut = np.full(int(self._codes.max()) + 2, -1, dtype=np.int32)
-        self._lut[self._codes] = np.arange(NUM_SPECIAL, self.vocab_size, dtype=np.int32)
+        self._lut[self._codes] = self._ordinary_ids
 
     @classmethod
-    def train(cls, texts: Iterable[str]) -> CharTokenizer:
-        """Vocabulary = every distinct character in `texts`."""
+    def train(
+        cls, texts: Iterable[str], specials: SpecialTokens | Mapping[str, int] | None = None
+    ) -> CharTokenizer:
+        """Vocabulary = every distinct character in `texts`, plus `specials` (None: the historical layout)."""
         seen: set[str] = set()
         for text in as_text_iterable(texts):
             require_str(text)
             seen.update(text)
         if not seen:
             raise TokenizerError("no training text for the char tokenizer; pass at least one non-empty text")
-        return cls(sorted(seen))
+        return cls(sorted(seen), specials)
 
     def encode(self, text: str) -> list[int]:
         require_str(text)
@@ -80,10 +85,10 @@ class CharTokenizer(Tokenizer):
         )
 
     def _decode_run(self, ids: np.ndarray) -> str:
-        return self._codes[ids - NUM_SPECIAL].tobytes().decode("utf-32-le", "surrogatepass")
+        return self._codes[self._ordinary_index[ids]].tobytes().decode("utf-32-le", "surrogatepass")
 
     def _token_string(self, token_id: int) -> str:
-        return self.chars[token_id - NUM_SPECIAL]
+        return self.chars[self._ordinary_index[token_id]]
 
     def _definition_bytes(self) -> bytes:
         return json.dumps(self.chars).encode("ascii")
@@ -98,4 +103,4 @@ class CharTokenizer(Tokenizer):
             raise TokenizerError(
                 f"{directory}/tokenizer.json has no 'chars' list; it is corrupt, retrain and save the tokenizer"
             )
-        return cls(chars)
+        return cls(chars, SpecialTokens.from_config(config, directory))

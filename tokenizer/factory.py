@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from .base import CONFIG_FILE, FORMAT_VERSION, SPECIAL_IDS, Tokenizer, TokenizerError
+from .base import CONFIG_FILE, FORMAT_VERSION, SpecialTokens, Tokenizer, TokenizerError
 from .bpe import BPETokenizer
 from .byte import ByteTokenizer
 from .char import CharTokenizer
@@ -27,19 +27,25 @@ def _check_kind(kind: object) -> str:
     return str(kind)
 
 
-def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int | None = None) -> Tokenizer:
+def train_tokenizer(
+    kind: str,
+    texts: Iterable[str],
+    vocab_size: int | None = None,
+    specials: SpecialTokens | Mapping[str, int] | None = None,
+) -> Tokenizer:
     """Train a `kind` tokenizer on `texts`; vocab_size is required for bpe, caps word (None = every word)
-    and is ignored by char and byte, whose vocabularies are fixed by the data (char) or by design (byte)."""
+    and is ignored by char and byte, whose vocabularies are fixed by the data (char) or by design (byte).
+    `specials` declares the special tokens' ids (None: the historical layout, SPECIAL_TOKENS at 0..10)."""
     kind = _check_kind(kind)
     if kind == "char":
-        return CharTokenizer.train(texts)
+        return CharTokenizer.train(texts, specials)
     if kind == "byte":
-        return ByteTokenizer()
+        return ByteTokenizer(specials)
     if kind == "word":
-        return WordTokenizer.train(texts, vocab_size)
+        return WordTokenizer.train(texts, vocab_size, specials)
     if vocab_size is None:
         raise TokenizerError("a bpe tokenizer needs a vocab_size; set data.vocab_size (e.g. 8192)")
-    return BPETokenizer.train(texts, vocab_size)
+    return BPETokenizer.train(texts, vocab_size, specials)
 
 
 def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:
@@ -80,7 +86,7 @@ def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:
     tok = TOKENIZER_KINDS[kind]._from_config(config, path)
     expected = {
         "vocab_size": tok.vocab_size,
-        "special_ids": SPECIAL_IDS,
+        "special_ids": tok.specials,
         "fingerprint": tok.fingerprint,
     }
     for key, value in expected.items():

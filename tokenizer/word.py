@@ -1,41 +1,50 @@
 """Word-level tokenizer: one id per whitespace-separated word, a newline is <eos>, anything else is <unk>.
 
 This is the vocabulary of the classic word-level benchmarks (Penn Treebank): perplexity there counts one
-end-of-sentence token per line, and the corpus already spells rare words as "<unk>".
+end-of-sentence token per line, and the corpus already spells rare words as "<unk>". The tokenizer's
+specials must include the eos and unk roles; the unk token's string is never a word of the vocabulary.
 """
 
 from __future__ import annotations
 
 import collections
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .base import (
-    NUM_SPECIAL,
-    SPECIAL_IDS,
-    SPECIAL_TOKENS,
     IdsLike,
+    SpecialTokens,
     Tokenizer,
     TokenizerError,
     as_text_iterable,
     require_str,
 )
 
-UNK = "<unk>"
 _NEWLINE = "\n"
 
 
 class WordTokenizer(Tokenizer):
-    """Specials, then the training words by descending frequency (ties alphabetical)."""
+    """The training words by descending frequency (ties alphabetical), at the ids the specials leave free
+    (in the historical layout: the specials, then the words)."""
 
     kind = "word"
 
-    def __init__(self, words: Sequence[str]) -> None:
+    def __init__(
+        self, words: Sequence[str], specials: SpecialTokens | Mapping[str, int] | None = None
+    ) -> None:
         words = list(words)
+        declared = SpecialTokens.coerce(specials)
+        for role in ("eos", "unk"):
+            if role not in declared.roles:
+                raise TokenizerError(
+                    f"a word tokenizer needs an {role!r} special (newlines are eos, unknown words unk); "
+                    "declare one among its specials"
+                )
+        unk = declared.roles["unk"]
         if not words:
             raise TokenizerError("a word tokenizer needs at least one word; train it on non-empty text")
         for w in words:
@@ -44,40 +53,52 @@ class WordTokenizer(Tokenizer):
                     f"word vocabulary entries must be non-empty strings without whitespace, got {w!r}; "
                     "retrain the tokenizer"
                 )
-        if UNK in words:
-            raise TokenizerError(f"{UNK!r} stands for unknown words, it cannot be in the vocabulary; retrain")
+        if unk in words:
+            raise TokenizerError(f"{unk!r} stands for unknown words, it cannot be in the vocabulary; retrain")
         if len(set(words)) != len(words):
             raise TokenizerError("word vocabulary has repeated words; retrain the tokenizer")
-        super().__init__(NUM_SPECIAL + len(words))
+        super().__init__(len(words) + len(declared.ids), declared)
         self.words: tuple[str, ...] = tuple(words)
-        self._id_of: dict[str, int] = {w: NUM_SPECIAL + i for i, w in enumerate(words)}
+        self._id_of: dict[str, int] = dict(zip(words, self._ordinary_ids.tolist()))
         # Text of every id, for decode: <eos> is the newline it stands for, other specials their names.
-        self._text_of: list[str] = [*SPECIAL_TOKENS, *words]
-        self._text_of[SPECIAL_IDS["<eos>"]] = _NEWLINE
+        self._text_of: list[str] = [""] * self.vocab_size
+        for i, name in self._special_name_of.items():
+            self._text_of[i] = name
+        for w, i in self._id_of.items():
+            self._text_of[i] = w
+        self._text_of[self.eos_id] = _NEWLINE
         # Specials that stand for text (a line end, an unknown word) survive decode(skip_special=True).
         self._dropped_by_skip = self._special_mask.copy()
         self._dropped_by_skip[[self.eos_id, self.unk_id]] = False
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int | None = None) -> WordTokenizer:
-        """Vocabulary = the words of `texts` (most frequent first), capped to `vocab_size` ids in all."""
+    def train(
+        cls,
+        texts: Iterable[str],
+        vocab_size: int | None = None,
+        specials: SpecialTokens | Mapping[str, int] | None = None,
+    ) -> WordTokenizer:
+        """Vocabulary = the words of `texts` (most frequent first), capped to `vocab_size` ids in all
+        (specials included); `specials` None is the historical layout."""
+        declared = SpecialTokens.coerce(specials)
+        n_special = len(declared.ids)
         is_int = isinstance(vocab_size, (int, np.integer)) and not isinstance(vocab_size, bool)
-        if vocab_size is not None and (not is_int or vocab_size <= NUM_SPECIAL):
+        if vocab_size is not None and (not is_int or vocab_size <= n_special):
             raise TokenizerError(
-                f"a word tokenizer's vocab_size must be an int above the {NUM_SPECIAL} special ids, "
+                f"a word tokenizer's vocab_size must be an int above the {n_special} special ids, "
                 f"got {vocab_size!r}; use e.g. 10000, or None for every word"
             )
         counts: collections.Counter[str] = collections.Counter()
         for text in as_text_iterable(texts):
             require_str(text)
             counts.update(text.split())
-        counts.pop(UNK, None)
+        counts.pop(declared.roles.get("unk", ""), None)
         if not counts:
             raise TokenizerError("no words in the training text for the word tokenizer; pass non-empty text")
         ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
         if vocab_size is not None:
-            ranked = ranked[: int(vocab_size) - NUM_SPECIAL]
-        return cls([w for w, _ in ranked])
+            ranked = ranked[: int(vocab_size) - n_special]
+        return cls([w for w, _ in ranked], declared)
 
     def encode(self, text: str) -> list[int]:
         """Ids of each line's words, with <eos> for every newline; unknown words (and "<unk>") -> <unk>."""
@@ -109,10 +130,10 @@ class WordTokenizer(Tokenizer):
         return _NEWLINE.join(lines)
 
     def _decode_run(self, ids: np.ndarray) -> str:
-        return " ".join(self.words[i - NUM_SPECIAL] for i in ids.tolist())
+        return " ".join(self.words[i] for i in self._ordinary_index[ids].tolist())
 
     def _token_string(self, token_id: int) -> str:
-        return self.words[token_id - NUM_SPECIAL]
+        return self.words[self._ordinary_index[token_id]]
 
     def _definition_bytes(self) -> bytes:
         return json.dumps(self.words, ensure_ascii=True).encode("ascii")
@@ -128,4 +149,4 @@ class WordTokenizer(Tokenizer):
                 f"{directory}/tokenizer.json has no 'words' list; it is corrupt, "
                 "retrain and save the tokenizer"
             )
-        return cls(words)
+        return cls(words, SpecialTokens.from_config(config, directory))
