@@ -24,9 +24,9 @@ import numpy as np
 from plutao.train import sharding
 from plutao.train.config import Config
 from plutao.train.errors import UserError
-from plutao.train.objectives import Objective
 from plutao.train.optim import lr_schedule, make_optimizer
 from plutao.train.step import Trainer
+from plutao.train.tasks import TokenIds, task_for_model
 
 UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
          "TIB": 2**40}
@@ -77,14 +77,15 @@ def plan(cfg: Config, device_memory: float | None = None) -> dict:
     sharding.check_divisibility(model, mesh, cfg.train.batch_size, cfg.train.grad_accum)
     trainer = Trainer(model, make_optimizer(cfg.optim, cfg.train.steps, model),
                       lr_schedule(cfg.optim, cfg.train.steps), mesh, cfg.train.seed, cfg.train.grad_accum,
-                      objective=Objective(model.family, cfg.optim.label_smoothing, vocab_limit=model.vocab_size,
-                                          mask_rate=cfg.train.mask_rate))
+                      task=task_for_model(model, TokenIds(vocab_limit=model.vocab_size),
+                                          label_smoothing=cfg.optim.label_smoothing, mask_rate=cfg.train.mask_rate))
     trainer.split.check()
     state = trainer.abstract_sharded_state()
-    # A translation row packs a source of L and a target of L + 1 tokens.
-    width = 2 * model.context_length + 1 if model.family == "encoder_decoder" else model.context_length + 1
-    batch = jax.ShapeDtypeStruct((cfg.train.batch_size, width), np.int32,
-                                 sharding=sharding.batch_sharding(mesh))
+    # The task's named batch for a full-length row (translation: a source of L and a target of L + 1).
+    task = trainer.task
+    rows = np.zeros((cfg.train.batch_size, task.row_width(model.context_length)), np.int32)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=trainer.batch_shardings[k])
+             for k, v in task.named(rows).items()}
     t = time.perf_counter()
     compiled = trainer.train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t

@@ -8,18 +8,22 @@ from flax import nnx
 from plutao.model.bert import BERT
 from plutao.model.config import ModelConfig
 from plutao.train.losses import cross_entropy_sum
-from plutao.train.objectives import Objective, mask_tokens
+from plutao.train.tasks import TokenIds, task_for_model
+from plutao.train.tasks.masked_lm import mask_tokens
 
 CFG = ModelConfig(family="encoder", vocab_size=50, context_length=16, n_layers=2, d_model=32, n_heads=4)
 MASK, FIRST = 5, 11
+
+
+def ordinary(limit):
+    return jnp.arange(limit) >= FIRST
 
 
 def test_mask_tokens_selects_15_percent_and_splits_80_10_10():
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(FIRST, 1000, (200, 500)), jnp.int32)
     tokens = tokens.at[:, ::50].set(1)  # some special tokens (<|endoftext|>), never to be selected
-    inputs, selected = mask_tokens(tokens, jax.random.key(0), rate=0.15, mask_id=MASK, first_regular_id=FIRST,
-                                   vocab_limit=1000)
+    inputs, selected = mask_tokens(tokens, jax.random.key(0), rate=0.15, mask_id=MASK, ordinary_V=ordinary(1000))
     inputs, selected, tokens = map(np.asarray, (inputs, selected, tokens))
     regular = tokens >= FIRST
     n_regular, n_sel = regular.sum(), selected.sum()
@@ -40,13 +44,12 @@ def test_masked_lm_loss_counts_only_selected_positions():
     model = BERT(CFG, nnx.Rngs(0))
     rng = np.random.default_rng(1)
     batch = jnp.asarray(rng.integers(FIRST, 50, (4, 17)), jnp.int32)
-    objective = Objective("encoder", pad_id=0, mask_id=MASK, first_regular_id=FIRST, vocab_limit=50)
+    objective = task_for_model(CFG, TokenIds(pad_id=0, mask_id=MASK, vocab_limit=50, ordinary=tuple(range(FIRST, 50))))
     key = jax.random.key(3)
-    sums = objective.sums(model, batch, key, train=False)
+    sums = objective.sums(model, objective.named(batch), key, train=False)
     # The same masks, recomputed: the loss is the cross-entropy at the selected positions only.
     mask_key, _ = jax.random.split(key)
-    inputs, selected = mask_tokens(batch[:, :-1], mask_key, rate=0.15, mask_id=MASK, first_regular_id=FIRST,
-                                   vocab_limit=50)
+    inputs, selected = mask_tokens(batch[:, :-1], mask_key, rate=0.15, mask_id=MASK, ordinary_V=ordinary(50))
     logits, _ = model(inputs)
     logp = jax.nn.log_softmax(logits)
     expected = -sum(float(logp[b, t, batch[b, t]]) for b, t in zip(*np.nonzero(np.asarray(selected))))
@@ -82,7 +85,7 @@ def test_each_evaluation_batch_draws_its_own_fixed_masks():
     cfg = ModelConfig(family="encoder", vocab_size=40, context_length=32, n_layers=1, d_model=16, n_heads=2).resolved()
     optim = OptimConfig()
     trainer = Trainer(cfg, make_optimizer(optim, 10, cfg), lr_schedule(optim, 10), make_mesh(MeshConfig()), 0,
-                      objective=Objective("encoder", vocab_limit=40))
+                      task=task_for_model(cfg, TokenIds(vocab_limit=40, ordinary=tuple(range(11, 40)))))
     params = trainer.init_state()["params"]
     batch = np.random.default_rng(0).integers(11, 40, (8, 33)).astype(np.int32)
     sums = [{k: float(v) for k, v in trainer.eval_step(params, batch, np.int32(i)).items()} for i in (0, 1, 0)]

@@ -26,11 +26,11 @@ def test_all_masked_batch_gives_zero_not_nan():
 def test_label_smoothing_spreads_only_over_real_targets():
     """The smoothing mass goes to ordinary ids below the tokenizer's vocabulary and to the specials a
     model predicts (<|endoftext|>, <eos>, <unk>); never to <pad>, <mask>, chat roles or padded rows."""
-    from plutao.train.objectives import Objective
+    from plutao.train.tasks import TokenIds
 
     V, limit, eps = 24, 20, 0.1  # ids 20..23: rows of a vocabulary rounded up past the tokenizer's 20
-    objective = Objective("decoder", eps, first_regular_id=11, vocab_limit=limit, target_specials=(1, 3, 4))
-    support = np.asarray(objective.smoothing_support(V))
+    ids = TokenIds(vocab_limit=limit, ordinary=tuple(range(11, limit)), target_specials=(1, 3, 4))
+    support = np.asarray(ids.smoothing_support(V))
     assert support.tolist() == [i in (1, 3, 4) or 11 <= i < limit for i in range(V)]
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((2, 5, V)).astype(np.float32) * 3
@@ -45,19 +45,20 @@ def test_label_smoothing_spreads_only_over_real_targets():
 def test_training_logs_the_unsmoothed_loss_beside_the_smoothed_one():
     from plutao.model.config import ModelConfig
     from plutao.train.config import MeshConfig, OptimConfig
-    from plutao.train.objectives import Objective
     from plutao.train.optim import lr_schedule, make_optimizer
     from plutao.train.sharding import make_mesh
     from plutao.train.step import Trainer
+    from plutao.train.tasks import TokenIds, task_for_model
 
     cfg = ModelConfig(vocab_size=32, context_length=8, n_layers=1, d_model=16, n_heads=2).resolved()
     optim = OptimConfig(label_smoothing=0.2)
     batch = np.random.default_rng(0).integers(11, 32, (2, 9)).astype(np.int32)
     metrics = {}
     for smoothing in (0.0, 0.2):
-        objective = Objective("decoder", smoothing, vocab_limit=32)
+        objective = task_for_model(cfg, TokenIds(vocab_limit=32, ordinary=tuple(range(11, 32)), target_specials=(1, 3, 4)),
+                                   label_smoothing=smoothing)
         trainer = Trainer(cfg, make_optimizer(optim, 10, cfg), lr_schedule(optim, 10), make_mesh(MeshConfig()), 0,
-                          objective=objective)
+                          task=objective)
         metrics[smoothing] = {k: float(v) for k, v in trainer.train_step(trainer.init_state(), batch)[1].items()}
     assert "loss_unsmoothed" not in metrics[0.0]
     assert metrics[0.2]["loss_unsmoothed"] == np.float32(metrics[0.0]["loss"])  # the same parameters, plain CE

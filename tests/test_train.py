@@ -56,11 +56,11 @@ def padded_translation_batch(lengths, L: int = 8, seed: int = 1) -> np.ndarray:
 
 
 def test_gradient_accumulation_equals_one_big_batch():
-    from plutao.train.objectives import Objective
+    from plutao.train.tasks import TokenIds, task_for_model
 
     cfg = ModelConfig(family="encoder_decoder", vocab_size=32, context_length=8, n_layers=1, d_model=32,
                       n_heads=2).resolved()
-    objective = Objective("encoder_decoder", pad_id=0)
+    objective = task_for_model(cfg, TokenIds(pad_id=0))
     # Plain SGD with a constant rate and no clipping, momentum or decay: params' = params - lr·gradient,
     # so the comparison sees the gradients themselves (Adam's m/√v amplifies round-off near zero).
     optim = OptimConfig(name="sgd", lr=0.1, warmup_steps=0, schedule="constant", momentum=0.0, weight_decay=0.0,
@@ -87,7 +87,7 @@ def test_gradient_accumulation_equals_one_big_batch():
     @jax.jit
     def summed(p, rows):  # the gradient of one micro-batch's summed loss, and its token count
         def loss_sum(q):
-            sums = objective.sums(trainer.model(q), rows, None, train=False)  # no dropout, no smoothing
+            sums = objective.sums(trainer.model(q), objective.named(rows), None, train=False)  # no dropout, no smoothing
             return sums["loss"], sums["count"]
         return jax.grad(loss_sum, has_aux=True)(p)
 

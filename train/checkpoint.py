@@ -192,16 +192,37 @@ class Checkpoints:
 
     # --- restoring -------------------------------------------------------------------------------
 
-    def restore(self, step: int, target):
-        """Restore into `target` (ShapeDtypeStructs with shardings). A checkpoint of another shape is a
-        UserError; one whose files cannot be read raises Unreadable."""
+    def recorded_leaves(self, step: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        """{"params.blocks.0.mlp.w_in": (shape, dtype), ...}: what checkpoint `step` holds, from its metadata."""
         try:
             recorded = self.manager.item_metadata(step)
         except Exception as e:  # noqa: BLE001
             raise Unreadable(_short_reason(e)) from None
         if recorded is None or getattr(recorded, "tree", None) is None:
             raise Unreadable("its metadata cannot be read")
-        saved, wanted = _leaves(recorded.tree), _leaves(target)
+        return _leaves(recorded.tree)
+
+    def restore_part(self, step: int, target):
+        """Restore only the leaves of `target` (a sub-tree of the checkpoint's, e.g. {"params": ...}, or
+        some of the parameters): nothing else is read, the optimizer state included. A leaf the
+        checkpoint lacks or holds with another shape is a UserError."""
+        saved, wanted = self.recorded_leaves(step), _leaves(target)
+        for name, spec in wanted.items():
+            if saved.get(name) != spec:
+                has = f"has {name} {saved[name][0]} {saved[name][1]}" if name in saved else f"has no {name}"
+                raise UserError(f"checkpoint {step} in {self.directory} does not fit: it {has}, but this model needs "
+                                f"{spec[0]} {spec[1]}")
+        args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                      partial_restore=True)
+        try:
+            return ocp.PyTreeCheckpointer().restore(self.directory / str(step) / "default", args=args)
+        except Exception as e:  # noqa: BLE001 (tensorstore raises ValueError/RuntimeError/OSError for bad files)
+            raise Unreadable(_short_reason(e)) from None
+
+    def restore(self, step: int, target):
+        """Restore into `target` (ShapeDtypeStructs with shardings). A checkpoint of another shape is a
+        UserError; one whose files cannot be read raises Unreadable."""
+        saved, wanted = self.recorded_leaves(step), _leaves(target)
         if saved != wanted:
             diff = sorted(set(saved.items()) ^ set(wanted.items()))
             name, (shape, dtype) = diff[0]
@@ -213,7 +234,8 @@ class Checkpoints:
         except Exception as e:  # noqa: BLE001 (tensorstore raises ValueError/RuntimeError/OSError for bad files)
             raise Unreadable(_short_reason(e)) from None
 
-    def restore_newest(self, target, agree=lambda failed: failed) -> tuple[int, dict, list[tuple[int, str]]]:
+    def restore_newest(self, target, agree=lambda failed: failed, *, part: bool = False
+                       ) -> tuple[int, dict, list[tuple[int, str]]]:
         """The newest checkpoint that restores: (step, state, [(step, reason) of newer unreadable ones]).
 
         `agree(failed)` makes several processes take the same decision (any failure counts for all).
@@ -221,7 +243,7 @@ class Checkpoints:
         unreadable: list[tuple[int, str]] = []
         for step in reversed(self.all_steps()):
             try:
-                state, reason = self.restore(step, target), None
+                state, reason = (self.restore_part if part else self.restore)(step, target), None
             except Unreadable as e:
                 state, reason = None, str(e)
             if agree(reason is not None):

@@ -59,6 +59,10 @@ class TrainConfig:
     # A step whose loss or gradient norm is NaN/inf: "stop" ends the run (exit code 3) without saving
     # that state; "skip" leaves parameters and optimizer state as they were and goes on (counted).
     on_nonfinite: Literal["stop", "skip"] = "stop"
+    # Start a new run from another run's checkpoint: "RUN" (its newest readable checkpoint) or "RUN:STEP".
+    # The parameters both models share are copied (e.g. the backbone); the rest (e.g. a new head) is
+    # initialised fresh; the parent's tokenizer is used. The lineage is recorded in config.json.
+    init_from: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,17 +239,13 @@ def validate(cfg: Config) -> None:
     """Raise a UserError for the first problem that would make the run fail later."""
     problems = [p for p in cfg.model.problems() if not p.startswith("model.vocab_size")]
     t, o, d = cfg.train, cfg.optim, cfg.data
-    if cfg.model.family == "encoder_decoder" and d.weights:
-        problems.append("translation data (model.family=encoder_decoder) has no mixture weights; drop data.weights")
+    from plutao.train.tasks import task_class  # (the tasks import this module)
+
+    problems += task_class(cfg).problems(cfg)
     if not 0.0 < t.mask_rate < 1.0:
         problems.append(f"train.mask_rate must be in (0, 1), got {t.mask_rate}")
-    if cfg.model.family == "ngram" and cfg.model.ngram_order < 1:
-        problems.append(f"model.ngram_order must be ≥ 1, got {cfg.model.ngram_order}")
     if cfg.model.ngram_k <= 0:
         problems.append(f"model.ngram_k must be > 0, got {cfg.model.ngram_k}")
-    if cfg.model.family != "decoder" and (cfg.model.scan_layers or cfg.model.remat != "none"):
-        problems.append(f"model.scan_layers and model.remat apply to model.family=decoder only; drop them for "
-                        f"model.family={cfg.model.family}")
     if not 0 <= t.seed < 2**31:
         problems.append(f"train.seed must be in [0, 2^31), got {t.seed}")
     if cfg.model.n_encoder_layers < 0:

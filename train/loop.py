@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-import functools
 import json
 import math
 import os
@@ -23,26 +22,26 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from flax import nnx
 from tqdm import tqdm
 
 from plutao.model.config import ModelConfig
 from plutao.model.presets import count_params, flops_per_token
-from plutao.model.sampling import SamplingConfig, generate, to_host
+from plutao.model.sampling import to_host
 from plutao.tokenizer import Tokenizer, TokenizerError, load_tokenizer, train_tokenizer
-from plutao.tokenizer.base import NUM_SPECIAL
 from plutao.train import data as data_lib
 from plutao.train import sharding
+from plutao.train.batches import NamedBatches
 from plutao.train.checkpoint import Checkpoints
 from plutao.train.config import SECTIONS, Config, all_keys, flatten, validate
 from plutao.train.distributed import any_process
 from plutao.train.errors import NonFiniteError, UserError
 from plutao.train.lock import RunLock
 from plutao.train.metrics import MetricsLog, device_peak_flops, plot_losses
-from plutao.train.objectives import Objective
 from plutao.train.optim import lr_schedule, make_optimizer
-from plutao.train.pairs import PairBatches, encode_pairs, held_out, pack, read_pairs
-from plutao.train.step import CHECKPOINTED, Trainer, sharded_batch
+from plutao.train.run import init_from_parent, merge_params
+from plutao.train.rundir import existing_run_config, parse_init_from, read_run_config
+from plutao.train.step import Trainer
+from plutao.train.tasks import Task, task_class, task_for
 
 # Keys that must agree between a run directory and a config resuming it.
 TOKENIZER_KEYS = ("tokenizer", "vocab_size")
@@ -63,10 +62,11 @@ class Prepared:
 
     cfg: Config
     tokenizer: Tokenizer
-    batches: data_lib.Batches | PairBatches
+    batches: NamedBatches | data_lib.Batches  # named batches (a counted n-gram model: the token splits)
     trainer: Trainer
     data_summary: str
     notes: list[str] = dataclasses.field(default_factory=list)  # one-line facts worth telling at start
+    task: Task | None = None
 
 
 def is_main_process() -> bool:
@@ -97,27 +97,6 @@ def provenance(cfg: Config, tokenizer: Tokenizer, mesh) -> dict:
                    f"{jax.process_count()} process(es)",
         "mesh": dict(mesh.shape) if mesh is not None else None,
     }
-
-
-def read_run_config(run_dir: Path) -> dict | None:
-    path = run_dir / "config.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise UserError(f"{path} is not valid JSON; restore it or choose another --workdir") from None
-
-
-def existing_run_config(run_dir: Path) -> dict:
-    """The saved config of a run that read-only commands open, or one line on what RUN_DIR is instead."""
-    run_dir = Path(run_dir)
-    saved = read_run_config(run_dir)
-    if saved is not None:
-        return saved
-    if not run_dir.exists():
-        raise UserError(f"{run_dir} does not exist; pass the --workdir of a `plutao train` run")
-    raise UserError(f"{run_dir} is not a run directory (no config.json); pass the --workdir of a `plutao train` run")
 
 
 def check_compatible(saved: dict, cfg: Config, run_dir: Path) -> None:
@@ -173,32 +152,19 @@ def prepare(cfg: Config, run_dir: Path | None, *, devices=None) -> Prepared:
     saved = read_run_config(run_dir) if run_dir is not None else None
     if saved is not None:  # early, before data is read; checked again once the vocabulary is known
         check_compatible(saved, cfg, run_dir)
-    sources = data_lib.source_paths(cfg.data)
-    translation = cfg.model.family == "encoder_decoder"
-    if translation:  # one shared vocabulary is trained on both sides of the training pairs
-        pairs = [pair for s in sources for pair in read_pairs(s)]
-        if cfg.data.val_path:
-            train_pairs, val_pairs = pairs, read_pairs(cfg.data.val_path, flag="data.val_path")
-        else:
-            val = [held_out(pair, cfg.data.val_fraction) for pair in pairs]
-            train_pairs = [q for q, v in zip(pairs, val) if not v]
-            val_pairs = [q for q, v in zip(pairs, val) if v]
-        val_pairs = list(dict.fromkeys(val_pairs))  # each held-out pair is scored once
-        docs_per_source = [[text for pair in train_pairs for text in pair]]
-    else:
-        docs_per_source = [data_lib.read_documents(s, cfg.data) for s in sources]
+    data = task_class(cfg)(cfg).read()
 
     tok_dir = run_dir / "tokenizer" if run_dir is not None else None
     try:
+        if (tok_dir is None or not tok_dir.is_dir()) and cfg.train.init_from:
+            tok_dir = parent_tokenizer_dir(cfg)  # a run started from another speaks its tokenizer
         if tok_dir is not None and tok_dir.is_dir():
             tokenizer = load_tokenizer(tok_dir)
             if saved and saved.get("provenance", {}).get("tokenizer_fingerprint") not in (None, tokenizer.fingerprint):
                 raise UserError(f"{tok_dir} does not match the fingerprint recorded in config.json; "
                                 "restore the tokenizer folder or use a new --workdir")
-        else:
-            # Never held-out text: the training pairs, or each source's training part.
-            texts = iter(docs_per_source[0]) if translation else data_lib.training_texts(cfg.data, docs_per_source)
-            tokenizer = train_tokenizer(cfg.data.tokenizer, texts, cfg.data.vocab_size or None)
+        else:  # never held-out text: what the task says its tokenizer may see
+            tokenizer = train_tokenizer(cfg.data.tokenizer, data.tokenizer_texts, cfg.data.vocab_size or None)
     except TokenizerError as e:
         raise UserError(str(e)) from None
 
@@ -210,27 +176,33 @@ def prepare(cfg: Config, run_dir: Path | None, *, devices=None) -> Prepared:
     if saved is not None:
         check_compatible(saved, cfg, run_dir)
 
-    if translation:
-        batches = PairBatches(encode_pairs(train_pairs, tokenizer), encode_pairs(val_pairs, tokenizer, unseen=True),
-                              cfg.model.context_length, cfg.train.batch_size, cfg.train.seed, tokenizer.pad_id,
-                              ",".join(sources))
-        summary = (f"{len(batches.train):,} training and {len(batches.val):,} held-out pairs"
-                   + (f" ({batches.dropped:,} longer than the context left out)" if batches.dropped else ""))
-    else:
-        splits = data_lib.load_splits(cfg.data, docs_per_source, tokenizer)
-        batches = data_lib.Batches(splits, cfg.data.weights, cfg.model.context_length, cfg.train.batch_size,
-                                   cfg.train.seed)
-        summary = f"{sum(len(s.train) for s in splits):,} training tokens"
-    if cfg.model.family == "ngram":  # counted, not trained: no mesh, optimizer or step functions
-        return Prepared(cfg, tokenizer, batches, None, summary)
+    task = task_for(cfg, tokenizer)
+    batches, summary = task.batches(data, tokenizer)
+    if not task.trained_by_gradient:  # counted, not trained: no mesh, optimizer or step functions
+        return Prepared(cfg, tokenizer, batches, None, summary, task=task)
     mesh = sharding.make_mesh(cfg.mesh, devices)
     sharding.check_divisibility(cfg.model, mesh, cfg.train.batch_size, cfg.train.grad_accum)
-    tx = make_optimizer(cfg.optim, cfg.train.steps, cfg.model)
+    # The optimizer sees the trainable parameters only (several models: their roles, per-model settings).
+    probe = Trainer(cfg.model, None, None, mesh, cfg.train.seed, task=task)
+    tx = make_optimizer(cfg.optim, cfg.train.steps, cfg.model if probe.single else probe.param_roles(),
+                        task.optim_groups())
     trainer = Trainer(cfg.model, tx, lr_schedule(cfg.optim, cfg.train.steps), mesh, cfg.train.seed,
-                      cfg.train.grad_accum, objective_for(cfg, tokenizer), on_nonfinite=cfg.train.on_nonfinite)
+                      cfg.train.grad_accum, task, on_nonfinite=cfg.train.on_nonfinite)
     trainer.split.check()
     notes = [note for note in (trainer.split.note(trainer.moments_per_param), attention_note(cfg.model)) if note]
-    return Prepared(cfg, tokenizer, batches, trainer, summary, notes)
+    return Prepared(cfg, tokenizer, batches, trainer, summary, notes, task)
+
+
+def parent_tokenizer_dir(cfg: Config) -> Path:
+    """The tokenizer folder of train.init_from's run, checked against what this config asks for."""
+    parent, _ = parse_init_from(cfg.train.init_from)
+    saved = existing_run_config(parent)
+    for key in TOKENIZER_KEYS:
+        old, new = saved.get("data", {}).get(key), getattr(cfg.data, key)
+        if old != new:
+            raise UserError(f"train.init_from={cfg.train.init_from}: that run was trained with data.{key}={old}, but "
+                            f"the config says {new}; set data.{key}={old} (a run started from another uses its tokenizer)")
+    return parent / "tokenizer"
 
 
 def attention_note(model: ModelConfig) -> str | None:
@@ -242,41 +214,17 @@ def attention_note(model: ModelConfig) -> str | None:
             "and sampling use the fused kernel")
 
 
-def objective_for(cfg: Config, tokenizer: Tokenizer) -> Objective:
-    return Objective(cfg.model.family, cfg.optim.label_smoothing, pad_id=tokenizer.pad_id, mask_id=tokenizer.mask_id,
-                     first_regular_id=NUM_SPECIAL, vocab_limit=tokenizer.vocab_size, mask_rate=cfg.train.mask_rate,
-                     target_specials=(tokenizer.eot_id, tokenizer.eos_id, tokenizer.unk_id))
-
-
 def evaluate(p: Prepared, params, n_batches: int) -> dict:
-    """Held-out loss over n batches (and masked-token accuracy for the masked LM). Translation pairs are
-    a finite set: at most one pass over them, each pair counted once."""
+    """Held-out metrics over n batches (the task may cap n: a finite set of pairs is passed over once)."""
     sums: dict[str, float] = {}
-    n_batches = min(n_batches, getattr(p.batches, "val_batches", lambda: n_batches)())
-    for i in range(n_batches):
-        batch = sharded_batch(functools.partial(p.batches.val_rows, i), p.batches.val_shape(i), p.trainer.mesh)
-        for k, v in p.trainer.eval_step(params, batch, np.int32(i)).items():
+    for i in range(p.task.val_batches(p.batches, n_batches)):
+        for k, v in p.trainer.eval_step(params, p.batches.sharded_val(i, p.trainer.mesh), np.int32(i)).items():
             sums[k] = sums.get(k, 0.0) + float(to_host(v))
-    count = max(sums["count"], 1.0)
-    out = {"loss": sums["loss"] / count, "perplexity": math.exp(min(sums["loss"] / count, 50))}
-    if "correct" in sums:
-        out["accuracy"] = sums["correct"] / count
-    return out
+    return p.task.eval_summary(sums)
 
 
 def milestone_sample(p: Prepared, params, step: int) -> str:
-    family = p.cfg.model.family
-    if family == "encoder_decoder":
-        return translation_sample(p, params)
-    if family == "encoder":
-        return fill_mask_sample(p, params)
-    prompt = [p.tokenizer.eot_id] + p.tokenizer.encode(p.cfg.train.sample_prompt)
-    model = p.trainer.model(params)
-    sampling = SamplingConfig(temperature=0.8, max_new_tokens=p.cfg.train.sample_tokens,
-                              seed=p.cfg.train.seed * 1_000_003 + step, stop_at_eot=False)
-    ids = generate(model, [prompt[-p.cfg.model.context_length:]], sampling, eot_id=p.tokenizer.eot_id,
-                   pad_id=p.tokenizer.pad_id)[0]
-    return p.cfg.train.sample_prompt + p.tokenizer.decode(ids)
+    return p.task.milestone_sample(p.trainer.model(params), p.batches, p.tokenizer, step)
 
 
 class StopFlag:
@@ -364,20 +312,28 @@ def _train(cfg: Config, run_dir: Path, devices, quiet: bool, allow_changed: tupl
             staging.rename(run_dir / "tokenizer")
         history = (saved or {}).get("history", []) + ([history_entry] if history_entry else [])
         record = cfg.to_dict() | {"provenance": provenance(cfg, p.tokenizer, trainer.mesh if trainer else None)}
+        if lineage or (saved or {}).get("lineage"):
+            record["lineage"] = lineage or saved["lineage"]
         if history:
             record["history"] = history
         tmp = run_dir / "config.json.tmp"
         tmp.write_text(json.dumps(record, indent=2))
         tmp.replace(run_dir / "config.json")
 
-    if cfg.model.family == "ngram":
+    if not p.task.trained_by_gradient:
         from plutao.train.ngram_run import train_ngram
 
         run_dir.mkdir(parents=True, exist_ok=True)
         return train_ngram(p, run_dir, write_run_files, log)
     # Restore before writing anything: a checkpoint that does not fit this config fails here,
     # leaving config.json and the checkpoints as they were.
-    checkpoints = Checkpoints(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
+    own = run_dir / "checkpoints"
+    parent_params, lineage = None, None
+    if cfg.train.init_from and not (own.is_dir() and any(d.name.isdigit() for d in own.iterdir())):
+        # Read (and refused, if it does not fit) before anything is created in the run directory.
+        parent_params, lineage = init_from_parent(trainer.abstract_sharded_state()["params"], cfg.train.init_from,
+                                                  p.tokenizer.fingerprint, cfg.model.family)
+    checkpoints = Checkpoints(own, keep=cfg.train.keep_checkpoints)
     meta: dict = {}
     history_entry = None
     if checkpoints.all_steps():
@@ -404,6 +360,11 @@ def _train(cfg: Config, run_dir: Path, devices, quiet: bool, allow_changed: tupl
                              "changes": {k: list(v) for k, v in changes.items()}}
     else:
         state = trainer.init_state()
+        if parent_params is not None:
+            state["params"] = merge_params(state["params"], parent_params)
+            fresh = f"; initialised fresh: {', '.join(lineage['fresh'])}" if lineage["fresh"] else ""
+            log(f"started from {lineage['parent']} step {lineage['step']}: {lineage['restored']} parameter arrays "
+                f"copied{fresh}")
     write_run_files(history_entry)
     start = int(to_host(state["step"]))
     n_params = count_params(cfg.model)
@@ -462,15 +423,14 @@ def _train(cfg: Config, run_dir: Path, devices, quiet: bool, allow_changed: tupl
                                          f"({last_checkpoint_text(checkpoints)}); lower optim.lr or clip harder (optim.grad_clip)")
                 good_val = val if val is not None and math.isfinite(val) else None
                 nonfinite = int(to_host(state["health"]["nonfinite_steps"]))
-                checkpoints.save(at_step, {k: state[k] for k in CHECKPOINTED},
+                checkpoints.save(at_step, {k: state[k] for k in trainer.checkpointed},
                                  {"val_loss": good_val, "train_seconds": spent(), "nonfinite_steps": nonfinite})
 
             while step < last_step and not stop.agreed(step, t.log_every, out_of_time()):
-                tokens = sharded_batch(functools.partial(p.batches.train_rows, step), p.batches.train_shape(step),
-                                       trainer.mesh)
+                batch = p.batches.sharded_train(step, trainer.mesh)
                 window_tokens += p.batches.tokens_per_step(step)
                 t0 = time.perf_counter()
-                state, step_metrics = trainer.train_step(state, tokens)
+                state, step_metrics = trainer.train_step(state, batch)
                 step += 1
                 window_steps += 1
                 if compile_s is None:
@@ -497,14 +457,14 @@ def _train(cfg: Config, run_dir: Path, devices, quiet: bool, allow_changed: tupl
                 bar.update(1)
                 if t.eval_every and step % t.eval_every == 0 and step < t.steps:
                     check_finite(step)
-                    val = evaluate(p, state["params"], t.eval_batches)
+                    val = evaluate(p, trainer.inference_params(state), t.eval_batches)
                     last_val = val["loss"]
                     metrics.write({"step": step, "split": "val", **val})
                     log(f"step {step}: val loss {last_val:.4f}" + (f", masked-token accuracy {val['accuracy']:.3f}"
                                                                    if "accuracy" in val else ""))
                 if t.sample_every and step % t.sample_every == 0:  # every process takes part; one prints
                     check_finite(step)
-                    sample = milestone_sample(p, state["params"], step)
+                    sample = milestone_sample(p, trainer.inference_params(state), step)
                     metrics.write({"step": step, "sample": sample})
                     log(f"--- sample at step {step} ---\n{sample}\n---")
                 if step % t.checkpoint_every == 0 and step < t.steps:
@@ -533,7 +493,7 @@ def _train(cfg: Config, run_dir: Path, devices, quiet: bool, allow_changed: tupl
                     plot_losses(run_dir)
                 return {"interrupted": True, "step": step, "run_dir": str(run_dir)}
             # Still under StopFlag: a signal now cannot cut the final evaluation and save short.
-            final = evaluate(p, state["params"], t.eval_batches)
+            final = evaluate(p, trainer.inference_params(state), t.eval_batches)
             final_val = final["loss"]
             sample = None
             epochs = p.batches.epochs_consumed(step)
@@ -541,7 +501,7 @@ def _train(cfg: Config, run_dir: Path, devices, quiet: bool, allow_changed: tupl
                 metrics.write({"step": step, "split": "val", **final})
                 save(step, final_val)
                 if t.sample_every and step % t.sample_every:  # (else the milestone sample just shown)
-                    sample = milestone_sample(p, state["params"], step)
+                    sample = milestone_sample(p, trainer.inference_params(state), step)
                     metrics.write({"step": step, "sample": sample})
                 metrics.write({"step": step, "epochs": epochs})
             else:
@@ -577,40 +537,3 @@ def _train(cfg: Config, run_dir: Path, devices, quiet: bool, allow_changed: tupl
 
 def tokenizer_summary(tok: Tokenizer) -> str:
     return f"{tok.kind} tokenizer with {tok.vocab_size} ids"
-
-
-
-def translation_sample(p: Prepared, params, n: int = 4) -> str:
-    """Greedy translations of the first few held-out sources, with their references."""
-    from plutao.model.seq2seq import greedy_decode, strip
-
-    val = p.batches.val
-    ids = list(range(min(n, len(val))))
-    L = p.cfg.model.context_length
-    src = pack([val.src[i] for i in ids], [val.tgt[i] for i in ids], L, p.tokenizer.pad_id)[:, :L]
-    graphdef, live = nnx.split(p.trainer.model(params))
-    out, _ = greedy_decode(graphdef, live, src, src != p.tokenizer.pad_id, p.tokenizer.bos_id, p.tokenizer.eos_id,
-                           max_len=L)
-    out = to_host(out)
-    lines = []
-    for row, i in enumerate(ids):
-        source = p.tokenizer.decode(strip(val.src[i], p.tokenizer.eos_id, p.tokenizer.pad_id))
-        hyp = p.tokenizer.decode(strip(out[row], p.tokenizer.eos_id, p.tokenizer.pad_id))
-        ref = p.tokenizer.decode(strip(val.tgt[i][1:], p.tokenizer.eos_id, p.tokenizer.pad_id))
-        lines.append(f"{source} → {hyp}   (reference: {ref})")
-    return "\n".join(lines)
-
-
-def fill_mask_sample(p: Prepared, params, width: int = 64) -> str:
-    """A held-out snippet with every 7th token masked, and the model's best guess for each mask."""
-    tokens = np.asarray(p.batches.val_rows(0, slice(0, 1))[0, :width], np.int32)
-    masked = tokens.copy()
-    positions = [i for i in range(3, len(tokens), 7) if tokens[i] >= NUM_SPECIAL]
-    masked[positions] = p.tokenizer.mask_id
-    logits, _ = p.trainer.model(params)(masked[None])
-    filled = masked.copy()
-    filled[positions] = np.argmax(to_host(logits)[0, positions], axis=-1)
-    hits = int(sum(filled[i] == tokens[i] for i in positions))
-    show = p.tokenizer.decode
-    return (f"input:  {show(masked.tolist())}\nfilled: {show(filled.tolist())}\n"
-            f"({hits}/{len(positions)} masked tokens recovered)")

@@ -6,14 +6,17 @@ import dataclasses
 import sys
 from pathlib import Path
 
+import jax
+import numpy as np
+
 from plutao.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 from plutao.train import sharding
 from plutao.train.checkpoint import Checkpoints, Unreadable
 from plutao.train.config import Config
 from plutao.train.errors import UserError
-from plutao.train.loop import existing_run_config, objective_for
-from plutao.train.optim import lr_schedule, make_optimizer
+from plutao.train.rundir import config_hash, existing_run_config, parse_init_from
 from plutao.train.step import Trainer
+from plutao.train.tasks import task_for
 
 
 @dataclasses.dataclass
@@ -48,16 +51,17 @@ def load_run(run_dir: Path, step: int | None = None) -> LoadedRun:
         raise UserError(f"{run_dir}: model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                         f"{tokenizer.vocab_size} ids; the run directory is inconsistent")
     mesh = sharding.make_mesh(dataclasses.replace(cfg.mesh, data=-1, fsdp=1, tensor=1))
-    trainer = Trainer(cfg.model, make_optimizer(cfg.optim, cfg.train.steps, cfg.model),
-                      lr_schedule(cfg.optim, cfg.train.steps), mesh, cfg.train.seed, objective=objective_for(cfg, tokenizer))
+    # Parameters only: no optimizer (and no optimizer state is read from the checkpoint).
+    trainer = Trainer(cfg.model, None, None, mesh, cfg.train.seed, task=task_for(cfg, tokenizer))
     if not (run_dir / "checkpoints").is_dir():
         raise UserError(f"{run_dir} has no checkpoint yet; train it first (`plutao train --workdir {run_dir}`)")
     checkpoints = Checkpoints(run_dir / "checkpoints", async_save=False, read_only=True)
     steps = checkpoints.all_steps()
     if not steps:
         raise UserError(f"{run_dir} has no checkpoint yet; train it first (`plutao train --workdir {run_dir}`)")
+    target = {"params": trainer.abstract_sharded_state()["params"]}
     if step is None:  # the newest that can be read (an unreadable one is reported, and left as it is)
-        step, state, unreadable = checkpoints.restore_newest(trainer.checkpoint_target())
+        step, state, unreadable = checkpoints.restore_newest(target, part=True)
         for bad, reason in unreadable:
             print(f"plutao: checkpoint {bad} of {run_dir} cannot be read ({reason}); using checkpoint {step}",
                   file=sys.stderr)
@@ -65,9 +69,87 @@ def load_run(run_dir: Path, step: int | None = None) -> LoadedRun:
         raise UserError(f"{run_dir} has no checkpoint at step {step}; available: {', '.join(map(str, sorted(steps)))}")
     else:
         try:
-            state = checkpoints.restore(step, trainer.checkpoint_target())
+            state = checkpoints.restore_part(step, target)
         except Unreadable as e:
             raise UserError(f"checkpoint {step} of {run_dir} cannot be read ({e}); leave out --step to use the "
                             "newest readable one") from None
     checkpoints.close()
     return LoadedRun(run_dir, cfg, tokenizer, trainer, state["params"], step)
+
+
+def _nested_set(tree: dict, path, value) -> None:
+    keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
+    for k in keys[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[keys[-1]] = value
+
+
+def _leaf_name(path) -> str:
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def init_from_parent(params_target, spec: str, tokenizer_fingerprint: str | None = None, family: str | None = None
+                     ) -> tuple[dict, dict]:
+    """The parameters of `params_target` (sharded ShapeDtypeStructs) that run `spec` ("RUN" or "RUN:STEP")
+    also has, restored from its checkpoint, and the lineage to record: {"parent", "step", "config_hash",
+    "tokenizer_fingerprint", "restored", "fresh"}. A parameter the parent holds with another shape is a
+    one-line UserError (the backbones do not match); one it lacks (e.g. a new head) stays to be
+    initialised fresh. Only parameters are read: never the parent's optimizer state."""
+    parent, step = parse_init_from(spec)
+    saved = existing_run_config(parent)
+    fingerprint = saved.get("provenance", {}).get("tokenizer_fingerprint")
+    parent_family = saved.get("model", {}).get("family", "decoder")
+    if family is not None and parent_family != family:
+        raise UserError(f"train.init_from={spec}: that run is a model.family={parent_family} model and this one "
+                        f"model.family={family}; start from a run of the same family")
+    if tokenizer_fingerprint and fingerprint not in (None, tokenizer_fingerprint):
+        raise UserError(f"train.init_from={spec}: that run's tokenizer differs from this run's; a run started from "
+                        "another uses its tokenizer (start in a new --workdir)")
+    if not (parent / "checkpoints").is_dir():
+        raise UserError(f"train.init_from={spec}: {parent} has no checkpoint yet; train it first")
+    checkpoints = Checkpoints(parent / "checkpoints", async_save=False, read_only=True)
+    try:
+        steps = checkpoints.all_steps()
+        if not steps:
+            raise UserError(f"train.init_from={spec}: {parent} has no checkpoint yet; train it first")
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise UserError(f"train.init_from={spec}: {parent} has no checkpoint at step {step}; available: "
+                            f"{', '.join(map(str, steps))}")
+        try:
+            recorded = checkpoints.recorded_leaves(step)
+        except Unreadable as e:
+            raise UserError(f"train.init_from={spec}: checkpoint {step} of {parent} cannot be read ({e})") from None
+        shared: dict = {}
+        fresh = []
+        for path, leaf in jax.tree_util.tree_flatten_with_path(params_target)[0]:
+            name = _leaf_name(path)
+            have = recorded.get(f"params.{name}")
+            if have is None:
+                fresh.append(name)
+                continue
+            if have != (tuple(leaf.shape), np.dtype(leaf.dtype).name):
+                raise UserError(f"train.init_from={spec}: the parent's {name} is {have[0]} {have[1]} but this model's is "
+                                f"{tuple(leaf.shape)} {np.dtype(leaf.dtype).name}; the backbones differ (match the "
+                                "parent's model.* settings)")
+            _nested_set(shared, path, leaf)
+        if not shared:
+            raise UserError(f"train.init_from={spec}: this model shares no parameter with {parent}; check model.family")
+        try:
+            restored = checkpoints.restore_part(step, {"params": shared})["params"]
+        except Unreadable as e:
+            raise UserError(f"train.init_from={spec}: checkpoint {step} of {parent} cannot be read ({e})") from None
+    finally:
+        checkpoints.close()
+    lineage = {"parent": str(parent.absolute()), "step": step, "config_hash": config_hash(saved),
+               "tokenizer_fingerprint": fingerprint, "restored": len(jax.tree.leaves(shared)), "fresh": fresh}
+    return restored, lineage
+
+
+def merge_params(params: dict, restored: dict) -> dict:
+    """`params` with every leaf that `restored` holds replaced by it."""
+    out = jax.tree.map(lambda x: x, params)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(restored)[0]:
+        _nested_set(out, path, leaf)
+    return out

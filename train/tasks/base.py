@@ -1,0 +1,184 @@
+"""What a kind of training declares, in one place: its model, its data and batches, its objective,
+its evaluation, its milestone samples and its inspection hooks.
+
+The loop (train/loop.py), `plutao eval`, the CLI and the inspection commands call these methods and
+never ask which model family a run uses. A new kind of training (fine-tuning on chats, a reward
+model, …) is a new subclass registered in train/tasks/__init__.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from plutao.model.families import build_model
+from plutao.model.layers import no_constraint
+from plutao.tokenizer import Tokenizer
+from plutao.train.batches import AXES
+from plutao.train.config import Config, OptimConfig
+from plutao.train.errors import UserError
+from plutao.train.losses import cross_entropy_sum
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+    """What a task read from its sources: the texts its tokenizer may be trained on (never held-out
+    text) and whatever it needs to make batches once the tokenizer exists."""
+
+    tokenizer_texts: Any  # an iterable of strings
+    payload: Any = None
+    names: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenIds:
+    """The token ids an objective needs, read from the tokenizer once (pure data inside the jitted step)."""
+
+    pad_id: int = 0
+    mask_id: int = 5
+    vocab_limit: int = 0  # the tokenizer's vocabulary size (0 = unknown: the model's)
+    ordinary: tuple[int, ...] = ()  # ids of ordinary (non-special) tokens; () = unknown
+    # Special ids that are real prediction targets (<|endoftext|>, <eos>, a word-level <unk>):
+    # label smoothing spreads its mass over these and the ordinary ids, never over padding, other
+    # specials or the padded rows of a vocabulary rounded up past the tokenizer's.
+    target_specials: tuple[int, ...] = ()
+
+    @classmethod
+    def of(cls, tokenizer: Tokenizer | None) -> TokenIds:
+        if tokenizer is None:
+            return cls()
+        return cls(pad_id=tokenizer.pad_id, mask_id=tokenizer.mask_id, vocab_limit=tokenizer.vocab_size,
+                   ordinary=tuple(int(i) for i in np.flatnonzero(ordinary_mask(tokenizer))),
+                   target_specials=(tokenizer.eot_id, tokenizer.eos_id, tokenizer.unk_id))
+
+    def ordinary_V(self, vocab: int) -> Array:
+        """(V,) bool: the ordinary ids (all ids when unknown)."""
+        if not self.ordinary:
+            return jnp.arange(vocab) < (self.vocab_limit or vocab)
+        return jnp.zeros(vocab, bool).at[jnp.asarray(self.ordinary)].set(True)
+
+    def smoothing_support(self, vocab: int) -> Array | None:
+        if not self.vocab_limit:
+            return None
+        support_V = self.ordinary_V(vocab)
+        for i in self.target_specials:
+            support_V |= jnp.arange(vocab) == i
+        return support_V
+
+
+def ordinary_mask(tokenizer: Tokenizer) -> np.ndarray:
+    """(tokenizer.vocab_size,) bool: True for ids that are not special tokens."""
+    if hasattr(tokenizer, "ordinary_mask"):
+        return np.asarray(tokenizer.ordinary_mask(tokenizer.vocab_size), bool)
+    from plutao.tokenizer.base import NUM_SPECIAL
+
+    return np.arange(tokenizer.vocab_size) >= NUM_SPECIAL
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSlot:
+    """One named model of a training state: how to build it, and whether the optimizer trains it
+    (a frozen one, e.g. a reference policy or a reward model, is only read)."""
+
+    build: Callable[[nnx.Rngs], nnx.Module]
+    trainable: bool = True
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Task:
+    """One kind of training. Instances are static (hashable) data: the run's config and token ids."""
+
+    name: ClassVar[str] = ""
+    # The batch keys this task's steps read, with their logical axes.
+    batch_axes: ClassVar[dict[str, tuple[str, ...]]] = {"tokens": AXES["tokens"], "targets": AXES["targets"]}
+    trained_by_gradient: ClassVar[bool] = True
+    has_attention: ClassVar[bool] = True
+    scans_layers: ClassVar[bool] = False  # whether its model supports model.scan_layers and model.remat
+
+    cfg: Config
+    ids: TokenIds = TokenIds()
+
+    @classmethod
+    def problems(cls, cfg: Config) -> list[str]:
+        """What this kind of training cannot do with `cfg`, as user-facing sentences."""
+        if not cls.scans_layers and (cfg.model.scan_layers or cfg.model.remat != "none"):
+            return [(f"model.scan_layers and model.remat apply to model.family=decoder only; drop them for "
+                     f"model.family={cfg.model.family}")]
+        return []
+
+    # --- model ----------------------------------------------------------------------------------
+
+    def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
+        return build_model(self.cfg.model, rngs)
+
+    def model_slots(self) -> dict[str, ModelSlot]:
+        """The models of the training state. One trainable "model" (the default) keeps today's layout;
+        several (e.g. policy, reference, value) make `sums` receive {name: module}."""
+        return {"model": ModelSlot(self.build_model)}
+
+    def optim_groups(self) -> dict[str, OptimConfig]:
+        """Optimizer settings per trainable model ({} = optim.* for all of them)."""
+        return {}
+
+    # --- data (host side) -----------------------------------------------------------------------
+
+    def read(self) -> Data:
+        raise NotImplementedError
+
+    def batches(self, data: Data, tokenizer: Tokenizer):
+        """(batches, one-line summary of the data)."""
+        raise NotImplementedError
+
+    def named(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """The named arrays of a batch, from the rows the data source drew."""
+        raise NotImplementedError
+
+    def row_width(self, context: int) -> int:
+        """The width of a full-length row of this task's data source."""
+        return context + 1
+
+    # --- objective (inside the jitted step) -----------------------------------------------------
+
+    def sums(self, model, batch: dict, key: Array | None, *, train: bool, constrain=no_constraint) -> dict:
+        """{"loss", "count", ...}: summed losses and how many targets they cover, so that micro-batches
+        and evaluation batches add up exactly before one division. With train=True dropout uses `key`
+        and label smoothing applies; otherwise the loss is plain cross-entropy."""
+        raise NotImplementedError
+
+    def cross_entropy(self, logits, targets, weights, *, train: bool) -> dict:
+        """{"loss", "count"} and, when smoothing, "nll": the plain cross-entropy beside the smoothed loss."""
+        smoothing = self.cfg.optim.label_smoothing if train else 0.0
+        loss, count = cross_entropy_sum(logits, targets, weights, label_smoothing=smoothing,
+                                        support_V=self.ids.smoothing_support(logits.shape[-1]) if smoothing else None)
+        out = {"loss": loss, "count": count}
+        if smoothing:
+            out["nll"] = cross_entropy_sum(logits, targets, weights)[0]
+        return out
+
+    # --- evaluation, samples, inspection --------------------------------------------------------
+
+    def eval_summary(self, sums: dict[str, float]) -> dict:
+        """Held-out metrics from the summed evaluation results."""
+        count = max(sums["count"], 1.0)
+        return {"loss": sums["loss"] / count, "perplexity": math.exp(min(sums["loss"] / count, 50))}
+
+    def val_batches(self, batches, wanted: int) -> int:
+        return wanted
+
+    def milestone_sample(self, model, batches, tokenizer: Tokenizer, step: int) -> str:
+        raise NotImplementedError
+
+    def refuse(self, command: str, run_dir) -> None:
+        """Raise a one-line UserError when `plutao COMMAND` does not apply to this kind of run."""
+        allowed = {"sample": "causal LM", "score": "causal LM", "fill-mask": "masked LM",
+                   "translate": "translation", "attention": "Transformer"}
+        raise UserError(f"{run_dir} is a {self.name} run; `plutao {command}` needs a {allowed.get(command, 'other')} run")

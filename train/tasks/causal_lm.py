@@ -1,0 +1,61 @@
+"""Causal language modelling: predict token t+1 from the tokens ≤ t (GPT, and the recurrent baselines).
+
+A data-source row of T+1 tokens becomes `tokens` (the first T) and `targets` (the last T); every
+target counts. Milestone samples continue train.sample_prompt from <|endoftext|>.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from plutao.model.layers import no_constraint
+from plutao.model.sampling import SamplingConfig, generate
+from plutao.train import data as data_lib
+from plutao.train.batches import NamedBatches
+from plutao.train.tasks.base import Data, Task
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CausalLM(Task):
+    name = "causal_lm"
+    scans_layers = True
+
+    def read(self) -> Data:
+        sources = data_lib.source_paths(self.cfg.data)
+        docs_per_source = [data_lib.read_documents(s, self.cfg.data) for s in sources]
+        return Data(data_lib.training_texts(self.cfg.data, docs_per_source), docs_per_source, ",".join(sources))
+
+    def row_source(self, data: Data, tokenizer) -> data_lib.Batches:
+        splits = data_lib.load_splits(self.cfg.data, data.payload, tokenizer)
+        return data_lib.Batches(splits, self.cfg.data.weights, self.cfg.model.context_length,
+                                self.cfg.train.batch_size, self.cfg.train.seed)
+
+    def batches(self, data: Data, tokenizer):
+        rows = self.row_source(data, tokenizer)
+        return NamedBatches(rows, self.named, self.batch_axes), f"{sum(len(s.train) for s in rows.splits):,} training tokens"
+
+    def named(self, rows):
+        return {"tokens": rows[:, :-1], "targets": rows[:, 1:]}
+
+    def sums(self, model, batch, key, *, train, constrain=no_constraint):
+        logits, _, _ = model(batch["tokens"], dropout_key=key if train else None, constrain=constrain)
+        return self.cross_entropy(logits, batch["targets"], batch.get("loss_weights"), train=train)
+
+    def milestone_sample(self, model, batches, tokenizer, step):
+        t = self.cfg.train
+        prompt = [tokenizer.eot_id] + tokenizer.encode(t.sample_prompt)
+        sampling = SamplingConfig(temperature=0.8, max_new_tokens=t.sample_tokens, seed=t.seed * 1_000_003 + step,
+                                  stop_at_eot=False)
+        ids = generate(model, [prompt[-self.cfg.model.context_length:]], sampling, eot_id=tokenizer.eot_id,
+                       pad_id=tokenizer.pad_id)[0]
+        return t.sample_prompt + tokenizer.decode(ids)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RecurrentLM(CausalLM):
+    """The same objective over an LSTM/GRU/Elman RNN (model/baselines/rnn.py): no attention to inspect,
+    and no trained context limit when scoring text."""
+
+    name = "recurrent_lm"
+    has_attention = False
+    scans_layers = False

@@ -1,0 +1,74 @@
+"""Masked language modelling (BERT): train.mask_rate of the ordinary tokens are selected; of those 80%
+become <mask>, 10% a random ordinary token, 10% stay; the loss counts the selected positions only.
+
+Evaluation batch i always draws the same masks (from a key folded with i), and each batch its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from plutao.model.layers import no_constraint
+from plutao.model.sampling import to_host
+from plutao.train.tasks.base import Array, ordinary_mask
+from plutao.train.tasks.causal_lm import CausalLM
+
+
+def mask_tokens(tokens_BT: Array, key: Array, *, rate: float, mask_id: int, ordinary_V: Array) -> tuple[Array, Array]:
+    """BERT's corruption: (inputs, selected). Special tokens (not in `ordinary_V`) are never selected,
+    and random replacements are ordinary tokens."""
+    k_select, k_kind, k_random = jax.random.split(key, 3)
+    selected_BT = jax.random.bernoulli(k_select, rate, tokens_BT.shape) & ordinary_V[tokens_BT]
+    u_BT = jax.random.uniform(k_kind, tokens_BT.shape)
+    ordinary_N = jnp.flatnonzero(ordinary_V, size=ordinary_V.shape[0])
+    n_ordinary = jnp.maximum(jnp.sum(ordinary_V), 1)
+    first = ordinary_N[0]
+    # Drawn as first + U{0, n-1} and mapped through the ordinary ids (the identity for a contiguous block).
+    offset_BT = jax.random.randint(k_random, tokens_BT.shape, first, first + n_ordinary, tokens_BT.dtype) - first
+    random_BT = ordinary_N[offset_BT].astype(tokens_BT.dtype)
+    corrupted_BT = jnp.where(u_BT < 0.8, mask_id, jnp.where(u_BT < 0.9, random_BT, tokens_BT))
+    return jnp.where(selected_BT, corrupted_BT, tokens_BT), selected_BT
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class MaskedLM(CausalLM):
+    name = "masked_lm"
+    scans_layers = False
+    batch_axes: ClassVar[dict[str, tuple[str, ...]]] = {"tokens": CausalLM.batch_axes["tokens"]}
+
+    def named(self, rows):
+        return {"tokens": rows[:, :-1]}
+
+    def sums(self, model, batch, key, *, train, constrain=no_constraint):
+        tokens_BT = batch["tokens"]
+        mask_key, dropout_key = jax.random.split(key)
+        inputs_BT, selected_BT = mask_tokens(tokens_BT, mask_key, rate=self.cfg.train.mask_rate,
+                                             mask_id=self.ids.mask_id,
+                                             ordinary_V=self.ids.ordinary_V(self.cfg.model.vocab_size))
+        logits, _ = model(inputs_BT, tokens_BT != self.ids.pad_id, dropout_key=dropout_key if train else None,
+                          constrain=constrain)
+        correct = jnp.sum((jnp.argmax(logits, -1) == tokens_BT) & selected_BT)
+        return self.cross_entropy(logits, tokens_BT, selected_BT, train=train) | {"correct": correct.astype(jnp.float32)}
+
+    def eval_summary(self, sums):
+        return super().eval_summary(sums) | {"accuracy": sums["correct"] / max(sums["count"], 1.0)}
+
+    def milestone_sample(self, model, batches, tokenizer, step, width: int = 64):
+        """A held-out snippet with every 7th token masked, and the model's best guess for each mask."""
+        tokens = np.asarray(batches.val(0, slice(0, 1))["tokens"][0, :width], np.int32)
+        ordinary = ordinary_mask(tokenizer)
+        masked = tokens.copy()
+        positions = [i for i in range(3, len(tokens), 7) if tokens[i] < len(ordinary) and ordinary[tokens[i]]]
+        masked[positions] = tokenizer.mask_id
+        logits, _ = model(masked[None])
+        filled = masked.copy()
+        filled[positions] = np.argmax(to_host(logits)[0, positions], axis=-1)
+        hits = int(sum(filled[i] == tokens[i] for i in positions))
+        show = tokenizer.decode
+        return (f"input:  {show(masked.tolist())}\nfilled: {show(filled.tolist())}\n"
+                f"({hits}/{len(positions)} masked tokens recovered)")
