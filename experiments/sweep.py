@@ -111,6 +111,11 @@ def _check_distribution(key: str, dist) -> None:
 
 def load_spec(path: Path) -> SweepSpec:
     """A sweep spec from YAML, JSON, TOML, or a Python file defining SWEEP = {...}."""
+    return spec_from_dict(_read_spec_file(path), str(path))
+
+
+def _read_spec_file(path: Path):
+    """The raw mapping of a spec file; any parse error becomes one line naming the file."""
     if not path.is_file():
         raise UserError(f"sweep spec {str(path)!r} does not exist")
     try:
@@ -134,7 +139,7 @@ def load_spec(path: Path) -> SweepSpec:
         raise
     except Exception as e:  # noqa: BLE001 (any parse error in a user's file: say where, in one line)
         raise UserError(f"cannot read sweep spec {str(path)!r}: {type(e).__name__}: {e}".replace("\n", " ")) from None
-    return spec_from_dict(raw, str(path))
+    return raw
 
 
 def spec_from_dict(raw, where: str) -> SweepSpec:
@@ -175,6 +180,69 @@ def parse_axis(arg: str, flag: str) -> tuple[str, list]:
     if not eq or not key or not values:
         raise UserError(f"cannot read {flag} {arg!r}; write {flag} section.key=v1,v2 (e.g. {flag} optim.lr=1e-3,3e-4)")
     return key.strip(), parse_values(values)
+
+
+def parse_distribution(arg: str) -> tuple[str, dict[str, list]]:
+    """`optim.lr=loguniform:1e-4:1e-2` → ("optim.lr", {"loguniform": [0.0001, 0.01]}), the spec's form of a
+    distribution; `choice:pre,post` lists strings. The bounds are checked with the spec (`validate`)."""
+    key, _, dist = arg.partition("=")
+    kind, _, bounds = dist.partition(":")
+    values = bounds.split(":") if kind != "choice" else bounds.split(",")
+    if not key or kind not in ("uniform", "loguniform", "int", "choice") or not values:
+        raise UserError(f"cannot read --random {arg!r}; write e.g. --random optim.lr=loguniform:1e-4:1e-2 "
+                        "or --random model.norm=choice:pre,post")
+    try:
+        return key, {kind: values if kind == "choice" else [float(v) for v in values]}
+    except ValueError:
+        raise UserError(f"cannot read the bounds of --random {arg!r}; give numbers") from None
+
+
+def _named_spec(config: str | None) -> SweepSpec:
+    """The spec CONFIG names: a .yaml/.py file is always a sweep spec; a .json/.toml file is one when its
+    top-level keys are sweep keys and it has no config sections, else it is the base train config (as is
+    a preset name), swept by the flags alone."""
+    path = Path(config) if config else None
+    if path and path.suffix in (".yaml", ".yml", ".py"):
+        return load_spec(path)
+    if path and path.suffix in (".json", ".toml") and path.is_file():
+        from plutao.train.config import load_config_file
+
+        try:
+            raw = _read_spec_file(path)
+        except UserError:
+            raw = None  # unreadable: the config reader below says why, in its words
+        if isinstance(raw, dict) and set(raw) & (SPEC_KEYS - {"name"}) and not set(raw) & {"model", "train", "data"}:
+            return spec_from_dict(raw, config)
+        load_config_file(path)  # a train config: validated when resolved
+    return SweepSpec(base=config)
+
+
+def command_line_spec(config: str | None, overrides: list[str], *, grid_flags: list[str] | None,
+                      zip_flags: list[str] | None, random_flags: list[str] | None, optuna: bool, budget: int,
+                      settings: dict[str, Any]) -> tuple[SweepSpec, dict[str, str]]:
+    """(spec, shared overrides) of `plutao sweep CONFIG [key=value ...] --grid/--zip/--random ...`: the flags
+    add axes to the spec CONFIG names, and the non-None `settings` (seeds, parallel, ...) replace its own."""
+    from plutao.train.config import parse_overrides
+
+    overrides = list(overrides)
+    if config and "=" in config:  # `plutao sweep key=value ...` without a config
+        config, overrides = None, [config, *overrides]
+    spec = _named_spec(config)
+    for flag, target, flags in (("--grid", spec.grid, grid_flags), ("--zip", spec.zip, zip_flags)):
+        for arg in flags or []:
+            key, values = parse_axis(arg, flag)
+            target[key] = values
+    if random_flags:
+        params = dict(parse_distribution(arg) for arg in random_flags)
+        search = {"params": params, "budget": budget, "trials": budget, "seed": 0}
+        setattr(spec, "optuna" if optuna else "random", search)
+    elif optuna:
+        raise UserError("--optuna needs a search space: add --random key=loguniform:lo:hi ...")
+    for name, value in settings.items():
+        if value is not None:
+            setattr(spec, name, value)
+    spec.validate()
+    return spec, parse_overrides(overrides)
 
 
 # --- trials ----------------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""The `plutao` subcommands, one module per concern; `plutao.experiments.cli` parses and dispatches."""

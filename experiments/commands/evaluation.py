@@ -1,0 +1,306 @@
+"""Commands that use a trained model on text: sample, eval, score, translate, fill-mask.
+
+The per-family branches of the CLI (which kind of model a run holds, and what each kind can do) and
+its direct model calls live here, in one place, until the task registry in train/ answers them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def neural_only(cfg, command: str):
+    """`cfg`, refused with a one-line error when it is an n-gram count table (no parameters, no graph)."""
+    from plutao.train.errors import UserError
+
+    if cfg.model.family == "ngram":
+        raise UserError(f"`plutao {command}` needs a neural model; an n-gram model is a count table (`plutao train` "
+                        "reports its size)")
+    return cfg
+
+
+def _sampling(args):
+    from plutao.model.sampling import SamplingConfig
+
+    return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          max_new_tokens=args.max_new_tokens, seed=args.seed, stop_at_eot=not args.no_stop)
+
+
+def _family(run_dir: Path) -> str:
+    from plutao.train.loop import existing_run_config
+
+    saved = existing_run_config(run_dir)
+    return saved.get("model", {}).get("family", "decoder")
+
+
+def _sample_ngram(args, sampling) -> int:
+    from plutao.tokenizer import load_tokenizer
+    from plutao.train.ngram_run import load_ngram
+
+    run_dir = Path(args.run_dir)
+    tok = load_tokenizer(run_dir / "tokenizer")
+    model = load_ngram(run_dir)
+    context = [tok.eot_id] + (tok.encode(args.prompt) if args.prompt else [])
+    if args.show_probs:
+        import numpy as np
+
+        from plutao.model.sampling import top_candidates
+        cands = top_candidates(np.log(np.maximum(model.distribution(context), 1e-300)), args.show_probs,
+                               args.temperature or 1.0)
+        print(f"next-token candidates after {args.prompt!r} ({model.order}-gram):")
+        for r, (i, p) in enumerate(cands, 1):
+            print(f"{r:>4}  {i:>6}  {p:8.4f}  {tok.token_strings([i])[0]!r}")
+        print()
+    for n in range(args.num_samples):
+        ids = model.generate(context, sampling.max_new_tokens, seed=sampling.seed + n,
+                             temperature=sampling.temperature)
+        if sampling.stop_at_eot and tok.eot_id in ids:
+            ids = ids[: ids.index(tok.eot_id)]
+        if args.num_samples > 1:
+            print(f"--- sample {n + 1} ---")
+        sep = " " if tok.kind == "word" and args.prompt and ids else ""
+        print(args.prompt + sep + tok.decode(ids))
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import numpy as np
+
+    from plutao.model.sampling import SamplingError, generate, stream, top_candidates
+    from plutao.train.run import load_run
+
+    sampling = _sampling(args)  # validate arguments before loading anything
+    if args.num_samples < 1 or args.show_probs < 0:
+        raise SamplingError("--num-samples must be ≥ 1 and --show-probs ≥ 0")
+    family = _family(Path(args.run_dir))
+    if family == "ngram":
+        return _sample_ngram(args, sampling)
+    if family in ("encoder", "encoder_decoder"):
+        raise SamplingError(f"{args.run_dir} is a model.family={family} run; use `plutao "
+                            f"{'fill-mask' if family == 'encoder' else 'translate'}` for it")
+    run = load_run(Path(args.run_dir), args.step)
+    tok = run.tokenizer
+    prompt_ids = tok.encode(args.prompt) if args.prompt else []
+    prompt = [tok.eot_id] + prompt_ids
+    context = run.cfg.model.context_length
+    if len(prompt) > context:
+        raise SamplingError(f"the prompt is {len(prompt_ids)} tokens but the model's context is {context} "
+                            f"(including the start token); shorten it to at most {context - 1} tokens")
+    model = run.model
+    if args.show_probs:
+        import jax
+
+        logits, _, _ = model(np.array([prompt], np.int32))
+        cands = top_candidates(np.asarray(jax.device_get(logits))[0, -1], args.show_probs, args.temperature or 1.0)
+        print(f"next-token candidates after {args.prompt!r}:")
+        print(f"{'rank':>4}  {'id':>6}  {'prob':>8}  token")
+        for r, (i, p) in enumerate(cands, 1):
+            print(f"{r:>4}  {i:>6}  {p:8.4f}  {tok.token_strings([i])[0]!r}")
+        print()
+    if args.stream:
+        sys.stdout.write(args.prompt)
+        sys.stdout.flush()
+        pending: list[int] = []
+        for token in stream(model, prompt, sampling, eot_id=tok.eot_id, pad_id=tok.pad_id):
+            pending.append(token)
+            text = tok.decode(pending)
+            if "\ufffd" not in text:  # wait for the rest of a multi-byte character
+                sys.stdout.write(text)
+                sys.stdout.flush()
+                pending = []
+        sys.stdout.write(tok.decode(pending) + "\n")
+        return 0
+    outs = generate(model, [prompt] * args.num_samples, sampling, eot_id=tok.eot_id, pad_id=tok.pad_id)
+    for i, ids in enumerate(outs):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1} ---")
+        print(args.prompt + tok.decode(ids))
+    return 0
+
+
+def _eval_texts(args, cfg, tokenizer) -> list[tuple[str, object]]:
+    import dataclasses
+
+    from plutao.train import data as data_lib
+
+    if not args.data:
+        return data_lib.held_out_tokens(cfg.data, tokenizer)
+    docs = data_lib.read_documents(args.data, dataclasses.replace(cfg.data, path=args.data), flag="--data")
+    return [(args.data, data_lib.tokenize_documents(docs, tokenizer, data_lib.cache_root(cfg.data)))]
+
+
+def _print_result(args, result: dict, lines: list[str]) -> int:
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print("\n".join(lines))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from plutao.train.loop import existing_run_config
+
+    saved = existing_run_config(Path(args.run_dir))
+    family = saved.get("model", {}).get("family", "decoder")
+    if family == "ngram":
+        return _eval_ngram(args)
+    if family == "encoder_decoder":
+        return _eval_translation(args)
+    from plutao.model.families import RECURRENT
+    from plutao.train.evaluate import masked_lm_metrics, stream_metrics
+    from plutao.train.run import load_run
+
+    run = load_run(Path(args.run_dir), args.step)
+    # A recurrent model has no context limit: it carries its state across long windows.
+    context = 512 if family in RECURRENT else run.cfg.model.context_length
+    results = []
+    for name, tokens in _eval_texts(args, run.cfg, run.tokenizer):
+        if family == "encoder":
+            results.append({"data": name} | masked_lm_metrics(run.trainer, run.params, tokens, context))
+        else:
+            results.append({"data": name} | stream_metrics(run.trainer.graphdef, run.params, tokens, context,
+                                                           run.tokenizer))
+    result = results[0] if len(results) == 1 else {"sources": results}
+    result |= {"run_dir": str(run.run_dir), "step": run.step}
+    lines = []
+    for r in result.get("sources", [result]):
+        if family == "encoder":
+            lines.append(f"{r['data']}: masked-LM loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.3f}, "
+                         f"masked-token accuracy {r['masked_accuracy']:.2%} ({r['masked_tokens']:,} masked of "
+                         f"{r['tokens']:,} tokens, step {run.step})")
+        else:
+            lines.append(f"{r['data']}: loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.3f}, "
+                         f"{r['bits_per_char']:.4f} bits/char, {r['bits_per_byte']:.4f} bits/byte "
+                         f"({r['tokens']:,} tokens, step {run.step})")
+    return _print_result(args, result, lines)
+
+
+def _eval_ngram(args) -> int:
+    import math
+
+    import numpy as np
+
+    from plutao.tokenizer import load_tokenizer
+    from plutao.train.config import Config
+    from plutao.train.loop import read_run_config
+    from plutao.train.ngram_run import load_ngram
+
+    run_dir = Path(args.run_dir)
+    cfg = Config.from_dict(read_run_config(run_dir))
+    tokenizer = load_tokenizer(run_dir / "tokenizer")
+    model = load_ngram(run_dir)
+    results = []
+    for name, tokens in _eval_texts(args, cfg, tokenizer):
+        logprobs = model.logprobs(np.asarray(tokens, np.int64))
+        loss = float(-np.mean(logprobs))
+        results.append({"data": name, "loss": loss, "perplexity": math.exp(loss), "tokens": len(logprobs)})
+    result = (results[0] if len(results) == 1 else {"sources": results}) | {"run_dir": str(run_dir)}
+    lines = [f"{r['data']}: loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.3f} ({r['tokens']:,} tokens, "
+             f"{model.order}-gram {model.smoothing})" for r in result.get("sources", [result])]
+    return _print_result(args, result, lines)
+
+
+def _eval_translation(args) -> int:
+    from plutao.train.errors import UserError
+    from plutao.train.pairs import held_out, read_pairs
+    from plutao.train.run import load_run
+    from plutao.train.translate import evaluate_translation
+
+    run = load_run(Path(args.run_dir), args.step)
+    if args.data:
+        pairs, name = read_pairs(args.data, flag="--data"), args.data
+    elif run.cfg.data.val_path:
+        pairs, name = read_pairs(run.cfg.data.val_path, flag="data.val_path"), run.cfg.data.val_path
+    else:
+        from plutao.train import data as data_lib
+
+        pairs = [q for s in data_lib.source_paths(run.cfg.data) for q in read_pairs(s)
+                 if held_out(q, run.cfg.data.val_fraction)]
+        name = f"held-out {run.cfg.data.val_fraction:.0%} of {run.cfg.data.path}"
+    if args.limit < 0:
+        raise UserError(f"--limit must be ≥ 0 (0 = all pairs), got {args.limit}")
+    unique = list(dict.fromkeys(pairs))  # a pair listed twice is scored once
+    duplicates, pairs = len(pairs) - len(unique), unique
+    if args.limit:
+        pairs = pairs[: args.limit]
+    beams = sorted({1, args.beam})
+    result = {"data": name, "pairs": len(pairs)} | evaluate_translation(run, pairs, beams, args.length_penalty)
+    result |= {"run_dir": str(run.run_dir), "step": run.step, "duplicate_pairs_dropped": duplicates}
+    notes = ([f"{duplicates:,} duplicate pair(s) scored once"] if duplicates else []) + (
+        [f"{result['sources_cut_to_context']:,} source(s) cut to the context (keeping <eos>)"]
+        if result["sources_cut_to_context"] else [])
+    lines = [f"{name}: {len(pairs):,} pairs, step {run.step}" + (f" ({'; '.join(notes)})" if notes else ""),
+             f"  teacher-forced loss {result['loss']:.4f} nats/token, perplexity {result['perplexity']:.3f}"]
+    for beam in beams:
+        key = "greedy" if beam == 1 else f"beam{beam}"
+        r = result[key]
+        label = "greedy" if beam == 1 else f"beam {beam} (length penalty α={args.length_penalty:g})"
+        lines.append(f"  {label}: BLEU {r['bleu']:.2f}, chrF {r['chrf']:.2f}   [{r['bleu_signature']}]")
+    ex = result["greedy"]["examples"][:3]
+    lines += [f"    {e['source']} → {e['hypothesis']}   (reference: {e['reference']})" for e in ex]
+    return _print_result(args, result, lines)
+
+
+def cmd_translate(args) -> int:
+    from plutao.train.errors import UserError
+    from plutao.train.run import load_run
+    from plutao.train.translate import translate
+
+    run = load_run(Path(args.run_dir), args.step)
+    if run.cfg.model.family != "encoder_decoder":
+        raise UserError(f"{args.run_dir} is a model.family={run.cfg.model.family} run; `plutao translate` needs an "
+                        "encoder_decoder run (e.g. `plutao train translate-cpu data.path=pairs.tsv`)")
+    sources = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not sources or not all(s.strip() for s in sources):
+        raise UserError("give non-empty sentences to translate, as arguments or one per line on standard input")
+    outs = translate(run.model, run.tokenizer, sources, beam_size=args.beam, alpha=args.length_penalty,
+                     n_best=args.n_best)
+    if args.json:
+        print(json.dumps([{"source": s, "translations": [{"text": t, "score": sc} for t, sc in o]}
+                          for s, o in zip(sources, outs)]))
+        return 0
+    for s, o in zip(sources, outs):
+        if args.n_best == 1 and len(sources) == 1:
+            print(o[0][0])
+            continue
+        print(s)
+        for rank, (t, sc) in enumerate(o, 1):
+            print(f"  {rank}. {t}   (score {sc:.3f})")
+    return 0
+
+
+def cmd_fill_mask(args) -> int:
+    from plutao.experiments.inspect import fill_mask
+    from plutao.train.run import load_run
+
+    run = load_run(Path(args.run_dir), args.step)
+    result = fill_mask(run, args.text, args.top_k)
+    if args.json:
+        print(json.dumps({"text": args.text, "masks": result}))
+        return 0
+    for n, m in enumerate(result, 1):
+        print(f"<mask> #{n}:")
+        for f in m["fills"]:
+            print(f"  {f['prob']:7.2%}  {f['token']!r}")
+    return 0
+
+
+def cmd_score(args) -> int:
+    from plutao.train.evaluate import score_text
+    from plutao.train.run import load_run
+
+    run = load_run(Path(args.run_dir), args.step)
+    result = score_text(run.trainer.graphdef, run.params, run.tokenizer, args.text, run.cfg.model.context_length)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{'#':>4}  {'token':<16} {'id':>6}  {'log P':>9}  {'P':>8}  {'Σ log P':>9}")
+    running = 0.0
+    for i, row in enumerate(result["per_token"]):
+        running += row["logprob"]
+        print(f"{i:>4}  {row['token']!r:<16} {row['id']:>6}  {row['logprob']:9.4f}  {row['prob']:8.4f}  {running:9.3f}")
+    print(f"log P(text) = {result['logprob']:.4f} nats = {result['logprob_bits']:.3f} bits over "
+          f"{result['tokens']} tokens; perplexity {result['perplexity']:.3f}")
+    return 0

@@ -1,0 +1,81 @@
+"""Commands that look inside a run: attention maps, embedding probes, tokenization."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def cmd_attention(args) -> int:
+    from plutao.experiments.inspect import attention_maps
+    from plutao.train.run import load_run
+
+    run = load_run(Path(args.run_dir), args.step)
+    if run.cfg.model.attention != "naive":
+        print(f"plutao: attention weights come from the explicit softmax path (this run's model.attention="
+              f"{run.cfg.model.attention} kernel returns no weights)", file=sys.stderr)
+    out_dir = Path(args.out or Path(args.run_dir) / "attention")
+    for path in attention_maps(run, args.text, args.target, out_dir):
+        print(path)
+    return 0
+
+
+def cmd_neighbors(args) -> int:
+    from plutao.experiments.inspect import embedding_table, token_id
+    from plutao.model.probes import nearest_neighbors
+    from plutao.train.errors import UserError
+    from plutao.train.run import load_run
+
+    if args.k < 1:
+        raise UserError(f"-k must be ≥ 1, got {args.k}")
+    run = load_run(Path(args.run_dir), args.step)
+    table = embedding_table(run)
+    i = token_id(run.tokenizer, args.token)
+    special = list(run.tokenizer.special_ids.values())
+    result = [{"token": run.tokenizer.token_strings([j])[0], "id": j, "cosine": c}
+              for j, c in nearest_neighbors(table[: run.tokenizer.vocab_size], i, args.k, exclude=special)]
+    if args.json:
+        print(json.dumps({"token": args.token, "id": i, "neighbors": result}))
+        return 0
+    print(f"nearest neighbours of {args.token!r} (id {i}) by cosine similarity of embeddings:")
+    for r in result:
+        print(f"  {r['cosine']:+.3f}  {r['token']!r}")
+    return 0
+
+
+def cmd_analogy(args) -> int:
+    from plutao.experiments.inspect import embedding_table, token_id
+    from plutao.model.probes import analogy
+    from plutao.train.errors import UserError
+    from plutao.train.run import load_run
+
+    if args.k < 1:
+        raise UserError(f"-k must be ≥ 1, got {args.k}")
+    run = load_run(Path(args.run_dir), args.step)
+    table = embedding_table(run)
+    a, b, c = (token_id(run.tokenizer, t) for t in (args.a, args.b, args.c))
+    special = list(run.tokenizer.special_ids.values())
+    result = [{"token": run.tokenizer.token_strings([j])[0], "id": j, "cosine": s}
+              for j, s in analogy(table[: run.tokenizer.vocab_size], a, b, c, args.k, exclude=special)]
+    if args.json:
+        print(json.dumps({"query": [args.a, args.b, args.c], "answers": result}))
+        return 0
+    print(f"{args.a} − {args.b} + {args.c} ≈")
+    for r in result:
+        print(f"  {r['cosine']:+.3f}  {r['token']!r}")
+    return 0
+
+
+def cmd_tokenize(args) -> int:
+    from plutao.tokenizer import ByteTokenizer, CharTokenizer, format_tokens, load_tokenizer
+
+    if args.tokenizer == "byte":
+        tok = ByteTokenizer()
+    elif args.tokenizer == "char":
+        tok = CharTokenizer.train([args.text])
+    else:
+        path = Path(args.tokenizer)
+        tok = load_tokenizer(path / "tokenizer" if (path / "tokenizer").is_dir() else path)
+    print(format_tokens(tok, args.text, args.price_per_1k))
+    return 0

@@ -1,0 +1,80 @@
+"""Commands about size and scale: parameter counts, memory plans, shardings, multi-process launch,
+compile-time and host-memory scaling."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from plutao.experiments.commands.evaluation import neural_only
+from plutao.train.config import resolve_config
+
+
+def cmd_params(args) -> int:
+    from plutao.model.presets import PUBLISHED_PARAMS, count_params, flops_per_token
+
+    name, cfg = resolve_config(args.preset, args.overrides)
+    model = neural_only(cfg, "params").shaped_model()
+    counts = count_params(model)
+    published = PUBLISHED_PARAMS.get(name)
+    out = {"preset": name, "params": counts["total"], "non_embedding": counts["non_embedding"],
+           "embedding": counts["embedding"], "published": published,
+           "relative_to_published": (counts["total"] / published - 1) if published else None,
+           "n_layers": model.n_layers, "d_model": model.d_model, "n_heads": model.n_heads, "d_head": model.d_head,
+           "d_ff": model.d_ff, "context_length": model.context_length, "vocab_size": model.vocab_size,
+           "batch_tokens": cfg.train.batch_size * model.context_length, "lr": cfg.optim.lr,
+           "train_flops_per_token": flops_per_token(model)}
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    pub = f" (published {published / 1e9:.3g}B, {out['relative_to_published']:+.2%})" if published else ""
+    print(f"{name}: {counts['total']:,} parameters{pub}")
+    print(f"  non-embedding {counts['non_embedding']:,}, embedding {counts['embedding']:,}")
+    print(f"  n_layers {model.n_layers}, d_model {model.d_model}, n_heads {model.n_heads}, d_head {model.d_head}, "
+          f"d_ff {model.d_ff}, context {model.context_length}, vocab {model.vocab_size}")
+    print(f"  batch {cfg.train.batch_size} × {model.context_length} = {out['batch_tokens']:,} tokens, "
+          f"lr {cfg.optim.lr:g}; training {out['train_flops_per_token']:.3g} FLOPs/token")
+    return 0
+
+
+def cmd_plan(args, argv: list[str]) -> int:
+    from plutao.experiments.plan import ensure_devices, parse_bytes, plan, report
+
+    device_memory = parse_bytes(args.device_memory) if args.device_memory else None
+    name, cfg = resolve_config(args.preset, args.overrides)
+    neural_only(cfg, "plan")
+    if args.devices:
+        code = ensure_devices(args.devices, argv)
+        if code is not None:
+            return code
+    result = plan(cfg, device_memory)
+    print(json.dumps(result) if args.json else report(name, result))
+    return 0
+
+
+def cmd_shardings(args) -> int:
+    from plutao.experiments.shardings import dumps, sharding_dump
+
+    _, cfg = resolve_config(args.preset, args.overrides)
+    text = dumps(sharding_dump(neural_only(cfg, "shardings"), args.devices))
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        print(text, end="")
+    return 0
+
+
+def cmd_launch(args) -> int:
+    from plutao.experiments.launch import launch_local
+
+    command = args.command_args[1:] if args.command_args[:1] == ["--"] else args.command_args
+    return launch_local(command, args.local_processes, args.devices_per_process, args.port)
+
+
+def cmd_bench_scaling(args) -> int:
+    from plutao.experiments.scaling import run_scaling
+
+    result = run_scaling(tuple(args.depths))
+    if args.json:
+        print(json.dumps(result))
+    return 0
