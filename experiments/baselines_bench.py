@@ -24,8 +24,6 @@ from plutao.train.config import Config, apply_overrides
 from plutao.train.errors import UserError
 from plutao.train.presets import PRESETS
 
-RECURRENT_EVAL_WINDOW = 512
-
 
 def _tasks(data_dir: Path) -> dict[str, dict]:
     ptb, shakespeare = data_dir / "ptb", data_dir / "tinyshakespeare.txt"
@@ -65,7 +63,6 @@ def _validation(cfg: Config, tokenizer):
 
 
 def _run_neural(name: str, overrides: dict, seconds: float, workdir: Path, say) -> dict:
-    from plutao.model.families import RECURRENT
     from plutao.train.evaluate import stream_metrics
     from plutao.train.loop import train
     from plutao.train.run import load_run
@@ -80,7 +77,7 @@ def _run_neural(name: str, overrides: dict, seconds: float, workdir: Path, say) 
                     workdir / "run", quiet=True)
     wall = time.perf_counter() - t0
     run = load_run(workdir / "run")
-    window = RECURRENT_EVAL_WINDOW if run.cfg.model.family in RECURRENT else run.cfg.model.context_length
+    window = run.task.eval_context()  # (a recurrent model carries its state across longer windows)
     val = stream_metrics(run.trainer.graphdef, run.params, _validation(run.cfg, run.tokenizer), window, run.tokenizer)
     return {"model": name, "params": summary["params"], "tokens_per_sec": summary["tokens_per_sec"],
             "steps": summary["step"], "train_seconds": summary["train_seconds"], "wall_seconds": wall,

@@ -10,9 +10,21 @@ import argparse
 import sys
 
 from plutao.experiments.commands.benchmarks import cmd_bench, cmd_bench_baselines, cmd_bench_sweep
-from plutao.experiments.commands.evaluation import cmd_eval, cmd_fill_mask, cmd_sample, cmd_score, cmd_translate
+from plutao.experiments.commands.evaluation import (
+    cmd_eval,
+    cmd_fill_mask,
+    cmd_sample,
+    cmd_score,
+    cmd_translate,
+)
 from plutao.experiments.commands.inspection import cmd_analogy, cmd_attention, cmd_neighbors, cmd_tokenize
-from plutao.experiments.commands.scale import cmd_bench_scaling, cmd_launch, cmd_params, cmd_plan, cmd_shardings
+from plutao.experiments.commands.scale import (
+    cmd_bench_scaling,
+    cmd_launch,
+    cmd_params,
+    cmd_plan,
+    cmd_shardings,
+)
 from plutao.experiments.commands.sweeps import cmd_report, cmd_study, cmd_sweep
 from plutao.experiments.commands.training import cmd_plot, cmd_train
 from plutao.train.presets import PRESETS

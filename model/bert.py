@@ -1,5 +1,5 @@
 """The encoder-only Transformer (BERT): bidirectional self-attention over the whole sequence, trained
-as a masked language model (predict the tokens hidden behind <mask>; see train/objectives.py).
+as a masked language model (predict the tokens hidden behind <mask>; see train/tasks/masked_lm.py).
 
 The same `Block` as GPT with a padding mask instead of a causal one, and the LM head tied to the
 token embedding.

@@ -332,7 +332,7 @@ def _train(cfg: Config, run_dir: Path, devices, quiet: bool, allow_changed: tupl
     if cfg.train.init_from and not (own.is_dir() and any(d.name.isdigit() for d in own.iterdir())):
         # Read (and refused, if it does not fit) before anything is created in the run directory.
         parent_params, lineage = init_from_parent(trainer.abstract_sharded_state()["params"], cfg.train.init_from,
-                                                  p.tokenizer.fingerprint, cfg.model.family)
+                                                  p.tokenizer.fingerprint, cfg.model)
     checkpoints = Checkpoints(own, keep=cfg.train.keep_checkpoints)
     meta: dict = {}
     history_entry = None

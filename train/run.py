@@ -16,7 +16,7 @@ from plutao.train.config import Config
 from plutao.train.errors import UserError
 from plutao.train.rundir import config_hash, existing_run_config, parse_init_from
 from plutao.train.step import Trainer
-from plutao.train.tasks import task_for
+from plutao.train.tasks import Task, task_class, task_for
 
 
 @dataclasses.dataclass
@@ -27,6 +27,7 @@ class LoadedRun:
     trainer: Trainer
     params: dict
     step: int
+    task: Task
 
     @property
     def model(self):
@@ -37,7 +38,7 @@ def load_run(run_dir: Path, step: int | None = None) -> LoadedRun:
     run_dir = Path(run_dir)
     saved = existing_run_config(run_dir)
     cfg = Config.from_dict(saved)
-    if cfg.model.family == "ngram":
+    if not task_class(cfg).trained_by_gradient:
         raise UserError(f"{run_dir} is an n-gram run (a count table, no neural checkpoint); use `plutao eval` or "
                         "`plutao sample` with it")
     try:
@@ -52,7 +53,8 @@ def load_run(run_dir: Path, step: int | None = None) -> LoadedRun:
                         f"{tokenizer.vocab_size} ids; the run directory is inconsistent")
     mesh = sharding.make_mesh(dataclasses.replace(cfg.mesh, data=-1, fsdp=1, tensor=1))
     # Parameters only: no optimizer (and no optimizer state is read from the checkpoint).
-    trainer = Trainer(cfg.model, None, None, mesh, cfg.train.seed, task=task_for(cfg, tokenizer))
+    task = task_for(cfg, tokenizer)
+    trainer = Trainer(cfg.model, None, None, mesh, cfg.train.seed, task=task)
     if not (run_dir / "checkpoints").is_dir():
         raise UserError(f"{run_dir} has no checkpoint yet; train it first (`plutao train --workdir {run_dir}`)")
     checkpoints = Checkpoints(run_dir / "checkpoints", async_save=False, read_only=True)
@@ -74,7 +76,7 @@ def load_run(run_dir: Path, step: int | None = None) -> LoadedRun:
             raise UserError(f"checkpoint {step} of {run_dir} cannot be read ({e}); leave out --step to use the "
                             "newest readable one") from None
     checkpoints.close()
-    return LoadedRun(run_dir, cfg, tokenizer, trainer, state["params"], step)
+    return LoadedRun(run_dir, cfg, tokenizer, trainer, state["params"], step, task)
 
 
 def _nested_set(tree: dict, path, value) -> None:
@@ -88,7 +90,7 @@ def _leaf_name(path) -> str:
     return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
-def init_from_parent(params_target, spec: str, tokenizer_fingerprint: str | None = None, family: str | None = None
+def init_from_parent(params_target, spec: str, tokenizer_fingerprint: str | None = None, model=None
                      ) -> tuple[dict, dict]:
     """The parameters of `params_target` (sharded ShapeDtypeStructs) that run `spec` ("RUN" or "RUN:STEP")
     also has, restored from its checkpoint, and the lineage to record: {"parent", "step", "config_hash",
@@ -99,9 +101,9 @@ def init_from_parent(params_target, spec: str, tokenizer_fingerprint: str | None
     saved = existing_run_config(parent)
     fingerprint = saved.get("provenance", {}).get("tokenizer_fingerprint")
     parent_family = saved.get("model", {}).get("family", "decoder")
-    if family is not None and parent_family != family:
+    if model is not None and parent_family != model.family:  # (a model config: the families must agree)
         raise UserError(f"train.init_from={spec}: that run is a model.family={parent_family} model and this one "
-                        f"model.family={family}; start from a run of the same family")
+                        f"model.family={model.family}; start from a run of the same family")
     if tokenizer_fingerprint and fingerprint not in (None, tokenizer_fingerprint):
         raise UserError(f"train.init_from={spec}: that run's tokenizer differs from this run's; a run started from "
                         "another uses its tokenizer (start in a new --workdir)")

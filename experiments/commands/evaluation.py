@@ -1,7 +1,7 @@
 """Commands that use a trained model on text: sample, eval, score, translate, fill-mask.
 
-The per-family branches of the CLI (which kind of model a run holds, and what each kind can do) and
-its direct model calls live here, in one place, until the task registry in train/ answers them.
+Which commands a run supports, and how `plutao eval` scores a token stream, are its task's answers
+(train/tasks/); the n-gram table and translation pairs are evaluated by their own functions here.
 """
 
 from __future__ import annotations
@@ -13,12 +13,22 @@ from pathlib import Path
 
 def neural_only(cfg, command: str):
     """`cfg`, refused with a one-line error when it is an n-gram count table (no parameters, no graph)."""
-    from plutao.train.errors import UserError
+    from plutao.train.tasks import task_class
 
-    if cfg.model.family == "ngram":
-        raise UserError(f"`plutao {command}` needs a neural model; an n-gram model is a count table (`plutao train` "
-                        "reports its size)")
+    task = task_class(cfg)(cfg)
+    if not task.trained_by_gradient:
+        task.check_command(command, None)
     return cfg
+
+
+def run_task(run_dir: Path):
+    """The task of a saved run (read from its config.json; nothing else is loaded)."""
+    from plutao.train.config import Config
+    from plutao.train.rundir import existing_run_config
+    from plutao.train.tasks import task_class
+
+    cfg = Config.from_dict(existing_run_config(run_dir))
+    return task_class(cfg)(cfg)
 
 
 def _sampling(args):
@@ -26,13 +36,6 @@ def _sampling(args):
 
     return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           max_new_tokens=args.max_new_tokens, seed=args.seed, stop_at_eot=not args.no_stop)
-
-
-def _family(run_dir: Path) -> str:
-    from plutao.train.loop import existing_run_config
-
-    saved = existing_run_config(run_dir)
-    return saved.get("model", {}).get("family", "decoder")
 
 
 def _sample_ngram(args, sampling) -> int:
@@ -74,12 +77,10 @@ def cmd_sample(args) -> int:
     sampling = _sampling(args)  # validate arguments before loading anything
     if args.num_samples < 1 or args.show_probs < 0:
         raise SamplingError("--num-samples must be ≥ 1 and --show-probs ≥ 0")
-    family = _family(Path(args.run_dir))
-    if family == "ngram":
+    task = run_task(Path(args.run_dir))
+    task.check_command("sample", args.run_dir)
+    if not task.trained_by_gradient:
         return _sample_ngram(args, sampling)
-    if family in ("encoder", "encoder_decoder"):
-        raise SamplingError(f"{args.run_dir} is a model.family={family} run; use `plutao "
-                            f"{'fill-mask' if family == 'encoder' else 'translate'}` for it")
     run = load_run(Path(args.run_dir), args.step)
     tok = run.tokenizer
     prompt_ids = tok.encode(args.prompt) if args.prompt else []
@@ -140,40 +141,18 @@ def _print_result(args, result: dict, lines: list[str]) -> int:
 
 
 def cmd_eval(args) -> int:
-    from plutao.train.loop import existing_run_config
-
-    saved = existing_run_config(Path(args.run_dir))
-    family = saved.get("model", {}).get("family", "decoder")
-    if family == "ngram":
-        return _eval_ngram(args)
-    if family == "encoder_decoder":
-        return _eval_translation(args)
-    from plutao.model.families import RECURRENT
-    from plutao.train.evaluate import masked_lm_metrics, stream_metrics
     from plutao.train.run import load_run
 
+    task = run_task(Path(args.run_dir))
+    special = EVALUATORS.get(task.name)
+    if special is not None:
+        return special(args)
     run = load_run(Path(args.run_dir), args.step)
-    # A recurrent model has no context limit: it carries its state across long windows.
-    context = 512 if family in RECURRENT else run.cfg.model.context_length
-    results = []
-    for name, tokens in _eval_texts(args, run.cfg, run.tokenizer):
-        if family == "encoder":
-            results.append({"data": name} | masked_lm_metrics(run.trainer, run.params, tokens, context))
-        else:
-            results.append({"data": name} | stream_metrics(run.trainer.graphdef, run.params, tokens, context,
-                                                           run.tokenizer))
+    results = [{"data": name} | run.task.eval_stream(run, tokens)
+               for name, tokens in _eval_texts(args, run.cfg, run.tokenizer)]
     result = results[0] if len(results) == 1 else {"sources": results}
     result |= {"run_dir": str(run.run_dir), "step": run.step}
-    lines = []
-    for r in result.get("sources", [result]):
-        if family == "encoder":
-            lines.append(f"{r['data']}: masked-LM loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.3f}, "
-                         f"masked-token accuracy {r['masked_accuracy']:.2%} ({r['masked_tokens']:,} masked of "
-                         f"{r['tokens']:,} tokens, step {run.step})")
-        else:
-            lines.append(f"{r['data']}: loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.3f}, "
-                         f"{r['bits_per_char']:.4f} bits/char, {r['bits_per_byte']:.4f} bits/byte "
-                         f"({r['tokens']:,} tokens, step {run.step})")
+    lines = [run.task.eval_line(r, run.step) for r in result.get("sources", [result])]
     return _print_result(args, result, lines)
 
 
@@ -184,8 +163,8 @@ def _eval_ngram(args) -> int:
 
     from plutao.tokenizer import load_tokenizer
     from plutao.train.config import Config
-    from plutao.train.loop import read_run_config
     from plutao.train.ngram_run import load_ngram
+    from plutao.train.rundir import read_run_config
 
     run_dir = Path(args.run_dir)
     cfg = Config.from_dict(read_run_config(run_dir))
@@ -243,15 +222,17 @@ def _eval_translation(args) -> int:
     return _print_result(args, result, lines)
 
 
+# `plutao eval` for the kinds of run that are not scored as token streams.
+EVALUATORS = {"ngram": _eval_ngram, "translation": _eval_translation}
+
+
 def cmd_translate(args) -> int:
     from plutao.train.errors import UserError
     from plutao.train.run import load_run
     from plutao.train.translate import translate
 
+    run_task(Path(args.run_dir)).check_command("translate", args.run_dir)
     run = load_run(Path(args.run_dir), args.step)
-    if run.cfg.model.family != "encoder_decoder":
-        raise UserError(f"{args.run_dir} is a model.family={run.cfg.model.family} run; `plutao translate` needs an "
-                        "encoder_decoder run (e.g. `plutao train translate-cpu data.path=pairs.tsv`)")
     sources = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not sources or not all(s.strip() for s in sources):
         raise UserError("give non-empty sentences to translate, as arguments or one per line on standard input")
@@ -291,6 +272,7 @@ def cmd_score(args) -> int:
     from plutao.train.evaluate import score_text
     from plutao.train.run import load_run
 
+    run_task(Path(args.run_dir)).check_command("score", args.run_dir)
     run = load_run(Path(args.run_dir), args.step)
     result = score_text(run.trainer.graphdef, run.params, run.tokenizer, args.text, run.cfg.model.context_length)
     if args.json:

@@ -177,8 +177,41 @@ class Task:
     def milestone_sample(self, model, batches, tokenizer: Tokenizer, step: int) -> str:
         raise NotImplementedError
 
-    def refuse(self, command: str, run_dir) -> None:
-        """Raise a one-line UserError when `plutao COMMAND` does not apply to this kind of run."""
-        allowed = {"sample": "causal LM", "score": "causal LM", "fill-mask": "masked LM",
-                   "translate": "translation", "attention": "Transformer"}
-        raise UserError(f"{run_dir} is a {self.name} run; `plutao {command}` needs a {allowed.get(command, 'other')} run")
+    # The read-only commands that apply to a run of this kind.
+    commands: ClassVar[frozenset[str]] = frozenset()
+
+    def check_command(self, command: str, run_dir) -> None:
+        """A one-line UserError when `plutao COMMAND` does not apply to this kind of run."""
+        if command in self.commands:
+            return
+        family = self.cfg.model.family
+        if not self.trained_by_gradient:
+            raise UserError(f"`plutao {command}` needs a neural model; an n-gram model is a count table (`plutao train` "
+                            "reports its size)")
+        if command == "attention":
+            raise UserError(f"model.family={family} has no attention; `plutao attention` needs a Transformer run")
+        if command == "translate":
+            raise UserError(f"{run_dir} is a model.family={family} run; `plutao translate` needs an encoder_decoder run "
+                            "(e.g. `plutao train translate-cpu data.path=pairs.tsv`)")
+        if command == "fill-mask":
+            raise UserError(f"{run_dir} is a model.family={family} run; fill-mask needs a masked LM "
+                            "(model.family=encoder, e.g. the bert-cpu preset)")
+        instead = sorted(self.commands & {"fill-mask", "translate"})
+        raise UserError(f"{run_dir} is a model.family={family} run; "
+                        + (f"use `plutao {instead[0]}` for it" if instead else f"`plutao {command}` does not apply to it"))
+
+    def eval_context(self) -> int:
+        """The window `plutao eval` scores a token stream in."""
+        return self.cfg.model.context_length
+
+    def eval_stream(self, run, tokens) -> dict:
+        """Held-out metrics of a token stream (`plutao eval`)."""
+        raise NotImplementedError
+
+    def eval_line(self, r: dict, step: int) -> str:
+        """One line of `plutao eval` for the metrics `eval_stream` returned."""
+        raise NotImplementedError
+
+    def attention_sets(self, model, tokenizer, text: str, target: str | None) -> dict:
+        """{name: (per-layer weights (H, T, S), query strings, key strings)} for `plutao attention`."""
+        raise NotImplementedError

@@ -8,17 +8,25 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from plutao.model.layers import no_constraint
-from plutao.model.sampling import SamplingConfig, generate
+from plutao.model.sampling import SamplingConfig, generate, to_host
 from plutao.train import data as data_lib
 from plutao.train.batches import NamedBatches
+from plutao.train.errors import UserError
+from plutao.train.evaluate import stream_metrics
 from plutao.train.tasks.base import Data, Task
+
+# A recurrent model has no context limit: `plutao eval` lets it carry its state across long windows.
+RECURRENT_EVAL_WINDOW = 512
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class CausalLM(Task):
     name = "causal_lm"
     scans_layers = True
+    commands = frozenset({"sample", "score", "attention"})
 
     def read(self) -> Data:
         sources = data_lib.source_paths(self.cfg.data)
@@ -50,6 +58,27 @@ class CausalLM(Task):
                        pad_id=tokenizer.pad_id)[0]
         return t.sample_prompt + tokenizer.decode(ids)
 
+    def eval_stream(self, run, tokens):
+        return stream_metrics(run.trainer.graphdef, run.params, tokens, self.eval_context(), run.tokenizer)
+
+    def eval_line(self, r, step):
+        return (f"{r['data']}: loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.3f}, "
+                f"{r['bits_per_char']:.4f} bits/char, {r['bits_per_byte']:.4f} bits/byte "
+                f"({r['tokens']:,} tokens, step {step})")
+
+    def attention_sets(self, model, tokenizer, text, target):
+        """Self-attention over <|endoftext|> + the text."""
+        seq = self.attention_input(tokenizer, text)
+        _, _, weights = model(np.array([seq], np.int32), return_weights=True)
+        strings = tokenizer.token_strings(seq)
+        return {"self": ([to_host(w)[0] for w in weights], strings, strings)}
+
+    def attention_input(self, tokenizer, text) -> list[int]:
+        seq = [tokenizer.eot_id] + tokenizer.encode(text)
+        if len(seq) > self.cfg.model.context_length:
+            raise UserError(f"the text is {len(seq)} tokens, longer than model.context_length={self.cfg.model.context_length}")
+        return seq
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class RecurrentLM(CausalLM):
@@ -59,3 +88,7 @@ class RecurrentLM(CausalLM):
     name = "recurrent_lm"
     has_attention = False
     scans_layers = False
+    commands = frozenset({"sample", "score"})
+
+    def eval_context(self):
+        return RECURRENT_EVAL_WINDOW

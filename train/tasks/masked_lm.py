@@ -15,6 +15,8 @@ import numpy as np
 
 from plutao.model.layers import no_constraint
 from plutao.model.sampling import to_host
+from plutao.train.errors import UserError
+from plutao.train.evaluate import masked_lm_metrics
 from plutao.train.tasks.base import Array, ordinary_mask
 from plutao.train.tasks.causal_lm import CausalLM
 
@@ -39,6 +41,7 @@ def mask_tokens(tokens_BT: Array, key: Array, *, rate: float, mask_id: int, ordi
 class MaskedLM(CausalLM):
     name = "masked_lm"
     scans_layers = False
+    commands = frozenset({"fill-mask", "attention"})
     batch_axes: ClassVar[dict[str, tuple[str, ...]]] = {"tokens": CausalLM.batch_axes["tokens"]}
 
     def named(self, rows):
@@ -72,3 +75,54 @@ class MaskedLM(CausalLM):
         show = tokenizer.decode
         return (f"input:  {show(masked.tolist())}\nfilled: {show(filled.tolist())}\n"
                 f"({hits}/{len(positions)} masked tokens recovered)")
+
+    def eval_stream(self, run, tokens):
+        return masked_lm_metrics(run.trainer, run.params, tokens, self.eval_context())
+
+    def eval_line(self, r, step):
+        return (f"{r['data']}: masked-LM loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.3f}, "
+                f"masked-token accuracy {r['masked_accuracy']:.2%} ({r['masked_tokens']:,} masked of "
+                f"{r['tokens']:,} tokens, step {step})")
+
+    def attention_input(self, tokenizer, text):
+        seq = tokenizer.encode(text)
+        if len(seq) > self.cfg.model.context_length:
+            raise UserError(f"the text is {len(seq)} tokens, longer than model.context_length={self.cfg.model.context_length}")
+        return seq
+
+    def attention_sets(self, model, tokenizer, text, target):
+        """Bidirectional self-attention over the text."""
+        seq = self.attention_input(tokenizer, text)
+        _, weights = model(np.array([seq], np.int32), return_weights=True)
+        strings = tokenizer.token_strings(seq)
+        return {"self": ([to_host(w)[0] for w in weights], strings, strings)}
+
+    def fill(self, model, tokenizer, text: str, top_k: int) -> list[dict]:
+        """For each <mask> in `text`, the top-k ordinary tokens with their probabilities (all masks
+        predicted at once)."""
+        mask_text = tokenizer.special_roles.get("mask", "<mask>")
+        if mask_text not in text:
+            raise UserError(f"the text has no {mask_text}; mark the hidden token(s), e.g. \"The cat sat on the "
+                            f"{mask_text}.\"")
+        if top_k < 1:
+            raise UserError(f"--top-k must be ≥ 1, got {top_k}")
+        ids, positions = [], []
+        for i, piece in enumerate(text.split(mask_text)):
+            if i:
+                positions.append(len(ids))
+                ids.append(tokenizer.mask_id)
+            ids.extend(tokenizer.encode(piece))
+        if len(ids) > self.cfg.model.context_length:
+            raise UserError(f"the text is {len(ids)} tokens, longer than model.context_length={self.cfg.model.context_length}")
+        logits, _ = model(np.array([ids], np.int32))
+        probs = np.asarray(jax.nn.softmax(to_host(logits)[0, positions].astype(np.float64), axis=-1))
+        ordinary = ordinary_mask(tokenizer)
+        out = []
+        for n, pos in enumerate(positions):
+            p = probs[n].copy()
+            p[: len(ordinary)][~ordinary] = 0.0  # a fill is ordinary text
+            p[len(ordinary):] = 0.0  # (nor a padded row past the tokenizer's vocabulary)
+            top = np.argsort(-p)[:top_k]
+            out.append({"position": pos, "fills": [{"token": tokenizer.token_strings([int(i)])[0], "id": int(i),
+                                                    "prob": float(probs[n, i])} for i in top]})
+        return out

@@ -14,6 +14,7 @@ class NGram(CausalLM):
     trained_by_gradient = False
     has_attention = False
     scans_layers = False
+    commands = frozenset({"sample"})
 
     @classmethod
     def problems(cls, cfg):

@@ -18,6 +18,7 @@ from plutao.model.layers import no_constraint
 from plutao.model.sampling import to_host
 from plutao.train import data as data_lib
 from plutao.train.batches import AXES, NamedBatches
+from plutao.train.errors import UserError
 from plutao.train.pairs import PairBatches, encode_pairs, held_out, pack, read_pairs
 from plutao.train.tasks.base import Data, Task
 
@@ -25,6 +26,7 @@ from plutao.train.tasks.base import Data, Task
 @dataclasses.dataclass(frozen=True, eq=False)
 class Translation(Task):
     name = "translation"
+    commands = frozenset({"translate", "attention"})
     batch_axes: ClassVar[dict[str, tuple[str, ...]]] = {k: AXES[k] for k in ("source", "tokens", "targets", "loss_weights")}
 
     @classmethod
@@ -95,3 +97,21 @@ class Translation(Task):
             ref = tokenizer.decode(strip(val.tgt[i][1:], tokenizer.eos_id, tokenizer.pad_id))
             lines.append(f"{source} → {hyp}   (reference: {ref})")
         return "\n".join(lines)
+
+    def attention_sets(self, model, tokenizer, text, target):
+        """Encoder self-, decoder self- and cross-attention for the text and `target` (or the model's
+        own greedy translation)."""
+        from plutao.train.translate import translate
+
+        L = self.cfg.model.context_length
+        src = tokenizer.encode(text) + [tokenizer.eos_id]
+        if len(src) > L:
+            raise UserError(f"the source is {len(src)} tokens, longer than model.context_length={L}")
+        target = target if target is not None else translate(model, tokenizer, [text], beam_size=1)[0][0][0]
+        tgt = ([tokenizer.bos_id] + tokenizer.encode(target))[:L]
+        src_a, tgt_a = np.array([src], np.int32), np.array([tgt], np.int32)
+        _, weights = model(src_a, src_a != tokenizer.pad_id, tgt_a, return_weights=True)
+        src_s, tgt_s = tokenizer.token_strings(src), tokenizer.token_strings(tgt)
+        return {"encoder-self": ([to_host(w)[0] for w in weights["encoder-self"]], src_s, src_s),
+                "decoder-self": ([to_host(w)[0] for w in weights["decoder-self"]], tgt_s, tgt_s),
+                "cross": ([to_host(w)[0] for w in weights["cross"]], tgt_s, src_s)}
