@@ -59,3 +59,35 @@ def test_a_packed_bert_row_gives_each_document_its_own_logits():
     assert np.isfinite(both).all()  # padding rows attend to themselves, not to nothing
     mixed = np.asarray(logits_of(model(tokens, valid, positions_BT=pos)))
     assert np.abs(mixed[0, len(a):len(a) + len(b)] - alone_b[0]).max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["decoder", "encoder"])
+def test_separate_documents_scores_each_document_of_a_row_as_if_alone(family):
+    from plutao.train.config import Config, apply_overrides
+    from plutao.train.tasks import TokenIds, task_for
+
+    base = {"model.family": family, "model.vocab_size": 40, "model.context_length": 16, "model.n_layers": 2,
+            "model.d_model": 32, "model.n_heads": 4}
+    ids = TokenIds(pad_id=0, mask_id=5, eot_id=1, vocab_limit=40, ordinary=tuple(range(11, 40)))
+    separate = task_for(apply_overrides(Config(), base | {"data.separate_documents": True}), None)
+    separate = type(separate)(separate.cfg, ids)
+    plain = type(separate)(apply_overrides(Config(), base), ids)
+    model = separate.build_model(nnx.Rngs(0))
+    row = np.array([[15, 16, 17, 1, 18, 19, 20, 21, 22]], np.int32)  # the end of one document, then the next
+    batch = separate.named(row)
+    assert batch["segment_ids"].tolist() == [[1, 1, 1, 2, 2, 2, 2, 2]]
+    assert batch["positions"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4]]
+    import jax
+
+    key = jax.random.key(0)
+    if family == "decoder":
+        both = separate.sums(model, batch, key, train=False)
+        first = plain.sums(model, plain.named(row[:, :4]), key, train=False)
+        second = plain.sums(model, plain.named(row[:, 3:]), key, train=False)
+        np.testing.assert_allclose(float(both["loss"]), float(first["loss"]) + float(second["loss"]), rtol=1e-5)
+        assert float(both["count"]) == float(first["count"]) + float(second["count"])
+    else:  # bidirectional: each document's logits are its own
+        logits, _ = model(jnp.asarray(batch["tokens"]), segment_ids_BT=jnp.asarray(batch["segment_ids"]),
+                          positions_BT=jnp.asarray(batch["positions"]))
+        alone, _ = model(jnp.asarray(row[:, 3:-1]))
+        np.testing.assert_allclose(np.asarray(logits)[0, 3:], np.asarray(alone)[0], atol=1e-5)

@@ -18,7 +18,7 @@ from typing import Any, Literal, get_args, get_origin
 import tomllib
 
 from plutao.model.config import ModelConfig
-from plutao.tokenizer import SPECIAL_TOKENS
+from plutao.tokenizer.base import SpecialTokens
 from plutao.train.errors import UserError
 
 DEFAULT_CORPUS = "builtin:python-docs"
@@ -36,6 +36,9 @@ class DataConfig:
     val_fraction: float = 0.1  # the last fraction of each source is held out (unless data.val_path is set)
     val_path: str = ""  # a separate held-out file (e.g. a standard validation split); then all of data.path trains
     cache_dir: str = ""  # tokenized-corpus and download cache; empty = ~/.cache/plutao
+    # Rows are cut from the concatenated corpus, so a row may hold the end of one document and the start
+    # of the next. true: no token attends across an <|endoftext|> (segment ids, positions restart there).
+    separate_documents: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,7 +265,7 @@ def validate(cfg: Config) -> None:
         problems.append("optim.grad_clip and optim.weight_decay must be ≥ 0")
     if t.grad_accum < 1 or t.batch_size % t.grad_accum:
         problems.append(f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum}")
-    if d.tokenizer == "bpe" and d.vocab_size < len(SPECIAL_TOKENS) + 1:
+    if d.tokenizer == "bpe" and d.vocab_size < len(SpecialTokens.historical().ids) + 1:
         problems.append("data.tokenizer=bpe needs data.vocab_size (e.g. data.vocab_size=4096)")
     if not 0.0 < d.val_fraction < 1.0:
         problems.append(f"data.val_fraction must be in (0, 1), got {d.val_fraction}")

@@ -45,6 +45,7 @@ class TokenIds:
 
     pad_id: int = 0
     mask_id: int = 5
+    eot_id: int = 1
     vocab_limit: int = 0  # the tokenizer's vocabulary size (0 = unknown: the model's)
     ordinary: tuple[int, ...] = ()  # ids of ordinary (non-special) tokens; () = unknown
     # Special ids that are real prediction targets (<|endoftext|>, <eos>, a word-level <unk>):
@@ -56,7 +57,8 @@ class TokenIds:
     def of(cls, tokenizer: Tokenizer | None) -> TokenIds:
         if tokenizer is None:
             return cls()
-        return cls(pad_id=tokenizer.pad_id, mask_id=tokenizer.mask_id, vocab_limit=tokenizer.vocab_size,
+        return cls(pad_id=tokenizer.pad_id, mask_id=tokenizer.mask_id, eot_id=tokenizer.eot_id,
+                   vocab_limit=tokenizer.vocab_size,
                    ordinary=tuple(int(i) for i in np.flatnonzero(ordinary_mask(tokenizer))),
                    target_specials=(tokenizer.eot_id, tokenizer.eos_id, tokenizer.unk_id))
 
@@ -76,12 +78,9 @@ class TokenIds:
 
 
 def ordinary_mask(tokenizer: Tokenizer) -> np.ndarray:
-    """(tokenizer.vocab_size,) bool: True for ids that are not special tokens."""
-    if hasattr(tokenizer, "ordinary_mask"):
-        return np.asarray(tokenizer.ordinary_mask(tokenizer.vocab_size), bool)
-    from plutao.tokenizer.base import NUM_SPECIAL
-
-    return np.arange(tokenizer.vocab_size) >= NUM_SPECIAL
+    """(tokenizer.vocab_size,) bool: True for ids that are not special tokens (wherever the tokenizer
+    declares its specials)."""
+    return np.asarray(tokenizer.ordinary_mask(tokenizer.vocab_size), bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,14 +97,24 @@ class Task:
     """One kind of training. Instances are static (hashable) data: the run's config and token ids."""
 
     name: ClassVar[str] = ""
-    # The batch keys this task's steps read, with their logical axes.
-    batch_axes: ClassVar[dict[str, tuple[str, ...]]] = {"tokens": AXES["tokens"], "targets": AXES["targets"]}
+    # The batch keys this task's steps read (their logical axes are in train/batches.py: AXES).
+    batch_keys: ClassVar[tuple[str, ...]] = ("tokens", "targets")
     trained_by_gradient: ClassVar[bool] = True
     has_attention: ClassVar[bool] = True
     scans_layers: ClassVar[bool] = False  # whether its model supports model.scan_layers and model.remat
 
     cfg: Config
     ids: TokenIds = TokenIds()
+
+    @property
+    def batch_axes(self) -> dict[str, tuple[str, ...]]:
+        """The batch keys this task's steps read, with their logical axes."""
+        keys = self.batch_keys + (("segment_ids", "positions") if self.separates_documents else ())
+        return {k: AXES[k] for k in keys}
+
+    @property
+    def separates_documents(self) -> bool:
+        return False
 
     @classmethod
     def problems(cls, cfg: Config) -> list[str]:

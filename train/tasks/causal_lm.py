@@ -42,11 +42,32 @@ class CausalLM(Task):
         rows = self.row_source(data, tokenizer)
         return NamedBatches(rows, self.named, self.batch_axes), f"{sum(len(s.train) for s in rows.splits):,} training tokens"
 
+    @property
+    def separates_documents(self) -> bool:
+        return self.cfg.data.separate_documents
+
     def named(self, rows):
-        return {"tokens": rows[:, :-1], "targets": rows[:, 1:]}
+        return self.with_segments({"tokens": rows[:, :-1], "targets": rows[:, 1:]})
+
+    def with_segments(self, batch):
+        """With data.separate_documents: each <|endoftext|> starts a new segment (the document it
+        precedes), and positions restart there, so no token attends across a document boundary."""
+        if not self.separates_documents:
+            return batch
+        tokens_BT = batch["tokens"]
+        starts_BT = tokens_BT == self.ids.eot_id
+        index_BT = np.broadcast_to(np.arange(tokens_BT.shape[1]), tokens_BT.shape)
+        start_of_BT = np.maximum.accumulate(np.where(starts_BT, index_BT, 0), axis=1)
+        return batch | {"segment_ids": (np.cumsum(starts_BT, axis=1) + 1).astype(np.int32),
+                        "positions": (index_BT - start_of_BT).astype(np.int32)}
+
+    def segments_of(self, batch) -> dict:
+        return ({"segment_ids_BT": batch["segment_ids"], "positions_BT": batch["positions"]}
+                if "segment_ids" in batch else {})
 
     def sums(self, model, batch, key, *, train, constrain=no_constraint):
-        logits, _, _ = model(batch["tokens"], dropout_key=key if train else None, constrain=constrain)
+        logits, _, _ = model(batch["tokens"], dropout_key=key if train else None, constrain=constrain,
+                             **self.segments_of(batch))
         return self.cross_entropy(logits, batch["targets"], batch.get("loss_weights"), train=train)
 
     def milestone_sample(self, model, batches, tokenizer, step):

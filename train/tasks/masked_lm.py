@@ -42,10 +42,10 @@ class MaskedLM(CausalLM):
     name = "masked_lm"
     scans_layers = False
     commands = frozenset({"fill-mask", "attention"})
-    batch_axes: ClassVar[dict[str, tuple[str, ...]]] = {"tokens": CausalLM.batch_axes["tokens"]}
+    batch_keys: ClassVar[tuple[str, ...]] = ("tokens",)
 
     def named(self, rows):
-        return {"tokens": rows[:, :-1]}
+        return self.with_segments({"tokens": rows[:, :-1]})
 
     def sums(self, model, batch, key, *, train, constrain=no_constraint):
         tokens_BT = batch["tokens"]
@@ -54,7 +54,7 @@ class MaskedLM(CausalLM):
                                              mask_id=self.ids.mask_id,
                                              ordinary_V=self.ids.ordinary_V(self.cfg.model.vocab_size))
         logits, _ = model(inputs_BT, tokens_BT != self.ids.pad_id, dropout_key=dropout_key if train else None,
-                          constrain=constrain)
+                          constrain=constrain, **self.segments_of(batch))
         correct = jnp.sum((jnp.argmax(logits, -1) == tokens_BT) & selected_BT)
         return self.cross_entropy(logits, tokens_BT, selected_BT, train=train) | {"correct": correct.astype(jnp.float32)}
 

@@ -17,7 +17,7 @@ from flax import nnx
 from plutao.model.layers import no_constraint
 from plutao.model.sampling import to_host
 from plutao.train import data as data_lib
-from plutao.train.batches import AXES, NamedBatches
+from plutao.train.batches import NamedBatches
 from plutao.train.errors import UserError
 from plutao.train.pairs import PairBatches, encode_pairs, held_out, pack, read_pairs
 from plutao.train.tasks.base import Data, Task
@@ -27,7 +27,7 @@ from plutao.train.tasks.base import Data, Task
 class Translation(Task):
     name = "translation"
     commands = frozenset({"translate", "attention"})
-    batch_axes: ClassVar[dict[str, tuple[str, ...]]] = {k: AXES[k] for k in ("source", "tokens", "targets", "loss_weights")}
+    batch_keys: ClassVar[tuple[str, ...]] = ("source", "tokens", "targets", "loss_weights")
 
     @classmethod
     def problems(cls, cfg):
