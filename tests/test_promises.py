@@ -115,7 +115,8 @@ def test_the_seed_is_a_traced_argument_of_the_step():
     # One jitted step serves both seeds (one compilation), and the seed really reaches the program:
     # the same state and batch get other dropout masks.
     step = trainers[0].train_step.jitted
-    after = [jax.device_get(step(jax.tree.map(lambda x: x.copy(), state), batch, np.int32(seed))[0]["params"])
+    named = trainers[0].active_task.named(batch)
+    after = [jax.device_get(step(jax.tree.map(lambda x: x.copy(), state), named, np.int32(seed))[0]["params"])
              for seed in (0, 1)]
     assert step._cache_size() == 1
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after[0]), jax.tree.leaves(after[1])))

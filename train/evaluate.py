@@ -90,7 +90,7 @@ def masked_lm_metrics(trainer, params, tokens: np.ndarray, context: int) -> dict
     for lo in range(0, n, EVAL_ROWS):
         hi = min(lo + EVAL_ROWS, n)
         idx = np.arange(lo, hi)[:, None] * context + np.arange(context + 1)[None, :]
-        batch = pad_rows(tokens[idx], trainer.mesh.size, trainer.task.ids.pad_id)
+        batch = pad_rows(tokens[idx], trainer.mesh.size, trainer.active_task.ids.pad_id)
         for k, v in trainer.eval_step(params, batch, np.int32(lo // EVAL_ROWS)).items():
             sums[k] = sums.get(k, 0.0) + float(v)
     if not sums["count"]:

@@ -302,6 +302,8 @@ def _train(cfg: Config, run_dir: Path, devices, quiet: bool, allow_changed: tupl
     main = is_main_process()
     saved = read_run_config(run_dir)
 
+    lineage = None  # (set when this run starts from another: train.init_from)
+
     def write_run_files(history_entry: dict | None = None):
         if not main:
             return
@@ -328,7 +330,7 @@ def _train(cfg: Config, run_dir: Path, devices, quiet: bool, allow_changed: tupl
     # Restore before writing anything: a checkpoint that does not fit this config fails here,
     # leaving config.json and the checkpoints as they were.
     own = run_dir / "checkpoints"
-    parent_params, lineage = None, None
+    parent_params = None
     if cfg.train.init_from and not (own.is_dir() and any(d.name.isdigit() for d in own.iterdir())):
         # Read (and refused, if it does not fit) before anything is created in the run directory.
         parent_params, lineage = init_from_parent(trainer.abstract_sharded_state()["params"], cfg.train.init_from,

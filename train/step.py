@@ -48,13 +48,14 @@ class Trainer:
     on_nonfinite: str = "stop"
 
     @functools.cached_property
-    def _task(self) -> Task:
+    def active_task(self) -> Task:
+        """The task the steps compute (`task`, or the model family's default one)."""
         return self.task or task_for_model(self.model_cfg)
 
     @functools.cached_property
     def slots(self) -> dict[str, ModelSlot]:
         """The named models of the state (train/tasks/base.py: ModelSlot)."""
-        return self._task.model_slots()
+        return self.active_task.model_slots()
 
     @functools.cached_property
     def single(self) -> bool:
@@ -159,7 +160,7 @@ class Trainer:
     # --- the steps -------------------------------------------------------------------------------
 
     def _loss_sum(self, params, batch, key, frozen=None):
-        sums = self._task.sums(self._modules(params, frozen), batch, key, train=True, constrain=self.constrain)
+        sums = self.active_task.sums(self._modules(params, frozen), batch, key, train=True, constrain=self.constrain)
         return sums["loss"], sums
 
     # The seed is an argument, not a constant baked into the program: runs that differ only by seed
@@ -216,26 +217,26 @@ class Trainer:
         each batch its own."""
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), EVAL_MASKS), index)
         modules = self._modules(params) if self.single else self._modules(params["params"], params["frozen"])
-        return self._task.sums(modules, batch, key, train=False, constrain=self.constrain)
+        return self.active_task.sums(modules, batch, key, train=False, constrain=self.constrain)
 
     @functools.cached_property
     def batch_shardings(self) -> dict:
         """Each batch key's sharding, from the task's logical axes."""
-        return batches_lib.shardings(self._task.batch_axes, self.mesh)
+        return batches_lib.shardings(self.active_task.batch_axes, self.mesh)
 
     @functools.cached_property
     def train_step(self):
         repl = sharding.replicated(self.mesh)
         step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_shardings, repl),
                        out_shardings=(self.state_shardings, repl), donate_argnums=0)
-        return SeededStep(step, np.int32(self.seed), self._task.named)
+        return SeededStep(step, np.int32(self.seed), self.active_task.named)
 
     @functools.cached_property
     def eval_step(self):
         repl = sharding.replicated(self.mesh)
         params_sh = self.inference_params(self.state_shardings)
         step = jax.jit(self._eval_step, in_shardings=(params_sh, self.batch_shardings, repl, repl), out_shardings=repl)
-        return SeededStep(step, np.int32(self.seed), self._task.named)
+        return SeededStep(step, np.int32(self.seed), self.active_task.named)
 
     @functools.cached_property
     def split(self) -> sharding.SplitReport:
