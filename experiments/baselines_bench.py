@@ -100,12 +100,13 @@ def _grad_fn(graphdef):
     import jax
     from flax import nnx
 
+    from plutao.model.heads import forward_logits
     from plutao.train.losses import cross_entropy_sum
 
     @jax.jit
     def grad(params, tokens):
         def loss(params):
-            logits, _, _ = nnx.merge(graphdef, params)(tokens[:, :-1])
+            logits, _ = forward_logits(nnx.merge(graphdef, params), tokens[:, :-1])
             s, c = cross_entropy_sum(logits, tokens[:, 1:])
             return s / c
         return jax.grad(loss)(params)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from plutao.model.heads import forward_logits
 from plutao.model.presets import flops_per_token
 from plutao.model.sampling import SamplingConfig, generate
 from plutao.train.config import Config, apply_overrides
@@ -117,7 +118,7 @@ def sampling_speed(run_dir: Path, new_tokens: int) -> dict:
     # window is left-padded to a fixed width so one compiled program serves every step.
     context = run.cfg.model.context_length
     graphdef, params = nnx.split(model)
-    last_logits = jax.jit(lambda p, x, first: nnx.merge(graphdef, p)(x, first_valid_B=first)[0][:, -1])
+    last_logits = jax.jit(lambda p, x, first: forward_logits(nnx.merge(graphdef, p), x, first_valid_B=first)[0][:, -1])
 
     def window(seq):
         w = seq[-context:]

@@ -14,6 +14,7 @@ from flax import nnx
 from plutao.model.attention import padding_mask, segment_bidirectional_mask
 from plutao.model.blocks import ACT_BTD, Block
 from plutao.model.config import ModelConfig
+from plutao.model.heads import Output, lm_logits
 from plutao.model.layers import INIT_STD, Norm, dropout, no_constraint, normal_param, sinusoidal_table
 
 Array = jax.Array
@@ -36,8 +37,8 @@ class BERT(nnx.Module):
 
     def __call__(self, tokens_BT: Array, valid_BT: Array | None = None, *, positions_BT: Array | None = None,
                  segment_ids_BT: Array | None = None, dropout_key=None, return_weights=False, constrain=no_constraint):
-        """Logits (B, T, V) at every position (each sees the whole sequence but padding, or with
-        `segment_ids_BT` its own packed document only), and weights if asked."""
+        """An `Output`: hidden states (B, T, D) at every position (each sees the whole sequence but
+        padding, or with `segment_ids_BT` its own packed document only), and weights if asked."""
         cfg = self.cfg
         B, T = tokens_BT.shape
         keys = [None] * (cfg.n_layers + 1) if dropout_key is None else list(
@@ -60,7 +61,9 @@ class BERT(nnx.Module):
             weights.append(w)
         if self.final_norm is not None:
             x_BTD = self.final_norm(x_BTD)
+        return Output(x_BTD, None, weights if return_weights else None)
+
+    def logits(self, hidden_BTD: Array, constrain=no_constraint) -> Array:
+        """The masked-LM head: hidden states → float32 logits over the vocabulary."""
         head_DV = self.token_embed[...].T if self.lm_head is None else self.lm_head[...]
-        logits_BTV = constrain((x_BTD @ head_DV.astype(self.compute_dtype)).astype(jnp.float32),
-                               ("batch", "length", "vocab"))
-        return logits_BTV, (weights if return_weights else None)
+        return lm_logits(hidden_BTD, head_DV, constrain)

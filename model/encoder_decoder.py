@@ -19,6 +19,7 @@ from flax import nnx
 from plutao.model.attention import init_cache, padding_mask, self_attention_mask
 from plutao.model.blocks import ACT_BTD, Block, CrossBlock
 from plutao.model.config import ModelConfig
+from plutao.model.heads import Output, lm_logits
 from plutao.model.layers import Norm, dropout, no_constraint, normal_param, sinusoidal_table
 
 Array = jax.Array
@@ -79,8 +80,9 @@ class EncoderDecoder(nnx.Module):
 
     def decode(self, tgt_BT: Array, memory_kv: list[dict[str, Array]], src_valid_BS: Array, *, cache=None,
                cache_index: Array | int = 0, dropout_key=None, return_weights=False, constrain=no_constraint):
-        """Logits (B, T, V) for target tokens at positions [cache_index, cache_index + T); with a cache,
-        the earlier positions' keys and values come from it and the new ones are written into it."""
+        """An `Output`: decoder hidden states (B, T, D) for target tokens at positions [cache_index,
+        cache_index + T); with a cache, the earlier positions' keys and values come from it and the new
+        ones are written into it. `self.logits(hidden)` projects them onto the vocabulary."""
         cfg = self.cfg
         B, T = tgt_BT.shape
         keys = [None] * (cfg.n_layers + 1) if dropout_key is None else list(
@@ -102,19 +104,20 @@ class EncoderDecoder(nnx.Module):
             cross_weights.append(w_cross)
         if self.decoder_norm is not None:
             x_BTD = self.decoder_norm(x_BTD)
-        logits_BTV = constrain((x_BTD @ self.token_embed[...].T.astype(self.compute_dtype)).astype(jnp.float32),
-                               ("batch", "length", "vocab"))
         weights = {"decoder-self": self_weights, "cross": cross_weights} if return_weights else None
-        return logits_BTV, (None if cache is None else new_cache), weights
+        return Output(x_BTD, None if cache is None else new_cache, weights)
+
+    def logits(self, hidden_BTD: Array, constrain=no_constraint) -> Array:
+        """The pre-softmax projection, tied to the shared embedding."""
+        return lm_logits(hidden_BTD, self.token_embed[...].T, constrain)
 
     def __call__(self, src_BS: Array, src_valid_BS: Array, tgt_BT: Array, *, dropout_key=None,
                  return_weights=False, constrain=no_constraint):
-        """Teacher-forced logits (B, T, V) for every target position, and attention weights if asked."""
+        """Teacher-forced decoder hidden states for every target position (an `Output`), and attention
+        weights if asked."""
         enc_key, dec_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
         memory_BSD, enc_weights = self.encode(src_BS, src_valid_BS, dropout_key=enc_key,
                                               return_weights=return_weights, constrain=constrain)
-        logits_BTV, _, weights = self.decode(tgt_BT, self.memory_kv(memory_BSD), src_valid_BS, dropout_key=dec_key,
-                                             return_weights=return_weights, constrain=constrain)
-        if return_weights:
-            weights = {"encoder-self": enc_weights, **weights}
-        return logits_BTV, weights
+        out = self.decode(tgt_BT, self.memory_kv(memory_BSD), src_valid_BS, dropout_key=dec_key,
+                          return_weights=return_weights, constrain=constrain)
+        return out._replace(weights={"encoder-self": enc_weights, **out.weights} if return_weights else None)

@@ -1,4 +1,4 @@
-"""The decoder-only Transformer (GPT): embeddings + positions → N residual blocks → LM head.
+"""The decoder-only Transformer (GPT): embeddings + positions → N residual blocks → (LM head).
 
 Read top to bottom: `GPT` stacks `Block`s (model/blocks.py: causal self-attention then MLP, each
 with Add & Norm in pre- or post-norm arrangement) and maps the final hidden states to vocabulary logits (optionally
@@ -14,6 +14,7 @@ from flax import nnx
 from plutao.model.attention import init_cache, segment_causal_mask, self_attention_mask
 from plutao.model.blocks import ACT_BTD, Block
 from plutao.model.config import ModelConfig
+from plutao.model.heads import Output, lm_logits
 from plutao.model.layers import (
     INIT_STD,
     Norm,
@@ -65,7 +66,8 @@ class GPT(nnx.Module):
         return_weights: bool = False,
         constrain=no_constraint,
     ):
-        """Logits (B, T, V) in float32, the updated cache, and per-layer attention weights if asked.
+        """An `Output` (model/heads.py): final hidden states (B, T, D), the updated cache, and per-layer
+        attention weights if asked; `self.logits(hidden)` is the LM head.
 
         `constrain(x, axis_names)` pins activations to a sharding (the trainer passes one built from
         its mesh); by default nothing is pinned.
@@ -126,10 +128,13 @@ class GPT(nnx.Module):
                 all_weights.append(weights)
         if self.final_norm is not None:
             x_BTD = self.final_norm(x_BTD)
+        return Output(x_BTD, None if cache is None else new_cache, all_weights if return_weights else None)
+
+    def logits(self, hidden_BTD: Array, constrain=no_constraint) -> Array:
+        """The LM head: hidden states (…, D) → float32 logits (…, V), through the transposed token
+        embedding (tied) or `lm_head`."""
         head_DV = self.token_embed[...].T if self.lm_head is None else self.lm_head[...]
-        logits_BTV = constrain((x_BTD @ head_DV.astype(self.compute_dtype)).astype(jnp.float32),
-                               ("batch", "length", "vocab"))
-        return logits_BTV, (None if cache is None else new_cache), (all_weights if return_weights else None)
+        return lm_logits(hidden_BTD, head_DV, constrain)
 
     def _scan(self, x_BTD, mask, positions_BT, cache, cache_index, keys, constrain):
         """All blocks as one scan over their stacked weights (and stacked cache and dropout keys)."""

@@ -104,14 +104,14 @@ def _prefill(model, tokens_BP, first_valid_B):
     """Run the prompt window through the model once, filling a fresh KV cache."""
     B = tokens_BP.shape[0]
     cache = model.init_cache(B, model.cfg.context_length)
-    logits_BPV, cache, _ = model(tokens_BP, cache=cache, cache_index=0, first_valid_B=first_valid_B)
-    return logits_BPV[:, -1], cache
+    out = model(tokens_BP, cache=cache, cache_index=0, first_valid_B=first_valid_B)
+    return model.logits(out.hidden_BTD[:, -1]), out.cache
 
 
 def _decode_step(model, token_B, cache, index, first_valid_B):
     """Feed one token per row at cache column `index`; only that token is computed."""
-    logits_B1V, cache, _ = model(token_B[:, None], cache=cache, cache_index=index, first_valid_B=first_valid_B)
-    return logits_B1V[:, 0], cache
+    out = model(token_B[:, None], cache=cache, cache_index=index, first_valid_B=first_valid_B)
+    return model.logits(out.hidden_BTD[:, 0]), out.cache
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "n_steps", "temperature", "top_k", "top_p", "stop"))

@@ -43,9 +43,10 @@ def greedy_decode(graphdef, params, src_BS: Array, src_valid_BS: Array, bos_id, 
 
     def body(s):
         i, token_B, cache, done_B, out_BL, score_B, params, kv = s
-        logits_B1V, cache, _ = nnx.merge(graphdef, params).decode(token_B[:, None], kv, src_valid_BS, cache=cache,
-                                                                  cache_index=i)
-        logp_BV = jax.nn.log_softmax(logits_B1V[:, 0])
+        live = nnx.merge(graphdef, params)
+        out = live.decode(token_B[:, None], kv, src_valid_BS, cache=cache, cache_index=i)
+        cache = out.cache
+        logp_BV = jax.nn.log_softmax(live.logits(out.hidden_BTD[:, 0]))
         nxt_B = jnp.argmax(logp_BV, axis=-1).astype(jnp.int32)
         score_B = score_B + jnp.where(done_B, 0.0, jnp.take_along_axis(logp_BV, nxt_B[:, None], axis=-1)[:, 0])
         nxt_B = jnp.where(done_B, eos_id, nxt_B)
@@ -96,10 +97,12 @@ def beam_search(graphdef, params, src_BS: Array, src_valid_BS: Array, bos_id, eo
 
     def body(s):
         i, alive, finished, cache, done_B, params, kv = s
-        logits_N1V, cache, _ = nnx.merge(graphdef, params).decode(alive["last"].reshape(B * K, 1), kv, valid_NS,
-                                                                  cache=cache, cache_index=i)
-        V = logits_N1V.shape[-1]
-        logp_BKV = jax.nn.log_softmax(logits_N1V[:, 0]).reshape(B, K, V)
+        live = nnx.merge(graphdef, params)
+        out = live.decode(alive["last"].reshape(B * K, 1), kv, valid_NS, cache=cache, cache_index=i)
+        cache = out.cache
+        logits_NV = live.logits(out.hidden_BTD[:, 0])
+        V = logits_NV.shape[-1]
+        logp_BKV = jax.nn.log_softmax(logits_NV).reshape(B, K, V)
         raw_B2K, flat_B2K = jax.lax.top_k((alive["raw"][:, :, None] + logp_BKV).reshape(B, K * V), 2 * K)
         beam_B2K, tok_B2K = flat_B2K // V, (flat_B2K % V).astype(jnp.int32)
         tokens_B2KL = jnp.take_along_axis(alive["tokens"], beam_B2K[:, :, None], axis=1).at[:, :, i].set(tok_B2K)

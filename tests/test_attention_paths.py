@@ -12,6 +12,7 @@ from plutao.model.bert import BERT
 from plutao.model.config import ModelConfig
 from plutao.model.encoder_decoder import EncoderDecoder
 from plutao.model.gpt import GPT
+from plutao.model.heads import forward_logits
 
 
 @pytest.fixture()
@@ -45,15 +46,15 @@ def test_gpt_training_is_causal_and_decoding_uses_key_lengths(calls):
     cfg = ModelConfig(vocab_size=61, context_length=24, n_layers=2, d_model=48, n_heads=4).resolved()
     naive, fused = pair(cfg, GPT)
     tokens = np.random.default_rng(5).integers(11, 61, (2, 24)).astype(np.int32)
-    a, _, _ = naive(tokens)
+    a, _ = forward_logits(naive, tokens)
     assert calls == []  # the explicit path never calls the fused kernel
-    b, _, _ = fused(tokens)
+    b, _ = forward_logits(fused, tokens)
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
     assert calls == [{"T": 24, "S": 24, "dense_mask": False, "causal": True, "kv_lengths": None}] * 2
     calls.clear()
     cache = init_cache(2, 24, cfg)
-    _, cache, _ = fused(tokens[:, :10], cache=cache, cache_index=0)  # prefill into a longer cache: dense
-    d, _, _ = fused(tokens[:, 10:11], cache=cache, cache_index=10)
+    cache = fused(tokens[:, :10], cache=cache, cache_index=0).cache  # prefill into a longer cache: dense
+    d, _ = forward_logits(fused, tokens[:, 10:11], cache=cache, cache_index=10)
     np.testing.assert_allclose(np.asarray(d[:, 0]), np.asarray(a[:, 10]), atol=2e-5)
     assert [c["dense_mask"] for c in calls[:2]] == [True, True]
     assert calls[2:] == [{"T": 1, "S": 24, "dense_mask": False, "causal": False, "kv_lengths": [11, 11]}] * 2
@@ -64,8 +65,8 @@ def test_left_padded_decoding_keeps_the_dense_mask(calls):
     naive, fused = pair(cfg, GPT)
     tokens = np.random.default_rng(1).integers(11, 61, (2, 6)).astype(np.int32)
     first = jnp.array([0, 3])
-    a, _, _ = naive(tokens, cache=init_cache(2, 16, cfg), first_valid_B=first)
-    b, _, _ = fused(tokens, cache=init_cache(2, 16, cfg), first_valid_B=first)
+    a, _ = forward_logits(naive, tokens, cache=init_cache(2, 16, cfg), first_valid_B=first)
+    b, _ = forward_logits(fused, tokens, cache=init_cache(2, 16, cfg), first_valid_B=first)
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
     assert calls and all(c["dense_mask"] for c in calls)
 
@@ -75,8 +76,8 @@ def test_masked_lm_padding_becomes_key_lengths(calls):
     naive, fused = pair(cfg.resolved(), BERT)
     tokens = jnp.asarray(np.random.default_rng(2).integers(11, 50, (3, 14)), jnp.int32)
     valid = jnp.arange(14)[None, :] < jnp.array([[14], [9], [0]])  # full, right-padded, all padding
-    a, _ = naive(tokens, valid)
-    b, _ = fused(tokens, valid)
+    a, _ = forward_logits(naive, tokens, valid)
+    b, _ = forward_logits(fused, tokens, valid)
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
     assert calls == [{"T": 14, "S": 14, "dense_mask": False, "causal": False, "kv_lengths": [14, 9, 1]}] * 2
 
@@ -88,8 +89,8 @@ def test_translation_encoder_cross_and_decoder_attention_are_structured(calls):
     src = jnp.asarray(np.random.default_rng(3).integers(11, 40, (2, 7)), jnp.int32)
     valid = jnp.arange(7)[None, :] < jnp.array([[7], [4]])
     tgt = jnp.asarray(np.random.default_rng(4).integers(11, 40, (2, 5)), jnp.int32)
-    a, _ = naive(src, valid, tgt)
-    b, _ = fused(src, valid, tgt)
+    a, _ = forward_logits(naive, src, valid, tgt)
+    b, _ = forward_logits(fused, src, valid, tgt)
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
     encoder = {"T": 7, "S": 7, "dense_mask": False, "causal": False, "kv_lengths": [7, 4]}
     decoder = {"T": 5, "S": 5, "dense_mask": False, "causal": True, "kv_lengths": None}

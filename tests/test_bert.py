@@ -7,6 +7,7 @@ from flax import nnx
 
 from plutao.model.bert import BERT
 from plutao.model.config import ModelConfig
+from plutao.model.heads import forward_logits
 from plutao.train.losses import cross_entropy_sum
 from plutao.train.tasks import TokenIds, task_for_model
 from plutao.train.tasks.masked_lm import mask_tokens
@@ -50,7 +51,7 @@ def test_masked_lm_loss_counts_only_selected_positions():
     # The same masks, recomputed: the loss is the cross-entropy at the selected positions only.
     mask_key, _ = jax.random.split(key)
     inputs, selected = mask_tokens(batch[:, :-1], mask_key, rate=0.15, mask_id=MASK, ordinary_V=ordinary(50))
-    logits, _ = model(inputs)
+    logits, _ = forward_logits(model, inputs)
     logp = jax.nn.log_softmax(logits)
     expected = -sum(float(logp[b, t, batch[b, t]]) for b, t in zip(*np.nonzero(np.asarray(selected))))
     assert float(sums["count"]) == float(np.asarray(selected).sum()) > 0
@@ -67,12 +68,12 @@ def test_encoder_attention_is_bidirectional_and_ignores_padding():
         if isinstance(v, nnx.Param) and v[...].ndim >= 2:
             v[...] = v[...] * 8.0
     tokens = jnp.asarray(np.random.default_rng(2).integers(FIRST, 50, (2, 10)), jnp.int32)
-    base, _ = model(tokens)
-    later_changed, _ = model(tokens.at[:, 8].set(12))
+    base, _ = forward_logits(model, tokens)
+    later_changed, _ = forward_logits(model, tokens.at[:, 8].set(12))
     assert not np.allclose(base[:, 0], later_changed[:, 0], atol=1e-4)  # position 0 sees position 8
     padded = jnp.concatenate([tokens, jnp.full((2, 4), 17, jnp.int32)], axis=1)
     valid = jnp.concatenate([jnp.ones((2, 10), bool), jnp.zeros((2, 4), bool)], axis=1)
-    out, _ = model(padded, valid)
+    out, _ = forward_logits(model, padded, valid)
     np.testing.assert_allclose(out[:, :10], base, atol=1e-5)
 
 

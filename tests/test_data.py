@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from plutao.model.config import ModelConfig
+from plutao.model.heads import forward_logits
 from plutao.tokenizer import CharTokenizer
 from plutao.train import corpora
 from plutao.train.config import Config, DataConfig, MeshConfig, OptimConfig, apply_overrides
@@ -109,7 +110,7 @@ def test_bfloat16_compute_keeps_float32_params_and_tracks_float32():
         state = trainer.init_state()
         # The compute dtype is really used: the forward's matmuls take bf16 operands (and only then),
         # the softmax's exp stays float32, and the logits come back float32.
-        forward = jax.make_jaxpr(lambda p, t=trainer: t.model(p)(batch[:, :-1])[0])(state["params"])
+        forward = jax.make_jaxpr(lambda p, t=trainer: forward_logits(t.model(p), batch[:, :-1])[0])(state["params"])
         eqns = list(_all_eqns(forward.jaxpr))
         dots = [[str(v.aval.dtype) for v in e.invars] for e in eqns if e.primitive.name == "dot_general"]
         assert len(dots) >= 4 * cfg.n_layers + 1, dots  # QKV, scores, AV, W_O, 2 MLP per layer + head
@@ -122,7 +123,7 @@ def test_bfloat16_compute_keeps_float32_params_and_tracks_float32():
         step_hlo = trainer.train_step.lower(state, batch).as_text()
         bf16_dots = [line for line in step_hlo.splitlines() if "dot_general" in line and "bf16" in line]
         assert (len(bf16_dots) >= len(dots)) if dtype == "bfloat16" else not bf16_dots, len(bf16_dots)
-        logits[dtype] = np.asarray(trainer.model(state["params"])(batch[:, :-1])[0])
+        logits[dtype] = np.asarray(forward_logits(trainer.model(state["params"]), batch[:, :-1])[0])
         for _ in range(50):
             state, m = trainer.train_step(state, batch)
         assert all(p.dtype == np.float32 for p in jax.tree.leaves(state["params"]))

@@ -8,6 +8,7 @@ from flax import nnx
 
 from plutao.model.config import ModelConfig
 from plutao.model.encoder_decoder import EncoderDecoder
+from plutao.model.heads import Output, forward_logits
 from plutao.model.seq2seq import beam_search, greedy_decode, length_penalty, strip
 
 PAD, BOS, EOS = 0, 2, 3
@@ -39,8 +40,8 @@ def test_decoder_self_attention_is_causal(norm):
     src = tokens((2, 7), 0)
     tgt = tokens((2, 9), 1)
     changed = tgt.at[:, 5:].set(tokens((2, 4), 2))
-    a, _ = m(src, src != PAD, tgt)
-    b, _ = m(src, src != PAD, changed)
+    a, _ = forward_logits(m, src, src != PAD, tgt)
+    b, _ = forward_logits(m, src, src != PAD, changed)
     np.testing.assert_allclose(a[:, :5], b[:, :5], atol=1e-6)
     assert not np.allclose(a[:, 5:], b[:, 5:], atol=1e-4)
 
@@ -48,40 +49,41 @@ def test_decoder_self_attention_is_causal(norm):
 def test_source_reaches_the_decoder_only_through_cross_attention(model):
     src, other = tokens((2, 7), 0), tokens((2, 7), 5)
     tgt = tokens((2, 6), 1)
-    a, _ = model(src, src != PAD, tgt)
-    b, _ = model(other, other != PAD, tgt)
+    a, _ = forward_logits(model, src, src != PAD, tgt)
+    b, _ = forward_logits(model, other, other != PAD, tgt)
     assert not np.allclose(a, b, atol=1e-4)  # the source matters ...
     cut = nnx.clone(model)
     for block in cut.decoder:  # ... and with every cross-attention output zeroed it no longer does
         block.cross_attn.w_o[...] = jnp.zeros_like(block.cross_attn.w_o[...])
-    a, _ = cut(src, src != PAD, tgt)
-    b, _ = cut(other, other != PAD, tgt)
+    a, _ = forward_logits(cut, src, src != PAD, tgt)
+    b, _ = forward_logits(cut, other, other != PAD, tgt)
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 def test_padding_never_affects_real_positions(model):
     src, tgt = tokens((2, 6), 0), tokens((2, 5), 1)
-    base, _ = model(src, src != PAD, tgt)
+    base, _ = forward_logits(model, src, src != PAD, tgt)
     # Extra source padding (different amounts per row, with garbage ids under the mask) changes nothing.
     padded_src = jnp.concatenate([src, tokens((2, 4), 9)], axis=1)
     valid = jnp.concatenate([jnp.ones((2, 6), bool), jnp.zeros((2, 4), bool)], axis=1)
-    out, _ = model(padded_src, valid, tgt)
+    out, _ = forward_logits(model, padded_src, valid, tgt)
     np.testing.assert_allclose(out, base, atol=1e-5)
     # Right padding of the target changes no earlier position.
-    out, _ = model(src, src != PAD, jnp.concatenate([tgt, jnp.zeros((2, 3), jnp.int32)], axis=1))
+    out, _ = forward_logits(model, src, src != PAD, jnp.concatenate([tgt, jnp.zeros((2, 3), jnp.int32)], axis=1))
     np.testing.assert_allclose(out[:, :5], base, atol=1e-5)
 
 
 def test_incremental_decoding_with_caches_equals_teacher_forcing(model):
     src, tgt = tokens((3, 7), 0), tokens((3, 8), 1)
     valid = (src != PAD).at[1, 4:].set(False)
-    full, _ = model(src, valid, tgt)
+    full, _ = forward_logits(model, src, valid, tgt)
     memory, _ = model.encode(src, valid)
     kv = model.memory_kv(memory)
     cache = model.init_cache(3, CFG.context_length)
     steps = []
     for i in range(tgt.shape[1]):
-        logits, cache, _ = model.decode(tgt[:, i:i + 1], kv, valid, cache=cache, cache_index=i)
+        out = model.decode(tgt[:, i:i + 1], kv, valid, cache=cache, cache_index=i)
+        logits, cache = model.logits(out.hidden_BTD), out.cache
         steps.append(logits)
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-4, rtol=1e-5)
 
@@ -89,7 +91,7 @@ def test_incremental_decoding_with_caches_equals_teacher_forcing(model):
 def test_attention_weights_are_distributions_over_real_keys(model):
     src, tgt = tokens((1, 6), 0), tokens((1, 4), 1)
     valid = (src != PAD).at[0, 4:].set(False)
-    _, w = model(src, valid, tgt, return_weights=True)
+    w = model(src, valid, tgt, return_weights=True).weights
     assert set(w) == {"encoder-self", "decoder-self", "cross"}
     cross = np.asarray(w["cross"][0])  # (B, H, T, S)
     assert cross.shape == (1, CFG.n_heads, 4, 6)
@@ -131,7 +133,7 @@ def test_beam_search_returns_hypotheses_in_score_order(model):
             ids = strip(hyps[row, k], EOS, PAD)
             finished = EOS in np.asarray(hyps[row, k]).tolist()
             tgt = jnp.array([[BOS] + ids], jnp.int32)
-            logits, _ = model(src[row:row + 1], valid[row:row + 1], tgt)
+            logits, _ = forward_logits(model, src[row:row + 1], valid[row:row + 1], tgt)
             logp = jax.nn.log_softmax(logits[0])
             targets = ids + ([EOS] if finished else [])
             total = float(sum(logp[i, t] for i, t in enumerate(targets)))
@@ -157,7 +159,10 @@ class Markov(nnx.Module):
         return {"rows": jnp.zeros((batch, 1))}
 
     def decode(self, token_N1, kv, valid_NS, *, cache, cache_index):
-        return self.table[...][token_N1], cache, None
+        return Output(self.table[...][token_N1], cache)  # "hidden states" that are already log-probabilities
+
+    def logits(self, hidden):
+        return hidden
 
 
 def chain_table(rows: dict[int, dict[int, float]], V: int) -> np.ndarray:

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from plutao.model.heads import forward_logits
 from plutao.train.config import Config, apply_overrides
 from plutao.train.errors import UserError
 from plutao.train.loop import prepare, train
@@ -40,8 +41,8 @@ def test_a_child_reproduces_its_parents_logits_at_step_0(parent, small_corpus, t
     p, params, lineage = child_params(cfg, tmp_path / "child")
     assert lineage["step"] == 3 and lineage["fresh"] == [] and lineage["restored"] > 0
     tokens = np.asarray(p.batches.train(0)["tokens"][:2])
-    want = np.asarray(load_run(parent, 3).model(tokens)[0])
-    got = np.asarray(p.trainer.model(params)(tokens)[0])
+    want = np.asarray(forward_logits(load_run(parent, 3).model, tokens)[0])
+    got = np.asarray(forward_logits(p.trainer.model(params), tokens)[0])
     np.testing.assert_array_equal(got, want)
 
 

@@ -13,6 +13,7 @@ from flax import nnx
 from plutao.model.attention import attention_weights, causal_mask, init_cache
 from plutao.model.config import ModelConfig
 from plutao.model.gpt import GPT
+from plutao.model.heads import forward_logits
 from plutao.model.layers import sinusoidal_table
 from plutao.model.presets import MODEL_PRESETS, PUBLISHED_PARAMS, count_params
 
@@ -48,8 +49,8 @@ def test_causality(positions, norm):
     tokens = np.random.default_rng(1).integers(0, 61, (2, 24)).astype(np.int32)
     changed = tokens.copy()
     changed[:, 15:] = (changed[:, 15:] + 7) % 61
-    a, _, _ = model(tokens)
-    b, _, _ = model(changed)
+    a, _ = forward_logits(model, tokens)
+    b, _ = forward_logits(model, changed)
     np.testing.assert_array_equal(np.asarray(a[:, :15]), np.asarray(b[:, :15]))
     assert not np.allclose(np.asarray(a[:, 15:]), np.asarray(b[:, 15:]))
 
@@ -60,12 +61,12 @@ def test_kv_cache_decoding_equals_full_forward(positions, activation):
     cfg = ModelConfig(**{**CFG.__dict__, "positions": positions, "activation": activation}).resolved()
     model = make(cfg)
     tokens = np.random.default_rng(2).integers(0, 61, (3, 24)).astype(np.int32)
-    full, _, _ = model(tokens)
+    full, _ = forward_logits(model, tokens)
     cache = init_cache(3, 24, cfg)
-    logits, cache, _ = model(tokens[:, :9], cache=cache, cache_index=0)
+    logits, (_, cache, _) = forward_logits(model, tokens[:, :9], cache=cache, cache_index=0)
     steps = [logits]
     for t in range(9, 24):
-        logits, cache, _ = model(tokens[:, t:t + 1], cache=cache, cache_index=t)
+        logits, (_, cache, _) = forward_logits(model, tokens[:, t:t + 1], cache=cache, cache_index=t)
         steps.append(logits)
     np.testing.assert_allclose(np.concatenate(steps, 1), np.asarray(full), atol=1e-5, rtol=1e-5)
 
@@ -75,8 +76,8 @@ def test_left_padded_rows_decode_like_unpadded():
     model = make(cfg)
     short = np.array([[5, 6, 7]], np.int32)
     padded = np.array([[0, 0, 0, 0, 5, 6, 7]], np.int32)
-    ref, _, _ = model(short)
-    out, _, _ = model(padded, cache=init_cache(1, 24, cfg), cache_index=0, first_valid_B=jnp.array([4]))
+    ref, _ = forward_logits(model, short)
+    out, _ = forward_logits(model, padded, cache=init_cache(1, 24, cfg), cache_index=0, first_valid_B=jnp.array([4]))
     np.testing.assert_allclose(np.asarray(out[:, 4:]), np.asarray(ref), atol=1e-5)
 
 
@@ -92,9 +93,9 @@ def test_sinusoidal_table_matches_formula():
 def test_dropout_only_with_a_key():
     model = make(ModelConfig(**{**CFG.__dict__, "dropout": 0.5}))
     tokens = np.random.default_rng(3).integers(0, 61, (2, 24)).astype(np.int32)
-    a, _, _ = model(tokens)
-    b, _, _ = model(tokens)
-    c, _, _ = model(tokens, dropout_key=jax.random.key(0))
+    a, _ = forward_logits(model, tokens)
+    b, _ = forward_logits(model, tokens)
+    c, _ = forward_logits(model, tokens, dropout_key=jax.random.key(0))
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert not np.allclose(np.asarray(a), np.asarray(c))
 
@@ -102,7 +103,7 @@ def test_dropout_only_with_a_key():
 def test_untied_head_and_rmsnorm_build_and_run():
     cfg = ModelConfig(**{**CFG.__dict__, "tie_embeddings": False, "norm_type": "rmsnorm", "bias": True,
                          "activation": "relu"})
-    logits, _, _ = make(cfg)(np.zeros((1, 5), np.int32))
+    logits, _ = forward_logits(make(cfg), np.zeros((1, 5), np.int32))
     assert logits.shape == (1, 5, 61) and np.isfinite(np.asarray(logits)).all()
 
 
@@ -132,7 +133,7 @@ def _loss_and_grads(cfg, tokens, key):
     graphdef, params = nnx.split(make(cfg))
 
     def loss(p):
-        logits, _, _ = nnx.merge(graphdef, p)(tokens[:, :-1], dropout_key=key)
+        logits, _ = forward_logits(nnx.merge(graphdef, p), tokens[:, :-1], dropout_key=key)
         s, c = cross_entropy_sum(logits, tokens[:, 1:])
         return s / c
 
@@ -155,12 +156,12 @@ def test_fused_attention_matches_the_explicit_one():
     cfg = CFG.resolved()
     naive = make(cfg)
     fused = make(ModelConfig(**{**cfg.__dict__, "attention": "xla"}))
-    a, _, _ = naive(tokens)
-    b, _, _ = fused(tokens)
+    a, _ = forward_logits(naive, tokens)
+    b, _ = forward_logits(fused, tokens)
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
     cache = init_cache(2, 24, cfg)
-    c, cache, _ = fused(tokens[:, :10], cache=cache, cache_index=0)
-    d, _, _ = fused(tokens[:, 10:11], cache=cache, cache_index=10)
+    c, (_, cache, _) = forward_logits(fused, tokens[:, :10], cache=cache, cache_index=0)
+    d, _ = forward_logits(fused, tokens[:, 10:11], cache=cache, cache_index=10)
     np.testing.assert_allclose(np.asarray(c), np.asarray(a[:, :10]), atol=1e-5)
     np.testing.assert_allclose(np.asarray(d[:, 0]), np.asarray(a[:, 10]), atol=1e-5)
 
@@ -179,7 +180,7 @@ def test_scanned_layers_equal_unrolled_layers():
     from plutao.train.losses import cross_entropy_sum
 
     def loss(model_graphdef, p):
-        logits, _, _ = nnx.merge(model_graphdef, p)(tokens[:, :-1], dropout_key=jax.random.key(2))
+        logits, _ = forward_logits(nnx.merge(model_graphdef, p), tokens[:, :-1], dropout_key=jax.random.key(2))
         s, c = cross_entropy_sum(logits, tokens[:, 1:])
         return s / c
 
@@ -194,8 +195,8 @@ def test_scanned_layers_equal_unrolled_layers():
                             jax.tree.leaves(g_unroll["blocks"][i])):
                 np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
     model = nnx.merge(graphdef, stacked)
-    full, _, _ = model(tokens[:, :24])
+    full, _ = forward_logits(model, tokens[:, :24])
     cache = init_cache(4, 24, scanned_cfg)
-    _, cache, _ = model(tokens[:, :12], cache=cache, cache_index=0)
-    step, _, _ = model(tokens[:, 12:13], cache=cache, cache_index=12)
+    _, (_, cache, _) = forward_logits(model, tokens[:, :12], cache=cache, cache_index=0)
+    step, _ = forward_logits(model, tokens[:, 12:13], cache=cache, cache_index=12)
     np.testing.assert_allclose(np.asarray(step[:, 0]), np.asarray(full[:, 12]), atol=1e-5)

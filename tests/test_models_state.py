@@ -9,6 +9,7 @@ import numpy as np
 import optax
 
 from plutao.model.config import ModelConfig
+from plutao.model.heads import forward_logits
 from plutao.train.checkpoint import Checkpoints
 from plutao.train.config import MeshConfig, OptimConfig
 from plutao.train.optim import lr_schedule, make_optimizer
@@ -32,8 +33,8 @@ class KLToReference(CausalLM):
         return {"policy": ModelSlot(self.build_model), "reference": ModelSlot(self.build_model, self.second_trainable)}
 
     def sums(self, models, batch, key, *, train, constrain=None):
-        logits, _, _ = models["policy"](batch["tokens"])
-        ref_logits, _, _ = models["reference"](batch["tokens"])
+        logits, _ = forward_logits(models["policy"], batch["tokens"])
+        ref_logits, _ = forward_logits(models["reference"], batch["tokens"])
         out = self.cross_entropy(logits, batch["targets"], None, train=train)
         logp, ref_logp = jax.nn.log_softmax(logits), jax.nn.log_softmax(ref_logits)
         kl = jnp.sum(jnp.exp(logp) * (logp - ref_logp))

@@ -12,6 +12,7 @@ from flax import nnx
 from plutao.model import sampling
 from plutao.model.baselines.rnn import RecurrentLM
 from plutao.model.config import ModelConfig
+from plutao.model.heads import forward_logits
 from plutao.train.config import MeshConfig
 from plutao.train.sharding import LOGICAL_AXIS_RULES, abstract_mesh, param_specs
 
@@ -26,7 +27,9 @@ def make(family, seed=0, **overrides):
 @nnx.jit
 def forward(model, tokens, cache=None, cache_index=0, first_valid_B=None, dropout_key=None):
     """The model under jit, as the trainer and sampler run it (eager calls recompile every scan)."""
-    return model(tokens, cache=cache, cache_index=cache_index, first_valid_B=first_valid_B, dropout_key=dropout_key)
+    logits, out = forward_logits(model, tokens, cache=cache, cache_index=cache_index, first_valid_B=first_valid_B,
+                                 dropout_key=dropout_key)
+    return logits, out.cache, out.weights
 
 
 def random_tokens(shape, seed=0, vocab=CFG.vocab_size):
@@ -38,12 +41,12 @@ def random_tokens(shape, seed=0, vocab=CFG.vocab_size):
 def test_logits_shape_dtype_and_cache_structure(family, dtype):
     model = make(family, dtype=dtype)
     tokens = random_tokens((3, 11))
-    logits, cache, weights = model(tokens)
+    logits, (_, cache, weights) = forward_logits(model, tokens)
     assert logits.shape == (3, 11, CFG.vocab_size) and logits.dtype == jnp.float32
     assert np.isfinite(np.asarray(logits)).all()
     assert cache is None and weights is None
     empty = model.init_cache(3, CFG.context_length)
-    _, cache, _ = model(tokens, cache=empty)
+    _, (_, cache, _) = forward_logits(model, tokens, cache=empty)
     names = {"h", "c"} if family == "lstm" else {"h"}
     assert len(cache) == CFG.n_layers
     for layer_state in cache:
@@ -191,7 +194,7 @@ def test_jitted_value_and_grad_over_split_merge():
     tokens = random_tokens((4, 13), seed=8)
 
     def loss_fn(params, tokens, key):
-        logits, _, _ = nnx.merge(graphdef, params)(tokens[:, :-1], dropout_key=key)
+        logits, _ = forward_logits(nnx.merge(graphdef, params), tokens[:, :-1], dropout_key=key)
         return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
     step = jax.jit(jax.value_and_grad(loss_fn))
@@ -224,7 +227,7 @@ def recall_accuracy(family, steps=600, seed=0):
     tx = optax.adam(1e-3)
 
     def loss_fn(params, tokens_BT, symbol_B):
-        logits, _, _ = nnx.merge(graphdef, params)(tokens_BT)
+        logits, _ = forward_logits(nnx.merge(graphdef, params), tokens_BT)
         return optax.softmax_cross_entropy_with_integer_labels(logits[:, -1], symbol_B).mean()
 
     @jax.jit
@@ -240,7 +243,7 @@ def recall_accuracy(family, steps=600, seed=0):
 
     params = train(params, jax.random.key(seed + 1))
     tokens_BT, symbol_B = recall_batch(jax.random.key(1234), 1000)
-    logits, _, _ = nnx.merge(graphdef, params)(tokens_BT)
+    logits, _ = forward_logits(nnx.merge(graphdef, params), tokens_BT)
     return float(jnp.mean(jnp.argmax(logits[:, -1], -1) == symbol_B))
 
 
@@ -267,5 +270,5 @@ def test_greedy_generation_through_the_sampler():
     for prompt, new in zip(prompts, out):
         assert len(new) == 6
         # Greedy means each new token is the argmax after everything before it (teacher forcing).
-        logits, _, _ = model(np.array([prompt + new[:-1]], np.int32))
+        logits, _ = forward_logits(model, np.array([prompt + new[:-1]], np.int32))
         assert np.argmax(np.asarray(logits[0, len(prompt) - 1:]), -1).tolist() == new

@@ -8,6 +8,7 @@ from flax import nnx
 
 from plutao.model.config import ModelConfig
 from plutao.model.gpt import GPT
+from plutao.model.heads import forward_logits
 from plutao.model.sampling import SamplingConfig, SamplingError, filter_logits, generate, next_token, stream
 
 LOGITS = jnp.array([[2.0, 1.0, 0.5, 0.0, -1.0, 3.0]])
@@ -74,7 +75,7 @@ def test_greedy_generation_matches_argmax_of_full_forward(model):
                    eot_id=1, pad_id=0)[0]
     seq = list(prompt)
     for _ in range(8):
-        logits, _, _ = model(np.array([seq], np.int32))
+        logits, _ = forward_logits(model, np.array([seq], np.int32))
         seq.append(int(np.argmax(np.asarray(logits)[0, -1])))
     assert out == seq[3:]
 

@@ -9,6 +9,7 @@ from flax import nnx
 from plutao.model.bert import BERT
 from plutao.model.config import ModelConfig
 from plutao.model.gpt import GPT
+from plutao.model.heads import forward_logits
 
 
 def packed(doc_a, doc_b, pad=0, width=None):
@@ -25,8 +26,8 @@ def packed(doc_a, doc_b, pad=0, width=None):
     return jnp.asarray(tokens), jnp.asarray(segments), jnp.asarray(positions)
 
 
-def logits_of(out):
-    return out[0] if isinstance(out, tuple) else out
+def logits_of(model, *args, **kwargs):
+    return forward_logits(model, *args, **kwargs)[0]
 
 
 @pytest.mark.parametrize("positions", ["learned", "rotary"])
@@ -35,13 +36,13 @@ def test_a_packed_gpt_row_gives_each_document_its_own_logits(positions):
     model = GPT(cfg, nnx.Rngs(0))
     a, b = [1, 7, 8, 9, 10], [1, 20, 21, 22]
     tokens, segments, pos = packed(a, b)
-    both = np.asarray(logits_of(model(tokens, segment_ids_BT=segments, positions_BT=pos)))
-    alone_a = np.asarray(logits_of(model(jnp.asarray([a]))))
-    alone_b = np.asarray(logits_of(model(jnp.asarray([b]))))
+    both = np.asarray(logits_of(model, tokens, segment_ids_BT=segments, positions_BT=pos))
+    alone_a = np.asarray(logits_of(model, jnp.asarray([a])))
+    alone_b = np.asarray(logits_of(model, jnp.asarray([b])))
     np.testing.assert_allclose(both[0, :len(a)], alone_a[0], atol=1e-5)
     np.testing.assert_allclose(both[0, len(a):], alone_b[0], atol=1e-5)
     # Without segment ids the second document sees the first: its logits differ.
-    mixed = np.asarray(logits_of(model(tokens, positions_BT=pos)))
+    mixed = np.asarray(logits_of(model, tokens, positions_BT=pos))
     assert np.abs(mixed[0, len(a):] - alone_b[0]).max() > 1e-3
 
 
@@ -51,13 +52,13 @@ def test_a_packed_bert_row_gives_each_document_its_own_logits():
     a, b = [2, 7, 8, 9, 10], [2, 20, 21]
     tokens, segments, pos = packed(a, b, width=10)  # two padding positions at the end
     valid = segments > 0
-    both = np.asarray(logits_of(model(tokens, valid, segment_ids_BT=segments, positions_BT=pos)))
-    alone_a = np.asarray(logits_of(model(jnp.asarray([a]))))
-    alone_b = np.asarray(logits_of(model(jnp.asarray([b]))))
+    both = np.asarray(logits_of(model, tokens, valid, segment_ids_BT=segments, positions_BT=pos))
+    alone_a = np.asarray(logits_of(model, jnp.asarray([a])))
+    alone_b = np.asarray(logits_of(model, jnp.asarray([b])))
     np.testing.assert_allclose(both[0, :len(a)], alone_a[0], atol=1e-5)
     np.testing.assert_allclose(both[0, len(a):len(a) + len(b)], alone_b[0], atol=1e-5)
     assert np.isfinite(both).all()  # padding rows attend to themselves, not to nothing
-    mixed = np.asarray(logits_of(model(tokens, valid, positions_BT=pos)))
+    mixed = np.asarray(logits_of(model, tokens, valid, positions_BT=pos))
     assert np.abs(mixed[0, len(a):len(a) + len(b)] - alone_b[0]).max() > 1e-3
 
 
@@ -87,7 +88,7 @@ def test_separate_documents_scores_each_document_of_a_row_as_if_alone(family):
         np.testing.assert_allclose(float(both["loss"]), float(first["loss"]) + float(second["loss"]), rtol=1e-5)
         assert float(both["count"]) == float(first["count"]) + float(second["count"])
     else:  # bidirectional: each document's logits are its own
-        logits, _ = model(jnp.asarray(batch["tokens"]), segment_ids_BT=jnp.asarray(batch["segment_ids"]),
+        logits, _ = forward_logits(model, jnp.asarray(batch["tokens"]), segment_ids_BT=jnp.asarray(batch["segment_ids"]),
                           positions_BT=jnp.asarray(batch["positions"]))
-        alone, _ = model(jnp.asarray(row[:, 3:-1]))
+        alone, _ = forward_logits(model, jnp.asarray(row[:, 3:-1]))
         np.testing.assert_allclose(np.asarray(logits)[0, 3:], np.asarray(alone)[0], atol=1e-5)

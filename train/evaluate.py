@@ -9,6 +9,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from plutao.model.heads import forward_logits
 from plutao.train.errors import UserError
 from plutao.train.losses import cross_entropy_sum, token_logprobs
 
@@ -17,13 +18,13 @@ EVAL_ROWS = 32  # windows per forward pass
 
 @functools.partial(jax.jit, static_argnums=0)
 def _loss_sum(graphdef, params, tokens_BT1, weights_BT):
-    logits_BTV, _, _ = nnx.merge(graphdef, params)(tokens_BT1[:, :-1])
+    logits_BTV, _ = forward_logits(nnx.merge(graphdef, params), tokens_BT1[:, :-1])
     return cross_entropy_sum(logits_BTV, tokens_BT1[:, 1:], weights_BT)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _logprobs(graphdef, params, tokens_1T):
-    logits_1TV, _, _ = nnx.merge(graphdef, params)(tokens_1T[:, :-1])
+    logits_1TV, _ = forward_logits(nnx.merge(graphdef, params), tokens_1T[:, :-1])
     return token_logprobs(logits_1TV, tokens_1T[:, 1:])[0]
 
 

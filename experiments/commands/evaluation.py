@@ -93,7 +93,9 @@ def cmd_sample(args) -> int:
     if args.show_probs:
         import jax
 
-        logits, _, _ = model(np.array([prompt], np.int32))
+        from plutao.model.heads import forward_logits
+
+        logits, _ = forward_logits(model, np.array([prompt], np.int32))
         cands = top_candidates(np.asarray(jax.device_get(logits))[0, -1], args.show_probs, args.temperature or 1.0)
         print(f"next-token candidates after {args.prompt!r}:")
         print(f"{'rank':>4}  {'id':>6}  {'prob':>8}  token")

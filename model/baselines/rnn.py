@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from plutao.model.config import ModelConfig
+from plutao.model.heads import Output
 from plutao.model.layers import dropout, no_constraint, normal_param, zeros_param
 
 Array = jax.Array
@@ -162,8 +163,8 @@ class RecurrentLM(nnx.Module):
         return_weights: bool = False,
         constrain=no_constraint,
     ):
-        """Logits (B, T, V) in float32, the updated state (None without a cache), and None (there are no
-        attention weights).
+        """An `Output`: hidden states (B, T, D), the updated state (None without a cache), and no
+        attention weights.
 
         Without a cache the sequence starts from the zero state; with one it continues from it. Step t
         of row b is left padding when cache_index + t < first_valid_B[b]: the state passes through
@@ -187,9 +188,12 @@ class RecurrentLM(nnx.Module):
             x_TBD = constrain(dropout(x_TBD, cfg.dropout, keys[i]), ACT_TBD)
             new_cache.append(layer_state)
 
+        return Output(x_TBD.swapaxes(0, 1), None if cache is None else new_cache, None)
+
+    def logits(self, hidden_BTD: Array, constrain=no_constraint) -> Array:
+        """The LM head, on flat (B·T, D) rows: the layout XLA's CPU backend differentiates fastest."""
         head_DV = self.token_embed[...].T if self.lm_head is None else self.lm_head[...]
-        # Flat (B·T, D) rows for the head: the layout XLA's CPU backend differentiates fastest.
-        x_ND = x_TBD.swapaxes(0, 1).reshape(B * T, cfg.d_model)
-        logits_BTV = (x_ND @ head_DV.astype(self.compute_dtype)).astype(jnp.float32).reshape(B, T, -1)
-        logits_BTV = constrain(logits_BTV, ("batch", "length", "vocab"))
-        return logits_BTV, (None if cache is None else new_cache), None
+        lead = hidden_BTD.shape[:-1]
+        x_ND = hidden_BTD.reshape(-1, hidden_BTD.shape[-1])
+        logits = (x_ND @ head_DV.astype(self.compute_dtype)).astype(jnp.float32).reshape(*lead, -1)
+        return constrain(logits, ("batch", "length", "vocab")) if logits.ndim == 3 else logits

@@ -10,6 +10,7 @@ import dataclasses
 
 import numpy as np
 
+from plutao.model.heads import forward_logits
 from plutao.model.layers import no_constraint
 from plutao.model.sampling import SamplingConfig, generate, to_host
 from plutao.train import data as data_lib
@@ -66,8 +67,8 @@ class CausalLM(Task):
                 if "segment_ids" in batch else {})
 
     def sums(self, model, batch, key, *, train, constrain=no_constraint):
-        logits, _, _ = model(batch["tokens"], dropout_key=key if train else None, constrain=constrain,
-                             **self.segments_of(batch))
+        logits, _ = forward_logits(model, batch["tokens"], dropout_key=key if train else None, constrain=constrain,
+                                   **self.segments_of(batch))
         return self.cross_entropy(logits, batch["targets"], batch.get("loss_weights"), train=train)
 
     def milestone_sample(self, model, batches, tokenizer, step):
@@ -90,7 +91,7 @@ class CausalLM(Task):
     def attention_sets(self, model, tokenizer, text, target):
         """Self-attention over <|endoftext|> + the text."""
         seq = self.attention_input(tokenizer, text)
-        _, _, weights = model(np.array([seq], np.int32), return_weights=True)
+        weights = model(np.array([seq], np.int32), return_weights=True).weights
         strings = tokenizer.token_strings(seq)
         return {"self": ([to_host(w)[0] for w in weights], strings, strings)}
 

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from plutao.model.heads import forward_logits
 from plutao.model.layers import no_constraint
 from plutao.model.sampling import to_host
 from plutao.train.errors import UserError
@@ -53,8 +54,9 @@ class MaskedLM(CausalLM):
         inputs_BT, selected_BT = mask_tokens(tokens_BT, mask_key, rate=self.cfg.train.mask_rate,
                                              mask_id=self.ids.mask_id,
                                              ordinary_V=self.ids.ordinary_V(self.cfg.model.vocab_size))
-        logits, _ = model(inputs_BT, tokens_BT != self.ids.pad_id, dropout_key=dropout_key if train else None,
-                          constrain=constrain, **self.segments_of(batch))
+        logits, _ = forward_logits(model, inputs_BT, tokens_BT != self.ids.pad_id,
+                                   dropout_key=dropout_key if train else None, constrain=constrain,
+                                   **self.segments_of(batch))
         correct = jnp.sum((jnp.argmax(logits, -1) == tokens_BT) & selected_BT)
         return self.cross_entropy(logits, tokens_BT, selected_BT, train=train) | {"correct": correct.astype(jnp.float32)}
 
@@ -68,7 +70,7 @@ class MaskedLM(CausalLM):
         masked = tokens.copy()
         positions = [i for i in range(3, len(tokens), 7) if tokens[i] < len(ordinary) and ordinary[tokens[i]]]
         masked[positions] = tokenizer.mask_id
-        logits, _ = model(masked[None])
+        logits, _ = forward_logits(model, masked[None])
         filled = masked.copy()
         filled[positions] = np.argmax(to_host(logits)[0, positions], axis=-1)
         hits = int(sum(filled[i] == tokens[i] for i in positions))
@@ -93,7 +95,7 @@ class MaskedLM(CausalLM):
     def attention_sets(self, model, tokenizer, text, target):
         """Bidirectional self-attention over the text."""
         seq = self.attention_input(tokenizer, text)
-        _, weights = model(np.array([seq], np.int32), return_weights=True)
+        weights = model(np.array([seq], np.int32), return_weights=True).weights
         strings = tokenizer.token_strings(seq)
         return {"self": ([to_host(w)[0] for w in weights], strings, strings)}
 
@@ -114,7 +116,7 @@ class MaskedLM(CausalLM):
             ids.extend(tokenizer.encode(piece))
         if len(ids) > self.cfg.model.context_length:
             raise UserError(f"the text is {len(ids)} tokens, longer than model.context_length={self.cfg.model.context_length}")
-        logits, _ = model(np.array([ids], np.int32))
+        logits, _ = forward_logits(model, np.array([ids], np.int32))
         probs = np.asarray(jax.nn.softmax(to_host(logits)[0, positions].astype(np.float64), axis=-1))
         ordinary = ordinary_mask(tokenizer)
         out = []

@@ -14,6 +14,7 @@ from typing import ClassVar
 import numpy as np
 from flax import nnx
 
+from plutao.model.heads import forward_logits
 from plutao.model.layers import no_constraint
 from plutao.model.sampling import to_host
 from plutao.train import data as data_lib
@@ -70,8 +71,8 @@ class Translation(Task):
 
     def sums(self, model, batch, key, *, train, constrain=no_constraint):
         src_BL = batch["source"]
-        logits, _ = model(src_BL, src_BL != self.ids.pad_id, batch["tokens"], dropout_key=key if train else None,
-                          constrain=constrain)
+        logits, _ = forward_logits(model, src_BL, src_BL != self.ids.pad_id, batch["tokens"],
+                                   dropout_key=key if train else None, constrain=constrain)
         return self.cross_entropy(logits, batch["targets"], batch["loss_weights"], train=train)
 
     def val_batches(self, batches, wanted):
@@ -110,7 +111,7 @@ class Translation(Task):
         target = target if target is not None else translate(model, tokenizer, [text], beam_size=1)[0][0][0]
         tgt = ([tokenizer.bos_id] + tokenizer.encode(target))[:L]
         src_a, tgt_a = np.array([src], np.int32), np.array([tgt], np.int32)
-        _, weights = model(src_a, src_a != tokenizer.pad_id, tgt_a, return_weights=True)
+        weights = model(src_a, src_a != tokenizer.pad_id, tgt_a, return_weights=True).weights
         src_s, tgt_s = tokenizer.token_strings(src), tokenizer.token_strings(tgt)
         return {"encoder-self": ([to_host(w)[0] for w in weights["encoder-self"]], src_s, src_s),
                 "decoder-self": ([to_host(w)[0] for w in weights["decoder-self"]], tgt_s, tgt_s),
