@@ -2,7 +2,8 @@
 
 The cache is a plain pytree `{"k": (B, S, H, K), "v": (B, S, H, K)}` passed in and returned, so
 decoding stays a pure function. During decoding, queries sit at cache columns
-[index, index + T) and may attend to every filled column at or before their own.
+[index, index + T) and may attend to every filled column at or before their own. The index is one
+number for the whole batch, or one per row (B,): a batch of decoding slots, each at its own column.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class Mask:
 def self_attention_mask(q_index_BT: Array, k_index_S: Array, first_valid_B: Array | None = None, *,
                         cached: bool = False) -> Mask:
     """Causal self-attention. Without a cache and left padding: `causal`. Decoding one token at cache
-    column i without left padding: the first i + 1 keys, i.e. `kv_lengths_B = i + 1`."""
+    column i_b of row b without left padding: the first i_b + 1 keys, i.e. `kv_lengths_B = i_B + 1`."""
     allowed_BTS = causal_mask(q_index_BT, k_index_S, first_valid_B)
     if first_valid_B is not None:
         return Mask(allowed_BTS)
@@ -113,6 +114,25 @@ def init_cache(batch: int, length: int, cfg: ModelConfig, dtype=jnp.float32):
         stacked = (cfg.n_layers, *shape)
         return {"k": jnp.zeros(stacked, dtype), "v": jnp.zeros(stacked, dtype)}
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers)]
+
+
+def write_cache(cache_BSHK: Array, new_BTHK: Array, cache_index: Array | int) -> Array:
+    """The cache with `new_BTHK` written at columns [cache_index, cache_index + T).
+
+    One index for the batch is a dynamic_update_slice. One index per row (B,) lets every row of a
+    batch of decoding slots write at its own column; columns outside [0, S) are dropped rather than
+    clamped, so a left-padded prefill can start at a negative column and only its real tokens land
+    in the cache (from column 0), and a write past the end changes nothing.
+    """
+    new_BTHK = new_BTHK.astype(cache_BSHK.dtype)
+    if jnp.ndim(cache_index) == 0:
+        return jax.lax.dynamic_update_slice_in_dim(cache_BSHK, new_BTHK, cache_index, 1)
+    B, T = new_BTHK.shape[:2]
+    S = cache_BSHK.shape[1]
+    cols_BT = jnp.asarray(cache_index, jnp.int32)[:, None] + jnp.arange(T, dtype=jnp.int32)
+    # Negative indices would wrap around; send them past the end, where mode="drop" discards them.
+    cols_BT = jnp.where((cols_BT >= 0) & (cols_BT < S), cols_BT, S)
+    return cache_BSHK.at[jnp.arange(B)[:, None], cols_BT].set(new_BTHK, mode="drop")
 
 
 def attend(q_BTHK: Array, k_BSHK: Array, v_BSHK: Array, mask: Mask, w_o_HKD: Array, b_o, *, impl: str,
@@ -185,8 +205,8 @@ class MultiHeadAttention(nnx.Module):
             q_BTHK = apply_rotary(q_BTHK, positions_BT)
             k_BTHK = apply_rotary(k_BTHK, positions_BT)
         if cache is not None:
-            k_BSHK = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_BTHK.astype(cache["k"].dtype), cache_index, 1)
-            v_BSHK = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_BTHK.astype(cache["v"].dtype), cache_index, 1)
+            k_BSHK = write_cache(cache["k"], k_BTHK, cache_index)
+            v_BSHK = write_cache(cache["v"], v_BTHK, cache_index)
             cache = {"k": k_BSHK, "v": v_BSHK}
             k_BSHK, v_BSHK = k_BSHK.astype(dt), v_BSHK.astype(dt)
         else:

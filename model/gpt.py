@@ -74,7 +74,9 @@ class GPT(nnx.Module):
 
         Without a cache, token t attends to tokens ≤ t. With a cache, the T tokens occupy cache
         columns [cache_index, cache_index + T); rows may be left-padded, their real tokens starting
-        at column first_valid_B (positions are counted from there).
+        at column first_valid_B (positions are counted from there). `cache_index` may be one column
+        per row (B,); columns outside the cache are not written (model/attention.py: write_cache),
+        so a left-padded prefill starting at column len_b − T puts row b's tokens at [0, len_b).
 
         Packed rows (no cache): `segment_ids_BT` keeps each document's tokens from attending to another
         document's, and `positions_BT` (e.g. restarting at 0 for each document) replaces 0..T-1.
@@ -85,7 +87,8 @@ class GPT(nnx.Module):
             q_index_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
             k_index_S = jnp.arange(T)
         else:
-            q_index_BT = jnp.broadcast_to(cache_index + jnp.arange(T), (B, T))
+            # One start column for the batch, or one per row (B,): slots decoding at their own columns.
+            q_index_BT = jnp.broadcast_to(jnp.reshape(cache_index, (-1, 1)) + jnp.arange(T), (B, T))
             k_index_S = jnp.arange(cache["k"].shape[2] if cfg.scan_layers else cache[0]["k"].shape[1])
         if positions_BT is None:
             positions_BT = q_index_BT if first_valid_B is None else jnp.maximum(q_index_BT - first_valid_B[:, None], 0)

@@ -1,16 +1,38 @@
-"""From logits to text: temperature, greedy, top-k, top-p, and KV-cache generation.
+"""From logits to text: temperature, greedy, top-k, top-p, and KV-cache generation over slots.
 
-`next_token` is a pure function of (logits, key). Generation runs a jitted loop per window:
-one prefill of the prompt fills the KV cache, then each step feeds only the newest token.
-When a sequence outgrows the context, the last `context // 2` tokens are re-prefilled and
-decoding continues (positions must stay inside the trained range).
+Every request setting (temperature, top-k, top-p, seed, max-new-tokens, stop ids) is a per-row
+array traced into the program, not a static argument, so a batch of mixed settings shares one
+compiled program and a stream of varied requests compiles nothing new. Two programs do the work:
+
+- a prefill of N left-padded prompts into N decoding slots, emitting each row's first token. The
+  prompt width is padded up to a power of two (at most the context), so prompt lengths compile
+  log2(context) + 1 shapes at most;
+- a decode chunk: a `while_loop` of up to `CHUNK` steps (the count is traced) in which every active
+  slot emits one token, ending early once every slot has stopped. Only the chunk's tokens travel
+  to the host, once per chunk.
+
+Slot b keeps its own tokens at cache columns [0, index_b) and writes its next token at index_b, so
+each row overflows the context on its own schedule: it then re-prefills its last `context // 2`
+tokens (positions must stay inside the trained range) while the other slots keep decoding. A left-
+padded prefill starts at column len_b − width, so its padding never reaches the cache
+(model/attention.py: write_cache) and a row's cache does not depend on the width it was padded to.
+
+Randomness per row: the n-th token row b emits draws u ~ U(0, 1) from fold_in(key(seed_b), n), then
+walks the cumulative distribution after temperature, top-k and top-p. A row's output therefore
+depends on its own prompt, settings and seed alone, never on the other rows of its batch.
+
+`SlotDecoder` is the engine a continuous-batching server drives: `fill` prefills new prompts into
+chosen slots while the others keep their state, and `step` advances every active slot by one token
+with its own settings. `generate`, `complete` and `stream` are built on it.
+
+Only `_prefill` and `_decode_step` call the model.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +40,9 @@ import numpy as np
 from flax import nnx
 
 Array = jax.Array
+CHUNK = 32  # the most decode steps one chunk runs: the width of its output buffer
+MAX_STOP_IDS = 8  # stop ids per row (<|endoftext|> included), padded with -1: one static width
+TOP_K_WIDTH = 64  # top-k up to this k takes lax.top_k of this static width, a larger one a full sort
 
 
 class SamplingError(ValueError):
@@ -29,9 +54,10 @@ class SamplingConfig:
     temperature: float = 1.0  # 0 means greedy (argmax)
     top_k: int = 0  # 0 = no limit
     top_p: float = 1.0  # 1 = no nucleus filtering
-    max_new_tokens: int = 200
+    max_new_tokens: int = 200  # a stop token counts as one of them
     seed: int = 0
     stop_at_eot: bool = True
+    stop_ids: tuple[int, ...] = ()  # further ids that end the row, e.g. the chat end token <|end|>
 
     def __post_init__(self):
         if not self.temperature >= 0:
@@ -42,36 +68,169 @@ class SamplingConfig:
             raise SamplingError(f"--top-p must be in (0, 1] (1 = off), got {self.top_p}")
         if self.max_new_tokens < 1:
             raise SamplingError(f"--max-new-tokens must be ≥ 1, got {self.max_new_tokens}")
+        object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
+        if any(i < 0 for i in self.stop_ids) or len(self.stop_ids) > MAX_STOP_IDS - 1:
+            raise SamplingError(f"stop ids must be token ids ≥ 0, at most {MAX_STOP_IDS - 1} of them, got "
+                                f"{list(self.stop_ids)}")
 
 
-def filter_logits(logits_BV: Array, temperature: float, top_k: int, top_p: float) -> Array:
-    """Scale by 1/T, then set every token outside the top-k and outside the top-p nucleus to -inf."""
-    logits_BV = logits_BV.astype(jnp.float32) / max(temperature, 1e-6)
-    if top_k and top_k < logits_BV.shape[-1]:
-        kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
-        logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
-    if top_p < 1.0:
-        order_BV = jnp.argsort(-logits_BV, axis=-1)
-        sorted_probs_BV = jnp.take_along_axis(jax.nn.softmax(logits_BV, axis=-1), order_BV, axis=-1)
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    """One row's new tokens with their log-probabilities.
+
+    `tokens` ends with the stop token when one ended the row (`stop_token`; None when the row ran to
+    max_new_tokens), so every token the sampler chose has its log-probs. `content` leaves it out.
+    `sampler_logprobs` are under the distribution the token was drawn from (after temperature,
+    top-k and top-p; 0 for greedy rows, a point mass). `model_logprobs` are the model's own
+    log-softmax at temperature 1 without filtering: what a policy-gradient update needs.
+    """
+
+    tokens: list[int]
+    sampler_logprobs: list[float]
+    model_logprobs: list[float]
+    stop_token: int | None
+
+    @property
+    def content(self) -> list[int]:
+        return self.tokens[:-1] if self.stop_token is not None else self.tokens
+
+
+class Rows(NamedTuple):
+    """Per-row sampling settings as arrays: the traced form of one SamplingConfig per row."""
+
+    temperature_B: Array  # float32; 0 = greedy
+    top_k_B: Array  # int32; 0 = off
+    top_p_B: Array  # float32; 1 = off
+    seed_B: Array  # uint32
+    max_new_B: Array  # int32
+    stop_BS: Array  # int32 (B, MAX_STOP_IDS); -1 = none
+
+
+class Slots(NamedTuple):
+    """A batch of decoding slots: every row carries its own cache column, random stream and settings."""
+
+    cache: Any  # the model's cache for B rows
+    window_BC: Array  # int32: the token at each cache column (what a re-prefill reads back)
+    index_B: Array  # int32: columns filled, i.e. where the next token is written
+    token_B: Array  # int32: the newest token, emitted but not yet fed to the model
+    produced_B: Array  # int32: tokens emitted so far, the step of the row's random stream
+    active_B: Array  # bool: still producing (filled, not stopped, below max_new_tokens)
+    rows: Rows
+
+
+class Emitted(NamedTuple):
+    """What one call produced, per slot: (B,) for a fill or a step, (B, CHUNK) for a chunk."""
+
+    tokens: Array  # int32
+    sampler_logprobs: Array  # float32: under the filtered, tempered distribution (0 for greedy)
+    model_logprobs: Array  # float32: log_softmax(logits) at the token, temperature 1, no filtering
+    valid: Array  # bool: the slot emitted this token (inactive slots and steps past a stop do not)
+
+
+# --- choosing a token ------------------------------------------------------------------------------
+
+def filter_rows(logits_BV: Array, temperature_B: Array, top_k_B: Array, top_p_B: Array) -> Array:
+    """Scale row b by 1/T_b, then set every token outside its top-k_b (0 = off) and outside its top-p_b
+    nucleus (1 = off) to -inf.
+
+    k is a per-row value, not a static one: the k-th largest value of row b is sorted_b[k_b − 1], and
+    tokens below it go. Sorting is the costly part (XLA's CPU sort most of all), so the work depends
+    on what the rows ask for: nothing when no row filters; `lax.top_k` with a static width of
+    TOP_K_WIDTH when only top-k is asked for and every k fits in it; otherwise one descending argsort
+    serves both filters (the nucleus is a prefix of the same order: tokens the top-k removed sort
+    last, with no mass).
+    """
+    B, V = logits_BV.shape
+    scaled_BV = logits_BV.astype(jnp.float32) / jnp.maximum(temperature_B, 1e-6).astype(jnp.float32)[:, None]
+    use_k_B = (top_k_B > 0) & (top_k_B < V)
+    use_p_B = top_p_B < 1.0
+    width = min(V, TOP_K_WIDTH)
+
+    def cut_below(x_BV, sorted_BW):
+        kth_B1 = jnp.take_along_axis(sorted_BW, jnp.clip(top_k_B - 1, 0, sorted_BW.shape[-1] - 1)[:, None], axis=-1)
+        return jnp.where(use_k_B[:, None] & (x_BV < kth_B1), -jnp.inf, x_BV)
+
+    def top_k_narrow(x_BV):
+        return cut_below(x_BV, jax.lax.top_k(x_BV, width)[0])
+
+    def top_k_and_p(x_BV):
+        order_BV = jnp.argsort(-x_BV, axis=-1)
+        x_BV = cut_below(x_BV, jnp.take_along_axis(x_BV, order_BV, axis=-1))
+        sorted_probs_BV = jnp.take_along_axis(jax.nn.softmax(x_BV, axis=-1), order_BV, axis=-1)
         # Keep token i (in sorted order) while the mass before it is < p: the smallest prefix with mass ≥ p.
         mass_before_BV = jnp.cumsum(sorted_probs_BV, axis=-1) - sorted_probs_BV
-        keep_sorted_BV = mass_before_BV < top_p
-        keep_BV = jnp.zeros_like(keep_sorted_BV).at[jnp.arange(logits_BV.shape[0])[:, None], order_BV].set(keep_sorted_BV)
-        logits_BV = jnp.where(keep_BV, logits_BV, -jnp.inf)
-    return logits_BV
+        keep_sorted_BV = (mass_before_BV < top_p_B[:, None]) | ~use_p_B[:, None]
+        keep_BV = jnp.zeros_like(keep_sorted_BV).at[jnp.arange(B)[:, None], order_BV].set(keep_sorted_BV)
+        return jnp.where(keep_BV, x_BV, -jnp.inf)
+
+    narrow = jnp.all(~use_k_B | (top_k_B <= width))
+    branch = jnp.where(jnp.any(use_p_B) | (jnp.any(use_k_B) & ~narrow), 2, jnp.where(jnp.any(use_k_B), 1, 0))
+    return jax.lax.switch(branch, [lambda x_BV: x_BV, top_k_narrow, top_k_and_p], scaled_BV)
 
 
-def next_token(logits_BV: Array, key: Array, temperature: float, top_k: int, top_p: float) -> Array:
-    """Greedy when temperature is 0; otherwise draw r ~ U(0, 1) and walk the cumulative distribution."""
-    if temperature == 0.0:
-        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    probs_BV = jax.nn.softmax(filter_logits(logits_BV, temperature, top_k, top_p), axis=-1)
+def sample_rows(logits_BV: Array, u_B: Array, temperature_B: Array, top_k_B: Array,
+                top_p_B: Array) -> tuple[Array, Array, Array]:
+    """(token, sampler log-prob, model log-prob) per row, given one uniform draw u_b per row.
+
+    Greedy rows (temperature 0) take the argmax. The others walk the cumulative distribution after
+    filtering to the first token whose cumulative mass exceeds u_b · total.
+    """
+    V = logits_BV.shape[-1]
+    greedy_B = temperature_B == 0
+    filtered_BV = filter_rows(logits_BV, temperature_B, jnp.where(greedy_B, 0, top_k_B),
+                              jnp.where(greedy_B, 1.0, top_p_B))
+    probs_BV = jax.nn.softmax(filtered_BV, axis=-1)
     cdf_BV = jnp.cumsum(probs_BV, axis=-1)
-    r_B1 = jax.random.uniform(key, (logits_BV.shape[0], 1)) * cdf_BV[:, -1:]
-    token_B = jnp.sum(cdf_BV <= r_B1, axis=-1)
+    r_B1 = u_B[:, None] * cdf_BV[:, -1:]
+    drawn_B = jnp.sum(cdf_BV <= r_B1, axis=-1)
     # Float round-off could step past the last token with mass; land on the highest-mass one instead.
-    last_valid_B = logits_BV.shape[-1] - 1 - jnp.argmax(probs_BV[:, ::-1] > 0, axis=-1)
-    return jnp.minimum(token_B, last_valid_B).astype(jnp.int32)
+    last_valid_B = V - 1 - jnp.argmax(probs_BV[:, ::-1] > 0, axis=-1)
+    drawn_B = jnp.minimum(drawn_B, last_valid_B)
+    token_B = jnp.where(greedy_B, jnp.argmax(logits_BV, axis=-1), drawn_B).astype(jnp.int32)
+
+    def at_token(x_BV):
+        return jnp.take_along_axis(x_BV, token_B[:, None], axis=-1)[:, 0]
+
+    sampler_lp_B = jnp.where(greedy_B, 0.0, at_token(jax.nn.log_softmax(filtered_BV, axis=-1)))
+    model_lp_B = at_token(jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1))
+    return token_B, sampler_lp_B, model_lp_B
+
+
+_filter_rows_jit = jax.jit(filter_rows)
+_sample_rows_jit = jax.jit(sample_rows)
+
+
+def _broadcast(B: int, temperature, top_k, top_p) -> tuple[Array, Array, Array]:
+    return (jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (B,)),
+            jnp.broadcast_to(jnp.asarray(top_k, jnp.int32), (B,)),
+            jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (B,)))
+
+
+def filter_logits(logits_BV: Array, temperature, top_k, top_p) -> Array:
+    """Scale by 1/T, then set every token outside the top-k and outside the top-p nucleus to -inf.
+    Each setting is one value for every row or one per row (B,)."""
+    return _filter_rows_jit(logits_BV, *_broadcast(logits_BV.shape[0], temperature, top_k, top_p))
+
+
+def next_token(logits_BV: Array, key: Array, temperature, top_k, top_p) -> Array:
+    """Greedy when temperature is 0; otherwise draw r ~ U(0, 1) and walk the cumulative distribution.
+    The rows share `key` (B draws from it); settings are one value or one per row (B,)."""
+    u_B = jax.random.uniform(key, (logits_BV.shape[0],))
+    return _sample_rows_jit(logits_BV, u_B, *_broadcast(logits_BV.shape[0], temperature, top_k, top_p))[0]
+
+
+def _row_uniforms(seed_B: Array, produced_B: Array) -> Array:
+    """Row b's draw for its produced_b-th token: a stream of its own seed and step alone."""
+    return jax.vmap(lambda seed, n: jax.random.uniform(jax.random.fold_in(jax.random.key(seed), n), ()))(
+        seed_B, produced_B)
+
+
+def _choose(logits_BV: Array, rows: Rows, produced_B: Array) -> tuple[Array, Array, Array, Array]:
+    """The next token of each row and whether the row stops with it (a stop id, or max_new reached)."""
+    token_B, sampler_lp_B, model_lp_B = sample_rows(logits_BV, _row_uniforms(rows.seed_B, produced_B),
+                                                    rows.temperature_B, rows.top_k_B, rows.top_p_B)
+    stops_B = jnp.any(rows.stop_BS == token_B[:, None], axis=-1) | (produced_B + 1 >= rows.max_new_B)
+    return token_B, sampler_lp_B, model_lp_B, stops_B
 
 
 def top_candidates(logits_V: np.ndarray, k: int, temperature: float = 1.0) -> list[tuple[int, float]]:
@@ -90,60 +249,197 @@ def to_host(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    width = max(len(p) for p in prompts)
-    tokens = np.full((len(prompts), width), pad_id, np.int32)
-    first_valid = np.zeros(len(prompts), np.int32)
-    for b, p in enumerate(prompts):
-        tokens[b, width - len(p):] = p
-        first_valid[b] = width - len(p)
-    return tokens, first_valid
+# --- the model calls -------------------------------------------------------------------------------
+
+def _prefill(model, tokens_NW: Array, lengths_N: Array, context: int) -> tuple[Array, Any]:
+    """Left-padded prompts through the model into a fresh cache; row n's real tokens land at columns
+    [0, len_n) (the write starts at column len_n − W; padding falls before the cache and is dropped).
+    Returns the logits for each row's next token and the cache."""
+    N, W = tokens_NW.shape
+    cache = model.init_cache(N, context)
+    out = model(tokens_NW, cache=cache, cache_index=lengths_N - W, first_valid_B=jnp.zeros((N,), jnp.int32))
+    return model.logits(out.hidden_BTD[:, -1]), out.cache  # (the LM head at the last position only)
 
 
-def _prefill(model, tokens_BP, first_valid_B):
-    """Run the prompt window through the model once, filling a fresh KV cache."""
-    B = tokens_BP.shape[0]
-    cache = model.init_cache(B, model.cfg.context_length)
-    out = model(tokens_BP, cache=cache, cache_index=0, first_valid_B=first_valid_B)
-    return model.logits(out.hidden_BTD[:, -1]), out.cache
-
-
-def _decode_step(model, token_B, cache, index, first_valid_B):
-    """Feed one token per row at cache column `index`; only that token is computed."""
-    out = model(token_B[:, None], cache=cache, cache_index=index, first_valid_B=first_valid_B)
+def _decode_step(model, token_B: Array, cache, index_B: Array) -> tuple[Array, Any]:
+    """Feed one token per row at its own cache column index_b; only that token is computed."""
+    out = model(token_B[:, None], cache=cache, cache_index=index_B)
     return model.logits(out.hidden_BTD[:, 0]), out.cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "n_steps", "temperature", "top_k", "top_p", "stop"))
-def _prefill_and_decode(graphdef, params, tokens_BP, first_valid_B, done_B, base_key, start_index, eot_id,
-                        *, n_steps, temperature, top_k, top_p, stop):
-    """Prefill the cache with the prompt window, then emit up to n_steps tokens (fewer if all rows stop)."""
-    B, P = tokens_BP.shape
-    logits_BV, cache = _prefill(nnx.merge(graphdef, params), tokens_BP, first_valid_B)
+# --- slots -----------------------------------------------------------------------------------------
 
-    def emit(i, logits_BV, done_B):
-        token_B = next_token(logits_BV, jax.random.fold_in(base_key, start_index + i), temperature, top_k, top_p)
-        token_B = jnp.where(done_B, eot_id, token_B)
-        return token_B, done_B | (stop & (token_B == eot_id))
+def _batch_axes(model, context: int) -> list[int]:
+    """Which axis of each cache leaf is the batch (leaves in tree order): where a 1-row and a 2-row
+    cache differ. Works for any model's cache layout (per-layer lists, scanned stacks, RNN states)."""
+    one, two = (jax.tree.leaves(jax.eval_shape(lambda b=b: model.init_cache(b, context))) for b in (1, 2))
+    return [next(i for i, (p, q) in enumerate(zip(a.shape, b.shape)) if p != q) for a, b in zip(one, two)]
 
-    token_B, done_B = emit(0, logits_BV, done_B)
-    out_BN = jnp.full((B, n_steps), eot_id, jnp.int32).at[:, 0].set(token_B)
 
-    def cond(carry):
-        i, _, _, done_B, _, _ = carry
-        return (i < n_steps) & ~jnp.all(done_B)
+def _put(slots: Slots, ids_N: Array, axes: list[int], cache_N, **fields_N) -> Slots:
+    """Slots with rows ids_N of the cache (and of the named fields) replaced; an id out of range
+    (≥ B) changes nothing."""
+    def put(big, small, axis=0):
+        return big.at[(slice(None),) * axis + (ids_N,)].set(small.astype(big.dtype), mode="drop")
 
-    def body(carry):
-        i, token_B, cache, done_B, out_BN, params = carry
-        # The parameters travel in the carry and the module is rebuilt here: NNX modules (and the
-        # scan over layers inside them) must live at the loop body's trace level.
-        logits_BV, cache = _decode_step(nnx.merge(graphdef, params), token_B, cache, P + i - 1, first_valid_B)
-        token_B, done_B = emit(i, logits_BV, done_B)
-        return i + 1, token_B, cache, done_B, out_BN.at[:, i].set(token_B), params
+    leaves, treedef = jax.tree.flatten(slots.cache)
+    cache = jax.tree.unflatten(treedef, [put(b, s, a) for b, s, a in zip(leaves, jax.tree.leaves(cache_N), axes)])
+    if "rows" in fields_N:
+        fields_N["rows"] = Rows(*(put(b, s) for b, s in zip(slots.rows, fields_N["rows"])))
+    return slots._replace(cache=cache, **{k: v if k == "rows" else put(getattr(slots, k), v)
+                                          for k, v in fields_N.items()})
 
-    n, _, _, done_B, out_BN, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), token_B, cache, done_B, out_BN,
-                                                                 params))
-    return out_BN, n, done_B
+
+def _prefill_window(graphdef, params, tokens_NW, lengths_N, context: int):
+    """Prefill left-padded rows: (logits for each row's next token, cache, the token at each cache column)."""
+    W = tokens_NW.shape[1]
+    logits_NV, cache_N = _prefill(nnx.merge(graphdef, params), tokens_NW, lengths_N, context)
+    column_C = jnp.arange(context)
+    source_NC = jnp.clip((W - lengths_N)[:, None] + column_C, 0, W - 1)
+    window_NC = jnp.where(column_C < lengths_N[:, None], jnp.take_along_axis(tokens_NW, source_NC, axis=1), 0)
+    return logits_NV, cache_N, window_NC
+
+
+def _empty(graphdef, params, n_slots: int, context: int) -> Slots:
+    cache = nnx.merge(graphdef, params).init_cache(n_slots, context)
+    zeros_B = jnp.zeros((n_slots,), jnp.int32)
+    rows = Rows(jnp.zeros((n_slots,), jnp.float32), zeros_B, jnp.ones((n_slots,), jnp.float32),
+                jnp.zeros((n_slots,), jnp.uint32), zeros_B, jnp.full((n_slots, MAX_STOP_IDS), -1, jnp.int32))
+    return Slots(cache, jnp.zeros((n_slots, context), jnp.int32), zeros_B, zeros_B, zeros_B,
+                 jnp.zeros((n_slots,), bool), rows)
+
+
+def _fill(graphdef, params, slots: Slots, ids_N, tokens_NW, lengths_N, rows_N: Rows, context: int):
+    """Prefill new prompts into slots ids_N (fresh caches, fresh random streams) and emit their first
+    tokens; the other slots are untouched."""
+    N = tokens_NW.shape[0]
+    logits_NV, cache_N, window_NC = _prefill_window(graphdef, params, tokens_NW, lengths_N, context)
+    token_N, sampler_lp_N, model_lp_N, stops_N = _choose(logits_NV, rows_N, jnp.zeros((N,), jnp.int32))
+    slots = _put(slots, ids_N, _batch_axes(nnx.merge(graphdef, params), context), cache_N, window_BC=window_NC,
+                 index_B=lengths_N, token_B=token_N, produced_B=jnp.ones((N,), jnp.int32), active_B=~stops_N,
+                 rows=rows_N)
+    return slots, Emitted(token_N, sampler_lp_N, model_lp_N, jnp.ones((N,), bool))
+
+
+def _start(graphdef, params, tokens_NW, lengths_N, rows_N: Rows, context: int):
+    """N fresh slots filled with N prompts: one program for a whole `generate` batch's prefill."""
+    N = tokens_NW.shape[0]
+    return _fill(graphdef, params, _empty(graphdef, params, N, context), jnp.arange(N), tokens_NW, lengths_N,
+                 rows_N, context)
+
+
+def _overflowing(slots: Slots, context: int) -> Array:
+    """Active rows whose cache is full: their next token needs a re-prefill, not a decode step."""
+    return slots.active_B & (slots.index_B >= context)
+
+
+def _emit(slots: Slots, logits_BV: Array, emit_B: Array) -> tuple[Slots, Emitted]:
+    """Rows emit_B choose their next token from logits_BV; the others keep their state."""
+    token_B, sampler_lp_B, model_lp_B, stops_B = _choose(logits_BV, slots.rows, slots.produced_B)
+    slots = slots._replace(token_B=jnp.where(emit_B, token_B, slots.token_B), produced_B=slots.produced_B + emit_B,
+                           active_B=slots.active_B & ~(emit_B & stops_B))
+    return slots, Emitted(token_B, sampler_lp_B, model_lp_B, emit_B)
+
+
+def _refill_one(graphdef, params, slots: Slots, context: int) -> tuple[Slots, Emitted]:
+    """The first overflowing row re-prefills its last context // 2 tokens (the last H − 1 cached ones
+    and its newest token, not yet fed) into a fresh cache and emits its next token."""
+    B, C = slots.index_B.shape[0], context
+    H = max(C // 2, 1)
+    r = jnp.argmax(_overflowing(slots, C))
+    tail_1H = jnp.concatenate([jax.lax.dynamic_slice_in_dim(slots.window_BC, r, 1, 0)[:, C - H + 1:],
+                               jax.lax.dynamic_slice_in_dim(slots.token_B, r, 1, 0)[:, None]], axis=1)
+    lengths_1 = jnp.full((1,), H, jnp.int32)
+    logits_1V, cache_1, window_1C = _prefill_window(graphdef, params, tail_1H, lengths_1, C)
+    slots = _put(slots, r[None], _batch_axes(nnx.merge(graphdef, params), C), cache_1, window_BC=window_1C,
+                 index_B=lengths_1)
+    logits_BV = jnp.zeros((B, logits_1V.shape[-1]), logits_1V.dtype).at[r].set(logits_1V[0])
+    return _emit(slots, logits_BV, jnp.arange(B) == r)
+
+
+def _decode_rows(graphdef, params, slots: Slots, skip_B: Array, context: int) -> tuple[Slots, Emitted]:
+    """Every active row with room in its cache (and not in skip_B) feeds its newest token at its own
+    column and emits the next one."""
+    B, C = slots.index_B.shape[0], context
+    fed_B = slots.active_B & (slots.index_B < C) & ~skip_B
+    logits_BV, cache = _decode_step(nnx.merge(graphdef, params), slots.token_B, slots.cache, slots.index_B)
+    window_BC = slots.window_BC.at[jnp.arange(B), jnp.where(fed_B, slots.index_B, C)].set(slots.token_B,
+                                                                                           mode="drop")
+    slots = slots._replace(cache=cache, window_BC=window_BC, index_B=slots.index_B + fed_B)
+    return _emit(slots, logits_BV, fed_B)
+
+
+def _decode_chunk(graphdef, params, slots: Slots, n_steps, context: int) -> tuple[Slots, Emitted]:
+    """Up to min(n_steps, CHUNK) steps in one program, ending early once no slot is active. At every
+    step each active slot emits one token (column i of the output).
+
+    Rows whose cache is full re-prefill one after another, then every other active row decodes in
+    the same step. The loops are nested this way round, re-prefills outside and a plain decoding
+    loop inside, because control flow inside the per-token loop costs at every token (a conditional
+    copies the cache it carries; a nested loop adds a fixed overhead), while re-prefills are rare.
+    The parameters travel in every carry so that the module is built at the trace level of the
+    loop body that runs it (NNX transforms inside the model, such as the scan over layers, check it).
+    """
+    B, C = slots.index_B.shape[0], context
+    out = Emitted(jnp.zeros((B, CHUNK), jnp.int32), jnp.zeros((B, CHUNK), jnp.float32),
+                  jnp.zeros((B, CHUNK), jnp.float32), jnp.zeros((B, CHUNK), bool))
+    n_steps = jnp.minimum(n_steps, CHUNK)
+
+    def write(out, i, e):
+        return Emitted(*(o.at[:, i].set(jnp.where(e.valid, x, o[:, i])) for o, x in zip(out, e)))
+
+    def refills(i, slots, out, params):
+        def pending(carry):
+            return jnp.any(_overflowing(carry[0], C))
+
+        def body(carry):
+            slots, out, refilled_B, params = carry
+            slots, e = _refill_one(graphdef, params, slots, C)
+            return slots, write(out, i, e), refilled_B | e.valid, params
+
+        slots, out, refilled_B, _ = jax.lax.while_loop(pending, body, (slots, out, jnp.zeros((B,), bool), params))
+        return slots, out, refilled_B
+
+    def decoding(i, slots, out, skip_B, params):
+        def cond(carry):
+            i, slots, _, _, _ = carry
+            return (i < n_steps) & jnp.any(slots.active_B) & ~jnp.any(_overflowing(slots, C))
+
+        def body(carry):
+            i, slots, out, skip_B, params = carry
+            slots, e = _decode_rows(graphdef, params, slots, skip_B, C)
+            return i + 1, slots, write(out, i, e), jnp.zeros_like(skip_B), params
+
+        i, slots, out, _, _ = jax.lax.while_loop(cond, body, (i, slots, out, skip_B, params))
+        return i, slots, out
+
+    def outer_cond(carry):
+        i, slots, _, _ = carry
+        return (i < n_steps) & jnp.any(slots.active_B)
+
+    def outer_body(carry):
+        i, slots, out, params = carry
+        slots, out, refilled_B = refills(i, slots, out, params)
+        i_next, slots, out = decoding(i, slots, out, refilled_B, params)
+        # If the re-prefilled rows were the only active ones and they stopped, step i still happened.
+        return jnp.maximum(i_next, i + jnp.any(refilled_B)), slots, out, params
+
+    _, slots, out, _ = jax.lax.while_loop(outer_cond, outer_body, (jnp.int32(0), slots, out, params))
+    return slots, out
+
+
+_empty_jit = jax.jit(_empty, static_argnums=(0, 2, 3))
+_fill_jit = jax.jit(_fill, static_argnums=(0, 7), donate_argnums=2)
+_start_jit = jax.jit(_start, static_argnums=(0, 5))
+_decode_chunk_jit = jax.jit(_decode_chunk, static_argnums=(0, 4), donate_argnums=2)
+
+
+# --- the host side ---------------------------------------------------------------------------------
+
+def prompt_width(length: int, context: int) -> int:
+    """The padded width a prompt of `length` tokens is prefilled at: the next power of two, at most
+    the context, so varied prompt lengths share log2(context) + 1 programs."""
+    return min(context, 1 << max(length - 1, 0).bit_length())
 
 
 def _check_prompts(prompts: Sequence[Sequence[int]], context: int) -> None:
@@ -154,70 +450,146 @@ def _check_prompts(prompts: Sequence[Sequence[int]], context: int) -> None:
         raise SamplingError(f"the prompt has {longest} tokens but the model's context is {context}; shorten it")
 
 
-def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *, eot_id: int,
-             pad_id: int) -> list[list[int]]:
-    """Continue each prompt by up to max_new_tokens tokens (stopping at <|endoftext|> if asked)."""
-    context = model.cfg.context_length
-    _check_prompts(prompts, context)
-    graphdef, params = nnx.split(model)
-    base_key = jax.random.key(sampling.seed)
-    seqs = [list(p) for p in prompts]
-    new: list[list[int]] = [[] for _ in prompts]
-    done = np.zeros(len(prompts), bool)
-    produced = 0
-    window = seqs
-    while produced < sampling.max_new_tokens and not done.all():
-        tokens, first_valid = _left_pad(window, pad_id)
-        n_steps = min(context - tokens.shape[1] + 1, sampling.max_new_tokens - produced)
-        out, n, done_after = _prefill_and_decode(
-            graphdef, params, tokens, first_valid, done, base_key, produced, eot_id, n_steps=n_steps,
-            temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, stop=sampling.stop_at_eot)
-        n = int(to_host(n))
-        out = to_host(out)[:, :n]
-        for b in range(len(prompts)):
-            if done[b]:
-                continue
-            row = out[b].tolist()
-            if sampling.stop_at_eot and eot_id in row:
-                row = row[: row.index(eot_id)]
-            new[b].extend(row)
-            seqs[b].extend(row)
-        done = to_host(done_after).copy()
-        produced += n
-        window = [s[-(context // 2):] for s in seqs]
-    return new
+def _per_row(sampling: SamplingConfig | Sequence[SamplingConfig], n: int) -> list[SamplingConfig]:
+    if isinstance(sampling, SamplingConfig):
+        return [sampling] * n
+    sampling = list(sampling)
+    if len(sampling) != n:
+        raise SamplingError(f"{len(sampling)} sampling configs for {n} prompts; give one, or one per prompt")
+    return sampling
 
 
-_prefill_jit = jax.jit(lambda graphdef, params, tokens, first_valid: _prefill(nnx.merge(graphdef, params), tokens,
-                                                                             first_valid), static_argnums=0)
-_decode_step_jit = jax.jit(lambda graphdef, params, token, cache, index, first_valid: _decode_step(
-    nnx.merge(graphdef, params), token, cache, index, first_valid), static_argnums=0, donate_argnums=3)
-_next_token_jit = jax.jit(next_token, static_argnums=(2, 3, 4))
+def _stop_set(sampling: SamplingConfig, eot_id: int) -> tuple[int, ...]:
+    return ((eot_id,) if sampling.stop_at_eot else ()) + sampling.stop_ids
+
+
+def _rows(samplings: Sequence[SamplingConfig], eot_id: int) -> Rows:
+    stop_BS = np.full((len(samplings), MAX_STOP_IDS), -1, np.int32)
+    for b, s in enumerate(samplings):
+        ids = _stop_set(s, eot_id)
+        stop_BS[b, :len(ids)] = ids
+    return Rows(np.array([s.temperature for s in samplings], np.float32),
+                np.array([s.top_k for s in samplings], np.int32),
+                np.array([s.top_p for s in samplings], np.float32),
+                np.array([s.seed % 2**32 for s in samplings], np.uint32),  # as jax.random.key(seed) reads it
+                np.array([s.max_new_tokens for s in samplings], np.int32), stop_BS)
+
+
+def _left_pad(prompts: Sequence[Sequence[int]], width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    tokens = np.full((len(prompts), width), pad_id, np.int32)
+    for b, p in enumerate(prompts):
+        tokens[b, width - len(p):] = p
+    return tokens, np.array([len(p) for p in prompts], np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotDecoder:
+    """A batch of decoding slots over one model, for a continuous-batching server (or any caller).
+
+    `empty(n)` makes n idle slots; `fill(slots, ids, prompts, samplings)` prefills new prompts into
+    slots `ids` and emits their first tokens, leaving every other slot as it was; `step(slots)`
+    advances every active slot by one token with its own settings; `run(slots, n)` runs up to n
+    steps (at most CHUNK) in one program. Each call returns the new slots and what was emitted
+    (device arrays; `valid` marks the slots that emitted). A slot stops at its stop ids or its
+    max_new_tokens and then emits nothing until it is filled again. The slots passed in are donated:
+    use only the ones returned.
+
+    Row b's tokens equal a solo `complete` of the same prompt and settings, however the slots were
+    interleaved: its cache, columns and random stream are its own.
+    """
+
+    graphdef: Any
+    params: Any
+    context: int
+    eot_id: int
+    pad_id: int
+
+    @classmethod
+    def of(cls, model: nnx.Module, *, eot_id: int, pad_id: int) -> SlotDecoder:
+        graphdef, params = nnx.split(model)
+        return cls(graphdef, params, model.cfg.context_length, eot_id, pad_id)
+
+    def _padded(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        _check_prompts(prompts, self.context)
+        return _left_pad(prompts, prompt_width(max(len(p) for p in prompts), self.context), self.pad_id)
+
+    def empty(self, n_slots: int) -> Slots:
+        return _empty_jit(self.graphdef, self.params, n_slots, self.context)
+
+    def start(self, prompts: Sequence[Sequence[int]],
+              samplings: Sequence[SamplingConfig]) -> tuple[Slots, Emitted]:
+        """len(prompts) fresh slots, filled (one program per prompt-width bucket)."""
+        tokens, lengths = self._padded(prompts)
+        return _start_jit(self.graphdef, self.params, tokens, lengths, _rows(samplings, self.eot_id), self.context)
+
+    def fill(self, slots: Slots, slot_ids: Sequence[int], prompts: Sequence[Sequence[int]],
+             samplings: Sequence[SamplingConfig]) -> tuple[Slots, Emitted]:
+        tokens, lengths = self._padded(prompts)
+        return _fill_jit(self.graphdef, self.params, slots, np.asarray(slot_ids, np.int32), tokens, lengths,
+                         _rows(samplings, self.eot_id), self.context)
+
+    def run(self, slots: Slots, n_steps: int = CHUNK) -> tuple[Slots, Emitted]:
+        return _decode_chunk_jit(self.graphdef, self.params, slots, np.int32(n_steps), self.context)
+
+    def step(self, slots: Slots) -> tuple[Slots, Emitted]:
+        slots, out = self.run(slots, 1)
+        return slots, Emitted(*(a[:, 0] for a in out))
+
+
+def _host(tree):
+    """Device results as numpy in one transfer (per array where they span other processes' devices)."""
+    if all(not isinstance(x, jax.Array) or x.is_fully_addressable for x in jax.tree.leaves(tree)):
+        return jax.device_get(tree)
+    return jax.tree.map(to_host, tree)
+
+
+def _completions(decoder: SlotDecoder, prompts: Sequence[Sequence[int]], samplings: Sequence[SamplingConfig],
+                 chunk: int) -> Iterator[list[tuple[list[int], list[float], list[float]]]]:
+    """Per chunk, each row's new (tokens, sampler log-probs, model log-probs): the prefill's first
+    tokens, then up to `chunk` steps at a time (one transfer to the host each) until every row stops."""
+    slots, first = decoder.start(prompts, samplings)
+    first, active = _host((first, slots.active_B))
+    yield [([int(t)], [float(s)], [float(m)]) for t, s, m in zip(*first[:3])]
+    while active.any():
+        slots, out = decoder.run(slots, chunk)
+        out, active = _host((out, slots.active_B))
+        yield [(row_t[valid].tolist(), row_s[valid].tolist(), row_m[valid].tolist())
+               for row_t, row_s, row_m, valid in zip(*out)]
+
+
+def complete(model: nnx.Module, prompts: Sequence[Sequence[int]],
+             sampling: SamplingConfig | Sequence[SamplingConfig], *, eot_id: int, pad_id: int,
+             chunk: int = CHUNK) -> list[Completion]:
+    """Continue each prompt under its own settings (one SamplingConfig for all, or one per prompt):
+    the new tokens of every row with their log-probs and the stop token that ended it."""
+    samplings = _per_row(sampling, len(prompts))
+    decoder = SlotDecoder.of(model, eot_id=eot_id, pad_id=pad_id)
+    rows: list[tuple[list[int], list[float], list[float]]] = [([], [], []) for _ in prompts]
+    for chunk_rows in _completions(decoder, prompts, samplings, chunk):
+        for row, new in zip(rows, chunk_rows):
+            for acc, xs in zip(row, new):
+                acc.extend(xs)
+    out = []
+    for (tokens, sampler_lp, model_lp), s in zip(rows, samplings):
+        stop = tokens[-1] if tokens and tokens[-1] in _stop_set(s, eot_id) else None
+        out.append(Completion(tokens, sampler_lp, model_lp, stop))
+    return out
+
+
+def generate(model: nnx.Module, prompts: Sequence[Sequence[int]],
+             sampling: SamplingConfig | Sequence[SamplingConfig], *, eot_id: int, pad_id: int) -> list[list[int]]:
+    """Continue each prompt by up to max_new_tokens tokens, stopping at its stop tokens (not returned)."""
+    return [c.content for c in complete(model, prompts, sampling, eot_id=eot_id, pad_id=pad_id)]
 
 
 def stream(model: nnx.Module, prompt: Sequence[int], sampling: SamplingConfig, *, eot_id: int,
-           pad_id: int) -> Iterator[int]:
-    """Yield new tokens one at a time; the same tokens as `generate` gives for this prompt and seed."""
-    context = model.cfg.context_length
-    _check_prompts([prompt], context)
-    graphdef, params = nnx.split(model)
-    base_key = jax.random.key(sampling.seed)
-    seq, produced, window = list(prompt), 0, list(prompt)
-    while produced < sampling.max_new_tokens:
-        tokens, first_valid = _left_pad([window], pad_id)
-        logits_BV, cache = _prefill_jit(graphdef, params, tokens, first_valid)
-        index = tokens.shape[1]
-        while True:
-            token = int(to_host(_next_token_jit(logits_BV, jax.random.fold_in(base_key, produced), sampling.temperature,
-                                              sampling.top_k, sampling.top_p))[0])
-            if sampling.stop_at_eot and token == eot_id:
+           pad_id: int, chunk: int = 8) -> Iterator[int]:
+    """Yield new tokens one at a time; the same tokens as `generate` gives for this prompt and seed.
+    They arrive `chunk` steps at a time from one jitted loop (the first one straight after the prefill)."""
+    stops = _stop_set(sampling, eot_id)
+    decoder = SlotDecoder.of(model, eot_id=eot_id, pad_id=pad_id)
+    for [(tokens, _, _)] in _completions(decoder, [prompt], [sampling], chunk):
+        for token in tokens:
+            if token in stops:
                 return
             yield token
-            seq.append(token)
-            produced += 1
-            if produced >= sampling.max_new_tokens or index >= context:
-                break
-            logits_BV, cache = _decode_step_jit(graphdef, params, np.array([token], np.int32), cache, index,
-                                                first_valid)
-            index += 1
-        window = seq[-(context // 2):]

@@ -167,8 +167,9 @@ class RecurrentLM(nnx.Module):
         attention weights.
 
         Without a cache the sequence starts from the zero state; with one it continues from it. Step t
-        of row b is left padding when cache_index + t < first_valid_B[b]: the state passes through
-        unchanged, so padding never reaches real positions (its own logits are meaningless).
+        of row b is left padding when cache_index + t < first_valid_B[b] (cache_index: one number, or
+        one per row): the state passes through unchanged, so padding never reaches real positions
+        (its own logits are meaningless).
         """
         cfg = self.cfg
         B, T = tokens_BT.shape
@@ -177,7 +178,9 @@ class RecurrentLM(nnx.Module):
             keys = list(jax.random.split(dropout_key, cfg.n_layers + 1))
         keep_TB = None
         if first_valid_B is not None:
-            keep_TB = (cache_index + jnp.arange(T))[:, None] >= jnp.asarray(first_valid_B)[None, :]
+            # cache_index is one number or one per row (B,) (decoding slots at their own columns).
+            column_TB = jnp.reshape(cache_index, (1, -1)) + jnp.arange(T)[:, None]
+            keep_TB = column_TB >= jnp.asarray(first_valid_B)[None, :]
 
         x_TBD = constrain(self.token_embed[...], (None, None))[jnp.asarray(tokens_BT).T]
         x_TBD = constrain(dropout(x_TBD, cfg.dropout, keys[-1]).astype(self.compute_dtype), ACT_TBD)
