@@ -1,7 +1,6 @@
 """The sampler for many requests: per-row settings in one program, per-row stops and random streams,
 log-probs of the sampled tokens, and the slot decoder a continuous-batching server drives."""
 
-import contextlib
 import random
 
 import jax
@@ -9,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from plutao.experiments.sampling_bench import compilations
 from plutao.model.baselines.rnn import RecurrentLM
 from plutao.model.config import ModelConfig
 from plutao.model.gpt import GPT
@@ -44,22 +44,6 @@ def gpt():
 def logits_of(model, tokens: list[int]) -> np.ndarray:
     """(T, V) logits of one sequence from a plain forward pass (no cache)."""
     return np.asarray(forward_logits(model, np.array([tokens], np.int32))[0])[0]
-
-
-@contextlib.contextmanager
-def compilations():
-    """Counts the XLA compilations that run inside the block."""
-    count = [0]
-
-    def listen(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            count[0] += 1
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
-        yield count
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
 
 
 @pytest.mark.parametrize("family", ["gpt", "gru"])
