@@ -69,7 +69,14 @@ def trajectory(run_dir: Path) -> dict:
 
 
 def machine() -> str:
-    return f"{platform.machine()} {platform.processor() or ''}".strip()
+    """The architecture and CPU model: XLA's CPU code (vector width, fused multiply-adds) and so the
+    last bits of a float depend on it."""
+    try:
+        name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or "unknown CPU"
+    return f"{platform.machine()} {name}"
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +103,12 @@ def test_twenty_steps_match_the_recorded_trajectory(case, golden, small_corpus, 
         return
     want = golden["cases"][case]
     assert set(got) == set(want)
+    # On the CPU they were recorded on: equal to 1e-6 (relative). Another CPU runs other XLA code
+    # (vector widths, fused multiply-adds), whose rounding drifts over 20 steps; a change in what is
+    # computed moves these numbers by far more than 2e-4.
+    rtol = 1e-6 if golden["machine"] == machine() else 2e-4
     for key in want:
-        # Recorded on this machine before the restructuring: equal to 1e-6 (relative).
-        np.testing.assert_allclose(got[key], want[key], rtol=1e-6, atol=1e-7, err_msg=f"{case}: {key}")
+        np.testing.assert_allclose(got[key], want[key], rtol=rtol, atol=1e-7, err_msg=f"{case}: {key} ({machine()})")
 
 
 SAMPLING_GOLDEN = Path(__file__).parent / "goldens" / "sampling.json"
