@@ -46,7 +46,7 @@ def logits_of(model, tokens: list[int]) -> np.ndarray:
     return np.asarray(forward_logits(model, np.array([tokens], np.int32))[0])[0]
 
 
-@pytest.mark.parametrize("family", ["gpt", "gru"])
+@pytest.mark.parametrize("family", ["gpt", pytest.param("gru", marks=pytest.mark.slow)])
 def test_each_row_of_a_mixed_batch_equals_its_solo_run(gpt, family):
     model = gpt if family == "gpt" else RecurrentLM(
         ModelConfig(family="gru", vocab_size=40, context_length=CONTEXT, n_layers=1, d_model=32, n_heads=1),
