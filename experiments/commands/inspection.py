@@ -21,20 +21,26 @@ def cmd_attention(args) -> int:
     return 0
 
 
-def cmd_neighbors(args) -> int:
-    from plutao.experiments.inspect import embedding_table, token_id
-    from plutao.model.probes import nearest_neighbors
+def _embeddings(args):
+    """(run, its token-embedding table cut to the tokenizer's ids, the special ids) for the probes."""
+    from plutao.experiments.inspect import embedding_table
     from plutao.train.errors import UserError
     from plutao.train.run import load_run
 
     if args.k < 1:
         raise UserError(f"-k must be ≥ 1, got {args.k}")
     run = load_run(Path(args.run_dir), args.step)
-    table = embedding_table(run)
+    return run, embedding_table(run)[: run.tokenizer.vocab_size], list(run.tokenizer.sorted_special_ids)
+
+
+def cmd_neighbors(args) -> int:
+    from plutao.experiments.inspect import token_id
+    from plutao.model.probes import nearest_neighbors
+
+    run, table, special = _embeddings(args)
     i = token_id(run.tokenizer, args.token)
-    special = list(run.tokenizer.special_ids.values())
     result = [{"token": run.tokenizer.token_strings([j])[0], "id": j, "cosine": c}
-              for j, c in nearest_neighbors(table[: run.tokenizer.vocab_size], i, args.k, exclude=special)]
+              for j, c in nearest_neighbors(table, i, args.k, exclude=special)]
     if args.json:
         print(json.dumps({"token": args.token, "id": i, "neighbors": result}))
         return 0
@@ -45,19 +51,13 @@ def cmd_neighbors(args) -> int:
 
 
 def cmd_analogy(args) -> int:
-    from plutao.experiments.inspect import embedding_table, token_id
+    from plutao.experiments.inspect import token_id
     from plutao.model.probes import analogy
-    from plutao.train.errors import UserError
-    from plutao.train.run import load_run
 
-    if args.k < 1:
-        raise UserError(f"-k must be ≥ 1, got {args.k}")
-    run = load_run(Path(args.run_dir), args.step)
-    table = embedding_table(run)
+    run, table, special = _embeddings(args)
     a, b, c = (token_id(run.tokenizer, t) for t in (args.a, args.b, args.c))
-    special = list(run.tokenizer.special_ids.values())
     result = [{"token": run.tokenizer.token_strings([j])[0], "id": j, "cosine": s}
-              for j, s in analogy(table[: run.tokenizer.vocab_size], a, b, c, args.k, exclude=special)]
+              for j, s in analogy(table, a, b, c, args.k, exclude=special)]
     if args.json:
         print(json.dumps({"query": [args.a, args.b, args.c], "answers": result}))
         return 0
