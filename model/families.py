@@ -9,8 +9,6 @@ from plutao.model.config import ModelConfig
 
 TRANSFORMERS = ("decoder", "encoder_decoder", "encoder")
 RECURRENT = ("lstm", "gru", "rnn")
-# Families whose forward pass is next-token prediction over a (B, T) token array (GPT's interface).
-CAUSAL_LM = ("decoder", *RECURRENT)
 
 
 def build_model(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:

@@ -45,14 +45,19 @@ class NamedBatches:
     source: Any
     named: Callable[[np.ndarray], Batch]
     axes: dict[str, tuple[str, ...]]
+    # Key shapes per row shape: worked out once (a source has a handful of row shapes), not per step.
+    _shapes: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def __getattr__(self, name):  # epochs_consumed, tokens_per_step, val_batches, splits, ...
-        if name == "source":
+        if name in ("source", "_shapes"):
             raise AttributeError(name)
         return getattr(self.source, name)
 
     def shapes(self, row_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
-        return {k: v.shape for k, v in self.named(np.zeros(row_shape, np.int32)).items()}
+        row_shape = tuple(row_shape)
+        if row_shape not in self._shapes:
+            self._shapes[row_shape] = {k: v.shape for k, v in self.named(np.zeros(row_shape, np.int32)).items()}
+        return self._shapes[row_shape]
 
     def train(self, step: int, rows: slice = slice(None)) -> Batch:
         return self.named(self.source.train_rows(step, rows))
