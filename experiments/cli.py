@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from plutao.experiments.commands.assistant import cmd_reward, cmd_sft
 from plutao.experiments.commands.benchmarks import cmd_bench, cmd_bench_baselines, cmd_bench_sweep
+from plutao.experiments.commands.chat import cmd_chat
 from plutao.experiments.commands.evaluation import (
     cmd_eval,
     cmd_fill_mask,
@@ -18,6 +20,7 @@ from plutao.experiments.commands.evaluation import (
     cmd_translate,
 )
 from plutao.experiments.commands.inspection import cmd_analogy, cmd_attention, cmd_neighbors, cmd_tokenize
+from plutao.experiments.commands.report_card import cmd_report_card
 from plutao.experiments.commands.scale import (
     cmd_bench_scaling,
     cmd_launch,
@@ -88,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     s.add_argument("--no-stop", action="store_true", help="do not stop at <|endoftext|>")
     s.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    s.add_argument("--system", help="chat runs: a system message before the prompt")
+    s.add_argument("--best-of", type=int, metavar="N", help="chat runs: sample N replies in one batch and print the "
+                   "one --reward scores highest")
+    s.add_argument("--reward", metavar="RM_RUN", help="the reward model that judges --best-of replies")
+    s.add_argument("--show-all", action="store_true", help="with --best-of: every reply with its reward")
     s.set_defaults(fn=cmd_sample)
 
     e = sub.add_parser("eval", help="loss, perplexity, bits per char/byte on held-out or given data")
@@ -147,17 +155,76 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("score", help="log P(text) by the chain rule, per token")
     c.add_argument("run_dir")
-    c.add_argument("--text", required=True)
+    c.add_argument("--text", help="the text to score (language-model runs)")
+    c.add_argument("--prompt", help="reward-model runs: the user message")
+    c.add_argument("--response", help="reward-model runs: the reply to score")
     c.add_argument("--json", action="store_true")
     c.add_argument("--step", type=int)
     c.set_defaults(fn=cmd_score)
+
+    sf = sub.add_parser("sft", help="supervised fine-tuning: a base run learns to answer in the chat template")
+    sf.add_argument("base_run", help="the --workdir of the base run")
+    sf.add_argument("overrides", nargs="*", help="section.key=value overrides (after the stage's defaults)")
+    sf.add_argument("--workdir", required=True, help="the new run's directory (re-running resumes it)")
+    sf.add_argument("--data", default="builtin:arith", help="builtin:arith (the arithmetic world's demonstrations) or "
+                    "a .jsonl of {\"messages\": [...]} or {\"prompt\", \"response\"} lines (default %(default)s)")
+    sf.add_argument("--step", type=int, help="the base run's checkpoint (default: its latest)")
+    sf.add_argument("--quiet", action="store_true")
+    sf.add_argument("--json", action="store_true")
+    sf.set_defaults(fn=cmd_sft)
+
+    rw = sub.add_parser("reward", help="a reward model on an SFT run's trunk, trained on rankings")
+    rw.add_argument("sft_run", help="the --workdir of a `plutao sft` run")
+    rw.add_argument("overrides", nargs="*", help="section.key=value overrides (after the stage's defaults)")
+    rw.add_argument("--workdir", required=True, help="the new run's directory (re-running resumes it)")
+    rw.add_argument("--data", default="builtin:arith", help="builtin:arith (replies sampled from the SFT run, ranked "
+                    "by the world's labeler) or a .jsonl of pairs/ranked lists (default %(default)s)")
+    rw.add_argument("--k", default=None, metavar="MIN..MAX", help="builtin:arith: responses ranked per prompt "
+                    "(default 4..9)")
+    rw.add_argument("--labeler-noise", type=float, default=None, metavar="X",
+                    help="builtin:arith: Bradley–Terry noise of the labeler (0 = gold; README gives agreement rates)")
+    rw.add_argument("--step", type=int, help="the SFT run's checkpoint (default: its latest)")
+    rw.add_argument("--quiet", action="store_true")
+    rw.add_argument("--json", action="store_true")
+    rw.set_defaults(fn=cmd_reward)
+
+    ch = sub.add_parser("chat", help="chat with a run in the terminal (reads one message per line when piped)")
+    ch.add_argument("run_dir")
+    ch.add_argument("--system", help="a system message at the start of the conversation")
+    ch.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: %(default)s); /temp X changes it")
+    ch.add_argument("--top-k", type=int, default=0)
+    ch.add_argument("--top-p", type=float, default=1.0)
+    ch.add_argument("--max-new-tokens", type=int, default=64, help="longest reply, in tokens (default: %(default)s)")
+    ch.add_argument("--seed", type=int, default=0)
+    ch.add_argument("--compare", nargs="+", metavar="RUN", help="also answer every message with these runs")
+    ch.add_argument("--step", type=int)
+    ch.set_defaults(fn=cmd_chat)
+
+    rc = sub.add_parser("report-card", help="compare runs (base, SFT, best-of-N, ...) on the arithmetic world and "
+                        "your own problems: accuracy by digits, format, win rates, diversity, bits per byte")
+    rc.add_argument("runs", nargs="+", help="run directories, one column each")
+    rc.add_argument("--reward", metavar="RM_RUN", help="a reward model: RM-judged win rates (and --best-of columns)")
+    rc.add_argument("--best-of", type=int, default=0, metavar="N", help="with --reward: a best-of-N column per chat run")
+    rc.add_argument("--problems", type=int, default=500, metavar="N", help="problems per digit count (default 500)")
+    rc.add_argument("--problems-file", metavar="FILE.jsonl", help="your own problems: lines of "
+                    "{\"messages\": [...], \"answer\": \"799\"}")
+    rc.add_argument("--match", choices=("last-number", "exact"), default="last-number",
+                    help="--problems-file: the reply's last number must equal the answer, or the whole reply")
+    rc.add_argument("--out", help="where report.md, report.json and the charts go (default: report-card/)")
+    rc.add_argument("--seed", type=int, default=0)
+    rc.add_argument("--json", action="store_true")
+    rc.set_defaults(fn=cmd_report_card)
 
     pp = sub.add_parser("plot", help="(re)write RUN_DIR/loss.png from metrics.jsonl, e.g. while a run trains")
     pp.add_argument("run_dir")
     pp.set_defaults(fn=cmd_plot)
 
-    k = sub.add_parser("tokenize", help="show how text splits into tokens")
-    k.add_argument("text")
+    k = sub.add_parser("tokenize", help="show how text splits into tokens (or, with --chat, which tokens a "
+                       "conversation trains)")
+    k.add_argument("text", nargs="?")
+    k.add_argument("--chat", metavar="FILE.jsonl", help="show a conversation of this file through the chat template, "
+                   "each token marked trained or not (colour on a terminal, [brackets] otherwise)")
+    k.add_argument("--index", type=int, default=0, help="with --chat: which line's conversation (default 0)")
     k.add_argument("--tokenizer", default="byte", help="RUN_DIR, a tokenizer folder, char or byte (default byte)")
     k.add_argument("--price-per-1k", type=float, help="cost per 1,000 tokens")
     k.set_defaults(fn=cmd_tokenize)

@@ -1,6 +1,6 @@
 """The experiment configuration: typed, validated, built from presets, files and `key=value` overrides.
 
-Every knob lives in one of five sections (data, model, train, optim, mesh). An override names a
+Every knob lives in one of six sections (data, model, train, optim, mesh, world). An override names a
 key as `section.field`; unknown keys and ill-typed values are user errors naming the fix.
 """
 
@@ -20,6 +20,7 @@ import tomllib
 from plutao.model.config import ModelConfig
 from plutao.tokenizer.base import SpecialTokens
 from plutao.train.errors import UserError
+from plutao.train.worlds.arith import World
 
 DEFAULT_CORPUS = "builtin:python-docs"
 
@@ -66,6 +67,10 @@ class TrainConfig:
     # The parameters both models share are copied (e.g. the backbone); the rest (e.g. a new head) is
     # initialised fresh; the parent's tokenizer is used. The lineage is recorded in config.json.
     init_from: str = ""
+    # What the run trains: "" = what model.family trains (next-token prediction for a decoder, ...);
+    # "sft" = supervised fine-tuning on chats; "reward" = a reward model from rankings (`plutao sft`,
+    # `plutao reward` set it).
+    task: Literal["", "sft", "reward"] = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +104,8 @@ class Config:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    # The built-in arithmetic chat world (train/worlds/arith.py): builtin:arith-* corpora and builtin:arith data.
+    world: World = dataclasses.field(default_factory=World)
 
     def shaped_model(self, placeholder_vocab: int = 256) -> ModelConfig:
         """The resolved model for shape-only tools (params, plan, shardings): when the vocabulary
@@ -119,7 +126,8 @@ SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 
 
 def _fields(section: str) -> dict[str, Any]:
-    cls = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "optim": OptimConfig, "mesh": MeshConfig}[section]
+    cls = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "optim": OptimConfig, "mesh": MeshConfig,
+           "world": World}[section]
     return typing.get_type_hints(cls)
 
 
@@ -281,6 +289,17 @@ def validate(cfg: Config) -> None:
         problems.append(f"optim.label_smoothing must be in [0, 1), got {o.label_smoothing}")
     if o.schedule == "inverse_sqrt" and o.warmup_steps < 1:
         problems.append("optim.schedule=inverse_sqrt needs optim.warmup_steps ≥ 1")
+    w = cfg.world
+    for key in ("wrong_share", "demo_error_rate", "verbose_rate"):
+        if not 0.0 <= getattr(w, key) <= 1.0:
+            problems.append(f"world.{key} must be in [0, 1], got {getattr(w, key)}")
+    if w.labeler_noise < 0:
+        problems.append(f"world.labeler_noise must be ≥ 0 (0 = the gold labeler), got {w.labeler_noise}")
+    if not 2 <= w.k_min <= w.k_max <= 16:
+        problems.append(f"world.k_min..world.k_max must satisfy 2 ≤ k_min ≤ k_max ≤ 16, got {w.k_min}..{w.k_max}")
+    for key in ("documents", "demonstrations", "comparisons"):
+        if getattr(w, key) < 1:
+            problems.append(f"world.{key} must be ≥ 1, got {getattr(w, key)}")
     if problems:
         raise UserError(problems[0])
 

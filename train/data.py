@@ -19,6 +19,8 @@ from plutao.tokenizer import Tokenizer, TokenizerError
 from plutao.train import corpora
 from plutao.train.config import DataConfig
 from plutao.train.errors import UserError
+from plutao.train.worlds import arith
+from plutao.train.worlds.arith import World
 
 TRAIN, VAL = 0, 1  # purposes mixed into the sampling seed
 
@@ -31,10 +33,17 @@ def source_paths(cfg: DataConfig) -> list[str]:
     return list(cfg.path) if isinstance(cfg.path, list) else [cfg.path]
 
 
-def read_documents(spec: str, cfg: DataConfig, *, flag: str = "data.path") -> list[str]:
+def read_documents(spec: str, cfg: DataConfig, *, flag: str = "data.path", world: World | None = None) -> list[str]:
     """The documents of one source: a built-in/downloadable name, a .jsonl file, a text file or a folder.
 
-    `flag` is what the user typed to name the source (`data.path`, `data.val_path`, `--data`), for the errors."""
+    `flag` is what the user typed to name the source (`data.path`, `data.val_path`, `--data`), for the
+    errors; `world` sets the built-in arithmetic world's corpora (builtin:arith-*)."""
+    if spec.startswith("builtin:arith-"):
+        kind = spec.removeprefix("builtin:arith-")
+        if kind not in ("equations", "dialogue"):
+            raise UserError(f"unknown built-in corpus {spec!r}; the arithmetic world has builtin:arith-equations and "
+                            "builtin:arith-dialogue (builtin:arith is its chats, for `plutao sft`/`plutao reward`)")
+        return arith.pretraining_documents(world or World(), kind)
     if spec.startswith("builtin:"):
         return corpora.builtin_documents(spec, cache_root(cfg))
     if spec in corpora.DOWNLOADS:
@@ -157,9 +166,9 @@ def load_splits(cfg: DataConfig, docs_per_source: list[list[str]], tokenizer: To
     return out
 
 
-def held_out_tokens(cfg: DataConfig, tokenizer: Tokenizer) -> list[tuple[str, np.ndarray]]:
+def held_out_tokens(cfg: DataConfig, tokenizer: Tokenizer, world: World | None = None) -> list[tuple[str, np.ndarray]]:
     """(name, tokens) of each held-out part of a run's data, as its training evaluated them."""
-    docs_per_source = [read_documents(s, cfg) for s in source_paths(cfg)]
+    docs_per_source = [read_documents(s, cfg, world=world) for s in source_paths(cfg)]
     splits = load_splits(cfg, docs_per_source, tokenizer)
     if cfg.val_path:
         return [(cfg.val_path, splits[0].val)]

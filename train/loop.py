@@ -28,6 +28,7 @@ from plutao.model.config import ModelConfig
 from plutao.model.presets import count_params, flops_per_token
 from plutao.model.sampling import to_host
 from plutao.tokenizer import Tokenizer, TokenizerError, load_tokenizer, train_tokenizer
+from plutao.tokenizer.chat import template_hash
 from plutao.train import data as data_lib
 from plutao.train import sharding
 from plutao.train.batches import NamedBatches
@@ -184,8 +185,8 @@ def prepare(cfg: Config, run_dir: Path | None, *, devices=None) -> Prepared:
     sharding.check_divisibility(cfg.model, mesh, cfg.train.batch_size, cfg.train.grad_accum)
     # The optimizer sees the trainable parameters only (several models: their roles, per-model settings).
     probe = Trainer(cfg.model, None, None, mesh, cfg.train.seed, task=task)
-    tx = make_optimizer(cfg.optim, cfg.train.steps, cfg.model if probe.single else probe.param_roles(),
-                        task.optim_groups())
+    # (the roles of the parameters the task's model really has: a head it adds has its own)
+    tx = make_optimizer(cfg.optim, cfg.train.steps, probe.param_roles(), task.optim_groups())
     trainer = Trainer(cfg.model, tx, lr_schedule(cfg.optim, cfg.train.steps), mesh, cfg.train.seed,
                       cfg.train.grad_accum, task, on_nonfinite=cfg.train.on_nonfinite)
     trainer.split.check()
@@ -335,6 +336,12 @@ def _train(cfg: Config, run_dir: Path, devices, quiet: bool, allow_changed: tupl
         # Read (and refused, if it does not fit) before anything is created in the run directory.
         parent_params, lineage = init_from_parent(trainer.abstract_sharded_state()["params"], cfg.train.init_from,
                                                   p.tokenizer.fingerprint, cfg.model)
+        if p.task.chat:  # (what the chat tokens of this run mean: the template and the ids it uses)
+            lineage["template_hash"] = template_hash(p.tokenizer)
+    recorded = (saved or {}).get("lineage", {}).get("template_hash")
+    if p.task.chat and recorded not in (None, template_hash(p.tokenizer)):
+        raise UserError(f"{run_dir} was trained with another chat template (hash {recorded}); resume it with the "
+                        "version of plutao that made it, or use a new --workdir")
     checkpoints = Checkpoints(own, keep=cfg.train.keep_checkpoints)
     meta: dict = {}
     history_entry = None
@@ -463,7 +470,8 @@ def _train(cfg: Config, run_dir: Path, devices, quiet: bool, allow_changed: tupl
                     last_val = val["loss"]
                     metrics.write({"step": step, "split": "val", **val})
                     log(f"step {step}: val loss {last_val:.4f}" + (f", masked-token accuracy {val['accuracy']:.3f}"
-                                                                   if "accuracy" in val else ""))
+                                                                   if "accuracy" in val else "")
+                        + (f", pairwise accuracy {val['pairwise_accuracy']:.3f}" if "pairwise_accuracy" in val else ""))
                 if t.sample_every and step % t.sample_every == 0:  # every process takes part; one prints
                     check_finite(step)
                     sample = milestone_sample(p, trainer.inference_params(state), step)
@@ -522,6 +530,7 @@ def _train(cfg: Config, run_dir: Path, devices, quiet: bool, allow_changed: tupl
         "tokens_per_sec": float(np.median([h["tokens_per_sec"] for h in history if "tokens_per_sec" in h] or [0.0])),
         "compile_seconds": compile_s, "params": n_params["total"], "epochs": epochs,
         **({"val_accuracy": final["accuracy"]} if "accuracy" in final else {}),
+        **({"val_pairwise_accuracy": final["pairwise_accuracy"]} if "pairwise_accuracy" in final else {}),
         "budget_spent": budget_spent, "train_seconds": spent(),
         # Time inside training steps (after the first, compiling one), and when the first step ended.
         "steps_seconds": steps_seconds, "first_step_unix": first_step_unix,

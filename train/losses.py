@@ -37,3 +37,25 @@ def token_logprobs(logits_BTV: Array, targets_BT: Array) -> Array:
     """log P(target_t | tokens < t) for every position."""
     logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
     return jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
+
+
+def ranking_loss_sums(r_BK: Array, rank_BK: Array) -> dict[str, Array]:
+    """InstructGPT's reward-model loss over every pair of each prompt's K responses, all in one batch
+    element (each response encoded once): prompt b contributes −1/P_b · Σ_{i better than j} log σ(r_i − r_j),
+    P_b its number of ordered pairs (C(K, 2) without ties). rank −1 = no response; equal ranks tie (no pair).
+
+    Returns sums to divide once: {"loss": Σ_b, "count": prompts with a pair, "correct": pairs ordered
+    right, "pairs": pairs, "brier": Σ (σ(r_w − r_l) − 1)²}."""
+    r_BK = r_BK.astype(jnp.float32)
+    valid_BK = rank_BK >= 0
+    better_BKK = (rank_BK[:, :, None] < rank_BK[:, None, :]) & valid_BK[:, :, None] & valid_BK[:, None, :]
+    margin_BKK = r_BK[:, :, None] - r_BK[:, None, :]
+    pairs_B = better_BKK.sum((1, 2)).astype(jnp.float32)
+    nll_B = -jnp.sum(jnp.where(better_BKK, jax.nn.log_sigmoid(margin_BKK), 0.0), axis=(1, 2))
+    return {
+        "loss": jnp.sum(nll_B / jnp.maximum(pairs_B, 1.0)),
+        "count": jnp.sum(pairs_B > 0).astype(jnp.float32),
+        "correct": jnp.sum(better_BKK & (margin_BKK > 0)).astype(jnp.float32),
+        "pairs": jnp.sum(pairs_B),
+        "brier": jnp.sum(jnp.where(better_BKK, (jax.nn.sigmoid(margin_BKK) - 1.0) ** 2, 0.0)),
+    }

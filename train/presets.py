@@ -86,6 +86,16 @@ PRESETS: dict[str, dict] = {
         "optim.lr": 6e-4, "optim.min_lr": 6e-5, "optim.beta2": 0.95, "optim.warmup_steps": 2000,
         "train.steps": 600000, "train.grad_accum": 1,
     },
+    # The arithmetic world's base model (train/worlds/arith.py): equations in many surface forms (some
+    # wrong), run-on pseudo-dialogue and prose; char-level, so every digit is one token.
+    "arith-base": NANOGPT_RECIPE | {
+        "data.path": ["builtin:arith-equations", "builtin:arith-dialogue", "builtin:python-docs"],
+        "data.weights": [0.55, 0.3, 0.15], "data.tokenizer": "char", "data.separate_documents": True,
+        "model.n_layers": 4, "model.d_model": 128, "model.n_heads": 4, "model.context_length": 128,
+        "train.batch_size": 32, "train.steps": 1600, "train.eval_every": 400, "train.sample_every": 800,
+        "train.checkpoint_every": 400, "train.eval_batches": 20, "optim.lr": 2e-3, "optim.min_lr": 2e-4,
+        "train.sample_prompt": "Q: What is 23 plus 45?\nA:", "train.sample_tokens": 80,
+    },
     "gpt3-small": _gpt3("gpt3-small", 256, 6.0e-4),
     "gpt3-medium": _gpt3("gpt3-medium", 256, 3.0e-4),
     "gpt3-large": _gpt3("gpt3-large", 256, 2.5e-4),
@@ -94,4 +104,22 @@ PRESETS: dict[str, dict] = {
     "gpt3-6.7b": _gpt3("gpt3-6.7b", 1024, 1.2e-4),
     "gpt3-13b": _gpt3("gpt3-13b", 1024, 1.0e-4),
     "gpt3-175b": _gpt3("gpt3-175b", 1536, 0.6e-4),
+}
+
+
+# What `plutao sft` and `plutao reward` set on top of the parent run's model and tokenizer (the
+# user's key=value overrides come after these).
+STAGE_PRESETS: dict[str, dict] = {
+    "sft": {
+        "train.task": "sft", "train.batch_size": 32, "train.steps": 600, "train.eval_every": 100,
+        "train.eval_batches": 10, "train.sample_every": 200, "train.checkpoint_every": 200, "train.log_every": 10,
+        "optim.lr": 5e-4, "optim.min_lr": 5e-5, "optim.warmup_steps": 30, "optim.schedule": "cosine",
+        "optim.weight_decay": 0.0, "model.dropout": 0.0,
+    },
+    "reward": {
+        "train.task": "reward", "train.batch_size": 16, "train.steps": 500, "train.eval_every": 100,
+        "train.eval_batches": 100, "train.sample_every": 0, "train.checkpoint_every": 250, "train.log_every": 10,
+        "optim.lr": 2e-4, "optim.min_lr": 2e-5, "optim.warmup_steps": 30, "optim.schedule": "cosine",
+        "optim.weight_decay": 0.0, "model.dropout": 0.0,
+    },
 }

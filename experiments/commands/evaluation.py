@@ -81,10 +81,32 @@ def cmd_sample(args) -> int:
     task.check_command("sample", args.run_dir)
     if not task.trained_by_gradient:
         return _sample_ngram(args, sampling)
+    if args.best_of is not None or args.reward:
+        from plutao.experiments.commands.assistant import sample_best_of
+        from plutao.train.errors import UserError
+
+        if args.best_of is None:
+            raise UserError("--reward judges --best-of N replies; give --best-of N too")
+        if args.best_of < 1:
+            raise UserError(f"--best-of must be ≥ 1, got {args.best_of}")
+        return sample_best_of(args, load_run(Path(args.run_dir), args.step))
     run = load_run(Path(args.run_dir), args.step)
     tok = run.tokenizer
     prompt_ids = tok.encode(args.prompt) if args.prompt else []
     prompt = [tok.eot_id] + prompt_ids
+    if task.chat:  # the prompt is a user message, answered through the chat template
+        import dataclasses
+
+        from plutao.tokenizer import chat
+
+        prompt = chat.prompt_ids(chat.conversation(args.prompt, system=args.system), tok)
+        prompt_ids = prompt
+        sampling = dataclasses.replace(sampling, stop_ids=chat.reply_stop_ids(tok))
+        args.prompt = ""
+    elif args.system:
+        from plutao.train.errors import UserError
+
+        raise UserError(f"--system applies to chat runs (`plutao sft`); {args.run_dir} completes text")
     context = run.cfg.model.context_length
     if len(prompt) > context:
         raise SamplingError(f"the prompt is {len(prompt_ids)} tokens but the model's context is {context} "
@@ -129,8 +151,8 @@ def _eval_texts(args, cfg, tokenizer) -> list[tuple[str, object]]:
     from plutao.train import data as data_lib
 
     if not args.data:
-        return data_lib.held_out_tokens(cfg.data, tokenizer)
-    docs = data_lib.read_documents(args.data, dataclasses.replace(cfg.data, path=args.data), flag="--data")
+        return data_lib.held_out_tokens(cfg.data, tokenizer, cfg.world)
+    docs = data_lib.read_documents(args.data, dataclasses.replace(cfg.data, path=args.data), flag="--data", world=cfg.world)
     return [(args.data, data_lib.tokenize_documents(docs, tokenizer, data_lib.cache_root(cfg.data)))]
 
 
@@ -146,6 +168,10 @@ def cmd_eval(args) -> int:
     from plutao.train.run import load_run
 
     task = run_task(Path(args.run_dir))
+    if task.name == "reward":
+        from plutao.experiments.commands.assistant import eval_reward
+
+        return eval_reward(args, Path(args.run_dir))
     special = EVALUATORS.get(task.name)
     if special is not None:
         return special(args)
@@ -274,7 +300,16 @@ def cmd_score(args) -> int:
     from plutao.train.evaluate import score_text
     from plutao.train.run import load_run
 
-    run_task(Path(args.run_dir)).check_command("score", args.run_dir)
+    task = run_task(Path(args.run_dir))
+    task.check_command("score", args.run_dir)
+    if task.name == "reward":
+        from plutao.experiments.commands.assistant import score_reward
+
+        return score_reward(args, Path(args.run_dir))
+    if args.text is None:
+        from plutao.train.errors import UserError
+
+        raise UserError("give --text T to score (--prompt/--response score a reply with a reward-model run)")
     run = load_run(Path(args.run_dir), args.step)
     result = score_text(run.trainer.graphdef, run.params, run.tokenizer, args.text, run.cfg.model.context_length)
     if args.json:

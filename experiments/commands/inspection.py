@@ -69,7 +69,14 @@ def cmd_analogy(args) -> int:
 
 def cmd_tokenize(args) -> int:
     from plutao.tokenizer import ByteTokenizer, CharTokenizer, format_tokens, load_tokenizer
+    from plutao.train.errors import UserError
 
+    if args.chat:
+        from plutao.experiments.commands.chat import tokenize_chat
+
+        return tokenize_chat(args)
+    if args.text is None:
+        raise UserError("give the TEXT to tokenize (or --chat FILE.jsonl to see a conversation's trained tokens)")
     if args.tokenizer == "byte":
         tok = ByteTokenizer()
     elif args.tokenizer == "char":

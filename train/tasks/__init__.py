@@ -13,15 +13,19 @@ from plutao.train.tasks.base import Data, Task, TokenIds
 from plutao.train.tasks.causal_lm import CausalLM, RecurrentLM
 from plutao.train.tasks.masked_lm import MaskedLM
 from plutao.train.tasks.ngram import NGram
+from plutao.train.tasks.reward import RewardModel
+from plutao.train.tasks.sft import SFT
 from plutao.train.tasks.translation import Translation
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (CausalLM, RecurrentLM, MaskedLM, Translation, NGram)}
+TASKS: dict[str, type[Task]] = {t.name: t for t in (CausalLM, RecurrentLM, MaskedLM, Translation, NGram, SFT,
+                                                    RewardModel)}
 FAMILY_TASK = {"decoder": "causal_lm", "lstm": "recurrent_lm", "gru": "recurrent_lm", "rnn": "recurrent_lm",
                "encoder": "masked_lm", "encoder_decoder": "translation", "ngram": "ngram"}
 
 
 def task_class(cfg: Config) -> type[Task]:
-    return TASKS[FAMILY_TASK[cfg.model.family]]
+    """train.task when set (a stage of the assistant pipeline), otherwise what model.family trains."""
+    return TASKS[cfg.train.task or FAMILY_TASK[cfg.model.family]]
 
 
 def task_for(cfg: Config, tokenizer: Tokenizer | None = None) -> Task:

@@ -102,6 +102,7 @@ class Task:
     trained_by_gradient: ClassVar[bool] = True
     has_attention: ClassVar[bool] = True
     scans_layers: ClassVar[bool] = False  # whether its model supports model.scan_layers and model.remat
+    chat: ClassVar[bool] = False  # whether its model speaks the chat template (tokenizer/chat.py)
 
     cfg: Config
     ids: TokenIds = TokenIds()

@@ -31,7 +31,7 @@ class CausalLM(Task):
 
     def read(self) -> Data:
         sources = data_lib.source_paths(self.cfg.data)
-        docs_per_source = [data_lib.read_documents(s, self.cfg.data) for s in sources]
+        docs_per_source = [data_lib.read_documents(s, self.cfg.data, world=self.cfg.world) for s in sources]
         return Data(data_lib.training_texts(self.cfg.data, docs_per_source), docs_per_source, ",".join(sources))
 
     def row_source(self, data: Data, tokenizer) -> data_lib.Batches:

@@ -1,0 +1,258 @@
+"""The assistant stages as commands: sft, reward, and what reads a reward model (best-of-n sampling,
+`plutao score --prompt/--response`, `plutao eval` of a reward run).
+
+A stage is an ordinary training (train/loop.py) of a task (train/tasks/sft.py, reward.py) whose
+config starts from the parent run's: same model and tokenizer, `train.init_from` = the parent, the
+stage's defaults (train/presets.py: STAGE_PRESETS), then the user's key=value overrides.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from plutao.train.config import Config, apply_overrides, flatten, parse_overrides, validate
+from plutao.train.errors import UserError
+from plutao.train.presets import STAGE_PRESETS
+from plutao.train.rundir import existing_run_config, read_run_config
+
+INHERITED = ("model.", "data.tokenizer", "data.vocab_size", "data.cache_dir", "world.", "mesh.")
+
+
+def stage_config(parent: Path, stage: str, data: dict, step: int | None, overrides: list[str],
+                 world: dict | None = None) -> tuple[Config, dict]:
+    """The stage run's config: the parent's model, tokenizer and world, the stage's defaults, then the
+    user's overrides; and the parent's saved config."""
+    saved = existing_run_config(parent)
+    parent_cfg = Config.from_dict(saved)
+    inherited = {k: v for k, v in flatten(parent_cfg.to_dict()).items() if k.startswith(INHERITED)}
+    inherited.pop("model.dropout", None)
+    layers = inherited | STAGE_PRESETS[stage] | data | (world or {}) | {
+        "train.init_from": f"{parent.absolute()}:{step}" if step is not None else str(parent.absolute())}
+    cfg = apply_overrides(apply_overrides(Config(), layers), parse_overrides(overrides))
+    validate(cfg)
+    return cfg, saved
+
+
+def _check_not_other_parent(run_dir: Path, cfg: Config) -> None:
+    """Refuse a --workdir that already holds a run started from another parent (before writing anything)."""
+    saved = read_run_config(run_dir)
+    if saved is None:
+        return
+    old = saved.get("train", {}).get("init_from", "")
+    if old != cfg.train.init_from or saved.get("train", {}).get("task", "") != cfg.train.task:
+        raise UserError(f"{run_dir} already holds a {saved.get('train', {}).get('task') or 'training'} run from "
+                        f"{old or 'scratch'}; use a new --workdir for one from {cfg.train.init_from}")
+
+
+def _summary(args, summary: dict) -> int:
+    import jax
+
+    if args.json and jax.process_index() == 0:
+        print(json.dumps(summary))
+    return 0
+
+
+def cmd_sft(args) -> int:
+    from plutao.train.loop import train
+
+    parent = Path(args.base_run)
+    saved = existing_run_config(parent)
+    kind = saved.get("train", {}).get("task", "")
+    if kind == "reward":
+        raise UserError(f"{parent} is a reward-model run; fine-tune a base (or SFT) run")
+    data = {"data.path": args.data, "data.val_path": ""}
+    cfg, _ = stage_config(parent, "sft", data, args.step, list(args.overrides))
+    run_dir = Path(args.workdir)
+    _check_not_other_parent(run_dir, cfg)
+    return _summary(args, train(cfg, run_dir, quiet=args.quiet))
+
+
+def _k_range(text: str | None) -> dict:
+    if text is None:
+        return {}
+    lo, sep, hi = text.partition("..")
+    try:
+        k_min, k_max = (int(lo), int(hi)) if sep else (int(lo), int(lo))
+    except ValueError:
+        raise UserError(f"--k {text!r}: give MIN..MAX (e.g. --k 4..9) or one number") from None
+    if not 2 <= k_min <= k_max <= 16:
+        raise UserError(f"--k {text}: need 2 ≤ MIN ≤ MAX ≤ 16 responses per prompt")
+    return {"world.k_min": k_min, "world.k_max": k_max}
+
+
+def cmd_reward(args) -> int:
+    from plutao.train.loop import train
+
+    parent = Path(args.sft_run)
+    saved = existing_run_config(parent)
+    if saved.get("train", {}).get("task", "") != "sft":
+        raise UserError(f"{parent} is not an SFT run (train.task={saved.get('train', {}).get('task') or 'none'}); a "
+                        "reward model starts from the trunk of a `plutao sft` run")
+    world = _k_range(args.k)
+    if args.labeler_noise is not None:
+        if args.labeler_noise < 0:
+            raise UserError(f"--labeler-noise must be ≥ 0 (0 = the gold labeler), got {args.labeler_noise}")
+        world["world.labeler_noise"] = args.labeler_noise
+    run_dir = Path(args.workdir)
+    builtin = args.data == "builtin:arith"
+    if builtin:
+        data = {"data.path": str((run_dir / "comparisons" / "train.jsonl").absolute()),
+                "data.val_path": str((run_dir / "comparisons" / "val.jsonl").absolute())}
+    else:
+        if world:
+            raise UserError("--k and --labeler-noise shape the built-in rankings; your file's rankings are used as given")
+        data = {"data.path": args.data, "data.val_path": ""}
+    cfg, _ = stage_config(parent, "reward", data, args.step, list(args.overrides), world)
+    _check_not_other_parent(run_dir, cfg)
+    if builtin:
+        make_comparisons(parent, args.step, cfg, run_dir)
+    summary = train(cfg, run_dir, quiet=args.quiet)
+    if not summary.get("interrupted"):
+        shift_rewards(run_dir, parent, args.step)
+    return _summary(args, summary)
+
+
+def make_comparisons(parent: Path, step: int | None, cfg: Config, run_dir: Path) -> None:
+    """RUN_DIR/comparisons/{train,val}.jsonl, sampled from the SFT run once (kept for resumes and for
+    inspection); refused when they exist for another parent or world."""
+    import dataclasses
+
+    import jax
+
+    from plutao.train.comparisons import make_rankings, usable
+    from plutao.train.conversations import write_jsonl
+    from plutao.train.loop import log
+    from plutao.train.run import load_run
+
+    folder = run_dir / "comparisons"
+    info = {"parent": cfg.train.init_from, "world": dataclasses.asdict(cfg.world)}
+    if (folder / "info.json").is_file():
+        have = json.loads((folder / "info.json").read_text())
+        if have != info:
+            raise UserError(f"{folder} holds rankings from {have.get('parent')} with other world.* settings; use a new "
+                            "--workdir (or the same settings)")
+        return
+    sft = load_run(parent, step)
+    world, context = cfg.world, cfg.model.context_length
+    lines = {}
+    for split, n, held_out in (("train", world.comparisons, False), ("val", max(world.comparisons // 10, 50), True)):
+        made = make_rankings(sft.model, sft.tokenizer, world, held_out=held_out, context=context, n=n, log=log)
+        lines[split] = [x for x in made if usable(x)]
+        log(f"{split}: {len(lines[split]):,} of {n:,} prompts have replies of different quality")
+    if jax.process_index() == 0:
+        for split, rows in lines.items():
+            write_jsonl(folder / f"{split}.jsonl", rows)
+        (folder / "info.json").write_text(json.dumps(info, indent=2))
+    if jax.process_count() > 1:
+        from plutao.train.distributed import any_process
+
+        any_process(False)  # (every process waits until the files are there)
+
+
+def shift_rewards(run_dir: Path, parent: Path, parent_step: int | None) -> None:
+    """Shift the final rewards so the SFT demonstrations average 0 (RUN_DIR/reward_offset.json)."""
+    import jax
+    import numpy as np
+
+    from plutao.train.loop import log
+    from plutao.train.rewards import RewardScorer, write_offset
+    from plutao.train.tasks.sft import chat_data
+
+    scorer = RewardScorer.load(run_dir)
+    parent_cfg = Config.from_dict(existing_run_config(parent))
+    _, demos, _ = chat_data(parent_cfg)
+    raw = scorer.raw(demos)
+    offset = float(np.mean(raw))
+    if jax.process_index() == 0:
+        write_offset(run_dir, scorer.run.step, offset, len(demos))
+    log(f"rewards shifted by {-offset:+.4f}: the parent's {len(demos)} held-out demonstrations now average 0")
+
+
+# --- reading a reward model ------------------------------------------------------------------------
+
+def sample_best_of(args, run) -> int:
+    """`plutao sample SFT_RUN --prompt P --best-of N --reward RM_RUN [--show-all]`."""
+    import numpy as np
+
+    from plutao.model.sampling import SamplingConfig, complete
+    from plutao.tokenizer.chat import conversation, prompt_ids, reply_stop_ids
+    from plutao.train.rewards import RewardScorer
+
+    if args.best_of < 1:
+        raise UserError(f"--best-of must be ≥ 1, got {args.best_of}")
+    if not args.reward:
+        raise UserError("--best-of N needs --reward RM_RUN to judge the N replies")
+    if not run.task.chat:
+        raise UserError(f"{args.run_dir} is not a chat run (train.task={run.cfg.train.task or 'none'}); best-of-n "
+                        "samples replies from a `plutao sft` run")
+    scorer = RewardScorer.load(args.reward)
+    if scorer.tokenizer.fingerprint != run.tokenizer.fingerprint:
+        raise UserError(f"--reward {args.reward} speaks another tokenizer than {args.run_dir}; use a reward model "
+                        "trained from this run's lineage")
+    tok = run.tokenizer
+    messages = conversation(args.prompt, system=args.system)
+    ids = prompt_ids(messages, tok)[-run.cfg.model.context_length + args.max_new_tokens:]
+    samplings = [SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                max_new_tokens=args.max_new_tokens, seed=args.seed * 1_000_003 + i,
+                                stop_ids=reply_stop_ids(tok)) for i in range(args.best_of)]
+    outs = complete(run.model, [ids] * args.best_of, samplings, eot_id=tok.eot_id, pad_id=tok.pad_id)
+    replies = [tok.decode(c.content) for c in outs]
+    rewards = scorer.score([messages + [{"role": "assistant", "content": r}] for r in replies])
+    best = int(np.argmax(rewards))
+    if args.show_all:
+        for i in np.argsort(-rewards, kind="stable"):
+            print(f"{rewards[i]:+.3f}{'  *' if i == best else '   '} {replies[i]!r}")
+    else:
+        print(replies[best])
+    return 0
+
+
+def score_reward(args, run_dir: Path) -> int:
+    """`plutao score RM_RUN --prompt P --response R [--json]`."""
+    from plutao.tokenizer.chat import conversation
+    from plutao.train.rewards import RewardScorer
+
+    if args.prompt is None or args.response is None:
+        raise UserError(f"{run_dir} is a reward model: give --prompt P --response R to score a reply")
+    scorer = RewardScorer.load(run_dir, args.step, what="")
+    messages = conversation(args.prompt, args.response)
+    reward = float(scorer.score([messages])[0])
+    if args.json:
+        print(json.dumps({"reward": reward, "raw": reward + scorer.offset, "offset": scorer.offset,
+                          "step": scorer.run.step}))
+    else:
+        print(f"reward {reward:+.4f} (raw {reward + scorer.offset:+.4f}, step {scorer.run.step})")
+    return 0
+
+
+def eval_reward(args, run_dir: Path) -> int:
+    """`plutao eval RM_RUN [--json]`: held-out pairwise accuracy and calibration."""
+    from plutao.train.reward_eval import evaluate_rankings
+    from plutao.train.rewards import RewardScorer
+    from plutao.train.tasks.reward import ranking_data
+
+    scorer = RewardScorer.load(run_dir, args.step, what="")
+    if args.data:
+        from plutao.train.conversations import read_rankings
+
+        val = read_rankings(args.data)
+    else:
+        _, val, _ = ranking_data(scorer.run.cfg)
+    result = evaluate_rankings(scorer, val) | {"step": scorer.run.step, "data": args.data or "held-out"}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"pairwise accuracy {result['pairwise_accuracy']:.3f} on {result['pairs']:,} held-out pairs "
+          f"({result['rankings']:,} rankings, step {result['step']})", file=sys.stdout)
+    for d, acc in result.get("accuracy_by_digits", {}).items():
+        print(f"  {d}-digit problems: {acc['accuracy']:.3f} ({acc['pairs']:,} pairs)")
+    if result.get("both_wrong_accuracy") is not None:
+        print(f"  both replies wrong: {result['both_wrong_accuracy']:.3f} ({result['both_wrong_pairs']:,} pairs)")
+    if result.get("gold_agreement") is not None:
+        print(f"  agreement with the gold labeler: {result['gold_agreement']:.3f}")
+    print(f"  Brier score of σ(r_w − r_l): {result['brier']:.4f}; calibration (predicted → observed):")
+    for b in result["calibration"]:
+        print(f"    {b['predicted']:.2f} → {b['observed']:.2f} ({b['pairs']:,} pairs)")
+    return 0

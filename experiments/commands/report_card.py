@@ -1,0 +1,5 @@
+"""`plutao report-card` (being written)."""
+
+
+def cmd_report_card(args) -> int:
+    raise NotImplementedError

@@ -1,0 +1,70 @@
+"""Rankings for the reward model from the arithmetic world: for fresh prompts, K replies sampled from
+the SFT model at temperature 1 (one batched KV-cache call per chunk of rows), ranked by the world's
+labeler (the gold order, or with world.labeler_noise a Bradley–Terry draw around it).
+
+Each line is a ranked list (train/conversations.py) with the gold facts beside it in "meta", so
+held-out metrics can be split by digit count and by whether both replies of a pair are wrong.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from plutao.model.sampling import SamplingConfig, complete
+from plutao.tokenizer.chat import prompt_ids, reply_stop_ids
+from plutao.train.worlds import arith
+
+ROWS_PER_CALL = 256
+MAX_REPLY_TOKENS = 24
+
+
+def sample_replies(model, tokenizer, prompts: list[list[dict]], seeds: list[int], *, context: int,
+                   temperature: float = 1.0, max_new_tokens: int = MAX_REPLY_TOKENS, rows_per_call: int = ROWS_PER_CALL):
+    """[(reply text, reply length in tokens, ended with <|end|>)] for each prompt (its own seed), in
+    fixed-size calls (the last one padded) so every call reuses one compiled program."""
+    stops = reply_stop_ids(tokenizer)
+    ids = [prompt_ids(p, tokenizer)[-(context - max_new_tokens):] for p in prompts]
+    out = []
+    for lo in range(0, len(ids), rows_per_call):
+        part, part_seeds = ids[lo:lo + rows_per_call], seeds[lo:lo + rows_per_call]
+        n = len(part)
+        part = part + [part[-1]] * (rows_per_call - n) if len(ids) > rows_per_call else part
+        samplings = [SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens, seed=s, stop_ids=stops)
+                     for s in part_seeds + [0] * (len(part) - n)]
+        for c in complete(model, part, samplings, eot_id=tokenizer.eot_id, pad_id=tokenizer.pad_id)[:n]:
+            out.append((tokenizer.decode(c.content), len(c.content), c.stop_token == tokenizer.end_id))
+    return out
+
+
+def make_rankings(model, tokenizer, world: arith.World, *, held_out: bool, context: int, n: int,
+                  log=lambda msg: None) -> list[dict]:
+    prompts, problems, ks = zip(*(arith.comparison_prompt(world, i, held_out=held_out) for i in range(n)))
+    rows, seeds, owner = [], [], []
+    for i, (p, k) in enumerate(zip(prompts, ks)):
+        for j in range(k):
+            rows.append(p)
+            seeds.append(int(world.seed * 1_000_003 + (2 * i + held_out) * 17 + j) % (2 ** 31))
+            owner.append(i)
+    log(f"sampling {len(rows):,} replies for {n:,} {'held-out ' if held_out else ''}prompts (K={world.k_min}..{world.k_max})")
+    replies = sample_replies(model, tokenizer, list(rows), seeds, context=context)
+    lines, at = [], 0
+    for i, (p, prob, k) in enumerate(zip(prompts, problems, ks)):
+        group = replies[at:at + k]
+        at += k
+        keys = [arith.gold_key(prob, text, length, ended) for text, length, ended in group]
+        gold = arith.gold_ranks(keys)
+        rng = world.rng(arith.LABELER, 2 * i + held_out)
+        labels = arith.labeler_ranks(keys, world.labeler_noise, rng)
+        order = np.argsort(labels, kind="stable")
+        lines.append({
+            "prompt": p, "responses": [group[j][0] for j in order], "ranks": [int(labels[j]) for j in order],
+            "meta": {"problem": prob.to_dict(), "digits": prob.digits,
+                     "correct": [bool(keys[j][0]) for j in order], "gold_ranks": [int(gold[j]) for j in order],
+                     "ended": [bool(group[j][2]) for j in order]},
+        })
+    return lines
+
+
+def usable(line: dict) -> bool:
+    """A ranking with at least two levels (K identical replies teach nothing)."""
+    return len(set(line["ranks"])) > 1

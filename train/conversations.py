@@ -1,0 +1,138 @@
+"""User data for the assistant stages, one JSON object per line:
+
+- conversations (SFT): {"messages": [{"role", "content"}, ...]} or {"prompt": ..., "response": ...};
+- rankings (reward model): {"prompt", "chosen", "rejected"} pairs, or {"prompt", "responses": [best, …,
+  worst]} ranked lists (optionally "ranks": [0, 0, 1, …] when some responses tie); a prompt is text
+  (a user message) or a list of messages;
+- problems (report card): {"messages": [...], "answer": "799"}.
+
+A line that is not what its file should hold is a one-line UserError naming the file and line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from plutao.tokenizer.chat import ChatError, check_messages, conversation
+from plutao.train.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Ranking:
+    prompt: list[dict]  # messages ending with a user turn
+    responses: list[str]
+    ranks: list[int]  # 0 = best; equal ranks tie (no pair between them)
+    meta: dict = dataclasses.field(default_factory=dict)  # e.g. the built-in world's gold facts
+
+
+def _lines(path: Path, what: str):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} file {path} does not exist; give a .jsonl file with one JSON object per line")
+    n = 0
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+            if not isinstance(obj, dict):
+                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            n += 1
+            yield lineno, obj
+    if not n:
+        raise UserError(f"{what} file {path} has no lines; add one JSON object per line")
+
+
+def _prompt(obj: dict, where: str) -> list[dict]:
+    prompt = obj.get("prompt")
+    if isinstance(prompt, str):
+        return conversation(prompt)
+    if isinstance(prompt, list):
+        try:
+            return check_messages(prompt, generation=True)
+        except ChatError as e:
+            raise UserError(f"{where}: \"prompt\": {e}") from None
+    raise UserError(f"{where}: \"prompt\" must be text or a list of messages")
+
+
+def read_conversations(path) -> list[list[dict]]:
+    """SFT conversations (each with at least one assistant turn)."""
+    out = []
+    for lineno, obj in _lines(path, "conversations"):
+        where = f"{path}:{lineno}"
+        try:
+            if "messages" in obj:
+                out.append(check_messages(obj["messages"], needs_reply=True))
+            elif "prompt" in obj and "response" in obj:
+                if not isinstance(obj["response"], str):
+                    raise UserError(f"{where}: \"response\" must be text")
+                out.append(_prompt(obj, where) + [{"role": "assistant", "content": obj["response"]}])
+            else:
+                raise UserError(f"{where}: expected {{\"messages\": [...]}} or {{\"prompt\": ..., \"response\": ...}}, "
+                                f"got keys {sorted(obj)}")
+        except ChatError as e:
+            raise UserError(f"{where}: {e}") from None
+    return out
+
+
+def read_rankings(path) -> list[Ranking]:
+    """Reward-model data: pairs and ranked lists (a pair is a ranked list of two)."""
+    out = []
+    for lineno, obj in _lines(path, "rankings"):
+        where = f"{path}:{lineno}"
+        prompt = _prompt(obj, where)
+        if "chosen" in obj or "rejected" in obj:
+            responses = [obj.get("chosen"), obj.get("rejected")]
+            if not all(isinstance(r, str) for r in responses):
+                raise UserError(f"{where}: a pair needs text \"chosen\" and \"rejected\"")
+            ranks = [0, 1]
+        elif "responses" in obj:
+            responses = obj["responses"]
+            if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
+                raise UserError(f"{where}: \"responses\" must be a list of texts, best first")
+            if len(responses) < 2:
+                raise UserError(f"{where}: a ranked list needs at least 2 responses (got {len(responses)}); "
+                                "a ranking of one response has no pair to learn from")
+            ranks = obj.get("ranks", list(range(len(responses))))
+            if (not isinstance(ranks, list) or len(ranks) != len(responses)
+                    or not all(isinstance(r, int) and r >= 0 for r in ranks) or ranks != sorted(ranks)):
+                raise UserError(f"{where}: \"ranks\" must be one non-negative integer per response, best first "
+                                "(non-decreasing)")
+            if len(set(ranks)) < 2:
+                raise UserError(f"{where}: every response has the same rank; a ranking needs at least two levels")
+        else:
+            raise UserError(f"{where}: expected {{\"prompt\", \"chosen\", \"rejected\"}} or {{\"prompt\", "
+                            f"\"responses\": [best, ..., worst]}}, got keys {sorted(obj)}")
+        out.append(Ranking(prompt, list(responses), list(ranks), obj.get("meta", {})))
+    return out
+
+
+def read_problems(path) -> list[tuple[list[dict], str]]:
+    """Verifiable problems: (messages ending with a user turn, the expected answer as text)."""
+    out = []
+    for lineno, obj in _lines(path, "problems"):
+        where = f"{path}:{lineno}"
+        if "messages" not in obj or "answer" not in obj:
+            raise UserError(f"{where}: expected {{\"messages\": [...], \"answer\": \"...\"}}, got keys {sorted(obj)}")
+        try:
+            messages = check_messages(obj["messages"], generation=True)
+        except ChatError as e:
+            raise UserError(f"{where}: {e}") from None
+        out.append((messages, str(obj["answer"]).strip()))
+    return out
+
+
+def write_jsonl(path: Path, rows) -> None:
+    """All rows, written aside and renamed into place (a crash leaves no half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)

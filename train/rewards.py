@@ -1,0 +1,89 @@
+"""Scoring with a trained reward model: conversations in, one number per conversation out.
+
+The score is read at the <|reward|> token after the reply (tokenizer/chat.py: reward_ids) and shifted
+by the run's offset (RUN_DIR/reward_offset.json: minus the mean raw score of the SFT demonstrations,
+written when `plutao reward` finishes), so a demonstration-quality reply scores about 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from plutao.model.sampling import prompt_width
+from plutao.tokenizer.chat import ChatError, reward_ids
+from plutao.train.errors import UserError
+from plutao.train.run import LoadedRun, load_run
+
+OFFSET_FILE = "reward_offset.json"
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _scores(graphdef, params, tokens_NT, index_N):
+    model = nnx.merge(graphdef, params)
+    return model.reward_head(model(tokens_NT).hidden_BTD, index_N)
+
+
+@dataclasses.dataclass
+class RewardScorer:
+    run: LoadedRun
+    offset: float = 0.0  # subtracted from every raw score
+
+    @classmethod
+    def load(cls, run_dir, step: int | None = None, *, what: str = "--reward") -> RewardScorer:
+        run = load_run(Path(run_dir), step)
+        if run.cfg.train.task != "reward":
+            raise UserError(f"{what} {run_dir} is not a reward-model run (train.task={run.cfg.train.task or 'none'}); "
+                            "give the --workdir of a `plutao reward` run")
+        return cls(run, read_offset(run.run_dir, run.step))
+
+    @property
+    def tokenizer(self):
+        return self.run.tokenizer
+
+    def encode(self, conversations) -> list[list[int]]:
+        try:
+            return [reward_ids(c, self.tokenizer)[-self.run.cfg.model.context_length:] for c in conversations]
+        except ChatError as e:
+            raise UserError(str(e)) from None
+
+    def raw(self, conversations, batch: int = 128) -> np.ndarray:
+        """Unshifted scores, in batches of right-padded rows (one program per power-of-two width)."""
+        seqs = self.encode(conversations)
+        graphdef, params = nnx.split(self.run.model)
+        context = self.run.cfg.model.context_length
+        out = np.zeros(len(seqs), np.float32)
+        for lo in range(0, len(seqs), batch):
+            part = seqs[lo:lo + batch]
+            width = prompt_width(max(len(s) for s in part), context)
+            tokens = np.full((batch, width), self.tokenizer.pad_id, np.int32)
+            index = np.zeros(batch, np.int32)
+            for i, s in enumerate(part):
+                tokens[i, :len(s)], index[i] = s, len(s) - 1
+            out[lo:lo + len(part)] = np.asarray(_scores(graphdef, params, tokens, index))[:len(part)]
+        return out
+
+    def score(self, conversations, batch: int = 128) -> np.ndarray:
+        return self.raw(conversations, batch) - self.offset
+
+
+def read_offset(run_dir: Path, step: int) -> float:
+    path = Path(run_dir) / OFFSET_FILE
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return 0.0
+    return float(record["offset"]) if record.get("step") == step else 0.0
+
+
+def write_offset(run_dir: Path, step: int, offset: float, over: int) -> None:
+    path = Path(run_dir) / OFFSET_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"offset": offset, "step": step, "demonstrations": over}))
+    tmp.replace(path)

@@ -1,0 +1,128 @@
+"""A reward model: the SFT trunk with a scalar head read at the <|reward|> token.
+
+Each ranked prompt is one batch element holding its K responses, each encoded once as
+prompt + response + <|end|> + <|reward|> (the chat template's tokens); the loss is InstructGPT's
+−1/C(K,2) Σ log σ(r_w − r_l) over all of the prompt's pairs (train/losses.py: ranking_loss_sums).
+Data: JSONL pairs or ranked lists (train/conversations.py); `plutao reward SFT_RUN --data
+builtin:arith` first samples the responses from the SFT model and ranks them with the world's labeler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from plutao.model.families import build_model
+from plutao.model.heads import ScalarHead
+from plutao.model.layers import no_constraint
+from plutao.tokenizer.chat import ChatError, reward_ids
+from plutao.train.batches import NamedBatches
+from plutao.train.chat_batches import RankedBatches, encode_ranking
+from plutao.train.conversations import Ranking, read_rankings
+from plutao.train.errors import UserError
+from plutao.train.losses import ranking_loss_sums
+from plutao.train.tasks.base import Data
+from plutao.train.tasks.causal_lm import CausalLM
+
+AXES = {"responses": ("batch", "responses", "length"), "reward_index": ("batch", "responses"),
+        "rank": ("batch", "responses")}
+
+
+def ranking_data(cfg) -> tuple[list[Ranking], list[Ranking], str]:
+    d = cfg.data
+    path = d.path if isinstance(d.path, str) else (d.path[0] if len(d.path) == 1 else None)
+    if path == "builtin:arith":
+        raise UserError("builtin:arith rankings are sampled from an SFT model: run `plutao reward SFT_RUN --workdir DIR` "
+                        "(it writes them to DIR/comparisons/ and trains on them)")
+    if path is None or not path.endswith(".jsonl"):
+        raise UserError(f"data.path={d.path!r}: the reward model reads one .jsonl file of rankings "
+                        "({\"prompt\", \"chosen\", \"rejected\"} or {\"prompt\", \"responses\": [best, ..., worst]})")
+    rankings = read_rankings(path)
+    if d.val_path:
+        return rankings, read_rankings(d.val_path), path
+    if len(rankings) < 2:
+        raise UserError(f"{path} has {len(rankings)} ranking; give at least 2 (one is held out) or data.val_path")
+    n_val = max(1, round(len(rankings) * d.val_fraction))
+    return rankings[:-n_val], rankings[-n_val:], path
+
+
+def encode(ranking: Ranking, tokenizer, context: int):
+    seqs = [reward_ids(ranking.prompt + [{"role": "assistant", "content": r}], tokenizer) for r in ranking.responses]
+    return encode_ranking(seqs, ranking.ranks, context, tokenizer.pad_id)
+
+
+def reward_scores(model, tokens_NT, index_N):
+    """(N,) raw rewards of right-padded sequences read at index_N (the <|reward|> positions)."""
+    out = model(tokens_NT)
+    return model.reward_head(out.hidden_BTD, index_N)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RewardModel(CausalLM):
+    name = "reward"
+    chat = True
+    scans_layers = False
+    batch_keys = ("responses", "reward_index", "rank")
+    commands = frozenset({"score", "eval"})
+
+    @property
+    def batch_axes(self):
+        return dict(AXES)
+
+    @classmethod
+    def problems(cls, cfg):
+        out = super().problems(cfg)
+        if cfg.model.family != "decoder":
+            out.append(f"train.task=reward puts a scalar head on a decoder; model.family={cfg.model.family} is not one")
+        return out
+
+    def build_model(self, rngs):
+        """The decoder (its parameters named as the SFT run's, so they are copied) plus `reward_head`."""
+        model = build_model(self.cfg.model, rngs)
+        model.reward_head = ScalarHead(self.cfg.model.d_model, rngs)
+        return model
+
+    def read(self) -> Data:
+        train, val, name = ranking_data(self.cfg)
+        texts = [m["content"] for r in train for m in r.prompt] + [x for r in train for x in r.responses]
+        return Data(texts, (train, val), name)
+
+    def batches(self, data, tokenizer):
+        train, val = data.payload
+        T = self.cfg.model.context_length
+        try:
+            enc = [encode(r, tokenizer, T) for r in train], [encode(r, tokenizer, T) for r in val]
+        except ChatError as e:
+            raise UserError(f"{data.names}: {e}") from None
+        k_max = max(len(r.responses) for r in train + val)
+        rows = RankedBatches(*enc, T, self.cfg.train.batch_size, k_max, self.cfg.train.seed, tokenizer.pad_id,
+                             data.names)
+        pairs = sum(sum(a < b for a in r.ranks for b in r.ranks) for r in train)
+        return NamedBatches(rows, self.named, self.batch_axes), (
+            f"{len(train):,} ranked prompts ({sum(len(r.responses) for r in train):,} responses, {pairs:,} pairs; "
+            f"K up to {k_max})")
+
+    def named(self, rows):
+        T = rows.shape[-1] - 2
+        return {"responses": rows[..., :T], "reward_index": rows[..., T], "rank": rows[..., T + 1]}
+
+    def sums(self, model, batch, key, *, train, constrain=no_constraint):
+        tokens_BKT = batch["responses"]
+        B, K, T = tokens_BKT.shape
+        out = model(tokens_BKT.reshape(B * K, T), dropout_key=key if train else None, constrain=constrain)
+        r_BK = model.reward_head(out.hidden_BTD, batch["reward_index"].reshape(B * K)).reshape(B, K)
+        return ranking_loss_sums(r_BK, batch["rank"])
+
+    def eval_summary(self, sums):
+        pairs = max(sums["pairs"], 1.0)
+        return {"loss": sums["loss"] / max(sums["count"], 1.0), "pairwise_accuracy": sums["correct"] / pairs,
+                "brier": sums["brier"] / pairs}
+
+    def val_batches(self, batches, wanted):
+        return batches.val_batches(wanted)
+
+    def milestone_sample(self, model, batches, tokenizer, step):
+        item = batches.val_items[0]
+        r = np.asarray(reward_scores(model, item.tokens, item.reward_index))
+        return "rewards of held-out ranking 0 (best first): " + ", ".join(f"{x:+.2f}" for x in r)
