@@ -1,0 +1,192 @@
+"""`plutao chat` (piped stdin: one message per line, one reply line per run) and `plutao tokenize --chat`
+(which tokens of a conversation are trained), on the tiny base → SFT → reward-model runs of conftest."""
+
+import io
+import json
+import re
+import sys
+
+import pytest
+
+from plutao.experiments.cli import main
+from plutao.tokenizer import ByteTokenizer, load_tokenizer
+from plutao.tokenizer.chat import render
+
+CONVERSATIONS = [
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 plus 2?"},
+                  {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3 plus 3?"},
+                  {"role": "assistant", "content": "the answer is 6."}]},
+    {"prompt": "What is 1 plus 1?", "response": "2"},
+]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_stages):
+    return tiny_stages
+
+
+@pytest.fixture
+def jsonl(tmp_path):
+    path = tmp_path / "chats.jsonl"
+    lines = [json.dumps(c) for c in CONVERSATIONS]
+    path.write_text(lines[0] + "\n\n" + lines[1] + "\n")  # (a blank line is skipped, not counted)
+    return path
+
+
+def one_line_error(capsys) -> str:
+    out, err = capsys.readouterr()
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def chat(capsys, monkeypatch, args, stdin: str):
+    """(exit code, reply lines, stderr lines) of `plutao chat ARGS` reading `stdin`."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    rc = main(["chat", *map(str, args)])
+    out, err = capsys.readouterr()
+    return rc, out.splitlines(), err.splitlines()
+
+
+# --- plutao tokenize --chat ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("which", ["byte", "run"])
+def test_tokenize_chat_brackets_exactly_the_trained_tokens(jsonl, runs, capsys, which):
+    spec = "byte" if which == "byte" else str(runs["sft"])
+    tok = ByteTokenizer() if which == "byte" else load_tokenizer(runs["sft"] / "tokenizer")
+    assert main(["tokenize", "--chat", str(jsonl), "--index", "0", "--tokenizer", spec]) == 0
+    marked, summary = capsys.readouterr().out.rstrip("\n").split("\n")
+
+    messages = CONVERSATIONS[0]["messages"]
+    rendered = render(messages, tok)
+    strings = tok.token_strings(rendered.ids)
+    expected = "".join(f"[{s}]" if w else s for s, w in zip(strings, rendered.weights))
+    assert marked == expected
+    # The bracketed tokens are the assistant replies, each closed by <|end|>; nothing else is.
+    bracketed = re.findall(r"\[([^\]]*)\]", marked)
+    assert len(bracketed) == int(rendered.weights.sum())
+    assert "".join(bracketed) == "4<|end|>the answer is 6.<|end|>"
+    assert "[" not in re.sub(r"\[[^\]]*\]", "", marked)
+    assert f"{len(rendered)} tokens, {int(rendered.weights.sum())} trained" in summary
+
+
+def test_tokenize_chat_index_counts_non_empty_lines(jsonl, capsys):
+    assert main(["tokenize", "--chat", str(jsonl), "--index", "1"]) == 0
+    marked = capsys.readouterr().out.splitlines()[0]
+    assert marked == "<|endoftext|><|user|>What is 1 plus 1?<|end|><|assistant|>[2][<|end|>]"
+
+
+@pytest.mark.parametrize("index", ["2", "-1"])
+def test_tokenize_chat_index_out_of_range(jsonl, capsys, index):
+    assert main(["tokenize", "--chat", str(jsonl), "--index", index]) == 2
+    line = one_line_error(capsys)
+    assert "out of range" in line and "2 conversation(s)" in line
+
+
+def test_tokenize_chat_malformed_line_names_file_and_line(tmp_path, capsys):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(CONVERSATIONS[1]) + "\n{not json\n")
+    assert main(["tokenize", "--chat", str(path)]) == 2
+    assert f"{path}:2:" in one_line_error(capsys)
+    path.write_text(json.dumps(CONVERSATIONS[1]) + "\n\n" + json.dumps({"messages": [{"role": "user",
+                                                                                    "content": "hi"}]}) + "\n")
+    assert main(["tokenize", "--chat", str(path)]) == 2
+    line = one_line_error(capsys)
+    assert f"{path}:3:" in line and "assistant" in line
+
+
+# --- plutao chat -----------------------------------------------------------------------------------
+
+def replies(lines, label="sft"):
+    return [line[len(label) + 2:] for line in lines if line.startswith(f"{label}> ")]
+
+
+def test_chat_answers_each_line_and_replays_with_the_same_seed(runs, capsys, monkeypatch):
+    args = [runs["sft"], "--max-new-tokens", "8", "--temperature", "1", "--seed", "3"]
+    stdin = "What is 1 plus 1?\n\n   \nWhat is 2 plus 2?\nWhat is 3 plus 3?\n"
+    rc, out, err = chat(capsys, monkeypatch, args, stdin)
+    assert rc == 0  # (end of input)
+    assert len(out) == 3 and len(replies(out)) == 3  # blank lines are not messages
+    assert not any("not trained on the chat template" in e for e in err)
+    assert chat(capsys, monkeypatch, args, stdin)[1] == out
+    other = chat(capsys, monkeypatch, args[:-1] + ["4"], stdin)[1]
+    assert len(other) == 3 and other != out
+
+
+def test_chat_temp_command_sets_the_temperature(runs, capsys, monkeypatch):
+    message = "What is 2 plus 2?\n"
+    _, greedy, _ = chat(capsys, monkeypatch, [runs["sft"], "--max-new-tokens", "8", "--temperature", "0",
+                                              "--seed", "99"], message)
+    rc, out, err = chat(capsys, monkeypatch, [runs["sft"], "--max-new-tokens", "8", "--temperature", "2",
+                                              "--seed", "1"], "/temp 0\n/temp -1\n/temp hot\n" + message)
+    assert rc == 0
+    assert out == greedy  # greedy at any seed: /temp 0 took effect, and the bad values did not replace it
+    assert sum("/temp needs a number ≥ 0" in e for e in err) == 2
+    assert any("temperature 0" in e for e in err)
+
+
+def test_chat_reset_quit_and_unknown_commands(runs, capsys, monkeypatch):
+    args = [runs["sft"], "--max-new-tokens", "6", "--system", "Be brief."]
+    stdin = "What is 1 plus 1?\nWhat is 5 plus 2?\n/reset\nWhat is 1 plus 1?\nWhat is 5 plus 2?\n"
+    rc, out, err = chat(capsys, monkeypatch, args, stdin)
+    assert rc == 0 and len(out) == 4
+    assert out[2:] == out[:2]  # a fresh conversation (system kept) replays the same replies
+    assert any("history cleared" in e for e in err)
+
+    rc, out, err = chat(capsys, monkeypatch, args, "What is 1 plus 1?\n/frobnicate\n/quit\nWhat is 5 plus 2?\n")
+    assert rc == 0
+    assert len(out) == 1  # nothing after /quit is read
+    hint = [e for e in err if "unknown command /frobnicate" in e]
+    assert len(hint) == 1 and "/reset" in hint[0] and "/quit" in hint[0]
+
+
+def test_chat_truncates_history_to_fit_the_context(runs, capsys, monkeypatch):
+    # The tiny runs have a context of 32 tokens (char tokenizer): 28 left for a prompt beside 4 new tokens.
+    args = [runs["sft"], "--max-new-tokens", "4"]
+    stdin = "What is 12 plus 30?\nWhat is 45 plus 17?\n" + "What is 1 plus 2 plus 3 plus 4 plus 5?\n"
+    rc, out, err = chat(capsys, monkeypatch, args, stdin)
+    assert rc == 0 and len(replies(out)) == 3  # every message answered
+    assert sum("history truncated: dropped the oldest 1 turn(s)" in e for e in err) == 2
+    cut = [e for e in err if "message cut" in e]
+    assert len(cut) == 1 and "last 24 of 38 tokens" in cut[0]
+
+
+def test_chat_compare_answers_with_every_run(runs, capsys, monkeypatch):
+    args = [runs["sft"], "--max-new-tokens", "6", "--temperature", "1"]
+    stdin = "What is 1 plus 1?\nWhat is 5 plus 2?\n"
+    _, alone, _ = chat(capsys, monkeypatch, args, stdin)
+    rc, out, err = chat(capsys, monkeypatch, args + ["--compare", runs["base"]], stdin)
+    assert rc == 0
+    assert [line.split("> ")[0] for line in out] == ["sft", "base", "sft", "base"]
+    assert replies(out, "sft") == replies(alone, "sft")  # each run keeps its own history
+    notices = [e for e in err if "not trained on the chat template" in e]
+    assert len(notices) == 1 and str(runs["base"]) in notices[0]
+
+
+def test_chat_refuses_a_reward_model_before_loading_it(runs, capsys, monkeypatch):
+    rm = runs["rm"]
+    before = sorted((p, p.stat().st_size, p.stat().st_mtime_ns) for p in rm.rglob("*"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("What is 1 plus 1?\n"))
+    assert main(["chat", str(rm)]) == 2
+    line = one_line_error(capsys)
+    assert "reward model" in line and "cannot chat" in line and "plutao score" in line
+    assert sorted((p, p.stat().st_size, p.stat().st_mtime_ns) for p in rm.rglob("*")) == before
+    # Also as a compared run: refused before the main run is loaded.
+    assert main(["chat", str(runs["sft"]), "--compare", str(rm)]) == 2
+    assert "reward model" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("flag, value, message", [("--temperature", "-1", "--temperature must be ≥ 0"),
+                                                  ("--max-new-tokens", "0", "--max-new-tokens must be ≥ 1"),
+                                                  ("--top-p", "0", "--top-p must be in (0, 1]")])
+def test_chat_bad_arguments_are_refused_first(tmp_path, capsys, flag, value, message):
+    # (the run directory does not exist: the arguments are checked before any run is read)
+    assert main(["chat", str(tmp_path / "missing"), flag, value]) == 2
+    assert message in one_line_error(capsys)
+
+
+def test_chat_refuses_a_system_message_that_leaves_no_room(runs, capsys):
+    assert main(["chat", str(runs["sft"]), "--system", "x" * 40]) == 2
+    line = one_line_error(capsys)
+    assert "--system is too long" in line

@@ -1,0 +1,242 @@
+"""`plutao report-card`: the pure metrics on hand-made replies, the argument errors (one line, exit 2,
+nothing written), and one whole card over a tiny base → SFT → reward-model pipeline."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from plutao.experiments import report_card as rc
+from plutao.experiments.cli import main
+from plutao.train.worlds import arith
+
+END, USER = 10, 8  # stand-ins for <|end|> and <|user|>
+
+
+# --- the pure parts -----------------------------------------------------------------------------------
+
+def test_a_tie_counts_half_and_the_pair_rates_sum_to_one():
+    assert rc.outcomes([3, 1, 2], [1, 1, 5]).tolist() == [1.0, 0.5, 0.0]
+    gold = rc.win_rates({"a": [(True, 1.0), (False, 0.5), (False, 0.0)], "b": [(False, 0.0), (False, 0.5), (True, 1.0)]})
+    assert set(gold) == {"a vs b", "b vs a"}
+    assert gold["a vs b"]["rate"] == pytest.approx(0.5) and gold["b vs a"]["rate"] == pytest.approx(0.5)
+    same = rc.win_rates({"a": [1, 2, 3], "b": [1, 2, 3]})
+    assert same["a vs b"] == {"rate": 0.5, "low": 0.5, "high": 0.5}
+
+
+def test_the_bootstrap_interval_holds_the_rate_and_narrows_with_more_problems():
+    rng = np.random.default_rng(0)
+    widths = []
+    for n in (20, 400):
+        keys = {"a": rng.integers(0, 3, n).tolist(), "b": rng.integers(0, 3, n).tolist(), "c": [1] * n}
+        rates = rc.win_rates(keys, seed=1)
+        assert len(rates) == 6
+        for name, w in rates.items():
+            assert 0 <= w["low"] <= w["rate"] <= w["high"] <= 1, name
+            a, b = name.split(" vs ")
+            assert w["rate"] + rates[f"{b} vs {a}"]["rate"] == pytest.approx(1.0)
+        widths.append(rates["a vs b"]["high"] - rates["a vs b"]["low"])
+        assert rc.win_rates(keys, seed=1) == rates  # seeded: the same card twice
+    assert widths[1] < widths[0]
+    assert rc.bootstrap_counts(7, 5, 0).sum(axis=1).tolist() == [7.0] * 5
+
+
+def test_format_ok_wants_one_number_and_a_proper_end():
+    ok = rc.Reply("579", 3, END)
+    assert rc.format_ok(ok, end_id=END, user_id=USER)
+    assert rc.format_ok(rc.Reply("The answer is 579.", 18, END), end_id=END, user_id=USER)
+    assert not rc.format_ok(rc.Reply("579", 3, USER), end_id=END, user_id=USER)  # ran on into a user turn
+    assert not rc.format_ok(rc.Reply("579 579 579 579 579 579", 24, None), end_id=END, user_id=USER)  # budget
+    assert not rc.format_ok(rc.Reply("579 or 580", 10, END), end_id=END, user_id=USER)
+    assert not rc.format_ok(rc.Reply("I do not know", 13, END), end_id=END, user_id=USER)
+
+
+def test_few_shot_answers_stop_at_the_first_newline():
+    p = arith.Problem(76, 81, "+")
+    assert rc.few_shot_answer(" 157\nQ: What is 3 plus 4?\nA: 7") == "157"
+    assert arith.correct(p, rc.few_shot_answer(" 157\nQ: What is 3 plus 4?\nA: 7"))
+    assert not arith.correct(p, rc.few_shot_answer(" 15\nQ: 157"))  # the right number, but after the answer
+    assert rc.few_shot_answer("") == ""
+    prompt = arith.few_shot_prompt(arith.World(), p)
+    assert prompt.endswith("Q: What is 76 plus 81?\nA:") and prompt.count("\nA: ") == 4
+
+
+def test_exact_and_last_number_matching():
+    assert rc.matches("I think 12, no: 799", "799")
+    assert rc.matches("799.", " 799 ")
+    assert rc.matches("0799", "799")  # the same integer
+    assert not rc.matches("799 or 800", "799")
+    assert not rc.matches("no idea", "799")
+    assert rc.matches(" 799 ", "799", "exact")
+    assert not rc.matches("799.", "799", "exact")
+    assert not rc.matches("The answer is 799", "799", "exact")
+    assert rc.matches("Lisboa", "Lisboa", "exact") and not rc.matches("Lisboa", "Lisboa")
+
+
+def test_distinct_accuracy_and_bits_per_byte_helpers():
+    assert rc.distinct_answers([["5", "5", "It is 5."], ["1", "2", "none"]]) == pytest.approx((1 + 3) / 2)
+    assert rc.accuracy_by_digits([True, False, True, True], [1, 1, 2, 3]) == {"1": 0.5, "2": 1.0, "3": 1.0}
+    metrics = [{"loss": 1.0, "tokens": 100, "bytes": 100}, {"loss": 2.0, "tokens": 100, "bytes": 300}]
+    assert rc.combined_bits_per_byte(metrics) == pytest.approx(300 / 400 / math.log(2))
+    tokens = np.arange(1000)
+    assert len(rc.window_cap(tokens, 8, cap=300, rows=4)) == 36 * 8 + 1  # 37 windows → a multiple of 4
+    assert len(rc.window_cap(tokens[:5], 8)) == 5
+
+
+def test_the_pretraining_ancestor_follows_the_lineage(tmp_path):
+    def run(name, task, parent=None):
+        (tmp_path / name).mkdir()
+        saved = {"train": {"task": task, "init_from": str(tmp_path / parent) if parent else ""}}
+        if parent:
+            saved["lineage"] = {"parent": str(tmp_path / parent), "step": 10}
+        (tmp_path / name / "config.json").write_text(json.dumps(saved))
+
+    run("base", "")
+    run("sft", "sft", "base")
+    run("rl", "sft", "sft")
+    run("orphan", "sft", "gone")
+    assert rc.pretraining_ancestor(tmp_path / "rl") == tmp_path / "base"
+    assert rc.pretraining_ancestor(tmp_path / "base") == tmp_path / "base"
+    assert rc.pretraining_ancestor(tmp_path / "orphan") is None
+
+
+# --- a tiny pipeline and its card ---------------------------------------------------------------------
+
+def _quiet(argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, isolated_cache):
+    root = tmp_path_factory.mktemp("pipeline")
+    base, sft, rm = root / "base", root / "sft", root / "rm"
+    for argv in (["train", "tiny", "--workdir", str(base), "data.path=builtin:arith-dialogue", "train.steps=10",
+                  "world.documents=2000", "--quiet"],
+                 ["sft", str(base), "--workdir", str(sft), "train.steps=10", "train.eval_every=5",
+                  "train.sample_every=0", "world.demonstrations=2000", "--quiet"],
+                 ["reward", str(sft), "--workdir", str(rm), "train.steps=4", "train.eval_every=2",
+                  "world.comparisons=20", "--quiet"]):
+        code, _, err = _quiet(argv)
+        assert code == 0, err
+    problems = root / "problems.jsonl"
+    problems.write_text(json.dumps({"messages": [{"role": "user", "content": "What is 400 plus 399?"}],
+                                    "answer": "799"}) + "\n"
+                        + json.dumps({"messages": [{"role": "system", "content": "Answer with the number only."},
+                                                   {"role": "user", "content": "2+3?"}], "answer": 5}) + "\n")
+    return {"root": root, "base": base, "sft": sft, "rm": rm, "problems": problems}
+
+
+@pytest.fixture(scope="module")
+def card(pipeline):
+    out = pipeline["root"] / "card"
+    code, stdout, err = _quiet(["report-card", str(pipeline["base"]), str(pipeline["sft"]), "--reward",
+                                str(pipeline["rm"]), "--best-of", "2", "--problems", "3", "--problems-file",
+                                str(pipeline["problems"]), "--out", str(out), "--json"])
+    assert code == 0, err
+    assert len(stdout.strip().splitlines()) == 1  # exactly one JSON object on stdout
+    return json.loads(stdout), out
+
+
+COLUMNS = ("base", "sft", "sft+best-of-2")
+
+
+def test_the_card_writes_its_files(card):
+    report, out = card
+    for name in ("report.md", "report.json", "accuracy_by_digits.png", "win_rates.png", "rm_win_rates.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+    assert sorted(report["files"]) == sorted(str(out / p) for p in os.listdir(out))
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["runs"] == report["runs"] and saved["win_rates"] == report["win_rates"]
+    md = (out / "report.md").read_text()
+    assert all(f"`{c}`" in md for c in COLUMNS) and "Gold win rate" in md and "Reward-model win rate" in md
+
+
+def test_every_column_has_every_row_in_range(card):
+    report, _ = card
+    runs = report["runs"]
+    assert list(runs) == list(COLUMNS)
+    digits = {"1", "2", "3", "4", "5"}
+    for name, r in runs.items():
+        for key in ("accuracy_by_digits", "accuracy_by_digits_t1"):
+            assert set(r[key]) == digits and all(0 <= x <= 1 for x in r[key].values()), (name, key)
+        for key in ("format_ok", "ran_on", "accuracy", "accuracy_t1", "problems_file_accuracy"):
+            assert 0 <= r[key] <= 1, (name, key)
+        assert 0 <= r["mean_length"] <= rc.REPLY_TOKENS
+        assert 1 <= r["distinct"] <= rc.DISTINCT_SAMPLES
+        assert r["bits_per_byte"] is not None and 0 < r["bits_per_byte"] < 16
+        assert math.isfinite(r["mean_reward"])
+    assert set(runs["base"]["accuracy_by_digits_few_shot"]) == digits  # base runs are also asked GPT-3's way
+    assert "accuracy_by_digits_few_shot" not in runs["sft"]
+    assert [runs[c]["kind"] for c in COLUMNS] == ["base", "chat", "best-of"]
+    assert runs["sft+best-of-2"]["bits_per_byte"] == runs["sft"]["bits_per_byte"]
+    assert runs["base"]["bits_per_byte"] != runs["sft"]["bits_per_byte"]  # (fine-tuning moved the weights)
+    assert report["settings"]["problems_per_digit_count"] == 3 and report["settings"]["problems_file"] == 2
+
+
+def test_win_rates_cover_every_ordered_pair(card):
+    report, _ = card
+    for key in ("win_rates", "rm_win_rates"):
+        rates = report[key]
+        assert set(rates) == {f"{a} vs {b}" for a in COLUMNS for b in COLUMNS if a != b}, key
+        for name, w in rates.items():
+            assert 0 <= w["low"] <= w["rate"] <= w["high"] <= 1, (key, name)
+            a, b = name.split(" vs ")
+            assert w["rate"] + rates[f"{b} vs {a}"]["rate"] == pytest.approx(1.0)
+
+
+def test_the_markdown_table_has_a_column_per_run(card):
+    report, _ = card
+    header = rc.markdown(report).splitlines()[2]
+    assert header == "| | " + " | ".join(f"`{c}`" for c in COLUMNS) + " |"
+
+
+# --- mistakes: one line, exit 2, nothing written -------------------------------------------------------
+
+def _refused(argv, out):
+    code, stdout, err = _quiet(argv + ["--out", str(out)])
+    assert code == 2, err
+    assert err.startswith("plutao: error: ") and len(err.strip().splitlines()) == 1, err
+    assert not stdout and not out.exists()
+    return err
+
+
+def test_best_of_needs_a_reward_model_and_is_checked_before_loading(tmp_path):
+    err = _refused(["report-card", str(tmp_path / "missing"), "--best-of", "2"], tmp_path / "out")
+    assert "--reward" in err
+    assert "≥ 0" in _refused(["report-card", str(tmp_path / "missing"), "--best-of", "-1", "--reward", "x"],
+                             tmp_path / "out")
+    assert "--problems" in _refused(["report-card", str(tmp_path / "missing"), "--problems", "0"], tmp_path / "out")
+    assert "does not exist" in _refused(["report-card", str(tmp_path / "missing")], tmp_path / "out")
+
+
+def test_a_reward_run_is_not_a_column(pipeline, tmp_path):
+    err = _refused(["report-card", str(pipeline["sft"]), str(pipeline["rm"])], tmp_path / "out")
+    assert "reward-model run" in err and "--reward" in err
+    assert "not a reward-model run" in _refused(["report-card", str(pipeline["sft"]), "--reward",
+                                                 str(pipeline["base"])], tmp_path / "out")
+
+
+def test_columns_need_distinct_names_and_best_of_needs_a_chat_run(pipeline, tmp_path):
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "sft").symlink_to(pipeline["sft"])
+    assert "named 'sft'" in _refused(["report-card", str(pipeline["sft"]), str(tmp_path / "other" / "sft")],
+                                     tmp_path / "out")
+    assert "chat" in _refused(["report-card", str(pipeline["base"]), "--reward", str(pipeline["rm"]), "--best-of",
+                               "2"], tmp_path / "out")
+
+
+def test_a_broken_problems_file_is_refused_before_sampling(pipeline, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "2+2?"}]}\n')
+    assert "bad.jsonl:1" in _refused(["report-card", str(pipeline["sft"]), "--problems-file", str(bad)],
+                                     tmp_path / "out")
