@@ -194,6 +194,8 @@ def test_a_malformed_tsv_line_is_a_one_line_error(capsys, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+# (slow: tests/test_bert.py covers the masked-LM objective and fill-mask at library level)
+@pytest.mark.slow
 def test_masked_lm_trains_and_fills_masks(capsys, tmp_path):
     import collections
     import random

@@ -74,7 +74,8 @@ def test_a_failed_launch_keeps_its_logs_and_says_where(tmp_path):
 
 
 # (the reverse direction repeats the same mechanism; it runs with `-m slow`)
-@pytest.mark.parametrize("first,second", [("2x2", "1x4"), pytest.param("1x4", "2x2", marks=pytest.mark.slow)])
+@pytest.mark.slow  # (test_two_processes_match_one_process covers two processes; data is step-indexed)
+@pytest.mark.parametrize("first,second", [("2x2", "1x4"), ("1x4", "2x2")])
 def test_resume_across_process_counts(small_corpus, tmp_path, one_by_four, first, second):
     run_dir = tmp_path / f"{first}-then-{second}"
     wrap = {"2x2": two_by_two, "1x4": lambda a: a}

@@ -124,6 +124,7 @@ def test_mesh_errors_before_compiling(mesh_results):
     assert all("\n" not in e for e in errors.values())
 
 
+@pytest.mark.slow  # (64 forced devices compile a 6.7B step: the goldens above cover its specs)
 def test_plan_gpt3_6_7b_on_64_forced_devices():
     result = subprocess.run([sys.executable, "-m", "plutao.experiments", "plan", "gpt3-6.7b", "mesh.fsdp=64",
                              "--devices", "64", "--device-memory", "80GB", "--json"], capture_output=True, text=True,

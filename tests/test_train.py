@@ -174,6 +174,8 @@ def interrupt_after_first_checkpoint(small_corpus, run_dir: Path, sig: int) -> s
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+# (slow: tests/test_stages_cli.py resumes an SFT run after SIGKILL through the same loop)
+@pytest.mark.slow
 def test_resume_after_sigkill(small_corpus, tmp_path, straight_run):
     interrupt_after_first_checkpoint(small_corpus, tmp_path / "killed", signal.SIGKILL)
     subprocess.run([sys.executable, "-c", TRAIN_SCRIPT.format(corpus=str(small_corpus)), str(tmp_path / "killed")],
