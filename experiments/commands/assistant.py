@@ -17,6 +17,7 @@ from plutao.train.errors import UserError
 from plutao.train.presets import STAGE_PRESETS
 from plutao.train.rundir import existing_run_config, read_run_config
 
+FREE_MODEL_KEYS = ("model.dropout", "model.dtype", "model.remat", "model.attention")
 INHERITED = ("model.", "data.tokenizer", "data.vocab_size", "data.cache_dir", "world.", "mesh.")
 
 
@@ -32,6 +33,11 @@ def stage_config(parent: Path, stage: str, data: dict, step: int | None, overrid
         "train.init_from": f"{parent.absolute()}:{step}" if step is not None else str(parent.absolute())}
     cfg = apply_overrides(apply_overrides(Config(), layers), parse_overrides(overrides))
     validate(cfg)
+    for key, new in flatten(cfg.to_dict()).items():  # (refused here, before anything is sampled or written)
+        if (key.startswith(("model.", "data.tokenizer", "data.vocab_size")) and key in inherited
+                and key not in FREE_MODEL_KEYS and inherited[key] != new):
+            raise UserError(f"{parent} was trained with {key}={inherited[key]!r}, but this {stage} run asks for {new!r}; "
+                            f"a {stage} run keeps its parent's model and tokenizer (drop the override)")
     return cfg, saved
 
 
