@@ -143,7 +143,7 @@ def make_comparisons(parent: Path, step: int | None, cfg: Config, run_dir: Path)
     sft = load_run(parent, step)
     world, context = cfg.world, cfg.model.context_length
     lines = {}
-    for split, n, held_out in (("train", world.comparisons, False), ("val", max(world.comparisons // 10, 50), True)):
+    for split, n, held_out in (("train", world.comparisons, False), ("val", max(world.comparisons // 10, 5), True)):
         made = make_rankings(sft.model, sft.tokenizer, world, held_out=held_out, context=context, n=n, log=log)
         lines[split] = [x for x in made if usable(x)]
         log(f"{split}: {len(lines[split]):,} of {n:,} prompts have replies of different quality")

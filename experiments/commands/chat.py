@@ -1,9 +1,286 @@
-"""`plutao chat` and `plutao tokenize --chat` (being written)."""
+"""`plutao chat`: talk to a run in the terminal (or to several side by side), and `plutao tokenize
+--chat`: which tokens of a conversation supervised fine-tuning trains.
+
+Both go through the one chat template (tokenizer/chat.py), so what the chat sends a model is laid
+out exactly as what `plutao sft` trained it on.
+
+The chat keeps the conversation as messages and sends the whole history with each new message.
+When the prompt does not fit the model's context less the room kept for the reply (max-new-tokens,
+at most half the context: past that the sampler slides its window anyway), the oldest turns (a user
+message and its reply) leave the history, the system message stays; a single message that is still
+too long loses its first tokens. Either is said on stderr.
+
+Reading from a terminal, the chat prompts with "you> " and streams each reply as it is sampled.
+Otherwise (piped input or output) it reads one message per line and writes each reply as one line,
+"RUN> reply", with newlines in a reply written as \\n, so a session can be scripted.
+
+Lines starting with / are commands: /reset, /temp X, /quit (end of input quits too); // sends a
+message that starts with /. Reply n (from 0, counted from the start or the last /reset) samples
+with seed --seed + n, so a session replays exactly for the same --seed. --step picks the main
+run's checkpoint; compared runs (--compare) use their newest, each with its own tokenizer and history.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from pathlib import Path
+
+COMMANDS = "/reset clears the history, /temp X sets the temperature, /quit ends (so does end of input)"
 
 
-def cmd_chat(args) -> int:
-    raise NotImplementedError
+# --- plutao tokenize --chat ------------------------------------------------------------------------
+
+def _tokenizer(spec: str, texts: list[str]):
+    """The tokenizer `--tokenizer` names: byte, char (trained on `texts`), a run directory or a
+    tokenizer folder."""
+    from plutao.tokenizer import ByteTokenizer, CharTokenizer, load_tokenizer
+
+    if spec == "byte":
+        return ByteTokenizer()
+    if spec == "char":
+        return CharTokenizer.train(texts)
+    path = Path(spec)
+    return load_tokenizer(path / "tokenizer" if (path / "tokenizer").is_dir() else path)
 
 
 def tokenize_chat(args) -> int:
-    raise NotImplementedError
+    """Print conversation --index of a JSONL file with each token marked trained or not."""
+    from plutao.tokenizer import chat
+    from plutao.train.conversations import read_conversations
+    from plutao.train.errors import UserError
+
+    if args.text is not None:
+        raise UserError("give TEXT to tokenize or --chat FILE.jsonl, not both")
+    conversations = read_conversations(Path(args.chat))
+    n = len(conversations)
+    if not 0 <= args.index < n:
+        raise UserError(f"--index {args.index} is out of range: {args.chat} has {n} conversation(s), "
+                        f"so --index goes from 0 to {n - 1}")
+    messages = conversations[args.index]
+    tok = _tokenizer(args.tokenizer, [m["content"] for m in messages])
+    rendered = chat.render(messages, tok)
+    colour = sys.stdout.isatty()
+    print(chat.marked(tok, rendered, colour=colour))
+    total, trained = len(rendered), int(rendered.weights.sum())
+    shown = "in green" if colour else "in [brackets]"
+    print(f"conversation {args.index} of {n}: {total} tokens, {trained} trained ({shown}: the assistant's "
+          f"text and its <|end|>), {total - trained} context only")
+    return 0
+
+
+# --- plutao chat -----------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Side:
+    """One run's side of the chat: its model, tokenizer and history (user/assistant messages)."""
+
+    label: str
+    run: object  # plutao.train.run.LoadedRun
+    model: object
+    history: list[dict] = dataclasses.field(default_factory=list)
+
+    @property
+    def tokenizer(self):
+        return self.run.tokenizer
+
+    @property
+    def context(self) -> int:
+        return self.run.cfg.model.context_length
+
+
+def _labels(run_dirs: list[str]) -> list[str]:
+    """Each run's directory name, or the path as given where two names agree (numbered if still)."""
+    names = [Path(d).resolve().name for d in run_dirs]
+    if len(set(names)) < len(names):
+        names = [str(d) for d in run_dirs]
+    out = []
+    for i, name in enumerate(names):
+        same = names[:i].count(name)
+        out.append(f"{name} ({same + 1})" if same else name)
+    return out
+
+
+def _check_runs(run_dirs: list[str]) -> list:
+    """Each run's task (from its config.json alone), refused in one line when it cannot chat."""
+    from plutao.experiments.commands.evaluation import run_task
+    from plutao.train.errors import UserError
+
+    tasks = []
+    for d in run_dirs:
+        task = run_task(Path(d))
+        if task.name == "reward":
+            raise UserError(f"{d} is a reward model: it scores replies and cannot chat; score a reply with "
+                            f"`plutao score {d} --prompt P --response R`, or chat with the SFT run it started from")
+        if not task.trained_by_gradient or not (task.chat or "sample" in task.commands):
+            task.check_command("chat", d)
+        tasks.append(task)
+    return tasks
+
+
+def _prompt_budget(context: int, max_new_tokens: int) -> tuple[int, int]:
+    """(tokens the prompt may use, tokens kept for the reply)."""
+    reserve = min(max_new_tokens, context // 2)
+    return context - reserve, reserve
+
+
+def _check_system(side: Side, system: list[dict], max_new_tokens: int) -> None:
+    from plutao.tokenizer import chat
+    from plutao.train.errors import UserError
+
+    budget, reserve = _prompt_budget(side.context, max_new_tokens)
+    least = len(chat.prompt_ids(system + [{"role": "user", "content": ""}], side.tokenizer))
+    if least > budget:
+        raise UserError(f"--system is too long for {side.label}: with an empty message the prompt is {least} tokens, "
+                        f"but its context of {side.context} leaves {budget} after {reserve} for the reply; shorten "
+                        "--system or lower --max-new-tokens")
+
+
+def _fit(side: Side, system: list[dict], max_new_tokens: int, where: str) -> list[int]:
+    """The prompt for the side's history (which ends with the new user message), made to fit: the
+    oldest turns leave the history, then the last message loses tokens from its start. `where`
+    starts the notice on stderr that says so."""
+    from plutao.tokenizer import chat
+
+    def note(message: str) -> None:
+        print(f"plutao: {where}{message}", file=sys.stderr)
+
+    tok = side.tokenizer
+    budget, reserve = _prompt_budget(side.context, max_new_tokens)
+    dropped = 0
+    ids = chat.prompt_ids(system + side.history, tok)
+    while len(ids) > budget and len(side.history) > 1:
+        del side.history[:2]
+        dropped += 1
+        ids = chat.prompt_ids(system + side.history, tok)
+    if dropped:
+        note(f"history truncated: dropped the oldest {dropped} turn(s)")
+    if len(ids) > budget:
+        # The layout ends <|user|> text <|end|> <|assistant|>: cut the text's first tokens.
+        n_text = len(tok.encode_unseen(side.history[-1]["content"]))
+        cut = len(ids) - budget
+        start = len(ids) - 2 - n_text
+        ids = ids[:start] + ids[start + cut:]
+        note(f"message cut: the model sees only its last {n_text - cut} of {n_text} tokens (context {side.context}, "
+             f"{reserve} kept for the reply)")
+    return ids
+
+
+def _reply(side: Side, prompt: list[int], sampling, one_line: bool) -> str:
+    """Stream the side's reply to stdout after its label; the reply's text."""
+    from plutao.model.sampling import stream
+
+    tok = side.tokenizer
+    out = sys.stdout
+
+    def write(text: str) -> None:
+        out.write(text.replace("\r", "\\r").replace("\n", "\\n") if one_line else text)
+        out.flush()
+
+    write(f"{side.label}> ")
+    ids: list[int] = []
+    shown, pending = "", 0
+    for token in stream(side.model, prompt, sampling, eot_id=tok.eot_id, pad_id=tok.pad_id):
+        ids.append(token)
+        pending += 1
+        text = tok.decode(ids, skip_special=True)
+        # Wait for the rest of a multi-byte character (a few tokens at most; after that it is garbage).
+        if "\ufffd" in text[len(shown):] and pending < 4:
+            continue
+        write(text[len(shown):])
+        shown, pending = text, 0
+    text = tok.decode(ids, skip_special=True)
+    write(text[len(shown):])
+    out.write("\n")
+    out.flush()
+    return text
+
+
+def _read_line(interactive: bool) -> str | None:
+    """The next line of input without its newline; None at the end of input."""
+    if interactive:
+        try:
+            return input("you> ")
+        except EOFError:
+            print()
+            return None
+    line = sys.stdin.readline()
+    return None if line == "" else line.rstrip("\r\n")
+
+
+def cmd_chat(args) -> int:
+    from plutao.model.sampling import SamplingConfig
+    from plutao.tokenizer import chat
+    from plutao.train.run import load_run
+
+    # Arguments first, then the runs' configs: nothing is loaded for a chat that cannot start.
+    settings = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              max_new_tokens=args.max_new_tokens, seed=args.seed)
+    run_dirs = [args.run_dir, *(args.compare or [])]
+    tasks = _check_runs(run_dirs)
+    labels = _labels(run_dirs)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+
+    sides = []
+    for i, (d, task, label) in enumerate(zip(run_dirs, tasks, labels)):
+        run = load_run(Path(d), args.step if i == 0 else None)
+        side = Side(label, run, run.model)
+        chat.reply_stop_ids(side.tokenizer)  # (a tokenizer without the template's tokens is refused here)
+        _check_system(side, system, settings.max_new_tokens)
+        if not task.chat:
+            print(f"plutao: {d} was not trained on the chat template (a base run); it continues the conversation's "
+                  "text as best it can", file=sys.stderr)
+        sides.append(side)
+
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+        steps = ", ".join(f"{s.label} (step {s.run.step})" for s in sides)
+        print(f"chatting with {steps}; {COMMANDS}", file=sys.stderr)
+
+    temperature, turn = settings.temperature, 0
+    while True:
+        line = _read_line(interactive)
+        if line is None:
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/") and not line.startswith("//"):
+            word, _, rest = line.partition(" ")
+            if word == "/quit":
+                return 0
+            if word == "/reset":
+                for side in sides:
+                    side.history.clear()
+                turn = 0
+                print("plutao: history cleared" + (" (the system message stays)" if system else ""), file=sys.stderr)
+            elif word == "/temp":
+                try:
+                    value = float(rest)
+                except ValueError:
+                    value = math.nan
+                if not (math.isfinite(value) and value >= 0):
+                    print(f"plutao: /temp needs a number ≥ 0 (0 = greedy), got {rest.strip()!r}; the temperature "
+                          f"stays {temperature:g}", file=sys.stderr)
+                else:
+                    temperature = value
+                    print(f"plutao: temperature {temperature:g}", file=sys.stderr)
+            else:
+                print(f"plutao: unknown command {word}; {COMMANDS} (start a message with // to send one that "
+                      "begins with /)", file=sys.stderr)
+            continue
+        if line.startswith("//"):
+            line = line[1:]
+        for side in sides:
+            side.history.append({"role": "user", "content": line})
+            prompt = _fit(side, system, settings.max_new_tokens, f"{side.label}: " if len(sides) > 1 else "")
+            sampling = dataclasses.replace(settings, temperature=temperature, seed=args.seed + turn,
+                                           stop_ids=chat.reply_stop_ids(side.tokenizer))
+            reply = _reply(side, prompt, sampling, one_line=not interactive)
+            side.history.append({"role": "assistant", "content": reply})
+        turn += 1
