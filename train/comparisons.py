@@ -21,14 +21,16 @@ MAX_REPLY_TOKENS = 24
 def sample_replies(model, tokenizer, prompts: list[list[dict]], seeds: list[int], *, context: int,
                    temperature: float = 1.0, max_new_tokens: int = MAX_REPLY_TOKENS, rows_per_call: int = ROWS_PER_CALL):
     """[(reply text, reply length in tokens, ended with <|end|>)] for each prompt (its own seed), in
-    fixed-size calls (the last one padded) so every call reuses one compiled program."""
+    calls of `rows_per_call` rows (the last one padded; fewer rows: padded to a power of two), so calls
+    reuse a few compiled programs."""
     stops = reply_stop_ids(tokenizer)
     ids = [prompt_ids(p, tokenizer)[-(context - max_new_tokens):] for p in prompts]
     out = []
     for lo in range(0, len(ids), rows_per_call):
         part, part_seeds = ids[lo:lo + rows_per_call], seeds[lo:lo + rows_per_call]
         n = len(part)
-        part = part + [part[-1]] * (rows_per_call - n) if len(ids) > rows_per_call else part
+        rows = rows_per_call if len(ids) > rows_per_call else max(8, 1 << (n - 1).bit_length())
+        part = part + [part[-1]] * (rows - n)  # (a few row counts: one program each)
         samplings = [SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens, seed=s, stop_ids=stops)
                      for s in part_seeds + [0] * (len(part) - n)]
         for c in complete(model, part, samplings, eot_id=tokenizer.eot_id, pad_id=tokenizer.pad_id)[:n]:

@@ -77,7 +77,7 @@ class SFT(CausalLM):
     name = "sft"
     chat = True
     batch_keys = ("tokens", "targets", "loss_weights", "segment_ids", "positions")
-    commands = frozenset({"sample", "score", "attention", "chat", "report-card"})
+    commands = frozenset({"sample", "score", "attention", "chat"})
 
     @property
     def separates_documents(self) -> bool:

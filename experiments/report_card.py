@@ -1,0 +1,627 @@
+"""`plutao report-card`: the stages of the arithmetic-world assistant (base model → SFT → reward model
+→ later runs) side by side, on the same problems with the same sampling seeds.
+
+Columns: one per run (named by its directory), and with `--reward RM_RUN --best-of N` a column
+`NAME+best-of-N` per chat run: N temperature-1 replies per problem sampled in one batch, the one the
+reward model scores highest kept. Rows:
+
+- exact-match accuracy on 1–5 digit sums and differences (`arith.evaluation_problem`: questions of
+  their own seed stream, never trained on), greedy and temperature-1 pass@1, as in GPT-3's arithmetic
+  table. A base run is asked through the chat template like every run, and also GPT-3's way: a
+  few-shot plain-text prompt, its continuation cut at the first newline;
+- format compliance: the share of greedy chat replies that end with <|end|> within the token budget,
+  hold exactly one number, and do not run on into a <|user|> turn of their own;
+- the gold win rate of every column against every other (the world's hidden labeler,
+  `arith.gold_key`, on the same prompts; a tie counts ½) with a bootstrap 95% interval over
+  problems, and with --reward the reward model's verdict beside it;
+- mean reply length, distinct answers per prompt at temperature 1, and bits per byte on the
+  held-out pretraining mixture of the run's base ancestor (what the later stages cost the base skill);
+- with --problems-file: the accuracy on the user's own problems.
+
+The metrics are pure functions of the replies (`format_ok`, `win_rates`, `matches`, ...); `evaluate`
+does the sampling, every column in fixed-size batched calls so one compiled program serves them all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from plutao.train.errors import UserError
+from plutao.train.worlds import arith
+
+DIGITS = tuple(range(1, arith.MAX_DIGITS + 1))
+REPLY_TOKENS = 24  # the token budget of every reply (an answer is at most 6 digits)
+ROWS_PER_CALL = 256  # rows of every sampling call (the last one padded): one compiled program
+DISTINCT_PROBLEMS = 50  # problems the diversity row samples (spread over the digit counts) ...
+DISTINCT_SAMPLES = 8  # ... and temperature-1 replies to each
+BOOTSTRAP_SAMPLES = 1000
+BITS_PER_BYTE_TOKENS = 20_000  # about this many held-out tokens per pretraining source (whole windows)
+# Purposes folded into the sampling seeds: each stream independent, the same for every column.
+T1, DISTINCT, BEST_OF, BEST_OF_DISTINCT, FILE_BEST_OF, BOOTSTRAP = range(6)
+
+
+# --- replies and the pure metrics -------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Reply:
+    text: str
+    length: int  # tokens, without the stop token
+    stop: int | None  # the token that ended it; None when it ran to the budget
+
+
+def format_ok(reply: Reply, *, end_id: int, user_id: int) -> bool:
+    """Ended with <|end|> within the budget, exactly one number, no invented <|user|> turn."""
+    return reply.stop == end_id and reply.stop != user_id and len(arith.numbers_in(reply.text)) == 1
+
+
+def few_shot_answer(continuation: str) -> str:
+    """A base model's few-shot answer: its continuation up to the first newline."""
+    return continuation.split("\n", 1)[0].strip()
+
+
+def matches(reply: str, answer: str, mode: str = "last-number") -> bool:
+    """--match exact: the whole stripped reply is the answer; last-number: the reply's last number is
+    (as text, or as the same integer: "0799" and "799" agree)."""
+    answer = answer.strip()
+    if mode == "exact":
+        return reply.strip() == answer
+    found = arith.NUMBER.findall(reply)
+    if not found:
+        return False
+    if found[-1] == answer:
+        return True
+    return bool(arith.NUMBER.fullmatch(answer)) and int(found[-1]) == int(answer)
+
+
+def accuracy_by_digits(correct_P: Sequence[bool], digits_P: Sequence[int]) -> dict[str, float]:
+    correct_P, digits_P = np.asarray(correct_P, bool), np.asarray(digits_P)
+    return {str(d): float(correct_P[digits_P == d].mean()) for d in DIGITS if (digits_P == d).any()}
+
+
+def outcomes(keys_a: Sequence, keys_b: Sequence) -> np.ndarray:
+    """Per prompt: 1 where A's reply is better, ½ on a tie, 0 where it is worse (keys compare with >)."""
+    if len(keys_a) != len(keys_b):
+        raise ValueError(f"{len(keys_a)} replies against {len(keys_b)}; compare on the same prompts")
+    return np.array([1.0 if a > b else 0.0 if b > a else 0.5 for a, b in zip(keys_a, keys_b)])
+
+
+def bootstrap_counts(n: int, samples: int, seed: int) -> np.ndarray:
+    """(samples, n): how often each of n problems appears in each resample (n draws with replacement)."""
+    draws_RN = np.random.default_rng([seed, BOOTSTRAP]).integers(0, n, size=(samples, n))
+    flat = (draws_RN + n * np.arange(samples)[:, None]).ravel()
+    return np.bincount(flat, minlength=samples * n).reshape(samples, n).astype(np.float64)
+
+
+def win_rates(keys: dict[str, Sequence], *, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> dict[str, dict]:
+    """{"A vs B": {"rate", "low", "high"}} for every ordered pair of columns: the share of prompts on
+    which A's key beats B's (ties ½), with a percentile bootstrap 95% interval from resampling the
+    prompts (every pair on the same resamples; the interval always holds the rate)."""
+    names = list(keys)
+    pairs = [(a, b) for a in names for b in names if a != b]
+    if not pairs:
+        return {}
+    outcome_XP = np.stack([outcomes(keys[a], keys[b]) for a, b in pairs])
+    rate_X = outcome_XP.mean(axis=1)
+    counts_RP = bootstrap_counts(outcome_XP.shape[1], samples, seed)
+    rates_RX = counts_RP @ outcome_XP.T / outcome_XP.shape[1]
+    low_X, high_X = np.percentile(rates_RX, [2.5, 97.5], axis=0)
+    return {f"{a} vs {b}": {"rate": float(r), "low": float(min(lo, r)), "high": float(max(hi, r))}
+            for (a, b), r, lo, hi in zip(pairs, rate_X, low_X, high_X)}
+
+
+def distinct_answers(groups: Sequence[Sequence[str]]) -> float:
+    """Mean count of distinct answers (`arith.answer_of`; no number at all is one answer too) per prompt."""
+    return float(np.mean([len({arith.answer_of(t) for t in g}) for g in groups]))
+
+
+def combined_bits_per_byte(metrics: Sequence[dict]) -> float:
+    """Bits per byte over several sources, weighted by their bytes: total nats / total bytes / ln 2."""
+    nats = sum(m["loss"] * m["tokens"] for m in metrics)
+    return nats / sum(m["bytes"] for m in metrics) / math.log(2)
+
+
+def pretraining_ancestor(run_dir: Path) -> Path | None:
+    """The base run (train.task "") a run descends from, following config.json's lineage.parent (or
+    train.init_from); the run itself when it is one; None when the chain breaks."""
+    from plutao.train.rundir import parse_init_from, read_run_config
+
+    seen = set()
+    run_dir = Path(run_dir)
+    while run_dir.absolute() not in seen:
+        seen.add(run_dir.absolute())
+        try:
+            saved = read_run_config(run_dir)
+        except UserError:
+            return None
+        if saved is None:
+            return None
+        if not saved.get("train", {}).get("task", ""):
+            return run_dir
+        parent = saved.get("lineage", {}).get("parent")
+        init_from = saved.get("train", {}).get("init_from")
+        if not parent and not init_from:
+            return None
+        run_dir = Path(parent) if parent else parse_init_from(str(init_from))[0]
+    return None
+
+
+def window_cap(tokens: np.ndarray, context: int, cap: int = BITS_PER_BYTE_TOKENS, rows: int = 32) -> np.ndarray:
+    """The first whole windows of a token stream, about `cap` tokens: a multiple of `rows` windows
+    when there are that many (one compiled evaluation program), else every whole window."""
+    windows = (len(tokens) - 1) // context
+    if windows < 1:
+        return tokens
+    keep = min(windows, max(cap // context, 1))
+    if keep >= rows:
+        keep -= keep % rows
+    return tokens[: keep * context + 1]
+
+
+# --- sampling ----------------------------------------------------------------------------------------
+
+def stream_seeds(seed: int, purpose: int, n: int) -> list[int]:
+    return np.random.default_rng([seed, purpose]).integers(0, 2 ** 31, size=n).tolist()
+
+
+def fit(ids: Sequence[int], context: int, budget: int = REPLY_TOKENS) -> list[int]:
+    """A prompt's last tokens, leaving room for the reply (the sampler handles any overflow after)."""
+    return list(ids)[-max(context - budget, context // 2, 1):]
+
+
+def sample(model, tokenizer, prompts: Sequence[Sequence[int]], *, temperature: float, seeds: Sequence[int],
+           stop_ids: Sequence[int], budget: int = REPLY_TOKENS, rows_per_call: int = ROWS_PER_CALL) -> list[Reply]:
+    """Each prompt's reply, in calls of exactly `rows_per_call` rows (the last one padded)."""
+    from plutao.model.sampling import SamplingConfig, complete
+
+    out = []
+    for lo in range(0, len(prompts), rows_per_call):
+        part, part_seeds = list(prompts[lo:lo + rows_per_call]), list(seeds[lo:lo + rows_per_call])
+        n = len(part)
+        part += [part[-1]] * (rows_per_call - n)
+        part_seeds += [0] * (rows_per_call - n)
+        samplings = [SamplingConfig(temperature=temperature, max_new_tokens=budget, seed=s, stop_ids=tuple(stop_ids))
+                     for s in part_seeds]
+        for c in complete(model, part, samplings, eot_id=tokenizer.eot_id, pad_id=tokenizer.pad_id)[:n]:
+            out.append(Reply(tokenizer.decode(c.content), len(c.content), c.stop_token))
+    return out
+
+
+@dataclasses.dataclass
+class Problems:
+    """The digit-bucket problems every column answers, in bucket order."""
+
+    messages: list[list[dict]]
+    problems: list[arith.Problem]
+    few_shot: list[str]  # GPT-3's plain-text prompt of each
+    distinct: list[int]  # indices of the problems the diversity row samples
+
+    @property
+    def digits_P(self) -> np.ndarray:
+        return np.array([p.digits for p in self.problems])
+
+
+def evaluation_problems(world: arith.World, per_digit: int) -> Problems:
+    messages, problems, distinct = [], [], []
+    per_bucket = max(DISTINCT_PROBLEMS // len(DIGITS), 1)
+    for d in DIGITS:
+        for i in range(per_digit):
+            m, p = arith.evaluation_problem(world, d, i)
+            if i < per_bucket:
+                distinct.append(len(problems))
+            messages.append(m)
+            problems.append(p)
+    return Problems(messages, problems, [arith.few_shot_prompt(world, p) for p in problems], distinct)
+
+
+@dataclasses.dataclass
+class Column:
+    """One column's replies: greedy (chat template), temperature 1, few-shot (base runs), the diversity
+    groups, the problems file's replies, and with --reward the reward of each greedy reply."""
+
+    name: str
+    run_dir: Path
+    step: int
+    kind: str  # "base", "chat" or "best-of"
+    greedy: list[Reply]
+    t1: list[Reply]
+    distinct: list[list[str]]
+    few_shot: list[Reply] | None = None
+    file_replies: list[Reply] | None = None
+    rewards: np.ndarray | None = None
+    best_of: int = 0
+
+
+def _chat_ids(tokenizer, messages: Sequence[list[dict]], context: int) -> list[list[int]]:
+    from plutao.tokenizer.chat import prompt_ids
+
+    return [fit(prompt_ids(m, tokenizer), context) for m in messages]
+
+
+def _rewards(scorer, messages: Sequence[list[dict]], replies: Sequence[Reply]) -> np.ndarray:
+    return scorer.score([m + [{"role": "assistant", "content": r.text}] for m, r in zip(messages, replies)])
+
+
+def run_column(run, problems: Problems, file_messages: list[list[dict]] | None, seed: int, log) -> Column:
+    """Every reply a run's column needs, each kind in one batched sampling pass."""
+    from plutao.tokenizer.chat import reply_stop_ids
+
+    tok, model, context = run.tokenizer, run.model, run.cfg.model.context_length
+    name, stops = run.run_dir.name, reply_stop_ids(tok)
+    ids = _chat_ids(tok, problems.messages, context)
+    n = len(ids)
+    log(f"report-card: {name}: {n} greedy and {n} temperature-1 replies")
+    greedy = sample(model, tok, ids, temperature=0.0, seeds=[0] * n, stop_ids=stops)
+    t1 = sample(model, tok, ids, temperature=1.0, seeds=stream_seeds(seed, T1, n), stop_ids=stops)
+    rows = [ids[i] for i in problems.distinct for _ in range(DISTINCT_SAMPLES)]
+    log(f"report-card: {name}: {len(rows)} temperature-1 replies for the diversity row")
+    many = sample(model, tok, rows, temperature=1.0, seeds=stream_seeds(seed, DISTINCT, len(rows)), stop_ids=stops)
+    distinct = [[r.text for r in many[k:k + DISTINCT_SAMPLES]] for k in range(0, len(many), DISTINCT_SAMPLES)]
+    column = Column(name, run.run_dir, run.step, "chat" if run.task.chat else "base", greedy, t1, distinct)
+    if not run.task.chat:
+        log(f"report-card: {name}: {n} greedy few-shot replies (base model, GPT-3's prompt)")
+        plain = [fit([tok.eot_id] + tok.encode_unseen(p).tolist(), context) for p in problems.few_shot]
+        newline = tok.encode_unseen("\n").tolist()
+        column.few_shot = sample(model, tok, plain, temperature=0.0, seeds=[0] * n,
+                                 stop_ids=newline if len(newline) == 1 else ())
+    if file_messages:
+        log(f"report-card: {name}: {len(file_messages)} greedy replies to the problems file")
+        column.file_replies = sample(model, tok, _chat_ids(tok, file_messages, context), temperature=0.0,
+                                     seeds=[0] * len(file_messages), stop_ids=stops)
+    return column
+
+
+def best_of_column(run, scorer, n_best: int, problems: Problems, file_messages: list[list[dict]] | None, seed: int,
+                   log) -> Column:
+    """`NAME+best-of-N`: for each prompt N temperature-1 replies (one batch), the highest-reward one kept."""
+    from plutao.tokenizer.chat import reply_stop_ids
+
+    tok, model, context = run.tokenizer, run.model, run.cfg.model.context_length
+    name = f"{run.run_dir.name}+best-of-{n_best}"
+
+    def pick(messages, ids, purpose, what):
+        rows = [x for x in ids for _ in range(n_best)]
+        log(f"report-card: {name}: {len(rows)} temperature-1 replies ({what}), scored by the reward model")
+        replies = sample(model, tok, rows, temperature=1.0, seeds=stream_seeds(seed, purpose, len(rows)),
+                         stop_ids=reply_stop_ids(tok))
+        rewards_PN = _rewards(scorer, [m for m in messages for _ in range(n_best)], replies).reshape(-1, n_best)
+        best_P = np.argmax(rewards_PN, axis=1)  # (the first of equal rewards)
+        kept = [replies[i * n_best + int(b)] for i, b in enumerate(best_P)]
+        return kept, rewards_PN[np.arange(len(best_P)), best_P]
+
+    ids = _chat_ids(tok, problems.messages, context)
+    kept, rewards = pick(problems.messages, ids, BEST_OF, "the digit problems")
+    subset = [problems.messages[i] for i in problems.distinct for _ in range(DISTINCT_SAMPLES)]
+    again, _ = pick(subset, _chat_ids(tok, subset, context), BEST_OF_DISTINCT, "the diversity row")
+    distinct = [[r.text for r in again[k:k + DISTINCT_SAMPLES]] for k in range(0, len(again), DISTINCT_SAMPLES)]
+    column = Column(name, run.run_dir, run.step, "best-of", kept, kept, distinct, rewards=rewards, best_of=n_best)
+    if file_messages:
+        column.file_replies, _ = pick(file_messages, _chat_ids(tok, file_messages, context), FILE_BEST_OF,
+                                      "the problems file")
+    return column
+
+
+def bits_per_byte(run, cache: dict, log) -> tuple[float | None, str | None]:
+    """(bits per byte on the held-out mixture of the run's pretraining ancestor, or None; a note)."""
+    from plutao.train import data as data_lib
+    from plutao.train.config import Config
+    from plutao.train.evaluate import stream_metrics
+    from plutao.train.rundir import existing_run_config
+
+    name = run.run_dir.name
+    base = pretraining_ancestor(run.run_dir)
+    if base is None:
+        return None, f"bits_per_byte of {name} is null: its pretraining run could not be found through config.json"
+    key = (str(base.absolute()), run.tokenizer.fingerprint)
+    if key not in cache:
+        try:
+            cfg = Config.from_dict(existing_run_config(base))
+            cache[key] = data_lib.held_out_tokens(cfg.data, run.tokenizer, cfg.world)
+        except UserError as e:
+            cache[key] = str(e)
+    sources = cache[key]
+    if isinstance(sources, str):
+        return None, f"bits_per_byte of {name} is null: the held-out data of {base} cannot be read ({sources})"
+    context = run.cfg.model.context_length
+    log(f"report-card: {name}: bits per byte on {len(sources)} held-out source(s) of {base.name}")
+    metrics = [stream_metrics(run.trainer.graphdef, run.params, window_cap(np.asarray(tokens), context), context,
+                              run.tokenizer) for _, tokens in sources if len(tokens) >= 2]
+    if not metrics:
+        return None, f"bits_per_byte of {name} is null: {base} has no held-out tokens"
+    return combined_bits_per_byte(metrics), None
+
+
+# --- checking the arguments, then the whole report ---------------------------------------------------
+
+@dataclasses.dataclass
+class Plan:
+    runs: list[Path]
+    names: list[str]
+    chat: list[bool]  # per run: trained on the chat template
+    reward: Path | None
+    best_of: int
+    problems: int
+    file_problems: list[tuple[list[dict], str]] | None
+    match: str
+    seed: int
+
+
+def check(runs: Sequence[str], *, reward: str | None, best_of: int, problems: int, problems_file: str | None,
+          match: str = "last-number", seed: int = 0, out: str | None = None) -> Plan:
+    """Everything that can be wrong with the arguments, as one-line UserErrors, before any model loads."""
+    from plutao.train.config import Config
+    from plutao.train.conversations import read_problems
+    from plutao.train.rundir import existing_run_config
+    from plutao.train.tasks import task_class
+
+    if best_of < 0:
+        raise UserError(f"--best-of must be ≥ 0 (0 = no best-of-N columns), got {best_of}")
+    if best_of and not reward:
+        raise UserError("--best-of N needs --reward RM_RUN to judge the N replies")
+    if problems < 1:
+        raise UserError(f"--problems must be ≥ 1 per digit count, got {problems}")
+    if match not in ("last-number", "exact"):
+        raise UserError(f"--match must be last-number or exact, got {match!r}")
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for report.md, report.json and the charts")
+    file_problems = read_problems(problems_file) if problems_file else None
+    paths, chat = [Path(r) for r in runs], []
+    for path in paths:
+        cfg = Config.from_dict(existing_run_config(path))
+        kind = task_class(cfg)
+        if kind.name == "reward":
+            raise UserError(f"{path} is a reward-model run; it scores replies rather than writing them: give it as "
+                            "--reward RM_RUN, not as a column")
+        if not kind.trained_by_gradient or "sample" not in kind.commands:
+            raise UserError(f"{path} is a model.family={cfg.model.family} run; the report card compares language "
+                            "models that write replies (base, SFT and later runs)")
+        chat.append(kind.chat)
+    if reward:
+        saved = existing_run_config(Path(reward))
+        if saved.get("train", {}).get("task", "") != "reward":
+            raise UserError(f"--reward {reward} is not a reward-model run (train.task="
+                            f"{saved.get('train', {}).get('task') or 'none'}); give the --workdir of a `plutao reward` run")
+    if best_of and not any(chat):
+        raise UserError("--best-of N adds a column per chat (SFT) run, and none of the runs is one")
+    names = [p.name for p in paths] + [f"{p.name}+best-of-{best_of}" for p, c in zip(paths, chat) if c and best_of]
+    for name in names:
+        if names.count(name) > 1:
+            raise UserError(f"two columns would be named {name!r}; columns are named by the run directory's name, so "
+                            "give runs whose directories have different names")
+    return Plan(paths, names, chat, Path(reward) if reward else None, best_of, problems, file_problems, match, seed)
+
+
+def evaluate(plan: Plan, log: Callable[[str], None] = lambda msg: None) -> dict:
+    """The report card of a checked plan, as the JSON object report.json holds."""
+    from plutao.train.rewards import RewardScorer
+    from plutao.train.run import load_run
+
+    loaded = [load_run(p) for p in plan.runs]  # (every run opens before any sampling)
+    scorer = RewardScorer.load(plan.reward) if plan.reward else None
+    if scorer is not None:
+        for run, chat in zip(loaded, plan.chat):
+            if chat and scorer.tokenizer.fingerprint != run.tokenizer.fingerprint:
+                raise UserError(f"--reward {plan.reward} speaks another tokenizer than {run.run_dir}; use a reward "
+                                "model trained from this run's lineage")
+    world = loaded[0].cfg.world
+    problems = evaluation_problems(world, plan.problems)
+    file_messages = [m for m, _ in plan.file_problems] if plan.file_problems else None
+    notes, bpb_cache = [], {}
+    columns, bits = [], {}
+    for run in loaded:
+        column = run_column(run, problems, file_messages, plan.seed, log)
+        bits[column.name], note = bits_per_byte(run, bpb_cache, log)
+        notes += [note] if note else []
+        if scorer is not None:
+            column.rewards = _rewards(scorer, problems.messages, column.greedy)
+        columns.append(column)
+        if plan.best_of and run.task.chat:
+            best = best_of_column(run, scorer, plan.best_of, problems, file_messages, plan.seed, log)
+            bits[best.name] = bits[column.name]
+            columns.append(best)
+    tok = loaded[0].tokenizer
+    return summarize(columns, problems, plan, bits, notes, end_id=tok.end_id, user_id=tok.user_id)
+
+
+def summarize(columns: list[Column], problems: Problems, plan: Plan, bits: dict, notes: list[str], *,
+              end_id: int, user_id: int) -> dict:
+    """report.json from the replies: per column its rows, and the win rates between columns."""
+    digits_P = problems.digits_P
+    runs = {}
+    for c in columns:
+        correct = [arith.correct(p, r.text) for p, r in zip(problems.problems, c.greedy)]
+        correct_t1 = [arith.correct(p, r.text) for p, r in zip(problems.problems, c.t1)]
+        row = {"run": str(c.run_dir), "step": c.step, "kind": c.kind,
+               "accuracy": float(np.mean(correct)), "accuracy_by_digits": accuracy_by_digits(correct, digits_P),
+               "accuracy_t1": float(np.mean(correct_t1)),
+               "accuracy_by_digits_t1": accuracy_by_digits(correct_t1, digits_P)}
+        if c.best_of:
+            row["best_of"] = c.best_of
+        if c.few_shot is not None:
+            few = [arith.correct(p, few_shot_answer(r.text)) for p, r in zip(problems.problems, c.few_shot)]
+            row |= {"accuracy_few_shot": float(np.mean(few)), "accuracy_by_digits_few_shot": accuracy_by_digits(few, digits_P)}
+        row |= {"format_ok": float(np.mean([format_ok(r, end_id=end_id, user_id=user_id) for r in c.greedy])),
+                "ran_on": float(np.mean([r.stop == user_id for r in c.greedy])),
+                "mean_length": float(np.mean([r.length for r in c.greedy])),
+                "distinct": distinct_answers(c.distinct), "bits_per_byte": bits.get(c.name)}
+        if c.rewards is not None:
+            row["mean_reward"] = float(np.mean(c.rewards))
+        if plan.file_problems is not None:
+            row["problems_file_accuracy"] = float(np.mean([matches(r.text, answer, plan.match) for r, (_, answer)
+                                                           in zip(c.file_replies, plan.file_problems)]))
+        runs[c.name] = row
+    gold = {c.name: [arith.gold_key(p, r.text, r.length, r.stop == end_id) for p, r in zip(problems.problems, c.greedy)]
+            for c in columns}
+    report = {"runs": runs, "win_rates": win_rates(gold, seed=plan.seed)}
+    if all(c.rewards is not None for c in columns) and plan.reward:
+        report["rm_win_rates"] = win_rates({c.name: c.rewards.tolist() for c in columns}, seed=plan.seed)
+    report["settings"] = {
+        "problems_per_digit_count": plan.problems, "digit_counts": list(DIGITS), "seed": plan.seed,
+        "reply_tokens": REPLY_TOKENS, "best_of": plan.best_of, "reward": str(plan.reward) if plan.reward else None,
+        "bootstrap_samples": BOOTSTRAP_SAMPLES, "distinct": {"problems": len(problems.distinct),
+                                                             "samples": DISTINCT_SAMPLES},
+        "bits_per_byte_tokens_per_source": BITS_PER_BYTE_TOKENS, "match": plan.match,
+        "problems_file": len(plan.file_problems) if plan.file_problems is not None else None}
+    report["notes"] = notes
+    return report
+
+
+# --- the files ------------------------------------------------------------------------------------------
+
+def _cell(x, digits: int = 3) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def markdown(report: dict) -> str:
+    runs, s = report["runs"], report["settings"]
+    names = list(runs)
+    head = ["| | " + " | ".join(f"`{n}`" for n in names) + " |", "|---|" + "---|" * len(names)]
+
+    def line(label, values):
+        return f"| {label} | " + " | ".join(values) + " |"
+
+    rows = []
+    for d in map(str, s["digit_counts"]):
+        rows.append(line(f"{d}-digit accuracy, greedy / T=1",
+                         [f"{_cell(r['accuracy_by_digits'].get(d))} / {_cell(r['accuracy_by_digits_t1'].get(d))}"
+                          for r in runs.values()]))
+    rows.append(line("**all digits**, greedy / T=1",
+                     [f"**{_cell(r['accuracy'])}** / {_cell(r['accuracy_t1'])}" for r in runs.values()]))
+    if any("accuracy_by_digits_few_shot" in r for r in runs.values()):
+        for d in map(str, s["digit_counts"]):
+            rows.append(line(f"{d}-digit accuracy, few-shot prompt",
+                             [_cell(r.get("accuracy_by_digits_few_shot", {}).get(d)) for r in runs.values()]))
+    rows += [line("format ok (ends with `<\\|end\\|>`, one number)", [_cell(r["format_ok"]) for r in runs.values()]),
+             line("ran on into a `<\\|user\\|>` turn", [_cell(r["ran_on"]) for r in runs.values()]),
+             line("mean reply length (tokens)", [_cell(r["mean_length"], 1) for r in runs.values()]),
+             line(f"distinct answers per prompt (of {s['distinct']['samples']} at T=1)",
+                  [_cell(r["distinct"], 2) for r in runs.values()]),
+             line("bits per byte, held-out pretraining mixture", [_cell(r["bits_per_byte"]) for r in runs.values()])]
+    if any("mean_reward" in r for r in runs.values()):
+        rows.append(line("mean reward (reward model)", [_cell(r.get("mean_reward")) for r in runs.values()]))
+    if s["problems_file"] is not None:
+        rows.append(line(f"problems file accuracy ({s['problems_file']} problems, {s['match']})",
+                         [_cell(r.get("problems_file_accuracy")) for r in runs.values()]))
+    out = ["# Report card", "", *head, *rows, ""]
+    for key, title in (("win_rates", "Gold win rate (row vs column; ties ½; bootstrap 95% interval)"),
+                       ("rm_win_rates", "Reward-model win rate (row vs column; bootstrap 95% interval)")):
+        if report.get(key):
+            out += [f"## {title}", "", *head]
+            for a in names:
+                cells = []
+                for b in names:
+                    w = report[key].get(f"{a} vs {b}")
+                    cells.append("—" if w is None else f"{w['rate']:.2f} [{w['low']:.2f}, {w['high']:.2f}]")
+                out.append(line(f"`{a}`", cells))
+            out.append("")
+    out += ["## How it was measured", ""]
+    out.append(f"- {s['problems_per_digit_count']} problems per digit count (1–{max(s['digit_counts'])} digits, sums "
+               "and differences whose operands both have that many digits), the same problems and sampling seeds "
+               f"(--seed {s['seed']}) for every column; each reply at most {s['reply_tokens']} tokens.")
+    out.append("- Accuracy is exact match of the reply's last number. Greedy and temperature-1 pass@1 go through the "
+               "chat template; a base run is also asked with GPT-3's few-shot plain-text prompt (4 solved examples, "
+               "greedy, its continuation cut at the first newline).")
+    out.append("- Win rates compare the greedy replies (a best-of-N column: its kept reply) with the world's gold "
+               "labeler: exact correctness, then digit-level partial credit, then shorter, then properly ended; "
+               f"the interval resamples the problems {s['bootstrap_samples']} times.")
+    out.append(f"- Distinct answers: {s['distinct']['samples']} temperature-1 replies to each of "
+               f"{s['distinct']['problems']} problems; a reply without a number counts as one answer.")
+    out.append(f"- Bits per byte: the first ~{s['bits_per_byte_tokens_per_source']:,} tokens (whole context windows) "
+               "of each held-out source of the run's pretraining ancestor (followed through config.json's lineage), "
+               "combined by bytes.")
+    if s["best_of"]:
+        out.append(f"- `NAME+best-of-{s['best_of']}`: {s['best_of']} temperature-1 replies per prompt, the one the "
+                   f"reward model ({s['reward']}) scores highest kept; it has no greedy reply, so its greedy and "
+                   "T=1 rows both show that one reply. Its bits per byte are its run's.")
+    out += [f"- {n}" for n in report.get("notes", [])]
+    out.append("")
+    return "\n".join(out)
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def _save(fig, path: Path) -> None:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    _write_bytes(path, buf.getvalue())
+
+
+def charts(report: dict, out_dir: Path) -> list[Path]:
+    """accuracy_by_digits.png (grouped bars; a base run's few-shot accuracy as its own hatched bars) and
+    a heatmap per win-rate matrix."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs, digits = report["runs"], [str(d) for d in report["settings"]["digit_counts"]]
+    series = [(name, r["accuracy_by_digits"], "") for name, r in runs.items()]
+    series += [(f"{name} (few-shot)", r["accuracy_by_digits_few_shot"], "//") for name, r in runs.items()
+               if "accuracy_by_digits_few_shot" in r]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.5 + len(digits) * (0.6 + 0.35 * len(series))), 4.5))
+    width = 0.8 / len(series)
+    colours = plt.get_cmap("tab10")
+    for k, (label, acc, hatch) in enumerate(series):
+        xs = np.arange(len(digits)) + (k - (len(series) - 1) / 2) * width
+        ax.bar(xs, [acc.get(d, 0.0) for d in digits], width, label=label, color=colours(k % 10), hatch=hatch,
+               edgecolor="white" if not hatch else "black", linewidth=0.5)
+    ax.set_xticks(range(len(digits)), [f"{d} digit{'s' if d != '1' else ''}" for d in digits])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("exact-match accuracy (greedy)")
+    ax.set_title("accuracy by digit count")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    written = [out_dir / "accuracy_by_digits.png"]
+    _save(fig, written[-1])
+    plt.close(fig)
+    names = list(runs)
+    for key, title in (("win_rates", "gold win rate"), ("rm_win_rates", "reward-model win rate")):
+        if not report.get(key):
+            continue
+        grid = np.full((len(names), len(names)), np.nan)
+        for i, a in enumerate(names):
+            for j, b in enumerate(names):
+                if a != b:
+                    grid[i, j] = report[key][f"{a} vs {b}"]["rate"]
+        side = 1.3 * len(names) + 3
+        fig, ax = plt.subplots(figsize=(side + 1, side))
+        im = ax.imshow(grid, cmap="RdBu", vmin=0, vmax=1)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        ax.set_yticks(range(len(names)), names)
+        ax.set_xlabel("against")
+        ax.set_ylabel("column")
+        for (i, j), val in np.ndenumerate(grid):
+            if not np.isnan(val):
+                w = report[key][f"{names[i]} vs {names[j]}"]
+                ax.text(j, i, f"{val:.2f}\n[{w['low']:.2f}, {w['high']:.2f}]", ha="center", va="center", fontsize=8,
+                        color="w" if abs(val - 0.5) > 0.3 else "k")
+        fig.colorbar(im, ax=ax, label=f"{title} (row vs column)")
+        ax.set_title(f"{title} (ties ½)")
+        fig.tight_layout()
+        written.append(out_dir / f"{key}.png")
+        _save(fig, written[-1])
+        plt.close(fig)
+    return written
+
+
+def write_report(report: dict, out_dir: Path) -> list[Path]:
+    """report.md, report.json and the charts in out_dir, each written aside and renamed into place."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md, js = out_dir / "report.md", out_dir / "report.json"
+    _write_bytes(md, markdown(report).encode("utf-8"))
+    _write_bytes(js, (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    return [md, js, *charts(report, out_dir)]
