@@ -41,7 +41,7 @@ def scores(model, seqs, width=48, pad=0):
 
 
 def test_reward_is_read_at_the_reward_token(rm):
-    tok, task, model = rm
+    tok, _task, model = rm
     seq = reward_ids(conv("5"), tok)
     base = scores(model, [seq])[0]
     # Tokens after <|reward|> never change it (padding or anything else).

@@ -48,7 +48,7 @@ def loss_of(task, model, batch):
 
 
 def test_loss_is_cross_entropy_over_assistant_tokens_only(setup):
-    tok, cfg, task, rows, rendered = setup
+    tok, cfg, task, rows, _rendered = setup
     model = GPT(cfg.model, nnx.Rngs(0))
     batch = task.named(rows.train_rows(0))
     # Reference: each conversation alone, cross-entropy at the positions whose target is an assistant token.
@@ -85,7 +85,7 @@ def test_every_assistant_turn_trains(setup):
 
 
 def test_an_all_prompt_batch_gives_zero_loss_and_zero_gradient(setup):
-    tok, cfg, task, rows, _ = setup
+    _tok, cfg, task, rows, _ = setup
     mesh = sharding.make_mesh(cfg.mesh)
     tx = make_optimizer(cfg.optim, 10, cfg.model)
     trainer = Trainer(cfg.model, tx, lambda s: 1e-2, mesh, 0, task=task)
@@ -104,7 +104,7 @@ def test_an_all_prompt_batch_gives_zero_loss_and_zero_gradient(setup):
 
 
 def test_packed_conversations_do_not_attend_across(setup):
-    tok, cfg, task, rows, rendered = setup
+    _tok, cfg, task, rows, _rendered = setup
     model = GPT(cfg.model, nnx.Rngs(1))
     batch = task.named(rows.train_rows(0))
     row = int(np.argmax([len(np.unique(s[s > 0])) for s in batch["segment_ids"]]))
@@ -120,7 +120,7 @@ def test_packed_conversations_do_not_attend_across(setup):
 
 
 def test_batches_are_a_pure_function_of_seed_and_step(setup):
-    tok, cfg, task, _, rendered = setup
+    tok, _cfg, _task, _, rendered = setup
     many = rendered * 20
     a = PackedChats(many, rendered, 64, 4, 3, tok.pad_id)
     b = PackedChats(many, rendered, 64, 4, 3, tok.pad_id)
