@@ -117,8 +117,8 @@ STAGE_PRESETS: dict[str, dict] = {
         "optim.weight_decay": 0.0, "model.dropout": 0.0,
     },
     "reward": {
-        "train.task": "reward", "train.batch_size": 16, "train.steps": 500, "train.eval_every": 100,
-        "train.eval_batches": 100, "train.sample_every": 0, "train.checkpoint_every": 250, "train.log_every": 10,
+        "train.task": "reward", "train.batch_size": 16, "train.steps": 300, "train.eval_every": 100,
+        "train.eval_batches": 100, "train.sample_every": 0, "train.checkpoint_every": 100, "train.log_every": 10,
         "optim.lr": 2e-4, "optim.min_lr": 2e-5, "optim.warmup_steps": 30, "optim.schedule": "cosine",
         "optim.weight_decay": 0.0, "model.dropout": 0.0,
     },

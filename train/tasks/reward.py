@@ -16,6 +16,7 @@ import numpy as np
 from plutao.model.families import build_model
 from plutao.model.heads import ScalarHead
 from plutao.model.layers import no_constraint
+from plutao.model.sampling import prompt_width
 from plutao.tokenizer.chat import ChatError, reward_ids
 from plutao.train.batches import NamedBatches
 from plutao.train.chat_batches import RankedBatches, encode_ranking
@@ -45,11 +46,6 @@ def ranking_data(cfg) -> tuple[list[Ranking], list[Ranking], str]:
         raise UserError(f"{path} has {len(rankings)} ranking; give at least 2 (one is held out) or data.val_path")
     n_val = max(1, round(len(rankings) * d.val_fraction))
     return rankings[:-n_val], rankings[-n_val:], path
-
-
-def encode(ranking: Ranking, tokenizer, context: int):
-    seqs = [reward_ids(ranking.prompt + [{"role": "assistant", "content": r}], tokenizer) for r in ranking.responses]
-    return encode_ranking(seqs, ranking.ranks, context, tokenizer.pad_id)
 
 
 def reward_scores(model, tokens_NT, index_N):
@@ -90,11 +86,17 @@ class RewardModel(CausalLM):
 
     def batches(self, data, tokenizer):
         train, val = data.payload
-        T = self.cfg.model.context_length
+        context = self.cfg.model.context_length
         try:
-            enc = [encode(r, tokenizer, T) for r in train], [encode(r, tokenizer, T) for r in val]
+            seqs = [[reward_ids(r.prompt + [{"role": "assistant", "content": x}], tokenizer) for x in r.responses]
+                    for r in train + val]
         except ChatError as e:
             raise UserError(f"{data.names}: {e}") from None
+        # Rows as wide as the longest sequence needs (a power of two, at most the context): short
+        # ranked replies do not pay for a full context of padding in every step.
+        T = prompt_width(max(len(x) for group in seqs for x in group), context)
+        enc = [encode_ranking(group, r.ranks, T, tokenizer.pad_id) for group, r in zip(seqs, train + val)]
+        enc = enc[:len(train)], enc[len(train):]
         k_max = max(len(r.responses) for r in train + val)
         rows = RankedBatches(*enc, T, self.cfg.train.batch_size, k_max, self.cfg.train.seed, tokenizer.pad_id,
                              data.names)
