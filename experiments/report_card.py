@@ -245,7 +245,10 @@ def _chat_ids(tokenizer, messages: Sequence[list[dict]], context: int) -> list[l
 
 
 def _rewards(scorer, messages: Sequence[list[dict]], replies: Sequence[Reply]) -> np.ndarray:
-    return scorer.score([m + [{"role": "assistant", "content": r.text}] for m, r in zip(messages, replies)])
+    """Rewards of the replies as they ended (one without <|end|> is scored without it)."""
+    end_id = scorer.tokenizer.end_id
+    return scorer.score([m + [{"role": "assistant", "content": r.text}] for m, r in zip(messages, replies)],
+                        ended=[r.stop == end_id for r in replies])
 
 
 def run_column(run, problems: Problems, file_messages: list[list[dict]] | None, seed: int, log) -> Column:

@@ -67,3 +67,11 @@ def test_labeler_noise_agrees_as_documented():
     agree = np.mean([arith.labeler_ranks(keys, noise, rng) == [0, 1] for _ in range(4000)])
     assert abs(agree - arith.pair_agreement(noise)) < 0.03
     assert arith.labeler_ranks(keys, 0.0, rng) == [0, 1]
+
+
+def test_a_noisy_labeler_keeps_identical_replies_tied():
+    rng = np.random.default_rng(1)
+    same = (False, 0.5, -1, True)
+    for _ in range(50):
+        ranks = arith.labeler_ranks([same, same, (True, 1.0, -1, True), same], 1.0, rng)
+        assert ranks[0] == ranks[1] == ranks[3] != ranks[2]

@@ -69,3 +69,10 @@ def test_bad_conversations_are_one_line_errors(tok, messages, message):
 def test_prompt_must_end_with_a_user_turn(tok):
     with pytest.raises(ChatError, match="ends with an assistant turn"):
         prompt_ids(CONVERSATION, tok)
+
+
+def test_the_reward_model_sees_whether_a_reply_ended(tok):
+    ended = reward_ids(CONVERSATION, tok)
+    cut = reward_ids(CONVERSATION, tok, ended=False)
+    assert ended[-2:] == [tok.end_id, tok.reward_id]
+    assert cut == ended[:-2] + [tok.reward_id]

@@ -97,12 +97,15 @@ def reply_stop_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
     return (tokenizer.end_id, tokenizer.user_id, tokenizer.system_id, tokenizer.assistant_id)
 
 
-def reward_ids(messages: Sequence[dict], tokenizer: Tokenizer) -> list[int]:
-    """A conversation ending with the reply to score, then <|reward|>: the reward model's input."""
+def reward_ids(messages: Sequence[dict], tokenizer: Tokenizer, *, ended: bool = True) -> list[int]:
+    """A conversation ending with the reply to score, then <|reward|>: the reward model's input.
+    `ended=False`: the reply did not end with <|end|> (it ran to its budget or on into another turn),
+    and the reward model sees it without one."""
     messages = check_messages(list(messages))
     if messages[-1]["role"] != "assistant":
         raise ChatError("the conversation to score must end with the assistant's reply")
-    return render(messages, tokenizer).ids.tolist() + [tokenizer.reward_id]
+    ids = render(messages, tokenizer).ids.tolist()
+    return (ids if ended else ids[:-1]) + [tokenizer.reward_id]
 
 
 def conversation(prompt: str | Sequence[dict], response: str | None = None, system: str | None = None) -> list[dict]:

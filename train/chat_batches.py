@@ -211,7 +211,8 @@ class RankedBatches:
         return out
 
     def val_batches(self, wanted: int = 1 << 30) -> int:
-        return max(1, -(-len(self.val_items) // self.global_batch))
+        """Batches covering the held-out rankings once (at most `wanted`)."""
+        return max(1, min(wanted, -(-len(self.val_items) // self.global_batch)))
 
     def tokens_per_step(self, step: int) -> int:
         return int(sum((self._item(step * self.global_batch + r).reward_index + 1).sum()

@@ -148,14 +148,15 @@ def training_texts(cfg: DataConfig, docs_per_source: list[list[str]]):
         yield from (docs if cfg.val_path else split_documents(docs, cfg.val_fraction)[0])
 
 
-def load_splits(cfg: DataConfig, docs_per_source: list[list[str]], tokenizer: Tokenizer) -> list[Split]:
+def load_splits(cfg: DataConfig, docs_per_source: list[list[str]], tokenizer: Tokenizer,
+                world: World | None = None) -> list[Split]:
     """Each source's training and held-out tokens (the held-out part is data.val_path when given)."""
     cache = cache_root(cfg)
     sources = source_paths(cfg)
     if cfg.val_path:
         if len(sources) > 1:
             raise UserError("data.val_path holds out one file for one source; with a mixture use data.val_fraction")
-        val_docs = read_documents(cfg.val_path, cfg, flag="data.val_path")
+        val_docs = read_documents(cfg.val_path, cfg, flag="data.val_path", world=world)
         return [Split(sources[0], tokenize_documents(docs_per_source[0], tokenizer, cache),
                       tokenize_documents(val_docs, tokenizer, cache, unseen=True))]
     out = []
@@ -169,7 +170,7 @@ def load_splits(cfg: DataConfig, docs_per_source: list[list[str]], tokenizer: To
 def held_out_tokens(cfg: DataConfig, tokenizer: Tokenizer, world: World | None = None) -> list[tuple[str, np.ndarray]]:
     """(name, tokens) of each held-out part of a run's data, as its training evaluated them."""
     docs_per_source = [read_documents(s, cfg, world=world) for s in source_paths(cfg)]
-    splits = load_splits(cfg, docs_per_source, tokenizer)
+    splits = load_splits(cfg, docs_per_source, tokenizer, world)
     if cfg.val_path:
         return [(cfg.val_path, splits[0].val)]
     return [(f"{s.name} (held-out {cfg.val_fraction:.0%})", s.val) for s in splits]

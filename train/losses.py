@@ -45,7 +45,7 @@ def ranking_loss_sums(r_BK: Array, rank_BK: Array) -> dict[str, Array]:
     P_b its number of ordered pairs (C(K, 2) without ties). rank −1 = no response; equal ranks tie (no pair).
 
     Returns sums to divide once: {"loss": Σ_b, "count": prompts with a pair, "correct": pairs ordered
-    right, "pairs": pairs, "brier": Σ (σ(r_w − r_l) − 1)²}."""
+    right (ties ½), "pairs": pairs, "brier": Σ (σ(r_w − r_l) − 1)²}."""
     r_BK = r_BK.astype(jnp.float32)
     valid_BK = rank_BK >= 0
     better_BKK = (rank_BK[:, :, None] < rank_BK[:, None, :]) & valid_BK[:, :, None] & valid_BK[:, None, :]
@@ -55,7 +55,8 @@ def ranking_loss_sums(r_BK: Array, rank_BK: Array) -> dict[str, Array]:
     return {
         "loss": jnp.sum(nll_B / jnp.maximum(pairs_B, 1.0)),
         "count": jnp.sum(pairs_B > 0).astype(jnp.float32),
-        "correct": jnp.sum(better_BKK & (margin_BKK > 0)).astype(jnp.float32),
+        "correct": (jnp.sum(better_BKK & (margin_BKK > 0)) + 0.5 * jnp.sum(better_BKK & (margin_BKK == 0))
+                    ).astype(jnp.float32),  # (a tie counts half, as in train/reward_eval.py)
         "pairs": jnp.sum(pairs_B),
         "brier": jnp.sum(jnp.where(better_BKK, (jax.nn.sigmoid(margin_BKK) - 1.0) ** 2, 0.0)),
     }

@@ -24,7 +24,8 @@ def _accuracy(margins: list[float]) -> float | None:
 
 def evaluate_rankings(scorer, rankings: list[Ranking], bins: int = 5) -> dict:
     convs = [r.prompt + [{"role": "assistant", "content": x}] for r in rankings for x in r.responses]
-    scores = scorer.score(convs)
+    ended = [e for r in rankings for e in r.meta.get("ended", [True] * len(r.responses))]
+    scores = scorer.score(convs, ended=ended)
     margins, by_digits, both_wrong, gold = [], {}, [], []
     at = 0
     for r in rankings:

@@ -47,15 +47,18 @@ class RewardScorer:
     def tokenizer(self):
         return self.run.tokenizer
 
-    def encode(self, conversations) -> list[list[int]]:
+    def encode(self, conversations, ended=None) -> list[list[int]]:
+        ended = [True] * len(conversations) if ended is None else ended
         try:
-            return [reward_ids(c, self.tokenizer)[-self.run.cfg.model.context_length:] for c in conversations]
+            return [reward_ids(c, self.tokenizer, ended=e)[-self.run.cfg.model.context_length:]
+                    for c, e in zip(conversations, ended)]
         except ChatError as e:
             raise UserError(str(e)) from None
 
-    def raw(self, conversations, batch: int = 128) -> np.ndarray:
-        """Unshifted scores, in batches of right-padded rows (one program per power-of-two width)."""
-        seqs = self.encode(conversations)
+    def raw(self, conversations, batch: int = 128, ended=None) -> np.ndarray:
+        """Unshifted scores, in batches of right-padded rows (one program per power-of-two width).
+        `ended[i]` False: reply i did not end with <|end|>."""
+        seqs = self.encode(conversations, ended)
         graphdef, params = nnx.split(self.run.model)
         context = self.run.cfg.model.context_length
         out = np.zeros(len(seqs), np.float32)
@@ -69,8 +72,8 @@ class RewardScorer:
             out[lo:lo + len(part)] = np.asarray(_scores(graphdef, params, tokens, index))[:len(part)]
         return out
 
-    def score(self, conversations, batch: int = 128) -> np.ndarray:
-        return self.raw(conversations, batch) - self.offset
+    def score(self, conversations, batch: int = 128, ended=None) -> np.ndarray:
+        return self.raw(conversations, batch, ended) - self.offset
 
 
 def read_offset(run_dir: Path, step: int) -> float:

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 
 from plutao.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+from plutao.tokenizer.chat import template_hash
 from plutao.train import sharding
 from plutao.train.checkpoint import Checkpoints, Unreadable
 from plutao.train.config import Config
@@ -76,6 +77,10 @@ def load_run(run_dir: Path, step: int | None = None) -> LoadedRun:
             raise UserError(f"checkpoint {step} of {run_dir} cannot be read ({e}); leave out --step to use the "
                             "newest readable one") from None
     checkpoints.close()
+    recorded = saved.get("lineage", {}).get("template_hash")
+    if task.chat and recorded not in (None, template_hash(tokenizer)):
+        raise UserError(f"{run_dir} was trained with another chat template (hash {recorded}); use the version of plutao "
+                        "that trained it")
     return LoadedRun(run_dir, cfg, tokenizer, trainer, state["params"], step, task)
 
 

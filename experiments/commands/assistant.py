@@ -68,7 +68,8 @@ def cmd_sft(args) -> int:
     kind = saved.get("train", {}).get("task", "")
     if kind == "reward":
         raise UserError(f"{parent} is a reward-model run; fine-tune a base (or SFT) run")
-    data = {"data.path": args.data, "data.val_path": ""}
+    data_path = str(Path(args.data).absolute()) if args.data.endswith(".jsonl") else args.data
+    data = {"data.path": data_path, "data.val_path": ""}
     cfg, _ = stage_config(parent, "sft", data, args.step, list(args.overrides))
     run_dir = Path(args.workdir)
     _check_not_other_parent(run_dir, cfg)
@@ -112,6 +113,7 @@ def cmd_reward(args) -> int:
         data = {"data.path": args.data, "data.val_path": ""}
     cfg, _ = stage_config(parent, "reward", data, args.step, list(args.overrides), world)
     _check_not_other_parent(run_dir, cfg)
+    demonstrations(parent)  # (read now: a parent whose data is gone fails before anything is trained)
     if builtin:
         make_comparisons(parent, args.step, cfg, run_dir)
     summary = train(cfg, run_dir, quiet=args.quiet)
@@ -134,12 +136,15 @@ def make_comparisons(parent: Path, step: int | None, cfg: Config, run_dir: Path)
 
     folder = run_dir / "comparisons"
     info = {"parent": cfg.train.init_from, "world": dataclasses.asdict(cfg.world)}
-    if (folder / "info.json").is_file():
+    try:
         have = json.loads((folder / "info.json").read_text())
-        if have != info:
-            raise UserError(f"{folder} holds rankings from {have.get('parent')} with other world.* settings; use a new "
-                            "--workdir (or the same settings)")
+    except (OSError, json.JSONDecodeError):
+        have = None
+    if have == info:
         return
+    if have is not None and (run_dir / "config.json").is_file():  # (a reward model was trained on them)
+        raise UserError(f"{folder} holds the rankings {run_dir} was trained on, from {have.get('parent')} with other "
+                        "world.* settings; use a new --workdir (or the same settings)")
     sft = load_run(parent, step)
     world, context = cfg.world, cfg.model.context_length
     lines = {}
@@ -147,14 +152,28 @@ def make_comparisons(parent: Path, step: int | None, cfg: Config, run_dir: Path)
         made = make_rankings(sft.model, sft.tokenizer, world, held_out=held_out, context=context, n=n, log=log)
         lines[split] = [x for x in made if usable(x)]
         log(f"{split}: {len(lines[split]):,} of {n:,} prompts have replies of different quality")
+        if not lines[split]:
+            raise UserError(f"every {split} prompt got {world.k_min}..{world.k_max} replies of equal quality, so there is "
+                            "nothing to rank; raise world.comparisons or --k")
     if jax.process_index() == 0:
         for split, rows in lines.items():
             write_jsonl(folder / f"{split}.jsonl", rows)
-        (folder / "info.json").write_text(json.dumps(info, indent=2))
+        tmp = folder / "info.json.tmp"
+        tmp.write_text(json.dumps(info, indent=2))
+        tmp.replace(folder / "info.json")
     if jax.process_count() > 1:
         from plutao.train.distributed import any_process
 
         any_process(False)  # (every process waits until the files are there)
+
+
+def demonstrations(parent: Path) -> list[list[dict]]:
+    """The SFT parent's held-out demonstrations, each up to its last assistant reply (what the
+    reward shift averages over)."""
+    from plutao.train.tasks.sft import chat_data
+
+    _, val, _ = chat_data(Config.from_dict(existing_run_config(parent)))
+    return [conv[:max(i for i, m in enumerate(conv) if m["role"] == "assistant") + 1] for conv in val]
 
 
 def shift_rewards(run_dir: Path, parent: Path, parent_step: int | None) -> None:
@@ -164,11 +183,9 @@ def shift_rewards(run_dir: Path, parent: Path, parent_step: int | None) -> None:
 
     from plutao.train.loop import log
     from plutao.train.rewards import RewardScorer, write_offset
-    from plutao.train.tasks.sft import chat_data
 
     scorer = RewardScorer.load(run_dir)
-    parent_cfg = Config.from_dict(existing_run_config(parent))
-    _, demos, _ = chat_data(parent_cfg)
+    demos = demonstrations(parent)
     raw = scorer.raw(demos)
     offset = float(np.mean(raw))
     if jax.process_index() == 0:
@@ -199,13 +216,15 @@ def sample_best_of(args, run) -> int:
                         "trained from this run's lineage")
     tok = run.tokenizer
     messages = conversation(args.prompt, system=args.system)
-    ids = prompt_ids(messages, tok)[-run.cfg.model.context_length + args.max_new_tokens:]
+    context = run.cfg.model.context_length
+    ids = prompt_ids(messages, tok)[-max(context - args.max_new_tokens, context // 2, 1):]
     samplings = [SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                 max_new_tokens=args.max_new_tokens, seed=args.seed * 1_000_003 + i,
                                 stop_ids=reply_stop_ids(tok)) for i in range(args.best_of)]
     outs = complete(run.model, [ids] * args.best_of, samplings, eot_id=tok.eot_id, pad_id=tok.pad_id)
     replies = [tok.decode(c.content) for c in outs]
-    rewards = scorer.score([messages + [{"role": "assistant", "content": r}] for r in replies])
+    rewards = scorer.score([messages + [{"role": "assistant", "content": r}] for r in replies],
+                           ended=[c.stop_token == tok.end_id for c in outs])
     best = int(np.argmax(rewards))
     if args.show_all:
         for i in np.argsort(-rewards, kind="stable"):

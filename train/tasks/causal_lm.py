@@ -35,7 +35,7 @@ class CausalLM(Task):
         return Data(data_lib.training_texts(self.cfg.data, docs_per_source), docs_per_source, ",".join(sources))
 
     def row_source(self, data: Data, tokenizer) -> data_lib.Batches:
-        splits = data_lib.load_splits(self.cfg.data, data.payload, tokenizer)
+        splits = data_lib.load_splits(self.cfg.data, data.payload, tokenizer, self.cfg.world)
         return data_lib.Batches(splits, self.cfg.data.weights, self.cfg.model.context_length,
                                 self.cfg.train.batch_size, self.cfg.train.seed)
 

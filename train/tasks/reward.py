@@ -58,7 +58,7 @@ def reward_scores(model, tokens_NT, index_N):
 class RewardModel(CausalLM):
     name = "reward"
     chat = True
-    scans_layers = False
+    scans_layers = True
     batch_keys = ("responses", "reward_index", "rank")
     commands = frozenset({"score", "eval"})
 
@@ -88,7 +88,8 @@ class RewardModel(CausalLM):
         train, val = data.payload
         context = self.cfg.model.context_length
         try:
-            seqs = [[reward_ids(r.prompt + [{"role": "assistant", "content": x}], tokenizer) for x in r.responses]
+            seqs = [[reward_ids(r.prompt + [{"role": "assistant", "content": x}], tokenizer, ended=end)
+                     for x, end in zip(r.responses, r.meta.get("ended", [True] * len(r.responses)))]
                     for r in train + val]
         except ChatError as e:
             raise UserError(f"{data.names}: {e}") from None

@@ -289,11 +289,11 @@ def labeler_ranks(keys: Sequence[tuple], noise: float, rng: np.random.Generator)
     gold = gold_ranks(keys)
     if noise <= 0:
         return gold
-    u = -np.asarray(gold, np.float64) + noise * rng.gumbel(size=len(keys))
-    order = np.argsort(-u, kind="stable")
-    ranks = np.empty(len(keys), int)
-    ranks[order] = np.arange(len(keys))
-    return ranks.tolist()
+    # One draw per distinct reply quality: identical replies stay tied (a pair of them teaches nothing).
+    levels = sorted(set(gold))
+    u = -np.asarray(levels, np.float64) + noise * rng.gumbel(size=len(levels))
+    place = {level: int(r) for level, r in zip(levels, np.argsort(np.argsort(-u, kind="stable")))}
+    return [place[g] for g in gold]
 
 
 def pair_agreement(noise: float) -> float:
