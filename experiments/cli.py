@@ -222,8 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("tokenize", help="show how text splits into tokens (or, with --chat, which tokens a "
                        "conversation trains)")
     k.add_argument("text", nargs="?")
-    k.add_argument("--chat", metavar="FILE.jsonl", help="show a conversation of this file through the chat template, "
-                   "each token marked trained or not (colour on a terminal, [brackets] otherwise)")
+    k.add_argument("--chat", metavar="FILE.jsonl", help="show a conversation of this file (or builtin:arith, the "
+                   "demonstrations) through the chat template, each token marked trained or not (colour on a "
+                   "terminal, [brackets] otherwise)")
     k.add_argument("--index", type=int, default=0, help="with --chat: which line's conversation (default 0)")
     k.add_argument("--tokenizer", default="byte", help="RUN_DIR, a tokenizer folder, char or byte (default byte)")
     k.add_argument("--price-per-1k", type=float, help="cost per 1,000 tokens")

@@ -53,7 +53,12 @@ def tokenize_chat(args) -> int:
 
     if args.text is not None:
         raise UserError("give TEXT to tokenize or --chat FILE.jsonl, not both")
-    conversations = read_conversations(Path(args.chat))
+    if args.chat == "builtin:arith":  # the arithmetic world's demonstrations (what `plutao sft` trains on)
+        from plutao.train.worlds import arith
+
+        conversations = [d["messages"] for d in arith.demonstrations(arith.World())]
+    else:
+        conversations = read_conversations(Path(args.chat))
     n = len(conversations)
     if not 0 <= args.index < n:
         raise UserError(f"--index {args.index} is out of range: {args.chat} has {n} conversation(s), "
