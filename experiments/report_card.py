@@ -382,7 +382,7 @@ def check(runs: Sequence[str], *, reward: str | None, best_of: int, problems: in
             raise UserError(f"{path} is a reward-model run; it scores replies rather than writing them: give it as "
                             "--reward RM_RUN, not as a column")
         if not kind.trained_by_gradient or "sample" not in kind.commands:
-            raise UserError(f"{path} is a model.family={cfg.model.family} run; the report card compares language "
+            raise UserError(f"{path} is a {kind.name} run; the report card compares language "
                             "models that write replies (base, SFT and later runs)")
         chat.append(kind.chat)
     if reward:
