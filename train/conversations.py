@@ -127,6 +127,22 @@ def read_problems(path) -> list[tuple[list[dict], str]]:
     return out
 
 
+def single_path(data) -> str | None:
+    """data.path when it names one source (a stage reads one file or built-in set), else None."""
+    return data.path if isinstance(data.path, str) else (data.path[0] if len(data.path) == 1 else None)
+
+
+def with_held_out(items: list, read, path: str, data, what: str) -> tuple[list, list, str]:
+    """(training items, held-out items, path): data.val_path's items when given, otherwise the last
+    data.val_fraction of the file (at least one)."""
+    if data.val_path:
+        return items, read(data.val_path), path
+    if len(items) < 2:
+        raise UserError(f"{path} has {len(items)} {what}; give at least 2 (one is held out) or data.val_path")
+    n_val = max(1, round(len(items) * data.val_fraction))
+    return items[:-n_val], items[-n_val:], path
+
+
 def write_jsonl(path: Path, rows) -> None:
     """All rows, written aside and renamed into place (a crash leaves no half-written file)."""
     path = Path(path)

@@ -20,7 +20,7 @@ from plutao.model.sampling import prompt_width
 from plutao.tokenizer.chat import ChatError, reward_ids
 from plutao.train.batches import NamedBatches
 from plutao.train.chat_batches import RankedBatches, encode_ranking
-from plutao.train.conversations import Ranking, read_rankings
+from plutao.train.conversations import Ranking, read_rankings, single_path, with_held_out
 from plutao.train.errors import UserError
 from plutao.train.losses import ranking_loss_sums
 from plutao.train.tasks.base import Data
@@ -32,20 +32,14 @@ AXES = {"responses": ("batch", "responses", "length"), "reward_index": ("batch",
 
 def ranking_data(cfg) -> tuple[list[Ranking], list[Ranking], str]:
     d = cfg.data
-    path = d.path if isinstance(d.path, str) else (d.path[0] if len(d.path) == 1 else None)
+    path = single_path(d)
     if path == "builtin:arith":
         raise UserError("builtin:arith rankings are sampled from an SFT model: run `plutao reward SFT_RUN --workdir DIR` "
                         "(it writes them to DIR/comparisons/ and trains on them)")
     if path is None or not path.endswith(".jsonl"):
         raise UserError(f"data.path={d.path!r}: the reward model reads one .jsonl file of rankings "
                         "({\"prompt\", \"chosen\", \"rejected\"} or {\"prompt\", \"responses\": [best, ..., worst]})")
-    rankings = read_rankings(path)
-    if d.val_path:
-        return rankings, read_rankings(d.val_path), path
-    if len(rankings) < 2:
-        raise UserError(f"{path} has {len(rankings)} ranking; give at least 2 (one is held out) or data.val_path")
-    n_val = max(1, round(len(rankings) * d.val_fraction))
-    return rankings[:-n_val], rankings[-n_val:], path
+    return with_held_out(read_rankings(path), read_rankings, path, d, "ranking(s)")
 
 
 def reward_scores(model, tokens_NT, index_N):

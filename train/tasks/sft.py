@@ -17,7 +17,7 @@ from plutao.model.sampling import SamplingConfig, generate
 from plutao.tokenizer.chat import ChatError, prompt_ids, render, reply_stop_ids
 from plutao.train.batches import AXES, NamedBatches
 from plutao.train.chat_batches import PackedChats
-from plutao.train.conversations import read_conversations
+from plutao.train.conversations import read_conversations, single_path, with_held_out
 from plutao.train.errors import UserError
 from plutao.train.tasks.base import Data
 from plutao.train.tasks.causal_lm import CausalLM
@@ -29,8 +29,7 @@ HELD_OUT_DEMOS = 500
 
 def chat_data(cfg) -> tuple[list[list[dict]], list[list[dict]], str]:
     """(training conversations, held-out conversations, name) of data.path (+ data.val_path)."""
-    d = cfg.data
-    path = d.path if isinstance(d.path, str) else (d.path[0] if len(d.path) == 1 else None)
+    path = single_path(cfg.data)
     if path is None:
         raise UserError("supervised fine-tuning reads one data.path (builtin:arith or a .jsonl file of conversations)")
     if path == BUILTIN:
@@ -40,13 +39,7 @@ def chat_data(cfg) -> tuple[list[list[dict]], list[list[dict]], str]:
     if not path.endswith(".jsonl"):
         raise UserError(f"data.path={path!r}: fine-tuning data is builtin:arith or a .jsonl file of conversations "
                         "({\"messages\": [...]} or {\"prompt\": ..., \"response\": ...} per line)")
-    convs = read_conversations(path)
-    if d.val_path:
-        return convs, read_conversations(d.val_path), path
-    if len(convs) < 2:
-        raise UserError(f"{path} has {len(convs)} conversation; give at least 2 (one is held out) or data.val_path")
-    n_val = max(1, round(len(convs) * d.val_fraction))
-    return convs[:-n_val], convs[-n_val:], path
+    return with_held_out(read_conversations(path), read_conversations, path, cfg.data, "conversation(s)")
 
 
 def milestone_prompts(cfg, val: list[list[dict]]) -> list[list[dict]]:
