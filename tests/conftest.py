@@ -45,9 +45,9 @@ def tiny_stages(tmp_path_factory):
     root = tmp_path_factory.mktemp("stages")
     base, sft, rm = root / "base", root / "sft", root / "rm"
     assert main(["train", "tiny", "--workdir", str(base), "data.path=builtin:arith-dialogue", "train.steps=10",
-                 "--quiet"]) == 0
+                 "world.documents=2000", "--quiet"]) == 0
     assert main(["sft", str(base), "--workdir", str(sft), "train.steps=10", "train.eval_every=5",
-                 "train.sample_every=0", "train.checkpoint_every=5", "--quiet"]) == 0
+                 "train.sample_every=0", "train.checkpoint_every=5", "world.demonstrations=2000", "--quiet"]) == 0
     assert main(["reward", str(sft), "--workdir", str(rm), "train.steps=4", "train.eval_every=2",
                  "world.comparisons=20", "--quiet"]) == 0
     return {"base": base, "sft": sft, "rm": rm}

@@ -116,17 +116,10 @@ def _quiet(argv):
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, isolated_cache):
+def pipeline(tmp_path_factory, tiny_stages):
+    """The session's tiny base → SFT → reward-model chain (tests/conftest.py), and a problems file."""
     root = tmp_path_factory.mktemp("pipeline")
-    base, sft, rm = root / "base", root / "sft", root / "rm"
-    for argv in (["train", "tiny", "--workdir", str(base), "data.path=builtin:arith-dialogue", "train.steps=10",
-                  "world.documents=2000", "--quiet"],
-                 ["sft", str(base), "--workdir", str(sft), "train.steps=10", "train.eval_every=5",
-                  "train.sample_every=0", "world.demonstrations=2000", "--quiet"],
-                 ["reward", str(sft), "--workdir", str(rm), "train.steps=4", "train.eval_every=2",
-                  "world.comparisons=20", "--quiet"]):
-        code, _, err = _quiet(argv)
-        assert code == 0, err
+    base, sft, rm = tiny_stages["base"], tiny_stages["sft"], tiny_stages["rm"]
     problems = root / "problems.jsonl"
     problems.write_text(json.dumps({"messages": [{"role": "user", "content": "What is 400 plus 399?"}],
                                     "answer": "799"}) + "\n"
