@@ -131,3 +131,30 @@ def test_sft_resumes_exactly_after_sigkill(tiny_stages, tmp_path):
     for a, b in zip(jax.tree.leaves(jax.device_get(load_run(straight).params)),
                     jax.tree.leaves(jax.device_get(load_run(killed).params))):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+
+
+def test_sft_on_two_processes_and_a_2x2_mesh_equals_one_device(tiny_stages, tmp_path):
+    """The stage runs sharded and multi-process exactly as pretraining does (gloo CPU collectives)."""
+    import os
+
+    args = ["sft", str(tiny_stages["base"]), "train.steps=4", "train.eval_every=2", "train.sample_every=0",
+            "train.batch_size=8", "--quiet"]
+    def run(*argv, devices=1):
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        if devices > 1:
+            env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        done = subprocess.run([sys.executable, "-m", "plutao.experiments", *argv], capture_output=True, text=True,
+                              env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+
+    run(*args, "--workdir", str(tmp_path / "one"))
+    run(*args, "--workdir", str(tmp_path / "mesh"), "mesh.data=2", "mesh.fsdp=2", devices=4)
+    run("launch", "--local-processes", "2", "--devices-per-process", "1", "--", *args, "--workdir",
+        str(tmp_path / "two"))
+
+    def train_losses(d):
+        return [r["loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+                if r.get("split") in ("train", "val")]
+
+    for other in ("mesh", "two"):
+        np.testing.assert_allclose(train_losses(tmp_path / other), train_losses(tmp_path / "one"), rtol=2e-5)
