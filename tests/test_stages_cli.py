@@ -144,7 +144,7 @@ def test_sft_on_two_processes_and_a_2x2_mesh_equals_one_device(tiny_stages, tmp_
         if devices > 1:
             env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
         done = subprocess.run([sys.executable, "-m", "plutao.experiments", *argv], capture_output=True, text=True,
-                              env=env)
+                              env=env, check=False)
         assert done.returncode == 0, done.stderr[-2000:]
 
     run(*args, "--workdir", str(tmp_path / "one"))
