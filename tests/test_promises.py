@@ -69,6 +69,22 @@ def test_sampling_stops_at_end_of_text(capsys, eot_run):
     assert len(tok.encode(continuation.replace(EOT, ""))) + continuation.count(EOT) == 40
 
 
+def test_streaming_a_word_level_run_keeps_the_spaces(capsys, tmp_path):
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": "the cat sat on the mat"}) + "\n" for _ in range(300)))
+    run = tmp_path / "run"
+    assert main(["train", "tiny", f"data.path={corpus}", "data.tokenizer=word", "train.steps=40",
+                 "train.eval_every=0", "train.checkpoint_every=40", "optim.lr=1e-2", "--workdir", str(run), "--quiet",
+                 *FAST]) == 0
+    capsys.readouterr()
+    base = ["sample", str(run), "--prompt", "the cat", "--temperature", "0", "--max-new-tokens", "12", "--no-stop"]
+    assert main(base) == 0
+    printed = capsys.readouterr().out
+    assert main(base + ["--stream"]) == 0
+    streamed = capsys.readouterr().out
+    assert streamed == printed and " sat on " in streamed
+
+
 # --- raising train.steps continues a finished run -------------------------------------------------
 
 def test_raising_train_steps_continues_a_finished_run(capsys, tmp_path, small_corpus):

@@ -127,15 +127,22 @@ def cmd_sample(args) -> int:
     if args.stream:
         sys.stdout.write(args.prompt)
         sys.stdout.flush()
-        pending: list[int] = []
+        # The whole continuation is decoded again at each token and only what is new is written, so a
+        # word-level run keeps the spaces between words; a partial multi-byte character waits (at most
+        # 4 tokens) for the rest of it.
+        new_ids: list[int] = []
+        shown, waited = "", 0
         for token in stream(model, prompt, sampling, eot_id=tok.eot_id, pad_id=tok.pad_id):
-            pending.append(token)
-            text = tok.decode(pending)
-            if "\ufffd" not in text:  # wait for the rest of a multi-byte character
-                sys.stdout.write(text)
-                sys.stdout.flush()
-                pending = []
-        sys.stdout.write(tok.decode(pending) + "\n")
+            new_ids.append(token)
+            text = tok.decode(new_ids)
+            if (text.endswith("\ufffd") and waited < 4) or not text.startswith(shown):
+                waited += 1
+                continue
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown, waited = text, 0
+        text = tok.decode(new_ids)
+        sys.stdout.write((text[len(shown):] if text.startswith(shown) else "") + "\n")
         return 0
     outs = generate(model, [prompt] * args.num_samples, sampling, eot_id=tok.eot_id, pad_id=tok.pad_id)
     for i, ids in enumerate(outs):
