@@ -76,3 +76,20 @@ def test_the_reward_model_sees_whether_a_reply_ended(tok):
     cut = reward_ids(CONVERSATION, tok, ended=False)
     assert ended[-2:] == [tok.end_id, tok.reward_id]
     assert cut == ended[:-2] + [tok.reward_id]
+
+
+def test_a_long_prompt_is_fitted_by_whole_turns_then_the_last_message(tok):
+    from plutao.tokenizer.chat import fitted_prompt_ids
+
+    prompt = CONVERSATION[:4]
+    full = prompt_ids(prompt, tok)
+    assert fitted_prompt_ids(prompt, tok, len(full)) == (full, 0, 0)
+    # Too long by a little: the oldest turns after the system message go, the layout stays whole.
+    ids, dropped, cut = fitted_prompt_ids(prompt, tok, len(full) - 3)
+    assert dropped >= 1 and cut == 0 and ids[0] == tok.eot_id and ids[1] == tok.system_id
+    assert ids[-1] == tok.assistant_id and ids == prompt_ids([CONVERSATION[0]] + CONVERSATION[1 + dropped:4], tok)
+    # Too long for even the last message: the system message goes, then its text loses its first
+    # tokens; the layout's tokens stay.
+    ids, _, cut = fitted_prompt_ids(prompt, tok, 8)
+    assert len(ids) == 8 and cut > 0 and ids[:2] == [tok.eot_id, tok.user_id]
+    assert ids[-2:] == [tok.end_id, tok.assistant_id]

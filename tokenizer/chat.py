@@ -91,6 +91,29 @@ def prompt_ids(messages: Sequence[dict], tokenizer: Tokenizer) -> list[int]:
     return render(messages, tokenizer).ids.tolist() + [tokenizer.assistant_id]
 
 
+def fitted_prompt_ids(messages: Sequence[dict], tokenizer: Tokenizer, budget: int) -> tuple[list[int], int, int]:
+    """`prompt_ids` made to fit in `budget` tokens without breaking the layout: the oldest turns after
+    the system message go first, then the system message, then the last message loses tokens from
+    the start of its text. Returns (ids, messages dropped, text tokens cut)."""
+    messages = check_messages(list(messages), generation=True)
+    system, rest = (messages[:1], messages[1:]) if messages[0]["role"] == "system" else ([], messages)
+    ids, dropped = prompt_ids(system + rest, tokenizer), 0
+    while len(ids) > budget and len(rest) > 1:
+        rest = rest[1:]
+        dropped += 1
+        ids = prompt_ids(system + rest, tokenizer)
+    if len(ids) > budget and system:
+        system, dropped = [], dropped + 1
+        ids = prompt_ids(rest, tokenizer)
+    cut = 0
+    if len(ids) > budget:  # the layout ends <|role|> text <|end|> <|assistant|>: cut the text's first tokens
+        n_text = len(tokenizer.encode_unseen(rest[-1]["content"]))
+        cut = min(len(ids) - budget, n_text)
+        start = len(ids) - 2 - n_text
+        ids = ids[:start] + ids[start + cut:]
+    return ids[-budget:], dropped, cut
+
+
 def reply_stop_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
     """Tokens that end a reply: <|end|> (a proper end), or a role token (the model ran on into a turn of
     its own). <|endoftext|> always stops the sampler."""

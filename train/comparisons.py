@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from plutao.model.sampling import SamplingConfig, complete
-from plutao.tokenizer.chat import prompt_ids, reply_stop_ids
+from plutao.tokenizer.chat import fitted_prompt_ids, reply_stop_ids
 from plutao.train.worlds import arith
 
 ROWS_PER_CALL = 256
@@ -24,7 +24,7 @@ def sample_replies(model, tokenizer, prompts: list[list[dict]], seeds: list[int]
     calls of `rows_per_call` rows (the last one padded; fewer rows: padded to a power of two), so calls
     reuse a few compiled programs."""
     stops = reply_stop_ids(tokenizer)
-    ids = [prompt_ids(p, tokenizer)[-max(context - max_new_tokens, context // 2, 1):] for p in prompts]
+    ids = [fitted_prompt_ids(p, tokenizer, max(context - max_new_tokens, context // 2, 1))[0] for p in prompts]
     out = []
     for lo in range(0, len(ids), rows_per_call):
         part, part_seeds = ids[lo:lo + rows_per_call], seeds[lo:lo + rows_per_call]

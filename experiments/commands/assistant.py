@@ -200,7 +200,7 @@ def sample_best_of(args, run) -> int:
     import numpy as np
 
     from plutao.model.sampling import SamplingConfig, complete
-    from plutao.tokenizer.chat import conversation, prompt_ids, reply_stop_ids
+    from plutao.tokenizer.chat import conversation, fitted_prompt_ids, reply_stop_ids
     from plutao.train.rewards import RewardScorer
 
     if args.best_of < 1:
@@ -217,7 +217,7 @@ def sample_best_of(args, run) -> int:
     tok = run.tokenizer
     messages = conversation(args.prompt, system=args.system)
     context = run.cfg.model.context_length
-    ids = prompt_ids(messages, tok)[-max(context - args.max_new_tokens, context // 2, 1):]
+    ids = fitted_prompt_ids(messages, tok, max(context - args.max_new_tokens, context // 2, 1))[0]
     samplings = [SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                 max_new_tokens=args.max_new_tokens, seed=args.seed * 1_000_003 + i,
                                 stop_ids=reply_stop_ids(tok)) for i in range(args.best_of)]

@@ -14,7 +14,7 @@ import dataclasses
 import numpy as np
 
 from plutao.model.sampling import SamplingConfig, generate
-from plutao.tokenizer.chat import ChatError, prompt_ids, render, reply_stop_ids
+from plutao.tokenizer.chat import ChatError, fitted_prompt_ids, render, reply_stop_ids
 from plutao.train.batches import AXES, NamedBatches
 from plutao.train.chat_batches import PackedChats
 from plutao.train.conversations import read_conversations, single_path, with_held_out
@@ -59,7 +59,7 @@ def milestone_prompts(cfg, val: list[list[dict]]) -> list[list[dict]]:
 def answer(model, tokenizer, prompts: list[list[dict]], *, context: int, max_new_tokens: int = 32,
            temperature: float = 0.0, seed: int = 0) -> list[str]:
     """Replies to each conversation through the chat template (greedy by default)."""
-    ids = [prompt_ids(p, tokenizer)[-context + 1:] for p in prompts]
+    ids = [fitted_prompt_ids(p, tokenizer, max(context - max_new_tokens, context // 2, 1))[0] for p in prompts]
     sampling = SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
                               stop_ids=reply_stop_ids(tokenizer))
     return [tokenizer.decode(o) for o in generate(model, ids, sampling, eot_id=tokenizer.eot_id, pad_id=tokenizer.pad_id)]
