@@ -378,7 +378,7 @@ def check(runs: Sequence[str], *, reward: str | None, best_of: int, problems: in
     for path in paths:
         cfg = Config.from_dict(existing_run_config(path))
         kind = task_class(cfg)
-        if kind.name == "reward":
+        if kind.judges:
             raise UserError(f"{path} is a reward-model run; it scores replies rather than writing them: give it as "
                             "--reward RM_RUN, not as a column")
         if not kind.trained_by_gradient or "sample" not in kind.commands:
@@ -386,10 +386,10 @@ def check(runs: Sequence[str], *, reward: str | None, best_of: int, problems: in
                             "models that write replies (base, SFT and later runs)")
         chat.append(kind.chat)
     if reward:
-        saved = existing_run_config(Path(reward))
-        if saved.get("train", {}).get("task", "") != "reward":
-            raise UserError(f"--reward {reward} is not a reward-model run (train.task="
-                            f"{saved.get('train', {}).get('task') or 'none'}); give the --workdir of a `plutao reward` run")
+        judge = task_class(Config.from_dict(existing_run_config(Path(reward))))
+        if not judge.judges:
+            raise UserError(f"--reward {reward} is not a reward-model run (it is a {judge.label} run); give the "
+                            "--workdir of a `plutao reward` run")
     if best_of and not any(chat):
         raise UserError("--best-of N adds a column per chat (SFT) run, and none of the runs is one")
     names = [p.name for p in paths] + [f"{p.name}+best-of-{best_of}" for p, c in zip(paths, chat) if c and best_of]

@@ -20,14 +20,14 @@ from plutao.model.sampling import prompt_width
 from plutao.tokenizer.chat import ChatError, reward_ids
 from plutao.train.errors import UserError
 from plutao.train.run import LoadedRun, load_run
+from plutao.train.tasks.reward import reward_scores
 
 OFFSET_FILE = "reward_offset.json"
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _scores(graphdef, params, tokens_NT, index_N):
-    model = nnx.merge(graphdef, params)
-    return model.reward_head(model(tokens_NT).hidden_BTD, index_N)
+    return reward_scores(nnx.merge(graphdef, params), tokens_NT, index_N)
 
 
 @dataclasses.dataclass
@@ -38,7 +38,7 @@ class RewardScorer:
     @classmethod
     def load(cls, run_dir, step: int | None = None, *, what: str = "--reward") -> RewardScorer:
         run = load_run(Path(run_dir), step)
-        if run.cfg.train.task != "reward":
+        if not run.task.judges:
             raise UserError(f"{what} {run_dir} is not a reward-model run (train.task={run.cfg.train.task or 'none'}); "
                             "give the --workdir of a `plutao reward` run")
         return cls(run, read_offset(run.run_dir, run.step))

@@ -41,6 +41,13 @@ def stage_config(parent: Path, stage: str, data: dict, step: int | None, overrid
     return cfg, saved
 
 
+def check_parent(stage: str, parent: Path) -> None:
+    """The stage's task says which kinds of run it starts from (train/tasks/: parents)."""
+    from plutao.train.tasks import TASKS, task_class
+
+    TASKS[stage].check_parent(parent, task_class(Config.from_dict(existing_run_config(parent))))
+
+
 def _check_not_other_parent(run_dir: Path, cfg: Config) -> None:
     """Refuse a --workdir that already holds a run started from another parent (before writing anything)."""
     saved = read_run_config(run_dir)
@@ -64,10 +71,7 @@ def cmd_sft(args) -> int:
     from plutao.train.loop import train
 
     parent = Path(args.base_run)
-    saved = existing_run_config(parent)
-    kind = saved.get("train", {}).get("task", "")
-    if kind == "reward":
-        raise UserError(f"{parent} is a reward-model run; fine-tune a base (or SFT) run")
+    check_parent("sft", parent)
     data_path = str(Path(args.data).absolute()) if args.data.endswith(".jsonl") else args.data
     data = {"data.path": data_path, "data.val_path": ""}
     cfg, _ = stage_config(parent, "sft", data, args.step, list(args.overrides))
@@ -93,10 +97,7 @@ def cmd_reward(args) -> int:
     from plutao.train.loop import train
 
     parent = Path(args.sft_run)
-    saved = existing_run_config(parent)
-    if saved.get("train", {}).get("task", "") != "sft":
-        raise UserError(f"{parent} is not an SFT run (train.task={saved.get('train', {}).get('task') or 'none'}); a "
-                        "reward model starts from the trunk of a `plutao sft` run")
+    check_parent("reward", parent)
     world = _k_range(args.k)
     if args.labeler_noise is not None:
         if args.labeler_noise < 0:

@@ -110,15 +110,11 @@ def _labels(run_dirs: list[str]) -> list[str]:
 def _check_runs(run_dirs: list[str]) -> list:
     """Each run's task (from its config.json alone), refused in one line when it cannot chat."""
     from plutao.experiments.commands.evaluation import run_task
-    from plutao.train.errors import UserError
 
     tasks = []
     for d in run_dirs:
         task = run_task(Path(d))
-        if task.name == "reward":
-            raise UserError(f"{d} is a reward model: it scores replies and cannot chat; score a reply with "
-                            f"`plutao score {d} --prompt P --response R`, or chat with the SFT run it started from")
-        if not task.trained_by_gradient or not (task.chat or "sample" in task.commands):
+        if task.judges or not task.trained_by_gradient or not (task.chat or "sample" in task.commands):
             task.check_command("chat", d)
         tasks.append(task)
     return tasks

@@ -175,10 +175,6 @@ def cmd_eval(args) -> int:
     from plutao.train.run import load_run
 
     task = run_task(Path(args.run_dir))
-    if task.name == "reward":
-        from plutao.experiments.commands.assistant import eval_reward
-
-        return eval_reward(args, Path(args.run_dir))
     special = EVALUATORS.get(task.name)
     if special is not None:
         return special(args)
@@ -258,7 +254,13 @@ def _eval_translation(args) -> int:
 
 
 # `plutao eval` for the kinds of run that are not scored as token streams.
-EVALUATORS = {"ngram": _eval_ngram, "translation": _eval_translation}
+def _eval_reward(args) -> int:
+    from plutao.experiments.commands.assistant import eval_reward
+
+    return eval_reward(args, Path(args.run_dir))
+
+
+EVALUATORS = {"ngram": _eval_ngram, "translation": _eval_translation, "reward": _eval_reward}
 
 
 def cmd_translate(args) -> int:
@@ -309,7 +311,7 @@ def cmd_score(args) -> int:
 
     task = run_task(Path(args.run_dir))
     task.check_command("score", args.run_dir)
-    if task.name == "reward":
+    if task.judges:  # a reward model scores a reply, not a text
         from plutao.experiments.commands.assistant import score_reward
 
         return score_reward(args, Path(args.run_dir))

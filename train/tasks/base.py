@@ -103,6 +103,13 @@ class Task:
     has_attention: ClassVar[bool] = True
     scans_layers: ClassVar[bool] = False  # whether its model supports model.scan_layers and model.remat
     chat: ClassVar[bool] = False  # whether its model speaks the chat template (tokenizer/chat.py)
+    judges: ClassVar[bool] = False  # whether its model scores replies instead of writing them (a reward model)
+    label: ClassVar[str] = "training"  # what a run of this kind is called in messages
+    # A stage that starts from another run: the kinds of parent it accepts, and its refusal of any other
+    # (formatted with the parent's directory and label).
+    parents: ClassVar[frozenset[str]] = frozenset()
+    parent_refusal: ClassVar[str] = ""
+    decoder_only: ClassVar[str] = ""  # "what it does to a decoder", when it needs model.family=decoder
 
     cfg: Config
     ids: TokenIds = TokenIds()
@@ -120,10 +127,18 @@ class Task:
     @classmethod
     def problems(cls, cfg: Config) -> list[str]:
         """What this kind of training cannot do with `cfg`, as user-facing sentences."""
+        if cls.decoder_only and cfg.model.family != "decoder":
+            return [f"train.task={cls.name} {cls.decoder_only}; model.family={cfg.model.family} is not one"]
         if not cls.scans_layers and (cfg.model.scan_layers or cfg.model.remat != "none"):
             return [(f"model.scan_layers and model.remat apply to model.family=decoder only; drop them for "
                      f"model.family={cfg.model.family}")]
         return []
+
+    @classmethod
+    def check_parent(cls, parent_dir, parent: type[Task]) -> None:
+        """A one-line UserError when this stage cannot start from a run of kind `parent`."""
+        if parent.name not in cls.parents:
+            raise UserError(cls.parent_refusal.format(parent=parent_dir, label=parent.label))
 
     # --- model ----------------------------------------------------------------------------------
 

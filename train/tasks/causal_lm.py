@@ -23,9 +23,16 @@ from plutao.train.tasks.base import Data, Task
 RECURRENT_EVAL_WINDOW = 512
 
 
+def restart_positions(starts_BT: np.ndarray) -> np.ndarray:
+    """(B, T) int32 positions counting from 0 again at every True of starts_BT (a segment's first token)."""
+    index_BT = np.broadcast_to(np.arange(starts_BT.shape[1]), starts_BT.shape)
+    return (index_BT - np.maximum.accumulate(np.where(starts_BT, index_BT, 0), axis=1)).astype(np.int32)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class CausalLM(Task):
     name = "causal_lm"
+    label = "base (causal LM)"
     scans_layers = True
     commands = frozenset({"sample", "score", "attention"})
 
@@ -55,12 +62,9 @@ class CausalLM(Task):
         precedes), and positions restart there, so no token attends across a document boundary."""
         if not self.separates_documents:
             return batch
-        tokens_BT = batch["tokens"]
-        starts_BT = tokens_BT == self.ids.eot_id
-        index_BT = np.broadcast_to(np.arange(tokens_BT.shape[1]), tokens_BT.shape)
-        start_of_BT = np.maximum.accumulate(np.where(starts_BT, index_BT, 0), axis=1)
+        starts_BT = batch["tokens"] == self.ids.eot_id
         return batch | {"segment_ids": (np.cumsum(starts_BT, axis=1) + 1).astype(np.int32),
-                        "positions": (index_BT - start_of_BT).astype(np.int32)}
+                        "positions": restart_positions(starts_BT)}
 
     def segments_of(self, batch) -> dict:
         return ({"segment_ids_BT": batch["segment_ids"], "positions_BT": batch["positions"]}

@@ -51,7 +51,12 @@ def reward_scores(model, tokens_NT, index_N):
 @dataclasses.dataclass(frozen=True, eq=False)
 class RewardModel(CausalLM):
     name = "reward"
+    label = "reward-model"
     chat = True
+    judges = True
+    decoder_only = "puts a scalar head on a decoder"
+    parents = frozenset({"sft"})
+    parent_refusal = "{parent} is not an SFT run (it is a {label} run); a reward model starts from the trunk of a `plutao sft` run"
     scans_layers = True
     batch_keys = ("responses", "reward_index", "rank")
     commands = frozenset({"score", "eval"})
@@ -60,12 +65,11 @@ class RewardModel(CausalLM):
     def batch_axes(self):
         return dict(AXES)
 
-    @classmethod
-    def problems(cls, cfg):
-        out = super().problems(cfg)
-        if cfg.model.family != "decoder":
-            out.append(f"train.task=reward puts a scalar head on a decoder; model.family={cfg.model.family} is not one")
-        return out
+    def check_command(self, command, run_dir):
+        if command not in self.commands:
+            raise UserError(f"{run_dir} is a reward model: it scores replies and cannot {command.replace('-', ' ')}; "
+                            f"score a reply with `plutao score {run_dir} --prompt P --response R`, or use the SFT run "
+                            "it started from")
 
     def build_model(self, rngs):
         """The decoder (its parameters named as the SFT run's, so they are copied) plus `reward_head`."""

@@ -20,7 +20,7 @@ from plutao.train.chat_batches import PackedChats
 from plutao.train.conversations import read_conversations, single_path, with_held_out
 from plutao.train.errors import UserError
 from plutao.train.tasks.base import Data
-from plutao.train.tasks.causal_lm import CausalLM
+from plutao.train.tasks.causal_lm import CausalLM, restart_positions
 from plutao.train.worlds import arith
 
 BUILTIN = "builtin:arith"
@@ -68,7 +68,11 @@ def answer(model, tokenizer, prompts: list[list[dict]], *, context: int, max_new
 @dataclasses.dataclass(frozen=True, eq=False)
 class SFT(CausalLM):
     name = "sft"
+    label = "SFT"
     chat = True
+    decoder_only = "fine-tunes a decoder"
+    parents = frozenset({"causal_lm", "sft"})
+    parent_refusal = "{parent} is a {label} run; fine-tune a base (or SFT) run"
     batch_keys = ("tokens", "targets", "loss_weights", "segment_ids", "positions")
     commands = frozenset({"sample", "score", "attention", "chat"})
 
@@ -79,13 +83,6 @@ class SFT(CausalLM):
     @property
     def batch_axes(self):
         return {k: AXES[k] for k in self.batch_keys}
-
-    @classmethod
-    def problems(cls, cfg):
-        out = super().problems(cfg)
-        if cfg.model.family != "decoder":
-            out.append(f"train.task=sft fine-tunes a decoder; model.family={cfg.model.family} is not one")
-        return out
 
     def read(self) -> Data:
         train, val, name = chat_data(self.cfg)
@@ -110,11 +107,9 @@ class SFT(CausalLM):
     def named(self, rows):
         ids, weights, seg = rows[:, 0], rows[:, 1], rows[:, 2]
         seg_BT = seg[:, :-1]
-        index_BT = np.broadcast_to(np.arange(seg_BT.shape[1]), seg_BT.shape)
         starts_BT = np.concatenate([np.ones_like(seg_BT[:, :1], bool), seg_BT[:, 1:] != seg_BT[:, :-1]], axis=1)
-        start_of_BT = np.maximum.accumulate(np.where(starts_BT, index_BT, 0), axis=1)
         return {"tokens": ids[:, :-1], "targets": ids[:, 1:], "loss_weights": weights[:, 1:].astype(np.float32),
-                "segment_ids": seg_BT.astype(np.int32), "positions": (index_BT - start_of_BT).astype(np.int32)}
+                "segment_ids": seg_BT.astype(np.int32), "positions": restart_positions(starts_BT)}
 
     def val_batches(self, batches, wanted):
         return batches.val_batches(wanted)
