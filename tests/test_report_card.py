@@ -14,6 +14,7 @@ import pytest
 
 from plutao.experiments import report_card as rc
 from plutao.experiments.cli import main
+from plutao.experiments.report_card_files import markdown
 from plutao.train.worlds import arith
 
 END, USER = 10, 8  # stand-ins for <|end|> and <|user|>
@@ -189,7 +190,7 @@ def test_win_rates_cover_every_ordered_pair(card):
 
 def test_the_markdown_table_has_a_column_per_run(card):
     report, _ = card
-    header = rc.markdown(report).splitlines()[2]
+    header = markdown(report).splitlines()[2]
     assert header == "| | " + " | ".join(f"`{c}`" for c in COLUMNS) + " |"
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 def cmd_report_card(args) -> int:
     import jax
 
-    from plutao.experiments.report_card import check, evaluate, markdown, write_report
+    from plutao.experiments.report_card import check, evaluate
+    from plutao.experiments.report_card_files import markdown, write_report
 
     plan = check(args.runs, reward=args.reward, best_of=args.best_of, problems=args.problems,
                  problems_file=args.problems_file, match=args.match, seed=args.seed, out=args.out)

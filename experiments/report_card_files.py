@@ -1,0 +1,164 @@
+"""The report card's files: report.md (the tables), report.json, and the PNG charts, each written
+aside and renamed into place (experiments/report_card.py measures what they show)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+# --- the files ------------------------------------------------------------------------------------------
+
+def _cell(x, digits: int = 3) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def markdown(report: dict) -> str:
+    runs, s = report["runs"], report["settings"]
+    names = list(runs)
+    head = ["| | " + " | ".join(f"`{n}`" for n in names) + " |", "|---|" + "---|" * len(names)]
+
+    def line(label, values):
+        return f"| {label} | " + " | ".join(values) + " |"
+
+    rows = []
+    for d in map(str, s["digit_counts"]):
+        rows.append(line(f"{d}-digit accuracy, greedy / T=1",
+                         [f"{_cell(r['accuracy_by_digits'].get(d))} / {_cell(r['accuracy_by_digits_t1'].get(d))}"
+                          for r in runs.values()]))
+    rows.append(line("**all digits**, greedy / T=1",
+                     [f"**{_cell(r['accuracy'])}** / {_cell(r['accuracy_t1'])}" for r in runs.values()]))
+    if any("accuracy_by_digits_few_shot" in r for r in runs.values()):
+        for d in map(str, s["digit_counts"]):
+            rows.append(line(f"{d}-digit accuracy, few-shot prompt",
+                             [_cell(r.get("accuracy_by_digits_few_shot", {}).get(d)) for r in runs.values()]))
+    rows += [line("format ok (ends with `<\\|end\\|>`, one number)", [_cell(r["format_ok"]) for r in runs.values()]),
+             line("ran on into a `<\\|user\\|>` turn", [_cell(r["ran_on"]) for r in runs.values()]),
+             line("mean reply length (tokens)", [_cell(r["mean_length"], 1) for r in runs.values()]),
+             line(f"distinct answers per prompt (of {s['distinct']['samples']} at T=1)",
+                  [_cell(r["distinct"], 2) for r in runs.values()]),
+             line("bits per byte, held-out pretraining mixture", [_cell(r["bits_per_byte"]) for r in runs.values()])]
+    if any("mean_reward" in r for r in runs.values()):
+        rows.append(line("mean reward (reward model)", [_cell(r.get("mean_reward")) for r in runs.values()]))
+    if s["problems_file"] is not None:
+        rows.append(line(f"problems file accuracy ({s['problems_file']} problems, {s['match']})",
+                         [_cell(r.get("problems_file_accuracy")) for r in runs.values()]))
+    out = ["# Report card", "", *head, *rows, ""]
+    for key, title in (("win_rates", "Gold win rate (row vs column; ties ½; bootstrap 95% interval)"),
+                       ("rm_win_rates", "Reward-model win rate (row vs column; bootstrap 95% interval)")):
+        if report.get(key):
+            out += [f"## {title}", "", *head]
+            for a in names:
+                cells = []
+                for b in names:
+                    w = report[key].get(f"{a} vs {b}")
+                    cells.append("—" if w is None else f"{w['rate']:.2f} [{w['low']:.2f}, {w['high']:.2f}]")
+                out.append(line(f"`{a}`", cells))
+            out.append("")
+    out += ["## How it was measured", ""]
+    out.append(f"- {s['problems_per_digit_count']} problems per digit count (1–{max(s['digit_counts'])} digits, sums "
+               "and differences whose operands both have that many digits), the same problems and sampling seeds "
+               f"(--seed {s['seed']}) for every column; each reply at most {s['reply_tokens']} tokens.")
+    out.append("- Accuracy is exact match of the reply's last number. Greedy and temperature-1 pass@1 go through the "
+               "chat template; a base run is also asked with GPT-3's few-shot plain-text prompt (4 solved examples, "
+               "greedy, its continuation cut at the first newline).")
+    out.append("- Win rates compare the greedy replies (a best-of-N column: its kept reply) with the world's gold "
+               "labeler: exact correctness, then digit-level partial credit, then shorter, then properly ended; "
+               f"the interval resamples the problems {s['bootstrap_samples']} times.")
+    out.append(f"- Distinct answers: {s['distinct']['samples']} temperature-1 replies to each of "
+               f"{s['distinct']['problems']} problems; a reply without a number counts as one answer.")
+    out.append(f"- Bits per byte: the first ~{s['bits_per_byte_tokens_per_source']:,} tokens (whole context windows) "
+               "of each held-out source of the run's pretraining ancestor (followed through config.json's lineage), "
+               "combined by bytes.")
+    if s["best_of"]:
+        out.append(f"- `NAME+best-of-{s['best_of']}`: {s['best_of']} temperature-1 replies per prompt, the one the "
+                   f"reward model ({s['reward']}) scores highest kept; it has no greedy reply, so its greedy and "
+                   "T=1 rows both show that one reply. Its bits per byte are its run's.")
+    out += [f"- {n}" for n in report.get("notes", [])]
+    out.append("")
+    return "\n".join(out)
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def _save(fig, path: Path) -> None:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    _write_bytes(path, buf.getvalue())
+
+
+def charts(report: dict, out_dir: Path) -> list[Path]:
+    """accuracy_by_digits.png (grouped bars; a base run's few-shot accuracy as its own hatched bars) and
+    a heatmap per win-rate matrix."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs, digits = report["runs"], [str(d) for d in report["settings"]["digit_counts"]]
+    series = [(name, r["accuracy_by_digits"], "") for name, r in runs.items()]
+    series += [(f"{name} (few-shot)", r["accuracy_by_digits_few_shot"], "//") for name, r in runs.items()
+               if "accuracy_by_digits_few_shot" in r]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.5 + len(digits) * (0.6 + 0.35 * len(series))), 4.5))
+    width = 0.8 / len(series)
+    colours = plt.get_cmap("tab10")
+    for k, (label, acc, hatch) in enumerate(series):
+        xs = np.arange(len(digits)) + (k - (len(series) - 1) / 2) * width
+        ax.bar(xs, [acc.get(d, 0.0) for d in digits], width, label=label, color=colours(k % 10), hatch=hatch,
+               edgecolor="white" if not hatch else "black", linewidth=0.5)
+    ax.set_xticks(range(len(digits)), [f"{d} digit{'s' if d != '1' else ''}" for d in digits])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("exact-match accuracy (greedy)")
+    ax.set_title("accuracy by digit count")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    written = [out_dir / "accuracy_by_digits.png"]
+    _save(fig, written[-1])
+    plt.close(fig)
+    names = list(runs)
+    for key, title in (("win_rates", "gold win rate"), ("rm_win_rates", "reward-model win rate")):
+        if not report.get(key):
+            continue
+        grid = np.full((len(names), len(names)), np.nan)
+        for i, a in enumerate(names):
+            for j, b in enumerate(names):
+                if a != b:
+                    grid[i, j] = report[key][f"{a} vs {b}"]["rate"]
+        side = 1.3 * len(names) + 3
+        fig, ax = plt.subplots(figsize=(side + 1, side))
+        im = ax.imshow(grid, cmap="RdBu", vmin=0, vmax=1)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        ax.set_yticks(range(len(names)), names)
+        ax.set_xlabel("against")
+        ax.set_ylabel("column")
+        for (i, j), val in np.ndenumerate(grid):
+            if not np.isnan(val):
+                w = report[key][f"{names[i]} vs {names[j]}"]
+                ax.text(j, i, f"{val:.2f}\n[{w['low']:.2f}, {w['high']:.2f}]", ha="center", va="center", fontsize=8,
+                        color="w" if abs(val - 0.5) > 0.3 else "k")
+        fig.colorbar(im, ax=ax, label=f"{title} (row vs column)")
+        ax.set_title(f"{title} (ties ½)")
+        fig.tight_layout()
+        written.append(out_dir / f"{key}.png")
+        _save(fig, written[-1])
+        plt.close(fig)
+    return written
+
+
+def write_report(report: dict, out_dir: Path) -> list[Path]:
+    """report.md, report.json and the charts in out_dir, each written aside and renamed into place."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md, js = out_dir / "report.md", out_dir / "report.json"
+    _write_bytes(md, markdown(report).encode("utf-8"))
+    _write_bytes(js, (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    return [md, js, *charts(report, out_dir)]
