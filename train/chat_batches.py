@@ -173,6 +173,7 @@ class RankedBatches:
         self.train_items, self.val_items = train, val
         self.context, self.global_batch, self.k_max, self.seed, self.pad_id, self.name = (
             context, global_batch, k_max, seed, pad_id, name)
+        self._orders: dict[int, np.ndarray] = {}
 
     def _row(self, item: Encoded) -> np.ndarray:
         out = np.zeros((self.k_max, self.context + 2), np.int32)
@@ -184,7 +185,10 @@ class RankedBatches:
 
     def _item(self, position: int) -> Encoded:
         n = len(self.train_items)
-        return self.train_items[_order(self.seed, position // n, n)[position % n]]
+        epoch = position // n
+        if epoch not in self._orders:  # (one permutation per epoch, not one per row)
+            self._orders = {epoch: _order(self.seed, epoch, n)}
+        return self.train_items[self._orders[epoch][position % n]]
 
     @property
     def shape(self):
