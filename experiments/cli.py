@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from plutao.experiments.commands.assistant import cmd_reward, cmd_sft
+from plutao.experiments.commands.rl import cmd_grpo, cmd_ppo
 from plutao.experiments.commands.benchmarks import cmd_bench, cmd_bench_baselines, cmd_bench_sweep
 from plutao.experiments.commands.chat import cmd_chat
 from plutao.experiments.commands.evaluation import (
@@ -187,6 +188,35 @@ def build_parser() -> argparse.ArgumentParser:
     rw.add_argument("--quiet", action="store_true")
     rw.add_argument("--json", action="store_true")
     rw.set_defaults(fn=cmd_reward)
+
+    prompts_help = ("where the rollout prompts come from: builtin:arith (fresh world questions) or a .jsonl of "
+                    "{\"messages\": [...], \"answer\": \"...\"} lines (default %(default)s)")
+    po = sub.add_parser("ppo", help="PPO: the SFT policy learns against a frozen reward model, with a KL penalty to itself")
+    po.add_argument("sft_run", help="the --workdir of a `plutao sft` run (policy and reference)")
+    po.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. rl.beta=0 (after the stage's defaults)")
+    po.add_argument("--reward", metavar="RM_RUN", help="the --workdir of a `plutao reward` run (required)")
+    po.add_argument("--workdir", required=True, help="the new run's directory (re-running resumes it)")
+    po.add_argument("--data", default="builtin:arith", help=prompts_help)
+    po.add_argument("--beta", type=float, help="KL coefficient to the SFT policy (default 0.02; 0 = no leash)")
+    po.add_argument("--step", type=int, help="the SFT run's checkpoint (default: its latest)")
+    po.add_argument("--quiet", action="store_true")
+    po.add_argument("--json", action="store_true")
+    po.set_defaults(fn=cmd_ppo)
+
+    gr = sub.add_parser("grpo", help="GRPO/RLOO: G replies per prompt, group baselines, against a reward model or "
+                        "the world's checker")
+    gr.add_argument("sft_run", help="the --workdir of a `plutao sft` run")
+    gr.add_argument("overrides", nargs="*", help="section.key=value overrides (after the stage's defaults)")
+    gr.add_argument("--reward", metavar="RM_RUN|gold", help="a `plutao reward` run, or gold (verifiable rewards)")
+    gr.add_argument("--workdir", required=True, help="the new run's directory (re-running resumes it)")
+    gr.add_argument("--data", default="builtin:arith", help=prompts_help)
+    gr.add_argument("--group", type=int, help="replies per prompt, G ≥ 2 (default 8)")
+    gr.add_argument("--baseline", choices=("group", "rloo"), help="group mean/std (GRPO, default) or leave-one-out")
+    gr.add_argument("--beta", type=float, help="weight of the KL-to-reference term (default 0.04; 0 = none)")
+    gr.add_argument("--step", type=int, help="the SFT run's checkpoint (default: its latest)")
+    gr.add_argument("--quiet", action="store_true")
+    gr.add_argument("--json", action="store_true")
+    gr.set_defaults(fn=cmd_grpo)
 
     ch = sub.add_parser("chat", help="chat with a run in the terminal (reads one message per line when piped)")
     ch.add_argument("run_dir")

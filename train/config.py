@@ -69,8 +69,9 @@ class TrainConfig:
     init_from: str = ""
     # What the run trains: "" = what model.family trains (next-token prediction for a decoder, ...);
     # "sft" = supervised fine-tuning on chats; "reward" = a reward model from rankings (`plutao sft`,
-    # `plutao reward` set it).
-    task: Literal["", "sft", "reward"] = ""
+    # `plutao reward` set it); "ppo", "grpo" = reinforcement learning from rewards; "dpo" = direct
+    # preference optimisation (`plutao ppo`, `plutao grpo`, `plutao dpo`).
+    task: Literal["", "sft", "reward", "ppo", "dpo", "grpo"] = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +92,46 @@ class OptimConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """Learning from rewards (`plutao ppo`, `plutao grpo`) and from preferences (`plutao dpo`).
+    train.steps counts rollout batches (RL steps); each is followed by rl.epochs passes over it in
+    rl.minibatches optimizer steps."""
+
+    reward: str = ""  # a reward-model run directory, or "gold" (the world's checker: GRPO only)
+    prompts: int = 32  # prompts per rollout batch
+    group: int = 1  # replies per prompt (GRPO: G ≥ 2)
+    max_new_tokens: int = 16  # the reply budget
+    temperature: float = 1.0  # of the rollouts (the ratio and the KL use the model at temperature 1)
+    epochs: int = 4  # passes over each rollout batch
+    minibatches: int = 4  # optimizer steps per pass
+    clip: float = 0.2  # ε of the clipped ratio
+    value_clip: float = 0.2  # of the clipped value loss; 0 = unclipped
+    value_coef: float = 0.5  # weight of the value loss beside the policy loss
+    value_lr: float = 0.0  # the value model's learning rate; 0 = optim.lr
+    gamma: float = 1.0
+    lam: float = 0.95
+    beta: float = 0.02  # KL coefficient to the reference (DPO: the β of its loss)
+    target_kl: float = 0.0  # > 0: β adapts toward this KL per reply (Ziegler et al.); 0 = fixed β
+    kl_horizon: int = 10000
+    unfinished_penalty: float = 1.0  # subtracted from the score of a reply that hit the budget without <|end|>
+    whiten_rewards: bool = True  # standardise the scores over each rollout batch before the KL is added
+    baseline: Literal["group", "rloo"] = "group"  # GRPO: group mean/std, or leave-one-out
+    ptx_coef: float = 0.0  # PPO-ptx: weight of the SFT demonstrations' loss mixed into each update
+    ema: float = 0.0  # > 0: also keep an exponential moving average of the policy (decay), saved beside it
+    eval_problems: int = 100  # held-out problems per digit count (1–5) answered greedily at each evaluation
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters: W + (alpha/rank)·A·B on the named projections; only A and B are trained and
+    saved, the base checkpoint is referenced (train.init_from)."""
+
+    rank: int = 0  # 0 = off (full fine-tuning)
+    alpha: float = 16.0
+    targets: list[str] = dataclasses.field(default_factory=lambda: ["attention"])  # attention, mlp, or q k v o up down
+
+
+@dataclasses.dataclass(frozen=True)
 class MeshConfig:
     data: int = 0  # 0 = the remaining devices (1 when mesh.fsdp or mesh.tensor is -1); -1 = the remaining devices
     fsdp: int = 1
@@ -106,6 +147,8 @@ class Config:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     # The built-in arithmetic chat world (train/worlds/arith.py): builtin:arith-* corpora and builtin:arith data.
     world: World = dataclasses.field(default_factory=World)
+    rl: RLConfig = dataclasses.field(default_factory=RLConfig)
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
 
     def shaped_model(self, placeholder_vocab: int = 256) -> ModelConfig:
         """The resolved model for shape-only tools (params, plan, shardings): when the vocabulary
@@ -127,7 +170,7 @@ SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 
 def _fields(section: str) -> dict[str, Any]:
     cls = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "optim": OptimConfig, "mesh": MeshConfig,
-           "world": World}[section]
+           "world": World, "rl": RLConfig, "lora": LoRAConfig}[section]
     return typing.get_type_hints(cls)
 
 

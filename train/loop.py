@@ -182,12 +182,12 @@ def prepare(cfg: Config, run_dir: Path | None, *, devices=None) -> Prepared:
     if not task.trained_by_gradient:  # counted, not trained: no mesh, optimizer or step functions
         return Prepared(cfg, tokenizer, batches, None, summary, task=task)
     mesh = sharding.make_mesh(cfg.mesh, devices)
-    sharding.check_divisibility(cfg.model, mesh, cfg.train.batch_size, cfg.train.grad_accum)
+    sharding.check_divisibility(cfg.model, mesh, task.step_rows(), cfg.train.grad_accum)
     # The optimizer sees the trainable parameters only (several models: their roles, per-model settings).
     probe = Trainer(cfg.model, None, None, mesh, cfg.train.seed, task=task)
     # (the roles of the parameters the task's model really has: a head it adds has its own)
-    tx = make_optimizer(cfg.optim, cfg.train.steps, probe.param_roles(), task.optim_groups())
-    trainer = Trainer(cfg.model, tx, lr_schedule(cfg.optim, cfg.train.steps), mesh, cfg.train.seed,
+    tx = make_optimizer(cfg.optim, task.updates(), probe.param_roles(), task.optim_groups())
+    trainer = Trainer(cfg.model, tx, lr_schedule(cfg.optim, task.updates()), mesh, cfg.train.seed,
                       cfg.train.grad_accum, task, on_nonfinite=cfg.train.on_nonfinite)
     trainer.split.check()
     notes = [note for note in (trainer.split.note(trainer.moments_per_param), attention_note(cfg.model)) if note]
@@ -305,7 +305,9 @@ def _train(cfg: Config, run_dir: Path, devices, quiet: bool, allow_changed: tupl
 
     lineage = None  # (set when this run starts from another: train.init_from)
 
-    def write_run_files(history_entry: dict | None = None):
+    def write_run_files(history_entry: dict | None = None, new_lineage: dict | None = None):
+        nonlocal lineage
+        lineage = new_lineage or lineage
         if not main:
             return
         if not (run_dir / "tokenizer").is_dir():
@@ -328,6 +330,10 @@ def _train(cfg: Config, run_dir: Path, devices, quiet: bool, allow_changed: tupl
 
         run_dir.mkdir(parents=True, exist_ok=True)
         return train_ngram(p, run_dir, write_run_files, log)
+    if p.task.rollouts:  # (learns from its own samples: train/rl_loop.py)
+        from plutao.train.rl_loop import train_rl
+
+        return train_rl(p, run_dir, saved, write_run_files, quiet, allow_changed)
     # Restore before writing anything: a checkpoint that does not fit this config fails here,
     # leaving config.json and the checkpoints as they were.
     own = run_dir / "checkpoints"

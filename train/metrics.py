@@ -105,6 +105,41 @@ def plot_losses(run_dir: Path) -> Path | None:
     return out
 
 
+
+def plot_rewards(run_dir: Path) -> Path | None:
+    """An RL run's curves against RL step (RUN_DIR/rewards.png): reward-model score and gold reward of
+    the rollouts, KL to the reference, and held-out greedy accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir)
+    train = [r for r in records if r.get("split") == "train" and "kl" in r]
+    if not train:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
+    steps = [r["step"] for r in train]
+    for key, label in (("rm_score", "reward-model score"), ("gold_reward", "gold reward (rollouts)")):
+        if key in train[0]:
+            left.plot(steps, [r[key] for r in train], label=label, lw=1)
+    val = [(r["step"], r["accuracy"]) for r in records if r.get("split") == "val" and "accuracy" in r]
+    if val:
+        left.plot(*zip(*val), "o-", ms=3, label="held-out greedy accuracy")
+    left.set_xlabel("RL step")
+    left.legend()
+    left.grid(alpha=0.3)
+    right.plot(steps, [r["kl"] for r in train], color="C3", lw=1)
+    right.set_xlabel("RL step")
+    right.set_ylabel("KL(π ‖ π_ref) per reply (nats)")
+    right.grid(alpha=0.3)
+    fig.suptitle(Path(run_dir).name)
+    fig.tight_layout()
+    out = Path(run_dir) / "rewards.png"
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
 # Dense bf16 matmul peaks as the vendors publish them, FLOP/s per device (first match of the device kind).
 PUBLISHED_BF16_PEAK: tuple[tuple[str, float], ...] = (
     ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("L4", 121e12),

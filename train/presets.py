@@ -122,4 +122,24 @@ STAGE_PRESETS: dict[str, dict] = {
         "optim.lr": 2e-4, "optim.min_lr": 2e-5, "optim.warmup_steps": 30, "optim.schedule": "cosine",
         "optim.weight_decay": 0.0, "model.dropout": 0.0,
     },
+    # RL stages: train.steps counts rollout batches; the learning rate is small and constant after a
+    # short warm-up (the policy starts good and must move little).
+    "ppo": {
+        "train.task": "ppo", "train.steps": 60, "train.eval_every": 20, "train.sample_every": 20,
+        "train.checkpoint_every": 10, "train.log_every": 1, "optim.lr": 2e-5, "optim.min_lr": 2e-5,
+        "optim.warmup_steps": 10, "optim.schedule": "constant", "optim.weight_decay": 0.0, "model.dropout": 0.0,
+        "rl.prompts": 64, "rl.group": 1, "rl.epochs": 2, "rl.minibatches": 4, "rl.beta": 0.02, "rl.value_lr": 1e-4,
+    },
+    "grpo": {
+        "train.task": "grpo", "train.steps": 60, "train.eval_every": 20, "train.sample_every": 20,
+        "train.checkpoint_every": 10, "train.log_every": 1, "optim.lr": 2e-5, "optim.min_lr": 2e-5,
+        "optim.warmup_steps": 10, "optim.schedule": "constant", "optim.weight_decay": 0.0, "model.dropout": 0.0,
+        "rl.prompts": 8, "rl.group": 8, "rl.epochs": 2, "rl.minibatches": 4, "rl.beta": 0.04,
+    },
+    "dpo": {
+        "train.task": "dpo", "train.batch_size": 16, "train.steps": 300, "train.eval_every": 100,
+        "train.eval_batches": 100, "train.sample_every": 100, "train.checkpoint_every": 100, "train.log_every": 10,
+        "optim.lr": 2e-5, "optim.min_lr": 2e-6, "optim.warmup_steps": 20, "optim.schedule": "cosine",
+        "optim.weight_decay": 0.0, "model.dropout": 0.0, "rl.beta": 0.1,
+    },
 }

@@ -55,7 +55,8 @@ def load_run(run_dir: Path, step: int | None = None) -> LoadedRun:
     mesh = sharding.make_mesh(dataclasses.replace(cfg.mesh, data=-1, fsdp=1, tensor=1))
     # Parameters only: no optimizer (and no optimizer state is read from the checkpoint).
     task = task_for(cfg, tokenizer)
-    trainer = Trainer(cfg.model, None, None, mesh, cfg.train.seed, task=task)
+    # A run of several models is used through the one it serves (a policy: not its reference or critic).
+    trainer = Trainer(cfg.model, None, None, mesh, cfg.train.seed, task=task.served_task())
     if not (run_dir / "checkpoints").is_dir():
         raise UserError(f"{run_dir} has no checkpoint yet; train it first (`plutao train --workdir {run_dir}`)")
     checkpoints = Checkpoints(run_dir / "checkpoints", async_save=False, read_only=True)
@@ -63,6 +64,8 @@ def load_run(run_dir: Path, step: int | None = None) -> LoadedRun:
     if not steps:
         raise UserError(f"{run_dir} has no checkpoint yet; train it first (`plutao train --workdir {run_dir}`)")
     target = {"params": trainer.abstract_sharded_state()["params"]}
+    if task.served:
+        target = {"params": {task.served: target["params"]}}
     if step is None:  # the newest that can be read (an unreadable one is reported, and left as it is)
         step, state, unreadable = checkpoints.restore_newest(target, part=True)
         for bad, reason in unreadable:
@@ -81,7 +84,8 @@ def load_run(run_dir: Path, step: int | None = None) -> LoadedRun:
     if task.chat and recorded not in (None, template_hash(tokenizer)):
         raise UserError(f"{run_dir} was trained with another chat template (hash {recorded}); use the version of plutao "
                         "that trained it")
-    return LoadedRun(run_dir, cfg, tokenizer, trainer, state["params"], step, task)
+    params = state["params"][task.served] if task.served else state["params"]
+    return LoadedRun(run_dir, cfg, tokenizer, trainer, params, step, task)
 
 
 def _nested_set(tree: dict, path, value) -> None:

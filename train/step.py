@@ -206,6 +206,8 @@ class Trainer:
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": self.schedule(step), **health}
         if "nll" in sums:  # with label smoothing: the plain cross-entropy beside the smoothed loss
             metrics["loss_unsmoothed"] = sums["nll"] / denom
+        for name in self.active_task.step_metrics:
+            metrics[name] = sums[name] / denom
         new = {"params": params, "opt_state": opt_state, "step": step + 1, "health": health}
         if frozen is not None:
             new["frozen"] = frozen

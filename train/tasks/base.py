@@ -110,6 +110,12 @@ class Task:
     parents: ClassVar[frozenset[str]] = frozenset()
     parent_refusal: ClassVar[str] = ""
     decoder_only: ClassVar[str] = ""  # "what it does to a decoder", when it needs model.family=decoder
+    # Learns from its own samples (train/rl_loop.py) instead of a step-indexed data source.
+    rollouts: ClassVar[bool] = False
+    # The slot a run of several models is used by (sampling, chat, the report card); "" = its one model.
+    served: ClassVar[str] = ""
+    # Sums of `sums` besides the loss that a train step reports, each divided by the step's "count".
+    step_metrics: ClassVar[tuple[str, ...]] = ()
 
     cfg: Config
     ids: TokenIds = TokenIds()
@@ -149,6 +155,18 @@ class Task:
         """The models of the training state. One trainable "model" (the default) keeps today's layout;
         several (e.g. policy, reference, value) make `sums` receive {name: module}."""
         return {"model": ModelSlot(self.build_model)}
+
+    def served_task(self) -> Task:
+        """The task of the model a run is used through after training (itself, unless `served` names a slot)."""
+        return self
+
+    def step_rows(self) -> int:
+        """Rows per optimizer step (what must divide over the data-parallel devices)."""
+        return self.cfg.train.batch_size
+
+    def updates(self) -> int:
+        """Optimizer steps of the whole run (the learning-rate schedule's length)."""
+        return self.cfg.train.steps
 
     def optim_groups(self) -> dict[str, OptimConfig]:
         """Optimizer settings per trainable model ({} = optim.* for all of them)."""

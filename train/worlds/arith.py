@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 
 # Purposes folded into every generator's seed: each stream of the world is independent of the others.
-EQUATIONS, DIALOGUE, DEMOS, DEMOS_VAL, COMPARE, COMPARE_VAL, PROBLEMS, LABELER, K_DRAW, FEWSHOT = range(10)
+EQUATIONS, DIALOGUE, DEMOS, DEMOS_VAL, COMPARE, COMPARE_VAL, PROBLEMS, LABELER, K_DRAW, FEWSHOT, RL_PROMPTS = range(11)
 MAX_DIGITS = 5
 NUMBER = re.compile(r"-?\d+")
 
@@ -224,6 +224,14 @@ def comparison_prompt(world: World, index: int, *, held_out: bool = False) -> tu
     p = problem(rng, int(rng.integers(1, 5)))
     k = int(world.rng(K_DRAW, index * 2 + held_out).integers(world.k_min, world.k_max + 1))
     return [{"role": "user", "content": question_text(p, rng)}], p, k
+
+
+def rl_prompt(world: World, index: int) -> tuple[list[dict], Problem]:
+    """Prompt `index` of reinforcement learning: a fresh 1–4 digit question (its own seed stream, as
+    the reward model's comparisons are drawn: the questions the reward model learned to judge)."""
+    rng = world.rng(RL_PROMPTS, index)
+    p = problem(rng, int(rng.integers(1, 5)))
+    return [{"role": "user", "content": question_text(p, rng)}], p
 
 
 def evaluation_problem(world: World, digits: int, index: int) -> tuple[list[dict], Problem]:

@@ -1,0 +1,324 @@
+"""The loop of learning from rollouts (`plutao ppo`, `plutao grpo`): sample → score → update, per RL step.
+
+RL step k:
+1. sample: the prompts of step k (train/rollouts.py: PromptSource) answered by the policy with the
+   jitted KV-cache sampler, each row from its own seed (a pure function of run seed, k and row);
+2. score: one jitted forward pass of policy, reference, value and reward models over the rollout
+   (train/tasks/policy.py: score); the reward is the reward model's score or the gold checker;
+3. advantages on the host (the task: PPO's GAE over KL-shaped rewards, GRPO's group baselines);
+4. update: rl.epochs passes over the batch in rl.minibatches optimizer steps (each a train step of
+   train/step.py, the same jitted function supervised training uses);
+5. metrics of the step (metrics.jsonl: reward-model score, gold reward, KL to the reference, entropy,
+   clip fraction, approx-KL, value loss, explained variance, lengths, ratio mean/variance, time in
+   sampling vs learning), greedy held-out accuracy every train.eval_every steps, samples every
+   train.sample_every, a checkpoint every train.checkpoint_every.
+
+A checkpoint is taken between RL steps and holds every model (the frozen ones too) and, in its
+metadata, the adaptive β: a resumed run samples and updates exactly as the uninterrupted one did.
+SIGTERM/SIGINT finish the RL step in flight, save and exit; SIGKILL loses at most the steps since the
+last checkpoint.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from plutao.model.sampling import to_host
+from plutao.tokenizer.chat import template_hash
+from plutao.train import rl
+from plutao.train.batches import sharded_batch
+from plutao.train.checkpoint import Checkpoints
+from plutao.train.distributed import any_process
+from plutao.train.errors import NonFiniteError, UserError
+from plutao.train.metrics import MetricsLog, plot_rewards
+from plutao.train.rewards import read_offset
+from plutao.train.rollouts import PromptSource, Rollout, row_seeds, sample
+from plutao.train.run import init_from_parent, merge_params
+from plutao.train.worlds import arith
+
+SCORED_KEYS = ("tokens", "targets", "rm_tokens", "rm_index")
+
+
+def _log(msg: str) -> None:
+    if jax.process_index() == 0:
+        tqdm.write(msg, file=sys.stderr)
+
+
+def reward_spec(cfg) -> tuple[Path, int]:
+    """The reward-model run (and its newest checkpoint) that rl.reward names."""
+    path = Path(cfg.rl.reward)
+    steps = sorted(int(d.name) for d in (path / "checkpoints").iterdir() if d.name.isdigit()) if (
+        path / "checkpoints").is_dir() else []
+    if not steps:
+        raise UserError(f"--reward {path}: that run has no checkpoint; train it with `plutao reward` first")
+    return path, steps[-1]
+
+
+def load_parents(trainer, state: dict, cfg, fingerprint: str) -> tuple[dict, dict]:
+    """Policy and reference from the SFT run, value model and reward model from the reward run; the
+    lineage to record."""
+    target = trainer.abstract_sharded_state()
+    sft = cfg.train.init_from
+
+    def restored(tree, spec, what):
+        params, lineage = init_from_parent(tree, spec, fingerprint, cfg.model)
+        if lineage["fresh"]:
+            raise UserError(f"{spec} lacks {', '.join(lineage['fresh'][:3])} for the {what}; give a run of the right kind")
+        return params, lineage
+
+    policy, lineage = restored(target["params"]["policy"], sft, "policy")
+    params = {"policy": merge_params(state["params"]["policy"], policy)}
+    frozen = {"reference": restored(target["frozen"]["reference"], sft, "reference")[0]}
+    if "reward" in trainer.slots:
+        rm_dir, rm_step = reward_spec(cfg)
+        spec = f"{rm_dir.absolute()}:{rm_step}"
+        frozen["reward"], rm_lineage = restored(target["frozen"]["reward"], spec, "reward model")
+        lineage["reward"] = {"parent": rm_lineage["parent"], "step": rm_step, "config_hash": rm_lineage["config_hash"],
+                             "offset": read_offset(rm_dir, rm_step)}
+        if "value" in trainer.slots:
+            params["value"] = restored(target["params"]["value"], spec, "value model")[0]
+    for name in params.keys() | frozen.keys():
+        assert name in trainer.slots, name
+    return {**state, "params": params, "frozen": frozen}, lineage
+
+
+@functools.cache
+def _score_step(trainer):
+    """The jitted scoring pass: (params, frozen, batch) → per-token and per-row arrays, replicated."""
+    from plutao.train import batches as batches_lib
+    from plutao.train import sharding
+    from plutao.train.tasks.policy import RL_AXES
+
+    axes = {"tokens": ("batch", "length"), "targets": ("batch", "length"), **RL_AXES}
+    sh = batches_lib.shardings({k: axes[k] for k in SCORED_KEYS}, trainer.mesh)
+    state_sh = trainer.state_shardings
+
+    def score(params, frozen, batch):
+        return trainer.active_task.score(trainer._modules(params, frozen), batch, trainer.constrain)
+
+    return jax.jit(score, in_shardings=(state_sh["params"], state_sh["frozen"], sh),
+                   out_shardings=sharding.replicated(trainer.mesh)), axes
+
+
+def _sharded(arrays: dict, axes: dict, mesh) -> dict:
+    shapes = {k: v.shape for k, v in arrays.items()}
+    return sharded_batch(lambda rows: {k: v[rows] for k, v in arrays.items()}, shapes, axes, mesh)
+
+
+def _policy(trainer, state):
+    return trainer.model(trainer.inference_params(state))[trainer.active_task.served]
+
+
+def evaluate_policy(policy, tokenizer, source: PromptSource, cfg) -> dict:
+    """Greedy replies to the held-out problems: accuracy (by digit count for the world), format, length."""
+    prompts = source.held_out(cfg.rl.eval_problems)
+    if not prompts:
+        return {}
+    out = sample(policy, tokenizer, prompts, [0] * len(prompts), context=cfg.model.context_length,
+                 max_new_tokens=cfg.rl.max_new_tokens, temperature=0.0)
+    gold = out.gold()
+    result = {"accuracy": float(np.nanmean(gold)), "format_ok": float(out.ended.mean()),
+              "mean_length": float(out.lengths.mean())}
+    digits = np.array([p.digits for p in prompts])
+    if digits.any():
+        result["accuracy_by_digits"] = {str(d): float(np.nanmean(gold[digits == d]))
+                                        for d in range(1, arith.MAX_DIGITS + 1) if (digits == d).any()}
+    return result
+
+
+def rollout_metrics(roll: Rollout, scored: dict, rm_score: np.ndarray | None, gold: np.ndarray) -> dict:
+    mask = roll.loss_weights
+    n_tok = max(float(mask.sum()), 1.0)
+    gap = np.abs(scored["logprobs"] - roll.sampler_logprobs) * mask
+    kl_row = (scored["kl"] * mask).sum(1)
+    k3_row = (np.asarray(rl.kl_k3(scored["logprobs"], scored["ref_logprobs"])) * mask).sum(1)
+    out = {"kl": float(kl_row.mean()), "kl_k3": float(k3_row.mean()),
+           "entropy": float((scored["entropy"] * mask).sum() / n_tok),
+           "mean_length": float(roll.lengths.mean()), "ended": float(roll.ended.mean()),
+           "logprob_gap": float(gap.max())}
+    if rm_score is not None:
+        out["rm_score"] = float(rm_score.mean())
+    if np.isfinite(gold).any():
+        out["gold_reward"] = float(np.nanmean(gold))
+    return out
+
+
+def _format(m: dict) -> str:
+    parts = [f"{k} {m[k]:.3f}" for k in ("rm_score", "gold_reward", "kl", "entropy", "mean_length") if k in m]
+    return ", ".join(parts)
+
+
+def train_rl(p, run_dir: Path, saved: dict | None, write_run_files, quiet: bool, allow_changed) -> dict:
+    from plutao.train.loop import StopFlag, experiment_changes, _short
+
+    cfg, trainer, task, tok = p.cfg, p.trainer, p.task, p.tokenizer
+    r, t = cfg.rl, cfg.train
+    main = jax.process_index() == 0
+    source: PromptSource = p.batches
+    own = run_dir / "checkpoints"
+    history_entry = None
+    lineage = None
+    fresh = not (own.is_dir() and any(d.name.isdigit() for d in own.iterdir()))
+    if fresh:  # (the parents are read, and refused if they do not fit, before anything is written)
+        state, lineage = load_parents(trainer, trainer.init_state(), cfg, tok.fingerprint)
+    checkpoints = Checkpoints(own, keep=t.keep_checkpoints)
+    if not fresh:
+        changes = experiment_changes(saved, cfg) if saved else {}
+        refused = sorted(set(changes) - set(allow_changed))
+        if refused:
+            listed = ", ".join(f"{k} {_short(changes[k][0])} → {_short(changes[k][1])}" for k in refused)
+            raise UserError(f"{run_dir} was trained as a different experiment ({listed}); resume it with its own "
+                            f"settings, use another --workdir, or pass --allow-changed {' '.join(refused)}")
+        agree = any_process if jax.process_count() > 1 else (lambda failed: failed)
+        latest, restored, unreadable = checkpoints.restore_newest(trainer.checkpoint_target(), agree)
+        for bad_step, reason in unreadable:
+            moved = checkpoints.set_aside(bad_step) if main else None
+            _log(f"checkpoint {bad_step} cannot be read ({reason}); kept as {moved}, resuming from checkpoint {latest}")
+        meta = checkpoints.metadata(latest)
+        state = trainer.resumed_state(restored, int(meta.get("nonfinite_steps", 0)))
+        beta, step, spent_before = float(meta["beta"]), latest, float(meta.get("train_seconds", 0.0))
+        offset = float((saved or {}).get("lineage", {}).get("reward", {}).get("offset", 0.0))
+        recorded = (saved or {}).get("lineage", {}).get("template_hash")
+        if recorded not in (None, template_hash(tok)):
+            raise UserError(f"{run_dir} was trained with another chat template (hash {recorded}); resume it with the "
+                            "version of plutao that made it, or use a new --workdir")
+        _log(f"resumed from {run_dir}/checkpoints/{latest}")
+        if changes:
+            history_entry = {"step": latest, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": sys.argv,
+                             "changes": {k: list(v) for k, v in changes.items()}}
+    else:
+        lineage["template_hash"] = template_hash(tok)
+        beta, step, spent_before = r.beta, 0, 0.0
+        offset = lineage.get("reward", {}).get("offset", 0.0)
+        _log(f"policy and reference from {lineage['parent']} step {lineage['step']}"
+             + (f"; reward model {lineage['reward']['parent']} step {lineage['reward']['step']}" if "reward" in lineage
+                else "; reward: the gold checker"))
+    write_run_files(history_entry, lineage)
+    rows = r.prompts * r.group
+    _log(f"plutao {task.name}: {p.data_summary}; {r.epochs} epochs × {r.minibatches} minibatches of "
+         f"{task.step_rows()} rows per step; mesh {dict(trainer.mesh.shape)}; steps {step}→{t.steps}")
+
+    score_step, axes = _score_step(trainer)
+    batch_axes = task.batch_axes
+    metrics_log = MetricsLog(run_dir, enabled=main, start_step=step)
+    budget_start = time.perf_counter()
+    last_eval: dict = {}
+
+    def spent():
+        return spent_before + time.perf_counter() - budget_start
+
+    def save(at):
+        health = to_host(state["health"]["nonfinite_steps"])
+        checkpoints.save(at, {k: state[k] for k in trainer.checkpointed},
+                         {"val_loss": None, "train_seconds": spent(), "nonfinite_steps": int(health), "beta": beta})
+
+    def evaluation(at):
+        nonlocal last_eval
+        last_eval = evaluate_policy(_policy(trainer, state), tok, source, cfg)
+        if last_eval:
+            metrics_log.write({"step": at, "split": "val", **last_eval})
+            by = last_eval.get("accuracy_by_digits", {})
+            _log(f"step {at}: held-out greedy accuracy {last_eval['accuracy']:.3f}"
+                 + (" (" + ", ".join(f"{d}d {a:.2f}" for d, a in by.items()) + ")" if by else "")
+                 + f", format {last_eval['format_ok']:.3f}")
+
+    try:
+        if step == 0 and t.eval_every:
+            evaluation(0)
+        with StopFlag() as stop, tqdm(total=t.steps, initial=step, disable=quiet or not main or step >= t.steps,
+                                      unit="step", dynamic_ncols=True, file=sys.stderr) as bar:
+            last_step = min(t.steps, t.stop_at_step) if t.stop_at_step else t.steps
+            while step < last_step and not stop.agreed(step, 1, bool(t.max_seconds) and spent() >= t.max_seconds):
+                t0 = time.perf_counter()
+                policy = _policy(trainer, state)
+                prompts = [q for q in source.step(step, r.prompts) for _ in range(r.group)]
+                roll = sample(policy, tok, prompts, row_seeds(t.seed, step, rows), context=cfg.model.context_length,
+                              max_new_tokens=r.max_new_tokens, temperature=r.temperature)
+                t1 = time.perf_counter()
+                arrays = {"tokens": roll.tokens, "targets": roll.targets, "rm_tokens": roll.rm_tokens,
+                          "rm_index": roll.rm_index}
+                scored = jax.tree.map(to_host, score_step(state["params"], state["frozen"],
+                                                          _sharded(arrays, axes, trainer.mesh)))
+                mask = roll.loss_weights
+                scored = {k: np.asarray(v) for k, v in scored.items()}
+                old = scored["logprobs"] * mask
+                gold = roll.gold()
+                rm_score = scored["rm_score"] - offset if "rm_score" in scored else None
+                scores = rm_score if rm_score is not None else gold
+                if not np.isfinite(scores).all():
+                    raise UserError(f"{source.name}: --reward gold needs every prompt to carry an answer")
+                extra, adv_metrics = task.advantages(
+                    roll, {"old_logprobs": old, "ref_logprobs": scored["ref_logprobs"] * mask,
+                           **({"values": scored["values"]} if "values" in scored else {})}, scores, beta)
+                full = {"tokens": roll.tokens, "targets": roll.targets, "loss_weights": mask, **extra}
+                full = {k: np.asarray(full[k]) for k in task.batch_keys}
+                t2 = time.perf_counter()
+                rng = np.random.default_rng([t.seed, 0xA11, step])
+                per = task.step_rows()
+                sums: dict[str, float] = {}
+                for _ in range(r.epochs):
+                    order = rng.permutation(rows)
+                    for mb in range(r.minibatches):
+                        idx = np.sort(order[mb * per:(mb + 1) * per])
+                        state, m = trainer.train_step(state, _sharded({k: v[idx] for k, v in full.items()},
+                                                                      batch_axes, trainer.mesh))
+                        for k, v in m.items():
+                            sums[k] = sums.get(k, 0.0) + v  # (device scalars: one transfer at the end)
+                n_updates = r.epochs * r.minibatches
+                learned = {k: float(to_host(v)) / n_updates for k, v in sums.items()}
+                t3 = time.perf_counter()
+                if int(to_host(state["health"]["first_nonfinite"])):
+                    raise NonFiniteError(f"the loss or gradient norm became NaN/inf at RL step {step + 1}; not saving "
+                                         "that state; lower optim.lr or rl.clip")
+                step += 1
+                real_tokens = float((roll.tokens != tok.pad_id).sum())
+                m = {"step": step, "split": "train", **rollout_metrics(roll, scored, rm_score, gold), **adv_metrics,
+                     "loss": learned["loss"], "grad_norm": learned["grad_norm"], "lr": learned["lr"],
+                     **{k: learned[k] for k in task.step_metrics if k not in ("ratio", "ratio_sq")},
+                     "ratio_mean": learned["ratio"], "ratio_var": max(learned["ratio_sq"] - learned["ratio"] ** 2, 0.0),
+                     "beta": beta, "sample_seconds": t1 - t0, "score_seconds": t2 - t1, "learn_seconds": t3 - t2,
+                     "rollout_tokens_per_sec": float(roll.lengths.sum()) / max(t1 - t0, 1e-9),
+                     "train_tokens_per_sec": real_tokens * r.epochs / max(t3 - t2, 1e-9)}
+                metrics_log.write(m)
+                bar.set_postfix_str(_format(m), refresh=False)
+                bar.update(1)
+                if r.target_kl:
+                    beta = rl.adaptive_beta(beta, m["kl"], r.target_kl, rows, r.kl_horizon)
+                if t.sample_every and step % t.sample_every == 0:
+                    shown = [f"{q.messages[-1]['content']} → {x!r}" + (f" (RM {s:+.2f})" if rm_score is not None else "")
+                             + (f" gold {g:.0f}" if np.isfinite(g) else "")
+                             for q, x, s, g in list(zip(roll.prompts, roll.replies, scores, gold))[:4]]
+                    metrics_log.write({"step": step, "sample": "\n".join(shown)})
+                    _log(f"--- step {step}: {_format(m)} ---\n" + "\n".join(shown))
+                if t.eval_every and step % t.eval_every == 0 and step < t.steps:
+                    evaluation(step)
+                if step % t.checkpoint_every == 0 and step < t.steps:
+                    save(step)
+            if step < t.steps and not (t.max_seconds and spent() >= t.max_seconds and stop.signal is None):
+                save(step)
+                checkpoints.close()
+                why = f"stopped by signal {stop.signal}" if stop.signal is not None else "reached train.stop_at_step"
+                _log(f"{why} at step {step}; checkpoint saved in {run_dir}/checkpoints/{step}. "
+                     "Run the same command again to resume.")
+                return {"interrupted": True, "step": step, "run_dir": str(run_dir)}
+            if step > (checkpoints.latest_step() or 0):
+                evaluation(step)
+                save(step)
+            checkpoints.close()
+    finally:
+        metrics_log.close()
+    plot = plot_rewards(run_dir) if main else None
+    _log(f"done: step {step}; held-out accuracy {last_eval.get('accuracy', float('nan')):.3f}\n"
+         f"  checkpoint: {run_dir / 'checkpoints' / str(step)}\n  metrics and samples: {run_dir / 'metrics.jsonl'}"
+         f"\n  plot: {plot}")
+    return {"step": step, "run_dir": str(run_dir), "checkpoint": str(run_dir / "checkpoints" / str(step)),
+            "train_seconds": spent(), "plot": str(plot) if plot else None,
+            **{f"val_{k}": v for k, v in last_eval.items()}}
+

@@ -1,0 +1,53 @@
+"""GRPO and RLOO: G replies per prompt, each reply's advantage measured against its own group, no
+value model (DeepSeekMath's GRPO; Ahmadian et al.'s RLOO).
+
+The reward of a reply is the reward model's score (`--reward RM_RUN`: learned preferences, "RLHF")
+or the world's checker (`--reward gold`: 1 for a correct answer that ends with <|end|>, else 0 —
+reinforcement learning from verifiable rewards). rl.baseline="group": A = (r − mean)/(std + ε) over
+the group; "rloo": A = r − the mean of the other G − 1. A group whose replies all score the same
+teaches nothing (A = 0, never NaN). Every token of a reply carries its reply's advantage; the loss is
+the clipped ratio plus β·k3(π‖π_ref) per token (train/rl.py), a mean over the minibatch's reply tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+from plutao.model.layers import no_constraint
+from plutao.train import rl
+from plutao.train.tasks.policy import PolicyGradient
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class GRPO(PolicyGradient):
+    name = "grpo"
+    label = "GRPO"
+    batch_keys = ("tokens", "targets", "loss_weights", "old_logprobs", "ref_logprobs", "advantages")
+    step_metrics = PolicyGradient.step_metrics + ("kl_loss",)
+
+    @classmethod
+    def problems(cls, cfg):
+        out = super().problems(cfg)
+        if cfg.rl.group < 2:
+            out.append(f"GRPO compares G ≥ 2 replies per prompt; rl.group={cfg.rl.group} (e.g. --group 8)")
+        return out
+
+    def advantages(self, rollout, scored, scores, beta):
+        r = self.cfg.rl
+        s = np.asarray(scores, np.float32).reshape(r.prompts, r.group)
+        adv_B = np.asarray(rl.group_advantages(jnp.asarray(s), r.baseline)).reshape(-1)
+        mask = rollout.loss_weights
+        batch = {"old_logprobs": scored["old_logprobs"], "ref_logprobs": scored["ref_logprobs"],
+                 "advantages": (adv_B[:, None] * mask).astype(np.float32)}
+        spread = s.std(axis=1)
+        return batch, {"groups_without_signal": float(np.mean(spread == 0)), "group_std": float(spread.mean())}
+
+    def sums(self, models, batch, key, *, train, constrain=no_constraint):
+        logp, _, sums = self.policy_terms(models, batch, constrain)
+        m = batch["loss_weights"]
+        sums["kl_loss"] = (rl.kl_k3(logp, batch["ref_logprobs"]) * m).sum()
+        sums["loss"] = sums["pg_loss"] + self.cfg.rl.beta * sums["kl_loss"]
+        return sums
