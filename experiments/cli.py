@@ -10,7 +10,6 @@ import argparse
 import sys
 
 from plutao.experiments.commands.assistant import cmd_reward, cmd_sft
-from plutao.experiments.commands.rl import cmd_grpo, cmd_ppo
 from plutao.experiments.commands.benchmarks import cmd_bench, cmd_bench_baselines, cmd_bench_sweep
 from plutao.experiments.commands.chat import cmd_chat
 from plutao.experiments.commands.evaluation import (
@@ -22,6 +21,7 @@ from plutao.experiments.commands.evaluation import (
 )
 from plutao.experiments.commands.inspection import cmd_analogy, cmd_attention, cmd_neighbors, cmd_tokenize
 from plutao.experiments.commands.report_card import cmd_report_card
+from plutao.experiments.commands.rl import cmd_dpo, cmd_grpo, cmd_ppo
 from plutao.experiments.commands.scale import (
     cmd_bench_scaling,
     cmd_launch,
@@ -217,6 +217,18 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--quiet", action="store_true")
     gr.add_argument("--json", action="store_true")
     gr.set_defaults(fn=cmd_grpo)
+
+    dp = sub.add_parser("dpo", help="DPO: the SFT policy learns from preference pairs directly (no reward model)")
+    dp.add_argument("sft_run", help="the --workdir of a `plutao sft` run (policy and reference)")
+    dp.add_argument("overrides", nargs="*", help="section.key=value overrides (after the stage's defaults)")
+    dp.add_argument("--workdir", required=True, help="the new run's directory (re-running resumes it)")
+    dp.add_argument("--data", default="builtin:arith", help="builtin:arith (replies sampled from the SFT run and "
+                    "ranked by the world's labeler, as `plutao reward` does) or a .jsonl of pairs/ranked lists")
+    dp.add_argument("--beta", type=float, help="the loss's β (default 0.1)")
+    dp.add_argument("--step", type=int, help="the SFT run's checkpoint (default: its latest)")
+    dp.add_argument("--quiet", action="store_true")
+    dp.add_argument("--json", action="store_true")
+    dp.set_defaults(fn=cmd_dpo)
 
     ch = sub.add_parser("chat", help="chat with a run in the terminal (reads one message per line when piped)")
     ch.add_argument("run_dir")

@@ -224,3 +224,66 @@ class RankedBatches:
 
     def epochs_consumed(self, steps: int) -> dict[str, float]:
         return {self.name: steps * self.global_batch / len(self.train_items)}
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedPair:
+    """A preference pair as two right-padded sequences (chosen first) of width T + 1, where each reply
+    starts and ends (its predicted positions are [start, stop)), and the reference log-probs."""
+
+    tokens: np.ndarray  # (2, T + 1) int32
+    start: np.ndarray  # (2,) int32
+    stop: np.ndarray  # (2,) int32
+    reference: np.ndarray  # (2,) float32: Σ log π_ref over the reply (0 until computed)
+
+
+def encode_pair(prompt_ids: list[int], replies: list[list[int]], width: int, pad_id: int,
+                reference=(0.0, 0.0)) -> EncodedPair:
+    """Prompt + each reply, right-padded to `width` + 1 tokens; a pair longer than that loses its oldest
+    prompt tokens (both replies are kept whole)."""
+    tokens = np.full((2, width + 1), pad_id, np.int32)
+    start, stop = np.zeros(2, np.int32), np.zeros(2, np.int32)
+    for k, reply in enumerate(replies):
+        keep = max(width + 1 - len(reply), 1)
+        seq = (list(prompt_ids)[-keep:] + list(reply))[:width + 1]
+        tokens[k, :len(seq)] = seq
+        start[k], stop[k] = len(seq) - len(reply) - 1, len(seq) - 1
+    return EncodedPair(tokens, start, stop, np.asarray(reference, np.float32))
+
+
+class PreferencePairs(RankedBatches):
+    """DPO's data source: rows (B, 2, T + 4) = the pair's tokens (T + 1), start, stop and the reference
+    log-prob (float32 bits in an int32 column, so a row stays one integer array); empty rows (past the
+    end of the held-out set) have start = stop = 0. One permutation of the pairs per epoch."""
+
+    def __init__(self, train: list[EncodedPair], val: list[EncodedPair], width: int, global_batch: int,
+                 seed: int, pad_id: int, name: str = "pairs"):
+        if not train or not val:
+            raise UserError("DPO needs at least one training and one held-out preference pair")
+        super().__init__(train, val, width, global_batch, 2, seed, pad_id, name)
+
+    def _row(self, item: EncodedPair) -> np.ndarray:
+        W = self.context + 1
+        out = np.zeros((2, W + 3), np.int32)
+        out[:, :W], out[:, W], out[:, W + 1] = item.tokens, item.start, item.stop
+        out[:, W + 2] = item.reference.astype(np.float32).view(np.int32)
+        return out
+
+    @property
+    def shape(self):
+        return self.global_batch, 2, self.context + 4
+
+    def ordered_rows(self, items: list[EncodedPair]) -> np.ndarray:
+        return np.stack([self._row(x) for x in items])
+
+    def val_rows(self, index: int, rows: slice = slice(None)) -> np.ndarray:
+        picked = range(*rows.indices(self.global_batch))
+        out = np.stack([self._row(self.val_items[(index * self.global_batch + r) % len(self.val_items)])
+                        for r in picked])
+        for j, r in enumerate(picked):
+            if index * self.global_batch + r >= len(self.val_items):
+                out[j, :, self.context + 1:self.context + 3] = 0
+        return out
+
+    def tokens_per_step(self, step: int) -> int:
+        return int(sum((self._item(step * self.global_batch + r).stop + 1).sum() for r in range(self.global_batch)))

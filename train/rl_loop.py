@@ -112,6 +112,42 @@ def _sharded(arrays: dict, axes: dict, mesh) -> dict:
     return sharded_batch(lambda rows: {k: v[rows] for k, v in arrays.items()}, shapes, axes, mesh)
 
 
+def score_rollout(trainer, state: dict, roll: Rollout) -> dict:
+    """The scoring pass over a rollout, on the host: per-token log-probs (policy, reference), exact KL,
+    entropy, values (PPO), the reward model's raw score (when there is one)."""
+    score_step, axes = _score_step(trainer)
+    arrays = {"tokens": roll.tokens, "targets": roll.targets, "rm_tokens": roll.rm_tokens, "rm_index": roll.rm_index}
+    scored = score_step(state["params"], state["frozen"], _sharded(arrays, axes, trainer.mesh))
+    return {k: np.asarray(to_host(v)) for k, v in scored.items()}
+
+
+def update(trainer, state: dict, roll: Rollout, scored: dict, scores: np.ndarray, beta: float, seed: int,
+           step: int) -> tuple[dict, dict, dict]:
+    """Advantages from the scores (the task's), then rl.epochs passes of rl.minibatches train steps.
+    Returns (state, mean step metrics, the advantages' metrics)."""
+    task, r = trainer.active_task, trainer.active_task.cfg.rl
+    mask = roll.loss_weights
+    inputs = {"old_logprobs": scored["logprobs"] * mask, "ref_logprobs": scored["ref_logprobs"] * mask}
+    if "values" in scored:
+        inputs["values"] = scored["values"]
+    extra, adv_metrics = task.advantages(roll, inputs, scores, beta)
+    full = {"tokens": roll.tokens, "targets": roll.targets, "loss_weights": mask, **extra}
+    full = {k: np.asarray(full[k]) for k in task.batch_keys}
+    rng = np.random.default_rng([seed, 0xA11, step])
+    per, rows = task.step_rows(), roll.n
+    sums: dict = {}
+    for _ in range(r.epochs):
+        order = rng.permutation(rows)
+        for mb in range(r.minibatches):
+            idx = np.sort(order[mb * per:(mb + 1) * per])
+            state, m = trainer.train_step(state, _sharded({k: v[idx] for k, v in full.items()}, task.batch_axes,
+                                                          trainer.mesh))
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + v  # (device scalars: one transfer at the end)
+    n = r.epochs * r.minibatches
+    return state, {k: float(to_host(v)) / n for k, v in sums.items()}, adv_metrics
+
+
 def _policy(trainer, state):
     return trainer.model(trainer.inference_params(state))[trainer.active_task.served]
 
@@ -156,7 +192,7 @@ def _format(m: dict) -> str:
 
 
 def train_rl(p, run_dir: Path, saved: dict | None, write_run_files, quiet: bool, allow_changed) -> dict:
-    from plutao.train.loop import StopFlag, experiment_changes, _short
+    from plutao.train.loop import StopFlag, _short, experiment_changes
 
     cfg, trainer, task, tok = p.cfg, p.trainer, p.task, p.tokenizer
     r, t = cfg.rl, cfg.train
@@ -205,8 +241,6 @@ def train_rl(p, run_dir: Path, saved: dict | None, write_run_files, quiet: bool,
     _log(f"plutao {task.name}: {p.data_summary}; {r.epochs} epochs × {r.minibatches} minibatches of "
          f"{task.step_rows()} rows per step; mesh {dict(trainer.mesh.shape)}; steps {step}→{t.steps}")
 
-    score_step, axes = _score_step(trainer)
-    batch_axes = task.batch_axes
     metrics_log = MetricsLog(run_dir, enabled=main, start_step=step)
     budget_start = time.perf_counter()
     last_eval: dict = {}
@@ -242,37 +276,14 @@ def train_rl(p, run_dir: Path, saved: dict | None, write_run_files, quiet: bool,
                 roll = sample(policy, tok, prompts, row_seeds(t.seed, step, rows), context=cfg.model.context_length,
                               max_new_tokens=r.max_new_tokens, temperature=r.temperature)
                 t1 = time.perf_counter()
-                arrays = {"tokens": roll.tokens, "targets": roll.targets, "rm_tokens": roll.rm_tokens,
-                          "rm_index": roll.rm_index}
-                scored = jax.tree.map(to_host, score_step(state["params"], state["frozen"],
-                                                          _sharded(arrays, axes, trainer.mesh)))
-                mask = roll.loss_weights
-                scored = {k: np.asarray(v) for k, v in scored.items()}
-                old = scored["logprobs"] * mask
+                scored = score_rollout(trainer, state, roll)
                 gold = roll.gold()
                 rm_score = scored["rm_score"] - offset if "rm_score" in scored else None
                 scores = rm_score if rm_score is not None else gold
                 if not np.isfinite(scores).all():
                     raise UserError(f"{source.name}: --reward gold needs every prompt to carry an answer")
-                extra, adv_metrics = task.advantages(
-                    roll, {"old_logprobs": old, "ref_logprobs": scored["ref_logprobs"] * mask,
-                           **({"values": scored["values"]} if "values" in scored else {})}, scores, beta)
-                full = {"tokens": roll.tokens, "targets": roll.targets, "loss_weights": mask, **extra}
-                full = {k: np.asarray(full[k]) for k in task.batch_keys}
                 t2 = time.perf_counter()
-                rng = np.random.default_rng([t.seed, 0xA11, step])
-                per = task.step_rows()
-                sums: dict[str, float] = {}
-                for _ in range(r.epochs):
-                    order = rng.permutation(rows)
-                    for mb in range(r.minibatches):
-                        idx = np.sort(order[mb * per:(mb + 1) * per])
-                        state, m = trainer.train_step(state, _sharded({k: v[idx] for k, v in full.items()},
-                                                                      batch_axes, trainer.mesh))
-                        for k, v in m.items():
-                            sums[k] = sums.get(k, 0.0) + v  # (device scalars: one transfer at the end)
-                n_updates = r.epochs * r.minibatches
-                learned = {k: float(to_host(v)) / n_updates for k, v in sums.items()}
+                state, learned, adv_metrics = update(trainer, state, roll, scored, scores, beta, t.seed, step)
                 t3 = time.perf_counter()
                 if int(to_host(state["health"]["first_nonfinite"])):
                     raise NonFiniteError(f"the loss or gradient norm became NaN/inf at RL step {step + 1}; not saving "

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from plutao.experiments.commands.assistant import _check_not_other_parent, _summary, check_parent, stage_config
+from plutao.experiments.commands.assistant import (
+    _check_not_other_parent,
+    _summary,
+    check_parent,
+    stage_config,
+)
 from plutao.train.errors import UserError
 from plutao.train.rundir import existing_run_config
 
@@ -69,3 +74,100 @@ def cmd_grpo(args) -> int:
     run_dir = Path(args.workdir)
     _check_not_other_parent(run_dir, cfg)
     return _summary(args, train(cfg, run_dir, quiet=args.quiet))
+
+
+def cmd_dpo(args) -> int:
+    """`plutao dpo SFT_RUN --workdir DIR [--data builtin:arith|FILE.jsonl] [--beta B]`: the rankings
+    (for builtin:arith sampled from the SFT run exactly as `plutao reward` samples them, so both stages
+    learn from the same comparisons), their pairs with the SFT model's log-probs, then the training."""
+    from plutao.experiments.commands.assistant import make_comparisons
+    from plutao.train.loop import train
+
+    parent = Path(args.sft_run)
+    check_parent("dpo", parent)
+    run_dir = Path(args.workdir)
+    pairs_dir = run_dir / "pairs"
+    data = {"data.path": str((pairs_dir / "train.jsonl").absolute()),
+            "data.val_path": str((pairs_dir / "val.jsonl").absolute())}
+    extra = {"rl.beta": args.beta} if args.beta is not None else {}
+    if args.beta is not None and args.beta <= 0:
+        raise UserError(f"--beta must be > 0 (the loss's inverse temperature), got {args.beta}")
+    cfg, _ = stage_config(parent, "dpo", data | extra, args.step, list(args.overrides))
+    _check_not_other_parent(run_dir, cfg)
+    if args.data == "builtin:arith":
+        source = run_dir / "comparisons"
+        make_comparisons(parent, args.step, cfg, run_dir)
+        rankings = _read_split(source / "train.jsonl"), _read_split(source / "val.jsonl")
+    else:
+        from plutao.train.config import DataConfig
+        from plutao.train.conversations import read_rankings, with_held_out
+
+        path = str(Path(args.data).absolute())
+        train_r, val_r, _ = with_held_out(read_rankings(path), read_rankings, path, DataConfig(path=path), "ranking(s)")
+        rankings = train_r, val_r
+    write_pairs(parent, args.step, cfg, pairs_dir, *rankings)
+    return _summary(args, train(cfg, run_dir, quiet=args.quiet))
+
+
+def _read_split(path: Path):
+    from plutao.train.conversations import read_rankings
+
+    return read_rankings(path)
+
+
+def write_pairs(parent: Path, step: int | None, cfg, folder: Path, train_rankings, val_rankings) -> None:
+    """RUN_DIR/pairs/{train,val}.jsonl: the rankings' pairs, each with the SFT model's log-probs of both
+    replies (computed once, by the function the DPO loss uses). Kept when they exist for this parent."""
+    import dataclasses
+    import json
+
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from plutao.train.conversations import write_jsonl
+    from plutao.train.loop import log
+    from plutao.train.run import load_run
+    from plutao.train.tasks import task_for
+    from plutao.train.tasks.dpo import encode_pairs, pairs_of
+
+    info = {"parent": cfg.train.init_from, "rankings": [len(train_rankings), len(val_rankings)]}
+    try:
+        if json.loads((folder / "info.json").read_text()) == info:
+            return
+    except (OSError, json.JSONDecodeError):
+        pass
+    sft = load_run(parent, step)
+    task = task_for(dataclasses.replace(cfg, model=sft.cfg.model), sft.tokenizer)
+    graphdef, params = nnx.split(sft.model)
+    score = jax.jit(lambda p, b: task.sequence_logprobs(nnx.merge(graphdef, p), b))
+    out = {}
+    for split, rankings in (("train", train_rankings), ("val", val_rankings)):
+        pairs = pairs_of(rankings)
+        if not pairs:
+            raise UserError(f"the {split} rankings hold no two replies of different rank: nothing to prefer")
+        encoded, width = encode_pairs(pairs, sft.tokenizer, cfg.model.context_length)
+        from plutao.train.chat_batches import PreferencePairs
+
+        rows = PreferencePairs(encoded, encoded[:1], width, 1, 0, sft.tokenizer.pad_id)
+        ref = np.zeros((len(pairs), 2), np.float32)
+        batch = 64
+        for lo in range(0, len(pairs), batch):
+            part = rows.ordered_rows(encoded[lo:lo + batch])
+            n = len(part)
+            part = np.concatenate([part, np.repeat(part[-1:], batch - n, 0)]) if n < batch else part
+            ref[lo:lo + n] = np.asarray(score(params, task.named(part)))[:n]
+        log(f"{split}: {len(pairs):,} pairs from {len(rankings):,} rankings; reference log-probs computed")
+        out[split] = [{"prompt": p.prompt, "chosen": p.responses[0], "rejected": p.responses[1],
+                       "meta": p.meta | {"reference_logprobs": [float(a), float(b)]}}
+                      for p, (a, b) in zip(pairs, ref)]
+    if jax.process_index() == 0:
+        for split, lines in out.items():
+            write_jsonl(folder / f"{split}.jsonl", lines)
+        tmp = folder / "info.json.tmp"
+        tmp.write_text(json.dumps(info))
+        tmp.replace(folder / "info.json")
+    if jax.process_count() > 1:
+        from plutao.train.distributed import any_process
+
+        any_process(False)

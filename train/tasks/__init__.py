@@ -11,8 +11,9 @@ from plutao.tokenizer import Tokenizer
 from plutao.train.config import Config, OptimConfig, TrainConfig
 from plutao.train.tasks.base import Data, Task, TokenIds
 from plutao.train.tasks.causal_lm import CausalLM, RecurrentLM
-from plutao.train.tasks.masked_lm import MaskedLM
+from plutao.train.tasks.dpo import DPO
 from plutao.train.tasks.grpo import GRPO
+from plutao.train.tasks.masked_lm import MaskedLM
 from plutao.train.tasks.ngram import NGram
 from plutao.train.tasks.ppo import PPO
 from plutao.train.tasks.reward import RewardModel
@@ -20,7 +21,7 @@ from plutao.train.tasks.sft import SFT
 from plutao.train.tasks.translation import Translation
 
 TASKS: dict[str, type[Task]] = {t.name: t for t in (CausalLM, RecurrentLM, MaskedLM, Translation, NGram, SFT,
-                                                    RewardModel, PPO, GRPO)}
+                                                    RewardModel, PPO, GRPO, DPO)}
 FAMILY_TASK = {"decoder": "causal_lm", "lstm": "recurrent_lm", "gru": "recurrent_lm", "rnn": "recurrent_lm",
                "encoder": "masked_lm", "encoder_decoder": "translation", "ngram": "ngram"}
 

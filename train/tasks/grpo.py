@@ -46,7 +46,7 @@ class GRPO(PolicyGradient):
         return batch, {"groups_without_signal": float(np.mean(spread == 0)), "group_std": float(spread.mean())}
 
     def sums(self, models, batch, key, *, train, constrain=no_constraint):
-        logp, _, sums = self.policy_terms(models, batch, constrain)
+        logp, sums = self.policy_terms(models, batch, constrain)
         m = batch["loss_weights"]
         sums["kl_loss"] = (rl.kl_k3(logp, batch["ref_logprobs"]) * m).sum()
         sums["loss"] = sums["pg_loss"] + self.cfg.rl.beta * sums["kl_loss"]

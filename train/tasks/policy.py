@@ -147,7 +147,7 @@ class PolicyGradient(CausalLM):
                 "clipfrac": (m * (jnp.abs(ratio - 1.0) > self.cfg.rl.clip)).sum(),
                 "approx_kl": (m * (jnp.expm1(log_ratio) - log_ratio)).sum(),
                 "ratio": (m * ratio).sum(), "ratio_sq": (m * ratio ** 2).sum()}
-        return logp, pg, sums
+        return logp, sums
 
     def check_command(self, command, run_dir):
         if command not in self.commands:

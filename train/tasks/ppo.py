@@ -73,7 +73,7 @@ class PPO(PolicyGradient):
         return batch, metrics
 
     def sums(self, models, batch, key, *, train, constrain=no_constraint):
-        _, pg, sums = self.policy_terms(models, batch, constrain)
+        _, sums = self.policy_terms(models, batch, constrain)
         value = models["value"]
         v = value.reward_head(value(batch["tokens"], constrain=constrain).hidden_BTD)
         m = batch["loss_weights"]
