@@ -21,6 +21,7 @@ from plutao.experiments.commands.evaluation import (
 )
 from plutao.experiments.commands.inspection import cmd_analogy, cmd_attention, cmd_neighbors, cmd_tokenize
 from plutao.experiments.commands.report_card import cmd_report_card
+from plutao.experiments.commands.lora import cmd_merge_lora
 from plutao.experiments.commands.rl import cmd_dpo, cmd_grpo, cmd_ppo
 from plutao.experiments.commands.scale import (
     cmd_bench_scaling,
@@ -229,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--quiet", action="store_true")
     dp.add_argument("--json", action="store_true")
     dp.set_defaults(fn=cmd_dpo)
+
+    ml = sub.add_parser("merge-lora", help="a LoRA run's base plus its adapters as an ordinary run (whole weights)")
+    ml.add_argument("run_dir", help="a run trained with lora.rank > 0")
+    ml.add_argument("--workdir", required=True, help="the merged run's directory (new)")
+    ml.add_argument("--step", type=int, help="the LoRA run's checkpoint (default: its latest)")
+    ml.set_defaults(fn=cmd_merge_lora)
 
     ch = sub.add_parser("chat", help="chat with a run in the terminal (reads one message per line when piped)")
     ch.add_argument("run_dir")

@@ -26,7 +26,7 @@ def no_constraint(x: Array, axes: tuple[str, ...]) -> Array:
 
 # What a parameter is for, recorded on it (`role` metadata) where it is created: the optimizer
 # decays weights (and, if asked, embeddings) by role, never by shape (a stacked norm scale is 2-D).
-ROLES = ("weight", "embedding", "bias", "norm")
+ROLES = ("weight", "embedding", "bias", "norm", "adapter")
 
 
 def normal_param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], std: float,

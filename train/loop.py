@@ -39,7 +39,7 @@ from plutao.train.errors import NonFiniteError, UserError
 from plutao.train.lock import RunLock
 from plutao.train.metrics import MetricsLog, device_peak_flops, plot_losses
 from plutao.train.optim import lr_schedule, make_optimizer
-from plutao.train.run import init_from_parent, merge_params
+from plutao.train.run import init_from_parent, lora_base, merge_params
 from plutao.train.rundir import existing_run_config, parse_init_from, read_run_config
 from plutao.train.step import Trainer
 from plutao.train.tasks import Task, task_class, task_for
@@ -340,8 +340,9 @@ def _train(cfg: Config, run_dir: Path, devices, quiet: bool, allow_changed: tupl
     parent_params = None
     if cfg.train.init_from and not (own.is_dir() and any(d.name.isdigit() for d in own.iterdir())):
         # Read (and refused, if it does not fit) before anything is created in the run directory.
-        parent_params, lineage = init_from_parent(trainer.abstract_sharded_state()["params"], cfg.train.init_from,
-                                                  p.tokenizer.fingerprint, cfg.model)
+        abstract = trainer.abstract_sharded_state()  # (a LoRA run's parent fills its frozen base)
+        parent_params, lineage = init_from_parent(abstract["frozen"]["base"] if trainer.adapted else abstract["params"],
+                                                  cfg.train.init_from, p.tokenizer.fingerprint, cfg.model)
         if p.task.chat:  # (what the chat tokens of this run mean: the template and the ids it uses)
             lineage["template_hash"] = template_hash(p.tokenizer)
     recorded = (saved or {}).get("lineage", {}).get("template_hash")
@@ -369,13 +370,18 @@ def _train(cfg: Config, run_dir: Path, devices, quiet: bool, allow_changed: tupl
             checkpoints.manager.reload()
         meta = checkpoints.metadata(latest)
         state = trainer.resumed_state(restored, int(meta.get("nonfinite_steps", 0)))
+        if trainer.adapted:
+            state["frozen"] = {"base": lora_base(trainer, (saved or {}).get("lineage", {}), p.tokenizer.fingerprint,
+                                                 cfg.model)}
         log(f"resumed from {run_dir}/checkpoints/{latest}")
         if changes:
             history_entry = {"step": latest, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": sys.argv,
                              "changes": {k: list(v) for k, v in changes.items()}}
     else:
         state = trainer.init_state()
-        if parent_params is not None:
+        if parent_params is not None and trainer.adapted:
+            state["frozen"]["base"] = merge_params(state["frozen"]["base"], parent_params)
+        elif parent_params is not None:
             state["params"] = merge_params(state["params"], parent_params)
             fresh = f"; initialised fresh: {', '.join(lineage['fresh'])}" if lineage["fresh"] else ""
             log(f"started from {lineage['parent']} step {lineage['step']}: {lineage['restored']} parameter arrays "

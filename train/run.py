@@ -85,6 +85,9 @@ def load_run(run_dir: Path, step: int | None = None) -> LoadedRun:
         raise UserError(f"{run_dir} was trained with another chat template (hash {recorded}); use the version of plutao "
                         "that trained it")
     params = state["params"][task.served] if task.served else state["params"]
+    if trainer.adapted:  # (adapters in the checkpoint, the base from the run they adapt)
+        params = {"params": params, "frozen": {"base": lora_base(trainer, saved.get("lineage", {}),
+                                                                 tokenizer.fingerprint, cfg.model)}}
     return LoadedRun(run_dir, cfg, tokenizer, trainer, params, step, task)
 
 
@@ -156,6 +159,17 @@ def init_from_parent(params_target, spec: str, tokenizer_fingerprint: str | None
     lineage = {"parent": str(parent.absolute()), "step": step, "config_hash": config_hash(saved),
                "tokenizer_fingerprint": fingerprint, "restored": len(jax.tree.leaves(shared)), "fresh": fresh}
     return restored, lineage
+
+
+def lora_base(trainer: Trainer, lineage: dict, fingerprint: str | None, model) -> dict:
+    """A LoRA run's frozen base, read from the parent checkpoint its lineage names (checkpoints hold the
+    adapters only); refused when that parent changed since."""
+    spec = f"{lineage['parent']}:{lineage['step']}"
+    base, now = init_from_parent(trainer.abstract_sharded_state()["frozen"]["base"], spec, fingerprint, model)
+    if lineage.get("config_hash") not in (None, now["config_hash"]):
+        raise UserError(f"the base run {lineage['parent']} of this LoRA run was changed since the adapters were "
+                        "trained (its config differs); restore it, or merge and retrain")
+    return base
 
 
 def merge_params(params: dict, restored: dict) -> dict:

@@ -72,8 +72,16 @@ class Trainer:
 
     @functools.cached_property
     def checkpointed(self) -> tuple[str, ...]:
-        """The parts of the state a checkpoint holds (frozen models too: a run resumes without its parents)."""
-        return CHECKPOINTED + (("frozen",) if self.frozen_names else ())
+        """The parts of the state a checkpoint holds (frozen models too, so a run resumes without its
+        parents; but not a LoRA run's base, which its lineage names)."""
+        saved = [self.slots[n].saved for n in self.frozen_names]
+        assert all(saved) or not any(saved), "frozen models are all saved or none"
+        return CHECKPOINTED + (("frozen",) if any(saved) else ())
+
+    @functools.cached_property
+    def adapted(self) -> bool:
+        """A LoRA run: a frozen base and trainable adapters, seen by the task as one model."""
+        return "lora" in self.slots
 
     def _build(self, seed):
         """The module (one model), or an `Ensemble` whose attributes are the named models."""
@@ -94,6 +102,10 @@ class Trainer:
         if self.single:
             return nnx.merge(self.graphdef, params)
         live = nnx.merge(self.graphdef, {**params, **(frozen or {})})
+        if self.adapted:
+            from plutao.model.lora import with_adapters
+
+            return with_adapters(live.base, live.lora)
         return {n: getattr(live, n) for n in self.slots}
 
     @functools.cached_property

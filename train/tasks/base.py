@@ -90,6 +90,9 @@ class ModelSlot:
 
     build: Callable[[nnx.Rngs], nnx.Module]
     trainable: bool = True
+    # Whether checkpoints hold it. A LoRA run's frozen base is not saved: it is read from the parent
+    # run its lineage names (the checkpoint holds the adapters only).
+    saved: bool = True
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -130,9 +133,29 @@ class Task:
     def separates_documents(self) -> bool:
         return False
 
+    # Whether a run of this kind may train low-rank adapters instead of the whole model (lora.rank > 0).
+    adapts: ClassVar[bool] = False
+
     @classmethod
     def problems(cls, cfg: Config) -> list[str]:
         """What this kind of training cannot do with `cfg`, as user-facing sentences."""
+        if cfg.lora.rank:
+            from plutao.model.lora import expand_targets
+
+            if not cls.adapts:
+                return [f"lora.rank applies to `plutao sft` and `plutao dpo` runs, not to a {cls.label} run; "
+                        "drop lora.rank"]
+            if cfg.lora.rank < 0 or cfg.lora.alpha <= 0:
+                return [f"lora.rank must be ≥ 0 and lora.alpha > 0, got {cfg.lora.rank} and {cfg.lora.alpha}"]
+            if cfg.model.scan_layers:
+                return ["LoRA adapts unrolled blocks; set model.scan_layers=false"]
+            if not cfg.train.init_from:
+                return ["LoRA adapts a trained model: start from one (`plutao sft BASE_RUN lora.rank=8`, or "
+                        "train.init_from=RUN)"]
+            try:
+                expand_targets(cfg.lora.targets)
+            except ValueError as e:
+                return [str(e)]
         if cls.decoder_only and cfg.model.family != "decoder":
             return [f"train.task={cls.name} {cls.decoder_only}; model.family={cfg.model.family} is not one"]
         if not cls.scans_layers and (cfg.model.scan_layers or cfg.model.remat != "none"):
@@ -153,7 +176,14 @@ class Task:
 
     def model_slots(self) -> dict[str, ModelSlot]:
         """The models of the training state. One trainable "model" (the default) keeps today's layout;
-        several (e.g. policy, reference, value) make `sums` receive {name: module}."""
+        several (e.g. policy, reference, value) make `sums` receive {name: module}. With lora.rank > 0
+        the model is a frozen, unsaved "base" plus trainable "lora" adapters, which `sums` receives as
+        one module (model/lora.py)."""
+        if self.cfg.lora.rank:
+            from plutao.model.lora import Adapters
+
+            return {"base": ModelSlot(self.build_model, trainable=False, saved=False),
+                    "lora": ModelSlot(lambda rngs: Adapters(self.cfg.model, self.cfg.lora, rngs))}
         return {"model": ModelSlot(self.build_model)}
 
     def served_task(self) -> Task:

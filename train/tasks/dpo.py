@@ -85,6 +85,7 @@ def preference_data(cfg) -> tuple[list[Ranking], list[Ranking], str]:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class DPO(CausalLM):
+    adapts = True
     name = "dpo"
     label = "DPO"
     chat = True

@@ -67,6 +67,7 @@ def answer(model, tokenizer, prompts: list[list[dict]], *, context: int, max_new
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class SFT(CausalLM):
+    adapts = True
     name = "sft"
     label = "SFT"
     chat = True

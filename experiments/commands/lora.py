@@ -1,0 +1,59 @@
+"""`plutao merge-lora RUN --workdir OUT`: a LoRA run's base with its adapters added in, as an ordinary
+run directory (config.json with lora.rank=0, the tokenizer, one checkpoint of the merged weights).
+
+The merged weights are W + (α/r)·A·B, the very sum the LoRA run's forward pass computed
+(model/lora.py), so the merged run's logits equal the adapted model's. OUT is written aside and
+renamed into place: it never overwrites an existing directory and a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from plutao.train.errors import UserError
+
+
+def cmd_merge_lora(args) -> int:
+    import dataclasses
+
+    from flax import nnx
+
+    from plutao.train.checkpoint import Checkpoints
+    from plutao.train.config import LoRAConfig
+    from plutao.train.run import load_run
+    from plutao.train.rundir import config_hash, existing_run_config
+
+    src, out = Path(args.run_dir), Path(args.workdir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--workdir {out} exists and is not empty; give a new directory for the merged run")
+    run = load_run(src, args.step)
+    if not run.trainer.adapted:
+        raise UserError(f"{src} is not a LoRA run (lora.rank=0): its checkpoint already holds whole weights")
+    saved = existing_run_config(src)
+    merged = nnx.to_pure_dict(nnx.state(run.model, nnx.Param))
+    cfg = dataclasses.replace(run.cfg, lora=LoRAConfig())
+    record = cfg.to_dict() | {k: saved[k] for k in ("provenance",) if k in saved}
+    record["lineage"] = dict(saved.get("lineage", {})) | {
+        "merged_from": {"run": str(src.absolute()), "step": run.step, "config_hash": config_hash(saved),
+                        "lora": dataclasses.asdict(run.cfg.lora)}}
+    staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir(parents=True)
+        shutil.copytree(src / "tokenizer", staging / "tokenizer")
+        (staging / "config.json").write_text(json.dumps(record, indent=2))
+        checkpoints = Checkpoints(staging / "checkpoints", async_save=False)
+        checkpoints.save(run.step, {"params": merged}, {"merged_from": str(src.absolute())})
+        checkpoints.close()
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    print(f"merged {src} (step {run.step}, LoRA rank {run.cfg.lora.rank} on {', '.join(run.cfg.lora.targets)}) "
+          f"into {out}")
+    return 0
