@@ -20,8 +20,8 @@ from plutao.experiments.commands.evaluation import (
     cmd_translate,
 )
 from plutao.experiments.commands.inspection import cmd_analogy, cmd_attention, cmd_neighbors, cmd_tokenize
-from plutao.experiments.commands.report_card import cmd_report_card
 from plutao.experiments.commands.lora import cmd_merge_lora
+from plutao.experiments.commands.report_card import cmd_report_card
 from plutao.experiments.commands.rl import cmd_dpo, cmd_grpo, cmd_ppo
 from plutao.experiments.commands.scale import (
     cmd_bench_scaling,

@@ -25,11 +25,14 @@ does the sampling, every column in fixed-size batched calls so one compiled prog
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import jax
 import numpy as np
+from flax import nnx
 
 from plutao.train.errors import UserError
 from plutao.train.worlds import arith
@@ -52,6 +55,7 @@ class Reply:
     text: str
     length: int  # tokens, without the stop token
     stop: int | None  # the token that ended it; None when it ran to the budget
+    tokens: tuple[int, ...] = ()  # every token the sampler chose (the stop token included)
 
 
 def format_ok(reply: Reply, *, end_id: int, user_id: int) -> bool:
@@ -187,7 +191,7 @@ def sample(model, tokenizer, prompts: Sequence[Sequence[int]], *, temperature: f
         samplings = [SamplingConfig(temperature=temperature, max_new_tokens=budget, seed=s, stop_ids=tuple(stop_ids))
                      for s in part_seeds]
         for c in complete(model, part, samplings, eot_id=tokenizer.eot_id, pad_id=tokenizer.pad_id)[:n]:
-            out.append(Reply(tokenizer.decode(c.content), len(c.content), c.stop_token))
+            out.append(Reply(tokenizer.decode(c.content), len(c.content), c.stop_token, tuple(c.tokens)))
     return out
 
 
@@ -398,6 +402,50 @@ def check(runs: Sequence[str], *, reward: str | None, best_of: int, problems: in
     return Plan(paths, names, chat, Path(reward) if reward else None, best_of, problems, file_problems, match, seed)
 
 
+def kl_and_entropy(run, reference, prompt_ids: Sequence[Sequence[int]], replies: Sequence[Reply],
+                   rows: int = 128) -> tuple[float, float]:
+    """(mean KL(run ‖ reference) per reply, mean entropy per reply token) over replies sampled from the
+    run at temperature 1: Σ over each reply's positions of the exact KL of the next-token
+    distributions (an unbiased estimate of the sequence-level KL, ≥ 0), on the run's own tokens."""
+    from plutao.train.rollouts import Prompt, pack
+
+    tok, context = run.tokenizer, run.cfg.model.context_length
+    graph_a, params_a = nnx.split(run.model)
+    graph_b, params_b = nnx.split(reference.model)
+    both = _kl_pass(graph_a, graph_b)
+    kl, ent, n_tok = [], 0.0, 0
+    for lo in range(0, len(replies), rows):
+        part = list(range(lo, min(lo + rows, len(replies))))
+        part += [part[-1]] * (rows - len(part))
+        roll = pack(tok, [Prompt([])] * rows, [list(prompt_ids[i]) for i in part],
+                    [list(replies[i].tokens) for i in part], [[0.0] * len(replies[i].tokens) for i in part], context)
+        kl_BT, ent_BT = (np.asarray(x) for x in both(params_a, params_b, roll.tokens))
+        n = min(rows, len(replies) - lo)
+        mask = roll.loss_weights[:n]
+        kl += (kl_BT[:n] * mask).sum(1).tolist()
+        ent += float((ent_BT[:n] * mask).sum())
+        n_tok += int(mask.sum())
+    return float(np.mean(kl)), ent / max(n_tok, 1)
+
+
+@functools.cache
+def _kl_pass(graph_a, graph_b):
+    from plutao.model.heads import forward_logits
+    from plutao.train.rl import entropy, kl_exact
+
+    def run(params_a, params_b, tokens):
+        logits_a, _ = forward_logits(nnx.merge(graph_a, params_a), tokens)
+        logits_b, _ = forward_logits(nnx.merge(graph_b, params_b), tokens)
+        return kl_exact(logits_a, logits_b), entropy(logits_a)
+
+    return jax.jit(run)
+
+
+def reference_run(loaded) -> object | None:
+    """The run KL is measured against: the first SFT run among the columns (the policy RL starts from)."""
+    return next((r for r in loaded if r.task.name == "sft" and not r.cfg.lora.rank), None)
+
+
 def evaluate(plan: Plan, log: Callable[[str], None] = lambda msg: None) -> dict:
     """The report card of a checked plan, as the JSON object report.json holds."""
     from plutao.train.rewards import RewardScorer
@@ -426,8 +474,20 @@ def evaluate(plan: Plan, log: Callable[[str], None] = lambda msg: None) -> dict:
             best = best_of_column(run, scorer, plan.best_of, problems, file_messages, plan.seed, log)
             bits[best.name] = bits[column.name]
             columns.append(best)
+    reference = reference_run(loaded)
+    kl = {}
+    if reference is not None:
+        for run, column in zip(loaded, [c for c in columns if c.kind != "best-of"]):
+            if run.task.chat and run.tokenizer.fingerprint == reference.tokenizer.fingerprint:
+                log(f"report-card: {column.name}: KL to {reference.run_dir.name} over its temperature-1 replies")
+                ids = _chat_ids(run.tokenizer, problems.messages, run.cfg.model.context_length)
+                kl[column.name] = kl_and_entropy(run, reference, ids, column.t1)
     tok = loaded[0].tokenizer
-    return summarize(columns, problems, plan, bits, notes, end_id=tok.end_id, user_id=tok.user_id)
+    report = summarize(columns, problems, plan, bits, notes, end_id=tok.end_id, user_id=tok.user_id)
+    for name, (k, e) in kl.items():
+        report["runs"][name] |= {"kl_to_reference": k, "entropy": e}
+    report["settings"]["reference"] = reference.run_dir.name if reference is not None else None
+    return report
 
 
 def summarize(columns: list[Column], problems: Problems, plan: Plan, bits: dict, notes: list[str], *,

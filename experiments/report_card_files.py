@@ -40,6 +40,10 @@ def markdown(report: dict) -> str:
              line(f"distinct answers per prompt (of {s['distinct']['samples']} at T=1)",
                   [_cell(r["distinct"], 2) for r in runs.values()]),
              line("bits per byte, held-out pretraining mixture", [_cell(r["bits_per_byte"]) for r in runs.values()])]
+    if any(r.get("kl_to_reference") is not None for r in runs.values()):
+        rows.append(line(f"KL(run ‖ {s.get('reference')}) per T=1 reply (nats)",
+                         [_cell(r.get("kl_to_reference")) for r in runs.values()]))
+        rows.append(line("entropy per reply token at T=1 (nats)", [_cell(r.get("entropy")) for r in runs.values()]))
     if any("mean_reward" in r for r in runs.values()):
         rows.append(line("mean reward (reward model)", [_cell(r.get("mean_reward")) for r in runs.values()]))
     if s["problems_file"] is not None:

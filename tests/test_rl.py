@@ -56,7 +56,7 @@ PROMPTS = [Prompt([{"role": "user", "content": "what is 1 plus 2?"}], "3", 1),
 
 
 def test_sampler_logprobs_equal_the_training_forward_pass_with_left_padding(tok):
-    cfg, trainer, state = _trainer(tok)
+    _, trainer, state = _trainer(tok)
     policy = trainer.model(trainer.inference_params(state))["policy"]
     prompts = PROMPTS * 3  # different prompt lengths: the sampler left-pads them in one batch
     roll = sample(policy, tok, prompts, row_seeds(0, 0, len(prompts)), context=CONTEXT, max_new_tokens=12,
@@ -74,7 +74,7 @@ def test_sampler_logprobs_equal_the_training_forward_pass_with_left_padding(tok)
 
 
 def test_the_reward_model_reads_the_policy_tokens_as_the_chat_template_renders_them(tok):
-    cfg, trainer, state = _trainer(tok)
+    _, trainer, state = _trainer(tok)
     policy = trainer.model(trainer.inference_params(state))["policy"]
     roll = sample(policy, tok, PROMPTS * 2, list(range(6)), context=CONTEXT, max_new_tokens=8, temperature=1.0)
     compared = 0
@@ -123,7 +123,7 @@ def test_ppo_learns_to_emit_the_token_it_is_paid_for_and_a_large_beta_holds_it_n
 
 
 def test_grpo_group_advantages_of_equal_rewards_are_zero(tok):
-    cfg, trainer, state = _trainer(tok, GRPO, prompts=4, group=4, reward="gold", beta=0.0)
+    _, trainer, state = _trainer(tok, GRPO, prompts=4, group=4, reward="gold", beta=0.0)
     policy = trainer.model(trainer.inference_params(state))["policy"]
     prompts = [q for q in (PROMPTS + PROMPTS[:1]) for _ in range(4)]
     roll = sample(policy, tok, prompts, row_seeds(0, 0, 16), context=CONTEXT, max_new_tokens=6, temperature=1.0)

@@ -127,6 +127,8 @@ def pack(tokenizer: Tokenizer, prompts: list[Prompt], prompt_ids: list[list[int]
          logprobs: list[list[float]], context: int) -> Rollout:
     """Training rows (and reward-model rows) of prompts and the sampled reply tokens."""
     N = len(prompts)
+    # (a prompt and reply longer than the context lose the prompt's oldest tokens, never the reply's)
+    prompt_ids = [list(p)[max(len(p) + len(r) - context, 0):] for p, r in zip(prompt_ids, replies)]
     W = prompt_width(max(len(p) + len(r) for p, r in zip(prompt_ids, replies)), context)
     tokens = np.full((N, W), tokenizer.pad_id, np.int32)
     targets = np.full((N, W), tokenizer.pad_id, np.int32)

@@ -85,9 +85,16 @@ def load_run(run_dir: Path, step: int | None = None) -> LoadedRun:
         raise UserError(f"{run_dir} was trained with another chat template (hash {recorded}); use the version of plutao "
                         "that trained it")
     params = state["params"][task.served] if task.served else state["params"]
-    if trainer.adapted:  # (adapters in the checkpoint, the base from the run they adapt)
-        params = {"params": params, "frozen": {"base": lora_base(trainer, saved.get("lineage", {}),
-                                                                 tokenizer.fingerprint, cfg.model)}}
+    if trainer.adapted:  # adapters in the checkpoint, the base from the run they adapt: used merged
+        from flax import nnx
+
+        from plutao.train.config import LoRAConfig
+
+        adapted = {"params": params, "frozen": {"base": lora_base(trainer, saved.get("lineage", {}),
+                                                                  tokenizer.fingerprint, cfg.model)}}
+        params = nnx.to_pure_dict(nnx.state(trainer.model(adapted), nnx.Param))
+        plain = task_for(dataclasses.replace(cfg, lora=LoRAConfig()), tokenizer).served_task()
+        trainer = Trainer(cfg.model, None, None, mesh, cfg.train.seed, task=plain)
     return LoadedRun(run_dir, cfg, tokenizer, trainer, params, step, task)
 
 

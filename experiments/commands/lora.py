@@ -30,7 +30,7 @@ def cmd_merge_lora(args) -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--workdir {out} exists and is not empty; give a new directory for the merged run")
     run = load_run(src, args.step)
-    if not run.trainer.adapted:
+    if not run.cfg.lora.rank:
         raise UserError(f"{src} is not a LoRA run (lora.rank=0): its checkpoint already holds whole weights")
     saved = existing_run_config(src)
     merged = nnx.to_pure_dict(nnx.state(run.model, nnx.Param))

@@ -143,15 +143,15 @@ class Task:
             from plutao.model.lora import expand_targets
 
             if not cls.adapts:
-                return [f"lora.rank applies to `plutao sft` and `plutao dpo` runs, not to a {cls.label} run; "
-                        "drop lora.rank"]
+                return [(f"lora.rank applies to `plutao sft` and `plutao dpo` runs, not to a {cls.label} run; "
+                         "drop lora.rank")]
             if cfg.lora.rank < 0 or cfg.lora.alpha <= 0:
                 return [f"lora.rank must be ≥ 0 and lora.alpha > 0, got {cfg.lora.rank} and {cfg.lora.alpha}"]
             if cfg.model.scan_layers:
                 return ["LoRA adapts unrolled blocks; set model.scan_layers=false"]
             if not cfg.train.init_from:
-                return ["LoRA adapts a trained model: start from one (`plutao sft BASE_RUN lora.rank=8`, or "
-                        "train.init_from=RUN)"]
+                return [("LoRA adapts a trained model: start from one (`plutao sft BASE_RUN lora.rank=8`, or "
+                         "train.init_from=RUN)")]
             try:
                 expand_targets(cfg.lora.targets)
             except ValueError as e:
