@@ -22,7 +22,7 @@ from plutao.experiments.commands.evaluation import (
 from plutao.experiments.commands.inspection import cmd_analogy, cmd_attention, cmd_neighbors, cmd_tokenize
 from plutao.experiments.commands.lora import cmd_merge_lora
 from plutao.experiments.commands.report_card import cmd_report_card
-from plutao.experiments.commands.rl import cmd_dpo, cmd_grpo, cmd_ppo
+from plutao.experiments.commands.rl import cmd_dpo, cmd_grpo, cmd_pipeline, cmd_ppo
 from plutao.experiments.commands.scale import (
     cmd_bench_scaling,
     cmd_launch,
@@ -224,12 +224,25 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("overrides", nargs="*", help="section.key=value overrides (after the stage's defaults)")
     dp.add_argument("--workdir", required=True, help="the new run's directory (re-running resumes it)")
     dp.add_argument("--data", default="builtin:arith", help="builtin:arith (replies sampled from the SFT run and "
-                    "ranked by the world's labeler, as `plutao reward` does) or a .jsonl of pairs/ranked lists")
+                    "ranked by the world's labeler, as `plutao reward` does), RM_RUN (the comparisons that reward "
+                    "run was trained on) or a .jsonl of pairs/ranked lists")
     dp.add_argument("--beta", type=float, help="the loss's β (default 0.1)")
     dp.add_argument("--step", type=int, help="the SFT run's checkpoint (default: its latest)")
     dp.add_argument("--quiet", action="store_true")
     dp.add_argument("--json", action="store_true")
     dp.set_defaults(fn=cmd_dpo)
+
+    pi = sub.add_parser("pipeline", help="every assistant stage on the arithmetic world (base → SFT → RM → PPO, DPO, "
+                        "GRPO), per seed, resumable, then report cards and their summary over seeds")
+    pi.add_argument("world", choices=("arith",), help="the built-in world")
+    pi.add_argument("overrides", nargs="*", help="key=value for every stage, or STAGE:key=value (stages: base, sft, "
+                    "rm, ppo, dpo, grpo-gold, grpo-rm)")
+    pi.add_argument("--workdir", required=True, help="where every stage's run goes (re-running skips finished ones)")
+    pi.add_argument("--seeds", type=int, default=1, help="independent chains, train.seed 0..S-1 (default %(default)s)")
+    pi.add_argument("--scale", type=float, default=1.0, help="multiplies every stage's step count (default 1)")
+    pi.add_argument("--problems", type=int, default=200, help="report card: problems per digit count (default 200)")
+    pi.add_argument("--best-of", type=int, default=8, help="report card: best-of-N column of the SFT run (default 8)")
+    pi.set_defaults(fn=cmd_pipeline)
 
     ml = sub.add_parser("merge-lora", help="a LoRA run's base plus its adapters as an ordinary run (whole weights)")
     ml.add_argument("run_dir", help="a run trained with lora.rank > 0")
@@ -253,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "your own problems: accuracy by digits, format, win rates, diversity, bits per byte")
     rc.add_argument("runs", nargs="+", help="run directories, one column each")
     rc.add_argument("--reward", metavar="RM_RUN", help="a reward model: RM-judged win rates (and --best-of columns)")
-    rc.add_argument("--best-of", type=int, default=0, metavar="N", help="with --reward: a best-of-N column per chat run")
+    rc.add_argument("--best-of", type=int, default=0, metavar="N", help="with --reward: a best-of-N column per SFT run")
     rc.add_argument("--problems", type=int, default=500, metavar="N", help="problems per digit count (default 500)")
     rc.add_argument("--problems-file", metavar="FILE.jsonl", help="your own problems: lines of "
                     "{\"messages\": [...], \"answer\": \"799\"}")

@@ -376,7 +376,7 @@ def check(runs: Sequence[str], *, reward: str | None, best_of: int, problems: in
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise UserError(f"--out {out} is a file; give a folder for report.md, report.json and the charts")
     file_problems = read_problems(problems_file) if problems_file else None
-    paths, chat = [Path(r) for r in runs], []
+    paths, chat, supervised = [Path(r) for r in runs], [], []
     for path in paths:
         cfg = Config.from_dict(existing_run_config(path))
         kind = task_class(cfg)
@@ -387,14 +387,16 @@ def check(runs: Sequence[str], *, reward: str | None, best_of: int, problems: in
             raise UserError(f"{path} is a {kind.name} run; the report card compares language "
                             "models that write replies (base, SFT and later runs)")
         chat.append(kind.chat)
+        supervised.append(kind.name == "sft")
     if reward:
         judge = task_class(Config.from_dict(existing_run_config(Path(reward))))
         if not judge.judges:
             raise UserError(f"--reward {reward} is not a reward-model run (it is a {judge.label} run); give the "
                             "--workdir of a `plutao reward` run")
-    if best_of and not any(chat):
-        raise UserError("--best-of N adds a column per chat (SFT) run, and none of the runs is one")
-    names = [p.name for p in paths] + [f"{p.name}+best-of-{best_of}" for p, c in zip(paths, chat) if c and best_of]
+    if best_of and not any(supervised):
+        raise UserError("--best-of N adds a column per SFT run (the sampling-time alternative to RL), and none of the "
+                        "runs is one")
+    names = [p.name for p in paths] + [f"{p.name}+best-of-{best_of}" for p, c in zip(paths, supervised) if c and best_of]
     for name in names:
         if names.count(name) > 1:
             raise UserError(f"two columns would be named {name!r}; columns are named by the run directory's name, so "
@@ -470,7 +472,7 @@ def evaluate(plan: Plan, log: Callable[[str], None] = lambda msg: None) -> dict:
         if scorer is not None:
             column.rewards = _rewards(scorer, problems.messages, column.greedy)
         columns.append(column)
-        if plan.best_of and run.task.chat:
+        if plan.best_of and run.task.name == "sft":
             best = best_of_column(run, scorer, plan.best_of, problems, file_messages, plan.seed, log)
             bits[best.name] = bits[column.name]
             columns.append(best)

@@ -98,6 +98,12 @@ def cmd_dpo(args) -> int:
         source = run_dir / "comparisons"
         make_comparisons(parent, args.step, cfg, run_dir)
         rankings = _read_split(source / "train.jsonl"), _read_split(source / "val.jsonl")
+    elif Path(args.data).is_dir():  # a reward run: the very comparisons it was trained and evaluated on
+        source = Path(args.data) / "comparisons"
+        if not (source / "train.jsonl").is_file() or not (source / "val.jsonl").is_file():
+            raise UserError(f"--data {args.data} is a directory without comparisons/train.jsonl and val.jsonl; give "
+                            "a `plutao reward --data builtin:arith` run, builtin:arith or a .jsonl file")
+        rankings = _read_split(source / "train.jsonl"), _read_split(source / "val.jsonl")
     else:
         from plutao.train.config import DataConfig
         from plutao.train.conversations import read_rankings, with_held_out
@@ -171,3 +177,13 @@ def write_pairs(parent: Path, step: int | None, cfg, folder: Path, train_ranking
         from plutao.train.distributed import any_process
 
         any_process(False)
+
+
+def cmd_pipeline(args) -> int:
+    import sys
+
+    from plutao.experiments.pipeline import run
+
+    run(Path(args.workdir), args.seeds, args.scale, list(args.overrides), problems=args.problems, best_of=args.best_of,
+        log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    return 0

@@ -1,0 +1,189 @@
+"""`plutao pipeline arith --workdir DIR [--seeds S] [--scale X] [STAGE:key=value ...]`: every stage of the
+assistant recipe on the arithmetic world, per seed, as resumable steps, then the report cards and
+their summary over seeds.
+
+Per seed s (DIR/seed{s}/, train.seed = s in every stage):
+  base       plutao train arith-base
+  sft        plutao sft base
+  rm         plutao reward sft
+  ppo        plutao ppo sft --reward rm
+  dpo        plutao dpo sft --data rm          (the comparisons the reward model learned from)
+  grpo-gold  plutao grpo sft --reward gold     (verifiable rewards)
+  grpo-rm    plutao grpo sft --reward rm       (learned preferences)
+  report     plutao report-card base sft ppo dpo grpo-gold grpo-rm --reward rm --best-of N
+A finished stage leaves DIR/seed{s}/STAGE.done (its summary); re-running skips it, and an interrupted
+one resumes from its checkpoint. Then DIR/summary.json and DIR/summary.md: every report-card figure
+as mean ± std over the seeds (each seed's bootstrap interval beside the win rates).
+
+Overrides: `key=value` applies to every training stage; `STAGE:key=value` to one (e.g.
+`base:train.steps=400`). --scale multiplies every stage's default step count (and the rankings drawn).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from plutao.train.errors import UserError
+
+STAGES = ("base", "sft", "rm", "ppo", "dpo", "grpo-gold", "grpo-rm")
+DEFAULT_STEPS = {"base": 1600, "sft": 600, "rm": 300, "ppo": 60, "dpo": 300, "grpo-gold": 60, "grpo-rm": 60}
+COMPARISONS = 2000
+COLUMNS = ("base", "sft", "ppo", "dpo", "grpo-gold", "grpo-rm")
+
+
+def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {s: [] for s in STAGES}
+    for item in overrides:
+        stage, sep, rest = item.partition(":")
+        if sep and "=" not in stage:
+            if stage not in STAGES:
+                raise UserError(f"{item!r}: unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+            out[stage].append(rest)
+        elif "=" in item:
+            for s in STAGES:
+                out[s].append(item)
+        else:
+            raise UserError(f"{item!r}: give key=value (every stage) or STAGE:key=value")
+    return out
+
+
+def commands(seed_dir: Path, seed: int, scale: float, overrides: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The plutao command line of each stage of one seed."""
+    d = {s: str(seed_dir / s) for s in STAGES}
+
+    def extra(stage):
+        steps = max(1, round(DEFAULT_STEPS[stage] * scale))
+        return [f"train.seed={seed}", f"train.steps={steps}"] + (
+            [f"world.comparisons={max(20, round(COMPARISONS * scale))}"] if stage == "rm" else []) + overrides[stage]
+
+    return {
+        "base": ["train", "arith-base", "--workdir", d["base"], *extra("base")],
+        "sft": ["sft", d["base"], "--workdir", d["sft"], *extra("sft")],
+        "rm": ["reward", d["sft"], "--workdir", d["rm"], *extra("rm")],
+        "ppo": ["ppo", d["sft"], "--reward", d["rm"], "--workdir", d["ppo"], *extra("ppo")],
+        "dpo": ["dpo", d["sft"], "--data", d["rm"], "--workdir", d["dpo"], *extra("dpo")],
+        "grpo-gold": ["grpo", d["sft"], "--reward", "gold", "--workdir", d["grpo-gold"], *extra("grpo-gold")],
+        "grpo-rm": ["grpo", d["sft"], "--reward", d["rm"], "--workdir", d["grpo-rm"], *extra("grpo-rm")],
+    }
+
+
+def run_seed(seed_dir: Path, seed: int, scale: float, overrides, *, problems: int, best_of: int, log) -> dict:
+    """Every stage of one seed (skipping finished ones), then its report card; returns report.json."""
+    from plutao.experiments.cli import main
+
+    seed_dir.mkdir(parents=True, exist_ok=True)
+    for stage, argv in commands(seed_dir, seed, scale, overrides).items():
+        done = seed_dir / f"{stage}.done"
+        if done.is_file():
+            log(f"pipeline: seed {seed} {stage}: done before, skipped")
+            continue
+        log(f"pipeline: seed {seed} {stage}: plutao {' '.join(argv)}")
+        t0 = time.perf_counter()
+        rc = main([*argv, "--quiet"])
+        if rc != 0:
+            raise UserError(f"pipeline: seed {seed} stage {stage} failed (exit {rc}); fix it and run the same command "
+                            "again (finished stages are kept)")
+        _write(done, json.dumps({"seconds": time.perf_counter() - t0, "command": argv}))
+    report_dir = seed_dir / "report-card"
+    if not (report_dir / "report.json").is_file():
+        argv = ["report-card", *(str(seed_dir / c) for c in COLUMNS), "--reward", str(seed_dir / "rm"),
+                "--best-of", str(best_of), "--problems", str(problems), "--out", str(report_dir), "--seed", str(seed)]
+        log(f"pipeline: seed {seed} report card: plutao {' '.join(argv)}")
+        if main(argv) != 0:
+            raise UserError(f"pipeline: seed {seed}: the report card failed; run the same command again")
+    return json.loads((report_dir / "report.json").read_text())
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _mean_std(xs) -> dict | None:
+    xs = [float(x) for x in xs if x is not None]
+    if not xs:
+        return None
+    return {"mean": float(np.mean(xs)), "std": float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0, "n": len(xs)}
+
+
+def summarize(reports: dict[int, dict]) -> dict:
+    """Every numeric report-card figure as mean ± std over seeds; win rates with each seed's interval."""
+    names = list(next(iter(reports.values()))["runs"])
+    runs = {}
+    for name in names:
+        rows = [r["runs"][name] for r in reports.values() if name in r["runs"]]
+        out = {}
+        for key, value in rows[0].items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                out[key] = _mean_std(row.get(key) for row in rows)
+            elif isinstance(value, dict) and key.startswith("accuracy_by_digits"):
+                out[key] = {d: _mean_std(row[key].get(d) for row in rows) for d in value}
+        runs[name] = out
+    wins = {}
+    for key in ("win_rates", "rm_win_rates"):
+        pairs = {}
+        for seed, r in reports.items():
+            for pair, w in r.get(key, {}).items():
+                pairs.setdefault(pair, {"rates": [], "intervals": {}})
+                pairs[pair]["rates"].append(w["rate"])
+                pairs[pair]["intervals"][str(seed)] = [w["low"], w["high"]]
+        wins[key] = {pair: {**_mean_std(v["rates"]), "intervals": v["intervals"],
+                            "all_above_half": all(lo > 0.5 for lo, _ in v["intervals"].values())}
+                     for pair, v in pairs.items()}
+    return {"seeds": sorted(reports), "runs": runs, **wins}
+
+
+def _ms(x: dict | None, digits: int = 3) -> str:
+    return "—" if x is None else f"{x['mean']:.{digits}f} ± {x['std']:.{digits}f}"
+
+
+def markdown(summary: dict) -> str:
+    runs = summary["runs"]
+    names = list(runs)
+    lines = [f"# Pipeline summary over seeds {', '.join(map(str, summary['seeds']))} (mean ± std)", "",
+             "| | " + " | ".join(f"`{n}`" for n in names) + " |", "|---|" + "---|" * len(names)]
+
+    def row(label, cells):
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    for d in map(str, range(1, 6)):
+        row(f"{d}-digit accuracy (greedy)", [_ms(runs[n].get("accuracy_by_digits", {}).get(d)) for n in names])
+    for key, label in (("accuracy", "all digits (greedy)"), ("accuracy_t1", "all digits (T=1)"),
+                       ("format_ok", "format ok"), ("mean_length", "mean reply length"),
+                       ("distinct", "distinct answers per prompt"), ("entropy", "entropy per reply token (T=1)"),
+                       ("kl_to_reference", "KL to SFT per reply (T=1)"), ("bits_per_byte", "bits per byte (pretraining)"),
+                       ("mean_reward", "mean reward-model score")):
+        row(label, [_ms(runs[n].get(key)) for n in names])
+    for key, title in (("win_rates", "Gold win rates"), ("rm_win_rates", "Reward-model win rates")):
+        if not summary.get(key):
+            continue
+        lines += ["", f"## {title} (mean ± std over seeds; each seed's bootstrap 95% interval)", "",
+                  "| pair | rate | intervals | every interval above ½ |", "|---|---|---|---|"]
+        for pair, w in summary[key].items():
+            a, _, b = pair.partition(" vs ")
+            if a in names and b in names and names.index(a) < names.index(b):
+                continue  # (each pair once: the later stage against the earlier)
+            ivs = "; ".join(f"s{s} [{lo:.2f}, {hi:.2f}]" for s, (lo, hi) in w["intervals"].items())
+            lines.append(f"| {pair} | {w['mean']:.3f} ± {w['std']:.3f} | {ivs} | {'yes' if w['all_above_half'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(workdir: Path, seeds: int, scale: float, overrides: list[str], *, problems: int, best_of: int, log) -> dict:
+    if seeds < 1:
+        raise UserError(f"--seeds must be ≥ 1, got {seeds}")
+    if not scale > 0:
+        raise UserError(f"--scale must be > 0, got {scale}")
+    per_stage = split_overrides(overrides)
+    reports = {}
+    for s in range(seeds):
+        reports[s] = run_seed(workdir / f"seed{s}", s, scale, per_stage, problems=problems, best_of=best_of, log=log)
+    summary = summarize(reports)
+    _write(workdir / "summary.json", json.dumps(summary, indent=2))
+    _write(workdir / "summary.md", markdown(summary))
+    log(f"pipeline: {workdir / 'summary.md'}")
+    return summary
