@@ -198,8 +198,15 @@ def _coerce(key: str, raw: Any, tp) -> Any:
         return _coerce(key, raw, str)
     if origin is list:
         (item,) = get_args(tp)
-        if isinstance(raw, str):
-            raw = json.loads(raw) if raw.startswith("[") else [x for x in raw.split(",") if x]
+        if isinstance(raw, str):  # JSON (["a", "b"]), or the shell-friendly [a,b] and a,b
+            text, raw = raw, None
+            if text.startswith("["):
+                try:
+                    raw = json.loads(text)
+                except json.JSONDecodeError:
+                    pass
+            if not isinstance(raw, list):
+                raw = [x.strip() for x in text.strip("[]").split(",") if x.strip()]
         return [_coerce(key, x, item) for x in raw]
     if origin is Literal:
         choices = get_args(tp)
