@@ -277,8 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--json", action="store_true")
     rc.set_defaults(fn=cmd_report_card)
 
-    pp = sub.add_parser("plot", help="(re)write RUN_DIR/loss.png from metrics.jsonl, e.g. while a run trains")
-    pp.add_argument("run_dir")
+    pp = sub.add_parser("plot", help="(re)write RUN_DIR/loss.png (RL runs: rewards.png) from metrics.jsonl; "
+                        "several RL runs: reward-model and gold reward against KL in one picture")
+    pp.add_argument("run_dir", nargs="+")
+    pp.add_argument("--out", help="several runs: the picture's path (default overoptimization.png)")
     pp.set_defaults(fn=cmd_plot)
 
     k = sub.add_parser("tokenize", help="show how text splits into tokens (or, with --chat, which tokens a "

@@ -47,7 +47,7 @@ def _tampered_reward_run(tiny_stages, tmp_path):
 @pytest.mark.parametrize("case", ["ppo-no-reward", "ppo-reward-is-sft", "ppo-other-tokenizer", "grpo-group-1",
                                   "lora-target", "lora-on-reward", "dpo-beta"])
 def test_bad_rl_input_is_a_one_line_error_and_writes_nothing(tiny_stages, tmp_path, capsys, case):
-    sft, rm, work = tiny_stages["sft"], tiny_stages["rm"], tmp_path / "run"
+    sft, work = tiny_stages["sft"], tmp_path / "run"
     argv, message = {
         "ppo-no-reward": (["ppo", sft, "--workdir", work, *RL], "give --reward RM_RUN"),
         "ppo-reward-is-sft": (["ppo", sft, "--reward", sft, "--workdir", work, *RL], "not a reward model"),
@@ -81,7 +81,7 @@ def test_rl_runs_record_both_parents_and_serve_the_policy(tiny_stages, tmp_path,
     assert all(r["logprob_gap"] < 1e-4 for r in train)  # (rollout and training log-probs agree)
     assert "accuracy_by_digits" in _records(work, "val")[-1]
     # Sampling, chat and the report card use the policy alone.
-    code, out, err = run_cli(capsys, "sample", work, "--prompt", "What is 2 plus 3?", "--max-new-tokens", "4")
+    code, _, err = run_cli(capsys, "sample", work, "--prompt", "What is 2 plus 3?", "--max-new-tokens", "4")
     assert code == 0, err
     run = load_run(work)
     assert set(run.params) == set(load_run(tiny_stages["sft"]).params)
@@ -108,8 +108,8 @@ def test_ppo_resumes_exactly_after_sigkill(tiny_stages, tmp_path):
     want = {r["step"]: [r[k] for k in keys] for r in _records(straight)}
     got = {r["step"]: [r[k] for k in keys] for r in _records(killed)}  # (steps after the checkpoint: logged twice)
     assert sorted(got) == sorted(want) == list(range(1, 7))
-    for step in want:
-        np.testing.assert_allclose(got[step], want[step], rtol=1e-5, atol=1e-7)
+    for step, values in want.items():
+        np.testing.assert_allclose(got[step], values, rtol=1e-5, atol=1e-7)
 
 
 def test_ppo_on_two_processes_of_two_devices_equals_one_process_of_four(tiny_stages, tmp_path):

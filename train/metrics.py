@@ -140,6 +140,49 @@ def plot_rewards(run_dir: Path) -> Path | None:
     plt.close(fig)
     return out
 
+
+def plot_overoptimization(run_dirs: list[Path], out: Path) -> Path | None:
+    """Gao et al.'s picture for RL runs side by side: the reward-model score and the gold reward of the
+    rollouts against KL(π ‖ π_ref) per reply, one line per run (its β in the legend), written to `out`."""
+    import json as _json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
+    drawn = 0
+    for i, run_dir in enumerate(run_dirs):
+        train = [r for r in read_metrics(run_dir) if r.get("split") == "train" and "kl" in r]
+        if not train:
+            continue
+        try:
+            beta = _json.loads((Path(run_dir) / "config.json").read_text())["rl"]["beta"]
+        except (OSError, KeyError, ValueError):
+            beta = "?"
+        label = f"{Path(run_dir).name} (β={beta})"
+        kl = [r["kl"] for r in train]
+        if "rm_score" in train[0]:
+            left.plot(kl, [r["rm_score"] for r in train], "-", color=f"C{i}", lw=1, label=label)
+        if "gold_reward" in train[0]:
+            right.plot(kl, [r["gold_reward"] for r in train], "-", color=f"C{i}", lw=1, label=label)
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    for ax, what in ((left, "reward-model score (proxy)"), (right, "gold reward (the world's checker)")):
+        ax.set_xlabel("KL(π ‖ π_SFT) per reply (nats)")
+        ax.set_ylabel(what)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("rollout rewards against KL to the SFT policy")
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
 # Dense bf16 matmul peaks as the vendors publish them, FLOP/s per device (first match of the device kind).
 PUBLISHED_BF16_PEAK: tuple[tuple[str, float], ...] = (
     ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("L4", 121e12),

@@ -27,11 +27,23 @@ def cmd_train(args) -> int:
 
 
 def cmd_plot(args) -> int:
+    """One run: its loss.png (an RL run: rewards.png too). Several RL runs: the overoptimisation plot
+    (reward-model score and gold reward against KL to the reference) in --out."""
     from plutao.train.errors import UserError
-    from plutao.train.metrics import plot_losses
+    from plutao.train.metrics import plot_losses, plot_overoptimization, plot_rewards
 
-    path = plot_losses(Path(args.run_dir))
-    if path is None:
-        raise UserError(f"{args.run_dir} has no metrics.jsonl with losses yet; train it first")
-    print(path)
+    runs = [Path(r) for r in args.run_dir]
+    for r in runs:
+        if not (r / "metrics.jsonl").is_file():
+            raise UserError(f"{r} has no metrics.jsonl yet; train it first")
+    if len(runs) > 1:
+        path = plot_overoptimization(runs, Path(args.out or "overoptimization.png"))
+        if path is None:
+            raise UserError("none of the runs is an RL run (plutao ppo / grpo); several runs are compared by KL")
+        print(path)
+        return 0
+    paths = [p for p in (plot_losses(runs[0]), plot_rewards(runs[0])) if p is not None]
+    if not paths:
+        raise UserError(f"{runs[0]} has no metrics.jsonl with losses yet; train it first")
+    print("\n".join(map(str, paths)))
     return 0
