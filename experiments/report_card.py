@@ -480,7 +480,7 @@ def evaluate(plan: Plan, log: Callable[[str], None] = lambda msg: None) -> dict:
     kl = {}
     if reference is not None:
         for run, column in zip(loaded, [c for c in columns if c.kind != "best-of"]):
-            if run.task.chat and run.tokenizer.fingerprint == reference.tokenizer.fingerprint:
+            if run.tokenizer.fingerprint == reference.tokenizer.fingerprint:
                 log(f"report-card: {column.name}: KL to {reference.run_dir.name} over its temperature-1 replies")
                 ids = _chat_ids(run.tokenizer, problems.messages, run.cfg.model.context_length)
                 kl[column.name] = kl_and_entropy(run, reference, ids, column.t1)
