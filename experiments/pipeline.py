@@ -87,6 +87,9 @@ def run_seed(seed_dir: Path, seed: int, scale: float, overrides, *, problems: in
         if rc != 0:
             raise UserError(f"pipeline: seed {seed} stage {stage} failed (exit {rc}); fix it and run the same command "
                             "again (finished stages are kept)")
+        if not finished(seed_dir / stage):  # (stopped by a signal or a time budget: resumable, not done)
+            raise UserError(f"pipeline: seed {seed} stage {stage} stopped before its last step; run the same command "
+                            "again to resume it")
         _write(done, json.dumps({"seconds": time.perf_counter() - t0, "command": argv}))
     report_dir = seed_dir / "report-card"
     if not (report_dir / "report.json").is_file():
@@ -96,6 +99,17 @@ def run_seed(seed_dir: Path, seed: int, scale: float, overrides, *, problems: in
         if main(argv) != 0:
             raise UserError(f"pipeline: seed {seed}: the report card failed; run the same command again")
     return json.loads((report_dir / "report.json").read_text())
+
+
+def finished(run_dir: Path) -> bool:
+    """Whether a stage's run reached its train.steps (its newest checkpoint is the last step)."""
+    try:
+        steps = json.loads((run_dir / "config.json").read_text())["train"]["steps"]
+    except (OSError, KeyError, ValueError):
+        return False
+    saved = [int(d.name) for d in (run_dir / "checkpoints").iterdir() if d.name.isdigit()] if (
+        run_dir / "checkpoints").is_dir() else []
+    return bool(saved) and max(saved) >= steps
 
 
 def _write(path: Path, text: str) -> None:

@@ -1,8 +1,8 @@
 """Low-rank adapters (LoRA, Hu et al. 2021): a frozen weight W plus a trained (α/r)·A·B.
 
 The adapted projections are named by `lora.targets`: "attention" (q, k, v, o) and "mlp" (up, gate,
-down), or any of those seven. A is initialised N(0, 1/r), B at zero, so an adapted model starts out
-exactly equal to its base.
+down), or any of those seven. A is initialised N(0, 1/fan_in), B at zero, so an adapted model starts
+out exactly equal to its base.
 
 The adapters are applied in weight space: the forward pass runs on W + (α/r)·reshape(A·B). Flax's
 `nnx.LoRA` wraps a Linear layer's `x @ W` call; our projections are einsums over multi-axis weights
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from plutao.model.layers import normal_param, zeros_param
@@ -64,7 +65,9 @@ class Adapters(nnx.Module):
             for t in names:
                 _, _, _, ins, outs = PROJECTIONS[t]
                 key = f"{t}{layer}"
-                a[key] = normal_param(rngs, tuple(sizes[x] for x in ins) + (r,), ins + (None,), r ** -0.5, role="adapter")
+                fan_in = int(np.prod([sizes[x] for x in ins]))
+                a[key] = normal_param(rngs, tuple(sizes[x] for x in ins) + (r,), ins + (None,), fan_in ** -0.5,
+                                      role="adapter")
                 b[key] = zeros_param((r,) + tuple(sizes[x] for x in outs), (None,) + outs, role="adapter")
         self.a, self.b = nnx.Dict(a), nnx.Dict(b)
 

@@ -220,12 +220,12 @@ def test_a_reward_run_is_not_a_column(pipeline, tmp_path):
                                                  str(pipeline["base"])], tmp_path / "out")
 
 
-def test_columns_need_distinct_names_and_best_of_needs_a_chat_run(pipeline, tmp_path):
+def test_columns_need_distinct_names_and_best_of_needs_an_sft_run(pipeline, tmp_path):
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "sft").symlink_to(pipeline["sft"])
     assert "named 'sft'" in _refused(["report-card", str(pipeline["sft"]), str(tmp_path / "other" / "sft")],
                                      tmp_path / "out")
-    assert "chat" in _refused(["report-card", str(pipeline["base"]), "--reward", str(pipeline["rm"]), "--best-of",
+    assert "SFT run" in _refused(["report-card", str(pipeline["base"]), "--reward", str(pipeline["rm"]), "--best-of",
                                "2"], tmp_path / "out")
 
 

@@ -116,8 +116,6 @@ class RLConfig:
     unfinished_penalty: float = 1.0  # subtracted from the score of a reply that hit the budget without <|end|>
     whiten_rewards: bool = True  # standardise the scores over each rollout batch before the KL is added
     baseline: Literal["group", "rloo"] = "group"  # GRPO: group mean/std, or leave-one-out
-    ptx_coef: float = 0.0  # PPO-ptx: weight of the SFT demonstrations' loss mixed into each update
-    ema: float = 0.0  # > 0: also keep an exponential moving average of the policy (decay), saved beside it
     eval_problems: int = 100  # held-out problems per digit count (1–5) answered greedily at each evaluation
 
 

@@ -186,6 +186,11 @@ def rollout_metrics(roll: Rollout, scored: dict, rm_score: np.ndarray | None, go
     return out
 
 
+def last_checkpoint(checkpoints) -> str:
+    steps = checkpoints.all_steps()
+    return f"the last checkpoint is step {steps[-1]}" if steps else "no checkpoint was saved yet"
+
+
 def _format(m: dict) -> str:
     parts = [f"{k} {m[k]:.3f}" for k in ("rm_score", "gold_reward", "kl", "entropy", "mean_length") if k in m]
     return ", ".join(parts)
@@ -219,7 +224,9 @@ def train_rl(p, run_dir: Path, saved: dict | None, write_run_files, quiet: bool,
             _log(f"checkpoint {bad_step} cannot be read ({reason}); kept as {moved}, resuming from checkpoint {latest}")
         meta = checkpoints.metadata(latest)
         state = trainer.resumed_state(restored, int(meta.get("nonfinite_steps", 0)))
-        beta, step, spent_before = float(meta["beta"]), latest, float(meta.get("train_seconds", 0.0))
+        # (the adapted β resumes where it was; a fixed one is what the config says)
+        beta = float(meta["beta"]) if r.target_kl else r.beta
+        step, spent_before = latest, float(meta.get("train_seconds", 0.0))
         offset = float((saved or {}).get("lineage", {}).get("reward", {}).get("offset", 0.0))
         recorded = (saved or {}).get("lineage", {}).get("template_hash")
         if recorded not in (None, template_hash(tok)):
@@ -281,7 +288,8 @@ def train_rl(p, run_dir: Path, saved: dict | None, write_run_files, quiet: bool,
                 rm_score = scored["rm_score"] - offset if "rm_score" in scored else None
                 scores = rm_score if rm_score is not None else gold
                 if not np.isfinite(scores).all():
-                    raise UserError(f"{source.name}: --reward gold needs every prompt to carry an answer")
+                    raise NonFiniteError(f"the reward of RL step {step + 1} is NaN/inf (reward model {r.reward}); "
+                                         f"{last_checkpoint(checkpoints)}")
                 t2 = time.perf_counter()
                 state, learned, adv_metrics = update(trainer, state, roll, scored, scores, beta, t.seed, step)
                 t3 = time.perf_counter()

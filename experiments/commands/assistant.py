@@ -45,7 +45,11 @@ def check_parent(stage: str, parent: Path) -> None:
     """The stage's task says which kinds of run it starts from (train/tasks/: parents)."""
     from plutao.train.tasks import TASKS, task_class
 
-    TASKS[stage].check_parent(parent, task_class(Config.from_dict(existing_run_config(parent))))
+    cfg = Config.from_dict(existing_run_config(parent))
+    if cfg.lora.rank:
+        raise UserError(f"{parent} is a LoRA run (adapters over its own parent); merge it first "
+                        f"(`plutao merge-lora {parent} --workdir MERGED`) and start this {stage} run from MERGED")
+    TASKS[stage].check_parent(parent, task_class(cfg))
 
 
 def _check_not_other_parent(run_dir: Path, cfg: Config) -> None:

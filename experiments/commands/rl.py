@@ -125,6 +125,7 @@ def write_pairs(parent: Path, step: int | None, cfg, folder: Path, train_ranking
     """RUN_DIR/pairs/{train,val}.jsonl: the rankings' pairs, each with the SFT model's log-probs of both
     replies (computed once, by the function the DPO loss uses). Kept when they exist for this parent."""
     import dataclasses
+    import hashlib
     import json
 
     import jax
@@ -134,16 +135,26 @@ def write_pairs(parent: Path, step: int | None, cfg, folder: Path, train_ranking
     from plutao.train.conversations import write_jsonl
     from plutao.train.loop import log
     from plutao.train.run import load_run
+    from plutao.train.rundir import parse_init_from
     from plutao.train.tasks import task_for
     from plutao.train.tasks.dpo import encode_pairs, pairs_of
 
-    info = {"parent": cfg.train.init_from, "rankings": [len(train_rankings), len(val_rankings)]}
+    parent_dir, parent_step = parse_init_from(cfg.train.init_from)
+    if parent_step is None:
+        parent_step = max((int(d.name) for d in (parent_dir / "checkpoints").iterdir() if d.name.isdigit()), default=0)
+    content = [[r.prompt, r.responses, r.ranks, r.meta.get("ended")] for r in list(train_rankings) + list(val_rankings)]
+    info = {"parent": str(parent_dir.absolute()), "parent_step": parent_step,
+            "rankings": hashlib.sha256(json.dumps([len(train_rankings), content]).encode()).hexdigest()[:16]}
     try:
-        if json.loads((folder / "info.json").read_text()) == info:
-            return
+        have = json.loads((folder / "info.json").read_text())
     except (OSError, json.JSONDecodeError):
-        pass
-    sft = load_run(parent, step)
+        have = None
+    if have == info:
+        return
+    if have is not None and (folder.parent / "config.json").is_file():  # (a DPO run was trained on them)
+        raise UserError(f"{folder} holds the pairs {folder.parent} was trained on, from other rankings or another "
+                        "checkpoint of the SFT run; use a new --workdir (or the same --data and --step)")
+    sft = load_run(parent, parent_step)
     task = task_for(dataclasses.replace(cfg, model=sft.cfg.model), sft.tokenizer)
     graphdef, params = nnx.split(sft.model)
     score = jax.jit(lambda p, b: task.sequence_logprobs(nnx.merge(graphdef, p), b))

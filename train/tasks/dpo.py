@@ -101,6 +101,13 @@ class DPO(CausalLM):
     def batch_axes(self):
         return dict(AXES)
 
+    @classmethod
+    def problems(cls, cfg):
+        out = super().problems(cfg)
+        if cfg.rl.beta <= 0:
+            out.append(f"DPO's β (rl.beta, --beta) must be > 0, got {cfg.rl.beta}")
+        return out
+
     def read(self) -> Data:
         train, val, name = preference_data(self.cfg)
         return Data([], (train, val), name)

@@ -33,6 +33,8 @@ class GRPO(PolicyGradient):
         out = super().problems(cfg)
         if cfg.rl.group < 2:
             out.append(f"GRPO compares G ≥ 2 replies per prompt; rl.group={cfg.rl.group} (e.g. --group 8)")
+        if cfg.rl.target_kl:
+            out.append("GRPO's KL term has a fixed weight (rl.beta); rl.target_kl adapts PPO's KL penalty only")
         return out
 
     def advantages(self, rollout, scored, scores, beta):

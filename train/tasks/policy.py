@@ -77,6 +77,12 @@ class PolicyGradient(CausalLM):
             out.append(f"rl.clip must be in (0, 1), got {r.clip}")
         if r.beta < 0 or r.target_kl < 0:
             out.append("rl.beta and rl.target_kl must be ≥ 0")
+        if r.target_kl and r.kl_horizon < 1:
+            out.append(f"rl.kl_horizon must be ≥ 1 with rl.target_kl, got {r.kl_horizon}")
+        if not (0 <= r.gamma <= 1 and 0 <= r.lam <= 1):
+            out.append(f"rl.gamma and rl.lam must be in [0, 1], got {r.gamma} and {r.lam}")
+        if r.value_coef < 0 or r.value_clip < 0 or r.unfinished_penalty < 0:
+            out.append("rl.value_coef, rl.value_clip and rl.unfinished_penalty must be ≥ 0")
         if r.temperature <= 0:
             out.append(f"rl.temperature must be > 0 (rollouts are sampled), got {r.temperature}")
         if r.max_new_tokens >= cfg.model.context_length // 2:
