@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class MetricsLog:
@@ -162,11 +163,15 @@ def plot_overoptimization(run_dirs: list[Path], out: Path) -> Path | None:
         except (OSError, KeyError, ValueError):
             beta = "?"
         label = f"{Path(run_dir).name} (β={beta})"
-        kl = [r["kl"] for r in train]
-        if "rm_score" in train[0]:
-            left.plot(kl, [r["rm_score"] for r in train], "-", color=f"C{i}", lw=1, label=label)
-        if "gold_reward" in train[0]:
-            right.plot(kl, [r["gold_reward"] for r in train], "-", color=f"C{i}", lw=1, label=label)
+        kl = np.asarray([r["kl"] for r in train])
+        for ax, key in ((left, "rm_score"), (right, "gold_reward")):
+            if key in train[0]:
+                y = np.asarray([r[key] for r in train])
+                ax.plot(kl, y, ".", color=f"C{i}", ms=3, alpha=0.35)
+                # (a running mean over 8 RL steps: one rollout batch's rewards are noisy)
+                w = min(8, len(y))
+                smooth = np.convolve(y, np.ones(w) / w, mode="valid")
+                ax.plot(np.convolve(kl, np.ones(w) / w, mode="valid"), smooth, "-", color=f"C{i}", lw=2, label=label)
         drawn += 1
     if not drawn:
         plt.close(fig)
