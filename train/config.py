@@ -116,6 +116,10 @@ class RLConfig:
     unfinished_penalty: float = 1.0  # subtracted from the score of a reply that hit the budget without <|end|>
     whiten_rewards: bool = True  # standardise the scores over each rollout batch before the KL is added
     baseline: Literal["group", "rloo"] = "group"  # GRPO: group mean/std, or leave-one-out
+    # PPO-ptx (the pretraining loss mixed into each update) and a policy EMA: not available yet, so
+    # only 0 is accepted (the keys are kept so that runs recording them still load).
+    ptx_coef: float = 0.0
+    ema: float = 0.0
     eval_problems: int = 100  # held-out problems per digit count (1–5) answered greedily at each evaluation
 
 

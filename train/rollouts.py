@@ -46,7 +46,8 @@ def gold_reward(prompt: Prompt, reply: str, ended: bool) -> float | None:
 
 class PromptSource:
     """The prompts of each RL step: the world's fresh questions (an endless stream) or a JSONL file's
-    problems ({"messages": [...], "answer": "..."} per line), taken in order and cycled."""
+    problems ({"messages": [...], "answer": "..."} per line), taken in order and cycled; the file's
+    last tenth is held out for the greedy evaluation."""
 
     def __init__(self, cfg):
         self.world = cfg.world
@@ -56,9 +57,12 @@ class PromptSource:
             if path is None or not path.endswith(".jsonl"):
                 raise UserError(f"data.path={cfg.data.path!r}: rollout prompts come from builtin:arith or a .jsonl "
                                 "file of problems ({\"messages\": [...], \"answer\": \"...\"} per line)")
-            self.items = [Prompt(m, a) for m, a in read_problems(path)]
-            if not self.items:
-                raise UserError(f"{path} holds no problems; give at least one line")
+            items = [Prompt(m, a) for m, a in read_problems(path)]
+            if len(items) < 2:
+                raise UserError(f"{path} holds {len(items)} problem(s); give at least 2 (the last tenth is held out "
+                                "for evaluation)")
+            cut = len(items) - max(1, len(items) // 10)
+            self.items, self.held = items[:cut], items[cut:]
         self.name = "builtin:arith" if self.builtin else path
 
     def prompt(self, index: int) -> Prompt:
@@ -75,7 +79,7 @@ class PromptSource:
         if self.builtin:
             return [Prompt(m, str(p.answer), d) for d in range(1, arith.MAX_DIGITS + 1)
                     for m, p in (arith.evaluation_problem(self.world, d, 100_000 + i) for i in range(per_digits))]
-        return self.items[:per_digits * arith.MAX_DIGITS]
+        return self.held[:per_digits * arith.MAX_DIGITS]
 
 
 @dataclasses.dataclass

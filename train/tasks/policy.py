@@ -83,6 +83,8 @@ class PolicyGradient(CausalLM):
             out.append(f"rl.gamma and rl.lam must be in [0, 1], got {r.gamma} and {r.lam}")
         if r.value_coef < 0 or r.value_clip < 0 or r.unfinished_penalty < 0:
             out.append("rl.value_coef, rl.value_clip and rl.unfinished_penalty must be ≥ 0")
+        if r.ptx_coef or r.ema:
+            out.append("rl.ptx_coef (PPO-ptx) and rl.ema are not available yet; leave them at 0")
         if r.temperature <= 0:
             out.append(f"rl.temperature must be > 0 (rollouts are sampled), got {r.temperature}")
         if r.max_new_tokens >= cfg.model.context_length // 2:
