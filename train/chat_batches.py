@@ -211,8 +211,11 @@ class RankedBatches:
         # Past the end of the held-out set, rows repeat: mark them empty so nothing is counted twice.
         for j, r in enumerate(picked):
             if index * self.global_batch + r >= len(self.val_items):
-                out[j, :, -1] = -1
+                self._mark_empty(out[j])
         return out
+
+    def _mark_empty(self, row: np.ndarray) -> None:
+        row[:, -1] = -1  # (rank −1: no response, no pair)
 
     def val_batches(self, wanted: int = 1 << 30) -> int:
         """Batches covering the held-out rankings once (at most `wanted`)."""
@@ -276,14 +279,8 @@ class PreferencePairs(RankedBatches):
     def ordered_rows(self, items: list[EncodedPair]) -> np.ndarray:
         return np.stack([self._row(x) for x in items])
 
-    def val_rows(self, index: int, rows: slice = slice(None)) -> np.ndarray:
-        picked = range(*rows.indices(self.global_batch))
-        out = np.stack([self._row(self.val_items[(index * self.global_batch + r) % len(self.val_items)])
-                        for r in picked])
-        for j, r in enumerate(picked):
-            if index * self.global_batch + r >= len(self.val_items):
-                out[j, :, self.context + 1:self.context + 3] = 0
-        return out
+    def _mark_empty(self, row: np.ndarray) -> None:
+        row[:, self.context + 1:self.context + 3] = 0  # (start = stop: no reply token counts)
 
     def tokens_per_step(self, step: int) -> int:
         return int(sum((self._item(step * self.global_batch + r).stop + 1).sum() for r in range(self.global_batch)))

@@ -141,15 +141,9 @@ def make_comparisons(parent: Path, step: int | None, cfg: Config, run_dir: Path)
 
     folder = run_dir / "comparisons"
     info = {"parent": cfg.train.init_from, "world": dataclasses.asdict(cfg.world)}
-    try:
-        have = json.loads((folder / "info.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        have = None
-    if have == info:
+    if cached(folder, info, f"{folder} holds the rankings {run_dir} was trained on, from another parent or other "
+                            "world.* settings; use a new --workdir (or the same settings)"):
         return
-    if have is not None and (run_dir / "config.json").is_file():  # (a reward model was trained on them)
-        raise UserError(f"{folder} holds the rankings {run_dir} was trained on, from {have.get('parent')} with other "
-                        "world.* settings; use a new --workdir (or the same settings)")
     sft = load_run(parent, step)
     world, context = cfg.world, cfg.model.context_length
     lines = {}
@@ -170,6 +164,20 @@ def make_comparisons(parent: Path, step: int | None, cfg: Config, run_dir: Path)
         from plutao.train.distributed import any_process
 
         any_process(False)  # (every process waits until the files are there)
+
+
+def cached(folder: Path, info: dict, refusal: str) -> bool:
+    """Whether FOLDER/info.json says the files beside it were made from `info` (then they are reused).
+    Files made otherwise are remade, unless a run was trained on them (FOLDER/../config.json): refused."""
+    try:
+        have = json.loads((folder / "info.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        have = None
+    if have == info:
+        return True
+    if have is not None and (folder.parent / "config.json").is_file():
+        raise UserError(refusal)
+    return False
 
 
 def demonstrations(parent: Path) -> list[list[dict]]:

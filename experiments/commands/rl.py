@@ -145,15 +145,11 @@ def write_pairs(parent: Path, step: int | None, cfg, folder: Path, train_ranking
     content = [[r.prompt, r.responses, r.ranks, r.meta.get("ended")] for r in list(train_rankings) + list(val_rankings)]
     info = {"parent": str(parent_dir.absolute()), "parent_step": parent_step,
             "rankings": hashlib.sha256(json.dumps([len(train_rankings), content]).encode()).hexdigest()[:16]}
-    try:
-        have = json.loads((folder / "info.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        have = None
-    if have == info:
+    from plutao.experiments.commands.assistant import cached
+
+    if cached(folder, info, f"{folder} holds the pairs {folder.parent} was trained on, from other rankings or another "
+                            "checkpoint of the SFT run; use a new --workdir (or the same --data and --step)"):
         return
-    if have is not None and (folder.parent / "config.json").is_file():  # (a DPO run was trained on them)
-        raise UserError(f"{folder} holds the pairs {folder.parent} was trained on, from other rankings or another "
-                        "checkpoint of the SFT run; use a new --workdir (or the same --data and --step)")
     sft = load_run(parent, parent_step)
     task = task_for(dataclasses.replace(cfg, model=sft.cfg.model), sft.tokenizer)
     graphdef, params = nnx.split(sft.model)
