@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from plutao.experiments.cli import main
 
 TINY = ["--scale", "0.01", "--problems", "2", "--best-of", "2", "base:model.n_layers=1", "base:model.d_model=32",
@@ -9,6 +11,7 @@ TINY = ["--scale", "0.01", "--problems", "2", "--best-of", "2", "base:model.n_la
         "rl.minibatches=2", "rl.eval_problems=2", "train.sample_every=0"]
 
 
+@pytest.mark.slow  # (about 3 minutes: every stage twice over, tiny)
 def test_the_pipeline_resumes_a_stage_cut_short_and_skips_finished_ones(tmp_path, capsys):
     work = tmp_path / "pipe"
     assert main(["pipeline", "arith", "--workdir", str(work), *TINY, "sft:train.stop_at_step=2"]) == 2

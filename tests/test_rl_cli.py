@@ -112,6 +112,7 @@ def test_ppo_resumes_exactly_after_sigkill(tiny_stages, tmp_path):
         np.testing.assert_allclose(got[step], values, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow  # (about 3 minutes: two PPO runs in subprocesses, one of them two processes)
 def test_ppo_on_two_processes_of_two_devices_equals_one_process_of_four(tiny_stages, tmp_path):
     args = ["ppo", str(tiny_stages["sft"]), "--reward", str(tiny_stages["rm"]), "train.steps=2", "train.eval_every=0",
             "mesh.data=2", "mesh.fsdp=2", *RL]
