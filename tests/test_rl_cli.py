@@ -183,3 +183,17 @@ def test_lora_starts_as_its_base_trains_only_adapters_and_merges_exactly(tiny_st
             assert np.abs(flat_merged[path] - value).max() > 0, path
         else:
             np.testing.assert_array_equal(flat_merged[path], value)
+
+
+def test_dpo_refuses_pairs_made_from_other_rankings_once_trained(tiny_stages, tmp_path, capsys):
+    work = tmp_path / "dpo"
+    args = ["train.steps=1", "train.eval_every=0", "train.batch_size=4", "train.sample_every=0", "--quiet"]
+    assert main(["dpo", str(tiny_stages["sft"]), "--data", str(tiny_stages["rm"]), "--workdir", str(work), *args]) == 0
+    capsys.readouterr()
+    before = (work / "pairs" / "train.jsonl").read_text()
+    other = tmp_path / "rankings.jsonl"
+    other.write_text("".join(json.dumps({"prompt": "What is 1 plus 1?", "responses": ["2", "3"]}) + "\n"
+                             for _ in range(4)))
+    code, _, err = run_cli(capsys, "dpo", tiny_stages["sft"], "--data", other, "--workdir", work, *args)
+    assert code == 2 and "holds the pairs" in err and len(err.strip().splitlines()) == 1, err
+    assert (work / "pairs" / "train.jsonl").read_text() == before  # (the pairs it was trained on are kept)
