@@ -164,73 +164,52 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--step", type=int)
     c.set_defaults(fn=cmd_score)
 
-    sf = sub.add_parser("sft", help="supervised fine-tuning: a base run learns to answer in the chat template")
-    sf.add_argument("base_run", help="the --workdir of the base run")
-    sf.add_argument("overrides", nargs="*", help="section.key=value overrides (after the stage's defaults)")
-    sf.add_argument("--workdir", required=True, help="the new run's directory (re-running resumes it)")
-    sf.add_argument("--data", default="builtin:arith", help="builtin:arith (the arithmetic world's demonstrations) or "
-                    "a .jsonl of {\"messages\": [...]} or {\"prompt\", \"response\"} lines (default %(default)s)")
-    sf.add_argument("--step", type=int, help="the base run's checkpoint (default: its latest)")
-    sf.add_argument("--quiet", action="store_true")
-    sf.add_argument("--json", action="store_true")
-    sf.set_defaults(fn=cmd_sft)
+    def stage(name, help, parent, parent_help, data_help, fn, overrides_help="(after the stage's defaults)"):
+        """A stage's parser: its parent run, key=value overrides, --workdir, --data, --step, --quiet, --json."""
+        sp = sub.add_parser(name, help=help)
+        sp.add_argument(parent, help=parent_help)
+        sp.add_argument("overrides", nargs="*", help=f"section.key=value overrides {overrides_help}")
+        sp.add_argument("--workdir", required=True, help="the new run's directory (re-running resumes it)")
+        sp.add_argument("--data", default="builtin:arith", help=data_help)
+        which = "base" if parent == "base_run" else "SFT"
+        sp.add_argument("--step", type=int, help=f"the {which} run's checkpoint (default: its latest)")
+        sp.add_argument("--quiet", action="store_true")
+        sp.add_argument("--json", action="store_true")
+        sp.set_defaults(fn=fn)
+        return sp
 
-    rw = sub.add_parser("reward", help="a reward model on an SFT run's trunk, trained on rankings")
-    rw.add_argument("sft_run", help="the --workdir of a `plutao sft` run")
-    rw.add_argument("overrides", nargs="*", help="section.key=value overrides (after the stage's defaults)")
-    rw.add_argument("--workdir", required=True, help="the new run's directory (re-running resumes it)")
-    rw.add_argument("--data", default="builtin:arith", help="builtin:arith (replies sampled from the SFT run, ranked "
-                    "by the world's labeler) or a .jsonl of pairs/ranked lists (default %(default)s)")
+    stage("sft", "supervised fine-tuning: a base run learns to answer in the chat template", "base_run",
+          "the --workdir of the base run", "builtin:arith (the arithmetic world's demonstrations) or a .jsonl of "
+          "{\"messages\": [...]} or {\"prompt\", \"response\"} lines (default %(default)s)", cmd_sft)
+
+    rw = stage("reward", "a reward model on an SFT run's trunk, trained on rankings", "sft_run",
+               "the --workdir of a `plutao sft` run", "builtin:arith (replies sampled from the SFT run, ranked by the "
+               "world's labeler) or a .jsonl of pairs/ranked lists (default %(default)s)", cmd_reward)
     rw.add_argument("--k", default=None, metavar="MIN..MAX", help="builtin:arith: responses ranked per prompt "
                     "(default 4..9)")
     rw.add_argument("--labeler-noise", type=float, default=None, metavar="X",
                     help="builtin:arith: Bradley–Terry noise of the labeler (0 = gold; README gives agreement rates)")
-    rw.add_argument("--step", type=int, help="the SFT run's checkpoint (default: its latest)")
-    rw.add_argument("--quiet", action="store_true")
-    rw.add_argument("--json", action="store_true")
-    rw.set_defaults(fn=cmd_reward)
 
     prompts_help = ("where the rollout prompts come from: builtin:arith (fresh world questions) or a .jsonl of "
                     "{\"messages\": [...], \"answer\": \"...\"} lines (default %(default)s)")
-    po = sub.add_parser("ppo", help="PPO: the SFT policy learns against a frozen reward model, with a KL penalty to itself")
-    po.add_argument("sft_run", help="the --workdir of a `plutao sft` run (policy and reference)")
-    po.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. rl.beta=0 (after the stage's defaults)")
+    po = stage("ppo", "PPO: the SFT policy learns against a frozen reward model, with a KL penalty to itself",
+               "sft_run", "the --workdir of a `plutao sft` run (policy and reference)", prompts_help, cmd_ppo,
+               "e.g. rl.beta=0 (after the stage's defaults)")
     po.add_argument("--reward", metavar="RM_RUN", help="the --workdir of a `plutao reward` run (required)")
-    po.add_argument("--workdir", required=True, help="the new run's directory (re-running resumes it)")
-    po.add_argument("--data", default="builtin:arith", help=prompts_help)
     po.add_argument("--beta", type=float, help="KL coefficient to the SFT policy (default 0.02; 0 = no leash)")
-    po.add_argument("--step", type=int, help="the SFT run's checkpoint (default: its latest)")
-    po.add_argument("--quiet", action="store_true")
-    po.add_argument("--json", action="store_true")
-    po.set_defaults(fn=cmd_ppo)
 
-    gr = sub.add_parser("grpo", help="GRPO/RLOO: G replies per prompt, group baselines, against a reward model or "
-                        "the world's checker")
-    gr.add_argument("sft_run", help="the --workdir of a `plutao sft` run")
-    gr.add_argument("overrides", nargs="*", help="section.key=value overrides (after the stage's defaults)")
+    gr = stage("grpo", "GRPO/RLOO: G replies per prompt, group baselines, against a reward model or the world's "
+               "checker", "sft_run", "the --workdir of a `plutao sft` run", prompts_help, cmd_grpo)
     gr.add_argument("--reward", metavar="RM_RUN|gold", help="a `plutao reward` run, or gold (verifiable rewards)")
-    gr.add_argument("--workdir", required=True, help="the new run's directory (re-running resumes it)")
-    gr.add_argument("--data", default="builtin:arith", help=prompts_help)
     gr.add_argument("--group", type=int, help="replies per prompt, G ≥ 2 (default 8)")
     gr.add_argument("--baseline", choices=("group", "rloo"), help="group mean/std (GRPO, default) or leave-one-out")
     gr.add_argument("--beta", type=float, help="weight of the KL-to-reference term (default 0.04; 0 = none)")
-    gr.add_argument("--step", type=int, help="the SFT run's checkpoint (default: its latest)")
-    gr.add_argument("--quiet", action="store_true")
-    gr.add_argument("--json", action="store_true")
-    gr.set_defaults(fn=cmd_grpo)
 
-    dp = sub.add_parser("dpo", help="DPO: the SFT policy learns from preference pairs directly (no reward model)")
-    dp.add_argument("sft_run", help="the --workdir of a `plutao sft` run (policy and reference)")
-    dp.add_argument("overrides", nargs="*", help="section.key=value overrides (after the stage's defaults)")
-    dp.add_argument("--workdir", required=True, help="the new run's directory (re-running resumes it)")
-    dp.add_argument("--data", default="builtin:arith", help="builtin:arith (replies sampled from the SFT run and "
-                    "ranked by the world's labeler, as `plutao reward` does), RM_RUN (the comparisons that reward "
-                    "run was trained on) or a .jsonl of pairs/ranked lists")
+    dp = stage("dpo", "DPO: the SFT policy learns from preference pairs directly (no reward model)", "sft_run",
+               "the --workdir of a `plutao sft` run (policy and reference)", "builtin:arith (replies sampled from the "
+               "SFT run and ranked by the world's labeler, as `plutao reward` does), RM_RUN (the comparisons that "
+               "reward run was trained on) or a .jsonl of pairs/ranked lists", cmd_dpo)
     dp.add_argument("--beta", type=float, help="the loss's β (default 0.1)")
-    dp.add_argument("--step", type=int, help="the SFT run's checkpoint (default: its latest)")
-    dp.add_argument("--quiet", action="store_true")
-    dp.add_argument("--json", action="store_true")
-    dp.set_defaults(fn=cmd_dpo)
 
     pi = sub.add_parser("pipeline", help="every assistant stage on the arithmetic world (base → SFT → RM → PPO, DPO, "
                         "GRPO), per seed, resumable, then report cards and their summary over seeds")

@@ -254,6 +254,16 @@ def encode_pair(prompt_ids: list[int], replies: list[list[int]], width: int, pad
     return EncodedPair(tokens, start, stop, np.asarray(reference, np.float32))
 
 
+def pair_rows(items: list[EncodedPair], width: int) -> np.ndarray:
+    """(N, 2, width + 4) rows: each pair's tokens, start, stop and reference log-prob (float32 bits)."""
+    W = width + 1
+    out = np.zeros((len(items), 2, W + 3), np.int32)
+    for row, item in zip(out, items):
+        row[:, :W], row[:, W], row[:, W + 1] = item.tokens, item.start, item.stop
+        row[:, W + 2] = item.reference.astype(np.float32).view(np.int32)
+    return out
+
+
 class PreferencePairs(RankedBatches):
     """DPO's data source: rows (B, 2, T + 4) = the pair's tokens (T + 1), start, stop and the reference
     log-prob (float32 bits in an int32 column, so a row stays one integer array); empty rows (past the
@@ -266,18 +276,11 @@ class PreferencePairs(RankedBatches):
         super().__init__(train, val, width, global_batch, 2, seed, pad_id, name)
 
     def _row(self, item: EncodedPair) -> np.ndarray:
-        W = self.context + 1
-        out = np.zeros((2, W + 3), np.int32)
-        out[:, :W], out[:, W], out[:, W + 1] = item.tokens, item.start, item.stop
-        out[:, W + 2] = item.reference.astype(np.float32).view(np.int32)
-        return out
+        return pair_rows([item], self.context)[0]
 
     @property
     def shape(self):
         return self.global_batch, 2, self.context + 4
-
-    def ordered_rows(self, items: list[EncodedPair]) -> np.ndarray:
-        return np.stack([self._row(x) for x in items])
 
     def _mark_empty(self, row: np.ndarray) -> None:
         row[:, self.context + 1:self.context + 3] = 0  # (start = stop: no reply token counts)

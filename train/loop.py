@@ -279,6 +279,36 @@ def holding(run_dir: Path):
             lock.release()
 
 
+def resume(trainer: Trainer, checkpoints: Checkpoints, saved: dict | None, cfg: Config, run_dir: Path,
+           allow_changed: tuple[str, ...]) -> tuple[int, dict, dict, dict | None]:
+    """(step, state, checkpoint metadata, history entry) from the newest readable checkpoint of a run
+    being resumed: an experiment-defining change not named in `allow_changed` is refused, unreadable
+    checkpoints are set aside (every process agreeing), and an allowed change is recorded."""
+    changes = experiment_changes(saved, cfg) if saved else {}
+    refused = sorted(set(changes) - set(allow_changed))
+    if refused:
+        listed = ", ".join(f"{k} {_short(changes[k][0])} → {_short(changes[k][1])}" for k in refused)
+        raise UserError(f"{run_dir} was trained as a different experiment ({listed}); resume it with its own "
+                        f"settings, use another --workdir, or pass --allow-changed {' '.join(refused)} to "
+                        "continue it with the change recorded in config.json")
+    agree = any_process if jax.process_count() > 1 else (lambda failed: failed)
+    latest, restored, unreadable = checkpoints.restore_newest(trainer.checkpoint_target(), agree)
+    for bad_step, reason in unreadable:
+        moved = checkpoints.set_aside(bad_step) if is_main_process() else None
+        log(f"checkpoint {bad_step} cannot be read ({reason}); kept as {moved}, resuming from checkpoint {latest}")
+    if unreadable and jax.process_count() > 1:
+        any_process(False)  # (a barrier: the moves are done before anyone looks again)
+        checkpoints.manager.reload()
+    meta = checkpoints.metadata(latest)
+    state = trainer.resumed_state(restored, int(meta.get("nonfinite_steps", 0)))
+    log(f"resumed from {run_dir}/checkpoints/{latest}")
+    history_entry = None
+    if changes:
+        history_entry = {"step": latest, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": sys.argv,
+                         "changes": {k: list(v) for k, v in changes.items()}}
+    return latest, state, meta, history_entry
+
+
 def train(cfg: Config, run_dir: Path, *, devices=None, quiet: bool = False,
           allow_changed: tuple[str, ...] = ()) -> dict:
     """Train (or resume) the run in run_dir; returns a summary dict.
@@ -330,6 +360,10 @@ def _train(cfg: Config, run_dir: Path, devices, quiet: bool, allow_changed: tupl
 
         run_dir.mkdir(parents=True, exist_ok=True)
         return train_ngram(p, run_dir, write_run_files, log)
+    recorded = (saved or {}).get("lineage", {}).get("template_hash")
+    if p.task.chat and recorded not in (None, template_hash(p.tokenizer)):
+        raise UserError(f"{run_dir} was trained with another chat template (hash {recorded}); resume it with the "
+                        "version of plutao that made it, or use a new --workdir")
     if p.task.rollouts:  # (learns from its own samples: train/rl_loop.py)
         from plutao.train.rl_loop import train_rl
 
@@ -345,38 +379,14 @@ def _train(cfg: Config, run_dir: Path, devices, quiet: bool, allow_changed: tupl
                                                   cfg.train.init_from, p.tokenizer.fingerprint, cfg.model)
         if p.task.chat:  # (what the chat tokens of this run mean: the template and the ids it uses)
             lineage["template_hash"] = template_hash(p.tokenizer)
-    recorded = (saved or {}).get("lineage", {}).get("template_hash")
-    if p.task.chat and recorded not in (None, template_hash(p.tokenizer)):
-        raise UserError(f"{run_dir} was trained with another chat template (hash {recorded}); resume it with the "
-                        "version of plutao that made it, or use a new --workdir")
     checkpoints = Checkpoints(own, keep=cfg.train.keep_checkpoints)
     meta: dict = {}
     history_entry = None
     if checkpoints.all_steps():
-        changes = experiment_changes(saved, cfg) if saved else {}
-        refused = sorted(set(changes) - set(allow_changed))
-        if refused:
-            listed = ", ".join(f"{k} {_short(changes[k][0])} → {_short(changes[k][1])}" for k in refused)
-            raise UserError(f"{run_dir} was trained as a different experiment ({listed}); resume it with its own "
-                            f"settings, use another --workdir, or pass --allow-changed {' '.join(refused)} to "
-                            "continue it with the change recorded in config.json")
-        agree = any_process if jax.process_count() > 1 else (lambda failed: failed)
-        latest, restored, unreadable = checkpoints.restore_newest(trainer.checkpoint_target(), agree)
-        for bad_step, reason in unreadable:
-            moved = checkpoints.set_aside(bad_step) if main else None
-            log(f"checkpoint {bad_step} cannot be read ({reason}); kept as {moved}, resuming from checkpoint {latest}")
-        if unreadable and jax.process_count() > 1:
-            any_process(False)  # (a barrier: the moves are done before anyone looks again)
-            checkpoints.manager.reload()
-        meta = checkpoints.metadata(latest)
-        state = trainer.resumed_state(restored, int(meta.get("nonfinite_steps", 0)))
+        _, state, meta, history_entry = resume(trainer, checkpoints, saved, cfg, run_dir, allow_changed)
         if trainer.adapted:
             state["frozen"] = {"base": lora_base(trainer, (saved or {}).get("lineage", {}), p.tokenizer.fingerprint,
                                                  cfg.model)}
-        log(f"resumed from {run_dir}/checkpoints/{latest}")
-        if changes:
-            history_entry = {"step": latest, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": sys.argv,
-                             "changes": {k: list(v) for k, v in changes.items()}}
     else:
         state = trainer.init_state()
         if parent_params is not None and trainer.adapted:

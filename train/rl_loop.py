@@ -35,7 +35,6 @@ from plutao.tokenizer.chat import template_hash
 from plutao.train import rl
 from plutao.train.batches import sharded_batch
 from plutao.train.checkpoint import Checkpoints
-from plutao.train.distributed import any_process
 from plutao.train.errors import NonFiniteError, UserError
 from plutao.train.metrics import MetricsLog, plot_rewards
 from plutao.train.rewards import read_offset
@@ -197,7 +196,7 @@ def _format(m: dict) -> str:
 
 
 def train_rl(p, run_dir: Path, saved: dict | None, write_run_files, quiet: bool, allow_changed) -> dict:
-    from plutao.train.loop import StopFlag, _short, experiment_changes
+    from plutao.train.loop import StopFlag, resume
 
     cfg, trainer, task, tok = p.cfg, p.trainer, p.task, p.tokenizer
     r, t = cfg.rl, cfg.train
@@ -211,31 +210,11 @@ def train_rl(p, run_dir: Path, saved: dict | None, write_run_files, quiet: bool,
         state, lineage = load_parents(trainer, trainer.init_state(), cfg, tok.fingerprint)
     checkpoints = Checkpoints(own, keep=t.keep_checkpoints)
     if not fresh:
-        changes = experiment_changes(saved, cfg) if saved else {}
-        refused = sorted(set(changes) - set(allow_changed))
-        if refused:
-            listed = ", ".join(f"{k} {_short(changes[k][0])} → {_short(changes[k][1])}" for k in refused)
-            raise UserError(f"{run_dir} was trained as a different experiment ({listed}); resume it with its own "
-                            f"settings, use another --workdir, or pass --allow-changed {' '.join(refused)}")
-        agree = any_process if jax.process_count() > 1 else (lambda failed: failed)
-        latest, restored, unreadable = checkpoints.restore_newest(trainer.checkpoint_target(), agree)
-        for bad_step, reason in unreadable:
-            moved = checkpoints.set_aside(bad_step) if main else None
-            _log(f"checkpoint {bad_step} cannot be read ({reason}); kept as {moved}, resuming from checkpoint {latest}")
-        meta = checkpoints.metadata(latest)
-        state = trainer.resumed_state(restored, int(meta.get("nonfinite_steps", 0)))
+        latest, state, meta, history_entry = resume(trainer, checkpoints, saved, cfg, run_dir, allow_changed)
         # (the adapted β resumes where it was; a fixed one is what the config says)
         beta = float(meta["beta"]) if r.target_kl else r.beta
         step, spent_before = latest, float(meta.get("train_seconds", 0.0))
         offset = float((saved or {}).get("lineage", {}).get("reward", {}).get("offset", 0.0))
-        recorded = (saved or {}).get("lineage", {}).get("template_hash")
-        if recorded not in (None, template_hash(tok)):
-            raise UserError(f"{run_dir} was trained with another chat template (hash {recorded}); resume it with the "
-                            "version of plutao that made it, or use a new --workdir")
-        _log(f"resumed from {run_dir}/checkpoints/{latest}")
-        if changes:
-            history_entry = {"step": latest, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": sys.argv,
-                             "changes": {k: list(v) for k, v in changes.items()}}
     else:
         lineage["template_hash"] = template_hash(tok)
         beta, step, spent_before = r.beta, 0, 0.0

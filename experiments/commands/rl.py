@@ -81,6 +81,7 @@ def cmd_dpo(args) -> int:
     (for builtin:arith sampled from the SFT run exactly as `plutao reward` samples them, so both stages
     learn from the same comparisons), their pairs with the SFT model's log-probs, then the training."""
     from plutao.experiments.commands.assistant import make_comparisons
+    from plutao.train.conversations import read_rankings
     from plutao.train.loop import train
 
     parent = Path(args.sft_run)
@@ -97,28 +98,22 @@ def cmd_dpo(args) -> int:
     if args.data == "builtin:arith":
         source = run_dir / "comparisons"
         make_comparisons(parent, args.step, cfg, run_dir)
-        rankings = _read_split(source / "train.jsonl"), _read_split(source / "val.jsonl")
+        rankings = read_rankings(source / "train.jsonl"), read_rankings(source / "val.jsonl")
     elif Path(args.data).is_dir():  # a reward run: the very comparisons it was trained and evaluated on
         source = Path(args.data) / "comparisons"
         if not (source / "train.jsonl").is_file() or not (source / "val.jsonl").is_file():
             raise UserError(f"--data {args.data} is a directory without comparisons/train.jsonl and val.jsonl; give "
                             "a `plutao reward --data builtin:arith` run, builtin:arith or a .jsonl file")
-        rankings = _read_split(source / "train.jsonl"), _read_split(source / "val.jsonl")
+        rankings = read_rankings(source / "train.jsonl"), read_rankings(source / "val.jsonl")
     else:
         from plutao.train.config import DataConfig
-        from plutao.train.conversations import read_rankings, with_held_out
+        from plutao.train.conversations import with_held_out
 
         path = str(Path(args.data).absolute())
         train_r, val_r, _ = with_held_out(read_rankings(path), read_rankings, path, DataConfig(path=path), "ranking(s)")
         rankings = train_r, val_r
     write_pairs(parent, args.step, cfg, pairs_dir, *rankings)
     return _summary(args, train(cfg, run_dir, quiet=args.quiet))
-
-
-def _read_split(path: Path):
-    from plutao.train.conversations import read_rankings
-
-    return read_rankings(path)
 
 
 def write_pairs(parent: Path, step: int | None, cfg, folder: Path, train_rankings, val_rankings) -> None:
@@ -132,6 +127,7 @@ def write_pairs(parent: Path, step: int | None, cfg, folder: Path, train_ranking
     import numpy as np
     from flax import nnx
 
+    from plutao.train.chat_batches import pair_rows
     from plutao.train.conversations import write_jsonl
     from plutao.train.loop import log
     from plutao.train.run import load_run
@@ -160,13 +156,10 @@ def write_pairs(parent: Path, step: int | None, cfg, folder: Path, train_ranking
         if not pairs:
             raise UserError(f"the {split} rankings hold no two replies of different rank: nothing to prefer")
         encoded, width = encode_pairs(pairs, sft.tokenizer, cfg.model.context_length)
-        from plutao.train.chat_batches import PreferencePairs
-
-        rows = PreferencePairs(encoded, encoded[:1], width, 1, 0, sft.tokenizer.pad_id)
         ref = np.zeros((len(pairs), 2), np.float32)
         batch = 64
         for lo in range(0, len(pairs), batch):
-            part = rows.ordered_rows(encoded[lo:lo + batch])
+            part = pair_rows(encoded[lo:lo + batch], width)
             n = len(part)
             part = np.concatenate([part, np.repeat(part[-1:], batch - n, 0)]) if n < batch else part
             ref[lo:lo + n] = np.asarray(score(params, task.named(part)))[:n]
