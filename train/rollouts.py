@@ -139,6 +139,7 @@ def pack(tokenizer: Tokenizer, prompts: list[Prompt], prompt_ids: list[list[int]
     weights = np.zeros((N, W), np.float32)
     sampler = np.zeros((N, W), np.float32)
     rm_rows, texts, lengths, ended = [], [], [], []
+    stops = reply_stop_ids(tokenizer) + (tokenizer.eot_id,)
     for b, (p, r, lp) in enumerate(zip(prompt_ids, replies, logprobs)):
         seq = list(p) + list(r)
         tokens[b, :len(seq)] = seq
@@ -146,7 +147,7 @@ def pack(tokenizer: Tokenizer, prompts: list[Prompt], prompt_ids: list[list[int]
         weights[b, len(p) - 1:len(seq) - 1] = 1.0
         sampler[b, len(p) - 1:len(seq) - 1] = lp
         done = bool(r) and r[-1] == tokenizer.end_id
-        content = r[:-1] if r and r[-1] in reply_stop_ids(tokenizer) + (tokenizer.eot_id,) else r
+        content = r[:-1] if r and r[-1] in stops else r
         rm_rows.append((list(p) + list(content) + ([tokenizer.end_id] if done else []) + [tokenizer.reward_id])[-context:])
         texts.append(tokenizer.decode(content))
         lengths.append(len(r))
