@@ -20,9 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from plutao.train.config import Config, apply_overrides
-from plutao.train.errors import UserError
-from plutao.train.presets import PRESETS
+from plutao.train.config.errors import UserError
+from plutao.train.config.presets import PRESETS
+from plutao.train.config.schema import Config, apply_overrides
 
 
 def _tasks(data_dir: Path) -> dict[str, dict]:
@@ -57,15 +57,15 @@ def _config(overrides: dict) -> Config:
 
 
 def _validation(cfg: Config, tokenizer):
-    from plutao.train import data as data_lib
+    from plutao.train.data import sources as data_lib
 
     return data_lib.held_out_tokens(cfg.data, tokenizer)[0][1]
 
 
 def _run_neural(name: str, overrides: dict, seconds: float, workdir: Path, say) -> dict:
-    from plutao.train.evaluate import stream_metrics
+    from plutao.train.eval.likelihood import stream_metrics
     from plutao.train.loop import train
-    from plutao.train.run import load_run
+    from plutao.train.run.lineage import load_run
 
     calib = train(_config(overrides | {"train.steps": 40}), workdir / "calibration", quiet=True)
     cfg = _config(overrides)

@@ -32,13 +32,13 @@ from plutao.experiments.commands.scale import (
 )
 from plutao.experiments.commands.sweeps import cmd_report, cmd_study, cmd_sweep
 from plutao.experiments.commands.training import cmd_plot, cmd_train
-from plutao.train.presets import PRESETS
+from plutao.train.config.presets import PRESETS
 
 
 def _user_errors():
     from plutao.model.sampling import SamplingError
     from plutao.tokenizer import TokenizerError
-    from plutao.train.errors import UserError
+    from plutao.train.config.errors import UserError
 
     return (UserError, TokenizerError, SamplingError)
 
@@ -52,7 +52,7 @@ class OneLineErrors(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from plutao.train.config import config_defaults
+    from plutao.train.config.schema import config_defaults
 
     p = OneLineErrors(prog="plutao", description="Train and inspect Transformer language models.")
     dist = p.add_argument_group("multi-process runs (JAX's multi-controller runtime; SLURM, Open MPI and TPU VMs "
@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command != "launch":
-            from plutao.train.distributed import initialize
+            from plutao.train.parallel.distributed import initialize
 
             initialize(args.coordinator, args.num_processes, args.process_id, args.init_timeout)
         if args.command == "plan":

@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from plutao.model.presets import MODEL_PRESETS, flops_per_token
-from plutao.train.config import MeshConfig, OptimConfig
-from plutao.train.metrics import published_peak
+from plutao.train.config.schema import MeshConfig, OptimConfig
 from plutao.train.optim import lr_schedule, make_optimizer
-from plutao.train.sharding import make_mesh
+from plutao.train.parallel.sharding import make_mesh
+from plutao.train.run.metrics import published_peak
 from plutao.train.step import Trainer, global_batch
 
 

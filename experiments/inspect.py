@@ -6,16 +6,15 @@ from pathlib import Path
 
 import numpy as np
 
+from plutao.experiments.attention_plot import plot_attention_sets
 from plutao.model.sampling import to_host
-from plutao.train.errors import UserError
+from plutao.train.config.errors import UserError
 
 
 def attention_maps(run, text: str, target: str | None, out_dir: Path) -> list[Path]:
     """PNG grids (layer × head) of the attention weights for `text`: self-attention for a decoder or
     encoder; encoder self-, decoder self- and cross-attention for a translation model (on `target`, or
     the model's own greedy translation)."""
-    from plutao.experiments.attention_plot import plot_attention_sets
-
     run.task.check_command("attention", run.run_dir)
     if run.cfg.model.scan_layers:
         raise UserError("attention weights are not collected from scanned layers; this run has "

@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from plutao.train.errors import UserError
+from plutao.train.config.errors import UserError
 
 
 def free_port() -> int:

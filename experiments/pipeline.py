@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from plutao.train.errors import UserError
+from plutao.train.config.errors import UserError
 
 STAGES = ("base", "sft", "rm", "ppo", "dpo", "grpo-gold", "grpo-rm")
 DEFAULT_STEPS = {"base": 1600, "sft": 600, "rm": 300, "ppo": 60, "dpo": 300, "grpo-gold": 60, "grpo-rm": 60}

@@ -21,10 +21,10 @@ import time
 import jax
 import numpy as np
 
-from plutao.train import sharding
-from plutao.train.config import Config
-from plutao.train.errors import UserError
+from plutao.train.config.errors import UserError
+from plutao.train.config.schema import Config
 from plutao.train.optim import lr_schedule, make_optimizer
+from plutao.train.parallel import sharding
 from plutao.train.step import Trainer
 from plutao.train.tasks import TokenIds, task_for_model
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from plutao.experiments.sweep import DONE, TRIAL_FILE
-from plutao.train.errors import UserError
-from plutao.train.metrics import read_metrics
+from plutao.train.config.errors import UserError
+from plutao.train.run.metrics import read_metrics
 
 BOOTSTRAP_SAMPLES = 10_000
 

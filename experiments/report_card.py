@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from plutao.train.errors import UserError
+from plutao.train.config.errors import UserError
 from plutao.train.worlds import arith
 
 DIGITS = tuple(range(1, arith.MAX_DIGITS + 1))
@@ -132,7 +132,7 @@ def combined_bits_per_byte(metrics: Sequence[dict]) -> float:
 def pretraining_ancestor(run_dir: Path) -> Path | None:
     """The base run (train.task "") a run descends from, following config.json's lineage.parent (or
     train.init_from); the run itself when it is one; None when the chain breaks."""
-    from plutao.train.rundir import parse_init_from, read_run_config
+    from plutao.train.run.rundir import parse_init_from, read_run_config
 
     seen = set()
     run_dir = Path(run_dir)
@@ -314,10 +314,10 @@ def best_of_column(run, scorer, n_best: int, problems: Problems, file_messages: 
 
 def bits_per_byte(run, cache: dict, log) -> tuple[float | None, str | None]:
     """(bits per byte on the held-out mixture of the run's pretraining ancestor, or None; a note)."""
-    from plutao.train import data as data_lib
-    from plutao.train.config import Config
-    from plutao.train.evaluate import stream_metrics
-    from plutao.train.rundir import existing_run_config
+    from plutao.train.config.schema import Config
+    from plutao.train.data import sources as data_lib
+    from plutao.train.eval.likelihood import stream_metrics
+    from plutao.train.run.rundir import existing_run_config
 
     name = run.run_dir.name
     base = pretraining_ancestor(run.run_dir)
@@ -360,9 +360,9 @@ class Plan:
 def check(runs: Sequence[str], *, reward: str | None, best_of: int, problems: int, problems_file: str | None,
           match: str = "last-number", seed: int = 0, out: str | None = None) -> Plan:
     """Everything that can be wrong with the arguments, as one-line UserErrors, before any model loads."""
-    from plutao.train.config import Config
-    from plutao.train.conversations import read_problems
-    from plutao.train.rundir import existing_run_config
+    from plutao.train.config.schema import Config
+    from plutao.train.data.conversations import read_problems
+    from plutao.train.run.rundir import existing_run_config
     from plutao.train.tasks import task_class
 
     if best_of < 0:
@@ -409,7 +409,7 @@ def kl_and_entropy(run, reference, prompt_ids: Sequence[Sequence[int]], replies:
     """(mean KL(run ‖ reference) per reply, mean entropy per reply token) over replies sampled from the
     run at temperature 1: Σ over each reply's positions of the exact KL of the next-token
     distributions (an unbiased estimate of the sequence-level KL, ≥ 0), on the run's own tokens."""
-    from plutao.train.rollouts import Prompt, pack
+    from plutao.train.rl.rollouts import Prompt, pack
 
     tok, context = run.tokenizer, run.cfg.model.context_length
     graph_a, params_a = nnx.split(run.model)
@@ -433,7 +433,7 @@ def kl_and_entropy(run, reference, prompt_ids: Sequence[Sequence[int]], replies:
 @functools.cache
 def _kl_pass(graph_a, graph_b):
     from plutao.model.heads import forward_logits
-    from plutao.train.rl import entropy, kl_exact
+    from plutao.train.rl.objectives import entropy, kl_exact
 
     def run(params_a, params_b, tokens):
         logits_a, _ = forward_logits(nnx.merge(graph_a, params_a), tokens)
@@ -450,8 +450,8 @@ def reference_run(loaded) -> object | None:
 
 def evaluate(plan: Plan, log: Callable[[str], None] = lambda msg: None) -> dict:
     """The report card of a checked plan, as the JSON object report.json holds."""
-    from plutao.train.rewards import RewardScorer
-    from plutao.train.run import load_run
+    from plutao.train.rl.rewards import RewardScorer
+    from plutao.train.run.lineage import load_run
 
     loaded = [load_run(p) for p in plan.runs]  # (every run opens before any sampling)
     scorer = RewardScorer.load(plan.reward) if plan.reward else None

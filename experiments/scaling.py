@@ -16,9 +16,9 @@ COMPILE_SCRIPT = r"""
 import json, sys, time
 import jax, numpy as np
 from plutao.model.config import ModelConfig
-from plutao.train.config import OptimConfig, MeshConfig
+from plutao.train.config.schema import OptimConfig, MeshConfig
 from plutao.train.optim import make_optimizer, lr_schedule
-from plutao.train.sharding import make_mesh, batch_sharding
+from plutao.train.parallel.sharding import make_mesh, batch_sharding
 from plutao.train.step import Trainer
 layers, scan = int(sys.argv[1]), sys.argv[2] == "1"
 cfg = ModelConfig(vocab_size=256, context_length=128, n_layers=layers, d_model=256, n_heads=8, scan_layers=scan)
@@ -35,9 +35,9 @@ MEMORY_SCRIPT = r"""
 import json, resource, sys
 import jax, numpy as np
 from plutao.model.config import ModelConfig
-from plutao.train.config import OptimConfig, MeshConfig
+from plutao.train.config.schema import OptimConfig, MeshConfig
 from plutao.train.optim import make_optimizer, lr_schedule
-from plutao.train.sharding import make_mesh
+from plutao.train.parallel.sharding import make_mesh
 from plutao.train.step import Trainer, global_batch
 mesh_cfg = MeshConfig(data=1, fsdp=-1)
 cfg = ModelConfig(vocab_size=256, context_length=256, n_layers=8, d_model=512, n_heads=8).resolved()

@@ -13,8 +13,8 @@ import jax
 from jax.sharding import PartitionSpec
 
 from plutao.model.presets import abstract_params
-from plutao.train import sharding
-from plutao.train.config import Config
+from plutao.train.config.schema import Config
+from plutao.train.parallel import sharding
 
 
 def _spec_list(spec: PartitionSpec) -> list:

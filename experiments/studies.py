@@ -9,7 +9,7 @@ d_model-512 model trained 8× longer.
 from __future__ import annotations
 
 from plutao.experiments.sweep import SweepSpec
-from plutao.train.errors import UserError
+from plutao.train.config.errors import UserError
 
 
 def _base(scale: float) -> dict:

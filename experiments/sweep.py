@@ -26,7 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from plutao.train.errors import UserError
+from plutao.train.config.errors import UserError
+from plutao.train.config.schema import load_config_file, parse_overrides, resolve_config
 
 TRIAL_FILE = "trial.json"
 SPEC_KEYS = {"base", "overrides", "grid", "zip", "trials", "ablations", "random", "optuna", "seeds", "parallel",
@@ -205,8 +206,6 @@ def _named_spec(config: str | None) -> SweepSpec:
     if path and path.suffix in (".yaml", ".yml", ".py"):
         return load_spec(path)
     if path and path.suffix in (".json", ".toml") and path.is_file():
-        from plutao.train.config import load_config_file
-
         try:
             raw = _read_spec_file(path)
         except UserError:
@@ -222,8 +221,6 @@ def command_line_spec(config: str | None, overrides: list[str], *, grid_flags: l
                       settings: dict[str, Any]) -> tuple[SweepSpec, dict[str, str]]:
     """(spec, shared overrides) of `plutao sweep CONFIG [key=value ...] --grid/--zip/--random ...`: the flags
     add axes to the spec CONFIG names, and the non-None `settings` (seeds, parallel, ...) replace its own."""
-    from plutao.train.config import parse_overrides
-
     overrides = list(overrides)
     if config and "=" in config:  # `plutao sweep key=value ...` without a config
         config, overrides = None, [config, *overrides]
@@ -654,8 +651,6 @@ def _read_val(directory: Path) -> list[dict]:
 
 def sweep(spec: SweepSpec, sweep_dir: Path, cli_overrides: dict[str, str], *, retry_failed: bool = False,
           log=print) -> dict:
-    from plutao.train.config import resolve_config
-
     sweep_dir = Path(sweep_dir)
     if sweep_dir.exists() and not sweep_dir.is_dir():
         raise UserError(f"--workdir {sweep_dir} is a file; give a directory")

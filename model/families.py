@@ -5,7 +5,11 @@ from __future__ import annotations
 
 from flax import nnx
 
+from plutao.model.baselines.rnn import RecurrentLM
+from plutao.model.bert import BERT
 from plutao.model.config import ModelConfig
+from plutao.model.encoder_decoder import EncoderDecoder
+from plutao.model.gpt import GPT
 
 TRANSFORMERS = ("decoder", "encoder_decoder", "encoder")
 RECURRENT = ("lstm", "gru", "rnn")
@@ -13,16 +17,12 @@ RECURRENT = ("lstm", "gru", "rnn")
 
 def build_model(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
     if cfg.family == "decoder":
-        from plutao.model.gpt import GPT
         return GPT(cfg, rngs)
     if cfg.family == "encoder_decoder":
-        from plutao.model.encoder_decoder import EncoderDecoder
         return EncoderDecoder(cfg, rngs)
     if cfg.family == "encoder":
-        from plutao.model.bert import BERT
         return BERT(cfg, rngs)
     if cfg.family in RECURRENT:
-        from plutao.model.baselines.rnn import RecurrentLM
         return RecurrentLM(cfg, rngs)
     raise ValueError(f"model.family={cfg.family} has no neural module; it is trained by counting")
 

@@ -1,6 +1,6 @@
 """Building blocks shared by every model family: linear maps, embeddings, positions, norms, MLPs.
 
-Parameters carry semantic axis names (`axes=("embed", "mlp")`); train/sharding.py maps those names
+Parameters carry semantic axis names (`axes=("embed", "mlp")`); train/parallel/sharding.py maps those names
 to mesh axes through one table, so nothing here knows about devices. Parameters are float32; each
 layer casts them to the compute dtype at use.
 """

@@ -30,7 +30,7 @@ def shakespeare() -> Path:
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory) -> Path:
     """A few KB of real English text that needs no shared data: the stdlib's docstrings."""
-    from plutao.train.corpora import python_docstrings
+    from plutao.train.data.corpora import python_docstrings
 
     path = tmp_path_factory.mktemp("corpus") / "docs.txt"
     path.write_text("\n\n".join(python_docstrings()[:400]))

@@ -1,4 +1,4 @@
-"""The layering the code promises (README: "Where things live"): model/ is plain model math, the
+"""The layering the code promises (README: "What is where"; train/__init__.py): model/ is plain model math, the
 experiments layer sits on top of everything, and only the task registry asks which family a run is."""
 
 import ast
@@ -12,7 +12,7 @@ FAMILY_ALLOWED = {
     "model/families.py": "family → module class (the model registry)",
     "model/presets.py": "parameter and FLOP counts differ per architecture",
     "model/baselines/rnn.py": "which recurrent cell (lstm, gru, rnn)",
-    "train/run.py": "a parent run's family, to refuse train.init_from across families",
+    "train/run/lineage.py": "a parent run's family, to refuse train.init_from across families",
 }
 
 
@@ -66,6 +66,94 @@ def test_family_is_read_only_in_the_task_registry_and_the_places_readme_names():
     reads = {path: family_reads(tree) for pkg in PACKAGES for path, tree in sources(pkg)}
     outside = {p: n for p, n in reads.items() if n and not p.startswith("train/tasks/") and p not in FAMILY_ALLOWED}
     assert outside == {}
-    readme = (ROOT / "README.md").read_text()
+    docs = (ROOT / "README.md").read_text() + "".join(p.read_text() for p in sorted((ROOT / "docs").glob("*.md")))
     for path in FAMILY_ALLOWED:
-        assert path in readme, f"README does not say why {path} reads model.family"
+        assert path in docs, f"neither README nor docs/ say why {path} reads model.family"
+
+
+# Inside train/, imports point one way: a module may import modules of its own layer or of layers
+# listed before it, never after (train/__init__.py draws the same picture). `if TYPE_CHECKING:` blocks
+# (annotations only) are not imports at run time and are not counted.
+TRAIN_LAYERS = [
+    ["config.errors", "config.presets", "losses", "rl.objectives", "worlds.arith", "run.metrics"],
+    ["config.schema"],
+    ["parallel.sharding", "parallel.distributed", "optim", "run.rundir", "run.lock", "run.checkpoint"],
+    ["run.resume"],
+    ["data.corpora", "data.sources", "data.batches", "data.chat_batches", "data.conversations", "data.pairs"],
+    ["eval.likelihood", "eval.translate", "eval.reward_model", "rl.rollouts", "rl.comparisons"],
+    ["tasks"],
+    ["step"],
+    ["run.lineage", "ngram_run"],
+    ["prepare", "rl.rewards"],
+    ["rl.loop"],
+    ["loop"],
+]
+
+
+def train_module(path: Path) -> str:
+    parts = path.relative_to(ROOT / "train").with_suffix("").parts
+    return ".".join(p for p in parts if p != "__init__")
+
+
+def train_imports(tree) -> set[str]:
+    """The train/ modules a file imports (`from plutao.train.data import sources` → data.sources)."""
+    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and getattr(node.test, "id", "") ==
+            "TYPE_CHECKING" for n in ast.walk(node)}
+    out = set()
+    for node in ast.walk(tree):
+        if id(node) in skip or not isinstance(node, ast.ImportFrom | ast.Import):
+            continue
+        modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+        if isinstance(node, ast.ImportFrom):  # (a name may itself be a module: from plutao.train.data import sources)
+            modules += [f"{node.module}.{a.name}" for a in node.names]
+        for name in modules:
+            if name.startswith("plutao.train."):
+                rel = name.removeprefix("plutao.train.")
+                path = ROOT / "train" / rel.replace(".", "/")
+                if path.with_suffix(".py").is_file() or (path / "__init__.py").is_file():
+                    out.add(rel)
+    return out
+
+
+def layer_of(module: str) -> int | None:
+    for i, layer in enumerate(TRAIN_LAYERS):
+        if any(module == m or module.startswith(m + ".") for m in layer):
+            return i
+    return None
+
+
+def layer_violations() -> dict[str, list[str]]:
+    bad = {}
+    for path in sorted((ROOT / "train").rglob("*.py")):
+        module = train_module(path)
+        own = layer_of(module)
+        if own is None:
+            continue
+        up = sorted(m for m in train_imports(ast.parse(path.read_text()))
+                    if (layer := layer_of(m)) is not None and layer > own)
+        if up:
+            bad[module] = up
+    return bad
+
+
+def test_every_train_module_has_a_layer():
+    packages = {train_module(p) for p in (ROOT / "train").rglob("__init__.py")}
+    modules = {train_module(p) for p in (ROOT / "train").rglob("*.py")} - packages
+    assert sorted(m for m in modules if layer_of(m) is None) == []
+
+
+def test_imports_inside_train_point_one_way():
+    assert layer_violations() == {}
+
+
+def test_the_layer_check_can_fail():
+    tree = ast.parse("from plutao.train.loop import train\nfrom plutao.train.rl import objectives\n"
+                     "if TYPE_CHECKING:\n    from plutao.train.step import Trainer\n")
+    assert train_imports(tree) == {"loop", "rl.objectives", "rl"}
+    assert layer_of("loop") > layer_of("data.sources") > layer_of("config.schema")
+
+
+def test_every_train_subpackage_says_what_it_may_import():
+    for init in (ROOT / "train").rglob("__init__.py"):
+        doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+        assert doc, f"{init.relative_to(ROOT)} has no docstring"

@@ -99,7 +99,7 @@ def test_translation_encoder_cross_and_decoder_attention_are_structured(calls):
 
 
 def test_a_setting_the_fused_kernels_lack_is_told_in_one_line():
-    from plutao.train.loop import attention_note
+    from plutao.train.prepare import attention_note
 
     note = attention_note(ModelConfig(attention="cudnn", dropout=0.1))
     assert note and "\n" not in note and "model.dropout=0.1" in note and "explicit" in note
@@ -108,7 +108,7 @@ def test_a_setting_the_fused_kernels_lack_is_told_in_one_line():
 
 
 def test_mfu_peaks_are_published_figures_or_a_matmul_the_device_is_busy_with(monkeypatch):
-    from plutao.train import metrics
+    from plutao.train.run import metrics
 
     assert metrics.published_peak("NVIDIA H100 80GB HBM3", jnp.bfloat16) == 989e12
     assert metrics.published_peak("NVIDIA H100 PCIe", jnp.bfloat16) == 756e12

@@ -78,9 +78,9 @@ def test_encoder_attention_is_bidirectional_and_ignores_padding():
 
 
 def test_each_evaluation_batch_draws_its_own_fixed_masks():
-    from plutao.train.config import MeshConfig, OptimConfig
+    from plutao.train.config.schema import MeshConfig, OptimConfig
     from plutao.train.optim import lr_schedule, make_optimizer
-    from plutao.train.sharding import make_mesh
+    from plutao.train.parallel.sharding import make_mesh
     from plutao.train.step import Trainer
 
     cfg = ModelConfig(family="encoder", vocab_size=40, context_length=32, n_layers=1, d_model=16, n_heads=2).resolved()

@@ -5,7 +5,7 @@ import pytest
 
 from plutao.tokenizer import CharTokenizer
 from plutao.tokenizer.chat import ChatError, marked, prompt_ids, render, reward_ids
-from plutao.train.chat_batches import PackedChats
+from plutao.train.data.chat_batches import PackedChats
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},

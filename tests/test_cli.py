@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from plutao.experiments.cli import main
-from plutao.train import corpora
+from plutao.train.data import corpora
 
 
 def tree_digest(root: Path) -> dict:
@@ -173,8 +173,8 @@ def test_eval_data_errors_name_the_data_flag(capsys, run_dir, tmp_path):
 
 
 def test_read_pairs_names_the_flag_it_is_given(tmp_path):
-    from plutao.train.errors import UserError
-    from plutao.train.pairs import read_pairs
+    from plutao.train.config.errors import UserError
+    from plutao.train.data.pairs import read_pairs
 
     with pytest.raises(UserError, match=r"^--data '.*missing\.tsv' does not exist"):
         read_pairs(str(tmp_path / "missing.tsv"), flag="--data")

@@ -10,12 +10,12 @@ import pytest
 from plutao.model.config import ModelConfig
 from plutao.model.heads import forward_logits
 from plutao.tokenizer import CharTokenizer
-from plutao.train import corpora
-from plutao.train.config import Config, DataConfig, MeshConfig, OptimConfig, apply_overrides
-from plutao.train.data import read_documents, tokenize_documents
-from plutao.train.errors import UserError
+from plutao.train.config.errors import UserError
+from plutao.train.config.schema import Config, DataConfig, MeshConfig, OptimConfig, apply_overrides
+from plutao.train.data import corpora
+from plutao.train.data.sources import read_documents, tokenize_documents
 from plutao.train.optim import lr_schedule, make_optimizer
-from plutao.train.sharding import make_mesh
+from plutao.train.parallel.sharding import make_mesh
 from plutao.train.step import Trainer
 
 
@@ -137,7 +137,7 @@ def test_bfloat16_compute_keeps_float32_params_and_tracks_float32():
 
 
 def test_config_file_and_roundtrip(tmp_path):
-    from plutao.train.config import load_config_file
+    from plutao.train.config.schema import load_config_file
 
     f = tmp_path / "c.toml"
     f.write_text('[model]\nn_layers = 3\npositions = "rotary"\n[optim]\nlr = 3e-4\n')

@@ -76,7 +76,7 @@ def test_beam_search_with_one_beam_is_greedy(translation_run, pairs_tsv):
     from flax import nnx
 
     from plutao.model.seq2seq import beam_search, greedy_decode, strip
-    from plutao.train.run import load_run
+    from plutao.train.run.lineage import load_run
 
     run = load_run(translation_run)
     tok, L = run.tokenizer, run.cfg.model.context_length
@@ -307,7 +307,7 @@ def test_a_time_budget_counts_the_time_of_earlier_invocations(capsys, tmp_path, 
     first = run_json(capsys, ["train", "tiny", f"data.path={small_corpus}", "train.steps=1000", "train.stop_at_step=5",
                               "--workdir", str(run), "--json", "--quiet"])
     assert first["interrupted"]
-    from plutao.train.checkpoint import Checkpoints  # the time spent is recorded inside the checkpoint
+    from plutao.train.run.checkpoint import Checkpoints  # the time spent is recorded inside the checkpoint
 
     assert Checkpoints(run / "checkpoints", read_only=True).metadata(5)["train_seconds"] > 0
     # The first invocation already spent more than this budget: the run ends where it is.

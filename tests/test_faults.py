@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from plutao.experiments.cli import main
-from plutao.train.checkpoint import UNREADABLE_DIR, Checkpoints
+from plutao.train.run.checkpoint import UNREADABLE_DIR, Checkpoints
 
 TINY = ["train.log_every=5", "train.eval_every=10", "train.eval_batches=2", "train.checkpoint_every=10",
         "train.sample_every=0", "train.peak_flops=1e11"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from plutao.train.config import Config, apply_overrides
+from plutao.train.config.schema import Config, apply_overrides
 from plutao.train.loop import train
 
 GOLDEN = Path(__file__).parent / "goldens" / "trajectories.json"

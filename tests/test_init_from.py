@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 from plutao.model.heads import forward_logits
-from plutao.train.config import Config, apply_overrides
-from plutao.train.errors import UserError
-from plutao.train.loop import prepare, train
-from plutao.train.run import init_from_parent, load_run, merge_params
+from plutao.train.config.errors import UserError
+from plutao.train.config.schema import Config, apply_overrides
+from plutao.train.loop import train
+from plutao.train.prepare import prepare
+from plutao.train.run.lineage import init_from_parent, load_run, merge_params
 
 TINY = {"train.steps": 6, "train.log_every": 3, "train.eval_every": 0, "train.sample_every": 0,
         "train.checkpoint_every": 3, "train.batch_size": 4, "model.n_layers": 1, "model.d_model": 32,

@@ -44,9 +44,9 @@ def test_label_smoothing_spreads_only_over_real_targets():
 
 def test_training_logs_the_unsmoothed_loss_beside_the_smoothed_one():
     from plutao.model.config import ModelConfig
-    from plutao.train.config import MeshConfig, OptimConfig
+    from plutao.train.config.schema import MeshConfig, OptimConfig
     from plutao.train.optim import lr_schedule, make_optimizer
-    from plutao.train.sharding import make_mesh
+    from plutao.train.parallel.sharding import make_mesh
     from plutao.train.step import Trainer
     from plutao.train.tasks import TokenIds, task_for_model
 
@@ -66,7 +66,7 @@ def test_training_logs_the_unsmoothed_loss_beside_the_smoothed_one():
 
 
 def test_the_loss_plot_compares_like_with_like():
-    from plutao.train.metrics import loss_curves
+    from plutao.train.run.metrics import loss_curves
 
     rows = [{"step": 10, "split": "train", "loss": 2.5, "loss_unsmoothed": 2.1}, {"step": 10, "split": "val", "loss": 2.2},
             {"step": 20, "split": "train", "loss": 2.0}, {"step": 20, "sample": "text"}]

@@ -7,9 +7,9 @@ import sys
 import pytest
 
 from plutao.model.presets import abstract_params
-from plutao.train import sharding
-from plutao.train.config import MeshConfig, resolve_config
-from plutao.train.errors import UserError
+from plutao.train.config.errors import UserError
+from plutao.train.config.schema import MeshConfig, resolve_config
+from plutao.train.parallel import sharding
 
 
 def report(preset: str, overrides: list[str], devices: int) -> sharding.SplitReport:

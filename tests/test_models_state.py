@@ -10,10 +10,10 @@ import optax
 
 from plutao.model.config import ModelConfig
 from plutao.model.heads import forward_logits
-from plutao.train.checkpoint import Checkpoints
-from plutao.train.config import MeshConfig, OptimConfig
+from plutao.train.config.schema import MeshConfig, OptimConfig
 from plutao.train.optim import lr_schedule, make_optimizer
-from plutao.train.sharding import make_mesh
+from plutao.train.parallel.sharding import make_mesh
+from plutao.train.run.checkpoint import Checkpoints
 from plutao.train.step import Trainer
 from plutao.train.tasks import task_for_model
 from plutao.train.tasks.base import ModelSlot

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from plutao.experiments.launch import free_port
-from plutao.train.run import load_run
+from plutao.train.run.lineage import load_run
 
 
 def run(args: list[str], devices: int = 4, check: bool = True,

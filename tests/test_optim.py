@@ -6,7 +6,7 @@ import optax
 import pytest
 
 from plutao.model.config import ModelConfig
-from plutao.train.config import OptimConfig
+from plutao.train.config.schema import OptimConfig
 from plutao.train.optim import decay_mask, make_optimizer
 
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from plutao.tokenizer import train_tokenizer
-from plutao.train.errors import UserError
-from plutao.train.pairs import PairBatches, encode_pairs, held_out, pack, read_pairs
+from plutao.train.config.errors import UserError
+from plutao.train.data.pairs import PairBatches, encode_pairs, held_out, pack, read_pairs
 
 WORDS = ["un", "deux", "trois", "quatre", "cinq", "six", "sept", "huit", "neuf", "dix"]
 
@@ -80,7 +80,7 @@ def test_held_out_batches_cover_each_pair_once_and_pad_the_last_batch():
 
 
 def test_a_source_cut_to_the_context_keeps_its_end_of_sequence():
-    from plutao.train.translate import fit_source
+    from plutao.train.eval.translate import fit_source
 
     ids = np.array([20, 21, 22, 23, 24, 3], np.int32)  # ... <eos>
     cut, was_cut = fit_source(ids, 4, eos_id=3)

@@ -15,9 +15,9 @@ import pytest
 
 from plutao.experiments.cli import main
 from plutao.model.config import ModelConfig
-from plutao.train.config import Config, MeshConfig, OptimConfig
+from plutao.train.config.schema import Config, MeshConfig, OptimConfig
 from plutao.train.optim import lr_schedule, make_optimizer
-from plutao.train.sharding import make_mesh
+from plutao.train.parallel.sharding import make_mesh
 from plutao.train.step import Trainer
 
 FAST = ["train.peak_flops=1e11", "train.sample_every=0"]

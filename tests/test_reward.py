@@ -11,8 +11,8 @@ from flax import nnx
 from plutao.model.config import ModelConfig
 from plutao.tokenizer import CharTokenizer
 from plutao.tokenizer.chat import reward_ids
-from plutao.train.chat_batches import encode_ranking
-from plutao.train.config import Config, TrainConfig
+from plutao.train.config.schema import Config, TrainConfig
+from plutao.train.data.chat_batches import encode_ranking
 from plutao.train.losses import ranking_loss_sums
 from plutao.train.tasks import TokenIds
 from plutao.train.tasks.reward import RewardModel, reward_scores
@@ -99,9 +99,9 @@ def test_one_batch_element_encodes_each_response_once(rm):
 
 
 def test_reward_shift_makes_the_demonstrations_average_zero(tiny_stages):
-    from plutao.train.config import Config as C
-    from plutao.train.rewards import RewardScorer
-    from plutao.train.rundir import existing_run_config
+    from plutao.train.config.schema import Config as C
+    from plutao.train.rl.rewards import RewardScorer
+    from plutao.train.run.rundir import existing_run_config
     from plutao.train.tasks.sft import chat_data
 
     scorer = RewardScorer.load(tiny_stages["rm"])

@@ -13,12 +13,12 @@ from plutao.model.config import ModelConfig
 from plutao.model.heads import forward_logits
 from plutao.tokenizer import train_tokenizer
 from plutao.tokenizer.chat import prompt_ids, reward_ids
-from plutao.train import sharding
-from plutao.train.config import Config, DataConfig, OptimConfig, RLConfig, TrainConfig
+from plutao.train.config.schema import Config, DataConfig, OptimConfig, RLConfig, TrainConfig
 from plutao.train.losses import token_logprobs
 from plutao.train.optim import lr_schedule, make_optimizer
-from plutao.train.rl_loop import score_rollout, update
-from plutao.train.rollouts import Prompt, row_seeds, sample
+from plutao.train.parallel import sharding
+from plutao.train.rl.loop import score_rollout, update
+from plutao.train.rl.rollouts import Prompt, row_seeds, sample
 from plutao.train.step import Trainer
 from plutao.train.tasks import TokenIds
 from plutao.train.tasks.grpo import GRPO

@@ -17,8 +17,8 @@ import pytest
 
 from plutao.experiments.cli import main
 from plutao.model.heads import forward_logits
-from plutao.train.checkpoint import Checkpoints
-from plutao.train.run import load_run
+from plutao.train.run.checkpoint import Checkpoints
+from plutao.train.run.lineage import load_run
 
 RL = ["rl.prompts=8", "rl.minibatches=2", "rl.max_new_tokens=8", "rl.eval_problems=2", "train.sample_every=0",
       "--quiet"]

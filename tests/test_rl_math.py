@@ -1,4 +1,4 @@
-"""The RL mathematics (train/rl.py) against naive loops and closed forms."""
+"""The RL mathematics (train/rl/objectives.py) against naive loops and closed forms."""
 
 import math
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from plutao.train import rl
+from plutao.train.rl import objectives as rl
 
 
 def _rows(seed=0, B=5, T=12):

@@ -13,8 +13,8 @@ from plutao.model import sampling
 from plutao.model.baselines.rnn import RecurrentLM
 from plutao.model.config import ModelConfig
 from plutao.model.heads import forward_logits
-from plutao.train.config import MeshConfig
-from plutao.train.sharding import LOGICAL_AXIS_RULES, abstract_mesh, param_specs
+from plutao.train.config.schema import MeshConfig
+from plutao.train.parallel.sharding import LOGICAL_AXIS_RULES, abstract_mesh, param_specs
 
 CELLS = ["rnn", "lstm", "gru"]
 CFG = ModelConfig(vocab_size=37, context_length=16, n_layers=2, d_model=24)

@@ -64,7 +64,7 @@ def test_a_packed_bert_row_gives_each_document_its_own_logits():
 
 @pytest.mark.parametrize("family", ["decoder", "encoder"])
 def test_separate_documents_scores_each_document_of_a_row_as_if_alone(family):
-    from plutao.train.config import Config, apply_overrides
+    from plutao.train.config.schema import Config, apply_overrides
     from plutao.train.tasks import TokenIds, task_for
 
     base = {"model.family": family, "model.vocab_size": 40, "model.context_length": 16, "model.n_layers": 2,

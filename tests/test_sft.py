@@ -14,10 +14,10 @@ from plutao.model.gpt import GPT
 from plutao.model.heads import forward_logits
 from plutao.tokenizer import CharTokenizer
 from plutao.tokenizer.chat import render
-from plutao.train import sharding
-from plutao.train.chat_batches import PackedChats
-from plutao.train.config import Config, MeshConfig, OptimConfig, TrainConfig
+from plutao.train.config.schema import Config, MeshConfig, OptimConfig, TrainConfig
+from plutao.train.data.chat_batches import PackedChats
 from plutao.train.optim import make_optimizer
+from plutao.train.parallel import sharding
 from plutao.train.step import Trainer
 from plutao.train.tasks import TokenIds
 from plutao.train.tasks.sft import SFT

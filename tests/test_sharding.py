@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from plutao.experiments.shardings import dumps, sharding_dump
-from plutao.train.config import resolve_config
+from plutao.train.config.schema import resolve_config
 
 GOLDENS = Path(__file__).parent / "goldens"
 CASES = {
@@ -60,10 +60,10 @@ def test_megatron_layout_of_the_resolved_specs():
 MESH_SCRIPT = r"""
 import json, sys
 import jax, numpy as np
-from plutao.train.presets import PRESETS
-from plutao.train.config import Config, apply_overrides
-from plutao.train.errors import UserError
-from plutao.train.loop import prepare
+from plutao.train.config.presets import PRESETS
+from plutao.train.config.schema import Config, apply_overrides
+from plutao.train.config.errors import UserError
+from plutao.train.prepare import prepare
 from plutao.train.step import global_batch
 
 assert jax.device_count() == 8

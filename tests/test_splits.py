@@ -4,7 +4,7 @@ import json
 
 from plutao.experiments.cli import main
 from plutao.tokenizer import load_tokenizer
-from plutao.train.data import split_documents
+from plutao.train.data.sources import split_documents
 
 
 def test_split_documents_cuts_the_characters_where_val_fraction_says():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from plutao.experiments.cli import main
-from plutao.train.run import load_run
+from plutao.train.run.lineage import load_run
 
 
 def run_cli(capsys, *argv):

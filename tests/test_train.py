@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 
 from plutao.model.config import ModelConfig
-from plutao.train.config import Config, MeshConfig, OptimConfig, apply_overrides
-from plutao.train.data import Batches, Split
+from plutao.train.config.presets import PRESETS
+from plutao.train.config.schema import Config, MeshConfig, OptimConfig, apply_overrides
+from plutao.train.data.sources import Batches, Split
 from plutao.train.loop import train
 from plutao.train.optim import lr_schedule, make_optimizer
-from plutao.train.presets import PRESETS
-from plutao.train.run import load_run
-from plutao.train.sharding import make_mesh
+from plutao.train.parallel.sharding import make_mesh
+from plutao.train.run.lineage import load_run
 from plutao.train.step import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,8 +142,8 @@ def test_resume_equals_uninterrupted(small_corpus, tmp_path):
 TRAIN_SCRIPT = """
 import sys
 from pathlib import Path
-from plutao.train.config import Config, apply_overrides
-from plutao.train.presets import PRESETS
+from plutao.train.config.schema import Config, apply_overrides
+from plutao.train.config.presets import PRESETS
 from plutao.train.loop import train
 layers = dict(PRESETS["tiny"]) | {{"data.path": {corpus!r}, "train.steps": 40, "train.checkpoint_every": 10,
     "model.d_model": 256, "model.n_heads": 4, "model.n_layers": 3, "model.context_length": 64, "train.batch_size": 32}}
@@ -199,7 +199,7 @@ def test_sigterm_saves_and_exits_cleanly(small_corpus, tmp_path, straight_run):
 
 
 def test_checkpoints_keep_latest_and_best(tmp_path):
-    from plutao.train.checkpoint import Checkpoints
+    from plutao.train.run.checkpoint import Checkpoints
 
     ckpt = Checkpoints(tmp_path / "ck", keep=2)
     state = {"w": np.zeros(3, np.float32)}
@@ -250,8 +250,8 @@ def test_multi_device_data_parallel_matches_one_device(small_corpus, tmp_path):
 import json, sys
 from pathlib import Path
 import jax
-from plutao.train.config import Config, apply_overrides
-from plutao.train.presets import PRESETS
+from plutao.train.config.schema import Config, apply_overrides
+from plutao.train.config.presets import PRESETS
 from plutao.train.loop import train
 assert jax.device_count() == 8, jax.devices()
 base = dict(PRESETS["tiny"]) | {{"data.path": {str(small_corpus)!r}, "train.steps": 10, "train.log_every": 1,

@@ -56,7 +56,7 @@ def ranking_loss_sums(r_BK: Array, rank_BK: Array) -> dict[str, Array]:
         "loss": jnp.sum(nll_B / jnp.maximum(pairs_B, 1.0)),
         "count": jnp.sum(pairs_B > 0).astype(jnp.float32),
         "correct": (jnp.sum(better_BKK & (margin_BKK > 0)) + 0.5 * jnp.sum(better_BKK & (margin_BKK == 0))
-                    ).astype(jnp.float32),  # (a tie counts half, as in train/reward_eval.py)
+                    ).astype(jnp.float32),  # (a tie counts half, as in train/eval/reward_model.py)
         "pairs": jnp.sum(pairs_B),
         "brier": jnp.sum(jnp.where(better_BKK, (jax.nn.sigmoid(margin_BKK) - 1.0) ** 2, 0.0)),
     }

@@ -15,8 +15,8 @@ import jax
 import numpy as np
 
 from plutao.model.baselines.ngram import NGramLM
-from plutao.train.errors import UserError
-from plutao.train.metrics import MetricsLog
+from plutao.train.config.errors import UserError
+from plutao.train.run.metrics import MetricsLog
 
 TABLE_FILE = "ngram.npz"
 

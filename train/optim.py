@@ -10,7 +10,7 @@ import optax
 
 from plutao.model.config import ModelConfig
 from plutao.model.families import param_roles
-from plutao.train.config import OptimConfig
+from plutao.train.config.schema import OptimConfig
 
 
 def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:

@@ -20,8 +20,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from plutao.model.config import ModelConfig
-from plutao.train import batches as batches_lib
-from plutao.train import sharding
+from plutao.model.lora import with_adapters
+from plutao.train.data import batches as batches_lib
+from plutao.train.parallel import sharding
 from plutao.train.tasks import Task, task_for_model
 from plutao.train.tasks.base import ModelSlot
 
@@ -103,8 +104,6 @@ class Trainer:
             return nnx.merge(self.graphdef, params)
         live = nnx.merge(self.graphdef, {**params, **(frozen or {})})
         if self.adapted:
-            from plutao.model.lora import with_adapters
-
             return with_adapters(live.base, live.lora)
         return {n: getattr(live, n) for n in self.slots}
 

@@ -3,7 +3,7 @@
 
 A stage is an ordinary training (train/loop.py) of a task (train/tasks/sft.py, reward.py) whose
 config starts from the parent run's: same model and tokenizer, `train.init_from` = the parent, the
-stage's defaults (train/presets.py: STAGE_PRESETS), then the user's key=value overrides.
+stage's defaults (train/config/presets.py: STAGE_PRESETS), then the user's key=value overrides.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import json
 import sys
 from pathlib import Path
 
-from plutao.train.config import Config, apply_overrides, flatten, parse_overrides, validate
-from plutao.train.errors import UserError
-from plutao.train.presets import STAGE_PRESETS
-from plutao.train.rundir import existing_run_config, read_run_config
+from plutao.train.config.errors import UserError
+from plutao.train.config.presets import STAGE_PRESETS
+from plutao.train.config.schema import Config, apply_overrides, flatten, parse_overrides, validate
+from plutao.train.run.rundir import existing_run_config, read_run_config
 
 FREE_MODEL_KEYS = ("model.dropout", "model.dtype", "model.remat", "model.attention")
 INHERITED = ("model.", "data.tokenizer", "data.vocab_size", "data.cache_dir", "world.", "mesh.")
@@ -134,10 +134,10 @@ def make_comparisons(parent: Path, step: int | None, cfg: Config, run_dir: Path)
 
     import jax
 
-    from plutao.train.comparisons import make_rankings, usable
-    from plutao.train.conversations import write_jsonl
-    from plutao.train.loop import log
-    from plutao.train.run import load_run
+    from plutao.train.data.conversations import write_jsonl
+    from plutao.train.parallel.distributed import log
+    from plutao.train.rl.comparisons import make_rankings, usable
+    from plutao.train.run.lineage import load_run
 
     folder = run_dir / "comparisons"
     info = {"parent": cfg.train.init_from, "world": dataclasses.asdict(cfg.world)}
@@ -161,7 +161,7 @@ def make_comparisons(parent: Path, step: int | None, cfg: Config, run_dir: Path)
         tmp.write_text(json.dumps(info, indent=2))
         tmp.replace(folder / "info.json")
     if jax.process_count() > 1:
-        from plutao.train.distributed import any_process
+        from plutao.train.parallel.distributed import any_process
 
         any_process(False)  # (every process waits until the files are there)
 
@@ -194,8 +194,8 @@ def shift_rewards(run_dir: Path, parent: Path, parent_step: int | None) -> None:
     import jax
     import numpy as np
 
-    from plutao.train.loop import log
-    from plutao.train.rewards import RewardScorer, write_offset
+    from plutao.train.parallel.distributed import log
+    from plutao.train.rl.rewards import RewardScorer, write_offset
 
     scorer = RewardScorer.load(run_dir)
     demos = demonstrations(parent)
@@ -214,7 +214,7 @@ def sample_best_of(args, run) -> int:
 
     from plutao.model.sampling import SamplingConfig, complete
     from plutao.tokenizer.chat import conversation, fitted_prompt_ids, reply_stop_ids
-    from plutao.train.rewards import RewardScorer
+    from plutao.train.rl.rewards import RewardScorer
 
     if args.best_of < 1:
         raise UserError(f"--best-of must be ≥ 1, got {args.best_of}")
@@ -250,7 +250,7 @@ def sample_best_of(args, run) -> int:
 def score_reward(args, run_dir: Path) -> int:
     """`plutao score RM_RUN --prompt P --response R [--json]`."""
     from plutao.tokenizer.chat import conversation
-    from plutao.train.rewards import RewardScorer
+    from plutao.train.rl.rewards import RewardScorer
 
     if args.prompt is None or args.response is None:
         raise UserError(f"{run_dir} is a reward model: give --prompt P --response R to score a reply")
@@ -267,13 +267,13 @@ def score_reward(args, run_dir: Path) -> int:
 
 def eval_reward(args, run_dir: Path) -> int:
     """`plutao eval RM_RUN [--json]`: held-out pairwise accuracy and calibration."""
-    from plutao.train.reward_eval import evaluate_rankings
-    from plutao.train.rewards import RewardScorer
+    from plutao.train.eval.reward_model import evaluate_rankings
+    from plutao.train.rl.rewards import RewardScorer
     from plutao.train.tasks.reward import ranking_data
 
     scorer = RewardScorer.load(run_dir, args.step, what="")
     if args.data:
-        from plutao.train.conversations import read_rankings
+        from plutao.train.data.conversations import read_rankings
 
         val = read_rankings(args.data)
     else:

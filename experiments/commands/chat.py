@@ -48,8 +48,8 @@ def _tokenizer(spec: str, texts: list[str]):
 def tokenize_chat(args) -> int:
     """Print conversation --index of a JSONL file with each token marked trained or not."""
     from plutao.tokenizer import chat
-    from plutao.train.conversations import read_conversations
-    from plutao.train.errors import UserError
+    from plutao.train.config.errors import UserError
+    from plutao.train.data.conversations import read_conversations
 
     if args.text is not None:
         raise UserError("give TEXT to tokenize or --chat FILE.jsonl, not both")
@@ -82,7 +82,7 @@ class Side:
     """One run's side of the chat: its model, tokenizer and history (user/assistant messages)."""
 
     label: str
-    run: object  # plutao.train.run.LoadedRun
+    run: object  # plutao.train.run.lineage.LoadedRun
     model: object
     history: list[dict] = dataclasses.field(default_factory=list)
 
@@ -128,7 +128,7 @@ def _prompt_budget(context: int, max_new_tokens: int) -> tuple[int, int]:
 
 def _check_system(side: Side, system: list[dict], max_new_tokens: int) -> None:
     from plutao.tokenizer import chat
-    from plutao.train.errors import UserError
+    from plutao.train.config.errors import UserError
 
     budget, reserve = _prompt_budget(side.context, max_new_tokens)
     least = len(chat.prompt_ids(system + [{"role": "user", "content": ""}], side.tokenizer))
@@ -213,7 +213,7 @@ def _read_line(interactive: bool) -> str | None:
 def cmd_chat(args) -> int:
     from plutao.model.sampling import SamplingConfig
     from plutao.tokenizer import chat
-    from plutao.train.run import load_run
+    from plutao.train.run.lineage import load_run
 
     # Arguments first, then the runs' configs: nothing is loaded for a chat that cannot start.
     settings = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

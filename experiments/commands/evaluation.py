@@ -23,8 +23,8 @@ def neural_only(cfg, command: str):
 
 def run_task(run_dir: Path):
     """The task of a saved run (read from its config.json; nothing else is loaded)."""
-    from plutao.train.config import Config
-    from plutao.train.rundir import existing_run_config
+    from plutao.train.config.schema import Config
+    from plutao.train.run.rundir import existing_run_config
     from plutao.train.tasks import task_class
 
     cfg = Config.from_dict(existing_run_config(run_dir))
@@ -72,7 +72,7 @@ def cmd_sample(args) -> int:
     import numpy as np
 
     from plutao.model.sampling import SamplingError, generate, stream, top_candidates
-    from plutao.train.run import load_run
+    from plutao.train.run.lineage import load_run
 
     sampling = _sampling(args)  # validate arguments before loading anything
     if args.num_samples < 1 or args.show_probs < 0:
@@ -83,7 +83,7 @@ def cmd_sample(args) -> int:
         return _sample_ngram(args, sampling)
     if args.best_of is not None or args.reward:
         from plutao.experiments.commands.assistant import sample_best_of
-        from plutao.train.errors import UserError
+        from plutao.train.config.errors import UserError
 
         if args.best_of is None:
             raise UserError("--reward judges --best-of N replies; give --best-of N too")
@@ -104,7 +104,7 @@ def cmd_sample(args) -> int:
         sampling = dataclasses.replace(sampling, stop_ids=chat.reply_stop_ids(tok))
         args.prompt = ""
     elif args.system:
-        from plutao.train.errors import UserError
+        from plutao.train.config.errors import UserError
 
         raise UserError(f"--system applies to chat runs (`plutao sft`); {args.run_dir} completes text")
     context = run.cfg.model.context_length
@@ -155,7 +155,7 @@ def cmd_sample(args) -> int:
 def _eval_texts(args, cfg, tokenizer) -> list[tuple[str, object]]:
     import dataclasses
 
-    from plutao.train import data as data_lib
+    from plutao.train.data import sources as data_lib
 
     if not args.data:
         return data_lib.held_out_tokens(cfg.data, tokenizer, cfg.world)
@@ -172,7 +172,7 @@ def _print_result(args, result: dict, lines: list[str]) -> int:
 
 
 def cmd_eval(args) -> int:
-    from plutao.train.run import load_run
+    from plutao.train.run.lineage import load_run
 
     task = run_task(Path(args.run_dir))
     special = EVALUATORS.get(task.name)
@@ -193,9 +193,9 @@ def _eval_ngram(args) -> int:
     import numpy as np
 
     from plutao.tokenizer import load_tokenizer
-    from plutao.train.config import Config
+    from plutao.train.config.schema import Config
     from plutao.train.ngram_run import load_ngram
-    from plutao.train.rundir import read_run_config
+    from plutao.train.run.rundir import read_run_config
 
     run_dir = Path(args.run_dir)
     cfg = Config.from_dict(read_run_config(run_dir))
@@ -213,10 +213,10 @@ def _eval_ngram(args) -> int:
 
 
 def _eval_translation(args) -> int:
-    from plutao.train.errors import UserError
-    from plutao.train.pairs import held_out, read_pairs
-    from plutao.train.run import load_run
-    from plutao.train.translate import evaluate_translation
+    from plutao.train.config.errors import UserError
+    from plutao.train.data.pairs import held_out, read_pairs
+    from plutao.train.eval.translate import evaluate_translation
+    from plutao.train.run.lineage import load_run
 
     run = load_run(Path(args.run_dir), args.step)
     if args.data:
@@ -224,7 +224,7 @@ def _eval_translation(args) -> int:
     elif run.cfg.data.val_path:
         pairs, name = read_pairs(run.cfg.data.val_path, flag="data.val_path"), run.cfg.data.val_path
     else:
-        from plutao.train import data as data_lib
+        from plutao.train.data import sources as data_lib
 
         pairs = [q for s in data_lib.source_paths(run.cfg.data) for q in read_pairs(s)
                  if held_out(q, run.cfg.data.val_fraction)]
@@ -264,9 +264,9 @@ EVALUATORS = {"ngram": _eval_ngram, "translation": _eval_translation, "reward": 
 
 
 def cmd_translate(args) -> int:
-    from plutao.train.errors import UserError
-    from plutao.train.run import load_run
-    from plutao.train.translate import translate
+    from plutao.train.config.errors import UserError
+    from plutao.train.eval.translate import translate
+    from plutao.train.run.lineage import load_run
 
     run_task(Path(args.run_dir)).check_command("translate", args.run_dir)
     run = load_run(Path(args.run_dir), args.step)
@@ -291,7 +291,7 @@ def cmd_translate(args) -> int:
 
 def cmd_fill_mask(args) -> int:
     from plutao.experiments.inspect import fill_mask
-    from plutao.train.run import load_run
+    from plutao.train.run.lineage import load_run
 
     run = load_run(Path(args.run_dir), args.step)
     result = fill_mask(run, args.text, args.top_k)
@@ -306,8 +306,8 @@ def cmd_fill_mask(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from plutao.train.evaluate import score_text
-    from plutao.train.run import load_run
+    from plutao.train.eval.likelihood import score_text
+    from plutao.train.run.lineage import load_run
 
     task = run_task(Path(args.run_dir))
     task.check_command("score", args.run_dir)
@@ -316,7 +316,7 @@ def cmd_score(args) -> int:
 
         return score_reward(args, Path(args.run_dir))
     if args.text is None:
-        from plutao.train.errors import UserError
+        from plutao.train.config.errors import UserError
 
         raise UserError("give --text T to score (--prompt/--response score a reply with a reward-model run)")
     run = load_run(Path(args.run_dir), args.step)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 def cmd_attention(args) -> int:
     from plutao.experiments.inspect import attention_maps
-    from plutao.train.run import load_run
+    from plutao.train.run.lineage import load_run
 
     run = load_run(Path(args.run_dir), args.step)
     if run.cfg.model.attention != "naive":
@@ -24,8 +24,8 @@ def cmd_attention(args) -> int:
 def _embeddings(args):
     """(run, its token-embedding table cut to the tokenizer's ids, the special ids) for the probes."""
     from plutao.experiments.inspect import embedding_table
-    from plutao.train.errors import UserError
-    from plutao.train.run import load_run
+    from plutao.train.config.errors import UserError
+    from plutao.train.run.lineage import load_run
 
     if args.k < 1:
         raise UserError(f"-k must be ≥ 1, got {args.k}")
@@ -69,7 +69,7 @@ def cmd_analogy(args) -> int:
 
 def cmd_tokenize(args) -> int:
     from plutao.tokenizer import ByteTokenizer, CharTokenizer, format_tokens, load_tokenizer
-    from plutao.train.errors import UserError
+    from plutao.train.config.errors import UserError
 
     if args.chat:
         from plutao.experiments.commands.chat import tokenize_chat

@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from plutao.train.errors import UserError
+from plutao.train.config.errors import UserError
 
 
 def cmd_merge_lora(args) -> int:
@@ -21,10 +21,10 @@ def cmd_merge_lora(args) -> int:
 
     from flax import nnx
 
-    from plutao.train.checkpoint import Checkpoints
-    from plutao.train.config import LoRAConfig
-    from plutao.train.run import load_run
-    from plutao.train.rundir import config_hash, existing_run_config
+    from plutao.train.config.schema import LoRAConfig
+    from plutao.train.run.checkpoint import Checkpoints
+    from plutao.train.run.lineage import load_run
+    from plutao.train.run.rundir import config_hash, existing_run_config
 
     src, out = Path(args.run_dir), Path(args.workdir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -1,4 +1,4 @@
-"""The reinforcement-learning stages as commands: `plutao ppo` and `plutao grpo` (train/rl_loop.py).
+"""The reinforcement-learning stages as commands: `plutao ppo` and `plutao grpo` (train/rl/loop.py).
 
 Each is an ordinary stage run (experiments/commands/assistant.py: stage_config) from an SFT run; the
 reward model it learns against is checked before anything is sampled or written: it must be a
@@ -15,13 +15,13 @@ from plutao.experiments.commands.assistant import (
     check_parent,
     stage_config,
 )
-from plutao.train.errors import UserError
-from plutao.train.rundir import existing_run_config
+from plutao.train.config.errors import UserError
+from plutao.train.run.rundir import existing_run_config
 
 
 def check_reward_run(reward: str, policy_parent: Path) -> Path:
     """The reward-model run of --reward, refused unless it judges replies in the policy's tokens."""
-    from plutao.train.config import Config
+    from plutao.train.config.schema import Config
     from plutao.train.tasks import task_class
 
     path = Path(reward)
@@ -81,7 +81,7 @@ def cmd_dpo(args) -> int:
     (for builtin:arith sampled from the SFT run exactly as `plutao reward` samples them, so both stages
     learn from the same comparisons), their pairs with the SFT model's log-probs, then the training."""
     from plutao.experiments.commands.assistant import make_comparisons
-    from plutao.train.conversations import read_rankings
+    from plutao.train.data.conversations import read_rankings
     from plutao.train.loop import train
 
     parent = Path(args.sft_run)
@@ -106,8 +106,8 @@ def cmd_dpo(args) -> int:
                             "a `plutao reward --data builtin:arith` run, builtin:arith or a .jsonl file")
         rankings = read_rankings(source / "train.jsonl"), read_rankings(source / "val.jsonl")
     else:
-        from plutao.train.config import DataConfig
-        from plutao.train.conversations import with_held_out
+        from plutao.train.config.schema import DataConfig
+        from plutao.train.data.conversations import with_held_out
 
         path = str(Path(args.data).absolute())
         train_r, val_r, _ = with_held_out(read_rankings(path), read_rankings, path, DataConfig(path=path), "ranking(s)")
@@ -127,11 +127,11 @@ def write_pairs(parent: Path, step: int | None, cfg, folder: Path, train_ranking
     import numpy as np
     from flax import nnx
 
-    from plutao.train.chat_batches import pair_rows
-    from plutao.train.conversations import write_jsonl
-    from plutao.train.loop import log
-    from plutao.train.run import load_run
-    from plutao.train.rundir import parse_init_from
+    from plutao.train.data.chat_batches import pair_rows
+    from plutao.train.data.conversations import write_jsonl
+    from plutao.train.parallel.distributed import log
+    from plutao.train.run.lineage import load_run
+    from plutao.train.run.rundir import parse_init_from
     from plutao.train.tasks import task_for
     from plutao.train.tasks.dpo import encode_pairs, pairs_of
 
@@ -174,7 +174,7 @@ def write_pairs(parent: Path, step: int | None, cfg, folder: Path, train_ranking
         tmp.write_text(json.dumps(info))
         tmp.replace(folder / "info.json")
     if jax.process_count() > 1:
-        from plutao.train.distributed import any_process
+        from plutao.train.parallel.distributed import any_process
 
         any_process(False)
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from plutao.experiments.commands.evaluation import neural_only
-from plutao.train.config import resolve_config
+from plutao.train.config.schema import resolve_config
 
 
 def cmd_params(args) -> int:

@@ -42,8 +42,8 @@ def cmd_study(args) -> int:
     from plutao.experiments.report import report
     from plutao.experiments.studies import study
     from plutao.experiments.sweep import sweep
-    from plutao.train.config import parse_overrides
-    from plutao.train.errors import UserError
+    from plutao.train.config.errors import UserError
+    from plutao.train.config.schema import parse_overrides
 
     scale = args.scale
     rest = []

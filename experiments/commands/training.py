@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from plutao.train.config import resolve_config
+from plutao.train.config.schema import resolve_config
 
 
 def cmd_train(args) -> int:
@@ -29,8 +29,8 @@ def cmd_train(args) -> int:
 def cmd_plot(args) -> int:
     """One run: its loss.png (an RL run: rewards.png too). Several RL runs: the overoptimisation plot
     (reward-model score and gold reward against KL to the reference) in --out."""
-    from plutao.train.errors import UserError
-    from plutao.train.metrics import plot_losses, plot_overoptimization, plot_rewards
+    from plutao.train.config.errors import UserError
+    from plutao.train.run.metrics import plot_losses, plot_overoptimization, plot_rewards
 
     runs = [Path(r) for r in args.run_dir]
     for r in runs:

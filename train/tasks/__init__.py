@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from plutao.model.config import ModelConfig
 from plutao.tokenizer import Tokenizer
-from plutao.train.config import Config, OptimConfig, TrainConfig
+from plutao.train.config import schema
+from plutao.train.config.schema import Config, OptimConfig, TrainConfig
 from plutao.train.tasks.base import Data, Task, TokenIds
 from plutao.train.tasks.causal_lm import CausalLM, RecurrentLM
 from plutao.train.tasks.dpo import DPO
@@ -29,6 +30,11 @@ FAMILY_TASK = {"decoder": "causal_lm", "lstm": "recurrent_lm", "gru": "recurrent
 def task_class(cfg: Config) -> type[Task]:
     """train.task when set (a stage of the assistant pipeline), otherwise what model.family trains."""
     return TASKS[cfg.train.task or FAMILY_TASK[cfg.model.family]]
+
+
+def validate(cfg: Config) -> None:
+    """The config's own checks and those of the task it trains; raises the first problem as a UserError."""
+    schema.validate(cfg, task_class(cfg).problems(cfg))
 
 
 def task_for(cfg: Config, tokenizer: Tokenizer | None = None) -> Task:

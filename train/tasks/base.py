@@ -20,10 +20,11 @@ from flax import nnx
 
 from plutao.model.families import build_model
 from plutao.model.layers import no_constraint
+from plutao.model.lora import Adapters, expand_targets
 from plutao.tokenizer import Tokenizer
-from plutao.train.batches import AXES
-from plutao.train.config import Config, OptimConfig
-from plutao.train.errors import UserError
+from plutao.train.config.errors import UserError
+from plutao.train.config.schema import Config, OptimConfig
+from plutao.train.data.batches import AXES
 from plutao.train.losses import cross_entropy_sum
 
 Array = jax.Array
@@ -100,7 +101,7 @@ class Task:
     """One kind of training. Instances are static (hashable) data: the run's config and token ids."""
 
     name: ClassVar[str] = ""
-    # The batch keys this task's steps read (their logical axes are in train/batches.py: AXES).
+    # The batch keys this task's steps read (their logical axes are in train/data/batches.py: AXES).
     batch_keys: ClassVar[tuple[str, ...]] = ("tokens", "targets")
     trained_by_gradient: ClassVar[bool] = True
     has_attention: ClassVar[bool] = True
@@ -113,7 +114,7 @@ class Task:
     parents: ClassVar[frozenset[str]] = frozenset()
     parent_refusal: ClassVar[str] = ""
     decoder_only: ClassVar[str] = ""  # "what it does to a decoder", when it needs model.family=decoder
-    # Learns from its own samples (train/rl_loop.py) instead of a step-indexed data source.
+    # Learns from its own samples (train/rl/loop.py) instead of a step-indexed data source.
     rollouts: ClassVar[bool] = False
     # The slot a run of several models is used by (sampling, chat, the report card); "" = its one model.
     served: ClassVar[str] = ""
@@ -140,8 +141,6 @@ class Task:
     def problems(cls, cfg: Config) -> list[str]:
         """What this kind of training cannot do with `cfg`, as user-facing sentences."""
         if cfg.lora.rank:
-            from plutao.model.lora import expand_targets
-
             if not cls.adapts:
                 return [(f"lora.rank applies to `plutao sft` and `plutao dpo` runs, not to a {cls.label} run; "
                          "drop lora.rank")]
@@ -180,8 +179,6 @@ class Task:
         the model is a frozen, unsaved "base" plus trainable "lora" adapters, which `sums` receives as
         one module (model/lora.py)."""
         if self.cfg.lora.rank:
-            from plutao.model.lora import Adapters
-
             return {"base": ModelSlot(self.build_model, trainable=False, saved=False),
                     "lora": ModelSlot(lambda rngs: Adapters(self.cfg.model, self.cfg.lora, rngs))}
         return {"model": ModelSlot(self.build_model)}

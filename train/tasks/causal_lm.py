@@ -13,10 +13,10 @@ import numpy as np
 from plutao.model.heads import forward_logits
 from plutao.model.layers import no_constraint
 from plutao.model.sampling import SamplingConfig, generate, to_host
-from plutao.train import data as data_lib
-from plutao.train.batches import NamedBatches
-from plutao.train.errors import UserError
-from plutao.train.evaluate import stream_metrics
+from plutao.train.config.errors import UserError
+from plutao.train.data import sources as data_lib
+from plutao.train.data.batches import NamedBatches
+from plutao.train.eval.likelihood import stream_metrics
 from plutao.train.tasks.base import Data, Task
 
 # A recurrent model has no context limit: `plutao eval` lets it carry its state across long windows.

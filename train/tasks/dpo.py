@@ -24,14 +24,15 @@ from plutao.model.heads import forward_logits
 from plutao.model.layers import no_constraint
 from plutao.model.sampling import prompt_width
 from plutao.tokenizer.chat import ChatError, prompt_ids
-from plutao.train import rl
-from plutao.train.batches import NamedBatches
-from plutao.train.chat_batches import PreferencePairs, encode_pair
-from plutao.train.conversations import Ranking, read_rankings, single_path, with_held_out
-from plutao.train.errors import UserError
+from plutao.train.config.errors import UserError
+from plutao.train.data.batches import NamedBatches
+from plutao.train.data.chat_batches import PreferencePairs, encode_pair
+from plutao.train.data.conversations import Ranking, read_rankings, single_path, with_held_out
 from plutao.train.losses import token_logprobs
+from plutao.train.rl import objectives as rl
 from plutao.train.tasks.base import Data
 from plutao.train.tasks.causal_lm import CausalLM
+from plutao.train.tasks.sft import answer
 
 AXES = {"pair_tokens": ("batch", "responses", "length"), "pair_targets": ("batch", "responses", "length"),
         "pair_weights": ("batch", "responses", "length"), "reference": ("batch", "responses")}
@@ -158,8 +159,6 @@ class DPO(CausalLM):
         return batches.val_batches(wanted)
 
     def milestone_sample(self, model, batches, tokenizer, step):
-        from plutao.train.tasks.sft import answer
-
         prompts = [p.prompt for p in batches.val_pairs[:4]]
         replies = answer(model, tokenizer, prompts, context=self.cfg.model.context_length)
         return "\n".join(f"{p[-1]['content']} → {r!r}" for p, r in zip(prompts, replies))

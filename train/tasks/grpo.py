@@ -6,7 +6,7 @@ or the world's checker (`--reward gold`: 1 for a correct answer that ends with <
 reinforcement learning from verifiable rewards). rl.baseline="group": A = (r − mean)/(std + ε) over
 the group; "rloo": A = r − the mean of the other G − 1. A group whose replies all score the same
 teaches nothing (A = 0, never NaN). Every token of a reply carries its reply's advantage; the loss is
-the clipped ratio plus β·k3(π‖π_ref) per token (train/rl.py), a mean over the minibatch's reply tokens.
+the clipped ratio plus β·k3(π‖π_ref) per token (train/rl/objectives.py), a mean over the minibatch's reply tokens.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from plutao.model.layers import no_constraint
-from plutao.train import rl
+from plutao.train.rl import objectives as rl
 from plutao.train.tasks.policy import PolicyGradient
 
 

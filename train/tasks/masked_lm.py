@@ -16,8 +16,8 @@ import numpy as np
 from plutao.model.heads import forward_logits
 from plutao.model.layers import no_constraint
 from plutao.model.sampling import to_host
-from plutao.train.errors import UserError
-from plutao.train.evaluate import masked_lm_metrics
+from plutao.train.config.errors import UserError
+from plutao.train.eval.likelihood import masked_lm_metrics
 from plutao.train.tasks.base import Array, ordinary_mask
 from plutao.train.tasks.causal_lm import CausalLM
 

@@ -4,7 +4,7 @@ of a rollout batch, and the clipped policy objective.
 The state holds named models (train/tasks/base.py: ModelSlot): the policy (trainable, from the SFT
 run), a frozen reference (the same SFT weights: what the KL is measured against) and, with a
 reward-model run, the frozen reward model; PPO adds a trainable value model. The loop that samples,
-scores and updates is train/rl_loop.py; the mathematics is train/rl.py.
+scores and updates is train/rl/loop.py; the mathematics is train/rl/objectives.py.
 
 The log-probs of the ratio's denominator are recomputed by the same forward pass the update uses
 (not taken from the sampler): the sampler's are kept beside them and their largest difference is
@@ -22,13 +22,14 @@ import numpy as np
 from plutao.model.families import build_model
 from plutao.model.heads import ScalarHead, forward_logits
 from plutao.model.layers import no_constraint
-from plutao.train import rl
-from plutao.train.batches import AXES
-from plutao.train.errors import UserError
+from plutao.train.config.errors import UserError
+from plutao.train.data.batches import AXES
 from plutao.train.losses import token_logprobs
-from plutao.train.rollouts import PromptSource
+from plutao.train.rl import objectives as rl
+from plutao.train.rl.rollouts import PromptSource
 from plutao.train.tasks.base import Data, ModelSlot
 from plutao.train.tasks.causal_lm import CausalLM
+from plutao.train.tasks.sft import SFT
 
 PER_TOKEN = ("batch", "length")
 RL_AXES = {"old_logprobs": PER_TOKEN, "ref_logprobs": PER_TOKEN, "advantages": PER_TOKEN, "returns": PER_TOKEN,
@@ -51,7 +52,7 @@ class PolicyGradient(CausalLM):
                       "`plutao sft` run")
     scans_layers = True
     commands = frozenset({"sample", "score", "attention", "chat"})
-    rollouts: ClassVar[bool] = True  # trained by train/rl_loop.py
+    rollouts: ClassVar[bool] = True  # trained by train/rl/loop.py
     served: ClassVar[str] = "policy"  # the model `plutao sample`, `chat` and the report card use
     batch_keys = ("tokens", "targets", "loss_weights", "old_logprobs", "advantages")
     step_metrics: ClassVar[tuple[str, ...]] = ("pg_loss", "clipfrac", "approx_kl", "ratio", "ratio_sq")
@@ -94,8 +95,6 @@ class PolicyGradient(CausalLM):
 
     def served_task(self):
         """The policy alone, as an SFT model: what sampling, chat and the report card load."""
-        from plutao.train.tasks.sft import SFT
-
         return SFT(dataclasses.replace(self.cfg, train=dataclasses.replace(self.cfg.train, task="sft")), self.ids)
 
     def step_rows(self) -> int:

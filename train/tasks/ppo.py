@@ -1,12 +1,12 @@
 """PPO against a frozen reward model with a KL penalty to the SFT policy (InstructGPT's stage 3).
 
-Per rollout batch (train/rl_loop.py):
+Per rollout batch (train/rl/loop.py):
 1. the reward model's score of each reply, shifted by the run's offset (reward_offset.json); with
    rl.whiten_rewards the scores are standardised over the batch (mean 0, std 1, so the KL penalty
    and the value targets keep one scale however the reward model's scores drift); a reply that hit
    rl.max_new_tokens without <|end|> then loses rl.unfinished_penalty;
 2. per-token rewards −β·(log π − log π_ref) at every action, the score added at the last one
-   (train/rl.py: token_rewards); β fixed, or adapted toward rl.target_kl (Ziegler et al.);
+   (train/rl/objectives.py: token_rewards); β fixed, or adapted toward rl.target_kl (Ziegler et al.);
 3. GAE(γ = rl.gamma, λ = rl.lam) over the value model's estimates, advantages whitened per batch;
 4. rl.epochs passes of rl.minibatches steps: clipped ratio (rl.clip) + rl.value_coef × clipped value
    loss (rl.value_clip), mean over the minibatch's reply tokens.
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from plutao.model.layers import no_constraint
-from plutao.train import rl
+from plutao.train.rl import objectives as rl
 from plutao.train.tasks.base import ModelSlot
 from plutao.train.tasks.policy import PolicyGradient, scalar_model
 

@@ -3,7 +3,7 @@
 Each ranked prompt is one batch element holding its K responses, each encoded once as
 prompt + response + <|end|> + <|reward|> (the chat template's tokens); the loss is InstructGPT's
 −1/C(K,2) Σ log σ(r_w − r_l) over all of the prompt's pairs (train/losses.py: ranking_loss_sums).
-Data: JSONL pairs or ranked lists (train/conversations.py); `plutao reward SFT_RUN --data
+Data: JSONL pairs or ranked lists (train/data/conversations.py); `plutao reward SFT_RUN --data
 builtin:arith` first samples the responses from the SFT model and ranks them with the world's labeler.
 """
 
@@ -18,10 +18,10 @@ from plutao.model.heads import ScalarHead
 from plutao.model.layers import no_constraint
 from plutao.model.sampling import prompt_width
 from plutao.tokenizer.chat import ChatError, reward_ids
-from plutao.train.batches import NamedBatches
-from plutao.train.chat_batches import RankedBatches, encode_ranking
-from plutao.train.conversations import Ranking, read_rankings, single_path, with_held_out
-from plutao.train.errors import UserError
+from plutao.train.config.errors import UserError
+from plutao.train.data.batches import NamedBatches
+from plutao.train.data.chat_batches import RankedBatches, encode_ranking
+from plutao.train.data.conversations import Ranking, read_rankings, single_path, with_held_out
 from plutao.train.losses import ranking_loss_sums
 from plutao.train.tasks.base import Data
 from plutao.train.tasks.causal_lm import CausalLM

@@ -3,7 +3,7 @@
 Data: JSONL conversations (`{"messages": [...]}` or `{"prompt", "response"}`) or `builtin:arith`,
 the arithmetic world's fallible demonstrator (train/worlds/arith.py). Each conversation is rendered
 by the one chat template (tokenizer/chat.py) and packed into rows without attention across
-conversations (train/chat_batches.py). The loss is cross-entropy over the assistant turns' tokens
+conversations (train/data/chat_batches.py). The loss is cross-entropy over the assistant turns' tokens
 and their <|end|> only; a micro-batch without such tokens adds zero (never NaN).
 """
 
@@ -15,10 +15,10 @@ import numpy as np
 
 from plutao.model.sampling import SamplingConfig, generate
 from plutao.tokenizer.chat import ChatError, fitted_prompt_ids, render, reply_stop_ids
-from plutao.train.batches import AXES, NamedBatches
-from plutao.train.chat_batches import PackedChats
-from plutao.train.conversations import read_conversations, single_path, with_held_out
-from plutao.train.errors import UserError
+from plutao.train.config.errors import UserError
+from plutao.train.data.batches import AXES, NamedBatches
+from plutao.train.data.chat_batches import PackedChats
+from plutao.train.data.conversations import read_conversations, single_path, with_held_out
 from plutao.train.tasks.base import Data
 from plutao.train.tasks.causal_lm import CausalLM, restart_positions
 from plutao.train.worlds import arith

@@ -1,7 +1,7 @@
 """Translation (encoder-decoder): the decoder predicts target token t+1 from the whole source and the
 target tokens ≤ t. One vocabulary for both sides, trained on the training pairs only.
 
-The pair source (train/pairs.py) draws rows [source padded to L | <bos> target <eos> padded to L+1];
+The pair source (train/data/pairs.py) draws rows [source padded to L | <bos> target <eos> padded to L+1];
 they become `source` (B, L), `tokens` (B, L: target inputs), `targets` (B, L) and `loss_weights`
 (padding carries no loss).
 """
@@ -17,10 +17,12 @@ from flax import nnx
 from plutao.model.heads import forward_logits
 from plutao.model.layers import no_constraint
 from plutao.model.sampling import to_host
-from plutao.train import data as data_lib
-from plutao.train.batches import NamedBatches
-from plutao.train.errors import UserError
-from plutao.train.pairs import PairBatches, encode_pairs, held_out, pack, read_pairs
+from plutao.model.seq2seq import greedy_decode, strip
+from plutao.train.config.errors import UserError
+from plutao.train.data import sources as data_lib
+from plutao.train.data.batches import NamedBatches
+from plutao.train.data.pairs import PairBatches, encode_pairs, held_out, pack, read_pairs
+from plutao.train.eval.translate import translate
 from plutao.train.tasks.base import Data, Task
 
 
@@ -81,8 +83,6 @@ class Translation(Task):
 
     def milestone_sample(self, model, batches, tokenizer, step, n: int = 4):
         """Greedy translations of the first few held-out sources, with their references."""
-        from plutao.model.seq2seq import greedy_decode, strip
-
         val = batches.val
         ids = list(range(min(n, len(val))))
         L = self.cfg.model.context_length
@@ -102,8 +102,6 @@ class Translation(Task):
     def attention_sets(self, model, tokenizer, text, target):
         """Encoder self-, decoder self- and cross-attention for the text and `target` (or the model's
         own greedy translation)."""
-        from plutao.train.translate import translate
-
         L = self.cfg.model.context_length
         src = tokenizer.encode(text) + [tokenizer.eos_id]
         if len(src) > L:

@@ -7,7 +7,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from plutao.train.errors import UserError
+from plutao.train.config.errors import UserError
 
 SECTIONS = ("data", "model", "train", "optim", "mesh")
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from plutao.tokenizer import Tokenizer, TokenizerError
-from plutao.train import corpora
-from plutao.train.config import DataConfig
-from plutao.train.errors import UserError
+from plutao.train.config.errors import UserError
+from plutao.train.config.schema import DataConfig
+from plutao.train.data import corpora
 from plutao.train.worlds import arith
 from plutao.train.worlds.arith import World
 

@@ -30,8 +30,8 @@ from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from plutao.model.config import ModelConfig
-from plutao.train.config import MeshConfig
-from plutao.train.errors import UserError
+from plutao.train.config.errors import UserError
+from plutao.train.config.schema import MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

@@ -11,11 +11,11 @@ import numpy as np
 
 from plutao.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 from plutao.tokenizer.chat import template_hash
-from plutao.train import sharding
-from plutao.train.checkpoint import Checkpoints, Unreadable
-from plutao.train.config import Config
-from plutao.train.errors import UserError
-from plutao.train.rundir import config_hash, existing_run_config, parse_init_from
+from plutao.train.config.errors import UserError
+from plutao.train.config.schema import Config, LoRAConfig
+from plutao.train.parallel import sharding
+from plutao.train.run.checkpoint import Checkpoints, Unreadable
+from plutao.train.run.rundir import config_hash, existing_run_config, parse_init_from
 from plutao.train.step import Trainer
 from plutao.train.tasks import Task, task_class, task_for
 
@@ -87,8 +87,6 @@ def load_run(run_dir: Path, step: int | None = None) -> LoadedRun:
     params = state["params"][task.served] if task.served else state["params"]
     if trainer.adapted:  # adapters in the checkpoint, the base from the run they adapt: used merged
         from flax import nnx
-
-        from plutao.train.config import LoRAConfig
 
         adapted = {"params": params, "frozen": {"base": lora_base(trainer, saved.get("lineage", {}),
                                                                   tokenizer.fingerprint, cfg.model)}}

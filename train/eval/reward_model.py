@@ -8,7 +8,7 @@ import itertools
 
 import numpy as np
 
-from plutao.train.conversations import Ranking
+from plutao.train.data.conversations import Ranking
 
 
 def _pairs(ranks):

@@ -1,6 +1,6 @@
 """Named experiments: a model size plus the data, batch and optimizer settings it is trained with.
 
-Each preset is a flat dict of `section.key` overrides on top of the defaults in train/config.py,
+Each preset is a flat dict of `section.key` overrides on top of the defaults in train/config/schema.py,
 so a preset reads exactly like a command line.
 """
 

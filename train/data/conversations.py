@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from plutao.tokenizer.chat import ChatError, check_messages, conversation
-from plutao.train.errors import UserError
+from plutao.train.config.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,9 +10,9 @@ from flax import nnx
 
 from plutao.model.sampling import to_host
 from plutao.model.seq2seq import beam_search, greedy_decode, strip
-from plutao.train.errors import UserError
-from plutao.train.evaluate import pad_rows
-from plutao.train.pairs import encode_pairs, encode_source, pack, padded_length
+from plutao.train.config.errors import UserError
+from plutao.train.data.pairs import encode_pairs, encode_source, pack, padded_length
+from plutao.train.eval.likelihood import pad_rows
 
 DECODE_BATCH = 64
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from plutao.tokenizer import Tokenizer, TokenizerError
-from plutao.train.errors import UserError
+from plutao.train.config.errors import UserError
 
 LENGTH_QUANTUM = 8
 SORT_CHUNK = 64  # batches per length-sorted chunk

@@ -12,6 +12,7 @@ import json
 import os
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -19,7 +20,8 @@ import tomllib
 
 from plutao.model.config import ModelConfig
 from plutao.tokenizer.base import SpecialTokens
-from plutao.train.errors import UserError
+from plutao.train.config.errors import UserError
+from plutao.train.config.presets import PRESETS
 from plutao.train.worlds.arith import World
 
 DEFAULT_CORPUS = "builtin:python-docs"
@@ -298,13 +300,12 @@ def load_config_file(path: Path) -> dict[str, Any]:
     return {k: v for k, v in flatten(d).items() if not k.startswith("provenance.")}
 
 
-def validate(cfg: Config) -> None:
-    """Raise a UserError for the first problem that would make the run fail later."""
+def validate(cfg: Config, task_problems: Sequence[str] = ()) -> None:
+    """Raise a UserError for the first problem that would make the run fail later. What the run's task
+    finds wrong (`task_problems`) comes from train/tasks: `tasks.validate(cfg)` passes it here."""
     problems = [p for p in cfg.model.problems() if not p.startswith("model.vocab_size")]
     t, o, d = cfg.train, cfg.optim, cfg.data
-    from plutao.train.tasks import task_class  # (the tasks import this module)
-
-    problems += task_class(cfg).problems(cfg)
+    problems += list(task_problems)
     if not 0.0 < t.mask_rate < 1.0:
         problems.append(f"train.mask_rate must be in (0, 1), got {t.mask_rate}")
     if cfg.model.ngram_k <= 0:
@@ -357,9 +358,8 @@ def validate(cfg: Config) -> None:
 
 
 def resolve_config(config: str | None, overrides: list[str]):
-    """Defaults ← preset or file ← key=value overrides, then validated."""
-    from plutao.train.presets import PRESETS
-
+    """Defaults ← preset or file ← key=value overrides, then validated (all but the task's own checks,
+    which `tasks.validate` adds before a run starts)."""
     name = config or "default"
     if name in PRESETS:
         layers = dict(PRESETS[name])

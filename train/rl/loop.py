@@ -1,7 +1,7 @@
 """The loop of learning from rollouts (`plutao ppo`, `plutao grpo`): sample → score → update, per RL step.
 
 RL step k:
-1. sample: the prompts of step k (train/rollouts.py: PromptSource) answered by the policy with the
+1. sample: the prompts of step k (train/rl/rollouts.py: PromptSource) answered by the policy with the
    jitted KV-cache sampler, each row from its own seed (a pure function of run seed, k and row);
 2. score: one jitted forward pass of policy, reference, value and reward models over the rollout
    (train/tasks/policy.py: score); the reward is the reward model's score or the gold checker;
@@ -32,22 +32,22 @@ from tqdm import tqdm
 
 from plutao.model.sampling import to_host
 from plutao.tokenizer.chat import template_hash
-from plutao.train import rl
-from plutao.train.batches import sharded_batch
-from plutao.train.checkpoint import Checkpoints
-from plutao.train.errors import NonFiniteError, UserError
-from plutao.train.metrics import MetricsLog, plot_rewards
-from plutao.train.rewards import read_offset
-from plutao.train.rollouts import PromptSource, Rollout, row_seeds, sample
-from plutao.train.run import init_from_parent, merge_params
+from plutao.train.config.errors import NonFiniteError, UserError
+from plutao.train.data import batches as batches_lib
+from plutao.train.data.batches import sharded_batch
+from plutao.train.parallel import sharding
+from plutao.train.parallel.distributed import log
+from plutao.train.rl import objectives as rl
+from plutao.train.rl.rewards import read_offset
+from plutao.train.rl.rollouts import PromptSource, Rollout, row_seeds, sample
+from plutao.train.run.checkpoint import Checkpoints
+from plutao.train.run.lineage import init_from_parent, merge_params
+from plutao.train.run.metrics import MetricsLog, plot_rewards
+from plutao.train.run.resume import StopFlag, resume
+from plutao.train.tasks.policy import RL_AXES
 from plutao.train.worlds import arith
 
 SCORED_KEYS = ("tokens", "targets", "rm_tokens", "rm_index")
-
-
-def _log(msg: str) -> None:
-    if jax.process_index() == 0:
-        tqdm.write(msg, file=sys.stderr)
 
 
 def reward_spec(cfg) -> tuple[Path, int]:
@@ -91,9 +91,6 @@ def load_parents(trainer, state: dict, cfg, fingerprint: str) -> tuple[dict, dic
 @functools.cache
 def _score_step(trainer):
     """The jitted scoring pass: (params, frozen, batch) → per-token and per-row arrays, replicated."""
-    from plutao.train import batches as batches_lib
-    from plutao.train import sharding
-    from plutao.train.tasks.policy import RL_AXES
 
     axes = {"tokens": ("batch", "length"), "targets": ("batch", "length"), **RL_AXES}
     sh = batches_lib.shardings({k: axes[k] for k in SCORED_KEYS}, trainer.mesh)
@@ -196,7 +193,6 @@ def _format(m: dict) -> str:
 
 
 def train_rl(p, run_dir: Path, saved: dict | None, write_run_files, quiet: bool, allow_changed) -> dict:
-    from plutao.train.loop import StopFlag, resume
 
     cfg, trainer, task, tok = p.cfg, p.trainer, p.task, p.tokenizer
     r, t = cfg.rl, cfg.train
@@ -219,12 +215,12 @@ def train_rl(p, run_dir: Path, saved: dict | None, write_run_files, quiet: bool,
         lineage["template_hash"] = template_hash(tok)
         beta, step, spent_before = r.beta, 0, 0.0
         offset = lineage.get("reward", {}).get("offset", 0.0)
-        _log(f"policy and reference from {lineage['parent']} step {lineage['step']}"
+        log(f"policy and reference from {lineage['parent']} step {lineage['step']}"
              + (f"; reward model {lineage['reward']['parent']} step {lineage['reward']['step']}" if "reward" in lineage
                 else "; reward: the gold checker"))
     write_run_files(history_entry, lineage)
     rows = r.prompts * r.group
-    _log(f"plutao {task.name}: {p.data_summary}; {r.epochs} epochs × {r.minibatches} minibatches of "
+    log(f"plutao {task.name}: {p.data_summary}; {r.epochs} epochs × {r.minibatches} minibatches of "
          f"{task.step_rows()} rows per step; mesh {dict(trainer.mesh.shape)}; steps {step}→{t.steps}")
 
     metrics_log = MetricsLog(run_dir, enabled=main, start_step=step)
@@ -245,7 +241,7 @@ def train_rl(p, run_dir: Path, saved: dict | None, write_run_files, quiet: bool,
         if last_eval:
             metrics_log.write({"step": at, "split": "val", **last_eval})
             by = last_eval.get("accuracy_by_digits", {})
-            _log(f"step {at}: held-out greedy accuracy {last_eval['accuracy']:.3f}"
+            log(f"step {at}: held-out greedy accuracy {last_eval['accuracy']:.3f}"
                  + (" (" + ", ".join(f"{d}d {a:.2f}" for d, a in by.items()) + ")" if by else "")
                  + f", format {last_eval['format_ok']:.3f}")
 
@@ -294,7 +290,7 @@ def train_rl(p, run_dir: Path, saved: dict | None, write_run_files, quiet: bool,
                              + (f" gold {g:.0f}" if np.isfinite(g) else "")
                              for q, x, s, g in list(zip(roll.prompts, roll.replies, scores, gold))[:4]]
                     metrics_log.write({"step": step, "sample": "\n".join(shown)})
-                    _log(f"--- step {step}: {_format(m)} ---\n" + "\n".join(shown))
+                    log(f"--- step {step}: {_format(m)} ---\n" + "\n".join(shown))
                 if t.eval_every and step % t.eval_every == 0 and step < t.steps:
                     evaluation(step)
                 if step % t.checkpoint_every == 0 and step < t.steps:
@@ -303,7 +299,7 @@ def train_rl(p, run_dir: Path, saved: dict | None, write_run_files, quiet: bool,
                 save(step)
                 checkpoints.close()
                 why = f"stopped by signal {stop.signal}" if stop.signal is not None else "reached train.stop_at_step"
-                _log(f"{why} at step {step}; checkpoint saved in {run_dir}/checkpoints/{step}. "
+                log(f"{why} at step {step}; checkpoint saved in {run_dir}/checkpoints/{step}. "
                      "Run the same command again to resume.")
                 return {"interrupted": True, "step": step, "run_dir": str(run_dir)}
             if step > (checkpoints.latest_step() or 0):
@@ -313,7 +309,7 @@ def train_rl(p, run_dir: Path, saved: dict | None, write_run_files, quiet: bool,
     finally:
         metrics_log.close()
     plot = plot_rewards(run_dir) if main else None
-    _log(f"done: step {step}; held-out accuracy {last_eval.get('accuracy', float('nan')):.3f}\n"
+    log(f"done: step {step}; held-out accuracy {last_eval.get('accuracy', float('nan')):.3f}\n"
          f"  checkpoint: {run_dir / 'checkpoints' / str(step)}\n  metrics and samples: {run_dir / 'metrics.jsonl'}"
          f"\n  plot: {plot}")
     return {"step": step, "run_dir": str(run_dir), "checkpoint": str(run_dir / "checkpoints" / str(step)),

@@ -20,8 +20,8 @@ import numpy as np
 from plutao.model.sampling import SamplingConfig, complete, prompt_width
 from plutao.tokenizer import Tokenizer
 from plutao.tokenizer.chat import ChatError, fitted_prompt_ids, reply_stop_ids
-from plutao.train.conversations import read_problems, single_path
-from plutao.train.errors import UserError
+from plutao.train.config.errors import UserError
+from plutao.train.data.conversations import read_problems, single_path
 from plutao.train.worlds import arith
 
 

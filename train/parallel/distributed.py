@@ -14,8 +14,9 @@ import time
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
-from plutao.train.errors import UserError
+from plutao.train.config.errors import UserError
 
 CLUSTER_ENV = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "CLOUD_TPU_TASK_ID")
 
@@ -66,3 +67,13 @@ def any_process(flag: bool) -> bool:
     from jax.experimental import multihost_utils
 
     return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0
+
+
+def log(msg: str) -> None:
+    """One line to stderr, from process 0 only (above a progress bar, if one is shown)."""
+    if is_main_process():
+        tqdm.write(msg, file=sys.stderr)

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from plutao.train.errors import UserError
+from plutao.train.config.errors import UserError
 
 LOCK_FILE = "train.lock"
 

@@ -1,9 +1,9 @@
 """Named batches: a batch is a dict of arrays (`tokens`, `targets`, `loss_weights`, `segment_ids`,
 `positions`, or whatever a task needs), each key with its logical axes, sharded by the one table in
-train/sharding.py.
+train/parallel/sharding.py.
 
-A task turns the rows its data source draws (a pure function of (seed, step), see train/data.py and
-train/pairs.py) into named arrays. `sharded_batch` builds the global batch from the rows this
+A task turns the rows its data source draws (a pure function of (seed, step), see train/data/sources.py and
+train/data/pairs.py) into named arrays. `sharded_batch` builds the global batch from the rows this
 process's devices hold only: the row source is asked once per distinct row range, and each key is
 cut from the same rows, so every key of a batch agrees on which examples it holds.
 """
@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from plutao.train import sharding
+from plutao.train.parallel import sharding
 
 Batch = dict[str, Any]
 # The logical axes of the keys every task may use; a task declares the ones it produces (and may add its own).

@@ -18,8 +18,8 @@ from flax import nnx
 
 from plutao.model.sampling import prompt_width
 from plutao.tokenizer.chat import ChatError, reward_ids
-from plutao.train.errors import UserError
-from plutao.train.run import LoadedRun, load_run
+from plutao.train.config.errors import UserError
+from plutao.train.run.lineage import LoadedRun, load_run
 from plutao.train.tasks.reward import reward_scores
 
 OFFSET_FILE = "reward_offset.json"

@@ -1,4 +1,4 @@
-"""Step-indexed batches for the assistant stages, pure functions of (seed, step) like train/data.py.
+"""Step-indexed batches for the assistant stages, pure functions of (seed, step) like train/data/sources.py.
 
 `PackedChats` (SFT): rendered conversations packed into rows of T+1 tokens in a seeded order per
 epoch, each conversation whole in one row (a longer one keeps its first T+1 tokens), rows padded
@@ -19,7 +19,7 @@ import dataclasses
 import numpy as np
 
 from plutao.tokenizer.chat import Rendered
-from plutao.train.errors import UserError
+from plutao.train.config.errors import UserError
 
 TRAIN, VAL = 0, 1
 

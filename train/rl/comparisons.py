@@ -2,7 +2,7 @@
 the SFT model at temperature 1 (one batched KV-cache call per chunk of rows), ranked by the world's
 labeler (the gold order, or with world.labeler_noise a Bradley–Terry draw around it).
 
-Each line is a ranked list (train/conversations.py) with the gold facts beside it in "meta", so
+Each line is a ranked list (train/data/conversations.py) with the gold facts beside it in "meta", so
 held-out metrics can be split by digit count and by whether both replies of a pair are wrong.
 """
 

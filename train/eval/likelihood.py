@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 
 from plutao.model.heads import forward_logits
-from plutao.train.errors import UserError
+from plutao.train.config.errors import UserError
 from plutao.train.losses import cross_entropy_sum, token_logprobs
 
 EVAL_ROWS = 32  # windows per forward pass

@@ -14,7 +14,7 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-from plutao.train.errors import UserError
+from plutao.train.config.errors import UserError
 
 DOWNLOADS = {
     "tinyshakespeare": ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",

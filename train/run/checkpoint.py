@@ -29,7 +29,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from plutao.train.errors import SaveError, UserError
+from plutao.train.config.errors import SaveError, UserError
 
 UNREADABLE_DIR = "checkpoints-unreadable"  # beside checkpoints/: where resume moves checkpoints it cannot read
 
