@@ -1,7 +1,56 @@
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# How every test process compiles (this one, xdist workers, and each subprocess a test starts, which
+# inherit the environment): XLA's CPU backend with its expensive passes off (the programs under test
+# are tiny; numerics are unchanged: tests/test_goldens.py checks them against recorded values), and a
+# persistent compilation cache shared by the whole session, so each program shape compiles once.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def forced_devices(n: int) -> dict[str, str]:
+    """Environment for a subprocess that sees n CPU devices (keeping the session's XLA flags)."""
+    return os.environ | {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}"}
+
+
+def pytest_configure(config):
+    if hasattr(config, "workerinput"):  # an xdist worker: the controller set the environment up
+        return
+    cache = Path(tempfile.mkdtemp(prefix="plutao-test-xla-cache-"))
+    config._plutao_xla_cache = cache
+    os.environ.update({
+        "JAX_COMPILATION_CACHE_DIR": str(cache),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+        "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
+        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip(),
+    })
+
+
+def pytest_unconfigure(config):
+    cache = getattr(config, "_plutao_xla_cache", None)
+    if cache is not None:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """At most 4 workers: each test may itself start processes (trainings, multi-host groups)."""
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
+def pytest_collection_modifyitems(config, items):
+    """With --dist loadgroup, tests that share a session fixture run in one worker, so it is built once:
+    those using the assistant-stage chain together, the others by file."""
+    for item in items:
+        if item.get_closest_marker("xdist_group"):
+            continue
+        shared = {"tiny_stages", "tiny_rl"} & set(getattr(item, "fixturenames", ()))
+        item.add_marker(pytest.mark.xdist_group("stages" if shared else item.path.stem))
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TINYSHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"

@@ -1,4 +1,4 @@
-"""The layering the code promises (README: "What is where"; train/__init__.py): model/ is plain model math, the
+"""The layering the code promises (README: "Where things are"; train/__init__.py): model/ is plain model math, the
 experiments layer sits on top of everything, and only the task registry asks which family a run is."""
 
 import ast

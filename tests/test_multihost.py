@@ -1,7 +1,6 @@
 """Several local processes joined by jax.distributed (gloo over loopback), and resume across host counts."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +8,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import forced_devices
 
 from plutao.experiments.launch import free_port
 from plutao.train.run.lineage import load_run
@@ -16,7 +16,7 @@ from plutao.train.run.lineage import load_run
 
 def run(args: list[str], devices: int = 4, check: bool = True,
         tmpdir: Path | None = None) -> subprocess.CompletedProcess:
-    env = os.environ | {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    env = forced_devices(devices) | {"JAX_PLATFORMS": "cpu"}
     if tmpdir is not None:  # where `plutao launch` keeps its per-process logs
         tmpdir.mkdir(parents=True, exist_ok=True)
         env["TMPDIR"] = str(tmpdir)

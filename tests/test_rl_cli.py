@@ -4,7 +4,6 @@ exactness (zero B = the base, merged = base + adapters) and that only adapters a
 
 import json
 import math
-import os
 import shutil
 import signal
 import subprocess
@@ -14,6 +13,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import forced_devices
 
 from plutao.experiments.cli import main
 from plutao.model.heads import forward_logits
@@ -118,8 +118,7 @@ def test_ppo_on_two_processes_of_two_devices_equals_one_process_of_four(tiny_sta
             "mesh.data=2", "mesh.fsdp=2", *RL]
 
     def run(*argv, devices):
-        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        env = forced_devices(devices)
         done = subprocess.run(PLUTAO + list(argv), capture_output=True, text=True, env=env, check=False)
         assert done.returncode == 0, done.stderr[-2000:]
 

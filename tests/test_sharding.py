@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import forced_devices
 
 from plutao.experiments.shardings import dumps, sharding_dump
 from plutao.train.config.schema import resolve_config
@@ -97,7 +98,7 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def mesh_results(small_corpus):
-    env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = forced_devices(8)
     result = subprocess.run([sys.executable, "-c", MESH_SCRIPT, str(small_corpus)], env=env, capture_output=True,
                             text=True, check=False)
     assert result.returncode == 0, result.stderr[-3000:]

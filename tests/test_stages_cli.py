@@ -9,6 +9,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import forced_devices
 
 from plutao.experiments.cli import main
 from plutao.train.run.lineage import load_run
@@ -135,14 +136,11 @@ def test_sft_resumes_exactly_after_sigkill(tiny_stages, tmp_path):
 
 def test_sft_on_two_processes_and_a_2x2_mesh_equals_one_device(tiny_stages, tmp_path):
     """The stage runs sharded and multi-process exactly as pretraining does (gloo CPU collectives)."""
-    import os
 
     args = ["sft", str(tiny_stages["base"]), "train.steps=4", "train.eval_every=2", "train.sample_every=0",
             "train.batch_size=8", "--quiet"]
     def run(*argv, devices=1):
-        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-        if devices > 1:
-            env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        env = forced_devices(devices)
         done = subprocess.run([sys.executable, "-m", "plutao.experiments", *argv], capture_output=True, text=True,
                               env=env, check=False)
         assert done.returncode == 0, done.stderr[-2000:]

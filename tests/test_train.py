@@ -1,7 +1,6 @@
 """Training: learning, exact resume (also after SIGKILL), gradient accumulation, step-indexed data."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import forced_devices
 
 from plutao.model.config import ModelConfig
 from plutao.train.config.presets import PRESETS
@@ -263,7 +263,7 @@ for name, mesh, devices in [("one", {{"mesh.data": 1}}, jax.devices()[:1]), ("ei
     out[name] = [r["loss"] for r in rows if r.get("split") == "train"]
 print(json.dumps(out))
 """
-    env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = forced_devices(8)
     result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True,
                             check=False)
     assert result.returncode == 0, result.stderr[-3000:]
