@@ -25,9 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from plutao.model.counts import flops_per_token
+from plutao.model.decode import generate
 from plutao.model.heads import forward_logits
-from plutao.model.presets import flops_per_token
-from plutao.model.sampling import SamplingConfig, generate
+from plutao.model.sampling import SamplingConfig
 from plutao.train.config.presets import PRESETS
 from plutao.train.config.schema import Config, apply_overrides
 from plutao.train.loop import train

@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from plutao.model.presets import MODEL_PRESETS, flops_per_token
+from plutao.model.counts import flops_per_token
+from plutao.model.presets import MODEL_PRESETS
 from plutao.train.config.schema import MeshConfig, OptimConfig
 from plutao.train.optim import lr_schedule, make_optimizer
 from plutao.train.parallel.sharding import make_mesh

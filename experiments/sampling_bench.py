@@ -52,10 +52,11 @@ def compilations():
 
 
 def load_sampler(path: str | None):
-    """The sampling module to measure: this checkout's, or a sampling.py file given by path."""
+    """The generation module to measure: this checkout's (model/decode.py), or a file given by path (an
+    older single-file sampling.py also has `generate`)."""
     if path is None:
-        from plutao.model import sampling
-        return sampling
+        from plutao.model import decode
+        return decode
     spec = importlib.util.spec_from_file_location("sampling_under_test", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the file executes

@@ -12,7 +12,7 @@ import json
 import jax
 from jax.sharding import PartitionSpec
 
-from plutao.model.presets import abstract_params
+from plutao.model.counts import abstract_params
 from plutao.train.config.schema import Config
 from plutao.train.parallel import sharding
 

@@ -8,7 +8,7 @@ d_model-512 model trained 8× longer.
 
 from __future__ import annotations
 
-from plutao.experiments.sweep import SweepSpec
+from plutao.experiments.sweep_spec import SweepSpec
 from plutao.train.config.errors import UserError
 
 

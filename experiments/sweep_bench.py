@@ -17,7 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from plutao.experiments.sweep import SweepSpec, sweep
+from plutao.experiments.sweep import sweep
+from plutao.experiments.sweep_spec import SweepSpec
 
 
 def _measure(sweep_dir: Path, steps: int, say) -> dict:

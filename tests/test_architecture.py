@@ -10,7 +10,7 @@ PACKAGES = ("model", "train", "tokenizer", "experiments")
 FAMILY_ALLOWED = {
     "model/config.py": "the knob itself",
     "model/families.py": "family → module class (the model registry)",
-    "model/presets.py": "parameter and FLOP counts differ per architecture",
+    "model/counts.py": "parameter and FLOP counts differ per architecture",
     "model/baselines/rnn.py": "which recurrent cell (lstm, gru, rnn)",
     "train/run/lineage.py": "a parent run's family, to refuse train.init_from across families",
 }

@@ -126,8 +126,9 @@ def test_sampled_tokens_match_the_recorded_ones():
     from flax import nnx
 
     from plutao.model.config import ModelConfig
+    from plutao.model.decode import generate, stream
     from plutao.model.gpt import GPT
-    from plutao.model.sampling import SamplingConfig, generate, stream
+    from plutao.model.sampling import SamplingConfig
 
     model = GPT(ModelConfig(vocab_size=50, context_length=16, n_layers=2, d_model=32, n_heads=4), nnx.Rngs(7))
     got = {}

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from plutao.model.presets import abstract_params
+from plutao.model.counts import abstract_params
 from plutao.train.config.errors import UserError
 from plutao.train.config.schema import MeshConfig, resolve_config
 from plutao.train.parallel import sharding

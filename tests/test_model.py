@@ -12,10 +12,11 @@ from flax import nnx
 
 from plutao.model.attention import attention_weights, causal_mask, init_cache
 from plutao.model.config import ModelConfig
+from plutao.model.counts import count_params
 from plutao.model.gpt import GPT
 from plutao.model.heads import forward_logits
 from plutao.model.layers import sinusoidal_table
-from plutao.model.presets import MODEL_PRESETS, PUBLISHED_PARAMS, count_params
+from plutao.model.presets import MODEL_PRESETS, PUBLISHED_PARAMS
 
 CFG = ModelConfig(vocab_size=61, context_length=24, n_layers=2, d_model=48, n_heads=4)
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from plutao.experiments import report_card as rc
+from plutao.experiments import report_card_stats as stats
 from plutao.experiments.cli import main
 from plutao.experiments.report_card_files import markdown
 from plutao.train.worlds import arith
@@ -23,11 +24,11 @@ END, USER = 10, 8  # stand-ins for <|end|> and <|user|>
 # --- the pure parts -----------------------------------------------------------------------------------
 
 def test_a_tie_counts_half_and_the_pair_rates_sum_to_one():
-    assert rc.outcomes([3, 1, 2], [1, 1, 5]).tolist() == [1.0, 0.5, 0.0]
-    gold = rc.win_rates({"a": [(True, 1.0), (False, 0.5), (False, 0.0)], "b": [(False, 0.0), (False, 0.5), (True, 1.0)]})
+    assert stats.outcomes([3, 1, 2], [1, 1, 5]).tolist() == [1.0, 0.5, 0.0]
+    gold = stats.win_rates({"a": [(True, 1.0), (False, 0.5), (False, 0.0)], "b": [(False, 0.0), (False, 0.5), (True, 1.0)]})
     assert set(gold) == {"a vs b", "b vs a"}
     assert gold["a vs b"]["rate"] == pytest.approx(0.5) and gold["b vs a"]["rate"] == pytest.approx(0.5)
-    same = rc.win_rates({"a": [1, 2, 3], "b": [1, 2, 3]})
+    same = stats.win_rates({"a": [1, 2, 3], "b": [1, 2, 3]})
     assert same["a vs b"] == {"rate": 0.5, "low": 0.5, "high": 0.5}
 
 
@@ -36,58 +37,58 @@ def test_the_bootstrap_interval_holds_the_rate_and_narrows_with_more_problems():
     widths = []
     for n in (20, 400):
         keys = {"a": rng.integers(0, 3, n).tolist(), "b": rng.integers(0, 3, n).tolist(), "c": [1] * n}
-        rates = rc.win_rates(keys, seed=1)
+        rates = stats.win_rates(keys, seed=1)
         assert len(rates) == 6
         for name, w in rates.items():
             assert 0 <= w["low"] <= w["rate"] <= w["high"] <= 1, name
             a, b = name.split(" vs ")
             assert w["rate"] + rates[f"{b} vs {a}"]["rate"] == pytest.approx(1.0)
         widths.append(rates["a vs b"]["high"] - rates["a vs b"]["low"])
-        assert rc.win_rates(keys, seed=1) == rates  # seeded: the same card twice
+        assert stats.win_rates(keys, seed=1) == rates  # seeded: the same card twice
     assert widths[1] < widths[0]
-    assert rc.bootstrap_counts(7, 5, 0).sum(axis=1).tolist() == [7.0] * 5
+    assert stats.bootstrap_counts(7, 5, 0).sum(axis=1).tolist() == [7.0] * 5
 
 
 def test_format_ok_wants_one_number_and_a_proper_end():
-    ok = rc.Reply("579", 3, END)
-    assert rc.format_ok(ok, end_id=END, user_id=USER)
-    assert rc.format_ok(rc.Reply("The answer is 579.", 18, END), end_id=END, user_id=USER)
-    assert not rc.format_ok(rc.Reply("579", 3, USER), end_id=END, user_id=USER)  # ran on into a user turn
-    assert not rc.format_ok(rc.Reply("579 579 579 579 579 579", 24, None), end_id=END, user_id=USER)  # budget
-    assert not rc.format_ok(rc.Reply("579 or 580", 10, END), end_id=END, user_id=USER)
-    assert not rc.format_ok(rc.Reply("I do not know", 13, END), end_id=END, user_id=USER)
+    ok = stats.Reply("579", 3, END)
+    assert stats.format_ok(ok, end_id=END, user_id=USER)
+    assert stats.format_ok(stats.Reply("The answer is 579.", 18, END), end_id=END, user_id=USER)
+    assert not stats.format_ok(stats.Reply("579", 3, USER), end_id=END, user_id=USER)  # ran on into a user turn
+    assert not stats.format_ok(stats.Reply("579 579 579 579 579 579", 24, None), end_id=END, user_id=USER)  # budget
+    assert not stats.format_ok(stats.Reply("579 or 580", 10, END), end_id=END, user_id=USER)
+    assert not stats.format_ok(stats.Reply("I do not know", 13, END), end_id=END, user_id=USER)
 
 
 def test_few_shot_answers_stop_at_the_first_newline():
     p = arith.Problem(76, 81, "+")
-    assert rc.few_shot_answer(" 157\nQ: What is 3 plus 4?\nA: 7") == "157"
-    assert arith.correct(p, rc.few_shot_answer(" 157\nQ: What is 3 plus 4?\nA: 7"))
-    assert not arith.correct(p, rc.few_shot_answer(" 15\nQ: 157"))  # the right number, but after the answer
-    assert rc.few_shot_answer("") == ""
+    assert stats.few_shot_answer(" 157\nQ: What is 3 plus 4?\nA: 7") == "157"
+    assert arith.correct(p, stats.few_shot_answer(" 157\nQ: What is 3 plus 4?\nA: 7"))
+    assert not arith.correct(p, stats.few_shot_answer(" 15\nQ: 157"))  # the right number, but after the answer
+    assert stats.few_shot_answer("") == ""
     prompt = arith.few_shot_prompt(arith.World(), p)
     assert prompt.endswith("Q: What is 76 plus 81?\nA:") and prompt.count("\nA: ") == 4
 
 
 def test_exact_and_last_number_matching():
-    assert rc.matches("I think 12, no: 799", "799")
-    assert rc.matches("799.", " 799 ")
-    assert rc.matches("0799", "799")  # the same integer
-    assert not rc.matches("799 or 800", "799")
-    assert not rc.matches("no idea", "799")
-    assert rc.matches(" 799 ", "799", "exact")
-    assert not rc.matches("799.", "799", "exact")
-    assert not rc.matches("The answer is 799", "799", "exact")
-    assert rc.matches("Lisboa", "Lisboa", "exact") and not rc.matches("Lisboa", "Lisboa")
+    assert stats.matches("I think 12, no: 799", "799")
+    assert stats.matches("799.", " 799 ")
+    assert stats.matches("0799", "799")  # the same integer
+    assert not stats.matches("799 or 800", "799")
+    assert not stats.matches("no idea", "799")
+    assert stats.matches(" 799 ", "799", "exact")
+    assert not stats.matches("799.", "799", "exact")
+    assert not stats.matches("The answer is 799", "799", "exact")
+    assert stats.matches("Lisboa", "Lisboa", "exact") and not stats.matches("Lisboa", "Lisboa")
 
 
 def test_distinct_accuracy_and_bits_per_byte_helpers():
-    assert rc.distinct_answers([["5", "5", "It is 5."], ["1", "2", "none"]]) == pytest.approx((1 + 3) / 2)
-    assert rc.accuracy_by_digits([True, False, True, True], [1, 1, 2, 3]) == {"1": 0.5, "2": 1.0, "3": 1.0}
+    assert stats.distinct_answers([["5", "5", "It is 5."], ["1", "2", "none"]]) == pytest.approx((1 + 3) / 2)
+    assert stats.accuracy_by_digits([True, False, True, True], [1, 1, 2, 3]) == {"1": 0.5, "2": 1.0, "3": 1.0}
     metrics = [{"loss": 1.0, "tokens": 100, "bytes": 100}, {"loss": 2.0, "tokens": 100, "bytes": 300}]
-    assert rc.combined_bits_per_byte(metrics) == pytest.approx(300 / 400 / math.log(2))
+    assert stats.combined_bits_per_byte(metrics) == pytest.approx(300 / 400 / math.log(2))
     tokens = np.arange(1000)
-    assert len(rc.window_cap(tokens, 8, cap=300, rows=4)) == 36 * 8 + 1  # 37 windows → a multiple of 4
-    assert len(rc.window_cap(tokens[:5], 8)) == 5
+    assert len(stats.window_cap(tokens, 8, cap=300, rows=4)) == 36 * 8 + 1  # 37 windows → a multiple of 4
+    assert len(stats.window_cap(tokens[:5], 8)) == 5
 
 
 def test_the_pretraining_ancestor_follows_the_lineage(tmp_path):

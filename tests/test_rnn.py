@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from plutao.model import sampling
+from plutao.model import decode, sampling
 from plutao.model.baselines.rnn import RecurrentLM
 from plutao.model.config import ModelConfig
 from plutao.model.heads import forward_logits
@@ -266,7 +266,7 @@ def test_greedy_generation_through_the_sampler():
     model = make("gru")
     prompts = [[3, 1, 4, 1, 5], [9, 2]]
     cfg = sampling.SamplingConfig(temperature=0.0, max_new_tokens=6, stop_at_eot=False)
-    out = sampling.generate(model, prompts, cfg, eot_id=0, pad_id=0)
+    out = decode.generate(model, prompts, cfg, eot_id=0, pad_id=0)
     for prompt, new in zip(prompts, out):
         assert len(new) == 6
         # Greedy means each new token is the argmax after everything before it (teacher forcing).

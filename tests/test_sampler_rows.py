@@ -11,19 +11,10 @@ from flax import nnx
 from plutao.experiments.sampling_bench import compilations
 from plutao.model.baselines.rnn import RecurrentLM
 from plutao.model.config import ModelConfig
+from plutao.model.decode import SlotDecoder, complete, generate, stream
 from plutao.model.gpt import GPT
 from plutao.model.heads import forward_logits
-from plutao.model.sampling import (
-    TOP_K_WIDTH,
-    SamplingConfig,
-    SamplingError,
-    SlotDecoder,
-    complete,
-    filter_logits,
-    generate,
-    prompt_width,
-    stream,
-)
+from plutao.model.sampling import TOP_K_WIDTH, SamplingConfig, SamplingError, filter_logits, prompt_width
 
 CONTEXT = 16
 EOT, PAD = 1, 0

@@ -7,9 +7,10 @@ import pytest
 from flax import nnx
 
 from plutao.model.config import ModelConfig
+from plutao.model.decode import generate, stream
 from plutao.model.gpt import GPT
 from plutao.model.heads import forward_logits
-from plutao.model.sampling import SamplingConfig, SamplingError, filter_logits, generate, next_token, stream
+from plutao.model.sampling import SamplingConfig, SamplingError, filter_logits, next_token
 
 LOGITS = jnp.array([[2.0, 1.0, 0.5, 0.0, -1.0, 3.0]])
 

@@ -10,7 +10,8 @@ import subprocess
 
 import pytest
 
-from plutao.experiments.sweep import SweepSpec, sweep
+from plutao.experiments.sweep import sweep
+from plutao.experiments.sweep_spec import SweepSpec
 
 FAST = {"train.eval_every": 10, "train.checkpoint_every": 20, "train.log_every": 5, "train.peak_flops": 1e11,
         "train.steps": 20}

@@ -14,7 +14,8 @@ import pytest
 
 from plutao.experiments.cli import main
 from plutao.experiments.report import report
-from plutao.experiments.sweep import SweepSpec, expand, load_spec, pending, variants
+from plutao.experiments.sweep import expand, pending, variants
+from plutao.experiments.sweep_spec import SweepSpec, load_spec
 
 GOLDENS = Path(__file__).parent / "goldens" / "report"
 FAST = ["train.eval_every=10", "train.checkpoint_every=10", "train.log_every=5", "train.peak_flops=1e11"]

@@ -5,7 +5,7 @@ tok.save("runs/x/tokenizer"); tok = load_tokenizer("runs/x/tokenizer")
 ids = tok.encode_array(corpus)          # int32 [n_tokens]
 print(format_tokens(tok, "Hello, world!", price_per_1k=0.002))
 
-Special tokens are the tokenizer's to declare (see `SpecialTokens` in base.py): ask it, never assume ids.
+Special tokens are the tokenizer's to declare (see `SpecialTokens` in specials.py): ask it, never assume ids.
 tok.specials                            {"<pad>": 0, "<|endoftext|>": 1, ...}  token string -> id
 tok.special_id("user")                  id by role or by token string; TokenizerError if undeclared
 tok.eot_id, tok.pad_id, tok.user_id     the same, for each role
@@ -16,11 +16,12 @@ SPECIAL_TOKENS / NUM_SPECIAL describe only the historical layout (those eleven a
 tokenizers trained here use by default and that every folder saved without a declaration loads with.
 """
 
-from .base import DEFAULT_ROLES, NUM_SPECIAL, SPECIAL_TOKENS, SpecialTokens, Tokenizer, TokenizerError
+from .base import Tokenizer
 from .bpe import BPETokenizer
 from .byte import ByteTokenizer
 from .char import CharTokenizer
 from .factory import TOKENIZER_KINDS, load_tokenizer, train_tokenizer
+from .specials import DEFAULT_ROLES, NUM_SPECIAL, SPECIAL_TOKENS, SpecialTokens, TokenizerError
 from .viewer import format_tokens
 from .word import WordTokenizer
 

@@ -14,16 +14,8 @@ from typing import Any
 import numpy as np
 import sentencepiece as spm
 
-from .base import (
-    SpecialTokens,
-    Tokenizer,
-    TokenizerError,
-    as_text_iterable,
-    byte_token_string,
-    require_str,
-    utf8,
-    write_atomic,
-)
+from .base import Tokenizer, as_text_iterable, byte_token_string, require_str, utf8, write_atomic
+from .specials import SpecialTokens, TokenizerError
 
 MODEL_FILE = "bpe.model"
 

@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from .base import IdsLike, SpecialTokens, Tokenizer, byte_token_string, utf8
+from .base import IdsLike, Tokenizer, byte_token_string, utf8
+from .specials import SpecialTokens
 
 
 class ByteTokenizer(Tokenizer):

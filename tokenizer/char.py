@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from .base import SpecialTokens, Tokenizer, TokenizerError, as_text_iterable, require_str
+from .base import Tokenizer, as_text_iterable, require_str
+from .specials import SpecialTokens, TokenizerError
 
 _MAX_SHOWN = 5
 

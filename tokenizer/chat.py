@@ -20,7 +20,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from plutao.tokenizer.base import Tokenizer, TokenizerError
+from plutao.tokenizer.base import Tokenizer
+from plutao.tokenizer.specials import TokenizerError
 
 ROLES = ("system", "user", "assistant")
 TEMPLATE = "plutao-chat-v1: <|endoftext|> then <|ROLE|> content <|end|> per message; reply after <|assistant|>"

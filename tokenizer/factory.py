@@ -7,10 +7,11 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from .base import CONFIG_FILE, FORMAT_VERSION, SpecialTokens, Tokenizer, TokenizerError
+from .base import Tokenizer
 from .bpe import BPETokenizer
 from .byte import ByteTokenizer
 from .char import CharTokenizer
+from .specials import CONFIG_FILE, FORMAT_VERSION, SpecialTokens, TokenizerError
 from .word import WordTokenizer
 
 TOKENIZER_KINDS: dict[str, type[Tokenizer]] = {

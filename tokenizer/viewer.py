@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import unicodedata
 
-from .base import Tokenizer, TokenizerError
+from .base import Tokenizer
+from .specials import TokenizerError
 
 _ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
 

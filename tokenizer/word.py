@@ -15,14 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from .base import (
-    IdsLike,
-    SpecialTokens,
-    Tokenizer,
-    TokenizerError,
-    as_text_iterable,
-    require_str,
-)
+from .base import IdsLike, Tokenizer, as_text_iterable, require_str
+from .specials import SpecialTokens, TokenizerError
 
 _NEWLINE = "\n"
 

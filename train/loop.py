@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from plutao.model.presets import count_params, flops_per_token
+from plutao.model.counts import count_params, flops_per_token
 from plutao.model.sampling import to_host
 from plutao.tokenizer.chat import template_hash
 from plutao.train.config.errors import NonFiniteError, UserError

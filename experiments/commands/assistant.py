@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from plutao.experiments.commands import stage_parser
 from plutao.train.config.errors import UserError
 from plutao.train.config.presets import STAGE_PRESETS
 from plutao.train.config.schema import Config, apply_overrides, flatten, parse_overrides, validate
@@ -212,7 +213,8 @@ def sample_best_of(args, run) -> int:
     """`plutao sample SFT_RUN --prompt P --best-of N --reward RM_RUN [--show-all]`."""
     import numpy as np
 
-    from plutao.model.sampling import SamplingConfig, complete
+    from plutao.model.decode import complete
+    from plutao.model.sampling import SamplingConfig
     from plutao.tokenizer.chat import conversation, fitted_prompt_ids, reply_stop_ids
     from plutao.train.rl.rewards import RewardScorer
 
@@ -294,3 +296,18 @@ def eval_reward(args, run_dir: Path) -> int:
     for b in result["calibration"]:
         print(f"    {b['predicted']:.2f} → {b['observed']:.2f} ({b['pairs']:,} pairs)")
     return 0
+
+
+def register(sub) -> None:
+    """Add this module's subcommands to the `plutao` parser."""
+    stage_parser(sub, "sft", "supervised fine-tuning: a base run learns to answer in the chat template", "base_run",
+          "the --workdir of the base run", "builtin:arith (the arithmetic world's demonstrations) or a .jsonl of "
+          "{\"messages\": [...]} or {\"prompt\", \"response\"} lines (default %(default)s)", cmd_sft)
+
+    rw = stage_parser(sub, "reward", "a reward model on an SFT run's trunk, trained on rankings", "sft_run",
+               "the --workdir of a `plutao sft` run", "builtin:arith (replies sampled from the SFT run, ranked by the "
+               "world's labeler) or a .jsonl of pairs/ranked lists (default %(default)s)", cmd_reward)
+    rw.add_argument("--k", default=None, metavar="MIN..MAX", help="builtin:arith: responses ranked per prompt "
+                    "(default 4..9)")
+    rw.add_argument("--labeler-noise", type=float, default=None, metavar="X",
+                    help="builtin:arith: Bradley–Terry noise of the labeler (0 = gold; README gives agreement rates)")

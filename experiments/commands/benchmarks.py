@@ -34,3 +34,29 @@ def cmd_bench_baselines(args) -> int:
     if args.json:
         print(json.dumps(result))
     return 0
+
+
+def register(sub) -> None:
+    """Add this module's subcommands to the `plutao` parser."""
+    bw = sub.add_parser("bench-sweep", help="sweep overhead: time to the first step, share outside training steps")
+    bw.add_argument("--steps", type=int, default=300, help="steps per trial")
+    bw.add_argument("--json", action="store_true")
+    bw.set_defaults(fn=cmd_bench_sweep)
+
+    bb = sub.add_parser("bench-baselines", help="Transformer vs LSTM vs n-gram at equal wall-clock (PTB or "
+                        "Tiny Shakespeare)")
+    bb.add_argument("task", choices=["ptb", "shakespeare"])
+    bb.add_argument("--minutes", type=float, default=5.0, help="training budget per neural model")
+    bb.add_argument("--data-dir", default="../shared/data", help="folder holding ptb/ and tinyshakespeare.txt")
+    bb.add_argument("--workdir", help="where the run directories go (default: a temporary folder)")
+    bb.add_argument("--json", action="store_true")
+    bb.set_defaults(fn=cmd_bench_baselines)
+
+    b = sub.add_parser("bench", help="nanoGPT's CPU benchmark: speed, MFU and val loss vs PyTorch eager")
+    b.add_argument("--data", help="Tiny Shakespeare text file (default: download or cache)")
+    b.add_argument("--steps", type=int, default=2000)
+    b.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    b.add_argument("--sample-tokens", type=int, default=500)
+    b.add_argument("--workdir", help="run directory for the benchmark (default: a temporary one)")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(fn=cmd_bench)

@@ -170,7 +170,7 @@ def _fit(side: Side, system: list[dict], max_new_tokens: int, where: str) -> lis
 
 def _reply(side: Side, prompt: list[int], sampling, one_line: bool) -> str:
     """Stream the side's reply to stdout after its label; the reply's text."""
-    from plutao.model.sampling import stream
+    from plutao.model.decode import stream
 
     tok = side.tokenizer
     out = sys.stdout
@@ -285,3 +285,18 @@ def cmd_chat(args) -> int:
             reply = _reply(side, prompt, sampling, one_line=not interactive)
             side.history.append({"role": "assistant", "content": reply})
         turn += 1
+
+
+def register(sub) -> None:
+    """Add this module's subcommands to the `plutao` parser."""
+    ch = sub.add_parser("chat", help="chat with a run in the terminal (reads one message per line when piped)")
+    ch.add_argument("run_dir")
+    ch.add_argument("--system", help="a system message at the start of the conversation")
+    ch.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: %(default)s); /temp X changes it")
+    ch.add_argument("--top-k", type=int, default=0)
+    ch.add_argument("--top-p", type=float, default=1.0)
+    ch.add_argument("--max-new-tokens", type=int, default=64, help="longest reply, in tokens (default: %(default)s)")
+    ch.add_argument("--seed", type=int, default=0)
+    ch.add_argument("--compare", nargs="+", metavar="RUN", help="also answer every message with these runs")
+    ch.add_argument("--step", type=int)
+    ch.set_defaults(fn=cmd_chat)

@@ -71,7 +71,8 @@ def _sample_ngram(args, sampling) -> int:
 def cmd_sample(args) -> int:
     import numpy as np
 
-    from plutao.model.sampling import SamplingError, generate, stream, top_candidates
+    from plutao.model.decode import generate, stream
+    from plutao.model.sampling import SamplingError, top_candidates
     from plutao.train.run.lineage import load_run
 
     sampling = _sampling(args)  # validate arguments before loading anything
@@ -332,3 +333,67 @@ def cmd_score(args) -> int:
     print(f"log P(text) = {result['logprob']:.4f} nats = {result['logprob_bits']:.3f} bits over "
           f"{result['tokens']} tokens; perplexity {result['perplexity']:.3f}")
     return 0
+
+
+def register(sub) -> None:
+    """Add this module's subcommands to the `plutao` parser."""
+    s = sub.add_parser("sample", help="generate text from a trained run")
+    s.add_argument("run_dir", help="the --workdir of a `plutao train` run")
+    s.add_argument("--prompt", default="", help="text to continue (default: none, start from <|endoftext|>)")
+    s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: %(default)s)")
+    s.add_argument("--top-k", type=int, default=0,
+                   help="sample from the K likeliest tokens only; 0 = all (default: %(default)s)")
+    s.add_argument("--top-p", type=float, default=1.0,
+                   help="sample from the fewest tokens whose probabilities sum to P; 1 = all (default: %(default)s)")
+    s.add_argument("--max-new-tokens", type=int, default=300, help="tokens to generate (default: %(default)s)")
+    s.add_argument("--seed", type=int, default=0, help="random seed of the sampling (default: %(default)s)")
+    s.add_argument("--num-samples", type=int, default=1, help="samples to print (default: %(default)s)")
+    s.add_argument("--show-probs", type=int, default=0, metavar="K",
+                   help="table of the K likeliest next tokens; 0 = none (default: %(default)s)")
+    s.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    s.add_argument("--no-stop", action="store_true", help="do not stop at <|endoftext|>")
+    s.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    s.add_argument("--system", help="chat runs: a system message before the prompt")
+    s.add_argument("--best-of", type=int, metavar="N", help="chat runs: sample N replies in one batch and print the "
+                   "one --reward scores highest")
+    s.add_argument("--reward", metavar="RM_RUN", help="the reward model that judges --best-of replies")
+    s.add_argument("--show-all", action="store_true", help="with --best-of: every reply with its reward")
+    s.set_defaults(fn=cmd_sample)
+
+    e = sub.add_parser("eval", help="loss, perplexity, bits per char/byte on held-out or given data")
+    e.add_argument("run_dir")
+    e.add_argument("--data", help="a text file, folder, .jsonl or corpus name; for a translation run a TSV of "
+                   "source<TAB>reference pairs (default: the run's held-out split)")
+    e.add_argument("--beam", type=int, default=4, help="translation: beam size scored besides greedy (default 4)")
+    e.add_argument("--length-penalty", type=float, default=0.6, help="translation: GNMT length penalty α")
+    e.add_argument("--limit", type=int, default=0, help="translation: score only the first N pairs (0 = all)")
+    e.add_argument("--json", action="store_true")
+    e.add_argument("--step", type=int)
+    e.set_defaults(fn=cmd_eval)
+
+    tr = sub.add_parser("translate", help="translate sentences with an encoder-decoder run (greedy or beam search)")
+    tr.add_argument("run_dir")
+    tr.add_argument("text", nargs="*", help="source sentences (default: one per line on standard input)")
+    tr.add_argument("--beam", type=int, default=4, help="beam size (1 = greedy)")
+    tr.add_argument("--length-penalty", type=float, default=0.6, help="GNMT α: 0 = raw log-probability")
+    tr.add_argument("--n-best", type=int, default=1, help="print the N best hypotheses with their scores")
+    tr.add_argument("--json", action="store_true")
+    tr.add_argument("--step", type=int)
+    tr.set_defaults(fn=cmd_translate)
+
+    fm = sub.add_parser("fill-mask", help="a masked LM's top-k fills for each <mask> in a text")
+    fm.add_argument("run_dir")
+    fm.add_argument("text", help='e.g. "Return the <mask> of the list."')
+    fm.add_argument("--top-k", type=int, default=5)
+    fm.add_argument("--json", action="store_true")
+    fm.add_argument("--step", type=int)
+    fm.set_defaults(fn=cmd_fill_mask)
+
+    c = sub.add_parser("score", help="log P(text) by the chain rule, per token")
+    c.add_argument("run_dir")
+    c.add_argument("--text", help="the text to score (language-model runs)")
+    c.add_argument("--prompt", help="reward-model runs: the user message")
+    c.add_argument("--response", help="reward-model runs: the reply to score")
+    c.add_argument("--json", action="store_true")
+    c.add_argument("--step", type=int)
+    c.set_defaults(fn=cmd_score)

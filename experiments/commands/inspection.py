@@ -86,3 +86,43 @@ def cmd_tokenize(args) -> int:
         tok = load_tokenizer(path / "tokenizer" if (path / "tokenizer").is_dir() else path)
     print(format_tokens(tok, args.text, args.price_per_1k))
     return 0
+
+
+def register(sub) -> None:
+    """Add this module's subcommands to the `plutao` parser."""
+    at = sub.add_parser("attention", help="PNG grids (layer × head) of attention weights for a sentence")
+    at.add_argument("run_dir")
+    at.add_argument("--text", required=True, help="the sentence (the source, for a translation model)")
+    at.add_argument("--target", help="translation: the target to attend from (default: the greedy translation)")
+    at.add_argument("--out", help="output folder (default RUN_DIR/attention)")
+    at.add_argument("--step", type=int)
+    at.set_defaults(fn=cmd_attention)
+
+    nb = sub.add_parser("neighbors", help="tokens whose embeddings are closest (cosine) to a token's")
+    nb.add_argument("run_dir")
+    nb.add_argument("token")
+    nb.add_argument("-k", type=int, default=10)
+    nb.add_argument("--json", action="store_true")
+    nb.add_argument("--step", type=int)
+    nb.set_defaults(fn=cmd_neighbors)
+
+    an = sub.add_parser("analogy", help="A − B + C by embedding arithmetic (king − man + woman ≈ queen)")
+    an.add_argument("run_dir")
+    an.add_argument("a")
+    an.add_argument("b")
+    an.add_argument("c")
+    an.add_argument("-k", type=int, default=5)
+    an.add_argument("--json", action="store_true")
+    an.add_argument("--step", type=int)
+    an.set_defaults(fn=cmd_analogy)
+
+    k = sub.add_parser("tokenize", help="show how text splits into tokens (or, with --chat, which tokens a "
+                       "conversation trains)")
+    k.add_argument("text", nargs="?")
+    k.add_argument("--chat", metavar="FILE.jsonl", help="show a conversation of this file (or builtin:arith, the "
+                   "demonstrations) through the chat template, each token marked trained or not (colour on a "
+                   "terminal, [brackets] otherwise)")
+    k.add_argument("--index", type=int, default=0, help="with --chat: which line's conversation (default 0)")
+    k.add_argument("--tokenizer", default="byte", help="RUN_DIR, a tokenizer folder, char or byte (default byte)")
+    k.add_argument("--price-per-1k", type=float, help="cost per 1,000 tokens")
+    k.set_defaults(fn=cmd_tokenize)

@@ -57,3 +57,12 @@ def cmd_merge_lora(args) -> int:
     print(f"merged {src} (step {run.step}, LoRA rank {run.cfg.lora.rank} on {', '.join(run.cfg.lora.targets)}) "
           f"into {out}")
     return 0
+
+
+def register(sub) -> None:
+    """Add this module's subcommands to the `plutao` parser."""
+    ml = sub.add_parser("merge-lora", help="a LoRA run's base plus its adapters as an ordinary run (whole weights)")
+    ml.add_argument("run_dir", help="a run trained with lora.rank > 0")
+    ml.add_argument("--workdir", required=True, help="the merged run's directory (new)")
+    ml.add_argument("--step", type=int, help="the LoRA run's checkpoint (default: its latest)")
+    ml.set_defaults(fn=cmd_merge_lora)

@@ -27,3 +27,21 @@ def cmd_report_card(args) -> int:
         print(markdown(report))
         print("written: " + ", ".join(str(f) for f in files))
     return 0
+
+
+def register(sub) -> None:
+    """Add this module's subcommands to the `plutao` parser."""
+    rc = sub.add_parser("report-card", help="compare runs (base, SFT, best-of-N, ...) on the arithmetic world and "
+                        "your own problems: accuracy by digits, format, win rates, diversity, bits per byte")
+    rc.add_argument("runs", nargs="+", help="run directories, one column each")
+    rc.add_argument("--reward", metavar="RM_RUN", help="a reward model: RM-judged win rates (and --best-of columns)")
+    rc.add_argument("--best-of", type=int, default=0, metavar="N", help="with --reward: a best-of-N column per SFT run")
+    rc.add_argument("--problems", type=int, default=500, metavar="N", help="problems per digit count (default 500)")
+    rc.add_argument("--problems-file", metavar="FILE.jsonl", help="your own problems: lines of "
+                    "{\"messages\": [...], \"answer\": \"799\"}")
+    rc.add_argument("--match", choices=("last-number", "exact"), default="last-number",
+                    help="--problems-file: the reply's last number must equal the answer, or the whole reply")
+    rc.add_argument("--out", help="where report.md, report.json and the charts go (default: report-card/)")
+    rc.add_argument("--seed", type=int, default=0)
+    rc.add_argument("--json", action="store_true")
+    rc.set_defaults(fn=cmd_report_card)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from plutao.experiments.commands import stage_parser
 from plutao.experiments.commands.assistant import (
     _check_not_other_parent,
     _summary,
@@ -187,3 +188,39 @@ def cmd_pipeline(args) -> int:
     run(Path(args.workdir), args.seeds, args.scale, list(args.overrides), problems=args.problems, best_of=args.best_of,
         log=lambda msg: print(msg, file=sys.stderr, flush=True))
     return 0
+
+
+def register(sub) -> None:
+    """Add this module's subcommands to the `plutao` parser."""
+    prompts_help = ("where the rollout prompts come from: builtin:arith (fresh world questions) or a .jsonl of "
+                    "{\"messages\": [...], \"answer\": \"...\"} lines (default %(default)s)")
+    po = stage_parser(sub, "ppo", "PPO: the SFT policy learns against a frozen reward model, with a KL penalty to itself",
+               "sft_run", "the --workdir of a `plutao sft` run (policy and reference)", prompts_help, cmd_ppo,
+               "e.g. rl.beta=0 (after the stage's defaults)")
+    po.add_argument("--reward", metavar="RM_RUN", help="the --workdir of a `plutao reward` run (required)")
+    po.add_argument("--beta", type=float, help="KL coefficient to the SFT policy (default 0.02; 0 = no leash)")
+
+    gr = stage_parser(sub, "grpo", "GRPO/RLOO: G replies per prompt, group baselines, against a reward model or the world's "
+               "checker", "sft_run", "the --workdir of a `plutao sft` run", prompts_help, cmd_grpo)
+    gr.add_argument("--reward", metavar="RM_RUN|gold", help="a `plutao reward` run, or gold (verifiable rewards)")
+    gr.add_argument("--group", type=int, help="replies per prompt, G ≥ 2 (default 8)")
+    gr.add_argument("--baseline", choices=("group", "rloo"), help="group mean/std (GRPO, default) or leave-one-out")
+    gr.add_argument("--beta", type=float, help="weight of the KL-to-reference term (default 0.04; 0 = none)")
+
+    dp = stage_parser(sub, "dpo", "DPO: the SFT policy learns from preference pairs directly (no reward model)", "sft_run",
+               "the --workdir of a `plutao sft` run (policy and reference)", "builtin:arith (replies sampled from the "
+               "SFT run and ranked by the world's labeler, as `plutao reward` does), RM_RUN (the comparisons that "
+               "reward run was trained on) or a .jsonl of pairs/ranked lists", cmd_dpo)
+    dp.add_argument("--beta", type=float, help="the loss's β (default 0.1)")
+
+    pi = sub.add_parser("pipeline", help="every assistant stage on the arithmetic world (base → SFT → RM → PPO, DPO, "
+                        "GRPO), per seed, resumable, then report cards and their summary over seeds")
+    pi.add_argument("world", choices=("arith",), help="the built-in world")
+    pi.add_argument("overrides", nargs="*", help="key=value for every stage, or STAGE:key=value (stages: base, sft, "
+                    "rm, ppo, dpo, grpo-gold, grpo-rm)")
+    pi.add_argument("--workdir", required=True, help="where every stage's run goes (re-running skips finished ones)")
+    pi.add_argument("--seeds", type=int, default=1, help="independent chains, train.seed 0..S-1 (default %(default)s)")
+    pi.add_argument("--scale", type=float, default=1.0, help="multiplies every stage's step count (default 1)")
+    pi.add_argument("--problems", type=int, default=200, help="report card: problems per digit count (default 200)")
+    pi.add_argument("--best-of", type=int, default=8, help="report card: best-of-N column of the SFT run (default 8)")
+    pi.set_defaults(fn=cmd_pipeline)

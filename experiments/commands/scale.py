@@ -3,6 +3,7 @@ compile-time and host-memory scaling."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -11,7 +12,8 @@ from plutao.train.config.schema import resolve_config
 
 
 def cmd_params(args) -> int:
-    from plutao.model.presets import PUBLISHED_PARAMS, count_params, flops_per_token
+    from plutao.model.counts import count_params, flops_per_token
+    from plutao.model.presets import PUBLISHED_PARAMS
 
     name, cfg = resolve_config(args.preset, args.overrides)
     model = neural_only(cfg, "params").shaped_model()
@@ -78,3 +80,41 @@ def cmd_bench_scaling(args) -> int:
     if args.json:
         print(json.dumps(result))
     return 0
+
+
+def register(sub) -> None:
+    """Add this module's subcommands to the `plutao` parser."""
+    m = sub.add_parser("params", help="parameter count of a preset without allocating it")
+    m.add_argument("preset")
+    m.add_argument("overrides", nargs="*")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(fn=cmd_params)
+
+    pl = sub.add_parser("plan", help="per-device memory of a training step, compiled ahead of time without allocating")
+    pl.add_argument("preset")
+    pl.add_argument("overrides", nargs="*", help="e.g. mesh.fsdp=64 train.batch_size=64")
+    pl.add_argument("--devices", type=int, help="plan for N devices (forced host devices on a CPU machine)")
+    pl.add_argument("--device-memory", help="memory of one device, e.g. 80GB: say whether the step fits")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(fn=None)  # (run by cli.main, which passes argv on)
+
+    la = sub.add_parser("launch", help="run a command as N local processes joined by jax.distributed (gloo on CPU)",
+                        usage="plutao launch --local-processes N [--devices-per-process D] -- train ...")
+    la.add_argument("--local-processes", type=int, required=True, metavar="N")
+    la.add_argument("--devices-per-process", type=int, default=1, metavar="D",
+                    help="CPU devices each process gets (forced host devices; default 1)")
+    la.add_argument("--port", type=int, default=0, help="coordinator port on 127.0.0.1 (default: a free one)")
+    la.add_argument("command_args", nargs=argparse.REMAINDER, help="-- then a plutao command, e.g. -- train tiny")
+    la.set_defaults(fn=cmd_launch)
+
+    d = sub.add_parser("shardings", help="JSON of every parameter's and key activation's PartitionSpec")
+    d.add_argument("preset")
+    d.add_argument("overrides", nargs="*", help="e.g. mesh.fsdp=8 mesh.tensor=2")
+    d.add_argument("--devices", type=int, required=True, help="number of devices of the mesh")
+    d.add_argument("--out", help="write to this file instead of stdout")
+    d.set_defaults(fn=cmd_shardings)
+
+    bs = sub.add_parser("bench-scaling", help="compile time vs depth (unrolled vs scanned), host memory 8 vs 1 devices")
+    bs.add_argument("--depths", type=int, nargs="+", default=[4, 16, 48])
+    bs.add_argument("--json", action="store_true")
+    bs.set_defaults(fn=cmd_bench_scaling)

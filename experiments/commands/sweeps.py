@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
 
 
 def cmd_sweep(args) -> int:
-    from plutao.experiments.sweep import command_line_spec, sweep
+    from plutao.experiments.sweep import sweep
+    from plutao.experiments.sweep_spec import command_line_spec
 
     settings = {name: getattr(args, name) for name in ("seeds", "parallel", "max_steps", "max_seconds", "executor")}
     spec, overrides = command_line_spec(args.config, args.overrides, grid_flags=args.grid, zip_flags=args.zip,
@@ -77,3 +79,55 @@ def cmd_report(args) -> int:
         print(Path(out["report"]).read_text())
         print("written: " + ", ".join([out["report"], out["csv"], *out["plots"]]))
     return 0
+
+
+def register(sub) -> None:
+    """Add this module's subcommands to the `plutao` parser."""
+    sw = sub.add_parser("sweep", help="run many trainings as isolated, resumable trials, then report",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        epilog="examples:\n  plutao sweep tiny --workdir sweeps/lr --grid optim.lr=1e-3,3e-3 --seeds 2\n"
+                               "  plutao sweep spec.yaml --workdir sweeps/ablation --parallel 2\n\n"
+                               "spec format (YAML, JSON, TOML, or a .py file defining SWEEP = {...}); every key "
+                               "optional:\n"
+                               "  base: PRESET_OR_CONFIG_FILE        overrides: {section.key: value}  (every trial)\n"
+                               "  grid: {key: [v1, v2]}   zip: {key: [..], key2: [..]}   trials: [{key: value}, ...]\n"
+                               "  ablations: {name: {key: value}}   random: {budget: N, seed: S, params: {key: DIST}}\n"
+                               "  optuna: {trials: N, params: {key: DIST}, pruner: median|none}\n"
+                               "  DIST: {uniform: [lo, hi]} | {loguniform: [lo, hi]} | {int: [lo, hi]} | "
+                               "{choice: [a, b]}\n"
+                               "  seeds: N   parallel: N   max_steps: N   max_seconds: S   executor: local|slurm\n"
+                               "  slurm: {partition: P, timeout_min: M, nodes: N, tasks_per_node: T, cpus_per_task: C}")
+    sw.add_argument("config", nargs="?", help="a sweep spec (.yaml/.py/.json/.toml), or the base preset/config file")
+    sw.add_argument("overrides", nargs="*", help="section.key=value applied to every trial")
+    sw.add_argument("--workdir", required=True, help="the sweep directory (re-running resumes it)")
+    sw.add_argument("--grid", action="append", metavar="KEY=V1,V2", help="sweep a key over values (product)")
+    sw.add_argument("--zip", action="append", metavar="KEY=V1,V2", help="keys varied together, value by value")
+    sw.add_argument("--random", action="append", metavar="KEY=DIST:LO:HI",
+                    help="random search: loguniform:lo:hi, uniform:lo:hi, int:lo:hi or choice:a,b")
+    sw.add_argument("--budget", type=int, default=8, help="random search / Optuna: number of trials")
+    sw.add_argument("--optuna", action="store_true", help="Bayesian search (TPE) with median pruning over --random")
+    sw.add_argument("--seeds", type=int, help="seeds per variant (train.seed = 0, 1, ...)")
+    sw.add_argument("--parallel", type=int, help="trials at once")
+    sw.add_argument("--max-steps", type=int, help="per-trial step budget (sets train.steps)")
+    sw.add_argument("--max-seconds", type=float, help="per-trial wall-clock budget (sets train.max_seconds)")
+    sw.add_argument("--executor", choices=["local", "slurm"])
+    sw.add_argument("--retry-failed", action="store_true", help="run failed trials again")
+    sw.add_argument("--no-report", action="store_true")
+    sw.add_argument("--json", action="store_true")
+    sw.set_defaults(fn=cmd_sweep)
+
+    st = sub.add_parser("study", help="a built-in ablation study (sweep + report): lr-warmup, norm-depth, "
+                        "positions, heads, activations, families")
+    st.add_argument("name")
+    st.add_argument("overrides", nargs="*", help="scale=S (model width × S, steps × S) and section.key=value")
+    st.add_argument("--workdir", help="default runs/study-NAME")
+    st.add_argument("--scale", type=float, default=1.0)
+    st.add_argument("--seeds", type=int)
+    st.add_argument("--parallel", type=int)
+    st.set_defaults(fn=cmd_study)
+
+    rp = sub.add_parser("report", help="Markdown/CSV table and plots of a sweep, from its trial directories")
+    rp.add_argument("sweep_dir")
+    rp.add_argument("--out", help="output folder (default SWEEP_DIR/report)")
+    rp.add_argument("--json", action="store_true")
+    rp.set_defaults(fn=cmd_report)

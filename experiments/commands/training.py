@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
-from plutao.train.config.schema import resolve_config
+from plutao.train.config.presets import PRESETS
+from plutao.train.config.schema import config_defaults, resolve_config
 
 
 def cmd_train(args) -> int:
@@ -47,3 +49,26 @@ def cmd_plot(args) -> int:
         raise UserError(f"{runs[0]} has no metrics.jsonl with losses yet; train it first")
     print("\n".join(map(str, paths)))
     return 0
+
+
+def register(sub) -> None:
+    """Add this module's subcommands to the `plutao` parser."""
+    t = sub.add_parser("train", help="train (or resume) a model", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="presets: " + ", ".join(PRESETS) + "\nconfig keys (defaults before a preset):\n  "
+                       + "\n  ".join(f"{k} = {v!r}" for k, v in config_defaults().items()))
+    t.add_argument("config", nargs="?", help="preset name or .toml/.json file (default: the default experiment)")
+    t.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    t.add_argument("--workdir", help="run directory (default runs/CONFIG); re-running resumes it")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    t.add_argument("--allow-changed", nargs="+", action="append", metavar="KEY",
+                   help="resume although these experiment-defining keys differ from the run's config.json "
+                        "(the change is recorded in its history); train.steps and other run-control keys "
+                        "may always change")
+    t.set_defaults(fn=cmd_train)
+
+    pp = sub.add_parser("plot", help="(re)write RUN_DIR/loss.png (RL runs: rewards.png) from metrics.jsonl; "
+                        "several RL runs: reward-model and gold reward against KL in one picture")
+    pp.add_argument("run_dir", nargs="+")
+    pp.add_argument("--out", help="several runs: the picture's path (default overoptimization.png)")
+    pp.set_defaults(fn=cmd_plot)

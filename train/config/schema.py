@@ -19,7 +19,7 @@ from typing import Any, Literal, get_args, get_origin
 import tomllib
 
 from plutao.model.config import ModelConfig
-from plutao.tokenizer.base import SpecialTokens
+from plutao.tokenizer.specials import SpecialTokens
 from plutao.train.config.errors import UserError
 from plutao.train.config.presets import PRESETS
 from plutao.train.worlds.arith import World

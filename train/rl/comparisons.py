@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from plutao.model.sampling import SamplingConfig, complete
+from plutao.model.decode import complete
+from plutao.model.sampling import SamplingConfig
 from plutao.tokenizer.chat import fitted_prompt_ids, reply_stop_ids
 from plutao.train.worlds import arith
 

@@ -17,7 +17,8 @@ import dataclasses
 
 import numpy as np
 
-from plutao.model.sampling import SamplingConfig, complete, prompt_width
+from plutao.model.decode import complete
+from plutao.model.sampling import SamplingConfig, prompt_width
 from plutao.tokenizer import Tokenizer
 from plutao.tokenizer.chat import ChatError, fitted_prompt_ids, reply_stop_ids
 from plutao.train.config.errors import UserError

@@ -10,9 +10,10 @@ import dataclasses
 
 import numpy as np
 
+from plutao.model.decode import generate
 from plutao.model.heads import forward_logits
 from plutao.model.layers import no_constraint
-from plutao.model.sampling import SamplingConfig, generate, to_host
+from plutao.model.sampling import SamplingConfig, to_host
 from plutao.train.config.errors import UserError
 from plutao.train.data import sources as data_lib
 from plutao.train.data.batches import NamedBatches

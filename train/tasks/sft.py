@@ -13,7 +13,8 @@ import dataclasses
 
 import numpy as np
 
-from plutao.model.sampling import SamplingConfig, generate
+from plutao.model.decode import generate
+from plutao.model.sampling import SamplingConfig
 from plutao.tokenizer.chat import ChatError, fitted_prompt_ids, render, reply_stop_ids
 from plutao.train.config.errors import UserError
 from plutao.train.data.batches import AXES, NamedBatches
