@@ -28,7 +28,7 @@ from typing import Any
 
 from plutao.experiments.sweep_spec import SweepSpec
 from plutao.train.config.errors import UserError
-from plutao.train.config.schema import resolve_config
+from plutao.train.tasks import resolve
 
 TRIAL_FILE = "trial.json"
 DONE, FAILED, INTERRUPTED, PRUNED, RUNNING = "done", "failed", "interrupted", "pruned", "running"
@@ -448,8 +448,8 @@ def sweep(spec: SweepSpec, sweep_dir: Path, cli_overrides: dict[str, str], *, re
         raise UserError(f"--workdir {sweep_dir} is a file; give a directory")
     # Fail on a bad base config or shared override before starting anything (a bad swept value
     # fails its own trials only, and is recorded there).
-    resolve_config(spec.base, [f"{k}={json.dumps(v) if isinstance(v, list) else v}"
-                               for k, v in {**spec.overrides, **cli_overrides}.items()])
+    resolve(spec.base, [f"{k}={json.dumps(v) if isinstance(v, list) else v}"
+                       for k, v in {**spec.overrides, **cli_overrides}.items()])
     t0 = time.time()
     trials = expand(spec, sweep_dir, cli_overrides)
     # Refused settings (a trial directory made with others) fail here, before sweep.json is rewritten.

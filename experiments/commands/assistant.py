@@ -15,7 +15,7 @@ from pathlib import Path
 from plutao.experiments.commands import stage_parser
 from plutao.train.config.errors import UserError
 from plutao.train.config.presets import STAGE_PRESETS
-from plutao.train.config.schema import Config, apply_overrides, flatten, parse_overrides, validate
+from plutao.train.config.schema import Config, apply_overrides, flatten, parse_overrides
 from plutao.train.run.rundir import existing_run_config, read_run_config
 
 FREE_MODEL_KEYS = ("model.dropout", "model.dtype", "model.remat", "model.attention")
@@ -33,6 +33,8 @@ def stage_config(parent: Path, stage: str, data: dict, step: int | None, overrid
     layers = inherited | STAGE_PRESETS[stage] | data | (world or {}) | {
         "train.init_from": f"{parent.absolute()}:{step}" if step is not None else str(parent.absolute())}
     cfg = apply_overrides(apply_overrides(Config(), layers), parse_overrides(overrides))
+    from plutao.train.tasks import validate
+
     validate(cfg)
     for key, new in flatten(cfg.to_dict()).items():  # (refused here, before anything is sampled or written)
         if (key.startswith(("model.", "data.tokenizer", "data.vocab_size")) and key in inherited

@@ -8,14 +8,14 @@ import json
 from pathlib import Path
 
 from plutao.experiments.commands.evaluation import neural_only
-from plutao.train.config.schema import resolve_config
 
 
 def cmd_params(args) -> int:
     from plutao.model.counts import count_params, flops_per_token
     from plutao.model.presets import PUBLISHED_PARAMS
+    from plutao.train.tasks import resolve
 
-    name, cfg = resolve_config(args.preset, args.overrides)
+    name, cfg = resolve(args.preset, args.overrides)
     model = neural_only(cfg, "params").shaped_model()
     counts = count_params(model)
     published = PUBLISHED_PARAMS.get(name)
@@ -41,9 +41,10 @@ def cmd_params(args) -> int:
 
 def cmd_plan(args, argv: list[str]) -> int:
     from plutao.experiments.plan import ensure_devices, parse_bytes, plan, report
+    from plutao.train.tasks import resolve
 
     device_memory = parse_bytes(args.device_memory) if args.device_memory else None
-    name, cfg = resolve_config(args.preset, args.overrides)
+    name, cfg = resolve(args.preset, args.overrides)
     neural_only(cfg, "plan")
     if args.devices:
         code = ensure_devices(args.devices, argv)
@@ -56,8 +57,9 @@ def cmd_plan(args, argv: list[str]) -> int:
 
 def cmd_shardings(args) -> int:
     from plutao.experiments.shardings import dumps, sharding_dump
+    from plutao.train.tasks import resolve
 
-    _, cfg = resolve_config(args.preset, args.overrides)
+    _, cfg = resolve(args.preset, args.overrides)
     text = dumps(sharding_dump(neural_only(cfg, "shardings"), args.devices))
     if args.out:
         Path(args.out).write_text(text)

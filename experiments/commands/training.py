@@ -7,18 +7,19 @@ import json
 from pathlib import Path
 
 from plutao.train.config.presets import PRESETS
-from plutao.train.config.schema import config_defaults, resolve_config
+from plutao.train.config.schema import config_defaults
 
 
 def cmd_train(args) -> int:
     from plutao.train.loop import train
+    from plutao.train.tasks import resolve
 
     config, overrides = args.config, list(args.overrides)
     if config and "=" in config:  # `plutao train key=value ...` without a config
         config, overrides = None, [config] + overrides
     allowed = [k for group in args.allow_changed or [] for k in group]
     overrides += [k for k in allowed if "=" in k]  # (`--allow-changed KEY key=value`: the override is not a key)
-    name, cfg = resolve_config(config, overrides)
+    name, cfg = resolve(config, overrides)
     run_dir = Path(args.workdir or Path("runs") / name)
     summary = train(cfg, run_dir, quiet=args.quiet, allow_changed=tuple(k for k in allowed if "=" not in k))
     import jax

@@ -37,6 +37,13 @@ def validate(cfg: Config) -> None:
     schema.validate(cfg, task_class(cfg).problems(cfg))
 
 
+def resolve(config: str | None, overrides: list[str]) -> tuple[str, Config]:
+    """`schema.resolve_config` (preset or file, then overrides) with the task's checks too."""
+    name, cfg = schema.resolve_config(config, overrides)
+    validate(cfg)
+    return name, cfg
+
+
 def task_for(cfg: Config, tokenizer: Tokenizer | None = None) -> Task:
     """The task of a (resolved) config, with the token ids its objective needs from `tokenizer`."""
     return task_class(cfg)(cfg, TokenIds.of(tokenizer))
