@@ -1,3 +1,4 @@
+import fcntl
 import os
 import shutil
 import tempfile
@@ -20,10 +21,11 @@ def forced_devices(n: int) -> dict[str, str]:
 def pytest_configure(config):
     if hasattr(config, "workerinput"):  # an xdist worker: the controller set the environment up
         return
-    cache = Path(tempfile.mkdtemp(prefix="plutao-test-xla-cache-"))
-    config._plutao_xla_cache = cache
+    root = Path(tempfile.mkdtemp(prefix="plutao-test-session-"))
+    config._plutao_session_dir = root
     os.environ.update({
-        "JAX_COMPILATION_CACHE_DIR": str(cache),
+        "PLUTAO_TEST_SESSION": str(root),
+        "JAX_COMPILATION_CACHE_DIR": str(root / "xla-cache"),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
         "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
@@ -32,9 +34,9 @@ def pytest_configure(config):
 
 
 def pytest_unconfigure(config):
-    cache = getattr(config, "_plutao_xla_cache", None)
-    if cache is not None:
-        shutil.rmtree(cache, ignore_errors=True)
+    root = getattr(config, "_plutao_session_dir", None)
+    if root is not None:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -43,14 +45,21 @@ def pytest_xdist_auto_num_workers(config):
     return max(1, min(os.cpu_count() or 1, 4))
 
 
-def pytest_collection_modifyitems(config, items):
-    """With --dist loadgroup, tests that share a session fixture run in one worker, so it is built once:
-    those using the assistant-stage chain together, the others by file."""
-    for item in items:
-        if item.get_closest_marker("xdist_group"):
-            continue
-        shared = {"tiny_stages", "tiny_rl"} & set(getattr(item, "fixturenames", ()))
-        item.add_marker(pytest.mark.xdist_group("stages" if shared else item.path.stem))
+def built_once(name: str, build, tmp_path_factory) -> Path:
+    """A directory built by the first test process of the session that asks for it (xdist workers
+    included); the others wait for it and reuse it. Tests that write into it copy it first."""
+    session = os.environ.get("PLUTAO_TEST_SESSION")
+    root = Path(session) / "built" if session else tmp_path_factory.mktemp("built")
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # (released when the file closes)
+        if not (root / f"{name}.done").exists():
+            shutil.rmtree(target, ignore_errors=True)
+            build(target)
+            (root / f"{name}.done").touch()
+    return target
+
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TINYSHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
@@ -88,15 +97,18 @@ def small_corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_stages(tmp_path_factory):
-    """A tiny base → SFT → reward-model chain on the arithmetic world (seconds per stage)."""
+    """A tiny base → SFT → reward-model chain on the arithmetic world (seconds per stage), built once per
+    session (shared by the xdist workers)."""
     from plutao.experiments.cli import main
 
-    root = tmp_path_factory.mktemp("stages")
-    base, sft, rm = root / "base", root / "sft", root / "rm"
-    assert main(["train", "tiny", "--workdir", str(base), "data.path=builtin:arith-dialogue", "train.steps=10",
-                 "world.documents=2000", "--quiet"]) == 0
-    assert main(["sft", str(base), "--workdir", str(sft), "train.steps=10", "train.eval_every=5",
-                 "train.sample_every=0", "train.checkpoint_every=5", "world.demonstrations=2000", "--quiet"]) == 0
-    assert main(["reward", str(sft), "--workdir", str(rm), "train.steps=4", "train.eval_every=2",
-                 "world.comparisons=20", "--quiet"]) == 0
-    return {"base": base, "sft": sft, "rm": rm}
+    def build(root: Path):
+        base, sft, rm = root / "base", root / "sft", root / "rm"
+        assert main(["train", "tiny", "--workdir", str(base), "data.path=builtin:arith-dialogue", "train.steps=10",
+                     "world.documents=2000", "--quiet"]) == 0
+        assert main(["sft", str(base), "--workdir", str(sft), "train.steps=10", "train.eval_every=5",
+                     "train.sample_every=0", "train.checkpoint_every=5", "world.demonstrations=2000", "--quiet"]) == 0
+        assert main(["reward", str(sft), "--workdir", str(rm), "train.steps=4", "train.eval_every=2",
+                     "world.comparisons=20", "--quiet"]) == 0
+
+    root = built_once("stages", build, tmp_path_factory)
+    return {"base": root / "base", "sft": root / "sft", "rm": root / "rm"}
