@@ -90,6 +90,24 @@ def test_rl_runs_record_both_parents_and_serve_the_policy(tiny_stages, tmp_path,
 PLUTAO = [sys.executable, "-m", "plutao.experiments"]
 
 
+def test_ppo_resumed_at_a_checkpoint_equals_uninterrupted(tiny_stages, tmp_path):
+    """Fast sibling of the slow SIGKILL test below: the RL loop's resume path (checkpoint, optimizer and
+    value-head state, step-indexed rollout seeds, the adaptive β) in one process, stopped by train.stop_at_step."""
+    args = ["ppo", str(tiny_stages["sft"]), "--reward", str(tiny_stages["rm"]), "train.steps=4",
+            "train.checkpoint_every=2", "train.eval_every=0", *RL]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main(args + ["--workdir", str(straight)]) == 0
+    assert main(args + ["--workdir", str(resumed), "train.stop_at_step=2"]) == 0
+    assert main(args + ["--workdir", str(resumed)]) == 0
+    keys = ("loss", "pg_loss", "value_loss", "rm_score", "kl", "clipfrac")
+    want = {r["step"]: [r[k] for k in keys] for r in _records(straight)}
+    got = {r["step"]: [r[k] for k in keys] for r in _records(resumed)}
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+    for step, values in want.items():
+        np.testing.assert_allclose(got[step], values, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow  # (fast sibling: test_ppo_resumed_at_a_checkpoint_equals_uninterrupted)
 def test_ppo_resumes_exactly_after_sigkill(tiny_stages, tmp_path):
     args = ["ppo", str(tiny_stages["sft"]), "--reward", str(tiny_stages["rm"]), "train.steps=6",
             "train.checkpoint_every=2", "train.eval_every=0", *RL]

@@ -115,6 +115,21 @@ def test_reward_eval_and_score(tiny_stages, capsys):
 SFT = [sys.executable, "-m", "plutao.experiments.cli", "sft"]
 
 
+def test_sft_resumed_at_a_checkpoint_equals_uninterrupted(tiny_stages, tmp_path):
+    """Fast sibling of the slow SIGKILL test below: the stage's resume path (its parent's weights restored
+    once, then its own checkpoint; step-indexed chat batches) in one process, stopped by train.stop_at_step."""
+    args = ["sft", str(tiny_stages["base"]), "train.steps=6", "train.checkpoint_every=3", "train.eval_every=0",
+            "train.sample_every=0", "--quiet"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main(args + ["--workdir", str(straight)]) == 0
+    assert main(args + ["--workdir", str(resumed), "train.stop_at_step=3"]) == 0
+    assert main(args + ["--workdir", str(resumed)]) == 0
+    for a, b in zip(jax.tree.leaves(jax.device_get(load_run(straight).params)),
+                    jax.tree.leaves(jax.device_get(load_run(resumed).params))):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow  # (fast sibling: test_sft_resumed_at_a_checkpoint_equals_uninterrupted)
 def test_sft_resumes_exactly_after_sigkill(tiny_stages, tmp_path):
     args = ["train.steps=30", "train.checkpoint_every=10", "train.eval_every=0", "train.sample_every=0", "--quiet"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
@@ -134,8 +149,12 @@ def test_sft_resumes_exactly_after_sigkill(tiny_stages, tmp_path):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow  # (fast siblings: test_multihost.py::test_two_processes_match_one_process, the same loop)
 def test_sft_on_two_processes_and_a_2x2_mesh_equals_one_device(tiny_stages, tmp_path):
-    """The stage runs sharded and multi-process exactly as pretraining does (gloo CPU collectives)."""
+    """The stage runs sharded and multi-process exactly as pretraining does (gloo CPU collectives).
+    Fast siblings: tests/test_multihost.py::test_two_processes_match_one_process and
+    tests/test_train.py::test_multi_device_data_parallel_matches_one_device (the loop and sharded batches
+    every stage uses)."""
 
     args = ["sft", str(tiny_stages["base"]), "train.steps=4", "train.eval_every=2", "train.sample_every=0",
             "train.batch_size=8", "--quiet"]
