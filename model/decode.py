@@ -17,7 +17,9 @@ padded prefill starts at column len_b − width, so its padding never reaches th
 
 Randomness per row: the n-th token row b emits draws u ~ U(0, 1) from fold_in(key(seed_b), n), then
 walks the cumulative distribution after temperature, top-k and top-p. A row's output therefore
-depends on its own prompt, settings and seed alone, never on the other rows of its batch.
+depends on its own prompt, settings and seed alone, never on the other rows of its batch. Each row
+also carries its banned ids as a row of a (B, V) boolean mask (a traced input as wide as the
+vocabulary), so rows with different bans share one program too.
 
 `SlotDecoder` is the engine a continuous-batching server drives: `fill` prefills new prompts into
 chosen slots while the others keep their state, and `step` advances every active slot by one token
@@ -29,6 +31,7 @@ Only `_prefill` and `_decode_step` call the model.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -59,6 +62,7 @@ class Rows(NamedTuple):
     seed_B: Array  # uint32
     max_new_B: Array  # int32
     stop_BS: Array  # int32 (B, MAX_STOP_IDS); -1 = none
+    banned_BV: Array  # bool (B, V): ids the row never emits
 
 
 class Slots(NamedTuple):
@@ -91,7 +95,7 @@ def _row_uniforms(seed_B: Array, produced_B: Array) -> Array:
 def _choose(logits_BV: Array, rows: Rows, produced_B: Array) -> tuple[Array, Array, Array, Array]:
     """The next token of each row and whether the row stops with it (a stop id, or max_new reached)."""
     token_B, sampler_lp_B, model_lp_B = sample_rows(logits_BV, _row_uniforms(rows.seed_B, produced_B),
-                                                    rows.temperature_B, rows.top_k_B, rows.top_p_B)
+                                                    rows.temperature_B, rows.top_k_B, rows.top_p_B, rows.banned_BV)
     stops_B = jnp.any(rows.stop_BS == token_B[:, None], axis=-1) | (produced_B + 1 >= rows.max_new_B)
     return token_B, sampler_lp_B, model_lp_B, stops_B
 
@@ -147,11 +151,18 @@ def _prefill_window(graphdef, params, tokens_NW, lengths_N, context: int):
     return logits_NV, cache_N, window_NC
 
 
+def _vocab(model) -> int:
+    """The width of the model's logits (its vocabulary, padded rows included)."""
+    return int(model.cfg.vocab_size)
+
+
 def _empty(graphdef, params, n_slots: int, context: int) -> Slots:
-    cache = nnx.merge(graphdef, params).init_cache(n_slots, context)
+    model = nnx.merge(graphdef, params)
+    cache = model.init_cache(n_slots, context)
     zeros_B = jnp.zeros((n_slots,), jnp.int32)
     rows = Rows(jnp.zeros((n_slots,), jnp.float32), zeros_B, jnp.ones((n_slots,), jnp.float32),
-                jnp.zeros((n_slots,), jnp.uint32), zeros_B, jnp.full((n_slots, MAX_STOP_IDS), -1, jnp.int32))
+                jnp.zeros((n_slots,), jnp.uint32), zeros_B, jnp.full((n_slots, MAX_STOP_IDS), -1, jnp.int32),
+                jnp.zeros((n_slots, _vocab(model)), bool))
     return Slots(cache, jnp.zeros((n_slots, context), jnp.int32), zeros_B, zeros_B, zeros_B,
                  jnp.zeros((n_slots,), bool), rows)
 
@@ -304,16 +315,23 @@ def _stop_set(sampling: SamplingConfig, eot_id: int) -> tuple[int, ...]:
     return ((eot_id,) if sampling.stop_at_eot else ()) + sampling.stop_ids
 
 
-def _rows(samplings: Sequence[SamplingConfig], eot_id: int) -> Rows:
+def _rows(samplings: Sequence[SamplingConfig], eot_id: int, vocab: int) -> Rows:
     stop_BS = np.full((len(samplings), MAX_STOP_IDS), -1, np.int32)
+    banned_BV = np.zeros((len(samplings), vocab), bool)
     for b, s in enumerate(samplings):
         ids = _stop_set(s, eot_id)
         stop_BS[b, :len(ids)] = ids
+        if s.banned_ids:
+            if s.banned_ids[-1] >= vocab:
+                raise SamplingError(f"banned id {s.banned_ids[-1]} is outside the model's vocabulary of {vocab} ids")
+            if len(s.banned_ids) >= vocab:
+                raise SamplingError(f"every one of the model's {vocab} ids is banned; nothing could be sampled")
+            banned_BV[b, list(s.banned_ids)] = True
     return Rows(np.array([s.temperature for s in samplings], np.float32),
                 np.array([s.top_k for s in samplings], np.int32),
                 np.array([s.top_p for s in samplings], np.float32),
                 np.array([s.seed % 2**32 for s in samplings], np.uint32),  # as jax.random.key(seed) reads it
-                np.array([s.max_new_tokens for s in samplings], np.int32), stop_BS)
+                np.array([s.max_new_tokens for s in samplings], np.int32), stop_BS, banned_BV)
 
 
 def _left_pad(prompts: Sequence[Sequence[int]], width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -350,6 +368,11 @@ class SlotDecoder:
         graphdef, params = nnx.split(model)
         return cls(graphdef, params, model.cfg.context_length, eot_id, pad_id)
 
+    @functools.cached_property
+    def vocab(self) -> int:
+        """The width of the model's logits: the width of each row's banned-ids mask."""
+        return _vocab(nnx.merge(self.graphdef, self.params))
+
     def _padded(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
         _check_prompts(prompts, self.context)
         return _left_pad(prompts, prompt_width(max(len(p) for p in prompts), self.context), self.pad_id)
@@ -361,13 +384,13 @@ class SlotDecoder:
               samplings: Sequence[SamplingConfig]) -> tuple[Slots, Emitted]:
         """len(prompts) fresh slots, filled (one program per prompt-width bucket)."""
         tokens, lengths = self._padded(prompts)
-        return _start_jit(self.graphdef, self.params, tokens, lengths, _rows(samplings, self.eot_id), self.context)
+        return _start_jit(self.graphdef, self.params, tokens, lengths, _rows(samplings, self.eot_id, self.vocab), self.context)
 
     def fill(self, slots: Slots, slot_ids: Sequence[int], prompts: Sequence[Sequence[int]],
              samplings: Sequence[SamplingConfig]) -> tuple[Slots, Emitted]:
         tokens, lengths = self._padded(prompts)
         return _fill_jit(self.graphdef, self.params, slots, np.asarray(slot_ids, np.int32), tokens, lengths,
-                         _rows(samplings, self.eot_id), self.context)
+                         _rows(samplings, self.eot_id, self.vocab), self.context)
 
     def run(self, slots: Slots, n_steps: int = CHUNK) -> tuple[Slots, Emitted]:
         return _decode_chunk_jit(self.graphdef, self.params, slots, np.int32(n_steps), self.context)

@@ -1,8 +1,10 @@
 """From logits to a token: temperature, greedy, top-k and top-p, per row, as traced arrays.
 
-Every request setting (temperature, top-k, top-p, seed, max-new-tokens, stop ids) is a per-row
-array traced into the program, not a static argument, so a batch of mixed settings shares one
-compiled program and a stream of varied requests compiles nothing new.
+Every request setting (temperature, top-k, top-p, seed, max-new-tokens, stop ids, banned ids) is a
+per-row array traced into the program, not a static argument, so a batch of mixed settings shares
+one compiled program and a stream of varied requests compiles nothing new. Banned ids (e.g. the
+special tokens that are not meant to be written: <pad>, <bos>, ...) are a (B, V) boolean mask, as
+wide as the logits: a banned id is never chosen, greedy or sampled, whatever its logit.
 
 Randomness per row: the n-th token row b emits draws u ~ U(0, 1) from fold_in(key(seed_b), n), then
 walks the cumulative distribution after temperature, top-k and top-p. A row's output therefore
@@ -38,6 +40,7 @@ class SamplingConfig:
     seed: int = 0
     stop_at_eot: bool = True
     stop_ids: tuple[int, ...] = ()  # further ids that end the row, e.g. the chat end token <|end|>
+    banned_ids: tuple[int, ...] = ()  # ids never sampled (e.g. specials that are not text, like <pad>)
 
     def __post_init__(self):
         if not self.temperature >= 0:
@@ -52,6 +55,9 @@ class SamplingConfig:
         if any(i < 0 for i in self.stop_ids) or len(self.stop_ids) > MAX_STOP_IDS - 1:
             raise SamplingError(f"stop ids must be token ids ≥ 0, at most {MAX_STOP_IDS - 1} of them, got "
                                 f"{list(self.stop_ids)}")
+        object.__setattr__(self, "banned_ids", tuple(sorted({int(i) for i in self.banned_ids})))
+        if any(i < 0 for i in self.banned_ids):
+            raise SamplingError(f"banned ids must be token ids ≥ 0, got {list(self.banned_ids)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,15 +123,23 @@ def filter_rows(logits_BV: Array, temperature_B: Array, top_k_B: Array, top_p_B:
 
 
 def sample_rows(logits_BV: Array, u_B: Array, temperature_B: Array, top_k_B: Array,
-                top_p_B: Array) -> tuple[Array, Array, Array]:
+                top_p_B: Array, banned_BV: Array | None = None) -> tuple[Array, Array, Array]:
     """(token, sampler log-prob, model log-prob) per row, given one uniform draw u_b per row.
 
     Greedy rows (temperature 0) take the argmax. The others walk the cumulative distribution after
-    filtering to the first token whose cumulative mass exceeds u_b · total.
+    filtering to the first token whose cumulative mass exceeds u_b · total. Ids where banned_BV is
+    True are out of both (their logits become -inf before any filter); the model log-prob is still
+    the model's own, over the whole vocabulary.
     """
     V = logits_BV.shape[-1]
     greedy_B = temperature_B == 0
-    filtered_BV = filter_rows(logits_BV, temperature_B, jnp.where(greedy_B, 0, top_k_B),
+    allowed_BV = logits_BV.astype(jnp.float32)
+    if banned_BV is not None:
+        if banned_BV.shape != logits_BV.shape:
+            raise SamplingError(f"the banned-ids mask has shape {banned_BV.shape}, the logits {logits_BV.shape}; "
+                                "give one mask row per row, as wide as the vocabulary")
+        allowed_BV = jnp.where(banned_BV, -jnp.inf, allowed_BV)
+    filtered_BV = filter_rows(allowed_BV, temperature_B, jnp.where(greedy_B, 0, top_k_B),
                               jnp.where(greedy_B, 1.0, top_p_B))
     probs_BV = jax.nn.softmax(filtered_BV, axis=-1)
     cdf_BV = jnp.cumsum(probs_BV, axis=-1)
@@ -134,7 +148,7 @@ def sample_rows(logits_BV: Array, u_B: Array, temperature_B: Array, top_k_B: Arr
     # Float round-off could step past the last token with mass; land on the highest-mass one instead.
     last_valid_B = V - 1 - jnp.argmax(probs_BV[:, ::-1] > 0, axis=-1)
     drawn_B = jnp.minimum(drawn_B, last_valid_B)
-    token_B = jnp.where(greedy_B, jnp.argmax(logits_BV, axis=-1), drawn_B).astype(jnp.int32)
+    token_B = jnp.where(greedy_B, jnp.argmax(allowed_BV, axis=-1), drawn_B).astype(jnp.int32)
 
     def at_token(x_BV):
         return jnp.take_along_axis(x_BV, token_B[:, None], axis=-1)[:, 0]

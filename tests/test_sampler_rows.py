@@ -212,3 +212,49 @@ def test_scanned_layers_decode_per_row_too():
 def test_invalid_stop_ids(kwargs):
     with pytest.raises(SamplingError):
         SamplingConfig(**kwargs)
+
+
+def test_a_banned_id_is_never_sampled_and_bans_share_one_program():
+    """A banned id is never chosen, greedy or sampled, even with by far the highest logit; the model
+    log-probs stay the model's own; rows with different bans (and none) run in one compiled program."""
+    import jax.numpy as jnp
+
+    from plutao.model.sampling import sample_rows
+
+    # The banned id has the highest logit by far: without the ban every row would pick it.
+    logits_BV = jnp.zeros((4, 12)).at[:, 5].set(50.0)
+    temperature_B, top_k_B, top_p_B = jnp.array([0.0, 1.0, 3.0, 1.0]), jnp.array([0, 0, 2, 0]), jnp.array([1.0, 1.0,
+                                                                                                            1.0, 0.5])
+    banned_BV = jnp.zeros((4, 12), bool).at[:, 5].set(True).at[3, 6].set(True)
+    for u in np.linspace(0.01, 0.999, 50):
+        u_B = jnp.full((4,), u)
+        token_B, _, model_lp_B = sample_rows(logits_BV, u_B, temperature_B, top_k_B, top_p_B, banned_BV)
+        assert 5 not in token_B.tolist() and token_B[3] != 6
+        np.testing.assert_allclose(model_lp_B, np.asarray(jax.nn.log_softmax(logits_BV[0]))[token_B], rtol=1e-6)
+        assert sample_rows(logits_BV, u_B, temperature_B, top_k_B, top_p_B)[0].tolist() == [5] * 4
+
+    # Through the decoder: a model of its own, so that no other test has compiled its programs.
+    gpt = GPT(ModelConfig(vocab_size=43, context_length=CONTEXT, n_layers=2, d_model=32, n_heads=2), nnx.Rngs(0))
+    prompt = [3, 4, 5]
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=6, stop_at_eot=False)
+    top = complete(gpt, [prompt], greedy, eot_id=EOT, pad_id=PAD)[0].tokens[0]
+    row = complete(gpt, [prompt], SamplingConfig(**{**greedy.__dict__, "banned_ids": (top,)}), eot_id=EOT,
+                   pad_id=PAD)[0]
+    logits_V = logits_of(gpt, prompt)[-1]
+    assert top == int(np.argmax(logits_V)) and top not in row.tokens
+    assert row.tokens[0] == int(np.argsort(-logits_V)[1])  # the next best instead
+    np.testing.assert_allclose(row.model_logprobs[0], np.asarray(jax.nn.log_softmax(logits_V))[row.tokens[0]],
+                               atol=2e-5)  # (unmasked: the model's own distribution)
+    hot = SamplingConfig(temperature=5.0, max_new_tokens=40, seed=1, stop_at_eot=False)
+    banned = tuple(range(0, 43, 2))
+    bans = [SamplingConfig(**{**hot.__dict__, "banned_ids": b}) for b in (banned, (), (top, 7))]
+    rows = complete(gpt, [prompt] * 3, bans, eot_id=EOT, pad_id=PAD)  # (compiles the programs once)
+    assert not set(rows[0].tokens) & set(banned) and not {top, 7} & set(rows[2].tokens)
+    assert rows[1].tokens == complete(gpt, [prompt], hot, eot_id=EOT, pad_id=PAD)[0].tokens
+    with compilations() as count:
+        other = [SamplingConfig(**{**hot.__dict__, "seed": 2, "banned_ids": b}) for b in ((1, 3), tuple(range(30)), ())]
+        rows = complete(gpt, [prompt] * 3, other, eot_id=EOT, pad_id=PAD)
+    assert count[0] == 0, count[0]
+    assert not {1, 3} & set(rows[0].tokens) and min(rows[1].tokens) >= 30
+    with pytest.raises(SamplingError, match="outside the model's vocabulary"):
+        complete(gpt, [prompt], SamplingConfig(banned_ids=(43,)), eot_id=EOT, pad_id=PAD)

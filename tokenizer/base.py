@@ -201,6 +201,21 @@ class Tokenizer(abc.ABC):
         mask[self._ordinary_ids] = True
         return mask
 
+    def text_specials(self) -> tuple[int, ...]:
+        """Special ids that stand for text and are written like any token (a word tokenizer's line end
+        and unknown word); none for the other kinds."""
+        return ()
+
+    def unsampled_ids(self, keep: Iterable[int] = (), vocab_size: int | None = None) -> tuple[int, ...]:
+        """The ids a sampler should never emit: every special token except <|endoftext|> and <|end|>
+        (they end a text or a reply), the specials that stand for text, and `keep` (e.g. a chat's turn
+        tokens, which end a reply); with `vocab_size` (a model's, padded past this tokenizer's), also
+        the ids from this tokenizer's vocab_size up to it, which decode to nothing."""
+        allowed = set(self.text_specials()) | {int(i) for i in keep}
+        allowed |= {self.special_id(role) for role in ("eot", "end") if self.has_special(role)}
+        extra = range(self.vocab_size, int(vocab_size)) if vocab_size is not None else range(0)
+        return tuple(i for i in self.sorted_special_ids if i not in allowed) + tuple(extra)
+
     # ---- encoding -------------------------------------------------------------------------------
 
     @abc.abstractmethod

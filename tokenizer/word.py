@@ -65,6 +65,9 @@ class WordTokenizer(Tokenizer):
         self._dropped_by_skip = self._special_mask.copy()
         self._dropped_by_skip[[self.eos_id, self.unk_id]] = False
 
+    def text_specials(self) -> tuple[int, ...]:
+        return (self.eos_id, self.unk_id)
+
     @classmethod
     def train(
         cls,

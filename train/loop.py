@@ -213,9 +213,7 @@ def _train(cfg: Config, run_dir: Path, devices, quiet: bool, allow_changed: tupl
                     val = evaluate(p, trainer.inference_params(state), t.eval_batches)
                     last_val = val["loss"]
                     metrics.write({"step": step, "split": "val", **val})
-                    log(f"step {step}: val loss {last_val:.4f}" + (f", masked-token accuracy {val['accuracy']:.3f}"
-                                                                   if "accuracy" in val else "")
-                        + (f", pairwise accuracy {val['pairwise_accuracy']:.3f}" if "pairwise_accuracy" in val else ""))
+                    log(f"step {step}: {p.task.val_text(val)}")
                 if t.sample_every and step % t.sample_every == 0:  # every process takes part; one prints
                     check_finite(step)
                     sample = milestone_sample(p, trainer.inference_params(state), step)
@@ -275,6 +273,9 @@ def _train(cfg: Config, run_dir: Path, devices, quiet: bool, allow_changed: tupl
         "compile_seconds": compile_s, "params": n_params["total"], "epochs": epochs,
         **({"val_accuracy": final["accuracy"]} if "accuracy" in final else {}),
         **({"val_pairwise_accuracy": final["pairwise_accuracy"]} if "pairwise_accuracy" in final else {}),
+        # (and every other held-out figure of the task: a reward model's margin and Brier score, DPO's rewards)
+        **{f"val_{k}": float(v) for k, v in final.items()
+           if k not in ("loss", "perplexity", "accuracy", "pairwise_accuracy")},
         "budget_spent": budget_spent, "train_seconds": spent(),
         # Time inside training steps (after the first, compiling one), and when the first step ended.
         "steps_seconds": steps_seconds, "first_step_unix": first_step_unix,
@@ -284,7 +285,7 @@ def _train(cfg: Config, run_dir: Path, devices, quiet: bool, allow_changed: tupl
     if sample is not None:
         log(f"--- final sample ---\n{sample}\n---")
     epochs_text = ", ".join(f"{name}: {e:.2f}" for name, e in epochs.items())
-    log(f"done: step {step}, val loss {final_val:.4f} (perplexity {summary['val_perplexity']:.2f}); "
+    log(f"done: step {step}, {p.task.val_text(final, final=True)}; "
         f"epochs consumed {epochs_text}\n  checkpoint: {summary['checkpoint']}\n  metrics and samples: "
         f"{run_dir / 'metrics.jsonl'}\n  plot: {plot}")
     return summary

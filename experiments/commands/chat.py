@@ -5,14 +5,23 @@ Both go through the one chat template (tokenizer/chat.py), so what the chat send
 out exactly as what `plutao sft` trained it on.
 
 The chat keeps the conversation as messages and sends the whole history with each new message.
-When the prompt does not fit the model's context less the room kept for the reply (max-new-tokens,
-at most half the context: past that the sampler slides its window anyway), the oldest turns (a user
-message and its reply) leave the history, the system message stays; a single message that is still
-too long loses its first tokens. Either is said on stderr.
+When the prompt does not fit the model's context less the room kept for the reply, the oldest turns
+(a user message and its reply) leave the history, the system message stays; a single message that
+is still too long loses its first tokens. Either is said on stderr. The room kept for the reply is
+what a reply has needed so far: the longest reply of the conversation (its stop token included), at
+most --max-new-tokens and half the context (past that the sampler slides its window anyway); before
+the first reply (and after /reset), --max-new-tokens up to half the context. --max-new-tokens must
+be below the context (default: 64, or half the context when that is less).
 
 Reading from a terminal, the chat prompts with "you> " and streams each reply as it is sampled.
-Otherwise (piped input or output) it reads one message per line and writes each reply as one line,
-"RUN> reply", with newlines in a reply written as \\n, so a session can be scripted.
+Otherwise (piped input or output) it reads one message per line, writes it back as "you> message"
+(so the transcript shows both sides) and writes each reply as one line, "RUN> reply", with newlines
+in a reply written as \\n, so a session can be scripted.
+
+A message with characters the run's tokenizer cannot write (a char tokenizer's unseen characters) is
+refused with the one-line error `plutao sample` gives, and the chat reads the next line. Special
+tokens that are not text (<pad>, <bos>, <mask>, ...) are never sampled; the tokens that end a reply
+(<|end|>, <|endoftext|>, a turn token) are.
 
 Lines starting with / are commands: /reset, /temp X, /quit (end of input quits too); // sends a
 message that starts with /. Reply n (from 0, counted from the start or the last /reset) samples
@@ -28,6 +37,7 @@ import sys
 from pathlib import Path
 
 COMMANDS = "/reset clears the history, /temp X sets the temperature, /quit ends (so does end of input)"
+DEFAULT_MAX_NEW_TOKENS = 64  # (or half the context, when that is less)
 
 
 # --- plutao tokenize --chat ------------------------------------------------------------------------
@@ -85,6 +95,8 @@ class Side:
     run: object  # plutao.train.run.lineage.LoadedRun
     model: object
     history: list[dict] = dataclasses.field(default_factory=list)
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    longest_reply: int = 0  # tokens the longest reply of the conversation took, its stop token included
 
     @property
     def tokenizer(self):
@@ -107,30 +119,45 @@ def _labels(run_dirs: list[str]) -> list[str]:
     return out
 
 
-def _check_runs(run_dirs: list[str]) -> list:
-    """Each run's task (from its config.json alone), refused in one line when it cannot chat."""
+def _check_runs(run_dirs: list[str], max_new_tokens: int | None) -> list:
+    """Each run's task (from its config.json alone), refused in one line when it cannot chat or when
+    --max-new-tokens leaves no room in its context for a prompt."""
     from plutao.experiments.commands.evaluation import run_task
+    from plutao.train.config.errors import UserError
 
     tasks = []
     for d in run_dirs:
         task = run_task(Path(d))
         if task.judges or not task.trained_by_gradient or not (task.chat or "sample" in task.commands):
             task.check_command("chat", d)
+        context = task.cfg.model.context_length
+        if max_new_tokens is not None and max_new_tokens >= context:
+            raise UserError(f"--max-new-tokens {max_new_tokens} is not below the context of {d} ({context} tokens), "
+                            f"which must hold the prompt too; give fewer, e.g. --max-new-tokens {max(context // 2, 1)}")
         tasks.append(task)
     return tasks
 
 
-def _prompt_budget(context: int, max_new_tokens: int) -> tuple[int, int]:
+def _reserve(side: Side) -> int:
+    """Tokens kept for the side's next reply: what its longest reply so far took, at most --max-new-tokens
+    and half the context; before its first reply, --max-new-tokens (at most half the context)."""
+    cap = min(side.max_new_tokens, side.context // 2)
+    return min(side.longest_reply, cap) if side.longest_reply else cap
+
+
+def _prompt_budget(side: Side) -> tuple[int, int]:
     """(tokens the prompt may use, tokens kept for the reply)."""
-    reserve = min(max_new_tokens, context // 2)
-    return context - reserve, reserve
+    reserve = _reserve(side)
+    return side.context - reserve, reserve
 
 
-def _check_system(side: Side, system: list[dict], max_new_tokens: int) -> None:
+def _check_system(side: Side, system: list[dict]) -> None:
     from plutao.tokenizer import chat
     from plutao.train.config.errors import UserError
 
-    budget, reserve = _prompt_budget(side.context, max_new_tokens)
+    if system:
+        side.tokenizer.encode(system[0]["content"])  # (characters it cannot write: sample's one-line error)
+    budget, reserve = _prompt_budget(side)
     least = len(chat.prompt_ids(system + [{"role": "user", "content": ""}], side.tokenizer))
     if least > budget:
         raise UserError(f"--system is too long for {side.label}: with an empty message the prompt is {least} tokens, "
@@ -138,7 +165,7 @@ def _check_system(side: Side, system: list[dict], max_new_tokens: int) -> None:
                         "--system or lower --max-new-tokens")
 
 
-def _fit(side: Side, system: list[dict], max_new_tokens: int, where: str) -> list[int]:
+def _fit(side: Side, system: list[dict], where: str) -> list[int]:
     """The prompt for the side's history (which ends with the new user message), made to fit: the
     oldest turns leave the history, then the last message loses tokens from its start. `where`
     starts the notice on stderr that says so."""
@@ -148,7 +175,7 @@ def _fit(side: Side, system: list[dict], max_new_tokens: int, where: str) -> lis
         print(f"plutao: {where}{message}", file=sys.stderr)
 
     tok = side.tokenizer
-    budget, reserve = _prompt_budget(side.context, max_new_tokens)
+    budget, reserve = _prompt_budget(side)
     dropped = 0
     ids = chat.prompt_ids(system + side.history, tok)
     while len(ids) > budget and len(side.history) > 1:
@@ -169,7 +196,8 @@ def _fit(side: Side, system: list[dict], max_new_tokens: int, where: str) -> lis
 
 
 def _reply(side: Side, prompt: list[int], sampling, one_line: bool) -> str:
-    """Stream the side's reply to stdout after its label; the reply's text."""
+    """Stream the side's reply to stdout after its label; the reply's text. Records how many tokens it
+    took (`longest_reply`)."""
     from plutao.model.decode import stream
 
     tok = side.tokenizer
@@ -195,6 +223,7 @@ def _reply(side: Side, prompt: list[int], sampling, one_line: bool) -> str:
     write(text[len(shown):])
     out.write("\n")
     out.flush()
+    side.longest_reply = max(side.longest_reply, min(len(ids) + 1, sampling.max_new_tokens))
     return text
 
 
@@ -212,23 +241,26 @@ def _read_line(interactive: bool) -> str | None:
 
 def cmd_chat(args) -> int:
     from plutao.model.sampling import SamplingConfig
-    from plutao.tokenizer import chat
+    from plutao.tokenizer import TokenizerError, chat
     from plutao.train.run.lineage import load_run
 
     # Arguments first, then the runs' configs: nothing is loaded for a chat that cannot start.
+    asked = args.max_new_tokens  # (None: the default, made to fit each run's context)
     settings = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                              max_new_tokens=args.max_new_tokens, seed=args.seed)
+                              max_new_tokens=DEFAULT_MAX_NEW_TOKENS if asked is None else asked, seed=args.seed)
     run_dirs = [args.run_dir, *(args.compare or [])]
-    tasks = _check_runs(run_dirs)
+    tasks = _check_runs(run_dirs, asked)
     labels = _labels(run_dirs)
     system = [{"role": "system", "content": args.system}] if args.system else []
 
     sides = []
     for i, (d, task, label) in enumerate(zip(run_dirs, tasks, labels)):
         run = load_run(Path(d), args.step if i == 0 else None)
-        side = Side(label, run, run.model)
+        context = run.cfg.model.context_length
+        fitting = min(DEFAULT_MAX_NEW_TOKENS, max(context // 2, 1))  # (the default, in this run's context)
+        side = Side(label, run, run.model, max_new_tokens=fitting if asked is None else asked)
         chat.reply_stop_ids(side.tokenizer)  # (a tokenizer without the template's tokens is refused here)
-        _check_system(side, system, settings.max_new_tokens)
+        _check_system(side, system)
         if not task.chat:
             print(f"plutao: {d} was not trained on the chat template (a base run); it continues the conversation's "
                   "text as best it can", file=sys.stderr)
@@ -251,6 +283,8 @@ def cmd_chat(args) -> int:
         line = line.strip()
         if not line:
             continue
+        if not interactive:  # (a terminal shows what was typed; a transcript needs it written)
+            print(f"you> {line}", flush=True)
         if line.startswith("/") and not line.startswith("//"):
             word, _, rest = line.partition(" ")
             if word == "/quit":
@@ -258,6 +292,7 @@ def cmd_chat(args) -> int:
             if word == "/reset":
                 for side in sides:
                     side.history.clear()
+                    side.longest_reply = 0
                 turn = 0
                 print("plutao: history cleared" + (" (the system message stays)" if system else ""), file=sys.stderr)
             elif word == "/temp":
@@ -277,11 +312,20 @@ def cmd_chat(args) -> int:
             continue
         if line.startswith("//"):
             line = line[1:]
+        try:  # one rule with `plutao sample`: what a tokenizer cannot write is refused, not made <unk>
+            for side in sides:
+                side.tokenizer.encode(line)
+        except TokenizerError as e:
+            print(f"plutao: error: {e}", file=sys.stderr, flush=True)
+            continue
         for side in sides:
             side.history.append({"role": "user", "content": line})
-            prompt = _fit(side, system, settings.max_new_tokens, f"{side.label}: " if len(sides) > 1 else "")
+            prompt = _fit(side, system, f"{side.label}: " if len(sides) > 1 else "")
+            stops = chat.reply_stop_ids(side.tokenizer)
+            # Special tokens that are not text are never sampled; those that end a reply are.
             sampling = dataclasses.replace(settings, temperature=temperature, seed=args.seed + turn,
-                                           stop_ids=chat.reply_stop_ids(side.tokenizer))
+                                           max_new_tokens=side.max_new_tokens, stop_ids=stops,
+                                           banned_ids=side.tokenizer.unsampled_ids(stops, side.run.cfg.model.vocab_size))
             reply = _reply(side, prompt, sampling, one_line=not interactive)
             side.history.append({"role": "assistant", "content": reply})
         turn += 1
@@ -295,7 +339,8 @@ def register(sub) -> None:
     ch.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: %(default)s); /temp X changes it")
     ch.add_argument("--top-k", type=int, default=0)
     ch.add_argument("--top-p", type=float, default=1.0)
-    ch.add_argument("--max-new-tokens", type=int, default=64, help="longest reply, in tokens (default: %(default)s)")
+    ch.add_argument("--max-new-tokens", type=int, help="longest reply, in tokens; below the model's context (default: "
+                    f"{DEFAULT_MAX_NEW_TOKENS}, or half the context when that is less)")
     ch.add_argument("--seed", type=int, default=0)
     ch.add_argument("--compare", nargs="+", metavar="RUN", help="also answer every message with these runs")
     ch.add_argument("--step", type=int)

@@ -91,23 +91,29 @@ def cmd_sample(args) -> int:
         if args.best_of < 1:
             raise UserError(f"--best-of must be ≥ 1, got {args.best_of}")
         return sample_best_of(args, load_run(Path(args.run_dir), args.step))
+    import dataclasses
+
     run = load_run(Path(args.run_dir), args.step)
     tok = run.tokenizer
     prompt_ids = tok.encode(args.prompt) if args.prompt else []
     prompt = [tok.eot_id] + prompt_ids
+    after = repr(args.prompt)  # (what the candidates of --show-probs follow)
     if task.chat:  # the prompt is a user message, answered through the chat template
-        import dataclasses
-
         from plutao.tokenizer import chat
 
+        if args.system:
+            tok.encode(args.system)  # (a character the tokenizer cannot write is refused, as in the prompt)
         prompt = chat.prompt_ids(chat.conversation(args.prompt, system=args.system), tok)
         prompt_ids = prompt
         sampling = dataclasses.replace(sampling, stop_ids=chat.reply_stop_ids(tok))
+        after = f"the assistant turn's start, i.e. after the chat prompt {tok.decode(prompt)!r}"
         args.prompt = ""
     elif args.system:
         from plutao.train.config.errors import UserError
 
         raise UserError(f"--system applies to chat runs (`plutao sft`); {args.run_dir} completes text")
+    # Special tokens that are not text (<pad>, <bos>, ...) are never sampled; the stop tokens are.
+    sampling = dataclasses.replace(sampling, banned_ids=tok.unsampled_ids(sampling.stop_ids, run.cfg.model.vocab_size))
     context = run.cfg.model.context_length
     if len(prompt) > context:
         raise SamplingError(f"the prompt is {len(prompt_ids)} tokens but the model's context is {context} "
@@ -120,7 +126,7 @@ def cmd_sample(args) -> int:
 
         logits, _ = forward_logits(model, np.array([prompt], np.int32))
         cands = top_candidates(np.asarray(jax.device_get(logits))[0, -1], args.show_probs, args.temperature or 1.0)
-        print(f"next-token candidates after {args.prompt!r}:")
+        print(f"next-token candidates after {after}:")
         print(f"{'rank':>4}  {'id':>6}  {'prob':>8}  token")
         for r, (i, p) in enumerate(cands, 1):
             print(f"{r:>4}  {i:>6}  {p:8.4f}  {tok.token_strings([i])[0]!r}")
@@ -173,9 +179,14 @@ def _print_result(args, result: dict, lines: list[str]) -> int:
 
 
 def cmd_eval(args) -> int:
+    from plutao.train.config.errors import UserError
     from plutao.train.run.lineage import load_run
 
     task = run_task(Path(args.run_dir))
+    if task.rollouts:
+        raise UserError(f"{args.run_dir} is a {task.label} run: it learned from replies it sampled itself, not from "
+                        f"data it held out, so `plutao eval` does not apply to it; measure it with "
+                        f"`plutao report-card {args.run_dir}`")
     special = EVALUATORS.get(task.name)
     if special is not None:
         return special(args)
@@ -261,7 +272,19 @@ def _eval_reward(args) -> int:
     return eval_reward(args, Path(args.run_dir))
 
 
-EVALUATORS = {"ngram": _eval_ngram, "translation": _eval_translation, "reward": _eval_reward}
+def _eval_held_out(args) -> int:
+    """A fine-tuning run (SFT, DPO): the conversations or preference pairs it held out (--data: all of a
+    file's), scored by its own objective (SFT: loss on the assistant tokens; DPO: preference accuracy,
+    margin and loss)."""
+    from plutao.train.run.lineage import load_run
+
+    run = load_run(Path(args.run_dir), args.step)
+    result = run.task.eval_held_out(run, args.data) | {"run_dir": str(run.run_dir), "step": run.step}
+    return _print_result(args, result, [run.task.eval_line(result, run.step)])
+
+
+EVALUATORS = {"ngram": _eval_ngram, "translation": _eval_translation, "reward": _eval_reward,
+              "sft": _eval_held_out, "dpo": _eval_held_out}
 
 
 def cmd_translate(args) -> int:
@@ -360,10 +383,12 @@ def register(sub) -> None:
     s.add_argument("--show-all", action="store_true", help="with --best-of: every reply with its reward")
     s.set_defaults(fn=cmd_sample)
 
-    e = sub.add_parser("eval", help="loss, perplexity, bits per char/byte on held-out or given data")
+    e = sub.add_parser("eval", help="loss, perplexity, bits per char/byte on held-out or given data (a fine-tuning "
+                       "run: its own held-out figures)")
     e.add_argument("run_dir")
     e.add_argument("--data", help="a text file, folder, .jsonl or corpus name; for a translation run a TSV of "
-                   "source<TAB>reference pairs (default: the run's held-out split)")
+                   "source<TAB>reference pairs; for an SFT run a .jsonl of conversations, for a DPO run one of "
+                   "pairs `plutao dpo` wrote (default: the run's held-out split)")
     e.add_argument("--beam", type=int, default=4, help="translation: beam size scored besides greedy (default 4)")
     e.add_argument("--length-penalty", type=float, default=0.6, help="translation: GNMT length penalty α")
     e.add_argument("--limit", type=int, default=0, help="translation: score only the first N pairs (0 = all)")

@@ -1,6 +1,6 @@
 """Held-out metrics of a reward model on rankings: pairwise accuracy (overall, by digit count, on
-pairs where both replies are wrong), agreement with the gold labeler, Brier score and calibration of
-σ(r_w − r_l)."""
+pairs where both replies are wrong), the mean margin r_w − r_l, agreement with the gold labeler, Brier
+score and calibration of σ(r_w − r_l)."""
 
 from __future__ import annotations
 
@@ -55,6 +55,7 @@ def evaluate_rankings(scorer, rankings: list[Ranking], bins: int = 5) -> dict:
                                 "pairs": int(inside.sum())})
     return {
         "pairwise_accuracy": _accuracy(margins), "pairs": len(margins), "rankings": len(rankings),
+        "margin": float(np.mean(m)) if len(m) else None,  # mean r(better) − r(worse), as the training loop's
         "accuracy_by_digits": {d: {"accuracy": _accuracy(v), "pairs": len(v)} for d, v in sorted(by_digits.items())},
         "both_wrong_accuracy": _accuracy(both_wrong), "both_wrong_pairs": len(both_wrong),
         "gold_agreement": _accuracy(gold),

@@ -21,6 +21,7 @@ from flax import nnx
 from plutao.model.families import build_model
 from plutao.model.layers import no_constraint
 from plutao.model.lora import Adapters, expand_targets
+from plutao.model.sampling import to_host
 from plutao.tokenizer import Tokenizer
 from plutao.train.config.errors import UserError
 from plutao.train.config.schema import Config, OptimConfig
@@ -241,6 +242,14 @@ class Task:
         count = max(sums["count"], 1.0)
         return {"loss": sums["loss"] / count, "perplexity": math.exp(min(sums["loss"] / count, 50))}
 
+    def val_text(self, val: dict, *, final: bool = False) -> str:
+        """The held-out figures of `eval_summary` as the training loop prints them: after "step N: " at
+        an evaluation, and in the closing "done: step N, ..." line (final=True). A language model reports
+        its loss, and perplexity at the end; a task whose loss is not a per-token likelihood says what
+        measures it instead (pairwise accuracy, margins)."""
+        text = f"val loss {val['loss']:.4f}"
+        return text + (f" (perplexity {math.exp(min(val['loss'], 50)):.2f})" if final else "")
+
     def val_batches(self, batches, wanted: int) -> int:
         return wanted
 
@@ -279,8 +288,29 @@ class Task:
         raise NotImplementedError
 
     def eval_line(self, r: dict, step: int) -> str:
-        """One line of `plutao eval` for the metrics `eval_stream` returned."""
+        """One line of `plutao eval` for the metrics `eval_stream` (or `eval_held_out`) returned."""
         raise NotImplementedError
+
+    def eval_held_out(self, run, data: str | None = None) -> dict:
+        """`plutao eval` of a run trained on examples it held some of out (a fine-tuning stage): those
+        held-out examples, or every example of `data` (a file of the kind the run trained on), through
+        the task's own objective and `eval_summary`, each held-out example once. Adds "data" (what was
+        scored), "examples" (how many) and "scored" (the count the metrics divide by)."""
+        task = self
+        if data:
+            settings = dataclasses.replace(self.cfg.data, path=data, val_path=data)
+            task = dataclasses.replace(self, cfg=dataclasses.replace(self.cfg, data=settings))
+        read = task.read()
+        batches, _ = task.batches(read, run.tokenizer)
+        sums: dict[str, float] = {}
+        for i in range(task.val_batches(batches, 1 << 30)):
+            out = run.trainer.eval_step(run.params, batches.sharded_val(i, run.trainer.mesh), np.int32(i))
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + float(to_host(v))
+        d = task.cfg.data
+        name = data or d.val_path or f"the held-out part of {read.names}"
+        return {"data": name, **task.eval_summary(sums), "examples": len(read.payload[1]),
+                "scored": int(sums.get("count", 0))}
 
     def attention_sets(self, model, tokenizer, text: str, target: str | None) -> dict:
         """{name: (per-layer weights (H, T, S), query strings, key strings)} for `plutao attention`."""

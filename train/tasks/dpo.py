@@ -16,6 +16,7 @@ the margin grows is a known failure of DPO (both replies become less likely, the
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax.numpy as jnp
 import numpy as np
@@ -155,10 +156,27 @@ class DPO(CausalLM):
         n = max(sums["count"], 1.0)
         return {"loss": sums["loss"] / n, **{k: sums[k] / n for k in self.step_metrics}}
 
+    def val_text(self, val, *, final=False):
+        """The share of held-out pairs ordered right, the mean margin β·(Δ log-ratio), and the DPO loss."""
+        return (f"val preference accuracy {val['accuracy']:.3f}, margin {val['margin']:+.4f} "
+                f"(DPO loss {val['loss']:.4f})")
+
     def val_batches(self, batches, wanted):
         return batches.val_batches(wanted)
 
-    def milestone_sample(self, model, batches, tokenizer, step):
-        prompts = [p.prompt for p in batches.val_pairs[:4]]
+    def eval_line(self, r, step):
+        return (f"{r['data']}: preference accuracy {r['accuracy']:.3f}, margin {r['margin']:+.4f}, DPO loss "
+                f"{r['loss']:.4f} (implicit rewards: chosen {r['chosen_reward']:+.4f}, rejected "
+                f"{r['rejected_reward']:+.4f}; {r['scored']:,} held-out pairs, step {step})")
+
+    def milestone_sample(self, model, batches, tokenizer, step, n: int = 4):
+        """Replies to the first few distinct held-out questions (a ranking gives several pairs, all
+        asking the same one)."""
+        distinct: dict[str, list[dict]] = {}
+        for pair in batches.val_pairs:
+            distinct.setdefault(json.dumps(pair.prompt, sort_keys=True), pair.prompt)
+            if len(distinct) == n:
+                break
+        prompts = list(distinct.values())
         replies = answer(model, tokenizer, prompts, context=self.cfg.model.context_length)
         return "\n".join(f"{p[-1]['content']} → {r!r}" for p, r in zip(prompts, replies))

@@ -63,6 +63,9 @@ class MaskedLM(CausalLM):
     def eval_summary(self, sums):
         return super().eval_summary(sums) | {"accuracy": sums["correct"] / max(sums["count"], 1.0)}
 
+    def val_text(self, val, *, final=False):
+        return super().val_text(val, final=final) + f", masked-token accuracy {val['accuracy']:.3f}"
+
     def milestone_sample(self, model, batches, tokenizer, step, width: int = 64):
         """A held-out snippet with every 7th token masked, and the model's best guess for each mask."""
         tokens = np.asarray(batches.val(0, slice(0, 1))["tokens"][0, :width], np.int32)

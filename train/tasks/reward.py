@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
 import numpy as np
 
 from plutao.model.families import build_model
@@ -40,6 +41,15 @@ def ranking_data(cfg) -> tuple[list[Ranking], list[Ranking], str]:
         raise UserError(f"data.path={d.path!r}: the reward model reads one .jsonl file of rankings "
                         "({\"prompt\", \"chosen\", \"rejected\"} or {\"prompt\", \"responses\": [best, ..., worst]})")
     return with_held_out(read_rankings(path), read_rankings, path, d, "ranking(s)")
+
+
+def margin_sum(r_BK, rank_BK):
+    """Σ r_i − r_j over every ordered pair (i ranked better than j) of each prompt's responses: divided
+    by the pairs `ranking_loss_sums` counts, the mean margin by which the better reply wins."""
+    r_BK = r_BK.astype(jnp.float32)
+    valid_BK = rank_BK >= 0
+    better_BKK = (rank_BK[:, :, None] < rank_BK[:, None, :]) & valid_BK[:, :, None] & valid_BK[:, None, :]
+    return jnp.sum(jnp.where(better_BKK, r_BK[:, :, None] - r_BK[:, None, :], 0.0))
 
 
 def reward_scores(model, tokens_NT, index_N):
@@ -113,12 +123,17 @@ class RewardModel(CausalLM):
         B, K, T = tokens_BKT.shape
         out = model(tokens_BKT.reshape(B * K, T), dropout_key=key if train else None, constrain=constrain)
         r_BK = model.reward_head(out.hidden_BTD, batch["reward_index"].reshape(B * K)).reshape(B, K)
-        return ranking_loss_sums(r_BK, batch["rank"])
+        return ranking_loss_sums(r_BK, batch["rank"]) | {"margin": margin_sum(r_BK, batch["rank"])}
 
     def eval_summary(self, sums):
         pairs = max(sums["pairs"], 1.0)
         return {"loss": sums["loss"] / max(sums["count"], 1.0), "pairwise_accuracy": sums["correct"] / pairs,
-                "brier": sums["brier"] / pairs}
+                "brier": sums["brier"] / pairs, "margin": sums.get("margin", 0.0) / pairs}
+
+    def val_text(self, val, *, final=False):
+        """Pairwise accuracy and the mean reward margin r(better) − r(worse); the ranking loss beside them."""
+        return (f"val pairwise accuracy {val['pairwise_accuracy']:.3f}, margin {val['margin']:+.4f} "
+                f"(ranking loss {val['loss']:.4f})")
 
     def val_batches(self, batches, wanted):
         return batches.val_batches(wanted)

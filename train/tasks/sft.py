@@ -116,6 +116,10 @@ class SFT(CausalLM):
     def val_batches(self, batches, wanted):
         return batches.val_batches(wanted)
 
+    def eval_line(self, r, step):
+        return (f"{r['data']}: loss {r['loss']:.4f} nats per assistant token, perplexity {r['perplexity']:.3f} "
+                f"({r['examples']:,} held-out conversations, {r['scored']:,} assistant tokens scored, step {step})")
+
     def milestone_sample(self, model, batches, tokenizer, step):
         prompts = milestone_prompts(self.cfg, batches.val_messages)
         replies = answer(model, tokenizer, prompts, context=self.cfg.model.context_length)

@@ -83,7 +83,7 @@ class Translation(Task):
 
     def milestone_sample(self, model, batches, tokenizer, step, n: int = 4):
         """Greedy translations of the first few held-out sources, with their references."""
-        val = batches.val
+        val = getattr(batches, "source", batches).val  # (the pair source's held-out pairs, not NamedBatches.val)
         ids = list(range(min(n, len(val))))
         L = self.cfg.model.context_length
         src = pack([val.src[i] for i in ids], [val.tgt[i] for i in ids], L, tokenizer.pad_id)[:, :L]
