@@ -18,6 +18,15 @@ def forced_devices(n: int) -> dict[str, str]:
     return os.environ | {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}"}
 
 
+def exact_xla_env() -> dict[str, str]:
+    """Environment for a subprocess that compiles as a user's run does (XLA's default optimizations), for
+    numbers compared with goldens recorded that way; the session's compilation cache is kept."""
+    env = dict(os.environ)
+    env.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(TEST_XLA_FLAGS, "").strip()
+    return env
+
+
 def pytest_configure(config):
     if hasattr(config, "workerinput"):  # an xdist worker: the controller set the environment up
         return

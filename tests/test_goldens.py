@@ -1,6 +1,9 @@
 """Golden trajectories: 20 training steps of every kind of run, compared with losses recorded before
 the code was restructured. A redesign that changes any number here changes what a run computes.
 
+Each case trains in a subprocess compiled as a user's run is (XLA's default optimizations, not the
+test session's cheaper ones: conftest.exact_xla_env), since the last bits of a float depend on them.
+
 Record again (only when a change of numbers is intended and explained in the commit):
     PLUTAO_RECORD_GOLDENS=1 python -m pytest -m "" tests/test_goldens.py   (every case, the slow ones too)
 """
@@ -10,13 +13,13 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-from plutao.train.config.schema import Config, apply_overrides
-from plutao.train.loop import train
+from conftest import exact_xla_env
 
 GOLDEN = Path(__file__).parent / "goldens" / "trajectories.json"
 RECORD = os.environ.get("PLUTAO_RECORD_GOLDENS") == "1"
@@ -99,8 +102,12 @@ def test_twenty_steps_match_the_recorded_trajectory(case, golden, small_corpus, 
     if overrides.get("model.family") == "encoder_decoder":
         texts = small_corpus.read_text().split("\n\n")
         overrides["data.path"] = str(_pairs(tmp_path / "pairs.tsv", texts))
-    cfg = apply_overrides(Config(), overrides)
-    train(cfg, tmp_path / "run", quiet=True)
+    script = ("import json, sys; from pathlib import Path; from plutao.train.config.schema import Config, "
+              "apply_overrides; from plutao.train.loop import train; "
+              "train(apply_overrides(Config(), json.loads(sys.argv[1])), Path(sys.argv[2]), quiet=True)")
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(overrides), str(tmp_path / "run")],
+                          env=exact_xla_env(), capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
     got = trajectory(tmp_path / "run")
     if RECORD:
         golden["cases"][case] = got
