@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from plutao.experiments.commands import run_parser
+
 
 def neural_only(cfg, command: str):
     """`cfg`, refused with a one-line error when it is an n-gram count table (no parameters, no graph)."""
@@ -383,42 +385,27 @@ def register(sub) -> None:
     s.add_argument("--show-all", action="store_true", help="with --best-of: every reply with its reward")
     s.set_defaults(fn=cmd_sample)
 
-    e = sub.add_parser("eval", help="loss, perplexity, bits per char/byte on held-out or given data (a fine-tuning "
+    e = run_parser(sub, "eval", cmd_eval, "loss, perplexity, bits per char/byte on held-out or given data (a fine-tuning "
                        "run: its own held-out figures)")
-    e.add_argument("run_dir")
     e.add_argument("--data", help="a text file, folder, .jsonl or corpus name; for a translation run a TSV of "
                    "source<TAB>reference pairs; for an SFT run a .jsonl of conversations, for a DPO run one of "
                    "pairs `plutao dpo` wrote (default: the run's held-out split)")
     e.add_argument("--beam", type=int, default=4, help="translation: beam size scored besides greedy (default 4)")
     e.add_argument("--length-penalty", type=float, default=0.6, help="translation: GNMT length penalty α")
     e.add_argument("--limit", type=int, default=0, help="translation: score only the first N pairs (0 = all)")
-    e.add_argument("--json", action="store_true")
-    e.add_argument("--step", type=int)
-    e.set_defaults(fn=cmd_eval)
 
-    tr = sub.add_parser("translate", help="translate sentences with an encoder-decoder run (greedy or beam search)")
-    tr.add_argument("run_dir")
+    tr = run_parser(sub, "translate", cmd_translate,
+                    "translate sentences with an encoder-decoder run (greedy or beam search)")
     tr.add_argument("text", nargs="*", help="source sentences (default: one per line on standard input)")
     tr.add_argument("--beam", type=int, default=4, help="beam size (1 = greedy)")
     tr.add_argument("--length-penalty", type=float, default=0.6, help="GNMT α: 0 = raw log-probability")
     tr.add_argument("--n-best", type=int, default=1, help="print the N best hypotheses with their scores")
-    tr.add_argument("--json", action="store_true")
-    tr.add_argument("--step", type=int)
-    tr.set_defaults(fn=cmd_translate)
 
-    fm = sub.add_parser("fill-mask", help="a masked LM's top-k fills for each <mask> in a text")
-    fm.add_argument("run_dir")
+    fm = run_parser(sub, "fill-mask", cmd_fill_mask, "a masked LM's top-k fills for each <mask> in a text")
     fm.add_argument("text", help='e.g. "Return the <mask> of the list."')
     fm.add_argument("--top-k", type=int, default=5)
-    fm.add_argument("--json", action="store_true")
-    fm.add_argument("--step", type=int)
-    fm.set_defaults(fn=cmd_fill_mask)
 
-    c = sub.add_parser("score", help="log P(text) by the chain rule, per token")
-    c.add_argument("run_dir")
+    c = run_parser(sub, "score", cmd_score, "log P(text) by the chain rule, per token")
     c.add_argument("--text", help="the text to score (language-model runs)")
     c.add_argument("--prompt", help="reward-model runs: the user message")
     c.add_argument("--response", help="reward-model runs: the reply to score")
-    c.add_argument("--json", action="store_true")
-    c.add_argument("--step", type=int)
-    c.set_defaults(fn=cmd_score)

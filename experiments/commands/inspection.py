@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from plutao.experiments.commands import run_parser
+
 
 def cmd_attention(args) -> int:
     from plutao.experiments.inspect import attention_maps
@@ -90,31 +92,21 @@ def cmd_tokenize(args) -> int:
 
 def register(sub) -> None:
     """Add this module's subcommands to the `plutao` parser."""
-    at = sub.add_parser("attention", help="PNG grids (layer × head) of attention weights for a sentence")
-    at.add_argument("run_dir")
+    at = run_parser(sub, "attention", cmd_attention, "PNG grids (layer × head) of attention weights for a sentence",
+                    json=False)
     at.add_argument("--text", required=True, help="the sentence (the source, for a translation model)")
     at.add_argument("--target", help="translation: the target to attend from (default: the greedy translation)")
     at.add_argument("--out", help="output folder (default RUN_DIR/attention)")
-    at.add_argument("--step", type=int)
-    at.set_defaults(fn=cmd_attention)
 
-    nb = sub.add_parser("neighbors", help="tokens whose embeddings are closest (cosine) to a token's")
-    nb.add_argument("run_dir")
+    nb = run_parser(sub, "neighbors", cmd_neighbors, "tokens whose embeddings are closest (cosine) to a token's")
     nb.add_argument("token")
     nb.add_argument("-k", type=int, default=10)
-    nb.add_argument("--json", action="store_true")
-    nb.add_argument("--step", type=int)
-    nb.set_defaults(fn=cmd_neighbors)
 
-    an = sub.add_parser("analogy", help="A − B + C by embedding arithmetic (king − man + woman ≈ queen)")
-    an.add_argument("run_dir")
+    an = run_parser(sub, "analogy", cmd_analogy, "A − B + C by embedding arithmetic (king − man + woman ≈ queen)")
     an.add_argument("a")
     an.add_argument("b")
     an.add_argument("c")
     an.add_argument("-k", type=int, default=5)
-    an.add_argument("--json", action="store_true")
-    an.add_argument("--step", type=int)
-    an.set_defaults(fn=cmd_analogy)
 
     k = sub.add_parser("tokenize", help="show how text splits into tokens (or, with --chat, which tokens a "
                        "conversation trains)")
