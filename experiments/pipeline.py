@@ -12,8 +12,9 @@ Per seed s (DIR/seed{s}/, train.seed = s in every stage):
   grpo-rm    plutao grpo sft --reward rm       (learned preferences)
   report     plutao report-card base sft ppo dpo grpo-gold grpo-rm --reward rm --best-of N
 A finished stage leaves DIR/seed{s}/STAGE.done (its summary); re-running skips it, and an interrupted
-one resumes from its checkpoint. Then DIR/summary.json and DIR/summary.md: every report-card figure
-as mean ± std over the seeds (each seed's bootstrap interval beside the win rates).
+one resumes from its checkpoint; a stage (or the report card) stopped by SIGINT/SIGTERM stops the pipeline
+too, with exit code 130/143. Then DIR/summary.json and DIR/summary.md: every report-card figure as mean ± std
+over the seeds (with one seed, the value alone), each seed's bootstrap interval beside the win rates.
 
 Overrides: `key=value` applies to every training stage; `STAGE:key=value` to one (e.g.
 `base:train.steps=400`). --scale multiplies every stage's default step count (and the rankings drawn).
@@ -73,7 +74,7 @@ def commands(seed_dir: Path, seed: int, scale: float, overrides: dict[str, list[
 
 def run_seed(seed_dir: Path, seed: int, scale: float, overrides, *, problems: int, best_of: int, log) -> dict:
     """Every stage of one seed (skipping finished ones), then its report card; returns report.json."""
-    from plutao.experiments.cli import main
+    from plutao.experiments.cli import Interrupted, main
 
     seed_dir.mkdir(parents=True, exist_ok=True)
     for stage, argv in commands(seed_dir, seed, scale, overrides).items():
@@ -84,6 +85,9 @@ def run_seed(seed_dir: Path, seed: int, scale: float, overrides, *, problems: in
         log(f"pipeline: seed {seed} {stage}: plutao {' '.join(argv)}")
         t0 = time.perf_counter()
         rc = main([*argv, "--quiet"])
+        if rc in (130, 143):  # stopped by a signal: its checkpoint is kept, the stage is not done
+            raise Interrupted(rc - 128, f"pipeline: seed {seed} stage {stage} was stopped (its last checkpoint is "
+                                        "kept); run the same command again to resume it")
         if rc != 0:
             raise UserError(f"pipeline: seed {seed} stage {stage} failed (exit {rc}); fix it and run the same command "
                             "again (finished stages are kept)")
@@ -96,7 +100,11 @@ def run_seed(seed_dir: Path, seed: int, scale: float, overrides, *, problems: in
         argv = ["report-card", *(str(seed_dir / c) for c in COLUMNS), "--reward", str(seed_dir / "rm"),
                 "--best-of", str(best_of), "--problems", str(problems), "--out", str(report_dir), "--seed", str(seed)]
         log(f"pipeline: seed {seed} report card: plutao {' '.join(argv)}")
-        if main(argv) != 0:
+        rc = main(argv)
+        if rc in (130, 143):
+            raise Interrupted(rc - 128, f"pipeline: seed {seed}: the report card was stopped (its finished columns "
+                                        "are kept); run the same command again to finish it")
+        if rc != 0:
             raise UserError(f"pipeline: seed {seed}: the report card failed; run the same command again")
     return json.loads((report_dir / "report.json").read_text())
 
@@ -153,14 +161,22 @@ def summarize(reports: dict[int, dict]) -> dict:
 
 
 def _ms(x: dict | None, digits: int = 3) -> str:
-    return "—" if x is None else f"{x['mean']:.{digits}f} ± {x['std']:.{digits}f}"
+    """mean ± std over seeds; with one seed the value alone (a spread of one value is no spread)."""
+    if x is None:
+        return "—"
+    if x.get("n", 2) < 2:
+        return f"{x['mean']:.{digits}f}"
+    return f"{x['mean']:.{digits}f} ± {x['std']:.{digits}f}"
 
 
 def markdown(summary: dict) -> str:
     runs = summary["runs"]
     names = list(runs)
-    lines = [f"# Pipeline summary over seeds {', '.join(map(str, summary['seeds']))} (mean ± std)", "",
-             "| | " + " | ".join(f"`{n}`" for n in names) + " |", "|---|" + "---|" * len(names)]
+    seeds = summary["seeds"]
+    many = len(seeds) > 1
+    title = (f"# Pipeline summary over seeds {', '.join(map(str, seeds))} (mean ± std)" if many
+             else f"# Pipeline summary (1 seed: {seeds[0]})")
+    lines = [title, "", "| | " + " | ".join(f"`{n}`" for n in names) + " |", "|---|" + "---|" * len(names)]
 
     def row(label, cells):
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -176,14 +192,15 @@ def markdown(summary: dict) -> str:
     for key, title in (("win_rates", "Gold win rates"), ("rm_win_rates", "Reward-model win rates")):
         if not summary.get(key):
             continue
-        lines += ["", f"## {title} (mean ± std over seeds; each seed's bootstrap 95% interval)", "",
+        lines += ["", f"## {title} (mean ± std over seeds; each seed's bootstrap 95% interval)" if many else
+                  f"## {title} (1 seed; its bootstrap 95% interval)", "",
                   "| pair | rate | intervals | every interval above ½ |", "|---|---|---|---|"]
         for pair, w in summary[key].items():
             a, _, b = pair.partition(" vs ")
             if a in names and b in names and names.index(a) < names.index(b):
                 continue  # (each pair once: the later stage against the earlier)
             ivs = "; ".join(f"s{s} [{lo:.2f}, {hi:.2f}]" for s, (lo, hi) in w["intervals"].items())
-            lines.append(f"| {pair} | {w['mean']:.3f} ± {w['std']:.3f} | {ivs} | {'yes' if w['all_above_half'] else 'no'} |")
+            lines.append(f"| {pair} | {_ms(w)} | {ivs} | {'yes' if w['all_above_half'] else 'no'} |")
     return "\n".join(lines) + "\n"
 
 

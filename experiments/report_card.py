@@ -276,6 +276,7 @@ class Plan:
     file_problems: list[tuple[list[dict], str]] | None
     match: str
     seed: int
+    out: Path | None = None  # the card's folder: finished columns are kept in OUT/columns/ while measuring
 
 
 def check(runs: Sequence[str], *, reward: str | None, best_of: int, problems: int, problems_file: str | None,
@@ -322,7 +323,8 @@ def check(runs: Sequence[str], *, reward: str | None, best_of: int, problems: in
         if names.count(name) > 1:
             raise UserError(f"two columns would be named {name!r}; columns are named by the run directory's name, so "
                             "give runs whose directories have different names")
-    return Plan(paths, names, chat, Path(reward) if reward else None, best_of, problems, file_problems, match, seed)
+    return Plan(paths, names, chat, Path(reward) if reward else None, best_of, problems, file_problems, match, seed,
+                Path(out) if out is not None else None)
 
 
 def kl_and_entropy(run, reference, prompt_ids: Sequence[Sequence[int]], replies: Sequence[Reply],
@@ -369,8 +371,21 @@ def reference_run(loaded) -> object | None:
     return next((r for r in loaded if r.task.name == "sft" and not r.cfg.lora.rank), None)
 
 
+def column_key(run, plan: Plan, scorer) -> dict:
+    """What defines a run's column: the run and its checkpoint, the problems, the seed (and the reward
+    model that scores it); a column kept under another key is measured again."""
+    files = plan.file_problems
+    return {"run": str(run.run_dir.absolute()), "step": run.step, "problems": plan.problems, "seed": plan.seed,
+            "reply_tokens": REPLY_TOKENS, "problems_file": [m for m, _ in files] if files else None,
+            "reward": None if scorer is None else [str(Path(plan.reward).absolute()), scorer.run.step,
+                                                   float(scorer.offset)]}
+
+
 def evaluate(plan: Plan, log: Callable[[str], None] = lambda msg: None) -> dict:
-    """The report card of a checked plan, as the JSON object report.json holds."""
+    """The report card of a checked plan, as the JSON object report.json holds. Each finished column is
+    kept in OUT/columns/ (plan.out), and one kept there under the same key is reused: an interrupted
+    card resumes from its finished columns."""
+    from plutao.experiments.report_card_files import ColumnCache
     from plutao.train.rl.rewards import RewardScorer
     from plutao.train.run.lineage import load_run
 
@@ -384,27 +399,51 @@ def evaluate(plan: Plan, log: Callable[[str], None] = lambda msg: None) -> dict:
     world = loaded[0].cfg.world
     problems = evaluation_problems(world, plan.problems)
     file_messages = [m for m, _ in plan.file_problems] if plan.file_problems else None
+    cache = ColumnCache(plan.out, write=jax.process_index() == 0)
     notes, bpb_cache = [], {}
-    columns, bits = [], {}
+    columns, bits, keys = [], {}, {}
+
+    def kept(name, key):
+        hit = cache.get(name, key, Column)
+        if hit is not None:
+            log(f"report-card: {name}: measured before, reused from {cache.folder / (name + '.json')}")
+        return hit
+
     for run in loaded:
-        column = run_column(run, problems, file_messages, plan.seed, log)
-        bits[column.name], note = bits_per_byte(run, bpb_cache, log)
+        key = keys[run.run_dir.name] = column_key(run, plan, scorer)
+        hit = kept(run.run_dir.name, key)
+        if hit is not None:
+            column, bits[column.name], note = hit
+        else:
+            column = run_column(run, problems, file_messages, plan.seed, log)
+            bits[column.name], note = bits_per_byte(run, bpb_cache, log)
+            if scorer is not None:
+                column.rewards = _rewards(scorer, problems.messages, column.greedy)
+            cache.put(key, column, bits[column.name], note)
         notes += [note] if note else []
-        if scorer is not None:
-            column.rewards = _rewards(scorer, problems.messages, column.greedy)
         columns.append(column)
         if plan.best_of and run.task.name == "sft":
-            best = best_of_column(run, scorer, plan.best_of, problems, file_messages, plan.seed, log)
+            best_key = key | {"best_of": plan.best_of}
+            name = f"{run.run_dir.name}+best-of-{plan.best_of}"
+            hit = kept(name, best_key)
+            best = hit[0] if hit is not None else best_of_column(run, scorer, plan.best_of, problems, file_messages,
+                                                                 plan.seed, log)
+            if hit is None:
+                cache.put(best_key, best, bits[column.name], None)
             bits[best.name] = bits[column.name]
             columns.append(best)
     reference = reference_run(loaded)
     kl = {}
     if reference is not None:
+        against = {"run": str(reference.run_dir.absolute()), "step": reference.step}
         for run, column in zip(loaded, [c for c in columns if c.kind != "best-of"]):
             if run.tokenizer.fingerprint == reference.tokenizer.fingerprint:
-                log(f"report-card: {column.name}: KL to {reference.run_dir.name} over its temperature-1 replies")
-                ids = _chat_ids(run.tokenizer, problems.messages, run.cfg.model.context_length)
-                kl[column.name] = kl_and_entropy(run, reference, ids, column.t1)
+                kl[column.name] = cache.kl(column.name, keys[column.name], against)
+                if kl[column.name] is None:
+                    log(f"report-card: {column.name}: KL to {reference.run_dir.name} over its temperature-1 replies")
+                    ids = _chat_ids(run.tokenizer, problems.messages, run.cfg.model.context_length)
+                    kl[column.name] = kl_and_entropy(run, reference, ids, column.t1)
+                    cache.put_kl(column.name, keys[column.name], against, kl[column.name])
     tok = loaded[0].tokenizer
     report = summarize(columns, problems, plan, bits, notes, end_id=tok.end_id, user_id=tok.user_id)
     for name, (k, e) in kl.items():

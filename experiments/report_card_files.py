@@ -1,5 +1,7 @@
 """The report card's files: report.md (the tables), report.json, and the PNG charts, each written
-aside and renamed into place (experiments/report_card.py measures what they show)."""
+aside and renamed into place (experiments/report_card.py measures what they show); and, while the card
+is being measured, OUT/columns/NAME.json: each finished column's replies, so that a card interrupted
+half-way resumes from its finished columns (removed once the card is written)."""
 
 from __future__ import annotations
 
@@ -159,10 +161,102 @@ def charts(report: dict, out_dir: Path) -> list[Path]:
 
 
 def write_report(report: dict, out_dir: Path) -> list[Path]:
-    """report.md, report.json and the charts in out_dir, each written aside and renamed into place."""
+    """report.md, report.json and the charts in out_dir, each written aside and renamed into place; then
+    the finished columns kept while measuring (OUT/columns/) are removed: the card holds them now."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     md, js = out_dir / "report.md", out_dir / "report.json"
     _write_bytes(md, markdown(report).encode("utf-8"))
     _write_bytes(js, (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
-    return [md, js, *charts(report, out_dir)]
+    written = [md, js, *charts(report, out_dir)]
+    ColumnCache(out_dir).clear()
+    return written
+
+
+# --- finished columns, while the card is measured ----------------------------------------------------------
+
+def _replies(replies) -> list | None:
+    return None if replies is None else [[r.text, r.length, r.stop, list(r.tokens)] for r in replies]
+
+
+def _read_replies(rows) -> list | None:
+    from plutao.experiments.report_card_stats import Reply
+
+    return None if rows is None else [Reply(text, length, stop, tuple(tokens)) for text, length, stop, tokens in rows]
+
+
+class ColumnCache:
+    """OUT/columns/NAME.json: a finished column (its replies, rewards, bits per byte and KL), with the key
+    that defines it (run directory, checkpoint step, problems, seed, ...). A column whose key matches is
+    reused instead of sampled again; any other is measured anew. `out_dir` None: nothing is kept."""
+
+    def __init__(self, out_dir: Path | None, write: bool = True):
+        self.folder = Path(out_dir) / "columns" if out_dir is not None else None
+        self.write = write
+
+    def _path(self, name: str) -> Path:
+        return self.folder / f"{name}.json"
+
+    def _read(self, name: str, key: dict) -> dict | None:
+        if self.folder is None:
+            return None
+        try:
+            record = json.loads(self._path(name).read_text())
+        except (OSError, ValueError):
+            return None
+        return record if record.get("key") == key else None
+
+    def _store(self, name: str, record: dict) -> None:
+        if self.folder is None or not self.write:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        _write_bytes(self._path(name), json.dumps(record, ensure_ascii=False).encode("utf-8"))
+
+    def get(self, name: str, key: dict, make) -> tuple | None:
+        """(column, bits per byte, note) of a finished column with this key, or None; `make` builds the
+        column from its fields (experiments/report_card.py: Column)."""
+        record = self._read(name, key)
+        if record is None:
+            return None
+        c = record["column"]
+        rewards = None if c["rewards"] is None else np.asarray(c["rewards"]["values"], dtype=c["rewards"]["dtype"])
+        greedy = _read_replies(c["greedy"])
+        column = make(c["name"], Path(c["run_dir"]), c["step"], c["kind"], greedy,
+                      greedy if c["t1"] == "greedy" else _read_replies(c["t1"]), c["distinct"],
+                      few_shot=_read_replies(c["few_shot"]), file_replies=_read_replies(c["file_replies"]),
+                      rewards=rewards, best_of=c["best_of"])
+        return column, record["bits_per_byte"], record["note"]
+
+    def put(self, key: dict, column, bits: float | None, note: str | None) -> None:
+        c = column
+        rewards = None if c.rewards is None else {"dtype": str(np.asarray(c.rewards).dtype),
+                                                  "values": np.asarray(c.rewards).tolist()}
+        bits = None if bits is None else float(bits)
+        self._store(c.name, {"key": key, "bits_per_byte": bits, "note": note, "column": {
+            "name": c.name, "run_dir": str(c.run_dir), "step": c.step, "kind": c.kind, "greedy": _replies(c.greedy),
+            "t1": "greedy" if c.t1 is c.greedy else _replies(c.t1), "distinct": c.distinct,
+            "few_shot": _replies(c.few_shot), "file_replies": _replies(c.file_replies), "rewards": rewards,
+            "best_of": c.best_of}})
+
+    def kl(self, name: str, key: dict, reference: dict) -> tuple[float, float] | None:
+        """The column's (KL, entropy) against `reference` (its run and step), if measured before."""
+        record = self._read(name, key)
+        if record is None or record.get("kl", {}).get("reference") != reference:
+            return None
+        return tuple(record["kl"]["value"])
+
+    def put_kl(self, name: str, key: dict, reference: dict, value: tuple[float, float]) -> None:
+        record = self._read(name, key)
+        if record is not None:
+            self._store(name, record | {"kl": {"reference": reference, "value": [float(v) for v in value]}})
+
+    def clear(self) -> None:
+        if self.folder is None or not self.folder.is_dir():
+            return
+        for path in self.folder.iterdir():
+            if path.suffix == ".json" or path.name.endswith(".tmp"):
+                path.unlink(missing_ok=True)
+        try:
+            self.folder.rmdir()
+        except OSError:  # (something else in there: left alone)
+            pass

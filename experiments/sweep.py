@@ -32,6 +32,7 @@ from plutao.train.tasks import resolve
 
 TRIAL_FILE = "trial.json"
 DONE, FAILED, INTERRUPTED, PRUNED, RUNNING = "done", "failed", "interrupted", "pruned", "running"
+STOPPED_CODES = (130, 143)  # `plutao train` stopped by SIGINT / SIGTERM (it saved a checkpoint first)
 
 
 # --- trials ----------------------------------------------------------------------------------------
@@ -212,11 +213,16 @@ class Runner:
                     break
                 except json.JSONDecodeError:
                     pass
-        if proc.returncode == 0 and summary is not None:
+        # A trial stopped by a signal exits 130 (SIGINT) or 143 (SIGTERM: pruning, a scheduler) after saving
+        # a checkpoint, with its summary: resumable, not failed.
+        stopped = proc.returncode in STOPPED_CODES
+        if (proc.returncode == 0 or stopped) and summary is not None:
             record["summary"] = summary
             record["status"] = PRUNED if pruned else (INTERRUPTED if summary.get("interrupted") else DONE)
+        elif pruned and stopped:
+            record["status"] = PRUNED
         else:
-            record["status"] = INTERRUPTED if self.stopping else FAILED
+            record["status"] = INTERRUPTED if self.stopping or stopped else FAILED
             record["error"] = _last_error(log_path) or f"exited with code {proc.returncode}"
         write_trial(trial.directory, record)
         return record
@@ -325,8 +331,10 @@ def run_trial_task(args) -> str:
     spec, sweep_dir, trial = args
     env = os.environ
     if int(env.get("SLURM_NTASKS", "1")) > 1 and env.get("SLURM_PROCID", "0") != "0":
-        subprocess.run(train_command(spec.base, trial), check=True, stdout=subprocess.DEVNULL,
-                       env={**env, **compilation_cache_env(Path(sweep_dir))})
+        done = subprocess.run(train_command(spec.base, trial), check=False, stdout=subprocess.DEVNULL,
+                              env={**env, **compilation_cache_env(Path(sweep_dir))})
+        if done.returncode not in (0, *STOPPED_CODES):  # (stopped by a signal: process 0 records it)
+            raise subprocess.CalledProcessError(done.returncode, done.args)
         return "worker"
     return Runner(spec, Path(sweep_dir), print).run(trial)["status"]
 

@@ -15,9 +15,6 @@ from pathlib import Path
 
 from plutao.train.config.errors import UserError
 
-# The command that trains each kind of run (config.json's train.task).
-STAGES = ("sft", "reward", "ppo", "grpo", "dpo")
-
 
 def stage_parser(sub, name, help, parent, parent_help, data_help, fn,
                  overrides_help="(after the stage's defaults)"):

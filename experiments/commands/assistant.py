@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from plutao.experiments.commands import stage_parser
+from plutao.experiments.commands import check_run_kind, finish, run_training, stage_parser
 from plutao.train.config.errors import UserError
 from plutao.train.config.presets import STAGE_PRESETS
 from plutao.train.config.schema import Config, apply_overrides, flatten, parse_overrides
@@ -66,17 +66,8 @@ def _check_not_other_parent(run_dir: Path, cfg: Config) -> None:
                         f"{old or 'scratch'}; use a new --workdir for one from {cfg.train.init_from}")
 
 
-def _summary(args, summary: dict) -> int:
-    import jax
-
-    if args.json and jax.process_index() == 0:
-        print(json.dumps(summary))
-    return 0
-
-
 def cmd_sft(args) -> int:
-    from plutao.train.loop import train
-
+    check_run_kind(Path(args.workdir), "sft")
     parent = Path(args.base_run)
     check_parent("sft", parent)
     data_path = str(Path(args.data).absolute()) if args.data.endswith(".jsonl") else args.data
@@ -84,7 +75,7 @@ def cmd_sft(args) -> int:
     cfg, _ = stage_config(parent, "sft", data, args.step, list(args.overrides))
     run_dir = Path(args.workdir)
     _check_not_other_parent(run_dir, cfg)
-    return _summary(args, train(cfg, run_dir, quiet=args.quiet))
+    return finish(args, run_training(cfg, run_dir, quiet=args.quiet))
 
 
 def _k_range(text: str | None) -> dict:
@@ -101,8 +92,7 @@ def _k_range(text: str | None) -> dict:
 
 
 def cmd_reward(args) -> int:
-    from plutao.train.loop import train
-
+    check_run_kind(Path(args.workdir), "reward")
     parent = Path(args.sft_run)
     check_parent("reward", parent)
     world = _k_range(args.k)
@@ -124,10 +114,10 @@ def cmd_reward(args) -> int:
     demonstrations(parent)  # (read now: a parent whose data is gone fails before anything is trained)
     if builtin:
         make_comparisons(parent, args.step, cfg, run_dir)
-    summary = train(cfg, run_dir, quiet=args.quiet)
-    if not summary.get("interrupted"):
+    summary = run_training(cfg, run_dir, quiet=args.quiet)
+    if not summary.get("interrupted") and not summary.get("signal"):
         shift_rewards(run_dir, parent, args.step)
-    return _summary(args, summary)
+    return finish(args, summary)
 
 
 def make_comparisons(parent: Path, step: int | None, cfg: Config, run_dir: Path) -> None:

@@ -3,7 +3,8 @@ run directory (config.json with lora.rank=0, the tokenizer, one checkpoint of th
 
 The merged weights are W + (α/r)·A·B, the very sum the LoRA run's forward pass computed
 (model/lora.py), so the merged run's logits equal the adapted model's. OUT is written aside and
-renamed into place: it never overwrites an existing directory and a failure leaves nothing behind.
+renamed into place: it never overwrites an existing directory and a failure leaves nothing behind (a
+merge stopped by Ctrl-C leaves its staging folder, which the next merge into OUT removes).
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ def cmd_merge_lora(args) -> int:
                         "lora": dataclasses.asdict(run.cfg.lora)}}
     staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
+    for left in out.parent.glob(f".{out.name}.tmp-*"):  # (of a merge stopped at once by Ctrl-C: its process is gone)
+        pid = left.name.rpartition("-")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(left, ignore_errors=True)
     try:
         staging.mkdir(parents=True)
         shutil.copytree(src / "tokenizer", staging / "tokenizer")
@@ -57,6 +62,16 @@ def cmd_merge_lora(args) -> int:
     print(f"merged {src} (step {run.step}, LoRA rank {run.cfg.lora.rank} on {', '.join(run.cfg.lora.targets)}) "
           f"into {out}")
     return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # (someone else's)
+        return True
+    return True
 
 
 def register(sub) -> None:

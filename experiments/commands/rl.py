@@ -9,13 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from plutao.experiments.commands import stage_parser
-from plutao.experiments.commands.assistant import (
-    _check_not_other_parent,
-    _summary,
-    check_parent,
-    stage_config,
-)
+from plutao.experiments.commands import check_run_kind, finish, run_training, stage_parser
+from plutao.experiments.commands.assistant import _check_not_other_parent, check_parent, stage_config
 from plutao.train.config.errors import UserError
 from plutao.train.run.rundir import existing_run_config
 
@@ -45,8 +40,7 @@ def _prompts(args) -> dict:
 
 
 def cmd_ppo(args) -> int:
-    from plutao.train.loop import train
-
+    check_run_kind(Path(args.workdir), "ppo")
     parent = Path(args.sft_run)
     check_parent("ppo", parent)
     if not args.reward:
@@ -56,12 +50,11 @@ def cmd_ppo(args) -> int:
     cfg, _ = stage_config(parent, "ppo", _prompts(args) | extra, args.step, list(args.overrides))
     run_dir = Path(args.workdir)
     _check_not_other_parent(run_dir, cfg)
-    return _summary(args, train(cfg, run_dir, quiet=args.quiet))
+    return finish(args, run_training(cfg, run_dir, quiet=args.quiet))
 
 
 def cmd_grpo(args) -> int:
-    from plutao.train.loop import train
-
+    check_run_kind(Path(args.workdir), "grpo")
     parent = Path(args.sft_run)
     check_parent("grpo", parent)
     if not args.reward:
@@ -74,7 +67,7 @@ def cmd_grpo(args) -> int:
     cfg, _ = stage_config(parent, "grpo", _prompts(args) | extra, args.step, list(args.overrides))
     run_dir = Path(args.workdir)
     _check_not_other_parent(run_dir, cfg)
-    return _summary(args, train(cfg, run_dir, quiet=args.quiet))
+    return finish(args, run_training(cfg, run_dir, quiet=args.quiet))
 
 
 def cmd_dpo(args) -> int:
@@ -83,8 +76,8 @@ def cmd_dpo(args) -> int:
     learn from the same comparisons), their pairs with the SFT model's log-probs, then the training."""
     from plutao.experiments.commands.assistant import make_comparisons
     from plutao.train.data.conversations import read_rankings
-    from plutao.train.loop import train
 
+    check_run_kind(Path(args.workdir), "dpo")
     parent = Path(args.sft_run)
     check_parent("dpo", parent)
     run_dir = Path(args.workdir)
@@ -114,7 +107,7 @@ def cmd_dpo(args) -> int:
         train_r, val_r, _ = with_held_out(read_rankings(path), read_rankings, path, DataConfig(path=path), "ranking(s)")
         rankings = train_r, val_r
     write_pairs(parent, args.step, cfg, pairs_dir, *rankings)
-    return _summary(args, train(cfg, run_dir, quiet=args.quiet))
+    return finish(args, run_training(cfg, run_dir, quiet=args.quiet))
 
 
 def write_pairs(parent: Path, step: int | None, cfg, folder: Path, train_rankings, val_rankings) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from plutao.train.config.presets import PRESETS
@@ -11,7 +10,7 @@ from plutao.train.config.schema import config_defaults
 
 
 def cmd_train(args) -> int:
-    from plutao.train.loop import train
+    from plutao.experiments.commands import check_run_kind, finish, run_training
     from plutao.train.tasks import resolve
 
     config, overrides = args.config, list(args.overrides)
@@ -21,12 +20,10 @@ def cmd_train(args) -> int:
     overrides += [k for k in allowed if "=" in k]  # (`--allow-changed KEY key=value`: the override is not a key)
     name, cfg = resolve(config, overrides)
     run_dir = Path(args.workdir or Path("runs") / name)
-    summary = train(cfg, run_dir, quiet=args.quiet, allow_changed=tuple(k for k in allowed if "=" not in k))
-    import jax
-
-    if args.json and jax.process_index() == 0:
-        print(json.dumps(summary))
-    return 0
+    check_run_kind(run_dir, cfg.train.task)  # (an SFT run is resumed by `plutao sft`, not turned into pretraining)
+    summary = run_training(cfg, run_dir, quiet=args.quiet,
+                           allow_changed=tuple(k for k in allowed if "=" not in k))
+    return finish(args, summary)
 
 
 def cmd_plot(args) -> int:
@@ -56,7 +53,8 @@ def register(sub) -> None:
     """Add this module's subcommands to the `plutao` parser."""
     t = sub.add_parser("train", help="train (or resume) a model", formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="presets: " + ", ".join(PRESETS) + "\nconfig keys (defaults before a preset):\n  "
-                       + "\n  ".join(f"{k} = {v!r}" for k, v in config_defaults().items()))
+                       + "\n  ".join(f"{k} = {v!r}" for k, v in config_defaults().items() if not k.startswith("rl."))
+                       + "\n(rl.* keys: the RL stages' own; see `plutao ppo --help`, `grpo --help`, `dpo --help`)")
     t.add_argument("config", nargs="?", help="preset name or .toml/.json file (default: the default experiment)")
     t.add_argument("overrides", nargs="*", help="section.key=value overrides")
     t.add_argument("--workdir", help="run directory (default runs/CONFIG); re-running resumes it")

@@ -89,22 +89,41 @@ def last_checkpoint_text(checkpoints: Checkpoints) -> str:
 
 
 
+class Stopped(KeyboardInterrupt):
+    """A second signal while a loop was already stopping: stop now (exit 128 + `signal`)."""
+
+    def __init__(self, signum: int):
+        super().__init__()
+        self.signal = int(signum)
+
+
 class StopFlag:
-    """Set by SIGTERM/SIGINT; the loop finishes the step in flight, saves and exits."""
+    """Set by SIGTERM/SIGINT; the loop finishes the step in flight, saves and exits.
+
+    `StopFlag.received` is the signal that the latest flag got (None: none), for the commands to read
+    once the loop has returned: a run stopped by SIGINT exits 130, by SIGTERM 143 (reaching
+    train.stop_at_step also ends a loop early, but is no signal: exit 0)."""
+
+    received: int | None = None
 
     def __init__(self):
         self.signal: int | None = None
         self._previous = {}
 
     def __enter__(self):
+        StopFlag.received = None
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        if self.signal is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
+        if self.signal is not None:  # a second signal: stop now, as the signal would without the loop
+            previous = self._previous.get(signum)
+            if callable(previous) and previous is not signal.default_int_handler:
+                previous(signum, frame)  # (the `plutao` entry point's: one line and exit 128 + signum)
+            raise Stopped(signum)
         self.signal = signum
+        StopFlag.received = signum
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
