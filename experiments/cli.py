@@ -163,12 +163,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for module in command_modules():
         module.register(sub)
-    # (report-card's output folder: under runs/, which git ignores, rather than the current directory)
-    card = sub.choices["report-card"]
-    card.set_defaults(out=os.path.join("runs", "report-card"))
-    for action in card._actions:
-        if action.dest == "out":
-            action.help = "where report.md, report.json and the charts go (default: runs/report-card/)"
     return p
 
 

@@ -37,14 +37,14 @@ def one_line_error(capsys, argv, code=2) -> str:
 
 def stopped_by(sig):
     """A stand-in for train/loop.py's train: the loop's StopFlag receives `sig`, and the loop returns
-    the summary of a run stopped early (sig None: stopped by train.stop_at_step)."""
+    the summary of a run stopped early, saying which signal stopped it (sig None: train.stop_at_step)."""
     def train(cfg, run_dir, **kwargs):
         from plutao.train.run.resume import StopFlag
 
-        with StopFlag():
+        with StopFlag() as stop:
             if sig is not None:
                 signal.raise_signal(sig)
-        return {"interrupted": True, "step": 3, "run_dir": str(run_dir)}
+        return {"interrupted": True, "step": 3, "run_dir": str(run_dir), "signal": stop.signal}
     return train
 
 

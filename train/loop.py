@@ -243,7 +243,7 @@ def _train(cfg: Config, run_dir: Path, devices, quiet: bool, allow_changed: tupl
                     "Run the same command again to resume.")
                 if main:
                     plot_losses(run_dir)
-                return {"interrupted": True, "step": step, "run_dir": str(run_dir)}
+                return {"interrupted": True, "step": step, "run_dir": str(run_dir), "signal": stop.signal}
             # Still under StopFlag: a signal now cannot cut the final evaluation and save short.
             final = evaluate(p, trainer.inference_params(state), t.eval_batches)
             final_val = final["loss"]

@@ -159,15 +159,10 @@ def check_run_kind(run_dir: Path, task: str) -> None:
 
 
 def run_training(cfg, run_dir: Path, **kwargs) -> dict:
-    """train/loop.py's `train`, with summary["signal"] set when SIGINT or SIGTERM stopped the loop."""
+    """train/loop.py's `train` (its summary says which signal stopped the loop, if one did)."""
     from plutao.train.loop import train
-    from plutao.train.run.resume import StopFlag
 
-    StopFlag.received = None
-    summary = train(cfg, run_dir, **kwargs)
-    if summary.get("signal") is None and StopFlag.received is not None:
-        summary = summary | {"signal": int(StopFlag.received)}
-    return summary
+    return train(cfg, run_dir, **kwargs)
 
 
 def finish(args, summary: dict) -> int:

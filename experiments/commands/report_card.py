@@ -1,6 +1,7 @@
 """`plutao report-card RUN [RUN ...]`: the stages of the arithmetic-world assistant compared side by
-side (experiments/report_card.py); the arguments are checked before any model loads, and nothing is
-written into --out until the whole card is measured."""
+side (experiments/report_card.py); the arguments are checked before any model loads. Each finished
+column is kept in OUT/columns/ until the card is written, so a card stopped part-way resumes from
+there; then only the report files remain."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def cmd_report_card(args) -> int:
     report = evaluate(plan, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     if jax.process_index() != 0:
         return 0
-    files = write_report(report, Path(args.out or "report-card"))
+    files = write_report(report, Path(args.out))
     if args.json:
         print(json.dumps(report | {"files": [str(f) for f in files]}))
     else:
@@ -41,7 +42,8 @@ def register(sub) -> None:
                     "{\"messages\": [...], \"answer\": \"799\"}")
     rc.add_argument("--match", choices=("last-number", "exact"), default="last-number",
                     help="--problems-file: the reply's last number must equal the answer, or the whole reply")
-    rc.add_argument("--out", help="where report.md, report.json and the charts go (default: report-card/)")
+    rc.add_argument("--out", default=str(Path("runs") / "report-card"), help="where report.md, report.json and "
+                    "the charts go (default: %(default)s; runs/ is ignored by git)")
     rc.add_argument("--seed", type=int, default=0)
     rc.add_argument("--json", action="store_true")
     rc.set_defaults(fn=cmd_report_card)

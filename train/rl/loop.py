@@ -301,7 +301,7 @@ def train_rl(p, run_dir: Path, saved: dict | None, write_run_files, quiet: bool,
                 why = f"stopped by signal {stop.signal}" if stop.signal is not None else "reached train.stop_at_step"
                 log(f"{why} at step {step}; checkpoint saved in {run_dir}/checkpoints/{step}. "
                      "Run the same command again to resume.")
-                return {"interrupted": True, "step": step, "run_dir": str(run_dir)}
+                return {"interrupted": True, "step": step, "run_dir": str(run_dir), "signal": stop.signal}
             if step > (checkpoints.latest_step() or 0):
                 evaluation(step)
                 save(step)

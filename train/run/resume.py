@@ -98,20 +98,15 @@ class Stopped(KeyboardInterrupt):
 
 
 class StopFlag:
-    """Set by SIGTERM/SIGINT; the loop finishes the step in flight, saves and exits.
-
-    `StopFlag.received` is the signal that the latest flag got (None: none), for the commands to read
-    once the loop has returned: a run stopped by SIGINT exits 130, by SIGTERM 143 (reaching
+    """Set by SIGTERM/SIGINT; the loop finishes the step in flight, saves and exits, its summary saying
+    which signal stopped it ("signal": the commands exit 130 for SIGINT, 143 for SIGTERM; reaching
     train.stop_at_step also ends a loop early, but is no signal: exit 0)."""
-
-    received: int | None = None
 
     def __init__(self):
         self.signal: int | None = None
         self._previous = {}
 
     def __enter__(self):
-        StopFlag.received = None
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -123,7 +118,6 @@ class StopFlag:
                 previous(signum, frame)  # (the `plutao` entry point's: one line and exit 128 + signum)
             raise Stopped(signum)
         self.signal = signum
-        StopFlag.received = signum
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
