@@ -66,11 +66,14 @@ def launch_local(command: list[str], n: int, devices_per_process: int = 1, port:
                 proc.send_signal(signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # A process stopped by SIGINT/SIGTERM (exit 130/143) saved and stopped at a step every process
+    # agreed on; the others stop there too. Any other exit code is a failure.
+    stopped = (0, 128 + signal.SIGINT, 128 + signal.SIGTERM)
     try:
         failed = None
         while any(proc.poll() is None for proc, _ in procs):
             for i, (proc, _) in enumerate(procs):
-                if proc.poll() not in (None, 0) and failed is None:
+                if proc.poll() not in (None, *stopped) and failed is None:
                     failed = i
                     for other, _ in procs:  # a collective would wait for the dead process forever
                         if other.poll() is None:
@@ -85,7 +88,7 @@ def launch_local(command: list[str], n: int, devices_per_process: int = 1, port:
             if out:
                 out.close()
     if failed is None:
-        failed = next((i for i, c in enumerate(codes) if c), None)
+        failed = next((i for i, c in enumerate(codes) if c not in stopped), None)
     if failed is None:  # the logs are only worth keeping when something went wrong
         shutil.rmtree(logs, ignore_errors=True)
     elif failed != 0:

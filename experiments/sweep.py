@@ -173,9 +173,11 @@ class Runner:
         self.procs: dict[str, subprocess.Popen] = {}
         self.lock = threading.Lock()
         self.stopping = False
+        self.signal: int | None = None  # what stopped the sweep (SIGINT/SIGTERM), for its exit code
 
     def stop_all(self, signum=signal.SIGINT) -> None:
         self.stopping = True
+        self.signal = int(signum)
         with self.lock:
             for proc in self.procs.values():
                 if proc.poll() is None:
@@ -224,6 +226,8 @@ class Runner:
         else:
             record["status"] = INTERRUPTED if self.stopping or stopped else FAILED
             record["error"] = _last_error(log_path) or f"exited with code {proc.returncode}"
+        if self.stopping and record["status"] == INTERRUPTED:
+            record["stopped_by_signal"] = self.signal
         write_trial(trial.directory, record)
         return record
 
@@ -481,5 +485,6 @@ def sweep(spec: SweepSpec, sweep_dir: Path, cli_overrides: dict[str, str], *, re
         status = (read_trial(t.directory) or {}).get("status", "missing")
         counts[status] = counts.get(status, 0) + 1
     log("trial status: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    stopped_by = next((r["stopped_by_signal"] for r in results if r.get("stopped_by_signal")), None)
     return {"sweep_dir": str(sweep_dir), "started_unix": t0, "ran": len(results), "skipped": len(done),
-            "status": counts}
+            "status": counts, **({"signal": stopped_by} if stopped_by else {})}

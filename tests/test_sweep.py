@@ -213,3 +213,16 @@ def test_optuna_search_records_every_trial_and_resumes_its_study(tmp_path, small
     assert (sweep_dir / "optuna.db").is_file()
     assert main(argv) == 0  # the study already has its 3 trials: nothing new runs
     assert len(list(sweep_dir.glob("trials/optuna-*"))) == 3
+
+
+def test_a_sweep_stopped_by_sigterm_exits_143_and_by_sigint_130():
+    """The exit code names the signal that stopped the sweep (the SIGINT case runs for real above)."""
+    from plutao.experiments.commands.sweeps import _sweep_exit
+    from plutao.experiments.sweep import Runner
+
+    runner = Runner(SweepSpec(base="tiny"), Path("unused"), print)
+    runner.stop_all(signal.SIGTERM)
+    assert runner.stopping and runner.signal == signal.SIGTERM
+    assert _sweep_exit({"status": {"interrupted": 1, "done": 2}, "signal": signal.SIGTERM}) == 143
+    assert _sweep_exit({"status": {"interrupted": 1}, "signal": signal.SIGINT}) == 130
+    assert _sweep_exit({"status": {"done": 3}}) == 0

@@ -29,10 +29,11 @@ def cmd_sweep(args) -> int:
 
 
 def _sweep_exit(result: dict) -> int:
-    """130 when interrupted (resumable), 1 when a trial failed (the others ran), else 0."""
+    """128 + the signal when interrupted (resumable: 130 for SIGINT, 143 for SIGTERM), 1 when a trial
+    failed (the others ran), else 0."""
     status = result.get("status", {})
     if status.get("interrupted") or status.get("running"):
-        return 130
+        return 128 + result.get("signal", 2)
     if status.get("failed"):
         print(f"plutao: {status['failed']} trial(s) failed; their errors are in trial.json and the report",
               file=sys.stderr)
