@@ -20,9 +20,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from plutao.model.config import ModelConfig
+from plutao.model.heads import forward_logits
 from plutao.train.config.errors import UserError
 from plutao.train.config.presets import PRESETS
 from plutao.train.config.schema import Config, apply_overrides
+from plutao.train.data import sources as data_lib
+from plutao.train.eval.likelihood import stream_metrics
+from plutao.train.loop import train
+from plutao.train.run.lineage import load_run
 
 
 def _tasks(data_dir: Path) -> dict[str, dict]:
@@ -57,15 +63,11 @@ def _config(overrides: dict) -> Config:
 
 
 def _validation(cfg: Config, tokenizer):
-    from plutao.train.data import sources as data_lib
-
     return data_lib.held_out_tokens(cfg.data, tokenizer)[0][1]
 
 
 def _run_neural(name: str, overrides: dict, seconds: float, workdir: Path, say) -> dict:
-    from plutao.train.eval.likelihood import stream_metrics
     from plutao.train.loop import train
-    from plutao.train.run.lineage import load_run
 
     calib = train(_config(overrides | {"train.steps": 40}), workdir / "calibration", quiet=True)
     cfg = _config(overrides)
@@ -85,8 +87,6 @@ def _run_neural(name: str, overrides: dict, seconds: float, workdir: Path, say) 
 
 
 def _run_ngram(name: str, overrides: dict, workdir: Path) -> dict:
-    from plutao.train.loop import train
-
     t0 = time.perf_counter()
     summary = train(_config(overrides), workdir / "run", quiet=True)
     table = summary["table"]
@@ -100,7 +100,6 @@ def _grad_fn(graphdef):
     import jax
     from flax import nnx
 
-    from plutao.model.heads import forward_logits
     from plutao.train.losses import cross_entropy_sum
 
     @jax.jit
@@ -122,7 +121,6 @@ def sequence_latency(lengths=(64, 256, 1024), repeats: int = 5) -> list[dict]:
     import numpy as np
     from flax import nnx
 
-    from plutao.model.config import ModelConfig
     from plutao.model.families import build_model
 
     models = {"Transformer 4×128": {"family": "decoder", "n_layers": 4, "d_model": 128, "n_heads": 4},

@@ -29,8 +29,11 @@ from plutao.model.counts import flops_per_token
 from plutao.model.decode import generate
 from plutao.model.heads import forward_logits
 from plutao.model.sampling import SamplingConfig
+from plutao.train.config.errors import UserError
 from plutao.train.config.presets import PRESETS
 from plutao.train.config.schema import Config, apply_overrides
+from plutao.train.data import corpora
+from plutao.train.data import sources as data_lib
 from plutao.train.loop import train
 from plutao.train.prepare import prepare
 from plutao.train.run.lineage import load_run
@@ -147,13 +150,11 @@ def run_bench(data: str | None = None, steps: int = 2000, torch: bool = True, sa
               workdir: str | None = None, out=None) -> dict:
     """Run the benchmark; the report goes to `out` (stdout by default)."""
     out = out or sys.stdout
-    from plutao.train.config.errors import UserError
 
     if steps < 20:
         raise UserError(f"--steps {steps} is too few to time (the first 10 steps are warm-up); use at least 20")
     data = resolve_data(data)
     if not Path(data).is_file():
-        from plutao.train.data import corpora
         from plutao.train.data.sources import cache_root
 
         try:
@@ -203,7 +204,6 @@ def run_bench(data: str | None = None, steps: int = 2000, torch: bool = True, sa
         "flops_per_step": flops_step, "achieved_flops": flops_step / median_ms * 1e3, "matmul_peak": peak,
         "mfu": flops_step / median_ms * 1e3 / peak, "load_before": load, "load_after": os.getloadavg()[0],
     }
-    from plutao.train.data import sources as data_lib
     from plutao.train.eval.likelihood import stream_metrics
 
     run = load_run(run_dir)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from plutao.experiments.cli import Interrupted, main
 from plutao.train.config.errors import UserError
 
 STAGES = ("base", "sft", "rm", "ppo", "dpo", "grpo-gold", "grpo-rm")
@@ -74,7 +75,6 @@ def commands(seed_dir: Path, seed: int, scale: float, overrides: dict[str, list[
 
 def run_seed(seed_dir: Path, seed: int, scale: float, overrides, *, problems: int, best_of: int, log) -> dict:
     """Every stage of one seed (skipping finished ones), then its report card; returns report.json."""
-    from plutao.experiments.cli import Interrupted, main
 
     seed_dir.mkdir(parents=True, exist_ok=True)
     for stage, argv in commands(seed_dir, seed, scale, overrides).items():

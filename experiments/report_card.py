@@ -33,6 +33,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from plutao.experiments.report_card_files import ColumnCache
 from plutao.experiments.report_card_stats import (
     BEST_OF,
     BEST_OF_DISTINCT,
@@ -52,7 +53,15 @@ from plutao.experiments.report_card_stats import (
     win_rates,
     window_cap,
 )
+from plutao.model.decode import complete
+from plutao.model.heads import forward_logits
+from plutao.tokenizer.chat import prompt_ids, reply_stop_ids
 from plutao.train.config.errors import UserError
+from plutao.train.config.schema import Config
+from plutao.train.eval.likelihood import stream_metrics
+from plutao.train.rl.rollouts import Prompt, pack
+from plutao.train.run.lineage import load_run
+from plutao.train.run.rundir import existing_run_config, parse_init_from, read_run_config
 from plutao.train.worlds import arith
 
 REPLY_TOKENS = 24  # the token budget of every reply (an answer is at most 6 digits)
@@ -64,7 +73,6 @@ DISTINCT_SAMPLES = 8  # ... and temperature-1 replies to each
 def pretraining_ancestor(run_dir: Path) -> Path | None:
     """The base run (train.task "") a run descends from, following config.json's lineage.parent (or
     train.init_from); the run itself when it is one; None when the chain breaks."""
-    from plutao.train.run.rundir import parse_init_from, read_run_config
 
     seen = set()
     run_dir = Path(run_dir)
@@ -100,7 +108,6 @@ def fit(ids: Sequence[int], context: int, budget: int = REPLY_TOKENS) -> list[in
 def sample(model, tokenizer, prompts: Sequence[Sequence[int]], *, temperature: float, seeds: Sequence[int],
            stop_ids: Sequence[int], budget: int = REPLY_TOKENS, rows_per_call: int = ROWS_PER_CALL) -> list[Reply]:
     """Each prompt's reply, in calls of exactly `rows_per_call` rows (the last one padded)."""
-    from plutao.model.decode import complete
     from plutao.model.sampling import SamplingConfig
 
     out = []
@@ -162,8 +169,6 @@ class Column:
 
 
 def _chat_ids(tokenizer, messages: Sequence[list[dict]], context: int) -> list[list[int]]:
-    from plutao.tokenizer.chat import prompt_ids
-
     return [fit(prompt_ids(m, tokenizer), context) for m in messages]
 
 
@@ -176,7 +181,6 @@ def _rewards(scorer, messages: Sequence[list[dict]], replies: Sequence[Reply]) -
 
 def run_column(run, problems: Problems, file_messages: list[list[dict]] | None, seed: int, log) -> Column:
     """Every reply a run's column needs, each kind in one batched sampling pass."""
-    from plutao.tokenizer.chat import reply_stop_ids
 
     tok, model, context = run.tokenizer, run.model, run.cfg.model.context_length
     name, stops = run.run_dir.name, reply_stop_ids(tok)
@@ -206,7 +210,6 @@ def run_column(run, problems: Problems, file_messages: list[list[dict]] | None, 
 def best_of_column(run, scorer, n_best: int, problems: Problems, file_messages: list[list[dict]] | None, seed: int,
                    log) -> Column:
     """`NAME+best-of-N`: for each prompt N temperature-1 replies (one batch), the highest-reward one kept."""
-    from plutao.tokenizer.chat import reply_stop_ids
 
     tok, model, context = run.tokenizer, run.model, run.cfg.model.context_length
     name = f"{run.run_dir.name}+best-of-{n_best}"
@@ -235,9 +238,7 @@ def best_of_column(run, scorer, n_best: int, problems: Problems, file_messages: 
 
 def bits_per_byte(run, cache: dict, log) -> tuple[float | None, str | None]:
     """(bits per byte on the held-out mixture of the run's pretraining ancestor, or None; a note)."""
-    from plutao.train.config.schema import Config
     from plutao.train.data import sources as data_lib
-    from plutao.train.eval.likelihood import stream_metrics
     from plutao.train.run.rundir import existing_run_config
 
     name = run.run_dir.name
@@ -282,9 +283,7 @@ class Plan:
 def check(runs: Sequence[str], *, reward: str | None, best_of: int, problems: int, problems_file: str | None,
           match: str = "last-number", seed: int = 0, out: str | None = None) -> Plan:
     """Everything that can be wrong with the arguments, as one-line UserErrors, before any model loads."""
-    from plutao.train.config.schema import Config
     from plutao.train.data.conversations import read_problems
-    from plutao.train.run.rundir import existing_run_config
     from plutao.train.tasks import task_class
 
     if best_of < 0:
@@ -332,7 +331,6 @@ def kl_and_entropy(run, reference, prompt_ids: Sequence[Sequence[int]], replies:
     """(mean KL(run ‖ reference) per reply, mean entropy per reply token) over replies sampled from the
     run at temperature 1: Σ over each reply's positions of the exact KL of the next-token
     distributions (an unbiased estimate of the sequence-level KL, ≥ 0), on the run's own tokens."""
-    from plutao.train.rl.rollouts import Prompt, pack
 
     tok, context = run.tokenizer, run.cfg.model.context_length
     graph_a, params_a = nnx.split(run.model)
@@ -355,7 +353,6 @@ def kl_and_entropy(run, reference, prompt_ids: Sequence[Sequence[int]], replies:
 
 @functools.cache
 def _kl_pass(graph_a, graph_b):
-    from plutao.model.heads import forward_logits
     from plutao.train.rl.objectives import entropy, kl_exact
 
     def run(params_a, params_b, tokens):
@@ -385,9 +382,7 @@ def evaluate(plan: Plan, log: Callable[[str], None] = lambda msg: None) -> dict:
     """The report card of a checked plan, as the JSON object report.json holds. Each finished column is
     kept in OUT/columns/ (plan.out), and one kept there under the same key is reused: an interrupted
     card resumes from its finished columns."""
-    from plutao.experiments.report_card_files import ColumnCache
     from plutao.train.rl.rewards import RewardScorer
-    from plutao.train.run.lineage import load_run
 
     loaded = [load_run(p) for p in plan.runs]  # (every run opens before any sampling)
     scorer = RewardScorer.load(plan.reward) if plan.reward else None

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from plutao.experiments.report_card_stats import Reply
+
 # --- the files ------------------------------------------------------------------------------------------
 
 def _cell(x, digits: int = 3) -> str:
@@ -180,8 +182,6 @@ def _replies(replies) -> list | None:
 
 
 def _read_replies(rows) -> list | None:
-    from plutao.experiments.report_card_stats import Reply
-
     return None if rows is None else [Reply(text, length, stop, tuple(tokens)) for text, length, stop, tokens in rows]
 
 
