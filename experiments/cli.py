@@ -49,12 +49,15 @@ def interrupted_line(signum: int, message: str = "") -> str:
 # --- the process entry point -------------------------------------------------------------------------
 
 _console = False  # main() owns the process (the `plutao` entry point): interrupts leave with os._exit
-_leaving = threading.Lock()
+_leaving = threading.RLock()
 
 
 def _leave(signum: int, message: str = "") -> None:
     """One line, then exit 128 + signum at once (no interpreter or XLA teardown)."""
-    _leaving.acquire()  # (a second caller waits here until the first has exited)
+    # One caller prints and exits; another thread (the watcher and the handler both see one signal)
+    # waits here. Re-entrant: a second signal arriving on the main thread while its handler is already in
+    # here (flushing a slow pipe) goes straight on to exit instead of waiting on itself forever.
+    _leaving.acquire()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):  # (a closed pipe: nothing more to say there)
             stream.flush()

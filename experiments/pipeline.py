@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from plutao.experiments.cli import Interrupted, main
+from plutao.experiments import cli
 from plutao.train.config.errors import UserError
 
 STAGES = ("base", "sft", "rm", "ppo", "dpo", "grpo-gold", "grpo-rm")
@@ -84,9 +84,9 @@ def run_seed(seed_dir: Path, seed: int, scale: float, overrides, *, problems: in
             continue
         log(f"pipeline: seed {seed} {stage}: plutao {' '.join(argv)}")
         t0 = time.perf_counter()
-        rc = main([*argv, "--quiet"])
+        rc = cli.main([*argv, "--quiet"])
         if rc in (130, 143):  # stopped by a signal: its checkpoint is kept, the stage is not done
-            raise Interrupted(rc - 128, f"pipeline: seed {seed} stage {stage} was stopped (its last checkpoint is "
+            raise cli.Interrupted(rc - 128, f"pipeline: seed {seed} stage {stage} was stopped (its last checkpoint is "
                                         "kept); run the same command again to resume it")
         if rc != 0:
             raise UserError(f"pipeline: seed {seed} stage {stage} failed (exit {rc}); fix it and run the same command "
@@ -100,9 +100,9 @@ def run_seed(seed_dir: Path, seed: int, scale: float, overrides, *, problems: in
         argv = ["report-card", *(str(seed_dir / c) for c in COLUMNS), "--reward", str(seed_dir / "rm"),
                 "--best-of", str(best_of), "--problems", str(problems), "--out", str(report_dir), "--seed", str(seed)]
         log(f"pipeline: seed {seed} report card: plutao {' '.join(argv)}")
-        rc = main(argv)
+        rc = cli.main(argv)
         if rc in (130, 143):
-            raise Interrupted(rc - 128, f"pipeline: seed {seed}: the report card was stopped (its finished columns "
+            raise cli.Interrupted(rc - 128, f"pipeline: seed {seed}: the report card was stopped (its finished columns "
                                         "are kept); run the same command again to finish it")
         if rc != 0:
             raise UserError(f"pipeline: seed {seed}: the report card failed; run the same command again")

@@ -368,13 +368,29 @@ def reference_run(loaded) -> object | None:
     return next((r for r in loaded if r.task.name == "sft" and not r.cfg.lora.rank), None)
 
 
+def checkpoint_stamp(run_dir: Path, step: int | None = None) -> list | None:
+    """[step, modification time in ns] of a run's checkpoint (its latest without `step`): a run trained
+    again to the same step in the same folder has another stamp."""
+    folder = Path(run_dir) / "checkpoints"
+    steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
+    step = step if step is not None else (steps[-1] if steps else None)
+    path = folder / str(step)
+    return [step, path.stat().st_mtime_ns] if step is not None and path.is_dir() else None
+
+
 def column_key(run, plan: Plan, scorer) -> dict:
-    """What defines a run's column: the run and its checkpoint, the problems, the seed (and the reward
-    model that scores it); a column kept under another key is measured again."""
+    """What defines a run's column: the run and its checkpoint (and the pretraining ancestor's, whose
+    held-out text gives bits per byte), the problems, the seed, and the reward model that scores it; a
+    column kept under another key is measured again."""
     files = plan.file_problems
-    return {"run": str(run.run_dir.absolute()), "step": run.step, "problems": plan.problems, "seed": plan.seed,
+    ancestor = pretraining_ancestor(run.run_dir)
+    return {"run": str(run.run_dir.absolute()), "step": run.step,
+            "checkpoint": checkpoint_stamp(run.run_dir, run.step),
+            "ancestor": None if ancestor is None else [str(ancestor.absolute()), checkpoint_stamp(ancestor)],
+            "problems": plan.problems, "seed": plan.seed,
             "reply_tokens": REPLY_TOKENS, "problems_file": [m for m, _ in files] if files else None,
-            "reward": None if scorer is None else [str(Path(plan.reward).absolute()), scorer.run.step,
+            "reward": None if scorer is None else [str(Path(plan.reward).absolute()),
+                                                   checkpoint_stamp(plan.reward, scorer.run.step),
                                                    float(scorer.offset)]}
 
 

@@ -5,8 +5,9 @@ mixed lengths and settings (greedy, temperature, top-k, top-p) in one batch, and
 XLA compilations that 100 sampling calls with varied settings, prompt lengths and budgets trigger.
 Runs cross the context, so they include re-prefills.
 
-`--old PATH` measures another `sampling.py` with the same public `generate` instead (e.g. one saved
-with `git show REV:model/sampling.py > /tmp/old/sampling.py`). A sampler that takes one setting
+`--old PATH` measures another generation module with the same public `generate` instead (e.g. one
+saved with `git show REV:model/decode.py > /tmp/old/decode.py`; for revisions before the engine moved
+out of it, `REV:model/sampling.py`). A sampler that takes one setting
 per call serves the mixed batch as one call per distinct setting (its rows then share a seed).
 Timings are the best of --repeats calls after a first one, which includes compilation.
 """
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     args = parser.parse_args(argv)
     if args.old and not Path(args.old).is_file():
-        print(f"error: --old {args.old} is no file; save one with `git show REV:model/sampling.py > PATH`",
+        print(f"error: --old {args.old} is no file; save one with `git show REV:model/decode.py > PATH`",
               file=sys.stderr)
         return 2
     say = (lambda m: print(m, file=sys.stderr)) if args.json else print

@@ -28,7 +28,6 @@ from typing import Any
 
 from plutao.experiments.sweep_spec import SweepSpec
 from plutao.train.config.errors import UserError
-from plutao.train.tasks import resolve
 
 TRIAL_FILE = "trial.json"
 DONE, FAILED, INTERRUPTED, PRUNED, RUNNING = "done", "failed", "interrupted", "pruned", "running"
@@ -459,7 +458,10 @@ def sweep(spec: SweepSpec, sweep_dir: Path, cli_overrides: dict[str, str], *, re
     if sweep_dir.exists() and not sweep_dir.is_dir():
         raise UserError(f"--workdir {sweep_dir} is a file; give a directory")
     # Fail on a bad base config or shared override before starting anything (a bad swept value
-    # fails its own trials only, and is recorded there).
+    # fails its own trials only, and is recorded there). The task registry (and JAX) is imported here,
+    # not at the top: `plutao report` and the spec tools import this module and never train.
+    from plutao.train.tasks import resolve
+
     resolve(spec.base, [f"{k}={json.dumps(v) if isinstance(v, list) else v}"
                        for k, v in {**spec.overrides, **cli_overrides}.items()])
     t0 = time.time()
@@ -476,7 +478,11 @@ def sweep(spec: SweepSpec, sweep_dir: Path, cli_overrides: dict[str, str], *, re
     tmp.replace(record_path)
     if spec.optuna:
         results = run_optuna(spec, sweep_dir, trials[0], cli_overrides, log)
-        return {"sweep_dir": str(sweep_dir), "started_unix": t0, "ran": len(results), "skipped": 0}
+        counts = {}
+        for r in results:
+            counts[r.get("status", "missing")] = counts.get(r.get("status", "missing"), 0) + 1
+        return {"sweep_dir": str(sweep_dir), "started_unix": t0, "ran": len(results), "skipped": 0,
+                "status": counts, **_stopped_by(results)}
     log(f"sweep {sweep_dir}: {len(trials)} trials ({len(done)} already finished, {len(todo)} to run, "
         f"{spec.parallel} at a time, executor {spec.executor})")
     results = (run_slurm if spec.executor == "slurm" else run_local)(spec, sweep_dir, todo, log) if todo else []
@@ -485,6 +491,11 @@ def sweep(spec: SweepSpec, sweep_dir: Path, cli_overrides: dict[str, str], *, re
         status = (read_trial(t.directory) or {}).get("status", "missing")
         counts[status] = counts.get(status, 0) + 1
     log("trial status: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
-    stopped_by = next((r["stopped_by_signal"] for r in results if r.get("stopped_by_signal")), None)
     return {"sweep_dir": str(sweep_dir), "started_unix": t0, "ran": len(results), "skipped": len(done),
-            "status": counts, **({"signal": stopped_by} if stopped_by else {})}
+            "status": counts, **_stopped_by(results)}
+
+
+def _stopped_by(results: list[dict]) -> dict:
+    """{"signal": the signal that stopped the sweep} when one did (for its exit code), else {}."""
+    signum = next((r["stopped_by_signal"] for r in results if r.get("stopped_by_signal")), None)
+    return {"signal": signum} if signum else {}

@@ -3,6 +3,7 @@ recurrent baselines (the n-gram model is counted, not trained by gradient: model
 
 from __future__ import annotations
 
+import jax
 from flax import nnx
 
 from plutao.model.baselines.rnn import RecurrentLM
@@ -30,8 +31,6 @@ def build_model(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
 def param_roles(cfg: ModelConfig) -> dict:
     """The `role` of every parameter ("weight", "embedding", "bias", "norm"), as a pure nested dict
     shaped like the parameters; computed from abstract shapes (nothing is allocated)."""
-    import jax
-
     state = nnx.state(nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0))), nnx.Param)
     roles = jax.tree.map(lambda var: var.get_metadata()["role"], state, is_leaf=lambda x: isinstance(x, nnx.Variable))
     return nnx.to_pure_dict(roles)

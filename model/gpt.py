@@ -50,7 +50,7 @@ class GPT(nnx.Module):
         )
 
     def init_cache(self, batch: int, length: int):
-        """An empty KV cache for incremental decoding (see model/sampling.py)."""
+        """An empty KV cache for incremental decoding (see model/decode.py)."""
         return init_cache(batch, length, self.cfg, self.compute_dtype)
 
     def __call__(

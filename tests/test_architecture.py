@@ -156,4 +156,7 @@ def test_the_layer_check_can_fail():
 def test_every_train_subpackage_says_what_it_may_import():
     for init in (ROOT / "train").rglob("__init__.py"):
         doc = ast.get_docstring(ast.parse(init.read_text())) or ""
-        assert doc, f"{init.relative_to(ROOT)} has no docstring"
+        if init.parent == ROOT / "train":  # (train/__init__.py draws the whole order instead)
+            assert "imports point one way" in doc
+            continue
+        assert "import" in doc, f"{init.relative_to(ROOT)} does not say what it may import"

@@ -90,7 +90,7 @@ def test_rl_runs_record_both_parents_and_serve_the_policy(tiny_stages, tmp_path,
 PLUTAO = [sys.executable, "-m", "plutao.experiments"]
 
 
-def test_ppo_resumed_at_a_checkpoint_equals_uninterrupted(tiny_stages, tmp_path):
+def test_ppo_resumed_at_a_checkpoint_equals_uninterrupted(tiny_stages, tmp_path, capsys):
     """Fast sibling of the slow SIGKILL test below: the RL loop's resume path (checkpoint, optimizer and
     value-head state, step-indexed rollout seeds, the adaptive β) in one process, stopped by train.stop_at_step."""
     args = ["ppo", str(tiny_stages["sft"]), "--reward", str(tiny_stages["rm"]), "train.steps=4",
@@ -98,7 +98,9 @@ def test_ppo_resumed_at_a_checkpoint_equals_uninterrupted(tiny_stages, tmp_path)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert main(args + ["--workdir", str(straight)]) == 0
     assert main(args + ["--workdir", str(resumed), "train.stop_at_step=2"]) == 0
+    capsys.readouterr()
     assert main(args + ["--workdir", str(resumed)]) == 0
+    assert f"resumed from {resumed}/checkpoints/2" in capsys.readouterr().err  # (not a fresh start)
     keys = ("loss", "pg_loss", "value_loss", "rm_score", "kl", "clipfrac")
     want = {r["step"]: [r[k] for k in keys] for r in _records(straight)}
     got = {r["step"]: [r[k] for k in keys] for r in _records(resumed)}

@@ -115,7 +115,7 @@ def test_reward_eval_and_score(tiny_stages, capsys):
 SFT = [sys.executable, "-m", "plutao.experiments.cli", "sft"]
 
 
-def test_sft_resumed_at_a_checkpoint_equals_uninterrupted(tiny_stages, tmp_path):
+def test_sft_resumed_at_a_checkpoint_equals_uninterrupted(tiny_stages, tmp_path, capsys):
     """Fast sibling of the slow SIGKILL test below: the stage's resume path (its parent's weights restored
     once, then its own checkpoint; step-indexed chat batches) in one process, stopped by train.stop_at_step."""
     args = ["sft", str(tiny_stages["base"]), "train.steps=6", "train.checkpoint_every=3", "train.eval_every=0",
@@ -123,7 +123,9 @@ def test_sft_resumed_at_a_checkpoint_equals_uninterrupted(tiny_stages, tmp_path)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert main(args + ["--workdir", str(straight)]) == 0
     assert main(args + ["--workdir", str(resumed), "train.stop_at_step=3"]) == 0
+    capsys.readouterr()
     assert main(args + ["--workdir", str(resumed)]) == 0
+    assert f"resumed from {resumed}/checkpoints/3" in capsys.readouterr().err  # (not a fresh start)
     for a, b in zip(jax.tree.leaves(jax.device_get(load_run(straight).params)),
                     jax.tree.leaves(jax.device_get(load_run(resumed).params))):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)

@@ -44,14 +44,17 @@ def stage_defaults(stage: str) -> dict:
     from plutao.train.config.schema import config_defaults
 
     preset = STAGE_PRESETS[stage]
-    rl = {"ppo": True, "grpo": True, "dpo": ("rl.beta",)}.get(stage, ())
+    # (the rl.* keys only one of the RL stages reads: PPO's value model and GAE, GRPO's baseline)
+    ppo_only = ("rl.value_clip", "rl.value_coef", "rl.value_lr", "rl.whiten_rewards", "rl.gamma", "rl.lam")
+    reads = {"ppo": lambda k: k != "rl.baseline", "grpo": lambda k: k not in ppo_only,
+             "dpo": lambda k: k == "rl.beta"}.get(stage, lambda k: False)
     out = {}
     for key, value in (config_defaults() | preset).items():
         if key.startswith(INHERITED) and key not in preset:
             continue
         if key in ("train.task", "train.init_from", "data.path", "data.val_path", "rl.reward"):
             continue
-        if key.startswith("rl.") and not (rl is True or key in rl):
+        if key.startswith("rl.") and not reads(key):
             continue
         out[key] = value
     return out

@@ -180,7 +180,7 @@ class Batches:
     """Step-indexed batches of (B, T+1) tokens from a weighted mixture of sources.
 
     `train_rows(step, rows)` materialises only the requested rows of the global batch; the
-    trainer asks for exactly the rows its devices hold (see `train/step.py: sharded_batch`), so
+    trainer asks for exactly the rows its devices hold (see `train/data/batches.py: sharded_batch`), so
     each process reads its part of the batch, whatever the mesh.
     """
 

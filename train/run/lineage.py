@@ -8,6 +8,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from flax import nnx
 
 from plutao.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 from plutao.tokenizer.chat import template_hash
@@ -86,8 +87,6 @@ def load_run(run_dir: Path, step: int | None = None) -> LoadedRun:
                         "that trained it")
     params = state["params"][task.served] if task.served else state["params"]
     if trainer.adapted:  # adapters in the checkpoint, the base from the run they adapt: used merged
-        from flax import nnx
-
         adapted = {"params": params, "frozen": {"base": lora_base(trainer, saved.get("lineage", {}),
                                                                   tokenizer.fingerprint, cfg.model)}}
         params = nnx.to_pure_dict(nnx.state(trainer.model(adapted), nnx.Param))

@@ -145,7 +145,6 @@ def plot_rewards(run_dir: Path) -> Path | None:
 def plot_overoptimization(run_dirs: list[Path], out: Path) -> Path | None:
     """Gao et al.'s picture for RL runs side by side: the reward-model score and the gold reward of the
     rollouts against KL(π ‖ π_ref) per reply, one line per run (its β in the legend), written to `out`."""
-    import json as _json
 
     import matplotlib
 
@@ -159,7 +158,7 @@ def plot_overoptimization(run_dirs: list[Path], out: Path) -> Path | None:
         if not train:
             continue
         try:
-            beta = _json.loads((Path(run_dir) / "config.json").read_text())["rl"]["beta"]
+            beta = json.loads((Path(run_dir) / "config.json").read_text())["rl"]["beta"]
         except (OSError, KeyError, ValueError):
             beta = "?"
         label = f"{Path(run_dir).name} (β={beta})"

@@ -2,6 +2,9 @@
 
 This is the one place that maps a model family to what it is trained to do; the loop, `plutao eval`,
 the CLI and inspection ask the task instead.
+
+May import: config/, worlds/, parallel/, data/, eval/, losses.py, and rl/objectives, rl/rollouts,
+rl/comparisons (the RL math and sampling); never step, run/, prepare or the loops.
 """
 
 from __future__ import annotations
