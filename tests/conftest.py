@@ -121,3 +121,17 @@ def tiny_stages(tmp_path_factory):
 
     root = built_once("stages", build, tmp_path_factory)
     return {"base": root / "base", "sft": root / "sft", "rm": root / "rm"}
+
+
+def straight_and_resumed(args: list[str], tmp_path: Path, capsys, stop_at: int) -> tuple[Path, Path]:
+    """A run of the command `args` straight through, and the same run stopped at `stop_at`
+    (train.stop_at_step, a checkpoint there) and resumed in this process; checks that it did resume."""
+    from plutao.experiments.cli import main
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main(args + ["--workdir", str(straight)]) == 0
+    assert main(args + ["--workdir", str(resumed), f"train.stop_at_step={stop_at}"]) == 0
+    capsys.readouterr()
+    assert main(args + ["--workdir", str(resumed)]) == 0
+    assert f"resumed from {resumed}/checkpoints/{stop_at}" in capsys.readouterr().err  # (not a fresh start)
+    return straight, resumed

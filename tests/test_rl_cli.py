@@ -13,7 +13,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import forced_devices
+from conftest import forced_devices, straight_and_resumed
 
 from plutao.experiments.cli import main
 from plutao.model.heads import forward_logits
@@ -95,12 +95,7 @@ def test_ppo_resumed_at_a_checkpoint_equals_uninterrupted(tiny_stages, tmp_path,
     value-head state, step-indexed rollout seeds, the adaptive β) in one process, stopped by train.stop_at_step."""
     args = ["ppo", str(tiny_stages["sft"]), "--reward", str(tiny_stages["rm"]), "train.steps=4",
             "train.checkpoint_every=2", "train.eval_every=0", *RL]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert main(args + ["--workdir", str(straight)]) == 0
-    assert main(args + ["--workdir", str(resumed), "train.stop_at_step=2"]) == 0
-    capsys.readouterr()
-    assert main(args + ["--workdir", str(resumed)]) == 0
-    assert f"resumed from {resumed}/checkpoints/2" in capsys.readouterr().err  # (not a fresh start)
+    straight, resumed = straight_and_resumed(args, tmp_path, capsys, stop_at=2)
     keys = ("loss", "pg_loss", "value_loss", "rm_score", "kl", "clipfrac")
     want = {r["step"]: [r[k] for k in keys] for r in _records(straight)}
     got = {r["step"]: [r[k] for k in keys] for r in _records(resumed)}

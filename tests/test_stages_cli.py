@@ -9,7 +9,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import forced_devices
+from conftest import forced_devices, straight_and_resumed
 
 from plutao.experiments.cli import main
 from plutao.train.run.lineage import load_run
@@ -120,12 +120,7 @@ def test_sft_resumed_at_a_checkpoint_equals_uninterrupted(tiny_stages, tmp_path,
     once, then its own checkpoint; step-indexed chat batches) in one process, stopped by train.stop_at_step."""
     args = ["sft", str(tiny_stages["base"]), "train.steps=6", "train.checkpoint_every=3", "train.eval_every=0",
             "train.sample_every=0", "--quiet"]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert main(args + ["--workdir", str(straight)]) == 0
-    assert main(args + ["--workdir", str(resumed), "train.stop_at_step=3"]) == 0
-    capsys.readouterr()
-    assert main(args + ["--workdir", str(resumed)]) == 0
-    assert f"resumed from {resumed}/checkpoints/3" in capsys.readouterr().err  # (not a fresh start)
+    straight, resumed = straight_and_resumed(args, tmp_path, capsys, stop_at=3)
     for a, b in zip(jax.tree.leaves(jax.device_get(load_run(straight).params)),
                     jax.tree.leaves(jax.device_get(load_run(resumed).params))):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
