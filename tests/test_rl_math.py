@@ -46,6 +46,26 @@ def test_gae_equals_naive_loop(gamma, lam):
     np.testing.assert_allclose(np.asarray(ret), want_ret, atol=1e-5)
 
 
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.5)])
+def test_gae_links_the_actions_across_holes_in_the_mask(gamma, lam):
+    """Replies interrupted by positions that are not the policy's (a tool's result, a user turn): credit
+    flows across the hole as if the actions were adjacent (the naive loop over each row's actions)."""
+    rng = np.random.default_rng(3)
+    B, T = 6, 24
+    mask = np.zeros((B, T), np.float32)
+    for b in range(B):
+        spans = sorted(rng.choice(np.arange(1, T - 1), size=4, replace=False))
+        mask[b, spans[0]:spans[1]] = 1  # an action span, a hole, another span
+        mask[b, spans[2]:spans[3] + 1] = 1
+    assert any((np.diff(row) > 0).sum() > 1 for row in mask)  # (there are holes)
+    rewards = rng.normal(size=mask.shape).astype(np.float32) * mask
+    values = rng.normal(size=mask.shape).astype(np.float32) * mask
+    adv, ret = rl.gae(jnp.asarray(rewards), jnp.asarray(values), jnp.asarray(mask), gamma, lam)
+    want_adv, want_ret = naive_gae(rewards, values, mask, gamma, lam)
+    np.testing.assert_allclose(np.asarray(adv), want_adv, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(ret), want_ret, atol=1e-5)
+
+
 def test_gae_with_lambda_one_is_the_reward_to_go_minus_the_value():
     rng, mask = _rows(1)
     rewards = rng.normal(size=mask.shape).astype(np.float32) * mask

@@ -69,20 +69,23 @@ def token_rewards(score_B: Array, kl_BT: Array, mask_BT: Array, beta) -> Array:
 
 def gae(rewards_BT: Array, values_BT: Array, mask_BT: Array, gamma: float = 1.0, lam: float = 0.95
         ) -> tuple[Array, Array]:
-    """(advantages, returns) by generalised advantage estimation over each row's actions:
-    δ_t = r_t + γ·V_{t+1} − V_t (V after the last action is 0), A_t = δ_t + γλ·A_{t+1};
-    returns = A + V. Both are 0 off the mask."""
+    """(advantages, returns) by generalised advantage estimation over each row's actions, the masked
+    positions, which need not be contiguous: a hole (a tool's result, another speaker's turn) is skipped
+    and the actions on either side are linked. With t' the row's next action after t:
+    δ_t = r_t + γ·V_t' − V_t (V after the last action is 0), A_t = δ_t + γλ·A_t'; returns = A + V.
+    Both are 0 off the mask."""
     m = mask_BT.astype(jnp.float32)
-    next_m = jnp.concatenate([m[:, 1:], jnp.zeros_like(m[:, :1])], axis=1)
-    next_v = jnp.concatenate([values_BT[:, 1:], jnp.zeros_like(values_BT[:, :1])], axis=1) * next_m
-    delta = (rewards_BT + gamma * next_v - values_BT) * m
 
-    def back(carry_B, xs):
-        delta_B, next_m_B = xs
-        a_B = delta_B + gamma * lam * next_m_B * carry_B
-        return a_B, a_B
+    def back(carry, xs):
+        next_v_B, next_a_B = carry  # (the value and advantage of the row's next action)
+        r_B, v_B, m_B = xs
+        a_B = r_B + gamma * next_v_B - v_B + gamma * lam * next_a_B
+        action_B = m_B > 0
+        carry = (jnp.where(action_B, v_B, next_v_B), jnp.where(action_B, a_B, next_a_B))
+        return carry, jnp.where(action_B, a_B, 0.0)
 
-    _, adv_TB = jax.lax.scan(back, jnp.zeros(m.shape[0], jnp.float32), (delta.T, next_m.T), reverse=True)
+    zeros_B = jnp.zeros(m.shape[0], jnp.float32)
+    _, adv_TB = jax.lax.scan(back, (zeros_B, zeros_B), (rewards_BT.T, values_BT.T, m.T), reverse=True)
     adv = adv_TB.T * m
     return adv, (adv + values_BT) * m
 
