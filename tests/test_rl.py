@@ -147,3 +147,9 @@ def test_rl_problems_are_user_errors():
     assert any("divide" in p for p in PolicyGradient.problems(
         dataclasses.replace(base, rl=RLConfig(prompts=6, minibatches=4, max_new_tokens=8))))
     assert any("gold" in p for p in PPO.problems(dataclasses.replace(base, rl=RLConfig(reward="gold", max_new_tokens=8))))
+    # Rollouts at another temperature than the update's would be off-policy: refused, not silently used.
+    for t in (0.7, 1.3, 0.0):
+        assert any("off-policy" in p for p in PolicyGradient.problems(
+            dataclasses.replace(base, rl=RLConfig(temperature=t, max_new_tokens=8))))
+    assert not any("temperature" in p for p in PolicyGradient.problems(
+        dataclasses.replace(base, rl=RLConfig(temperature=1.0, max_new_tokens=8))))

@@ -103,7 +103,7 @@ class RLConfig:
     prompts: int = 32  # prompts per rollout batch
     group: int = 1  # replies per prompt (GRPO: G ≥ 2)
     max_new_tokens: int = 16  # the reply budget
-    temperature: float = 1.0  # of the rollouts (the ratio and the KL use the model at temperature 1)
+    temperature: float = 1.0  # of the rollouts; only 1 (the ratio and the KL read the model at temperature 1)
     epochs: int = 4  # passes over each rollout batch
     minibatches: int = 4  # optimizer steps per pass
     clip: float = 0.2  # ε of the clipped ratio

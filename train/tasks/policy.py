@@ -86,8 +86,10 @@ class PolicyGradient(CausalLM):
             out.append("rl.value_coef, rl.value_clip and rl.unfinished_penalty must be ≥ 0")
         if r.ptx_coef or r.ema:
             out.append("rl.ptx_coef (PPO-ptx) and rl.ema are not available yet; leave them at 0")
-        if r.temperature <= 0:
-            out.append(f"rl.temperature must be > 0 (rollouts are sampled), got {r.temperature}")
+        if r.temperature != 1.0:  # (the update's ratio and KL read the model at temperature 1)
+            out.append(f"rl.temperature={r.temperature:g} would train on replies sampled from another distribution "
+                       "than the one the update's ratio and KL measure (the model at temperature 1): off-policy; "
+                       "leave rl.temperature=1")
         if r.max_new_tokens >= cfg.model.context_length // 2:
             out.append(f"rl.max_new_tokens={r.max_new_tokens} leaves too little of the {cfg.model.context_length}-token "
                        "context for the prompt; lower it")
