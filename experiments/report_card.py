@@ -33,7 +33,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from plutao.experiments.report_card_files import ColumnCache
+from plutao.experiments.report_card_files import ColumnCache, checkpoint_stamp
 from plutao.experiments.report_card_stats import (
     BEST_OF,
     BEST_OF_DISTINCT,
@@ -366,16 +366,6 @@ def _kl_pass(graph_a, graph_b):
 def reference_run(loaded) -> object | None:
     """The run KL is measured against: the first SFT run among the columns (the policy RL starts from)."""
     return next((r for r in loaded if r.task.name == "sft" and not r.cfg.lora.rank), None)
-
-
-def checkpoint_stamp(run_dir: Path, step: int | None = None) -> list | None:
-    """[step, modification time in ns] of a run's checkpoint (its latest without `step`): a run trained
-    again to the same step in the same folder has another stamp."""
-    folder = Path(run_dir) / "checkpoints"
-    steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
-    step = step if step is not None else (steps[-1] if steps else None)
-    path = folder / str(step)
-    return [step, path.stat().st_mtime_ns] if step is not None and path.is_dir() else None
 
 
 def column_key(run, plan: Plan, scorer) -> dict:

@@ -185,6 +185,16 @@ def _read_replies(rows) -> list | None:
     return None if rows is None else [Reply(text, length, stop, tuple(tokens)) for text, length, stop, tokens in rows]
 
 
+def checkpoint_stamp(run_dir: Path, step: int | None = None) -> list | None:
+    """[step, modification time in ns] of a run's checkpoint (its latest without `step`): a run trained
+    again to the same step in the same folder has another stamp."""
+    folder = Path(run_dir) / "checkpoints"
+    steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
+    step = step if step is not None else (steps[-1] if steps else None)
+    path = folder / str(step)
+    return [step, path.stat().st_mtime_ns] if step is not None and path.is_dir() else None
+
+
 class ColumnCache:
     """OUT/columns/NAME.json: a finished column (its replies, rewards, bits per byte and KL), with the key
     that defines it (run directory, checkpoint step, problems, seed, ...). A column whose key matches is

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -478,21 +479,16 @@ def sweep(spec: SweepSpec, sweep_dir: Path, cli_overrides: dict[str, str], *, re
     tmp.replace(record_path)
     if spec.optuna:
         results = run_optuna(spec, sweep_dir, trials[0], cli_overrides, log)
-        counts = {}
-        for r in results:
-            counts[r.get("status", "missing")] = counts.get(r.get("status", "missing"), 0) + 1
+        counts = Counter(r.get("status", "missing") for r in results)
         return {"sweep_dir": str(sweep_dir), "started_unix": t0, "ran": len(results), "skipped": 0,
-                "status": counts, **_stopped_by(results)}
+                "status": dict(counts), **_stopped_by(results)}
     log(f"sweep {sweep_dir}: {len(trials)} trials ({len(done)} already finished, {len(todo)} to run, "
         f"{spec.parallel} at a time, executor {spec.executor})")
     results = (run_slurm if spec.executor == "slurm" else run_local)(spec, sweep_dir, todo, log) if todo else []
-    counts = {}
-    for t in trials:
-        status = (read_trial(t.directory) or {}).get("status", "missing")
-        counts[status] = counts.get(status, 0) + 1
+    counts = Counter((read_trial(t.directory) or {}).get("status", "missing") for t in trials)
     log("trial status: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     return {"sweep_dir": str(sweep_dir), "started_unix": t0, "ran": len(results), "skipped": len(done),
-            "status": counts, **_stopped_by(results)}
+            "status": dict(counts), **_stopped_by(results)}
 
 
 def _stopped_by(results: list[dict]) -> dict:

@@ -35,15 +35,19 @@ def naive_gae(rewards, values, mask, gamma, lam):
     return adv, (adv + values) * mask
 
 
-@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.5), (1.0, 1.0), (0.99, 0.0)])
-def test_gae_equals_naive_loop(gamma, lam):
-    rng, mask = _rows()
+def assert_gae_equals_naive(rng, mask, gamma, lam):
     rewards = rng.normal(size=mask.shape).astype(np.float32) * mask
     values = rng.normal(size=mask.shape).astype(np.float32) * mask
     adv, ret = rl.gae(jnp.asarray(rewards), jnp.asarray(values), jnp.asarray(mask), gamma, lam)
     want_adv, want_ret = naive_gae(rewards, values, mask, gamma, lam)
     np.testing.assert_allclose(np.asarray(adv), want_adv, atol=1e-5)
     np.testing.assert_allclose(np.asarray(ret), want_ret, atol=1e-5)
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.5), (1.0, 1.0), (0.99, 0.0)])
+def test_gae_equals_naive_loop(gamma, lam):
+    rng, mask = _rows()
+    assert_gae_equals_naive(rng, mask, gamma, lam)
 
 
 @pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.5)])
@@ -58,12 +62,7 @@ def test_gae_links_the_actions_across_holes_in_the_mask(gamma, lam):
         mask[b, spans[0]:spans[1]] = 1  # an action span, a hole, another span
         mask[b, spans[2]:spans[3] + 1] = 1
     assert any((np.diff(row) > 0).sum() > 1 for row in mask)  # (there are holes)
-    rewards = rng.normal(size=mask.shape).astype(np.float32) * mask
-    values = rng.normal(size=mask.shape).astype(np.float32) * mask
-    adv, ret = rl.gae(jnp.asarray(rewards), jnp.asarray(values), jnp.asarray(mask), gamma, lam)
-    want_adv, want_ret = naive_gae(rewards, values, mask, gamma, lam)
-    np.testing.assert_allclose(np.asarray(adv), want_adv, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(ret), want_ret, atol=1e-5)
+    assert_gae_equals_naive(rng, mask, gamma, lam)
 
 
 def test_gae_with_lambda_one_is_the_reward_to_go_minus_the_value():
