@@ -138,15 +138,16 @@ def test_attention_maps_for_all_three_kinds(capsys, translation_run, tmp_path, m
     import matplotlib.image
 
     from plutao.experiments import attention_plot
+    from plutao.experiments import inspect as inspect_module
 
     drawn = {}
-    real = attention_plot.plot_attention_sets
+    real = inspect_module.plot_attention_sets
 
     def capture(sets, out_dir, stem):  # keep the weights behind the PNGs
         drawn.update(sets)
         return real(sets, out_dir, stem)
 
-    monkeypatch.setattr(attention_plot, "plot_attention_sets", capture)
+    monkeypatch.setattr(inspect_module, "plot_attention_sets", capture)  # where `attention` looks it up
     assert main(["attention", str(translation_run), "--text", "Deux trois.", "--out", str(tmp_path)]) == 0
     names = sorted(p.name for p in tmp_path.glob("*.png"))
     assert names == ["attention-cross.png", "attention-decoder-self.png", "attention-encoder-self.png"]
