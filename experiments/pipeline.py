@@ -2,7 +2,8 @@
 assistant recipe on the arithmetic world, per seed, as resumable steps, then the report cards and
 their summary over seeds.
 
-Per seed s (DIR/seed{s}/, train.seed = s in every stage):
+Per seed s (DIR/seed{s}/, train.seed = s in every stage, world.seed = s in the base and so in every stage,
+which inherits the base's world):
   base       plutao train arith-base
   sft        plutao sft base
   rm         plutao reward sft
@@ -59,7 +60,8 @@ def commands(seed_dir: Path, seed: int, scale: float, overrides: dict[str, list[
 
     def extra(stage):
         steps = max(1, round(DEFAULT_STEPS[stage] * scale))
-        return [f"train.seed={seed}", f"train.steps={steps}"] + (
+        world = [f"world.seed={seed}"] if stage == "base" else []  # (later stages inherit the base's world)
+        return [f"train.seed={seed}", f"train.steps={steps}", *world] + (
             [f"world.comparisons={max(20, round(COMPARISONS * scale))}"] if stage == "rm" else []) + overrides[stage]
 
     return {
@@ -143,21 +145,34 @@ def summarize(reports: dict[int, dict]) -> dict:
         for key, value in rows[0].items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
                 out[key] = _mean_std(row.get(key) for row in rows)
-            elif isinstance(value, dict) and key.startswith("accuracy_by_digits"):
+            elif isinstance(value, dict) and "_by_digits" in key:
                 out[key] = {d: _mean_std(row[key].get(d) for row in rows) for d in value}
         runs[name] = out
-    wins = {}
-    for key in ("win_rates", "rm_win_rates"):
+    def over_seeds(per_seed: dict[int, dict]) -> dict:  # {seed: {pair: {rate, low, high}}}
         pairs = {}
-        for seed, r in reports.items():
-            for pair, w in r.get(key, {}).items():
+        for seed, table in per_seed.items():
+            for pair, w in table.items():
                 pairs.setdefault(pair, {"rates": [], "intervals": {}})
                 pairs[pair]["rates"].append(w["rate"])
                 pairs[pair]["intervals"][str(seed)] = [w["low"], w["high"]]
-        wins[key] = {pair: {**_mean_std(v["rates"]), "intervals": v["intervals"],
-                            "all_above_half": all(lo > 0.5 for lo, _ in v["intervals"].values())}
-                     for pair, v in pairs.items()}
-    return {"seeds": sorted(reports), "runs": runs, **wins}
+        return {pair: {**_mean_std(v["rates"]), "intervals": v["intervals"],
+                       "all_above_half": all(lo > 0.5 for lo, _ in v["intervals"].values())}
+                for pair, v in pairs.items()}
+
+    wins = {key: over_seeds({seed: r.get(key, {}) for seed, r in reports.items()})
+            for key in ("win_rates", "rm_win_rates")}
+    buckets = sorted({d for r in reports.values() for w in r.get("correctness_win_rates", {}).values()
+                      for d in w["by_digits"]}, key=int)
+    wins["correctness_win_rates"] = {d: over_seeds({seed: {pair: w["by_digits"][d] for pair, w
+                                                           in r.get("correctness_win_rates", {}).items()
+                                                           if d in w["by_digits"]} for seed, r in reports.items()})
+                                     for d in buckets}
+    elo = {}
+    for r in reports.values():
+        for entry in r.get("leaderboard", []):
+            elo.setdefault(entry["name"], []).append(entry["elo"])
+    leaderboard = sorted(({"name": n, **_mean_std(v)} for n, v in elo.items()), key=lambda e: -e["mean"])
+    return {"seeds": sorted(reports), "runs": runs, **wins, "leaderboard": leaderboard}
 
 
 def _ms(x: dict | None, digits: int = 3) -> str:
@@ -181,21 +196,34 @@ def markdown(summary: dict) -> str:
     def row(label, cells):
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
 
-    for d in map(str, range(1, 6)):
-        row(f"{d}-digit accuracy (greedy)", [_ms(runs[n].get("accuracy_by_digits", {}).get(d)) for n in names])
+    for key, label in (("accuracy_by_digits", "greedy"), ("step_by_step_accuracy_by_digits", "think step by step"),
+                       ("direct_accuracy_by_digits", "number only"), ("accuracy_by_digits_few_shot", "few-shot, direct"),
+                       ("accuracy_by_digits_few_shot_worked", "few-shot, worked")):
+        if any(key in runs[n] for n in names):
+            for d in map(str, range(1, 6)):
+                row(f"{d}-digit accuracy ({label})", [_ms(runs[n].get(key, {}).get(d)) for n in names])
     for key, label in (("accuracy", "all digits (greedy)"), ("accuracy_t1", "all digits (T=1)"),
                        ("format_ok", "format ok"), ("mean_length", "mean reply length"),
                        ("distinct", "distinct answers per prompt"), ("entropy", "entropy per reply token (T=1)"),
                        ("kl_to_reference", "KL to SFT per reply (T=1)"), ("bits_per_byte", "bits per byte (pretraining)"),
-                       ("mean_reward", "mean reward-model score")):
+                       ("mean_reward", "mean reward-model score"), ("pass_at_8", "pass@8 (T=1)"),
+                       ("held_out_accuracy", "held-out slice accuracy (greedy)")):
         row(label, [_ms(runs[n].get(key)) for n in names])
-    for key, title in (("win_rates", "Gold win rates"), ("rm_win_rates", "Reward-model win rates")):
-        if not summary.get(key):
+    if summary.get("leaderboard"):
+        lines += ["", "## Leaderboard (Elo, mean ± std over seeds)" if many else "## Leaderboard (Elo, 1 seed)", "",
+                  "| run | Elo |", "|---|---|"]
+        lines += [f"| `{e['name']}` | {_ms(e, 0)} |" for e in summary["leaderboard"]]
+    tables = [(summary[key], title) for key, title in (("win_rates", "Gold labeler win rates"),
+                                                      ("rm_win_rates", "Reward-model win rates"))]
+    tables += [(table, f"Correctness win rates, {d}-digit problems")
+               for d, table in summary.get("correctness_win_rates", {}).items()]
+    for table, title in tables:
+        if not table:
             continue
         lines += ["", f"## {title} (mean ± std over seeds; each seed's bootstrap 95% interval)" if many else
                   f"## {title} (1 seed; its bootstrap 95% interval)", "",
                   "| pair | rate | intervals | every interval above ½ |", "|---|---|---|---|"]
-        for pair, w in summary[key].items():
+        for pair, w in table.items():
             a, _, b = pair.partition(" vs ")
             if a in names and b in names and names.index(a) < names.index(b):
                 continue  # (each pair once: the later stage against the earlier)

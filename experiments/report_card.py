@@ -37,22 +37,16 @@ from plutao.experiments.report_card_files import ColumnCache, checkpoint_stamp
 from plutao.experiments.report_card_stats import (
     BEST_OF,
     BEST_OF_DISTINCT,
-    BITS_PER_BYTE_TOKENS,
-    BOOTSTRAP_SAMPLES,
     DIGITS,
     DISTINCT,
+    DISTINCT_SAMPLES,
     FILE_BEST_OF,
     T1,
     Reply,
-    accuracy_by_digits,
     combined_bits_per_byte,
-    distinct_answers,
-    few_shot_answer,
-    format_ok,
-    matches,
-    win_rates,
     window_cap,
 )
+from plutao.experiments.report_card_summary import summarize
 from plutao.model.decode import complete
 from plutao.model.heads import forward_logits
 from plutao.tokenizer.chat import prompt_ids, reply_stop_ids
@@ -64,10 +58,8 @@ from plutao.train.run.lineage import load_run
 from plutao.train.run.rundir import existing_run_config, parse_init_from, read_run_config
 from plutao.train.worlds import arith
 
-REPLY_TOKENS = 24  # the token budget of every reply (an answer is at most 6 digits)
 ROWS_PER_CALL = 256  # rows of every sampling call (the last one padded): one compiled program
-DISTINCT_PROBLEMS = 50  # problems the diversity row samples (spread over the digit counts) ...
-DISTINCT_SAMPLES = 8  # ... and temperature-1 replies to each
+DISTINCT_PROBLEMS = 50  # problems the diversity and pass@8 rows sample (spread over the digit counts)
 
 
 def pretraining_ancestor(run_dir: Path) -> Path | None:
@@ -100,13 +92,13 @@ def stream_seeds(seed: int, purpose: int, n: int) -> list[int]:
     return np.random.default_rng([seed, purpose]).integers(0, 2 ** 31, size=n).tolist()
 
 
-def fit(ids: Sequence[int], context: int, budget: int = REPLY_TOKENS) -> list[int]:
+def fit(ids: Sequence[int], context: int, budget: int) -> list[int]:
     """A prompt's last tokens, leaving room for the reply (the sampler handles any overflow after)."""
     return list(ids)[-max(context - budget, context // 2, 1):]
 
 
 def sample(model, tokenizer, prompts: Sequence[Sequence[int]], *, temperature: float, seeds: Sequence[int],
-           stop_ids: Sequence[int], budget: int = REPLY_TOKENS, rows_per_call: int = ROWS_PER_CALL) -> list[Reply]:
+           stop_ids: Sequence[int], budget: int, rows_per_call: int = ROWS_PER_CALL) -> list[Reply]:
     """Each prompt's reply, in calls of exactly `rows_per_call` rows (the last one padded)."""
     from plutao.model.sampling import SamplingConfig
 
@@ -123,18 +115,26 @@ def sample(model, tokenizer, prompts: Sequence[Sequence[int]], *, temperature: f
     return out
 
 
+SYSTEMS = {"step_by_step": arith.STEP_BY_STEP, "direct": arith.NUMBER_ONLY}  # "ask for precision" rows
+
+
 @dataclasses.dataclass
 class Problems:
-    """The digit-bucket problems every column answers, in bucket order."""
+    """The digit-bucket problems every column answers, in bucket order, and the held-out slice."""
 
+    world: arith.World
     messages: list[list[dict]]
     problems: list[arith.Problem]
-    few_shot: list[str]  # GPT-3's plain-text prompt of each
     distinct: list[int]  # indices of the problems the diversity row samples
+    held_out: list[tuple[list[dict], arith.Problem]]  # the world's held-out slice (never trained on)
+    budget: int  # reply tokens (arith.reply_budget)
 
     @property
     def digits_P(self) -> np.ndarray:
         return np.array([p.digits for p in self.problems])
+
+    def with_system(self, system: str) -> list[list[dict]]:
+        return [[{"role": "system", "content": system}] + m for m in self.messages]
 
 
 def evaluation_problems(world: arith.World, per_digit: int) -> Problems:
@@ -147,7 +147,18 @@ def evaluation_problems(world: arith.World, per_digit: int) -> Problems:
                 distinct.append(len(problems))
             messages.append(m)
             problems.append(p)
-    return Problems(messages, problems, [arith.few_shot_prompt(world, p) for p in problems], distinct)
+    held = [arith.held_out_problem(world, i) for i in range(per_digit)] if world.held_out_permille else []
+    return Problems(world, messages, problems, distinct, held, arith.reply_budget(world))
+
+
+def few_shot_ids(tok, world: arith.World, p: arith.Problem, limit: int, worked: bool) -> tuple[list[int], int]:
+    """(GPT-3's plain-text prompt after <|endoftext|>, the number of solved examples in it): as many of
+    the 4 examples as fit `limit` tokens, never a cut-off one."""
+    for shots in range(4, -1, -1):
+        ids = [tok.eot_id] + tok.encode_unseen(arith.few_shot_prompt(world, p, shots, worked_form=worked)).tolist()
+        if len(ids) <= limit or shots == 0:
+            return ids[-limit:], shots
+    raise AssertionError("unreachable")
 
 
 @dataclasses.dataclass
@@ -166,10 +177,15 @@ class Column:
     file_replies: list[Reply] | None = None
     rewards: np.ndarray | None = None
     best_of: int = 0
+    # Further greedy replies by name: "few_shot_worked" (a base run), "step_by_step" and "direct" (a chat
+    # run asked with a system prompt), "held_out" (the world's held-out slice); and the few-shot
+    # examples that fit each prompt ("shots", "shots_worked").
+    extra: dict[str, list[Reply]] = dataclasses.field(default_factory=dict)
+    shots: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
 
-def _chat_ids(tokenizer, messages: Sequence[list[dict]], context: int) -> list[list[int]]:
-    return [fit(prompt_ids(m, tokenizer), context) for m in messages]
+def _chat_ids(tokenizer, messages: Sequence[list[dict]], context: int, budget: int) -> list[list[int]]:
+    return [fit(prompt_ids(m, tokenizer), context, budget) for m in messages]
 
 
 def _rewards(scorer, messages: Sequence[list[dict]], replies: Sequence[Reply]) -> np.ndarray:
@@ -182,28 +198,47 @@ def _rewards(scorer, messages: Sequence[list[dict]], replies: Sequence[Reply]) -
 def run_column(run, problems: Problems, file_messages: list[list[dict]] | None, seed: int, log) -> Column:
     """Every reply a run's column needs, each kind in one batched sampling pass."""
 
-    tok, model, context = run.tokenizer, run.model, run.cfg.model.context_length
+    tok, model, context, budget = run.tokenizer, run.model, run.cfg.model.context_length, problems.budget
     name, stops = run.run_dir.name, reply_stop_ids(tok)
-    ids = _chat_ids(tok, problems.messages, context)
+
+    def greedy_on(messages):
+        return sample(model, tok, _chat_ids(tok, messages, context, budget), temperature=0.0, seeds=[0] * len(messages),
+                      stop_ids=stops, budget=budget)
+
+    ids = _chat_ids(tok, problems.messages, context, budget)
     n = len(ids)
     log(f"report-card: {name}: {n} greedy and {n} temperature-1 replies")
-    greedy = sample(model, tok, ids, temperature=0.0, seeds=[0] * n, stop_ids=stops)
-    t1 = sample(model, tok, ids, temperature=1.0, seeds=stream_seeds(seed, T1, n), stop_ids=stops)
+    greedy = sample(model, tok, ids, temperature=0.0, seeds=[0] * n, stop_ids=stops, budget=budget)
+    t1 = sample(model, tok, ids, temperature=1.0, seeds=stream_seeds(seed, T1, n), stop_ids=stops, budget=budget)
     rows = [ids[i] for i in problems.distinct for _ in range(DISTINCT_SAMPLES)]
     log(f"report-card: {name}: {len(rows)} temperature-1 replies for the diversity row")
-    many = sample(model, tok, rows, temperature=1.0, seeds=stream_seeds(seed, DISTINCT, len(rows)), stop_ids=stops)
+    many = sample(model, tok, rows, temperature=1.0, seeds=stream_seeds(seed, DISTINCT, len(rows)), stop_ids=stops,
+                  budget=budget)
     distinct = [[r.text for r in many[k:k + DISTINCT_SAMPLES]] for k in range(0, len(many), DISTINCT_SAMPLES)]
     column = Column(name, run.run_dir, run.step, "chat" if run.task.chat else "base", greedy, t1, distinct)
-    if not run.task.chat:
-        log(f"report-card: {name}: {n} greedy few-shot replies (base model, GPT-3's prompt)")
-        plain = [fit([tok.eot_id] + tok.encode_unseen(p).tolist(), context) for p in problems.few_shot]
+    if problems.held_out:
+        log(f"report-card: {name}: {len(problems.held_out)} greedy replies on the held-out slice")
+        column.extra["held_out"] = greedy_on([m for m, _ in problems.held_out])
+    if run.task.chat:
+        for row, system in SYSTEMS.items():
+            log(f"report-card: {name}: {n} greedy replies with the system prompt {system!r}")
+            column.extra[row] = greedy_on(problems.with_system(system))
+    else:
         newline = tok.encode_unseen("\n").tolist()
-        column.few_shot = sample(model, tok, plain, temperature=0.0, seeds=[0] * n,
-                                 stop_ids=newline if len(newline) == 1 else ())
+        for row, worked in (("few_shot", False), ("few_shot_worked", True)):
+            log(f"report-card: {name}: {n} greedy few-shot replies (base model, GPT-3's prompt, "
+                f"{'worked' if worked else 'direct'} examples)")
+            plain, shots = zip(*(few_shot_ids(tok, problems.world, p, context - budget, worked) for p in problems.problems))
+            replies = sample(model, tok, list(plain), temperature=0.0, seeds=[0] * n, budget=budget,
+                             stop_ids=newline if len(newline) == 1 else ())
+            column.shots["shots_worked" if worked else "shots"] = list(shots)
+            if worked:
+                column.extra[row] = replies
+            else:
+                column.few_shot = replies
     if file_messages:
         log(f"report-card: {name}: {len(file_messages)} greedy replies to the problems file")
-        column.file_replies = sample(model, tok, _chat_ids(tok, file_messages, context), temperature=0.0,
-                                     seeds=[0] * len(file_messages), stop_ids=stops)
+        column.file_replies = greedy_on(file_messages)
     return column
 
 
@@ -211,27 +246,27 @@ def best_of_column(run, scorer, n_best: int, problems: Problems, file_messages: 
                    log) -> Column:
     """`NAME+best-of-N`: for each prompt N temperature-1 replies (one batch), the highest-reward one kept."""
 
-    tok, model, context = run.tokenizer, run.model, run.cfg.model.context_length
+    tok, model, context, budget = run.tokenizer, run.model, run.cfg.model.context_length, problems.budget
     name = f"{run.run_dir.name}+best-of-{n_best}"
 
     def pick(messages, ids, purpose, what):
         rows = [x for x in ids for _ in range(n_best)]
         log(f"report-card: {name}: {len(rows)} temperature-1 replies ({what}), scored by the reward model")
         replies = sample(model, tok, rows, temperature=1.0, seeds=stream_seeds(seed, purpose, len(rows)),
-                         stop_ids=reply_stop_ids(tok))
+                         stop_ids=reply_stop_ids(tok), budget=budget)
         rewards_PN = _rewards(scorer, [m for m in messages for _ in range(n_best)], replies).reshape(-1, n_best)
         best_P = np.argmax(rewards_PN, axis=1)  # (the first of equal rewards)
         kept = [replies[i * n_best + int(b)] for i, b in enumerate(best_P)]
         return kept, rewards_PN[np.arange(len(best_P)), best_P]
 
-    ids = _chat_ids(tok, problems.messages, context)
+    ids = _chat_ids(tok, problems.messages, context, budget)
     kept, rewards = pick(problems.messages, ids, BEST_OF, "the digit problems")
     subset = [problems.messages[i] for i in problems.distinct for _ in range(DISTINCT_SAMPLES)]
-    again, _ = pick(subset, _chat_ids(tok, subset, context), BEST_OF_DISTINCT, "the diversity row")
+    again, _ = pick(subset, _chat_ids(tok, subset, context, budget), BEST_OF_DISTINCT, "the diversity row")
     distinct = [[r.text for r in again[k:k + DISTINCT_SAMPLES]] for k in range(0, len(again), DISTINCT_SAMPLES)]
     column = Column(name, run.run_dir, run.step, "best-of", kept, kept, distinct, rewards=rewards, best_of=n_best)
     if file_messages:
-        column.file_replies, _ = pick(file_messages, _chat_ids(tok, file_messages, context), FILE_BEST_OF,
+        column.file_replies, _ = pick(file_messages, _chat_ids(tok, file_messages, context, budget), FILE_BEST_OF,
                                       "the problems file")
     return column
 
@@ -368,7 +403,7 @@ def reference_run(loaded) -> object | None:
     return next((r for r in loaded if r.task.name == "sft" and not r.cfg.lora.rank), None)
 
 
-def column_key(run, plan: Plan, scorer) -> dict:
+def column_key(run, plan: Plan, scorer, budget: int) -> dict:
     """What defines a run's column: the run and its checkpoint (and the pretraining ancestor's, whose
     held-out text gives bits per byte), the problems, the seed, and the reward model that scores it; a
     column kept under another key is measured again."""
@@ -378,10 +413,10 @@ def column_key(run, plan: Plan, scorer) -> dict:
             "checkpoint": checkpoint_stamp(run.run_dir, run.step),
             "ancestor": None if ancestor is None else [str(ancestor.absolute()), checkpoint_stamp(ancestor)],
             "problems": plan.problems, "seed": plan.seed,
-            "reply_tokens": REPLY_TOKENS, "problems_file": [m for m, _ in files] if files else None,
+            "reply_tokens": budget, "rows": sorted(SYSTEMS), "problems_file": [m for m, _ in files] if files else None,
             "reward": None if scorer is None else [str(Path(plan.reward).absolute()),
                                                    checkpoint_stamp(plan.reward, scorer.run.step),
-                                                   float(scorer.offset)]}
+                                                   float(scorer.offset), float(scorer.scale)]}
 
 
 def evaluate(plan: Plan, log: Callable[[str], None] = lambda msg: None) -> dict:
@@ -411,7 +446,7 @@ def evaluate(plan: Plan, log: Callable[[str], None] = lambda msg: None) -> dict:
         return hit
 
     for run in loaded:
-        key = keys[run.run_dir.name] = column_key(run, plan, scorer)
+        key = keys[run.run_dir.name] = column_key(run, plan, scorer, problems.budget)
         hit = kept(run.run_dir.name, key)
         if hit is not None:
             column, bits[column.name], note = hit
@@ -442,7 +477,7 @@ def evaluate(plan: Plan, log: Callable[[str], None] = lambda msg: None) -> dict:
                 kl[column.name] = cache.kl(column.name, keys[column.name], against)
                 if kl[column.name] is None:
                     log(f"report-card: {column.name}: KL to {reference.run_dir.name} over its temperature-1 replies")
-                    ids = _chat_ids(run.tokenizer, problems.messages, run.cfg.model.context_length)
+                    ids = _chat_ids(run.tokenizer, problems.messages, run.cfg.model.context_length, problems.budget)
                     kl[column.name] = kl_and_entropy(run, reference, ids, column.t1)
                     cache.put_kl(column.name, keys[column.name], against, kl[column.name])
     tok = loaded[0].tokenizer
@@ -450,47 +485,4 @@ def evaluate(plan: Plan, log: Callable[[str], None] = lambda msg: None) -> dict:
     for name, (k, e) in kl.items():
         report["runs"][name] |= {"kl_to_reference": k, "entropy": e}
     report["settings"]["reference"] = reference.run_dir.name if reference is not None else None
-    return report
-
-
-def summarize(columns: list[Column], problems: Problems, plan: Plan, bits: dict, notes: list[str], *,
-              end_id: int, user_id: int) -> dict:
-    """report.json from the replies: per column its rows, and the win rates between columns."""
-    digits_P = problems.digits_P
-    runs = {}
-    for c in columns:
-        correct = [arith.correct(p, r.text) for p, r in zip(problems.problems, c.greedy)]
-        correct_t1 = [arith.correct(p, r.text) for p, r in zip(problems.problems, c.t1)]
-        row = {"run": str(c.run_dir), "step": c.step, "kind": c.kind,
-               "accuracy": float(np.mean(correct)), "accuracy_by_digits": accuracy_by_digits(correct, digits_P),
-               "accuracy_t1": float(np.mean(correct_t1)),
-               "accuracy_by_digits_t1": accuracy_by_digits(correct_t1, digits_P)}
-        if c.best_of:
-            row["best_of"] = c.best_of
-        if c.few_shot is not None:
-            few = [arith.correct(p, few_shot_answer(r.text)) for p, r in zip(problems.problems, c.few_shot)]
-            row |= {"accuracy_few_shot": float(np.mean(few)), "accuracy_by_digits_few_shot": accuracy_by_digits(few, digits_P)}
-        row |= {"format_ok": float(np.mean([format_ok(r, end_id=end_id, user_id=user_id) for r in c.greedy])),
-                "ran_on": float(np.mean([r.stop == user_id for r in c.greedy])),
-                "mean_length": float(np.mean([r.length for r in c.greedy])),
-                "distinct": distinct_answers(c.distinct), "bits_per_byte": bits.get(c.name)}
-        if c.rewards is not None:
-            row["mean_reward"] = float(np.mean(c.rewards))
-        if plan.file_problems is not None:
-            row["problems_file_accuracy"] = float(np.mean([matches(r.text, answer, plan.match) for r, (_, answer)
-                                                           in zip(c.file_replies, plan.file_problems)]))
-        runs[c.name] = row
-    gold = {c.name: [arith.gold_key(p, r.text, r.length, r.stop == end_id) for p, r in zip(problems.problems, c.greedy)]
-            for c in columns}
-    report = {"runs": runs, "win_rates": win_rates(gold, seed=plan.seed)}
-    if all(c.rewards is not None for c in columns) and plan.reward:
-        report["rm_win_rates"] = win_rates({c.name: c.rewards.tolist() for c in columns}, seed=plan.seed)
-    report["settings"] = {
-        "problems_per_digit_count": plan.problems, "digit_counts": list(DIGITS), "seed": plan.seed,
-        "reply_tokens": REPLY_TOKENS, "best_of": plan.best_of, "reward": str(plan.reward) if plan.reward else None,
-        "bootstrap_samples": BOOTSTRAP_SAMPLES, "distinct": {"problems": len(problems.distinct),
-                                                             "samples": DISTINCT_SAMPLES},
-        "bits_per_byte_tokens_per_source": BITS_PER_BYTE_TOKENS, "match": plan.match,
-        "problems_file": len(plan.file_problems) if plan.file_problems is not None else None}
-    report["notes"] = notes
     return report

@@ -34,11 +34,20 @@ def markdown(report: dict) -> str:
                           for r in runs.values()]))
     rows.append(line("**all digits**, greedy / T=1",
                      [f"**{_cell(r['accuracy'])}** / {_cell(r['accuracy_t1'])}" for r in runs.values()]))
-    if any("accuracy_by_digits_few_shot" in r for r in runs.values()):
-        for d in map(str, s["digit_counts"]):
-            rows.append(line(f"{d}-digit accuracy, few-shot prompt",
-                             [_cell(r.get("accuracy_by_digits_few_shot", {}).get(d)) for r in runs.values()]))
-    rows += [line("format ok (ends with `<\\|end\\|>`, one number)", [_cell(r["format_ok"]) for r in runs.values()]),
+    rows.append(line("pass@8 at T=1 (the diversity problems)", [_cell(r.get("pass_at_8")) for r in runs.values()]))
+    if any("held_out_accuracy" in r for r in runs.values()):
+        rows.append(line(f"held-out slice accuracy, greedy ({s.get('held_out_problems')} problems never trained on)",
+                         [_cell(r.get("held_out_accuracy")) for r in runs.values()]))
+    for key, label in (("accuracy_by_digits_few_shot", "few-shot prompt, direct examples"),
+                       ("accuracy_by_digits_few_shot_worked", "few-shot prompt, worked examples"),
+                       ("step_by_step_accuracy_by_digits", "asked to think step by step"),
+                       ("direct_accuracy_by_digits", "asked for the number only")):
+        if any(key in r for r in runs.values()):
+            for d in map(str, s["digit_counts"]):
+                rows.append(line(f"{d}-digit accuracy, {label}", [_cell(r.get(key, {}).get(d)) for r in runs.values()]))
+    rows += [line("format ok (ends with `<\\|end\\|>`, direct or well-formed worked)",
+                  [_cell(r["format_ok"]) for r in runs.values()]),
+             line("share of greedy replies worked step by step", [_cell(r.get("worked_share")) for r in runs.values()]),
              line("ran on into a `<\\|user\\|>` turn", [_cell(r["ran_on"]) for r in runs.values()]),
              line("mean reply length (tokens)", [_cell(r["mean_length"], 1) for r in runs.values()]),
              line(f"distinct answers per prompt (of {s['distinct']['samples']} at T=1)",
@@ -54,7 +63,23 @@ def markdown(report: dict) -> str:
         rows.append(line(f"problems file accuracy ({s['problems_file']} problems, {s['match']})",
                          [_cell(r.get("problems_file_accuracy")) for r in runs.values()]))
     out = ["# Report card", "", *head, *rows, ""]
-    for key, title in (("win_rates", "Gold win rate (row vs column; ties ½; bootstrap 95% interval)"),
+    if report.get("leaderboard"):
+        out += ["## Leaderboard (Elo from the gold labeler's pairwise judgements; bootstrap 95% interval)", "",
+                "| | Elo | interval |", "|---|---|---|"]
+        out += [f"| `{r['name']}` | {r['elo']:.0f} | [{r['low']:.0f}, {r['high']:.0f}] |" for r in report["leaderboard"]]
+        out.append("")
+    if report.get("correctness_win_rates"):
+        out += ["## Correctness win rate (row vs column: right beats wrong, anything else a tie; by digit count)", "",
+                *head]
+        for a in names:
+            cells = []
+            for b in names:
+                w = report["correctness_win_rates"].get(f"{a} vs {b}")
+                cells.append("—" if w is None else " · ".join(
+                    f"{d}: {v['rate']:.2f} [{v['low']:.2f}, {v['high']:.2f}]" for d, v in w["by_digits"].items()))
+            out.append(line(f"`{a}`", cells))
+        out.append("")
+    for key, title in (("win_rates", "Gold labeler win rate (row vs column; ties ½; bootstrap 95% interval)"),
                        ("rm_win_rates", "Reward-model win rate (row vs column; bootstrap 95% interval)")):
         if report.get(key):
             out += [f"## {title}", "", *head]
@@ -69,12 +94,20 @@ def markdown(report: dict) -> str:
     out.append(f"- {s['problems_per_digit_count']} problems per digit count (1–{max(s['digit_counts'])} digits, sums "
                "and differences whose operands both have that many digits), the same problems and sampling seeds "
                f"(--seed {s['seed']}) for every column; each reply at most {s['reply_tokens']} tokens.")
-    out.append("- Accuracy is exact match of the reply's last number. Greedy and temperature-1 pass@1 go through the "
-               "chat template; a base run is also asked with GPT-3's few-shot plain-text prompt (4 solved examples, "
-               "greedy, its continuation cut at the first newline).")
-    out.append("- Win rates compare the greedy replies (a best-of-N column: its kept reply) with the world's gold "
-               "labeler: exact correctness, then digit-level partial credit, then shorter, then properly ended; "
-               f"the interval resamples the problems {s['bootstrap_samples']} times.")
+    trained = s.get("training_digits")
+    out.append("- Accuracy is exact match of the reply's last number (a worked reply ends with its answer). Greedy and "
+               "temperature-1 pass@1 go through the chat template; a base run is also asked with GPT-3's few-shot "
+               "plain-text prompt (up to 4 solved examples, direct or worked, as many as fit the context; greedy, "
+               "its continuation cut at the first newline)."
+               + (f" Problems of more than {trained} digits are beyond the training range." if trained else ""))
+    out.append("- The \"ask for precision\" rows ask the same chat model the same problems with a system prompt: "
+               f"{s.get('systems', {}).get('step_by_step')!r} or {s.get('systems', {}).get('direct')!r}.")
+    out.append("- The correctness win rate counts a right answer against a wrong one as a win and everything else "
+               "as a tie. The gold labeler's win rate orders replies by correctness, then ended with `<|end|>`, then "
+               "partial credit (correct steps of a worked reply, correct digits of a direct one). Both compare the "
+               "greedy replies (a best-of-N column: its kept reply); intervals resample the problems "
+               f"{s['bootstrap_samples']} times. The leaderboard fits Bradley–Terry strengths to the gold labeler's "
+               "judgements of every pair of columns on every problem, on the Elo scale (mean 1000).")
     out.append(f"- Distinct answers: {s['distinct']['samples']} temperature-1 replies to each of "
                f"{s['distinct']['problems']} problems; a reply without a number counts as one answer.")
     out.append(f"- Bits per byte: the first ~{s['bits_per_byte_tokens_per_source']:,} tokens (whole context windows) "
@@ -234,7 +267,8 @@ class ColumnCache:
         column = make(c["name"], Path(c["run_dir"]), c["step"], c["kind"], greedy,
                       greedy if c["t1"] == "greedy" else _read_replies(c["t1"]), c["distinct"],
                       few_shot=_read_replies(c["few_shot"]), file_replies=_read_replies(c["file_replies"]),
-                      rewards=rewards, best_of=c["best_of"])
+                      rewards=rewards, best_of=c["best_of"],
+                      extra={k: _read_replies(v) for k, v in c.get("extra", {}).items()}, shots=c.get("shots", {}))
         return column, record["bits_per_byte"], record["note"]
 
     def put(self, key: dict, column, bits: float | None, note: str | None) -> None:
@@ -246,7 +280,7 @@ class ColumnCache:
             "name": c.name, "run_dir": str(c.run_dir), "step": c.step, "kind": c.kind, "greedy": _replies(c.greedy),
             "t1": "greedy" if c.t1 is c.greedy else _replies(c.t1), "distinct": c.distinct,
             "few_shot": _replies(c.few_shot), "file_replies": _replies(c.file_replies), "rewards": rewards,
-            "best_of": c.best_of}})
+            "best_of": c.best_of, "extra": {k: _replies(v) for k, v in c.extra.items()}, "shots": c.shots}})
 
     def kl(self, name: str, key: dict, reference: dict) -> tuple[float, float] | None:
         """The column's (KL, entropy) against `reference` (its run and step), if measured before."""

@@ -57,6 +57,45 @@ def test_format_ok_wants_one_number_and_a_proper_end():
     assert not stats.format_ok(stats.Reply("579 579 579 579 579 579", 24, None), end_id=END, user_id=USER)  # budget
     assert not stats.format_ok(stats.Reply("579 or 580", 10, END), end_id=END, user_id=USER)
     assert not stats.format_ok(stats.Reply("I do not know", 13, END), end_id=END, user_id=USER)
+    worked = "347+589: 7+9=16, 4+8+1=13, 3+5+1=9, so 936"
+    assert stats.format_ok(stats.Reply(worked, len(worked), END), end_id=END, user_id=USER)  # a worked reply is fine
+    assert not stats.format_ok(stats.Reply(worked[:-10], 30, END), end_id=END, user_id=USER)  # ... a cut one is not
+    assert not stats.format_ok(stats.Reply(worked, len(worked), None), end_id=END, user_id=USER)
+
+
+def test_correctness_win_rates_by_digits_equal_hand_counts():
+    # Six problems, two per digit bucket; a is right on 1, 2, 3; b on 1 and 4; right vs right is a tie.
+    right_a, right_b = [1, 0, 1, 0, 1, 0], [1, 0, 0, 1, 0, 0]
+    digits = [1, 1, 2, 2, 3, 3]
+    w = stats.win_rates_by_digits({"a": stats.correctness_keys(right_a), "b": stats.correctness_keys(right_b)},
+                                  digits)
+    assert w["a vs b"]["all"]["rate"] == pytest.approx((0.5 + 0.5 + 1 + 0 + 1 + 0.5) / 6)
+    assert {d: v["rate"] for d, v in w["a vs b"]["by_digits"].items()} == {"1": 0.5, "2": 0.5, "3": 0.75}
+    assert w["b vs a"]["by_digits"]["3"]["rate"] == 0.25
+
+
+def test_pass_at_k_is_the_unbiased_estimator():
+    assert stats.pass_at_k([[False] * 8], 8) == 0.0 and stats.pass_at_k([[True] + [False] * 7], 8) == 1.0
+    assert stats.pass_at_k([[True] + [False] * 7], 1) == pytest.approx(1 / 8)
+    assert stats.pass_at_k([[True, True] + [False] * 6], 2) == pytest.approx(1 - (6 * 5) / (8 * 7))
+    with pytest.raises(ValueError, match="at least 8 samples"):
+        stats.pass_at_k([[True] * 4], 8)
+
+
+def test_bradley_terry_recovers_known_strengths_and_the_leaderboard_orders_by_them():
+    # Expected wins from strengths 2 : 1 : ½ — the maximum-likelihood fit gives them back.
+    strength = np.array([2.0, 1.0, 0.5])
+    games = 1000.0
+    wins = games * strength[:, None] / (strength[:, None] + strength[None, :]) * (1 - np.eye(3))
+    theta = stats.bradley_terry(wins, prior=0.0)
+    np.testing.assert_allclose(theta, np.log(strength) - np.log(strength).mean(), atol=1e-6)
+    keys = {"weak": [0, 0, 1, 0] * 25, "strong": [1, 1, 1, 0] * 25, "middle": [1, 0, 1, 0] * 25}
+    board = stats.leaderboard(keys, samples=100)
+    assert [row["name"] for row in board] == ["strong", "middle", "weak"]
+    assert np.mean([row["elo"] for row in board]) == pytest.approx(stats.ELO_MEAN)
+    assert all(row["low"] <= row["elo"] <= row["high"] for row in board)
+    # A column that never loses stays finite.
+    assert all(np.isfinite(row["elo"]) for row in stats.leaderboard({"a": [1] * 10, "b": [0] * 10}, samples=10))
 
 
 def test_few_shot_answers_stop_at_the_first_newline():
@@ -166,12 +205,17 @@ def test_every_column_has_every_row_in_range(card):
             assert set(r[key]) == digits and all(0 <= x <= 1 for x in r[key].values()), (name, key)
         for key in ("format_ok", "ran_on", "accuracy", "accuracy_t1", "problems_file_accuracy"):
             assert 0 <= r[key] <= 1, (name, key)
-        assert 0 <= r["mean_length"] <= rc.REPLY_TOKENS
-        assert 1 <= r["distinct"] <= rc.DISTINCT_SAMPLES
+        assert 0 <= r["mean_length"] <= report["settings"]["reply_tokens"] == arith.reply_budget(arith.World())
+        assert 1 <= r["distinct"] <= rc.DISTINCT_SAMPLES and 0 <= r["pass_at_8"] <= 1
+        assert 0 <= r["held_out_accuracy"] <= 1 and 0 <= r["worked_share"] <= 1
         assert r["bits_per_byte"] is not None and 0 < r["bits_per_byte"] < 16
         assert math.isfinite(r["mean_reward"])
     assert set(runs["base"]["accuracy_by_digits_few_shot"]) == digits  # base runs are also asked GPT-3's way
+    assert set(runs["base"]["accuracy_by_digits_few_shot_worked"]) == digits  # ... with worked examples too
+    assert 0 <= runs["base"]["few_shots_worked"] <= runs["base"]["few_shots"] <= 4
     assert "accuracy_by_digits_few_shot" not in runs["sft"]
+    for row in ("step_by_step_accuracy_by_digits", "direct_accuracy_by_digits"):  # "ask for precision"
+        assert set(runs["sft"][row]) == digits and row not in runs["base"]
     assert [runs[c]["kind"] for c in COLUMNS] == ["base", "chat", "best-of"]
     assert runs["sft+best-of-2"]["bits_per_byte"] == runs["sft"]["bits_per_byte"]
     assert runs["base"]["bits_per_byte"] != runs["sft"]["bits_per_byte"]  # (fine-tuning moved the weights)
@@ -187,6 +231,20 @@ def test_win_rates_cover_every_ordered_pair(card):
             assert 0 <= w["low"] <= w["rate"] <= w["high"] <= 1, (key, name)
             a, b = name.split(" vs ")
             assert w["rate"] + rates[f"{b} vs {a}"]["rate"] == pytest.approx(1.0)
+
+
+def test_correctness_win_rates_and_the_leaderboard_cover_every_column(card):
+    report, _ = card
+    rates = report["correctness_win_rates"]
+    assert set(rates) == {f"{a} vs {b}" for a in COLUMNS for b in COLUMNS if a != b}
+    for name, w in rates.items():
+        a, b = name.split(" vs ")
+        assert set(w["by_digits"]) == {"1", "2", "3", "4", "5"}
+        for d, v in w["by_digits"].items():
+            assert v["rate"] + rates[f"{b} vs {a}"]["by_digits"][d]["rate"] == pytest.approx(1.0)
+    board = report["leaderboard"]
+    assert sorted(row["name"] for row in board) == sorted(COLUMNS)
+    assert [row["elo"] for row in board] == sorted((row["elo"] for row in board), reverse=True)
 
 
 def test_the_markdown_table_has_a_column_per_run(card):

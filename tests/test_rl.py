@@ -139,6 +139,29 @@ def test_grpo_group_advantages_of_equal_rewards_are_zero(tok):
     assert max(jax.tree.leaves(moved)) == 0.0  # (β = 0: nothing to learn, nothing changes)
 
 
+@pytest.mark.parametrize("uninformative", ["drop", "keep"])
+def test_grpo_drops_the_rows_of_groups_without_signal_from_the_token_mean(tok, uninformative):
+    """rl.uninformative=drop: the rows of a group whose replies all score alike get loss weight 0, so the
+    minibatch's token mean runs over the replies that carry a signal; keep: they stay (advantage 0)."""
+    _, trainer, state = _trainer(tok, GRPO, prompts=4, group=4, reward="gold", beta=0.0, uninformative=uninformative)
+    policy = trainer.model(trainer.inference_params(state))["policy"]
+    prompts = [q for q in (PROMPTS + PROMPTS[:1]) for _ in range(4)]
+    roll = sample(policy, tok, prompts, row_seeds(0, 0, 16), context=CONTEXT, max_new_tokens=6, temperature=1.0)
+    scored = score_rollout(trainer, state, roll)
+    scores = np.array([0, 1, 0, 1] + [1.0] * 4 + [0.0] * 4 + [1, 0, 0, 0], np.float32)  # groups 2 and 3 alike
+    inputs = {"old_logprobs": scored["logprobs"] * roll.loss_weights, "ref_logprobs": scored["ref_logprobs"]}
+    batch, metrics = trainer.active_task.advantages(roll, inputs, scores, 0.0)
+    assert metrics["groups_without_signal"] == 0.5
+    informative = np.repeat([True, False, False, True], 4)
+    weights = batch["loss_weights"]
+    np.testing.assert_array_equal(weights[informative], roll.loss_weights[informative])
+    if uninformative == "drop":
+        assert not weights[~informative].any()
+    else:
+        np.testing.assert_array_equal(weights, roll.loss_weights)
+    assert not batch["advantages"][~informative].any() and batch["advantages"][informative].any()
+
+
 def test_rl_problems_are_user_errors():
     from plutao.train.tasks.policy import PolicyGradient
 

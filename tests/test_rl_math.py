@@ -180,6 +180,22 @@ def test_whiten_and_explained_variance():
 
 
 def test_adaptive_beta_moves_toward_the_target():
-    assert rl.adaptive_beta(0.1, 12.0, 6.0, 100, 1000) == pytest.approx(0.1 * 1.02)  # (error clipped at +0.2)
-    assert rl.adaptive_beta(0.1, 3.0, 6.0, 100, 1000) == pytest.approx(0.1 * 0.98)
+    assert rl.adaptive_beta(0.1, 12.0, 6.0, 100, 1000) == pytest.approx(0.1 * math.exp(0.02))  # (error clipped at +0.2)
+    assert rl.adaptive_beta(0.1, 3.0, 6.0, 100, 1000) == pytest.approx(0.1 * math.exp(-0.02))
     assert rl.adaptive_beta(0.1, 6.0, 6.0, 100, 1000) == pytest.approx(0.1)
+    assert rl.adaptive_beta(0.1, 100.0, 6.0, 10_000, 10) > 0  # never ≤ 0, however many rows a step has
+
+
+@pytest.mark.parametrize("start", [0.02, 2.0])
+def test_adaptive_beta_reaches_its_target_within_a_preset_run(start):
+    """A policy whose KL falls as 1/β (KL = c/β) is leashed to the target KL within the PPO preset's 60
+    steps of 64 rows, from a β 10× too small or too large, at the default rl.kl_horizon."""
+    from plutao.train.config.presets import STAGE_PRESETS
+    from plutao.train.config.schema import RLConfig
+
+    horizon, rows, steps = RLConfig().kl_horizon, STAGE_PRESETS["ppo"]["rl.prompts"], STAGE_PRESETS["ppo"]["train.steps"]
+    c, target = 0.12, 0.6  # the β that gives the target: 0.2
+    beta = start
+    for _ in range(steps):
+        beta = rl.adaptive_beta(beta, c / beta, target, rows, horizon)
+    assert c / beta == pytest.approx(target, rel=0.1), (start, beta)

@@ -183,20 +183,28 @@ def demonstrations(parent: Path) -> list[list[dict]]:
 
 
 def shift_rewards(run_dir: Path, parent: Path, parent_step: int | None) -> None:
-    """Shift the final rewards so the SFT demonstrations average 0 (RUN_DIR/reward_offset.json)."""
+    """Shift the final rewards so the SFT demonstrations average 0, and scale them so the replies of the
+    held-out rankings (for the built-in world: SFT samples) spread by 1 (RUN_DIR/reward_offset.json)."""
     import jax
     import numpy as np
 
+    from plutao.train.data.conversations import read_rankings, single_path, with_held_out
     from plutao.train.parallel.distributed import log
-    from plutao.train.rl.rewards import RewardScorer, write_offset
+    from plutao.train.rl.rewards import RewardScorer, write_shift
 
     scorer = RewardScorer.load(run_dir)
     demos = demonstrations(parent)
-    raw = scorer.raw(demos)
-    offset = float(np.mean(raw))
+    offset = float(np.mean(scorer.raw(demos)))
+    data = scorer.run.cfg.data
+    path = single_path(data)
+    _, held, _ = with_held_out(read_rankings(path), read_rankings, path, data, "rankings")
+    replies = [r.prompt + [{"role": "assistant", "content": text}] for r in held for text in r.responses]
+    spread = float(np.std(scorer.raw(replies))) if len(replies) > 1 else 0.0
+    scale = spread if spread > 1e-6 else 1.0
     if jax.process_index() == 0:
-        write_offset(run_dir, scorer.run.step, offset, len(demos))
-    log(f"rewards shifted by {-offset:+.4f}: the parent's {len(demos)} held-out demonstrations now average 0")
+        write_shift(run_dir, scorer.run.step, offset, scale, len(demos), len(replies))
+    log(f"rewards shifted by {-offset:+.4f} (the parent's {len(demos)} held-out demonstrations now average 0) and "
+        f"divided by {scale:.4f} (the {len(replies)} replies of the held-out rankings now spread by 1)")
 
 
 # --- reading a reward model ------------------------------------------------------------------------
@@ -250,12 +258,14 @@ def score_reward(args, run_dir: Path) -> int:
         raise UserError(f"{run_dir} is a reward model: give --prompt P --response R to score a reply")
     scorer = RewardScorer.load(run_dir, args.step, what="")
     messages = conversation(args.prompt, args.response)
-    reward = float(scorer.score([messages])[0])
+    raw = float(scorer.raw([messages])[0])
+    reward = (raw - scorer.offset) / scorer.scale
     if args.json:
-        print(json.dumps({"reward": reward, "raw": reward + scorer.offset, "offset": scorer.offset,
+        print(json.dumps({"reward": reward, "raw": raw, "offset": scorer.offset, "scale": scorer.scale,
                           "step": scorer.run.step}))
     else:
-        print(f"reward {reward:+.4f} (raw {reward + scorer.offset:+.4f}, step {scorer.run.step})")
+        print(f"reward {reward:+.4f} (raw {raw:+.4f}, offset {scorer.offset:+.4f}, scale {scorer.scale:.4f}, "
+              f"step {scorer.run.step})")
     return 0
 
 

@@ -90,9 +90,9 @@ PRESETS: dict[str, dict] = {
     # wrong), run-on pseudo-dialogue and prose; char-level, so every digit is one token.
     "arith-base": NANOGPT_RECIPE | {
         "data.path": ["builtin:arith-equations", "builtin:arith-dialogue", "builtin:python-docs"],
-        "data.weights": [0.55, 0.3, 0.15], "data.tokenizer": "char", "data.separate_documents": True,
-        "model.n_layers": 4, "model.d_model": 128, "model.n_heads": 4, "model.context_length": 128,
-        "train.batch_size": 32, "train.steps": 1600, "train.eval_every": 400, "train.sample_every": 800,
+        "data.weights": [0.6, 0.3, 0.1], "data.tokenizer": "char", "data.separate_documents": True,
+        "model.n_layers": 4, "model.d_model": 128, "model.n_heads": 4, "model.context_length": 192,
+        "model.positions": "rotary", "train.batch_size": 24, "train.steps": 1600, "train.eval_every": 400, "train.sample_every": 800,
         "train.checkpoint_every": 400, "train.eval_batches": 20, "optim.lr": 2e-3, "optim.min_lr": 2e-4,
         "train.sample_prompt": "Q: What is 23 plus 45?\nA:", "train.sample_tokens": 80,
     },

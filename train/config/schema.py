@@ -22,7 +22,7 @@ from plutao.model.config import ModelConfig
 from plutao.tokenizer.specials import SpecialTokens
 from plutao.train.config.errors import UserError
 from plutao.train.config.presets import PRESETS
-from plutao.train.worlds.arith import World
+from plutao.train.worlds.arith import World, problems_in_config, reply_budget
 
 DEFAULT_CORPUS = "builtin:python-docs"
 
@@ -102,7 +102,7 @@ class RLConfig:
     reward: str = ""  # a reward-model run directory, or "gold" (the world's checker: GRPO only)
     prompts: int = 32  # prompts per rollout batch
     group: int = 1  # replies per prompt (GRPO: G ≥ 2)
-    max_new_tokens: int = 16  # the reply budget
+    max_new_tokens: int = 0  # the reply budget; 0 = the world's (arith.reply_budget: the longest worked reply + a margin)
     temperature: float = 1.0  # of the rollouts; only 1 (the ratio and the KL read the model at temperature 1)
     epochs: int = 4  # passes over each rollout batch
     minibatches: int = 4  # optimizer steps per pass
@@ -114,10 +114,11 @@ class RLConfig:
     lam: float = 0.95
     beta: float = 0.02  # KL coefficient to the reference (DPO: the β of its loss)
     target_kl: float = 0.0  # > 0: β adapts toward this KL per reply (Ziegler et al.); 0 = fixed β
-    kl_horizon: int = 10000
+    kl_horizon: int = 200  # rows: β moves by at most ±20%·(rows per step)/kl_horizon per step
     unfinished_penalty: float = 1.0  # subtracted from the score of a reply that hit the budget without <|end|>
-    whiten_rewards: bool = True  # standardise the scores over each rollout batch before the KL is added
+    whiten_rewards: bool = False  # standardise the scores over each rollout batch before the KL is added
     baseline: Literal["group", "rloo"] = "group"  # GRPO: group mean/std, or leave-one-out
+    uninformative: Literal["drop", "keep"] = "drop"  # GRPO groups whose rewards are all equal: weight 0, or kept
     # PPO-ptx (the pretraining loss mixed into each update) and a policy EMA: not available yet, so
     # only 0 is accepted (the keys are kept so that runs recording them still load).
     ptx_coef: float = 0.0
@@ -154,6 +155,11 @@ class Config:
     rl: RLConfig = dataclasses.field(default_factory=RLConfig)
     lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
 
+    @property
+    def reply_tokens(self) -> int:
+        """The RL reply budget: rl.max_new_tokens, or the world's one budget when that is 0."""
+        return self.rl.max_new_tokens or reply_budget(self.world)
+
     def shaped_model(self, placeholder_vocab: int = 256) -> ModelConfig:
         """The resolved model for shape-only tools (params, plan, shardings): when the vocabulary
         comes from a tokenizer not trained yet (model.vocab_size=0), the BPE/word data.vocab_size or a placeholder
@@ -166,7 +172,10 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
-        return apply_overrides(cls(), flatten({k: v for k, v in d.items() if k in SECTIONS}))
+        d = {k: v for k, v in d.items() if k in SECTIONS}
+        if isinstance(d.get("world"), dict) and "version" not in d["world"]:  # recorded before world v2
+            d["world"] = d["world"] | {"version": 1}
+        return apply_overrides(cls(), flatten(d))
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
@@ -342,17 +351,7 @@ def validate(cfg: Config, task_problems: Sequence[str] = ()) -> None:
         problems.append(f"optim.label_smoothing must be in [0, 1), got {o.label_smoothing}")
     if o.schedule == "inverse_sqrt" and o.warmup_steps < 1:
         problems.append("optim.schedule=inverse_sqrt needs optim.warmup_steps ≥ 1")
-    w = cfg.world
-    for key in ("wrong_share", "demo_error_rate", "verbose_rate"):
-        if not 0.0 <= getattr(w, key) <= 1.0:
-            problems.append(f"world.{key} must be in [0, 1], got {getattr(w, key)}")
-    if w.labeler_noise < 0:
-        problems.append(f"world.labeler_noise must be ≥ 0 (0 = the gold labeler), got {w.labeler_noise}")
-    if not 2 <= w.k_min <= w.k_max <= 16:
-        problems.append(f"world.k_min..world.k_max must satisfy 2 ≤ k_min ≤ k_max ≤ 16, got {w.k_min}..{w.k_max}")
-    for key in ("documents", "demonstrations", "comparisons"):
-        if getattr(w, key) < 1:
-            problems.append(f"world.{key} must be ≥ 1, got {getattr(w, key)}")
+    problems += problems_in_config(cfg.world)
     if problems:
         raise UserError(problems[0])
 

@@ -16,11 +16,10 @@ from plutao.tokenizer.chat import fitted_prompt_ids, reply_stop_ids
 from plutao.train.worlds import arith
 
 ROWS_PER_CALL = 256
-MAX_REPLY_TOKENS = 24
 
 
-def sample_replies(model, tokenizer, prompts: list[list[dict]], seeds: list[int], *, context: int,
-                   temperature: float = 1.0, max_new_tokens: int = MAX_REPLY_TOKENS, rows_per_call: int = ROWS_PER_CALL):
+def sample_replies(model, tokenizer, prompts: list[list[dict]], seeds: list[int], *, context: int, max_new_tokens: int,
+                   temperature: float = 1.0, rows_per_call: int = ROWS_PER_CALL):
     """[(reply text, reply length in tokens, ended with <|end|>)] for each prompt (its own seed), in
     calls of `rows_per_call` rows (the last one padded; fewer rows: padded to a power of two), so calls
     reuse a few compiled programs."""
@@ -49,12 +48,13 @@ def make_rankings(model, tokenizer, world: arith.World, *, held_out: bool, conte
             seeds.append(int(world.seed * 1_000_003 + (2 * i + held_out) * 17 + j) % (2 ** 31))
             owner.append(i)
     log(f"sampling {len(rows):,} replies for {n:,} {'held-out ' if held_out else ''}prompts (K={world.k_min}..{world.k_max})")
-    replies = sample_replies(model, tokenizer, list(rows), seeds, context=context)
+    replies = sample_replies(model, tokenizer, list(rows), seeds, context=context,
+                             max_new_tokens=arith.reply_budget(world))
     lines, at = [], 0
     for i, (p, prob, k) in enumerate(zip(prompts, problems, ks)):
         group = replies[at:at + k]
         at += k
-        keys = [arith.gold_key(prob, text, length, ended) for text, length, ended in group]
+        keys = [arith.gold_key(prob, text, ended) for text, _, ended in group]
         gold = arith.gold_ranks(keys)
         rng = world.rng(arith.LABELER, 2 * i + held_out)
         labels = arith.labeler_ranks(keys, world.labeler_noise, rng)
@@ -63,6 +63,7 @@ def make_rankings(model, tokenizer, world: arith.World, *, held_out: bool, conte
             "prompt": p, "responses": [group[j][0] for j in order], "ranks": [int(labels[j]) for j in order],
             "meta": {"problem": prob.to_dict(), "digits": prob.digits,
                      "correct": [bool(keys[j][0]) for j in order], "gold_ranks": [int(gold[j]) for j in order],
+                     "forms": [arith.reply_form(group[j][0]) for j in order],
                      "ended": [bool(group[j][2]) for j in order]},
         })
     return lines

@@ -38,7 +38,7 @@ from plutao.train.data.batches import sharded_batch
 from plutao.train.parallel import sharding
 from plutao.train.parallel.distributed import log
 from plutao.train.rl import objectives as rl
-from plutao.train.rl.rewards import read_offset
+from plutao.train.rl.rewards import read_shift
 from plutao.train.rl.rollouts import PromptSource, Rollout, row_seeds, sample
 from plutao.train.run.checkpoint import Checkpoints
 from plutao.train.run.lineage import init_from_parent, merge_params
@@ -79,8 +79,9 @@ def load_parents(trainer, state: dict, cfg, fingerprint: str) -> tuple[dict, dic
         rm_dir, rm_step = reward_spec(cfg)
         spec = f"{rm_dir.absolute()}:{rm_step}"
         frozen["reward"], rm_lineage = restored(target["frozen"]["reward"], spec, "reward model")
+        offset, scale = read_shift(rm_dir, rm_step)
         lineage["reward"] = {"parent": rm_lineage["parent"], "step": rm_step, "config_hash": rm_lineage["config_hash"],
-                             "offset": read_offset(rm_dir, rm_step)}
+                             "offset": offset, "scale": scale}
         if "value" in trainer.slots:
             params["value"] = restored(target["params"]["value"], spec, "value model")[0]
     for name in params.keys() | frozen.keys():
@@ -154,7 +155,7 @@ def evaluate_policy(policy, tokenizer, source: PromptSource, cfg) -> dict:
     if not prompts:
         return {}
     out = sample(policy, tokenizer, prompts, [0] * len(prompts), context=cfg.model.context_length,
-                 max_new_tokens=cfg.rl.max_new_tokens, temperature=0.0)
+                 max_new_tokens=cfg.reply_tokens, temperature=0.0)
     gold = out.gold()
     result = {"accuracy": float(np.nanmean(gold)), "format_ok": float(out.ended.mean()),
               "mean_length": float(out.lengths.mean())}
@@ -210,14 +211,15 @@ def train_rl(p, run_dir: Path, saved: dict | None, write_run_files, quiet: bool,
         # (the adapted β resumes where it was; a fixed one is what the config says)
         beta = float(meta["beta"]) if r.target_kl else r.beta
         step, spent_before = latest, float(meta.get("train_seconds", 0.0))
-        offset = float((saved or {}).get("lineage", {}).get("reward", {}).get("offset", 0.0))
+        shift = (saved or {}).get("lineage", {}).get("reward", {})
     else:
         lineage["template_hash"] = template_hash(tok)
         beta, step, spent_before = r.beta, 0, 0.0
-        offset = lineage.get("reward", {}).get("offset", 0.0)
+        shift = lineage.get("reward", {})
         log(f"policy and reference from {lineage['parent']} step {lineage['step']}"
              + (f"; reward model {lineage['reward']['parent']} step {lineage['reward']['step']}" if "reward" in lineage
                 else "; reward: the gold checker"))
+    offset, scale = float(shift.get("offset", 0.0)), float(shift.get("scale", 1.0))
     write_run_files(history_entry, lineage)
     rows = r.prompts * r.group
     log(f"plutao {task.name}: {p.data_summary}; {r.epochs} epochs × {r.minibatches} minibatches of "
@@ -256,11 +258,11 @@ def train_rl(p, run_dir: Path, saved: dict | None, write_run_files, quiet: bool,
                 policy = _policy(trainer, state)
                 prompts = [q for q in source.step(step, r.prompts) for _ in range(r.group)]
                 roll = sample(policy, tok, prompts, row_seeds(t.seed, step, rows), context=cfg.model.context_length,
-                              max_new_tokens=r.max_new_tokens, temperature=r.temperature)
+                              max_new_tokens=cfg.reply_tokens, temperature=r.temperature)
                 t1 = time.perf_counter()
                 scored = score_rollout(trainer, state, roll)
                 gold = roll.gold()
-                rm_score = scored["rm_score"] - offset if "rm_score" in scored else None
+                rm_score = (scored["rm_score"] - offset) / scale if "rm_score" in scored else None
                 scores = rm_score if rm_score is not None else gold
                 if not np.isfinite(scores).all():
                     raise NonFiniteError(f"the reward of RL step {step + 1} is NaN/inf (reward model {r.reward}); "

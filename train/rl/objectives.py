@@ -19,6 +19,8 @@ reward and the advantage of an action all sit at the same index.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -150,6 +152,7 @@ def explained_variance(values, returns, mask) -> float:
 
 
 def adaptive_beta(beta: float, kl: float, target: float, n_steps: int, horizon: int) -> float:
-    """Ziegler et al.'s proportional controller: β·(1 + clip(KL/target − 1, ±0.2)·n/horizon)."""
+    """Ziegler et al.'s proportional controller in log space: β·exp(clip(KL/target − 1, ±0.2)·n/horizon)
+    (their β·(1 + e·n/horizon) to first order, and never ≤ 0 however many rows a step has)."""
     error = min(max(kl / target - 1.0, -0.2), 0.2)
-    return beta * (1.0 + error * n_steps / horizon)
+    return beta * math.exp(error * n_steps / horizon)

@@ -1,8 +1,11 @@
 """Scoring with a trained reward model: conversations in, one number per conversation out.
 
-The score is read at the <|reward|> token after the reply (tokenizer/chat.py: reward_ids) and shifted
-by the run's offset (RUN_DIR/reward_offset.json: minus the mean raw score of the SFT demonstrations,
-written when `plutao reward` finishes), so a demonstration-quality reply scores about 0.
+The score is read at the <|reward|> token after the reply (tokenizer/chat.py: reward_ids), shifted
+by the run's offset and divided by its scale (RUN_DIR/reward_offset.json, written when `plutao reward`
+finishes: the offset is the mean raw score of the SFT demonstrations, so a demonstration-quality reply
+scores about 0; the scale is the standard deviation of the raw scores of the replies in its held-out
+rankings, for the built-in world samples of the SFT model, so one unit of score is one spread of what
+the policy starts by writing and RL's β is in known units).
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ def _scores(graphdef, params, tokens_NT, index_N):
 @dataclasses.dataclass
 class RewardScorer:
     run: LoadedRun
-    offset: float = 0.0  # subtracted from every raw score
+    offset: float = 0.0  # subtracted from every raw score ...
+    scale: float = 1.0  # ... which is then divided by this
 
     @classmethod
     def load(cls, run_dir, step: int | None = None, *, what: str = "--reward") -> RewardScorer:
@@ -41,7 +45,7 @@ class RewardScorer:
         if not run.task.judges:
             raise UserError(f"{what} {run_dir} is not a reward-model run (train.task={run.cfg.train.task or 'none'}); "
                             "give the --workdir of a `plutao reward` run")
-        return cls(run, read_offset(run.run_dir, run.step))
+        return cls(run, *read_shift(run.run_dir, run.step))
 
     @property
     def tokenizer(self):
@@ -73,20 +77,25 @@ class RewardScorer:
         return out
 
     def score(self, conversations, batch: int = 128, ended=None) -> np.ndarray:
-        return self.raw(conversations, batch, ended) - self.offset
+        return (self.raw(conversations, batch, ended) - self.offset) / self.scale
 
 
-def read_offset(run_dir: Path, step: int) -> float:
+def read_shift(run_dir: Path, step: int) -> tuple[float, float]:
+    """(offset, scale) of a reward model's checkpoint; (0, 1) when none was measured for that step (a
+    run from before the scale was measured has scale 1)."""
     path = Path(run_dir) / OFFSET_FILE
     try:
         record = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
-        return 0.0
-    return float(record["offset"]) if record.get("step") == step else 0.0
+        return 0.0, 1.0
+    if record.get("step") != step:
+        return 0.0, 1.0
+    return float(record["offset"]), float(record.get("scale", 1.0))
 
 
-def write_offset(run_dir: Path, step: int, offset: float, over: int) -> None:
+def write_shift(run_dir: Path, step: int, offset: float, scale: float, demonstrations: int, replies: int) -> None:
     path = Path(run_dir) / OFFSET_FILE
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"offset": offset, "step": step, "demonstrations": over}))
+    tmp.write_text(json.dumps({"offset": offset, "scale": scale, "step": step, "demonstrations": demonstrations,
+                               "replies": replies}))
     tmp.replace(path)

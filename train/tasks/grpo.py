@@ -7,6 +7,11 @@ reinforcement learning from verifiable rewards). rl.baseline="group": A = (r −
 the group; "rloo": A = r − the mean of the other G − 1. A group whose replies all score the same
 teaches nothing (A = 0, never NaN). Every token of a reply carries its reply's advantage; the loss is
 the clipped ratio plus β·k3(π‖π_ref) per token (train/rl/objectives.py), a mean over the minibatch's reply tokens.
+
+rl.uninformative="drop" (the default) gives the rows of such groups loss weight 0, as DAPO's dynamic
+sampling filters them: the token mean is then over the replies that carry a signal, so a batch in
+which most groups are all-right or all-wrong still moves the policy at full strength (with "keep"
+their zero-advantage tokens dilute the mean, and only their KL term acts).
 """
 
 from __future__ import annotations
@@ -42,9 +47,12 @@ class GRPO(PolicyGradient):
         s = np.asarray(scores, np.float32).reshape(r.prompts, r.group)
         adv_B = np.asarray(rl.group_advantages(jnp.asarray(s), r.baseline)).reshape(-1)
         mask = rollout.loss_weights
-        batch = {"old_logprobs": scored["old_logprobs"], "ref_logprobs": scored["ref_logprobs"],
-                 "advantages": (adv_B[:, None] * mask).astype(np.float32)}
         spread = s.std(axis=1)
+        if r.uninformative == "drop":
+            informative_B = np.repeat(spread > 0, r.group)
+            mask = (mask * informative_B[:, None]).astype(np.float32)
+        batch = {"old_logprobs": scored["old_logprobs"], "ref_logprobs": scored["ref_logprobs"],
+                 "advantages": (adv_B[:, None] * mask).astype(np.float32), "loss_weights": mask}
         return batch, {"groups_without_signal": float(np.mean(spread == 0)), "group_std": float(spread.mean())}
 
     def sums(self, models, batch, key, *, train, constrain=no_constraint):

@@ -70,8 +70,9 @@ class PolicyGradient(CausalLM):
         out = super().problems(cfg)
         r = cfg.rl
         rows = r.prompts * r.group
-        if r.prompts < 1 or r.group < 1 or r.epochs < 1 or r.minibatches < 1 or r.max_new_tokens < 1:
-            out.append("rl.prompts, rl.group, rl.epochs, rl.minibatches and rl.max_new_tokens must be ≥ 1")
+        if r.prompts < 1 or r.group < 1 or r.epochs < 1 or r.minibatches < 1 or r.max_new_tokens < 0:
+            out.append("rl.prompts, rl.group, rl.epochs and rl.minibatches must be ≥ 1, rl.max_new_tokens ≥ 0 (0 = the "
+                       "world's reply budget)")
         elif rows % r.minibatches:
             out.append(f"rl.prompts × rl.group = {rows} rows per rollout must divide into rl.minibatches={r.minibatches}")
         if not 0 < r.clip < 1:
@@ -90,9 +91,11 @@ class PolicyGradient(CausalLM):
             out.append(f"rl.temperature={r.temperature:g} would train on replies sampled from another distribution "
                        "than the one the update's ratio and KL measure (the model at temperature 1): off-policy; "
                        "leave rl.temperature=1")
-        if r.max_new_tokens >= cfg.model.context_length // 2:
-            out.append(f"rl.max_new_tokens={r.max_new_tokens} leaves too little of the {cfg.model.context_length}-token "
-                       "context for the prompt; lower it")
+        if cfg.reply_tokens >= cfg.model.context_length // 2:
+            said = f"rl.max_new_tokens={r.max_new_tokens}" if r.max_new_tokens else (
+                f"the world's reply budget ({cfg.reply_tokens} tokens, rl.max_new_tokens=0)")
+            out.append(f"{said} leaves too little of the {cfg.model.context_length}-token context for the prompt; set "
+                       "rl.max_new_tokens below half the context")
         return out
 
     def served_task(self):

@@ -60,7 +60,7 @@ class PPO(PolicyGradient):
         s = np.asarray(scores, np.float32)
         if r.whiten_rewards and len(s) > 1:
             s = (s - s.mean()) / (s.std() + 1e-6)
-        s = s - r.unfinished_penalty * (~rollout.ended & (rollout.lengths >= r.max_new_tokens))
+        s = s - r.unfinished_penalty * (~rollout.ended & (rollout.lengths >= self.cfg.reply_tokens))
         k1 = rl.kl_k1(scored["old_logprobs"], scored["ref_logprobs"]) * mask
         rewards = rl.token_rewards(jnp.asarray(s), jnp.asarray(k1), jnp.asarray(mask), beta)
         values = scored["values"] * mask

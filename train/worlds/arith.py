@@ -1,18 +1,28 @@
-"""The arithmetic chat world: every stage of turning a base model into an assistant, measurable.
+"""The arithmetic chat world (version 2): every stage of turning a base model into an assistant, measurable.
 
 Everything here is a pure function of (world settings, index): the same seed gives the same
 documents, demonstrations, prompts and rankings on every machine.
 
-- `pretraining_documents`: "internet-like" text with sums and differences of 1–5 digit numbers in
-  many surface forms (`347+589=936`, "347 plus 589 is 936", tables, word problems, English and
-  Portuguese), a share of them wrong (the noisy internet), and run-on pseudo-dialogue that never
-  stops where an assistant would. Mixed with prose (the docstrings corpus) by the `arith-base` preset.
-- `demonstration`: a chat (OpenAI-style `messages`) answered by a *fallible* demonstrator: 1–3 digit
-  problems only, a carry error at `demo_error_rate`, now and then a verbose answer.
-- `comparison_prompt`: fresh 1–4 digit questions for the reward model's rankings.
+- Problems: sums and differences of 1 to `max_digits` digit numbers, the digit count drawn by
+  `digit_weights`, the second operand sometimes shorter; a difference is never negative. A fixed
+  slice of problems, defined by a hash of the problem alone (`held_out`), never appears in any
+  training stream, so the report card can measure it apart from anything memorised.
+- Two answer forms: direct (`347+589=936`) and **worked**, column by column from the units digit
+  with its carry or borrow, then the answer (`347+589: 7+9=16, 4+8+1=13, 3+5+1=9, so 936`). In a
+  difference a borrowed column shows the ten it borrowed and the next column the one it paid
+  (`912-589: 12-9=3, 11-8-1=2, 9-5-1=3, so 323`).
+- `pretraining_documents`: "internet-like" text of equations in a few surface forms (a share of them
+  worked), English with a Portuguese minority, a few percent wrong (one wrong step, or a result off
+  by ±10^k), and run-on pseudo-dialogue that never stops where an assistant would.
+- `demonstration`: a chat (OpenAI-style `messages`) answered by a *fallible* demonstrator: worked
+  replies at `worked_rate` (always when the system prompt asks to think step by step, never when it
+  asks for the number only); an error is one wrong step, carried through consistently, so it is
+  visible where it happens.
+- `comparison_prompt`, `rl_prompt`: questions drawn by `prompt_digit_weights` (where an SFT model is
+  partly right, so ranked replies differ in correctness).
 - `gold_key` / `gold_order`: the hidden labeler, also the judge of the report card:
-  exact correctness ≻ digit-level partial credit ≻ shorter ≻ properly ended.
-  `labeler_order` adds Bradley–Terry noise: P(i above j) = σ((u_i − u_j)/noise) for gold utilities u.
+  correct ≻ ended ≻ share of correct steps (worked) or of correct digits (direct); no length term.
+  `labeler_ranks` adds Bradley–Terry noise: P(i above j) = σ((u_i − u_j)/noise) for gold utilities u.
 """
 
 from __future__ import annotations
@@ -20,24 +30,38 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
 
 # Purposes folded into every generator's seed: each stream of the world is independent of the others.
-EQUATIONS, DIALOGUE, DEMOS, DEMOS_VAL, COMPARE, COMPARE_VAL, PROBLEMS, LABELER, K_DRAW, FEWSHOT, RL_PROMPTS = range(11)
-MAX_DIGITS = 5
+(EQUATIONS, DIALOGUE, DEMOS, DEMOS_VAL, COMPARE, COMPARE_VAL, PROBLEMS, LABELER, K_DRAW, FEWSHOT, RL_PROMPTS,
+ HELD_OUT) = range(12)
+MAX_DIGITS = 5  # the report card's digit buckets: 1..5 (beyond world.max_digits: out of distribution)
+VERSION = 2
 NUMBER = re.compile(r"-?\d+")
+STEP = re.compile(r"\d+[+-]\d+(?:[+-]1)?=\d+")
+WORKED = re.compile(r"^(\d+)([+-])(\d+): (\d+[+-]\d+(?:[+-]1)?=\d+(?:, \d+[+-]\d+(?:[+-]1)?=\d+)*), so (\d+)$")
 
 
 @dataclasses.dataclass(frozen=True)
 class World:
     seed: int = 0
-    wrong_share: float = 0.1  # pretraining equations with a wrong result
-    demo_error_rate: float = 0.08  # demonstrations with a carry error
-    verbose_rate: float = 0.1  # demonstrations answered in a sentence
+    version: int = VERSION  # the generator's version; a run of another version cannot regenerate its data
+    max_digits: int = 3  # the training range: 1..max_digits digit problems
+    digit_weights: list[float] = dataclasses.field(default_factory=lambda: [1.0, 3.0, 4.0])  # per digit count
+    prompt_digit_weights: list[float] = dataclasses.field(default_factory=lambda: [1.0, 2.0, 2.0])  # comparisons, RL
+    shorter_operand: float = 0.25  # problems whose second operand has fewer digits
+    portuguese: float = 0.15  # share of Portuguese text in every stream
+    worked_share: float = 0.4  # pretraining equations written worked
+    wrong_share: float = 0.03  # pretraining equations with a wrong result
+    demo_error_rate: float = 0.08  # demonstrations with one wrong step
+    worked_rate: float = 0.5  # demonstrations answered worked (unless the system prompt decides)
+    verbose_rate: float = 0.1  # direct demonstrations answered in a sentence
+    held_out_permille: int = 20  # problems (by hash) kept out of every training stream
     labeler_noise: float = 0.0  # Bradley–Terry temperature of the labeler (0 = the gold order)
-    documents: int = 12000  # pretraining documents of equations and of dialogue (each)
+    documents: int = 16000  # pretraining documents of equations and of dialogue (each)
     demonstrations: int = 12000
     comparisons: int = 2000  # prompts ranked for the reward model (plus a held-out tenth)
     k_min: int = 4
@@ -45,6 +69,35 @@ class World:
 
     def rng(self, purpose: int, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, purpose, index])
+
+
+def problems_in_config(world: World) -> list[str]:
+    """What is wrong with a world's settings, as one-line messages."""
+    problems = []
+    if world.version != VERSION:
+        problems.append(f"world.version={world.version}: this plutao generates the arithmetic world version {VERSION} "
+                        "only; train the stages again (plutao pipeline arith) rather than continue this run")
+    if not 1 <= world.max_digits <= MAX_DIGITS:
+        problems.append(f"world.max_digits must be in 1..{MAX_DIGITS}, got {world.max_digits}")
+    for key in ("digit_weights", "prompt_digit_weights"):
+        weights = getattr(world, key)
+        if len(weights) != world.max_digits or any(w < 0 for w in weights) or sum(weights) <= 0:
+            problems.append(f"world.{key} needs one non-negative weight per digit count 1..world.max_digits "
+                            f"({world.max_digits}), not all zero; got {weights}")
+    for key in ("shorter_operand", "portuguese", "worked_share", "wrong_share", "demo_error_rate", "worked_rate",
+                "verbose_rate"):
+        if not 0.0 <= getattr(world, key) <= 1.0:
+            problems.append(f"world.{key} must be in [0, 1], got {getattr(world, key)}")
+    if not 0 <= world.held_out_permille < 1000:
+        problems.append(f"world.held_out_permille must be in 0..999, got {world.held_out_permille}")
+    if world.labeler_noise < 0:
+        problems.append(f"world.labeler_noise must be ≥ 0 (0 = the gold labeler), got {world.labeler_noise}")
+    if not 2 <= world.k_min <= world.k_max <= 16:
+        problems.append(f"world.k_min..world.k_max must satisfy 2 ≤ k_min ≤ k_max ≤ 16, got {world.k_min}..{world.k_max}")
+    for key in ("documents", "demonstrations", "comparisons"):
+        if getattr(world, key) < 1:
+            problems.append(f"world.{key} must be ≥ 1, got {getattr(world, key)}")
+    return problems
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,100 +123,156 @@ def number(rng: np.random.Generator, digits: int) -> int:
     return int(rng.integers(lo, 10 ** digits))
 
 
-def problem(rng: np.random.Generator, digits: int, op: str | None = None) -> Problem:
-    """Both operands have `digits` digits (as in GPT-3's n-digit arithmetic); a difference is never negative."""
+def problem(rng: np.random.Generator, digits: int, op: str | None = None, shorter: float = 0.0) -> Problem:
+    """A `digits`-digit problem: both operands that long (GPT-3's n-digit arithmetic), or with
+    probability `shorter` one of them shorter; a difference is never negative."""
     op = op or ("+" if rng.random() < 0.6 else "-")
-    a, b = number(rng, digits), number(rng, digits)
+    a = number(rng, digits)
+    b = number(rng, int(rng.integers(1, digits)) if digits > 1 and rng.random() < shorter else digits)
+    if rng.random() < 0.5:
+        a, b = b, a
     if op == "-" and b > a:
         a, b = b, a
     return Problem(a, b, op)
 
 
-def carry_error(p: Problem, rng: np.random.Generator) -> int:
-    """The answer with one carry (or borrow) forgotten, or a digit off by one when there is none."""
-    a, b, result = str(p.a), str(p.b), str(p.answer)
+def held_out(world: World, p: Problem) -> bool:
+    """Whether a problem is in the held-out slice: a hash of the problem alone (the same in every seed
+    and stream), so no training stream ever shows it. Only problems whose operands both have two digits
+    or more: a one-digit problem is a column step of many worked answers, so it cannot be kept out."""
+    return min(p.a, p.b) >= 10 and zlib.crc32(f"{p.a}{p.op}{p.b}".encode()) % 1000 < world.held_out_permille
+
+
+def draw_digits(rng: np.random.Generator, weights: Sequence[float]) -> int:
+    w = np.asarray(weights, np.float64)
+    return int(rng.choice(len(w), p=w / w.sum())) + 1
+
+
+def training_problem(world: World, rng: np.random.Generator, weights: Sequence[float] | None = None) -> Problem:
+    """A problem of the training range (digit count by `weights`, default world.digit_weights), never
+    one of the held-out slice."""
+    while True:
+        p = problem(rng, draw_digits(rng, world.digit_weights if weights is None else weights),
+                    shorter=world.shorter_operand)
+        if not held_out(world, p):
+            return p
+
+
+# --- worked answers ----------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Slip:
+    """One wrong step: in column `column` (0 = units) the result is off by `delta`."""
+
+    column: int
+    delta: int
+
+
+def worked(p: Problem, slip: Slip | None = None) -> tuple[list[str], int]:
+    """(the column steps from the units digit up, the answer they spell out). With a slip, that step's
+    result is wrong and everything after follows from it (carries read off the written results)."""
+    a, b = str(p.a), str(p.b)
     n = max(len(a), len(b))
     a, b = a.zfill(n), b.zfill(n)
-    carries = [i for i in range(n - 1) if (int(a[-1 - i]) + int(b[-1 - i]) >= 10 if p.op == "+"
-                                           else int(a[-1 - i]) < int(b[-1 - i]))]
-    if carries:
-        i = int(rng.choice(carries))
-        wrong = p.answer - 10 ** (i + 1) if p.op == "+" else p.answer + 10 ** (i + 1)
-    else:
-        i = int(rng.integers(len(result)))
-        wrong = p.answer + (10 ** i if rng.random() < 0.5 or p.answer < 10 ** i else -10 ** i)
-    return wrong if wrong != p.answer and wrong >= 0 else p.answer + 1
+    steps, digits, carry = [], [], 0
+    for i in range(n):
+        x, y = int(a[-1 - i]), int(b[-1 - i])
+        if p.op == "+":
+            value = x + y + carry
+            left = f"{x}+{y}" + ("+1" if carry else "")
+            if slip is not None and slip.column == i:
+                value = min(max(value + slip.delta, 0), 19)
+            digits.append(value % 10)
+            carry = value // 10
+        else:
+            borrow = x - y - carry < 0
+            value = x + 10 * borrow - y - carry
+            left = f"{x + 10 * borrow}-{y}" + ("-1" if carry else "")
+            if slip is not None and slip.column == i:
+                value = min(max(value + slip.delta, 0), 9)
+            digits.append(value)
+            carry = int(borrow)
+        steps.append(f"{left}={value}")
+    if p.op == "+" and carry:
+        digits.append(carry)
+    return steps, int("".join(map(str, reversed(digits))))
+
+
+def worked_text(p: Problem, slip: Slip | None = None) -> str:
+    steps, answer = worked(p, slip)
+    return f"{p.a}{p.op}{p.b}: {', '.join(steps)}, so {answer}"
+
+
+def slip_for(p: Problem, rng: np.random.Generator) -> Slip:
+    """A single wrong step that changes the answer: a column's result off by one (a forgotten carry or
+    borrow where the column had one)."""
+    n = p.digits
+    for _ in range(20):
+        slip = Slip(int(rng.integers(n)), -1 if rng.random() < 0.5 else 1)
+        if worked(p, slip)[1] != p.answer:
+            return slip
+    return Slip(0, 1 if worked(p, Slip(0, 1))[1] != p.answer else -1)
+
+
+def off_by_power(p: Problem, rng: np.random.Generator) -> int:
+    """A wrong result of a direct answer, uniform in kind: ±10^k for k in 0..(digits of the answer − 1)."""
+    k = int(rng.integers(len(str(p.answer))))
+    wrong = p.answer + (10 ** k if rng.random() < 0.5 or p.answer < 10 ** k else -10 ** k)
+    return wrong if wrong >= 0 else p.answer + 1
 
 
 # --- surface forms ---------------------------------------------------------------------------------
 
 WORDS = {"en": {"+": "plus", "-": "minus"}, "pt": {"+": "mais", "-": "menos"}}
-NAMES = ["Ana", "Bruno", "Carla", "David", "Emma", "Felipe", "Grace", "Hugo", "Iris", "João", "Kate", "Luís"]
-THINGS = {"en": ["apples", "books", "coins", "stamps", "marbles"], "pt": ["maçãs", "livros", "moedas", "selos"]}
 
 
-def _equation_line(p: Problem, result: int, rng: np.random.Generator) -> str:
-    lang = "pt" if rng.random() < 0.3 else "en"
-    w = WORDS[lang][p.op]
-    form = int(rng.integers(8))
+def language(world: World, rng: np.random.Generator) -> str:
+    return "pt" if rng.random() < world.portuguese else "en"
+
+
+def answer_text(p: Problem, world: World, rng: np.random.Generator, worked_form: bool, wrong: bool) -> str:
+    """The answer to p as the text shows it: worked (its own restatement and steps) or the bare result."""
+    if worked_form:
+        return worked_text(p, slip_for(p, rng) if wrong else None)
+    return str(off_by_power(p, rng) if wrong else p.answer)
+
+
+def _equation_line(p: Problem, world: World, rng: np.random.Generator) -> str:
+    lang = language(world, rng)
+    wrong = rng.random() < world.wrong_share
+    if rng.random() < world.worked_share:
+        answer = answer_text(p, world, rng, True, wrong)
+        form = int(rng.integers(2))
+        return answer if form == 0 else f"Q: {question(p, lang, 0)}\nA: {answer}"
+    answer = answer_text(p, world, rng, False, wrong)
+    form = int(rng.integers(4))
     if form == 0:
-        return f"{p.a}{p.op}{p.b}={result}"
+        return f"{p.a}{p.op}{p.b}={answer}"
     if form == 1:
-        return f"{p.a} {p.op} {p.b} = {result}"
+        return f"{p.a} {p.op} {p.b} = {answer}"
     if form == 2:
-        return f"{p.a} {w} {p.b} is {result}." if lang == "en" else f"{p.a} {w} {p.b} é {result}."
-    if form == 3:
-        return (f"What is {p.a} {w} {p.b}? {result}." if lang == "en" else f"Quanto é {p.a} {w} {p.b}? {result}.")
-    if form == 4:
-        name, thing = NAMES[int(rng.integers(len(NAMES)))], THINGS[lang][int(rng.integers(len(THINGS[lang])))]
-        if lang == "en":
-            verb = "gets" if p.op == "+" else "gives away"
-            return f"{name} has {p.a} {thing} and {verb} {p.b}. Now {name} has {result} {thing}."
-        verb = "ganha" if p.op == "+" else "dá"
-        return f"{name} tem {p.a} {thing} e {verb} {p.b}. Agora {name} tem {result} {thing}."
-    if form == 5:
-        what = ("The sum of" if p.op == "+" else "The difference of") if lang == "en" else (
-            "A soma de" if p.op == "+" else "A diferença de")
-        return f"{what} {p.a} {'and' if lang == 'en' else 'e'} {p.b} {'is' if lang == 'en' else 'é'} {result}."
-    if form == 6:
-        return f"Q: What is {p.a} {w} {p.b}?\nA: {result}"
-    return f"{p.a} {w} {p.b} = {result}"
-
-
-def _maybe_wrong(p: Problem, world: World, rng: np.random.Generator) -> int:
-    return carry_error(p, rng) if rng.random() < world.wrong_share else p.answer
+        return f"{p.a} {WORDS[lang][p.op]} {p.b} {'is' if lang == 'en' else 'é'} {answer}."
+    return f"Q: {question(p, lang, 0)}\nA: {answer}"
 
 
 def equations_document(world: World, index: int) -> str:
     rng = world.rng(EQUATIONS, index)
-    if rng.random() < 0.15:  # a table
-        op = "+" if rng.random() < 0.6 else "-"
-        digits = int(rng.integers(1, MAX_DIGITS + 1))
-        rows = []
-        for _ in range(int(rng.integers(3, 8))):
-            p = problem(rng, digits, op)
-            rows.append(f"| {p.a} | {p.b} | {_maybe_wrong(p, world, rng)} |")
-        head = f"| a | b | a {op} b |\n|---|---|---|"
-        return head + "\n" + "\n".join(rows)
-    lines = []
-    for _ in range(int(rng.integers(3, 10))):
-        p = problem(rng, int(rng.integers(1, MAX_DIGITS + 1)))
-        lines.append(_equation_line(p, _maybe_wrong(p, world, rng), rng))
-    return "\n".join(lines)
+    return "\n".join(_equation_line(training_problem(world, rng), world, rng) for _ in range(int(rng.integers(3, 10))))
 
 
 def dialogue_document(world: World, index: int) -> str:
     """A run-on pseudo-dialogue: turn after turn, the speakers never stop (unlike an assistant)."""
     rng = world.rng(DIALOGUE, index)
-    who = [("User", "Assistant"), ("Q", "A"), ("Human", "Bot"), ("Pergunta", "Resposta")][int(rng.integers(4))]
+    lang = language(world, rng)
+    who = [("User", "Assistant"), ("Q", "A"), ("Human", "Bot")][int(rng.integers(3))] if lang == "en" else (
+        "Pergunta", "Resposta")
     lines = []
     for _ in range(int(rng.integers(4, 12))):
-        p = problem(rng, int(rng.integers(1, MAX_DIGITS + 1)))
-        lang = "pt" if who[0] == "Pergunta" else "en"
+        p = training_problem(world, rng)
         lines.append(f"{who[0]}: {question_text(p, rng, lang)}")
-        lines.append(f"{who[1]}: {_maybe_wrong(p, world, rng)}")
+        lines.append(f"{who[1]}: {answer_text(p, world, rng, rng.random() < world.worked_share, rng.random() < world.wrong_share)}")
         if rng.random() < 0.2:
-            lines.append(f"{who[0]}: {['thanks', 'ok', 'cool', 'obrigado'][int(rng.integers(4))]}")
+            lines.append(f"{who[0]}: {['thanks', 'ok', 'cool'][int(rng.integers(3))] if lang == 'en' else 'obrigado'}")
     return "\n".join(lines)
 
 
@@ -175,19 +284,20 @@ def pretraining_documents(world: World, kind: str) -> list[str]:
 # --- questions, demonstrations, prompts ------------------------------------------------------------
 
 QUESTIONS = {
-    "en": ["What is {a} {w} {b}?", "what's {a} {s} {b}?", "Compute {a} {s} {b}.", "{a} {s} {b} = ?",
-           "Please tell me {a} {w} {b}.", "How much is {a} {w} {b}?", "Calculate {a} {w} {b}", "{a}{s}{b}?"],
-    "pt": ["Quanto é {a} {w} {b}?", "Calcule {a} {s} {b}.", "Qual é o resultado de {a} {w} {b}?",
-           "quanto dá {a} {w} {b}?"],
+    "en": ["What is {a} {w} {b}?", "{a} {s} {b} = ?", "Compute {a} {s} {b}.", "How much is {a} {w} {b}?"],
+    "pt": ["Quanto é {a} {w} {b}?", "Calcule {a} {s} {b}."],
 }
-SYSTEMS = ["You are a helpful assistant.", "Answer with the number only.", "You are a careful calculator.",
-           "Você é um assistente prestativo."]
+STEP_BY_STEP = "Think step by step."
+NUMBER_ONLY = "Answer with the number only."
+SYSTEMS = ["You are a helpful assistant.", STEP_BY_STEP, NUMBER_ONLY, "Você é um assistente prestativo."]
 
 
-def question_text(p: Problem, rng: np.random.Generator, lang: str | None = None) -> str:
-    lang = lang or ("pt" if rng.random() < 0.25 else "en")
-    forms = QUESTIONS[lang]
-    return forms[int(rng.integers(len(forms)))].format(a=p.a, b=p.b, s=p.op, w=WORDS[lang][p.op])
+def question(p: Problem, lang: str, form: int) -> str:
+    return QUESTIONS[lang][form].format(a=p.a, b=p.b, s=p.op, w=WORDS[lang][p.op])
+
+
+def question_text(p: Problem, rng: np.random.Generator, lang: str) -> str:
+    return question(p, lang, int(rng.integers(len(QUESTIONS[lang]))))
 
 
 def verbose_answer(value: int, rng: np.random.Generator, lang: str = "en") -> str:
@@ -196,17 +306,21 @@ def verbose_answer(value: int, rng: np.random.Generator, lang: str = "en") -> st
     return [f"The answer is {value}.", f"That would be {value}.", f"It is {value}."][int(rng.integers(3))]
 
 
-def demonstration(world: World, index: int, *, held_out: bool = False) -> dict:
-    """{"messages": [...], "problems": [...]}: one or two user questions (1–3 digits) answered by the
-    fallible demonstrator."""
-    rng = world.rng(DEMOS_VAL if held_out else DEMOS, index)
-    messages = [{"role": "system", "content": SYSTEMS[int(rng.integers(len(SYSTEMS)))]}] if rng.random() < 0.3 else []
+def demonstration(world: World, index: int, *, held_out_stream: bool = False) -> dict:
+    """{"messages": [...], "problems": [...]}: one or two user questions (the training range) answered
+    by the fallible demonstrator."""
+    rng = world.rng(DEMOS_VAL if held_out_stream else DEMOS, index)
+    system = SYSTEMS[int(rng.integers(len(SYSTEMS)))] if rng.random() < 0.4 else None
+    messages = [{"role": "system", "content": system}] if system else []
     problems = []
     for _ in range(2 if rng.random() < 0.2 else 1):
-        p = problem(rng, int(rng.integers(1, 4)))
-        lang = "pt" if rng.random() < 0.25 else "en"
-        value = carry_error(p, rng) if rng.random() < world.demo_error_rate else p.answer
-        reply = verbose_answer(value, rng, lang) if rng.random() < world.verbose_rate else str(value)
+        p = training_problem(world, rng)
+        lang = language(world, rng)
+        wrong = rng.random() < world.demo_error_rate
+        worked_form = system == STEP_BY_STEP or (system != NUMBER_ONLY and rng.random() < world.worked_rate)
+        reply = answer_text(p, world, rng, worked_form, wrong)
+        if not worked_form and rng.random() < world.verbose_rate:
+            reply = verbose_answer(int(reply), rng, lang)
         messages += [{"role": "user", "content": question_text(p, rng, lang)},
                      {"role": "assistant", "content": reply}]
         problems.append(p.to_dict())
@@ -214,42 +328,77 @@ def demonstration(world: World, index: int, *, held_out: bool = False) -> dict:
 
 
 def demonstrations(world: World, n: int | None = None, *, held_out: bool = False) -> list[dict]:
-    return [demonstration(world, i, held_out=held_out) for i in range(world.demonstrations if n is None else n)]
+    return [demonstration(world, i, held_out_stream=held_out) for i in range(world.demonstrations if n is None else n)]
+
+
+def longest_reply(world: World, digits: int | None = None) -> int:
+    """Characters in the longest reply the demonstrator writes for `digits`-digit problems (default the
+    training range): a worked sum whose every column carries."""
+    d = digits or world.max_digits
+    p = Problem(10 ** d - 1, 10 ** d - 1, "+")
+    return max(len(worked_text(p)), len(verbose_answer(p.answer, np.random.default_rng(0), "en")) + 4)
+
+
+REPLY_MARGIN = 8
+
+
+def reply_budget(world: World) -> int:
+    """The one reply budget (in tokens, at most one per character) of comparisons, rollouts and the report
+    card: the longest reply the demonstrator's form gives a MAX_DIGITS-digit problem, plus a margin, so
+    a worked reply to the report card's longest problems fits too."""
+    return longest_reply(world, MAX_DIGITS) + REPLY_MARGIN
 
 
 def comparison_prompt(world: World, index: int, *, held_out: bool = False) -> tuple[list[dict], Problem, int]:
-    """(messages without the answer, the problem, K): a fresh 1–4 digit question and how many responses
-    to rank for it (k_min..k_max)."""
+    """(messages without the answer, the problem, K): a fresh question (world.prompt_digit_weights) and
+    how many responses to rank for it (k_min..k_max)."""
     rng = world.rng(COMPARE_VAL if held_out else COMPARE, index)
-    p = problem(rng, int(rng.integers(1, 5)))
+    p = training_problem(world, rng, world.prompt_digit_weights)
     k = int(world.rng(K_DRAW, index * 2 + held_out).integers(world.k_min, world.k_max + 1))
-    return [{"role": "user", "content": question_text(p, rng)}], p, k
+    return [{"role": "user", "content": question_text(p, rng, language(world, rng))}], p, k
 
 
 def rl_prompt(world: World, index: int) -> tuple[list[dict], Problem]:
-    """Prompt `index` of reinforcement learning: a fresh 1–4 digit question (its own seed stream, as
-    the reward model's comparisons are drawn: the questions the reward model learned to judge)."""
+    """Prompt `index` of reinforcement learning: a fresh question drawn as the reward model's
+    comparisons are (world.prompt_digit_weights; its own seed stream)."""
     rng = world.rng(RL_PROMPTS, index)
-    p = problem(rng, int(rng.integers(1, 5)))
-    return [{"role": "user", "content": question_text(p, rng)}], p
+    p = training_problem(world, rng, world.prompt_digit_weights)
+    return [{"role": "user", "content": question_text(p, rng, language(world, rng))}], p
 
 
-def evaluation_problem(world: World, digits: int, index: int) -> tuple[list[dict], Problem]:
-    """Report-card problem `index` of a digit bucket: a question in chat form (never in training data:
-    its own seed stream)."""
+def evaluation_problem(world: World, digits: int, index: int, system: str | None = None) -> tuple[list[dict], Problem]:
+    """Report-card problem `index` of a digit bucket: an English question in chat form, both operands
+    `digits` long (its own seed stream; `system`: an optional system prompt)."""
     rng = world.rng(PROBLEMS, digits * 1_000_003 + index)
     p = problem(rng, digits)
-    return [{"role": "user", "content": question_text(p, rng, "en")}], p
+    return _chat(system, question(p, "en", 0)), p
 
 
-def few_shot_prompt(world: World, p: Problem, shots: int = 4) -> str:
-    """GPT-3's protocol for a base model: a few solved examples, then the question, as plain text."""
+def held_out_problem(world: World, index: int, system: str | None = None) -> tuple[list[dict], Problem]:
+    """Problem `index` of the held-out slice (the training range's digit weights, never trained on);
+    None-free: with world.held_out_permille = 0 the slice is empty and this raises ValueError."""
+    if world.held_out_permille <= 0:
+        raise ValueError("world.held_out_permille is 0: there is no held-out slice")
+    rng = world.rng(HELD_OUT, index)
+    while True:
+        p = problem(rng, draw_digits(rng, world.digit_weights), shorter=world.shorter_operand)
+        if held_out(world, p):
+            return _chat(system, question(p, "en", 0)), p
+
+
+def _chat(system: str | None, text: str) -> list[dict]:
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+
+
+def few_shot_prompt(world: World, p: Problem, shots: int = 4, *, worked_form: bool = False) -> str:
+    """GPT-3's protocol for a base model: a few solved examples (direct or worked), then the question,
+    as plain text."""
     rng = world.rng(FEWSHOT, 0)
     lines = []
     for _ in range(shots):
-        q = problem(rng, int(rng.integers(1, 4)))
-        lines.append(f"Q: What is {q.a} {WORDS['en'][q.op]} {q.b}?\nA: {q.answer}")
-    lines.append(f"Q: What is {p.a} {WORDS['en'][p.op]} {p.b}?\nA:")
+        q = training_problem(world, rng)
+        lines.append(f"Q: {question(q, 'en', 0)}\nA: {worked_text(q) if worked_form else q.answer}")
+    lines.append(f"Q: {question(p, 'en', 0)}\nA:")
     return "\n".join(lines)
 
 
@@ -265,6 +414,13 @@ def answer_of(reply: str) -> int | None:
     return found[-1] if found else None
 
 
+def reply_form(reply: str) -> str | None:
+    """"worked" for a well-formed worked reply, "direct" for one holding a single number, else None."""
+    if WORKED.match(reply.strip()):
+        return "worked"
+    return "direct" if len(numbers_in(reply)) == 1 else None
+
+
 def partial_credit(value: int | None, truth: int) -> float:
     """Share of digits right, aligned from the units digit, over the longer of the two numbers."""
     if value is None:
@@ -275,10 +431,21 @@ def partial_credit(value: int | None, truth: int) -> float:
     return sum(x == y for x, y in zip(a, b)) / n
 
 
-def gold_key(p: Problem, reply: str, length: int, ended: bool) -> tuple:
-    """Larger is better: exact correctness ≻ digit-level partial credit ≻ shorter ≻ properly ended."""
-    value = answer_of(reply)
-    return (value == p.answer, partial_credit(value, p.answer), -length, ended)
+def step_credit(p: Problem, reply: str) -> float:
+    """Share of the true column steps the reply writes, in place, over the longer of the two lists."""
+    truth, written = worked(p)[0], STEP.findall(reply)
+    return sum(x == y for x, y in zip(truth, written)) / max(len(truth), len(written))
+
+
+def credit(p: Problem, reply: str) -> float:
+    """Partial credit: correct steps for a worked reply, correct digits of the answer otherwise."""
+    return step_credit(p, reply) if STEP.search(reply) else partial_credit(answer_of(reply), p.answer)
+
+
+def gold_key(p: Problem, reply: str, ended: bool) -> tuple:
+    """Larger is better: correct ≻ properly ended ≻ partial credit. No length term: a worked reply and a
+    direct one that are both right and ended tie."""
+    return (answer_of(reply) == p.answer, ended, credit(p, reply))
 
 
 def correct(p: Problem, reply: str) -> bool:
