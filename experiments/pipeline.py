@@ -12,6 +12,7 @@ which inherits the base's world):
   grpo-gold  plutao grpo sft --reward gold     (verifiable rewards)
   grpo-rm    plutao grpo sft --reward rm       (learned preferences)
   report     plutao report-card base sft ppo dpo grpo-gold grpo-rm --reward rm --best-of N
+             --problems-file unseen-phrasings.jsonl (100 problems in phrasings the world never writes)
 A finished stage leaves DIR/seed{s}/STAGE.done (its summary); re-running skips it, and an interrupted
 one resumes from its checkpoint; a stage (or the report card) stopped by SIGINT/SIGTERM stops the pipeline
 too, with exit code 130/143. Then DIR/summary.json and DIR/summary.md: every report-card figure as mean ± std
@@ -99,8 +100,10 @@ def run_seed(seed_dir: Path, seed: int, scale: float, overrides, *, problems: in
         _write(done, json.dumps({"seconds": time.perf_counter() - t0, "command": argv}))
     report_dir = seed_dir / "report-card"
     if not (report_dir / "report.json").is_file():
+        unseen = write_unseen_phrasings(seed_dir)
         argv = ["report-card", *(str(seed_dir / c) for c in COLUMNS), "--reward", str(seed_dir / "rm"),
-                "--best-of", str(best_of), "--problems", str(problems), "--out", str(report_dir), "--seed", str(seed)]
+                "--best-of", str(best_of), "--problems", str(problems), "--out", str(report_dir), "--seed", str(seed),
+                "--problems-file", str(unseen)]
         log(f"pipeline: seed {seed} report card: plutao {' '.join(argv)}")
         rc = cli.main(argv)
         if rc in (130, 143):
@@ -109,6 +112,20 @@ def run_seed(seed_dir: Path, seed: int, scale: float, overrides, *, problems: in
         if rc != 0:
             raise UserError(f"pipeline: seed {seed}: the report card failed; run the same command again")
     return json.loads((report_dir / "report.json").read_text())
+
+
+def write_unseen_phrasings(seed_dir: Path, n: int = 100) -> Path:
+    """DIR/seed{s}/unseen-phrasings.jsonl: n problems of the base's world asked in phrasings the world
+    never writes (`arith.unseen_phrasing_problems`), the report card's problems file."""
+    from plutao.train.config.schema import Config
+    from plutao.train.run.rundir import existing_run_config
+    from plutao.train.worlds import arith
+
+    world = Config.from_dict(existing_run_config(seed_dir / "base")).world
+    path = seed_dir / "unseen-phrasings.jsonl"
+    _write(path, "".join(json.dumps({"messages": m, "answer": str(a)}) + "\n"
+                         for m, a in arith.unseen_phrasing_problems(world, n)))
+    return path
 
 
 def finished(run_dir: Path) -> bool:
@@ -207,7 +224,8 @@ def markdown(summary: dict) -> str:
                        ("distinct", "distinct answers per prompt"), ("entropy", "entropy per reply token (T=1)"),
                        ("kl_to_reference", "KL to SFT per reply (T=1)"), ("bits_per_byte", "bits per byte (pretraining)"),
                        ("mean_reward", "mean reward-model score"), ("pass_at_8", "pass@8 (T=1)"),
-                       ("held_out_accuracy", "held-out slice accuracy (greedy)")):
+                       ("held_out_accuracy", "held-out slice accuracy (greedy)"),
+                       ("problems_file_accuracy", "unseen phrasings accuracy (greedy)")):
         row(label, [_ms(runs[n].get(key)) for n in names])
     if summary.get("leaderboard"):
         lines += ["", "## Leaderboard (Elo, mean ± std over seeds)" if many else "## Leaderboard (Elo, 1 seed)", "",

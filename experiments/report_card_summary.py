@@ -25,9 +25,9 @@ from plutao.experiments.report_card_stats import (
 from plutao.train.worlds import arith
 
 
-def _accuracy(problems, replies, digits_P, prefix: str, cut=lambda text: text) -> dict:
+def _accuracy(problems, replies, digits_P, name: str, by_digits: str, cut=lambda text: text) -> dict:
     correct = [arith.correct(p, cut(r.text)) for p, r in zip(problems, replies)]
-    return {prefix: float(np.mean(correct)), f"{prefix}_by_digits": accuracy_by_digits(correct, digits_P)}
+    return {name: float(np.mean(correct)), by_digits: accuracy_by_digits(correct, digits_P)}
 
 
 def column_row(c, problems, plan, bits: dict, *, end_id: int, user_id: int) -> dict:
@@ -46,14 +46,16 @@ def column_row(c, problems, plan, bits: dict, *, end_id: int, user_id: int) -> d
     if c.best_of:
         row["best_of"] = c.best_of
     if c.few_shot is not None:
-        row |= _accuracy(probs, c.few_shot, digits_P, "accuracy_few_shot", few_shot_answer)
+        row |= _accuracy(probs, c.few_shot, digits_P, "accuracy_few_shot", "accuracy_by_digits_few_shot",
+                         few_shot_answer)
     if "few_shot_worked" in c.extra:
-        row |= _accuracy(probs, c.extra["few_shot_worked"], digits_P, "accuracy_few_shot_worked", few_shot_answer)
+        row |= _accuracy(probs, c.extra["few_shot_worked"], digits_P, "accuracy_few_shot_worked",
+                         "accuracy_by_digits_few_shot_worked", few_shot_answer)
     for key, shots in c.shots.items():
         row[f"few_{key}"] = float(np.mean(shots))  # examples that fit the context, on average (of 4)
     for name in ("step_by_step", "direct"):
         if name in c.extra:
-            row |= _accuracy(probs, c.extra[name], digits_P, f"{name}_accuracy")
+            row |= _accuracy(probs, c.extra[name], digits_P, f"{name}_accuracy", f"{name}_accuracy_by_digits")
             row[f"{name}_worked_share"] = float(np.mean([arith.reply_form(r.text) == "worked" for r in c.extra[name]]))
     if "held_out" in c.extra:
         row["held_out_accuracy"] = float(np.mean([arith.correct(p, r.text) for (_, p), r

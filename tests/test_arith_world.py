@@ -3,6 +3,7 @@ fallible demonstrator whose errors are one visible step, a held-out slice no str
 labeler without a length term."""
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -89,9 +90,9 @@ def test_the_held_out_slice_is_in_no_training_stream():
     assert all(arith.held_out(world, p) and min(p.a, p.b) >= 10 for p in slice_)
     assert len({(p.a, p.op, p.b) for p in slice_}) > 40
     text = "\n".join(arith.pretraining_documents(world, "equations") + arith.pretraining_documents(world, "dialogue"))
-    shown = {(int(a), op, int(b)) for a, op, b in arith.re.findall(r"(?<![\d])(\d+) ?([+-]) ?(\d+)(?![\d])", text)}
+    shown = {(int(a), op, int(b)) for a, op, b in re.findall(r"(?<![\d])(\d+) ?([+-]) ?(\d+)(?![\d])", text)}
     shown |= {(int(a), {"plus": "+", "minus": "-", "mais": "+", "menos": "-"}[w], int(b))
-              for a, w, b in arith.re.findall(r"(\d+) (plus|minus|mais|menos) (\d+)", text)}
+              for a, w, b in re.findall(r"(\d+) (plus|minus|mais|menos) (\d+)", text)}
     assert len(shown) > 2000
     assert not shown & {(p.a, p.op, p.b) for p in slice_}
     for i in range(300):
@@ -141,7 +142,11 @@ def test_one_reply_budget_fits_a_worked_reply_to_the_longest_problem():
     world = World()
     p = Problem(99999, 99999, "+")
     assert arith.reply_budget(world) >= len(arith.worked_text(p)) + 1  # (+ the stop token)
-    assert Config().reply_tokens == arith.reply_budget(world)
+    from plutao.model.config import ModelConfig
+
+    wide = Config(model=ModelConfig(vocab_size=0, context_length=192))  # (the arith-base preset's context)
+    assert wide.reply_tokens == arith.reply_budget(world) < 192 // 2
+    assert Config(model=ModelConfig(vocab_size=0, context_length=64)).reply_tokens == 31  # at most half the context
 
 
 def test_labeler_noise_agrees_as_documented():
@@ -171,3 +176,18 @@ def test_world_settings_are_checked_and_old_worlds_refused():
     with pytest.raises(UserError, match="world.version=1: .* version 2 only; train the stages again"):
         validate(Config.from_dict(old))
     assert Config.from_dict(Config().to_dict()).world == World()
+
+
+def test_unseen_phrasings_are_phrasings_no_stream_writes():
+    world = World(documents=300, demonstrations=300)
+    problems = arith.unseen_phrasing_problems(world, 100)
+    assert len(problems) == 100 and len({m[0]["content"] for m, _ in problems}) > 90
+    for messages, answer in problems:
+        a, b = map(int, arith.NUMBER.findall(messages[0]["content"]))
+        assert answer in (a + b, abs(a - b))
+    patterns = [re.compile(re.escape(form).replace(re.escape("{a}"), r"\d+").replace(re.escape("{b}"), r"\d+"))
+                for forms in arith.UNSEEN.values() for form in forms]
+    assert sum(bool(p.search(m[0]["content"])) for m, _ in problems for p in patterns) == 100  # each matches one
+    text = "\n".join(arith.pretraining_documents(world, "equations") + arith.pretraining_documents(world, "dialogue")
+                     + [m["content"] for d in arith.demonstrations(world) for m in d["messages"]])
+    assert not [p.pattern for p in patterns if p.search(text)]  # ... and no stream writes any of them

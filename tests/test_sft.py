@@ -84,10 +84,12 @@ def test_every_assistant_turn_trains(setup):
     assert trained == "5<|end|>8<|end|>" or trained.replace("<|end|>", "|") == "5|8|"
 
 
-def test_an_all_prompt_batch_gives_zero_loss_and_zero_gradient(setup):
+@pytest.mark.parametrize("decay", [0.0, 0.1])
+def test_an_all_prompt_batch_gives_zero_loss_and_zero_gradient(setup, decay):
     _tok, cfg, task, rows, _ = setup
+    optim = dataclasses.replace(cfg.optim, weight_decay=decay, warmup_steps=0)  # (lr > 0 at the first step)
     mesh = sharding.make_mesh(cfg.mesh)
-    tx = make_optimizer(cfg.optim, 10, cfg.model)
+    tx = make_optimizer(optim, 10, cfg.model)
     trainer = Trainer(cfg.model, tx, lambda s: 1e-2, mesh, 0, task=task)
     state = trainer.init_state()
     before = jax.device_get(state["params"])
@@ -96,11 +98,12 @@ def test_an_all_prompt_batch_gives_zero_loss_and_zero_gradient(setup):
     state, metrics = trainer.train_step(state, batch)
     assert float(metrics["loss"]) == 0.0 and float(metrics["grad_norm"]) == 0.0
     after = jax.device_get(state["params"])
-    # (AdamW with zero gradients still decays weights; with decay off nothing moves)
-    if cfg.optim.weight_decay == 0:
-        for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
-            np.testing.assert_array_equal(x, y)
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(after))
+    moved = [not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after))]
+    if decay == 0:
+        assert not any(moved)  # nothing to learn, nothing moves
+    else:
+        assert any(moved)  # (AdamW with zero gradients still decays the weights: the check above can fail)
 
 
 def test_packed_conversations_do_not_attend_across(setup):

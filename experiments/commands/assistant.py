@@ -290,6 +290,8 @@ def eval_reward(args, run_dir: Path) -> int:
           f"({result['rankings']:,} rankings, step {result['step']})", file=sys.stdout)
     for d, acc in result.get("accuracy_by_digits", {}).items():
         print(f"  {d}-digit problems: {acc['accuracy']:.3f} ({acc['pairs']:,} pairs)")
+    if result.get("right_vs_wrong_accuracy") is not None:
+        print(f"  one right, one wrong: {result['right_vs_wrong_accuracy']:.3f} ({result['right_vs_wrong_pairs']:,} pairs)")
     if result.get("both_wrong_accuracy") is not None:
         print(f"  both replies wrong: {result['both_wrong_accuracy']:.3f} ({result['both_wrong_pairs']:,} pairs)")
     if result.get("gold_agreement") is not None:

@@ -102,7 +102,7 @@ class RLConfig:
     reward: str = ""  # a reward-model run directory, or "gold" (the world's checker: GRPO only)
     prompts: int = 32  # prompts per rollout batch
     group: int = 1  # replies per prompt (GRPO: G ≥ 2)
-    max_new_tokens: int = 0  # the reply budget; 0 = the world's (arith.reply_budget: the longest worked reply + a margin)
+    max_new_tokens: int = 0  # the reply budget; 0 = the world's (arith.reply_budget), at most half the context
     temperature: float = 1.0  # of the rollouts; only 1 (the ratio and the KL read the model at temperature 1)
     epochs: int = 4  # passes over each rollout batch
     minibatches: int = 4  # optimizer steps per pass
@@ -157,8 +157,9 @@ class Config:
 
     @property
     def reply_tokens(self) -> int:
-        """The RL reply budget: rl.max_new_tokens, or the world's one budget when that is 0."""
-        return self.rl.max_new_tokens or reply_budget(self.world)
+        """The RL reply budget: rl.max_new_tokens, or when that is 0 the world's one budget (the longest
+        worked reply + a margin), at most half the context less one (the prompt keeps the other half)."""
+        return self.rl.max_new_tokens or min(reply_budget(self.world), self.model.context_length // 2 - 1)
 
     def shaped_model(self, placeholder_vocab: int = 256) -> ModelConfig:
         """The resolved model for shape-only tools (params, plan, shardings): when the vocabulary

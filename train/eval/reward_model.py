@@ -1,5 +1,6 @@
 """Held-out metrics of a reward model on rankings: pairwise accuracy (overall, by digit count, on
-pairs where both replies are wrong), the mean margin r_w − r_l, agreement with the gold labeler, Brier
+pairs where one reply is right and the other wrong — what a verifier must get right — and on pairs
+where both replies are wrong), the mean margin r_w − r_l, agreement with the gold labeler, Brier
 score and calibration of σ(r_w − r_l)."""
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def evaluate_rankings(scorer, rankings: list[Ranking], bins: int = 5) -> dict:
     convs = [r.prompt + [{"role": "assistant", "content": x}] for r in rankings for x in r.responses]
     ended = [e for r in rankings for e in r.meta.get("ended", [True] * len(r.responses))]
     scores = scorer.score(convs, ended=ended)
-    margins, by_digits, both_wrong, gold = [], {}, [], []
+    margins, by_digits, both_wrong, right_wrong, gold = [], {}, [], [], []
     at = 0
     for r in rankings:
         s = scores[at:at + len(r.responses)]
@@ -39,6 +40,8 @@ def evaluate_rankings(scorer, rankings: list[Ranking], bins: int = 5) -> dict:
                 by_digits.setdefault(str(digits), []).append(m)
             if correct is not None and not correct[i] and not correct[j]:
                 both_wrong.append(m)
+            if correct is not None and correct[i] != correct[j]:
+                right_wrong.append(m if correct[i] else -m)  # (positive: the right reply scored higher)
         if "gold_ranks" in r.meta:
             gold += [float(s[i] - s[j]) for i, j in _pairs(r.meta["gold_ranks"])]
     m = np.asarray(margins)
@@ -57,6 +60,7 @@ def evaluate_rankings(scorer, rankings: list[Ranking], bins: int = 5) -> dict:
         "pairwise_accuracy": _accuracy(margins), "pairs": len(margins), "rankings": len(rankings),
         "margin": float(np.mean(m)) if len(m) else None,  # mean r(better) − r(worse), as the training loop's
         "accuracy_by_digits": {d: {"accuracy": _accuracy(v), "pairs": len(v)} for d, v in sorted(by_digits.items())},
+        "right_vs_wrong_accuracy": _accuracy(right_wrong), "right_vs_wrong_pairs": len(right_wrong),
         "both_wrong_accuracy": _accuracy(both_wrong), "both_wrong_pairs": len(both_wrong),
         "gold_agreement": _accuracy(gold),
         "brier": float(np.mean((p_win - 1.0) ** 2)) if len(m) else None,

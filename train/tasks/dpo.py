@@ -178,5 +178,6 @@ class DPO(CausalLM):
             if len(distinct) == n:
                 break
         prompts = list(distinct.values())
-        replies = answer(model, tokenizer, prompts, context=self.cfg.model.context_length)
+        replies = answer(model, tokenizer, prompts, context=self.cfg.model.context_length,
+                         max_new_tokens=self.cfg.reply_tokens)
         return "\n".join(f"{p[-1]['content']} → {r!r}" for p, r in zip(prompts, replies))

@@ -122,5 +122,6 @@ class SFT(CausalLM):
 
     def milestone_sample(self, model, batches, tokenizer, step):
         prompts = milestone_prompts(self.cfg, batches.val_messages)
-        replies = answer(model, tokenizer, prompts, context=self.cfg.model.context_length)
+        replies = answer(model, tokenizer, prompts, context=self.cfg.model.context_length,
+                         max_new_tokens=self.cfg.reply_tokens)
         return "\n".join(f"{p[-1]['content']} → {r!r}" for p, r in zip(prompts, replies))

@@ -37,7 +37,7 @@ import numpy as np
 
 # Purposes folded into every generator's seed: each stream of the world is independent of the others.
 (EQUATIONS, DIALOGUE, DEMOS, DEMOS_VAL, COMPARE, COMPARE_VAL, PROBLEMS, LABELER, K_DRAW, FEWSHOT, RL_PROMPTS,
- HELD_OUT) = range(12)
+ HELD_OUT, UNSEEN_STREAM) = range(13)
 MAX_DIGITS = 5  # the report card's digit buckets: 1..5 (beyond world.max_digits: out of distribution)
 VERSION = 2
 NUMBER = re.compile(r"-?\d+")
@@ -388,6 +388,26 @@ def held_out_problem(world: World, index: int, system: str | None = None) -> tup
 
 def _chat(system: str | None, text: str) -> list[dict]:
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+
+
+UNSEEN = {  # phrasings no stream of the world ever writes (the report card's robustness check)
+    "+": ["Add {a} and {b}.", "If I have {a} and get {b} more, how many do I have?", "Sum {a} with {b}, please.",
+          "{a} and {b} together make how much?", "Tell me the total of {a} and {b}."],
+    "-": ["Subtract {b} from {a}.", "If I have {a} and give away {b}, how many are left?", "Take {b} away from {a}.",
+          "By how much is {a} larger than {b}?", "Tell me {a} take away {b}."],
+}
+
+
+def unseen_phrasing_problems(world: World, n: int = 100) -> list[tuple[list[dict], int]]:
+    """(messages, answer) for n problems of the training range asked in phrasings the world never
+    produces (UNSEEN): whether what RL taught survives a change of wording."""
+    out = []
+    for i in range(n):
+        rng = world.rng(UNSEEN_STREAM, i)
+        p = problem(rng, draw_digits(rng, world.digit_weights))
+        forms = UNSEEN[p.op]
+        out.append(([{"role": "user", "content": forms[i % len(forms)].format(a=p.a, b=p.b)}], p.answer))
+    return out
 
 
 def few_shot_prompt(world: World, p: Problem, shots: int = 4, *, worked_form: bool = False) -> str:
