@@ -133,6 +133,10 @@ class Problems:
     def digits_P(self) -> np.ndarray:
         return np.array([p.digits for p in self.problems])
 
+    def reply_tokens(self, run) -> int:
+        """A run's reply budget: the world's, at most half its context less one (as Config.reply_tokens)."""
+        return min(self.budget, max(run.cfg.model.context_length // 2 - 1, 1))
+
     def with_system(self, system: str) -> list[list[dict]]:
         return [[{"role": "system", "content": system}] + m for m in self.messages]
 
@@ -153,7 +157,8 @@ def evaluation_problems(world: arith.World, per_digit: int) -> Problems:
 
 def few_shot_ids(tok, world: arith.World, p: arith.Problem, limit: int, worked: bool) -> tuple[list[int], int]:
     """(GPT-3's plain-text prompt after <|endoftext|>, the number of solved examples in it): as many of
-    the 4 examples as fit `limit` tokens, never a cut-off one."""
+    the 4 examples as fit `limit` tokens, never a cut-off one (with none fitting, the question's last
+    `limit` tokens)."""
     for shots in range(4, -1, -1):
         ids = [tok.eot_id] + tok.encode_unseen(arith.few_shot_prompt(world, p, shots, worked_form=worked)).tolist()
         if len(ids) <= limit or shots == 0:
@@ -198,7 +203,7 @@ def _rewards(scorer, messages: Sequence[list[dict]], replies: Sequence[Reply]) -
 def run_column(run, problems: Problems, file_messages: list[list[dict]] | None, seed: int, log) -> Column:
     """Every reply a run's column needs, each kind in one batched sampling pass."""
 
-    tok, model, context, budget = run.tokenizer, run.model, run.cfg.model.context_length, problems.budget
+    tok, model, context, budget = run.tokenizer, run.model, run.cfg.model.context_length, problems.reply_tokens(run)
     name, stops = run.run_dir.name, reply_stop_ids(tok)
 
     def greedy_on(messages):
@@ -228,7 +233,8 @@ def run_column(run, problems: Problems, file_messages: list[list[dict]] | None, 
         for row, worked in (("few_shot", False), ("few_shot_worked", True)):
             log(f"report-card: {name}: {n} greedy few-shot replies (base model, GPT-3's prompt, "
                 f"{'worked' if worked else 'direct'} examples)")
-            plain, shots = zip(*(few_shot_ids(tok, problems.world, p, context - budget, worked) for p in problems.problems))
+            limit = max(context - budget, context // 2, 1)  # (as `fit` leaves room for the reply)
+            plain, shots = zip(*(few_shot_ids(tok, problems.world, p, limit, worked) for p in problems.problems))
             replies = sample(model, tok, list(plain), temperature=0.0, seeds=[0] * n, budget=budget,
                              stop_ids=newline if len(newline) == 1 else ())
             column.shots["shots_worked" if worked else "shots"] = list(shots)
@@ -246,7 +252,7 @@ def best_of_column(run, scorer, n_best: int, problems: Problems, file_messages: 
                    log) -> Column:
     """`NAME+best-of-N`: for each prompt N temperature-1 replies (one batch), the highest-reward one kept."""
 
-    tok, model, context, budget = run.tokenizer, run.model, run.cfg.model.context_length, problems.budget
+    tok, model, context, budget = run.tokenizer, run.model, run.cfg.model.context_length, problems.reply_tokens(run)
     name = f"{run.run_dir.name}+best-of-{n_best}"
 
     def pick(messages, ids, purpose, what):
@@ -446,7 +452,7 @@ def evaluate(plan: Plan, log: Callable[[str], None] = lambda msg: None) -> dict:
         return hit
 
     for run in loaded:
-        key = keys[run.run_dir.name] = column_key(run, plan, scorer, problems.budget)
+        key = keys[run.run_dir.name] = column_key(run, plan, scorer, problems.reply_tokens(run))
         hit = kept(run.run_dir.name, key)
         if hit is not None:
             column, bits[column.name], note = hit
@@ -477,7 +483,8 @@ def evaluate(plan: Plan, log: Callable[[str], None] = lambda msg: None) -> dict:
                 kl[column.name] = cache.kl(column.name, keys[column.name], against)
                 if kl[column.name] is None:
                     log(f"report-card: {column.name}: KL to {reference.run_dir.name} over its temperature-1 replies")
-                    ids = _chat_ids(run.tokenizer, problems.messages, run.cfg.model.context_length, problems.budget)
+                    ids = _chat_ids(run.tokenizer, problems.messages, run.cfg.model.context_length,
+                                    problems.reply_tokens(run))
                     kl[column.name] = kl_and_entropy(run, reference, ids, column.t1)
                     cache.put_kl(column.name, keys[column.name], against, kl[column.name])
     tok = loaded[0].tokenizer

@@ -93,7 +93,8 @@ def markdown(report: dict) -> str:
     out += ["## How it was measured", ""]
     out.append(f"- {s['problems_per_digit_count']} problems per digit count (1–{max(s['digit_counts'])} digits, sums "
                "and differences whose operands both have that many digits), the same problems and sampling seeds "
-               f"(--seed {s['seed']}) for every column; each reply at most {s['reply_tokens']} tokens.")
+               f"(--seed {s['seed']}) for every column; each reply at most {s['reply_tokens']} tokens (at most half a "
+               "run's context).")
     trained = s.get("training_digits")
     out.append("- Accuracy is exact match of the reply's last number (a worked reply ends with its answer). Greedy and "
                "temperature-1 pass@1 go through the chat template; a base run is also asked with GPT-3's few-shot "
