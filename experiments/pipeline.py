@@ -34,7 +34,7 @@ from plutao.experiments import cli
 from plutao.train.config.errors import UserError
 
 STAGES = ("base", "sft", "rm", "ppo", "dpo", "grpo-gold", "grpo-rm")
-DEFAULT_STEPS = {"base": 1600, "sft": 600, "rm": 300, "ppo": 60, "dpo": 300, "grpo-gold": 60, "grpo-rm": 60}
+DEFAULT_STEPS = {"base": 1600, "sft": 600, "rm": 300, "ppo": 40, "dpo": 300, "grpo-gold": 40, "grpo-rm": 40}
 COMPARISONS = 2000
 COLUMNS = ("base", "sft", "ppo", "dpo", "grpo-gold", "grpo-rm")
 
@@ -187,9 +187,10 @@ def summarize(reports: dict[int, dict]) -> dict:
     elo = {}
     for r in reports.values():
         for entry in r.get("leaderboard", []):
-            elo.setdefault(entry["name"], []).append(entry["elo"])
+            elo.setdefault(entry["name"], []).append(entry["rating"])
     leaderboard = sorted(({"name": n, **_mean_std(v)} for n, v in elo.items()), key=lambda e: -e["mean"])
-    return {"seeds": sorted(reports), "runs": runs, **wins, "leaderboard": leaderboard}
+    return {"seeds": sorted(reports), "runs": runs, **wins, "leaderboard": leaderboard,
+            "reports": {str(seed): r for seed, r in reports.items()}}
 
 
 def _ms(x: dict | None, digits: int = 3) -> str:

@@ -66,7 +66,7 @@ def markdown(report: dict) -> str:
     if report.get("leaderboard"):
         out += ["## Leaderboard (Elo from the gold labeler's pairwise judgements; bootstrap 95% interval)", "",
                 "| | Elo | interval |", "|---|---|---|"]
-        out += [f"| `{r['name']}` | {r['elo']:.0f} | [{r['low']:.0f}, {r['high']:.0f}] |" for r in report["leaderboard"]]
+        out += [f"| `{r['name']}` | {r['rating']:.0f} | [{r['low']:.0f}, {r['high']:.0f}] |" for r in report["leaderboard"]]
         out.append("")
     if report.get("correctness_win_rates"):
         out += ["## Correctness win rate (row vs column: right beats wrong, anything else a tie; by digit count)", "",

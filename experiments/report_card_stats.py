@@ -144,7 +144,7 @@ def leaderboard(keys: dict[str, Sequence], *, samples: int = 200, seed: int = 0)
     resampling the problems."""
     names = list(keys)
     if len(names) < 2:
-        return [{"name": n, "elo": ELO_MEAN, "low": ELO_MEAN, "high": ELO_MEAN} for n in names]
+        return [{"name": n, "rating": ELO_MEAN, "low": ELO_MEAN, "high": ELO_MEAN} for n in names]
     outcome = {(a, b): outcomes(keys[a], keys[b]) for a in names for b in names if a != b}
     n_problems = len(next(iter(outcome.values())))
 
@@ -157,9 +157,9 @@ def leaderboard(keys: dict[str, Sequence], *, samples: int = 200, seed: int = 0)
     elo = ratings(np.ones(n_problems))
     boot = np.stack([ratings(c) for c in bootstrap_counts(n_problems, samples, seed)])
     low, high = np.percentile(boot, [2.5, 97.5], axis=0)
-    table = [{"name": n, "elo": float(e), "low": float(min(lo, e)), "high": float(max(hi, e))}
+    table = [{"name": n, "rating": float(e), "low": float(min(lo, e)), "high": float(max(hi, e))}
              for n, e, lo, hi in zip(names, elo, low, high)]
-    return sorted(table, key=lambda row: -row["elo"])
+    return sorted(table, key=lambda row: -row["rating"])
 
 
 def distinct_answers(groups: Sequence[Sequence[str]]) -> float:

@@ -187,8 +187,8 @@ def test_train_help_leaves_out_rl_keys_and_stage_help_shows_the_stage_defaults(c
     assert "optim.lr = " in out and "rl.beta =" not in out and "rl.prompts =" not in out
     expected = {"sft": ("optim.lr = 0.0005", "train.steps = 600", "model.dropout = 0.0"),
                 "reward": ("train.steps = 300", "optim.lr = 0.0002"),
-                "ppo": ("rl.beta = 0.02", "rl.prompts = 64", "optim.lr = 2e-05", "rl.value_lr = 0.0001"),
-                "grpo": ("rl.group = 8", "rl.beta = 0.04", "train.steps = 60"),
+                "ppo": ("rl.beta = 0.1", "rl.prompts = 64", "optim.lr = 3e-05", "rl.value_lr = 0.0001"),
+                "grpo": ("rl.group = 8", "rl.beta = 0.04", "train.steps = 40", "optim.lr = 3e-05"),
                 "dpo": ("rl.beta = 0.1", "optim.min_lr = 2e-06")}
     for stage, lines in expected.items():
         out = _help(capsys, stage)

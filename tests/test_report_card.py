@@ -92,10 +92,10 @@ def test_bradley_terry_recovers_known_strengths_and_the_leaderboard_orders_by_th
     keys = {"weak": [0, 0, 1, 0] * 25, "strong": [1, 1, 1, 0] * 25, "middle": [1, 0, 1, 0] * 25}
     board = stats.leaderboard(keys, samples=100)
     assert [row["name"] for row in board] == ["strong", "middle", "weak"]
-    assert np.mean([row["elo"] for row in board]) == pytest.approx(stats.ELO_MEAN)
-    assert all(row["low"] <= row["elo"] <= row["high"] for row in board)
+    assert np.mean([row["rating"] for row in board]) == pytest.approx(stats.ELO_MEAN)
+    assert all(row["low"] <= row["rating"] <= row["high"] for row in board)
     # A column that never loses stays finite.
-    assert all(np.isfinite(row["elo"]) for row in stats.leaderboard({"a": [1] * 10, "b": [0] * 10}, samples=10))
+    assert all(np.isfinite(row["rating"]) for row in stats.leaderboard({"a": [1] * 10, "b": [0] * 10}, samples=10))
 
 
 def test_few_shot_answers_stop_at_the_first_newline():
@@ -246,7 +246,7 @@ def test_correctness_win_rates_and_the_leaderboard_cover_every_column(card):
             assert v["rate"] + rates[f"{b} vs {a}"]["by_digits"][d]["rate"] == pytest.approx(1.0)
     board = report["leaderboard"]
     assert sorted(row["name"] for row in board) == sorted(COLUMNS)
-    assert [row["elo"] for row in board] == sorted((row["elo"] for row in board), reverse=True)
+    assert [row["rating"] for row in board] == sorted((row["rating"] for row in board), reverse=True)
 
 
 def test_the_markdown_table_has_a_column_per_run(card):

@@ -147,7 +147,7 @@ def test_reward_model_metrics_equal_hand_counts():
     assert result["pairs"] == 6 and result["pairwise_accuracy"] == pytest.approx(4 / 6)
     assert result["right_vs_wrong_pairs"] == 4 and result["right_vs_wrong_accuracy"] == pytest.approx(2 / 4)
     assert result["both_wrong_pairs"] == 2 and result["both_wrong_accuracy"] == 1.0
-    assert result["accuracy_by_digits"] == {"2": {"accuracy": 1.0, "pairs": 3}, "3": {"accuracy": pytest.approx(1 / 3),
+    assert result["by_digits"] == {"2": {"accuracy": 1.0, "pairs": 3}, "3": {"accuracy": pytest.approx(1 / 3),
                                                                                       "pairs": 3}}
 
 

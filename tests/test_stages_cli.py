@@ -100,7 +100,7 @@ def test_reward_eval_and_score(tiny_stages, capsys):
     code, out, _ = run_cli(capsys, "eval", tiny_stages["rm"], "--json")
     result = json.loads(out)
     assert code == 0 and 0.0 <= result["pairwise_accuracy"] <= 1.0 and result["pairs"] > 0
-    for key in ("accuracy_by_digits", "right_vs_wrong_accuracy", "both_wrong_accuracy", "gold_agreement", "brier",
+    for key in ("by_digits", "right_vs_wrong_accuracy", "both_wrong_accuracy", "gold_agreement", "brier",
                 "calibration"):
         assert key in result
     # The training loop's last held-out figure is the same number.

@@ -288,7 +288,7 @@ def eval_reward(args, run_dir: Path) -> int:
         return 0
     print(f"pairwise accuracy {result['pairwise_accuracy']:.3f} on {result['pairs']:,} held-out pairs "
           f"({result['rankings']:,} rankings, step {result['step']})", file=sys.stdout)
-    for d, acc in result.get("accuracy_by_digits", {}).items():
+    for d, acc in result.get("by_digits", {}).items():
         print(f"  {d}-digit problems: {acc['accuracy']:.3f} ({acc['pairs']:,} pairs)")
     if result.get("right_vs_wrong_accuracy") is not None:
         print(f"  one right, one wrong: {result['right_vs_wrong_accuracy']:.3f} ({result['right_vs_wrong_pairs']:,} pairs)")

@@ -174,12 +174,15 @@ def write_pairs(parent: Path, step: int | None, cfg, folder: Path, train_ranking
 
 
 def cmd_pipeline(args) -> int:
+    import json
     import sys
 
     from plutao.experiments.pipeline import run
 
-    run(Path(args.workdir), args.seeds, args.scale, list(args.overrides), problems=args.problems, best_of=args.best_of,
-        log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    summary = run(Path(args.workdir), args.seeds, args.scale, list(args.overrides), problems=args.problems,
+                  best_of=args.best_of, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    if args.json:
+        print(json.dumps(summary))
     return 0
 
 
@@ -191,7 +194,7 @@ def register(sub) -> None:
                "sft_run", "the --workdir of a `plutao sft` run (policy and reference)", prompts_help, cmd_ppo,
                "e.g. rl.beta=0 (after the stage's defaults)")
     po.add_argument("--reward", metavar="RM_RUN", help="the --workdir of a `plutao reward` run (required)")
-    po.add_argument("--beta", type=float, help="KL coefficient to the SFT policy (default 0.02; 0 = no leash)")
+    po.add_argument("--beta", type=float, help="KL coefficient to the SFT policy (default 0.1; 0 = no leash)")
 
     gr = stage_parser(sub, "grpo", "GRPO/RLOO: G replies per prompt, group baselines, against a reward model or the world's "
                "checker", "sft_run", "the --workdir of a `plutao sft` run", prompts_help, cmd_grpo)
@@ -216,4 +219,6 @@ def register(sub) -> None:
     pi.add_argument("--scale", type=float, default=1.0, help="multiplies every stage's step count (default 1)")
     pi.add_argument("--problems", type=int, default=200, help="report card: problems per digit count (default 200)")
     pi.add_argument("--best-of", type=int, default=8, help="report card: best-of-N column of the SFT run (default 8)")
+    pi.add_argument("--json", action="store_true", help="print DIR/summary.json (each seed's report card and the mean "
+                    "± std over seeds) on stdout")
     pi.set_defaults(fn=cmd_pipeline)

@@ -123,16 +123,19 @@ STAGE_PRESETS: dict[str, dict] = {
         "optim.weight_decay": 0.0, "model.dropout": 0.0,
     },
     # RL stages: train.steps counts rollout batches; the learning rate is small and constant after a
-    # short warm-up (the policy starts good and must move little).
+    # short warm-up (the policy starts good and must move little). Calibrated on the arithmetic world
+    # (docs/figures.md): at 1e-4 GRPO with the gold checker and PPO both lose accuracy within 30 steps,
+    # at 3e-5 GRPO gains it and holds it over 40, and PPO does with β = 0.1 (in units of the reward
+    # model's spread over SFT samples; at β = 0.02 it hacks the reward model after 15 steps).
     "ppo": {
-        "train.task": "ppo", "train.steps": 60, "train.eval_every": 20, "train.sample_every": 20,
-        "train.checkpoint_every": 10, "train.log_every": 1, "optim.lr": 2e-5, "optim.min_lr": 2e-5,
+        "train.task": "ppo", "train.steps": 40, "train.eval_every": 10, "train.sample_every": 20,
+        "train.checkpoint_every": 10, "train.log_every": 1, "optim.lr": 3e-5, "optim.min_lr": 3e-5,
         "optim.warmup_steps": 10, "optim.schedule": "constant", "optim.weight_decay": 0.0, "model.dropout": 0.0,
-        "rl.prompts": 64, "rl.group": 1, "rl.epochs": 2, "rl.minibatches": 4, "rl.beta": 0.02, "rl.value_lr": 1e-4,
+        "rl.prompts": 64, "rl.group": 1, "rl.epochs": 2, "rl.minibatches": 4, "rl.beta": 0.1, "rl.value_lr": 1e-4,
     },
     "grpo": {
-        "train.task": "grpo", "train.steps": 60, "train.eval_every": 20, "train.sample_every": 20,
-        "train.checkpoint_every": 10, "train.log_every": 1, "optim.lr": 2e-5, "optim.min_lr": 2e-5,
+        "train.task": "grpo", "train.steps": 40, "train.eval_every": 10, "train.sample_every": 20,
+        "train.checkpoint_every": 10, "train.log_every": 1, "optim.lr": 3e-5, "optim.min_lr": 3e-5,
         "optim.warmup_steps": 10, "optim.schedule": "constant", "optim.weight_decay": 0.0, "model.dropout": 0.0,
         "rl.prompts": 8, "rl.group": 8, "rl.epochs": 2, "rl.minibatches": 4, "rl.beta": 0.04,
     },

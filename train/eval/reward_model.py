@@ -59,7 +59,7 @@ def evaluate_rankings(scorer, rankings: list[Ranking], bins: int = 5) -> dict:
     return {
         "pairwise_accuracy": _accuracy(margins), "pairs": len(margins), "rankings": len(rankings),
         "margin": float(np.mean(m)) if len(m) else None,  # mean r(better) − r(worse), as the training loop's
-        "accuracy_by_digits": {d: {"accuracy": _accuracy(v), "pairs": len(v)} for d, v in sorted(by_digits.items())},
+        "by_digits": {d: {"accuracy": _accuracy(v), "pairs": len(v)} for d, v in sorted(by_digits.items())},
         "right_vs_wrong_accuracy": _accuracy(right_wrong), "right_vs_wrong_pairs": len(right_wrong),
         "both_wrong_accuracy": _accuracy(both_wrong), "both_wrong_pairs": len(both_wrong),
         "gold_agreement": _accuracy(gold),
