@@ -295,3 +295,40 @@ def test_a_broken_problems_file_is_refused_before_sampling(pipeline, tmp_path):
     bad.write_text('{"messages": [{"role": "user", "content": "2+2?"}]}\n')
     assert "bad.jsonl:1" in _refused(["report-card", str(pipeline["sft"]), "--problems-file", str(bad)],
                                      tmp_path / "out")
+
+
+def test_the_summary_of_made_up_replies_equals_hand_counts():
+    """summarize() on two columns whose replies are written by hand: every new row is the count it should be."""
+    from plutao.experiments.report_card_summary import summarize
+
+    world = arith.World()
+    problems = rc.evaluation_problems(world, 2)  # 2 problems per digit count, 1..5
+    n = len(problems.problems)
+    right = [str(p.answer) for p in problems.problems]
+    wrong = [str(p.answer + 1) for p in problems.problems]
+    reply = lambda text: stats.Reply(text, len(text), END)
+    # a: right on the first problem of every bucket; b: right on 1- and 2-digit problems only.
+    a_texts = [right[i] if i % 2 == 0 else wrong[i] for i in range(n)]
+    b_texts = [right[i] if problems.problems[i].digits <= 2 else wrong[i] for i in range(n)]
+    worked = [reply(arith.worked_text(p)) for p in problems.problems]  # step by step: all right
+    held = [reply(str(p.answer)) for _, p in problems.held_out]
+    groups = [[right[i]] + [wrong[i]] * 7 for i in problems.distinct]  # pass@8 = 1, distinct answers 2
+    columns = []
+    for name, texts in (("a", a_texts), ("b", b_texts)):
+        c = rc.Column(name, rc.Path(name), 1, "chat", [reply(t) for t in texts], [reply(t) for t in texts], groups)
+        c.extra = {"step_by_step": worked, "direct": [reply(t) for t in texts], "held_out": held}
+        columns.append(c)
+    plan = rc.Plan([rc.Path("a"), rc.Path("b")], ["a", "b"], [True, True], None, 0, 2, None, "last-number", 0)
+    report = summarize(columns, problems, plan, {}, [], end_id=END, user_id=USER)
+    a, b = report["runs"]["a"], report["runs"]["b"]
+    assert a["accuracy_by_digits"] == {str(d): 0.5 for d in range(1, 6)}
+    assert b["accuracy_by_digits"] == {"1": 1.0, "2": 1.0, "3": 0.0, "4": 0.0, "5": 0.0}
+    assert a["step_by_step_accuracy_by_digits"] == {str(d): 1.0 for d in range(1, 6)}
+    assert a["step_by_step_worked_share"] == 1.0 and a["direct_worked_share"] == 0.0
+    assert a["held_out_accuracy"] == 1.0 and a["pass_at_8"] == 1.0 and a["distinct"] == 2.0
+    assert a["format_ok"] == 1.0
+    w = report["correctness_win_rates"]["a vs b"]["by_digits"]
+    # 1–2 digits: a right on one of two, b on both → a loses one, ties one: ¼; 3–5: a wins one, ties one: ¾.
+    assert [w[str(d)]["rate"] for d in range(1, 6)] == [0.25, 0.25, 0.75, 0.75, 0.75]
+    assert report["correctness_win_rates"]["a vs b"]["all"]["rate"] == pytest.approx((0.25 * 4 + 0.75 * 6) / 10)
+    assert [row["name"] for row in report["leaderboard"]] == ["a", "b"]  # (a is right on 5, b on 4)
