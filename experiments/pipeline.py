@@ -163,7 +163,7 @@ def summarize(reports: dict[int, dict]) -> dict:
             if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
                 out[key] = _mean_std(row.get(key) for row in rows)
             elif isinstance(value, dict) and "_by_digits" in key:
-                out[key] = {d: _mean_std(row[key].get(d) for row in rows) for d in value}
+                out[key] = {d: _mean_std(row.get(key, {}).get(d) for row in rows) for d in value}
         runs[name] = out
     def over_seeds(per_seed: dict[int, dict]) -> dict:  # {seed: {pair: {rate, low, high}}}
         pairs = {}

@@ -151,7 +151,7 @@ def evaluation_problems(world: arith.World, per_digit: int) -> Problems:
                 distinct.append(len(problems))
             messages.append(m)
             problems.append(p)
-    held = [arith.held_out_problem(world, i) for i in range(per_digit)] if world.held_out_permille else []
+    held = [arith.held_out_problem(world, i) for i in range(per_digit)] if arith.has_held_out_slice(world) else []
     return Problems(world, messages, problems, distinct, held, arith.reply_budget(world))
 
 
@@ -418,7 +418,7 @@ def column_key(run, plan: Plan, scorer, budget: int) -> dict:
     return {"run": str(run.run_dir.absolute()), "step": run.step,
             "checkpoint": checkpoint_stamp(run.run_dir, run.step),
             "ancestor": None if ancestor is None else [str(ancestor.absolute()), checkpoint_stamp(ancestor)],
-            "problems": plan.problems, "seed": plan.seed,
+            "problems": plan.problems, "seed": plan.seed, "world": dataclasses.asdict(run.cfg.world),
             "reply_tokens": budget, "rows": sorted(SYSTEMS), "problems_file": [m for m, _ in files] if files else None,
             "reward": None if scorer is None else [str(Path(plan.reward).absolute()),
                                                    checkpoint_stamp(plan.reward, scorer.run.step),
@@ -438,11 +438,15 @@ def evaluate(plan: Plan, log: Callable[[str], None] = lambda msg: None) -> dict:
             if chat and scorer.tokenizer.fingerprint != run.tokenizer.fingerprint:
                 raise UserError(f"--reward {plan.reward} speaks another tokenizer than {run.run_dir}; use a reward "
                                 "model trained from this run's lineage")
-    world = loaded[0].cfg.world
+    world, notes = loaded[0].cfg.world, []
+    if world.version != arith.VERSION:  # (its runs trained on problems the slice of this version holds)
+        world = dataclasses.replace(world, held_out_permille=0)
+        notes.append(f"no held-out slice row: {loaded[0].run_dir} was trained on the arithmetic world version "
+                     f"{loaded[0].cfg.world.version}, whose streams did not keep this version's slice out")
     problems = evaluation_problems(world, plan.problems)
     file_messages = [m for m, _ in plan.file_problems] if plan.file_problems else None
     cache = ColumnCache(plan.out, write=jax.process_index() == 0)
-    notes, bpb_cache = [], {}
+    bpb_cache = {}
     columns, bits, keys = [], {}, {}
 
     def kept(name, key):

@@ -88,9 +88,12 @@ def test_the_held_out_slice_is_in_no_training_stream():
     world = World(seed=2, documents=400, demonstrations=400)
     slice_ = [arith.held_out_problem(world, i)[1] for i in range(60)]
     assert all(arith.held_out(world, p) and min(p.a, p.b) >= 10 for p in slice_)
+    # A sum and its swapped twin are one problem: both held out or neither.
+    assert all(arith.held_out(world, Problem(p.b, p.a, "+")) for p in slice_ if p.op == "+")
     assert len({(p.a, p.op, p.b) for p in slice_}) > 40
     text = "\n".join(arith.pretraining_documents(world, "equations") + arith.pretraining_documents(world, "dialogue"))
     shown = {(int(a), op, int(b)) for a, op, b in re.findall(r"(?<![\d])(\d+) ?([+-]) ?(\d+)(?![\d])", text)}
+    shown |= {(b, "+", a) for a, op, b in shown if op == "+"}  # (a sum shown either way round is shown)
     shown |= {(int(a), {"plus": "+", "minus": "-", "mais": "+", "menos": "-"}[w], int(b))
               for a, w, b in re.findall(r"(\d+) (plus|minus|mais|menos) (\d+)", text)}
     assert len(shown) > 2000
@@ -134,6 +137,11 @@ def test_gold_labeler_order_has_no_length_term():
     assert key("926") > key("111")  # digit credit: two digits right beat none
     # A worked reply with one wrong step beats one with two (more correct steps).
     assert key(arith.worked_text(p, arith.Slip(0, 1))) > key("347+589: 7+9=17, 4+8+1=12, 3+5+1=9, so 927")
+    # Right steps with a wrong answer are not full credit: below right steps with the right answer's
+    # digits mostly kept, and a direct equation is credited by its answer, as a bare number is.
+    hacked = key("347+589: 7+9=16, 4+8+1=13, 3+5+1=9, so 10")
+    assert hacked[2] < 1.0 and hacked < key(arith.worked_text(p, arith.Slip(2, -1)))
+    assert key("347+589=937")[2] == key("937")[2] > 0
     ranks = arith.gold_ranks([key("926"), right_worked, right_direct, key("926")])
     assert ranks == [1, 0, 0, 1]
 
@@ -172,10 +180,14 @@ def test_world_settings_are_checked_and_old_worlds_refused():
     with pytest.raises(UserError, match="world.max_digits must be in 1..5"):
         validate(Config(world=World(max_digits=0, digit_weights=[], prompt_digit_weights=[])))
     old = Config().to_dict()
-    del old["world"]["version"]
-    with pytest.raises(UserError, match="world.version=1: .* version 2 only; train the stages again"):
+    del old["world"]["version"]  # (a config.json recorded before world v2)
+    validate(Config.from_dict(old))  # a run that reads no builtin:arith data is not concerned
+    old["data"]["path"] = "builtin:arith"
+    with pytest.raises(UserError, match="world.version=1: .* version 2 only; train the stages on builtin:arith again"):
         validate(Config.from_dict(old))
     assert Config.from_dict(Config().to_dict()).world == World()
+    with pytest.raises(ValueError, match="no held-out slice"):  # (a one-digit world has none: never a hang)
+        arith.held_out_problem(World(max_digits=1, digit_weights=[1.0], prompt_digit_weights=[1.0]), 0)
 
 
 def test_unseen_phrasings_are_phrasings_no_stream_writes():

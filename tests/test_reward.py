@@ -118,8 +118,9 @@ def test_reward_scale_spreads_the_held_out_replies_by_one(tiny_stages):
     data = scorer.run.cfg.data
     _, held, _ = with_held_out(read_rankings(single_path(data)), read_rankings, single_path(data), data, "rankings")
     replies = [r.prompt + [{"role": "assistant", "content": x}] for r in held for x in r.responses]
+    ended = [e for r in held for e in r.meta.get("ended", [True] * len(r.responses))]
     assert scorer.scale > 0 and scorer.scale != 1.0
-    np.testing.assert_allclose(np.std(scorer.score(replies)), 1.0, rtol=1e-3)
+    np.testing.assert_allclose(np.std(scorer.score(replies, ended=ended)), 1.0, rtol=1e-3)
 
 
 class FixedScorer:

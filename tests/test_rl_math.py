@@ -188,8 +188,8 @@ def test_adaptive_beta_moves_toward_the_target():
 
 @pytest.mark.parametrize("start", [0.02, 2.0])
 def test_adaptive_beta_reaches_its_target_within_a_preset_run(start):
-    """A policy whose KL falls as 1/β (KL = c/β) is leashed to the target KL within the PPO preset's 60
-    steps of 64 rows, from a β 10× too small or too large, at the default rl.kl_horizon."""
+    """A policy whose KL falls as 1/β (KL = c/β) is leashed to the target KL within the PPO preset's
+    steps (40) of 64 rows, from a β 10× too small or too large, at the default rl.kl_horizon."""
     from plutao.train.config.presets import STAGE_PRESETS
     from plutao.train.config.schema import RLConfig
 

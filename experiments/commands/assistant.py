@@ -199,7 +199,8 @@ def shift_rewards(run_dir: Path, parent: Path, parent_step: int | None) -> None:
     path = single_path(data)
     _, held, _ = with_held_out(read_rankings(path), read_rankings, path, data, "rankings")
     replies = [r.prompt + [{"role": "assistant", "content": text}] for r in held for text in r.responses]
-    spread = float(np.std(scorer.raw(replies))) if len(replies) > 1 else 0.0
+    ended = [e for r in held for e in r.meta.get("ended", [True] * len(r.responses))]  # (scored as they ended)
+    spread = float(np.std(scorer.raw(replies, ended=ended))) if len(replies) > 1 else 0.0
     scale = spread if spread > 1e-6 else 1.0
     if jax.process_index() == 0:
         write_shift(run_dir, scorer.run.step, offset, scale, len(demos), len(replies))

@@ -22,7 +22,7 @@ from plutao.model.config import ModelConfig
 from plutao.tokenizer.specials import SpecialTokens
 from plutao.train.config.errors import UserError
 from plutao.train.config.presets import PRESETS
-from plutao.train.worlds.arith import World, problems_in_config, reply_budget
+from plutao.train.worlds.arith import World, problems_in_config, reply_budget, version_problem
 
 DEFAULT_CORPUS = "builtin:python-docs"
 
@@ -159,7 +159,7 @@ class Config:
     def reply_tokens(self) -> int:
         """The RL reply budget: rl.max_new_tokens, or when that is 0 the world's one budget (the longest
         worked reply + a margin), at most half the context less one (the prompt keeps the other half)."""
-        return self.rl.max_new_tokens or min(reply_budget(self.world), self.model.context_length // 2 - 1)
+        return self.rl.max_new_tokens or max(min(reply_budget(self.world), self.model.context_length // 2 - 1), 1)
 
     def shaped_model(self, placeholder_vocab: int = 256) -> ModelConfig:
         """The resolved model for shape-only tools (params, plan, shardings): when the vocabulary
@@ -307,6 +307,8 @@ def load_config_file(path: Path) -> dict[str, Any]:
             raise UserError(f"config file {str(path)!r} must end in .toml or .json")
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"cannot parse {str(path)!r}: {e}") from None
+    if isinstance(d.get("world"), dict) and "version" not in d["world"]:  # a run's config.json before world v2
+        d["world"] = d["world"] | {"version": 1}
     return {k: v for k, v in flatten(d).items() if not k.startswith("provenance.")}
 
 
@@ -353,6 +355,9 @@ def validate(cfg: Config, task_problems: Sequence[str] = ()) -> None:
     if o.schedule == "inverse_sqrt" and o.warmup_steps < 1:
         problems.append("optim.schedule=inverse_sqrt needs optim.warmup_steps ≥ 1")
     problems += problems_in_config(cfg.world)
+    paths = [d.path] if isinstance(d.path, str) else list(d.path)
+    if any(str(x).startswith("builtin:arith") for x in paths) and version_problem(cfg.world):  # (regenerated data)
+        problems.append(version_problem(cfg.world))
     if problems:
         raise UserError(problems[0])
 

@@ -61,10 +61,13 @@ def check_compatible(saved: dict, cfg: Config, run_dir: Path) -> None:
 
 def experiment_changes(saved: dict, cfg: Config) -> dict[str, tuple]:
     """{key: (saved value, new value)} for every experiment-defining key that differs (keys a run
-    directory from an older version does not record are taken to be unchanged)."""
+    directory from an older version does not record are taken to be unchanged; the world.* keys of a
+    run that reads no builtin:arith data define nothing)."""
     old = flatten({k: v for k, v in saved.items() if k in SECTIONS})
+    paths = [cfg.data.path] if isinstance(cfg.data.path, str) else list(cfg.data.path)
+    world_used = any(str(p).startswith("builtin:arith") for p in paths)
     return {k: (old[k], v) for k, v in flatten(cfg.to_dict()).items()
-            if k in old and k not in RUN_CONTROL and old[k] != v}
+            if k in old and k not in RUN_CONTROL and old[k] != v and (world_used or not k.startswith("world."))}
 
 
 def _short(value) -> str:

@@ -4,7 +4,7 @@ Everything here is a pure function of (world settings, index): the same seed giv
 documents, demonstrations, prompts and rankings on every machine.
 
 - Problems: sums and differences of 1 to `max_digits` digit numbers, the digit count drawn by
-  `digit_weights`, the second operand sometimes shorter; a difference is never negative. A fixed
+  `digit_weights`, one operand sometimes shorter; a difference is never negative. A fixed
   slice of problems, defined by a hash of the problem alone (`held_out`), never appears in any
   training stream, so the report card can measure it apart from anything memorised.
 - Two answer forms: direct (`347+589=936`) and **worked**, column by column from the units digit
@@ -52,7 +52,7 @@ class World:
     max_digits: int = 3  # the training range: 1..max_digits digit problems
     digit_weights: list[float] = dataclasses.field(default_factory=lambda: [1.0, 3.0, 4.0])  # per digit count
     prompt_digit_weights: list[float] = dataclasses.field(default_factory=lambda: [1.0, 2.0, 2.0])  # comparisons, RL
-    shorter_operand: float = 0.25  # problems whose second operand has fewer digits
+    shorter_operand: float = 0.25  # problems with one operand of fewer digits
     portuguese: float = 0.15  # share of Portuguese text in every stream
     worked_share: float = 0.4  # pretraining equations written worked
     wrong_share: float = 0.03  # pretraining equations with a wrong result
@@ -71,12 +71,17 @@ class World:
         return np.random.default_rng([self.seed, purpose, index])
 
 
+def version_problem(world: World) -> str | None:
+    """Why a world's data cannot be generated again (a run recorded with another version), or None."""
+    if world.version == VERSION:
+        return None
+    return (f"world.version={world.version}: this plutao generates the arithmetic world version {VERSION} only; "
+            "train the stages on builtin:arith again (plutao pipeline arith) rather than continue this run")
+
+
 def problems_in_config(world: World) -> list[str]:
-    """What is wrong with a world's settings, as one-line messages."""
+    """What is wrong with a world's settings, as one-line messages (the version: `version_problem`)."""
     problems = []
-    if world.version != VERSION:
-        problems.append(f"world.version={world.version}: this plutao generates the arithmetic world version {VERSION} "
-                        "only; train the stages again (plutao pipeline arith) rather than continue this run")
     if not 1 <= world.max_digits <= MAX_DIGITS:
         problems.append(f"world.max_digits must be in 1..{MAX_DIGITS}, got {world.max_digits}")
     for key in ("digit_weights", "prompt_digit_weights"):
@@ -139,8 +144,10 @@ def problem(rng: np.random.Generator, digits: int, op: str | None = None, shorte
 def held_out(world: World, p: Problem) -> bool:
     """Whether a problem is in the held-out slice: a hash of the problem alone (the same in every seed
     and stream), so no training stream ever shows it. Only problems whose operands both have two digits
-    or more: a one-digit problem is a column step of many worked answers, so it cannot be kept out."""
-    return min(p.a, p.b) >= 10 and zlib.crc32(f"{p.a}{p.op}{p.b}".encode()) % 1000 < world.held_out_permille
+    or more: a one-digit problem is a column step of many worked answers, so it cannot be kept out. A
+    sum is hashed with its operands in order (347+589 and 589+347 are one problem, held out together)."""
+    a, b = (min(p.a, p.b), max(p.a, p.b)) if p.op == "+" else (p.a, p.b)
+    return min(a, b) >= 10 and zlib.crc32(f"{a}{p.op}{b}".encode()) % 1000 < world.held_out_permille
 
 
 def draw_digits(rng: np.random.Generator, weights: Sequence[float]) -> int:
@@ -377,13 +384,18 @@ def evaluation_problem(world: World, digits: int, index: int, system: str | None
 def held_out_problem(world: World, index: int, system: str | None = None) -> tuple[list[dict], Problem]:
     """Problem `index` of the held-out slice (the training range's digit weights, never trained on);
     None-free: with world.held_out_permille = 0 the slice is empty and this raises ValueError."""
-    if world.held_out_permille <= 0:
-        raise ValueError("world.held_out_permille is 0: there is no held-out slice")
+    if not has_held_out_slice(world):
+        raise ValueError("this world has no held-out slice (world.held_out_permille is 0, or no problems of 2+ digits)")
     rng = world.rng(HELD_OUT, index)
     while True:
         p = problem(rng, draw_digits(rng, world.digit_weights), shorter=world.shorter_operand)
         if held_out(world, p):
             return _chat(system, question(p, "en", 0)), p
+
+
+def has_held_out_slice(world: World) -> bool:
+    """Whether the training range has a held-out slice: problems of two digits or more, and a share kept."""
+    return world.held_out_permille > 0 and any(w > 0 for w in world.digit_weights[1:])
 
 
 def _chat(system: str | None, text: str) -> list[dict]:
@@ -458,8 +470,11 @@ def step_credit(p: Problem, reply: str) -> float:
 
 
 def credit(p: Problem, reply: str) -> float:
-    """Partial credit: correct steps for a worked reply, correct digits of the answer otherwise."""
-    return step_credit(p, reply) if STEP.search(reply) else partial_credit(answer_of(reply), p.answer)
+    """Partial credit: for a well-formed worked reply the mean of its share of correct steps and its
+    answer's share of correct digits (right steps with a wrong answer are not full credit); for any
+    other reply the answer's share of correct digits."""
+    digits = partial_credit(answer_of(reply), p.answer)
+    return (step_credit(p, reply) + digits) / 2 if reply_form(reply) == "worked" else digits
 
 
 def gold_key(p: Problem, reply: str, ended: bool) -> tuple:
