@@ -203,3 +203,15 @@ def test_unseen_phrasings_are_phrasings_no_stream_writes():
     text = "\n".join(arith.pretraining_documents(world, "equations") + arith.pretraining_documents(world, "dialogue")
                      + [m["content"] for d in arith.demonstrations(world) for m in d["messages"]])
     assert not [p.pattern for p in patterns if p.search(text)]  # ... and no stream writes any of them
+
+
+def test_world_keys_define_a_run_only_when_it_reads_the_world():
+    from plutao.train.config.schema import DataConfig
+    from plutao.train.run.resume import experiment_changes
+
+    saved = Config().to_dict()
+    saved["world"]["documents"], saved["world"]["wrong_share"] = 12000, 0.1  # (world v1's defaults)
+    assert experiment_changes(saved, Config()) == {}  # a run on a corpus: the world is not its experiment
+    arith_run = Config(data=DataConfig(path="builtin:arith"))
+    saved["data"]["path"] = "builtin:arith"
+    assert set(experiment_changes(saved, arith_run)) == {"world.documents", "world.wrong_share"}
