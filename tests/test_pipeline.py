@@ -29,6 +29,12 @@ def test_the_pipeline_resumes_a_stage_cut_short_and_skips_finished_ones(tmp_path
     report = json.loads((seed / "report-card" / "report.json").read_text())
     assert set(report["runs"]) == {"base", "sft", "sft+best-of-2", "ppo", "dpo", "grpo-gold", "grpo-rm"}
     assert report["runs"]["sft"]["kl_to_reference"] == 0.0 or abs(report["runs"]["sft"]["kl_to_reference"]) < 1e-6
+    for row in ("step_by_step_accuracy_by_digits", "direct_accuracy_by_digits", "problems_file_accuracy"):
+        assert row in report["runs"]["sft"], row
+    assert len((seed / "unseen-phrasings.jsonl").read_text().splitlines()) == 100  # the card's problems file
+    assert "ppo vs sft" in report["correctness_win_rates"] and len(report["leaderboard"]) == 7
+    assert json.loads((seed / "base" / "config.json").read_text())["world"]["seed"] == 0  # --seeds varies the world
     summary = json.loads((work / "summary.json").read_text())
     assert summary["seeds"] == [0] and "ppo vs sft" in summary["win_rates"]
+    assert summary["reports"]["0"]["runs"] == report["runs"] and "3" in summary["correctness_win_rates"]
     assert "Pipeline summary" in (work / "summary.md").read_text()
