@@ -116,15 +116,15 @@ def run_seed(seed_dir: Path, seed: int, scale: float, overrides, *, problems: in
 
 def write_unseen_phrasings(seed_dir: Path, n: int = 100) -> Path:
     """DIR/seed{s}/unseen-phrasings.jsonl: n problems of the base's world asked in phrasings the world
-    never writes (`arith.unseen_phrasing_problems`), the report card's problems file."""
+    never writes (`arith_prompts.unseen_phrasing_problems`), the report card's problems file."""
     from plutao.train.config.schema import Config
     from plutao.train.run.rundir import existing_run_config
-    from plutao.train.worlds import arith
+    from plutao.train.worlds import arith_prompts
 
     world = Config.from_dict(existing_run_config(seed_dir / "base")).world
     path = seed_dir / "unseen-phrasings.jsonl"
     _write(path, "".join(json.dumps({"messages": m, "answer": str(a)}) + "\n"
-                         for m, a in arith.unseen_phrasing_problems(world, n)))
+                         for m, a in arith_prompts.unseen_phrasing_problems(world, n)))
     return path
 
 

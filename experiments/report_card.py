@@ -56,7 +56,7 @@ from plutao.train.eval.likelihood import stream_metrics
 from plutao.train.rl.rollouts import Prompt, pack
 from plutao.train.run.lineage import load_run
 from plutao.train.run.rundir import existing_run_config, parse_init_from, read_run_config
-from plutao.train.worlds import arith
+from plutao.train.worlds import arith, arith_prompts
 
 ROWS_PER_CALL = 256  # rows of every sampling call (the last one padded): one compiled program
 DISTINCT_PROBLEMS = 50  # problems the diversity and pass@8 rows sample (spread over the digit counts)
@@ -135,7 +135,7 @@ class Problems:
 
     def reply_tokens(self, run) -> int:
         """A run's reply budget: the world's, at most half its context less one (as Config.reply_tokens)."""
-        return min(self.budget, max(run.cfg.model.context_length // 2 - 1, 1))
+        return arith.reply_budget(self.world, run.cfg.model.context_length)
 
     def with_system(self, system: str) -> list[list[dict]]:
         return [[{"role": "system", "content": system}] + m for m in self.messages]
@@ -160,7 +160,7 @@ def few_shot_ids(tok, world: arith.World, p: arith.Problem, limit: int, worked: 
     the 4 examples as fit `limit` tokens, never a cut-off one (with none fitting, the question's last
     `limit` tokens)."""
     for shots in range(4, -1, -1):
-        ids = [tok.eot_id] + tok.encode_unseen(arith.few_shot_prompt(world, p, shots, worked_form=worked)).tolist()
+        ids = [tok.eot_id] + tok.encode_unseen(arith_prompts.few_shot_prompt(world, p, shots, worked_form=worked)).tolist()
         if len(ids) <= limit or shots == 0:
             return ids[-limit:], shots
     raise AssertionError("unreachable")

@@ -75,7 +75,7 @@ def test_family_is_read_only_in_the_task_registry_and_the_places_readme_names():
 # listed before it, never after (train/__init__.py draws the same picture). `if TYPE_CHECKING:` blocks
 # (annotations only) are not imports at run time and are not counted.
 TRAIN_LAYERS = [
-    ["config.errors", "config.presets", "losses", "rl.objectives", "worlds.arith", "run.metrics"],
+    ["config.errors", "config.presets", "losses", "rl.objectives", "worlds.arith", "worlds.arith_prompts", "run.metrics"],
     ["config.schema"],
     ["parallel.sharding", "parallel.distributed", "optim", "run.rundir", "run.lock", "run.checkpoint"],
     ["run.resume"],

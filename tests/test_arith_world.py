@@ -10,7 +10,7 @@ import pytest
 
 from plutao.train.config.errors import UserError
 from plutao.train.config.schema import Config, validate
-from plutao.train.worlds import arith
+from plutao.train.worlds import arith, arith_prompts
 from plutao.train.worlds.arith import Problem, World
 
 
@@ -192,13 +192,13 @@ def test_world_settings_are_checked_and_old_worlds_refused():
 
 def test_unseen_phrasings_are_phrasings_no_stream_writes():
     world = World(documents=300, demonstrations=300)
-    problems = arith.unseen_phrasing_problems(world, 100)
+    problems = arith_prompts.unseen_phrasing_problems(world, 100)
     assert len(problems) == 100 and len({m[0]["content"] for m, _ in problems}) > 90
     for messages, answer in problems:
         a, b = map(int, arith.NUMBER.findall(messages[0]["content"]))
         assert answer in (a + b, abs(a - b))
     patterns = [re.compile(re.escape(form).replace(re.escape("{a}"), r"\d+").replace(re.escape("{b}"), r"\d+"))
-                for forms in arith.UNSEEN.values() for form in forms]
+                for forms in arith_prompts.UNSEEN.values() for form in forms]
     assert sum(bool(p.search(m[0]["content"])) for m, _ in problems for p in patterns) == 100  # each matches one
     text = "\n".join(arith.pretraining_documents(world, "equations") + arith.pretraining_documents(world, "dialogue")
                      + [m["content"] for d in arith.demonstrations(world) for m in d["messages"]])

@@ -16,7 +16,7 @@ from plutao.experiments import report_card as rc
 from plutao.experiments import report_card_stats as stats
 from plutao.experiments.cli import main
 from plutao.experiments.report_card_files import markdown
-from plutao.train.worlds import arith
+from plutao.train.worlds import arith, arith_prompts
 
 END, USER = 10, 8  # stand-ins for <|end|> and <|user|>
 
@@ -104,7 +104,7 @@ def test_few_shot_answers_stop_at_the_first_newline():
     assert arith.correct(p, stats.few_shot_answer(" 157\nQ: What is 3 plus 4?\nA: 7"))
     assert not arith.correct(p, stats.few_shot_answer(" 15\nQ: 157"))  # the right number, but after the answer
     assert stats.few_shot_answer("") == ""
-    prompt = arith.few_shot_prompt(arith.World(), p)
+    prompt = arith_prompts.few_shot_prompt(arith.World(), p)
     assert prompt.endswith("Q: What is 76 plus 81?\nA:") and prompt.count("\nA: ") == 4
 
 

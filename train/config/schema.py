@@ -159,7 +159,7 @@ class Config:
     def reply_tokens(self) -> int:
         """The RL reply budget: rl.max_new_tokens, or when that is 0 the world's one budget (the longest
         worked reply + a margin), at most half the context less one (the prompt keeps the other half)."""
-        return self.rl.max_new_tokens or max(min(reply_budget(self.world), self.model.context_length // 2 - 1), 1)
+        return self.rl.max_new_tokens or reply_budget(self.world, self.model.context_length)
 
     def shaped_model(self, placeholder_vocab: int = 256) -> ModelConfig:
         """The resolved model for shape-only tools (params, plan, shardings): when the vocabulary

@@ -49,7 +49,7 @@ def make_rankings(model, tokenizer, world: arith.World, *, held_out: bool, conte
             owner.append(i)
     log(f"sampling {len(rows):,} replies for {n:,} {'held-out ' if held_out else ''}prompts (K={world.k_min}..{world.k_max})")
     replies = sample_replies(model, tokenizer, list(rows), seeds, context=context,
-                             max_new_tokens=min(arith.reply_budget(world), context // 2 - 1))
+                             max_new_tokens=arith.reply_budget(world, context))
     lines, at = [], 0
     for i, (p, prob, k) in enumerate(zip(prompts, problems, ks)):
         group = replies[at:at + k]

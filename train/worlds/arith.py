@@ -23,6 +23,9 @@ documents, demonstrations, prompts and rankings on every machine.
 - `gold_key` / `gold_order`: the hidden labeler, also the judge of the report card:
   correct ≻ ended ≻ share of correct steps (worked) or of correct digits (direct); no length term.
   `labeler_ranks` adds Bradley–Terry noise: P(i above j) = σ((u_i − u_j)/noise) for gold utilities u.
+
+Prompts that measure a model of the world without training it (few-shot, unseen phrasings) are
+arith_prompts.py.
 """
 
 from __future__ import annotations
@@ -349,11 +352,13 @@ def longest_reply(world: World, digits: int | None = None) -> int:
 REPLY_MARGIN = 8
 
 
-def reply_budget(world: World) -> int:
+def reply_budget(world: World, context: int | None = None) -> int:
     """The one reply budget (in tokens, at most one per character) of comparisons, rollouts and the report
     card: the longest reply the demonstrator's form gives a MAX_DIGITS-digit problem, plus a margin, so
-    a worked reply to the report card's longest problems fits too."""
-    return longest_reply(world, MAX_DIGITS) + REPLY_MARGIN
+    a worked reply to the report card's longest problems fits too; with `context`, at most half of it
+    less one (the prompt keeps the other half)."""
+    budget = longest_reply(world, MAX_DIGITS) + REPLY_MARGIN
+    return budget if context is None else max(min(budget, context // 2 - 1), 1)
 
 
 def comparison_prompt(world: World, index: int, *, held_out: bool = False) -> tuple[list[dict], Problem, int]:
@@ -400,38 +405,6 @@ def has_held_out_slice(world: World) -> bool:
 
 def _chat(system: str | None, text: str) -> list[dict]:
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-
-
-UNSEEN = {  # phrasings no stream of the world ever writes (the report card's robustness check)
-    "+": ["Add {a} and {b}.", "If I have {a} and get {b} more, how many do I have?", "Sum {a} with {b}, please.",
-          "{a} and {b} together make how much?", "Tell me the total of {a} and {b}."],
-    "-": ["Subtract {b} from {a}.", "If I have {a} and give away {b}, how many are left?", "Take {b} away from {a}.",
-          "By how much is {a} larger than {b}?", "Tell me {a} take away {b}."],
-}
-
-
-def unseen_phrasing_problems(world: World, n: int = 100) -> list[tuple[list[dict], int]]:
-    """(messages, answer) for n problems of the training range asked in phrasings the world never
-    produces (UNSEEN): whether what RL taught survives a change of wording."""
-    out = []
-    for i in range(n):
-        rng = world.rng(UNSEEN_STREAM, i)
-        p = problem(rng, draw_digits(rng, world.digit_weights))
-        forms = UNSEEN[p.op]
-        out.append(([{"role": "user", "content": forms[i % len(forms)].format(a=p.a, b=p.b)}], p.answer))
-    return out
-
-
-def few_shot_prompt(world: World, p: Problem, shots: int = 4, *, worked_form: bool = False) -> str:
-    """GPT-3's protocol for a base model: a few solved examples (direct or worked), then the question,
-    as plain text."""
-    rng = world.rng(FEWSHOT, 0)
-    lines = []
-    for _ in range(shots):
-        q = training_problem(world, rng)
-        lines.append(f"Q: {question(q, 'en', 0)}\nA: {worked_text(q) if worked_form else q.answer}")
-    lines.append(f"Q: {question(p, 'en', 0)}\nA:")
-    return "\n".join(lines)
 
 
 # --- the gold labeler -------------------------------------------------------------------------------
