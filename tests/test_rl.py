@@ -45,8 +45,9 @@ def _trainer(tok, task_cls=PPO, **rl):
     tx = make_optimizer(cfg.optim, task.updates(), probe.param_roles(), task.optim_groups())
     trainer = Trainer(model, tx, lr_schedule(cfg.optim, task.updates()), mesh, 0, task=task)
     state = trainer.init_state()
-    # The reference is the policy's starting point (as the SFT weights are for both in a real run).
-    state["frozen"]["reference"] = jax.tree.map(jnp.copy, state["params"]["policy"])
+    # The reference (and the moving average) start at the policy (as at the SFT weights in a real run).
+    for slot in state["frozen"].keys() & {"reference", "ema"}:
+        state["frozen"][slot] = jax.tree.map(jnp.copy, state["params"]["policy"])
     return cfg, trainer, state
 
 
@@ -176,3 +177,61 @@ def test_rl_problems_are_user_errors():
             dataclasses.replace(base, rl=RLConfig(temperature=t, max_new_tokens=8))))
     assert not any("temperature" in p for p in PolicyGradient.problems(
         dataclasses.replace(base, rl=RLConfig(temperature=1.0, max_new_tokens=8))))
+    for rl, said in (({"ptx_coef": 0.5}, "rl.ptx_data=PATH"), ({"ptx_coef": -1.0}, "rl.ptx_coef must be ≥ 0"),
+                     ({"ema": 1.0}, "rl.ema is a decay"), ({"ptx_coef": 1.0, "ptx_data": ["a", "b"], "ptx_weights": [1.0]},
+                                                           "one weight per")):
+        assert any(said in p for p in PolicyGradient.problems(
+            dataclasses.replace(base, rl=RLConfig(max_new_tokens=8, **rl)))), rl
+
+
+def test_ptx_adds_its_coefficient_times_the_pretraining_cross_entropy_to_the_loss(tok):
+    """PPO-ptx: the update's loss is the policy terms + rl.ptx_coef × the mean next-token cross-entropy
+    of the pretraining rows (their documents kept apart at <|endoftext|>), whatever the reply-token count."""
+    from plutao.train.tasks.policy import RolloutData
+
+    rng = np.random.default_rng(0)
+    rows, T = 4, 16
+    text = tok.encode("what is 12 plus 30? abc xyz") + [tok.eot_id] + tok.encode("0123456789 minus 4")
+    ptx = RolloutData(None, type("Rows", (), {"train_rows": lambda self, u: np.stack(
+        [np.roll(text, -u - r)[:T + 1] for r in range(rows)]).astype(np.int32)})())
+    extra = ptx.pretraining_batch(3, tok.eot_id)
+    assert (extra["ptx_positions"][extra["ptx_tokens"] == tok.eot_id] == 0).all()  # (a document starts there)
+    losses = {}
+    for coef in (0.0, 0.7):
+        _, trainer, state = _trainer(tok, GRPO, prompts=2, group=2, minibatches=1, reward="gold", beta=0.0,
+                                     ptx_coef=coef, ptx_data="unused")
+        task = trainer.active_task
+        policy = trainer.model(trainer.inference_params(state))["policy"]
+        tokens = rng.integers(10, tok.vocab_size, (rows, T)).astype(np.int32)
+        weights = (np.arange(T) >= 10).astype(np.float32)[None].repeat(rows, 0)  # 6 reply tokens per row
+        logp = np.asarray(token_logprobs(forward_logits(policy, jnp.asarray(tokens))[0], jnp.asarray(tokens)))
+        batch = {"tokens": tokens, "targets": tokens, "loss_weights": weights, "old_logprobs": logp,
+                 "ref_logprobs": logp, "advantages": np.zeros_like(weights)} | extra
+        sums = task.sums({"policy": policy}, {k: jnp.asarray(v) for k, v in batch.items()}, None, train=True)
+        losses[coef] = float(sums["loss"] / sums["count"])
+        logits, _ = forward_logits(policy, jnp.asarray(extra["ptx_tokens"]), segment_ids_BT=extra["ptx_segment_ids"],
+                                   positions_BT=extra["ptx_positions"])
+        want_nll = -float(token_logprobs(logits, jnp.asarray(extra["ptx_targets"])).mean())
+        np.testing.assert_allclose(float(sums["ptx_loss"] / sums["count"]), want_nll if coef else 0.0, rtol=1e-5)
+        assert set(task.update_keys) >= ({"ptx_tokens", "ptx_targets", "ptx_positions"} if coef else set())
+    assert losses[0.0] == pytest.approx(0.0, abs=1e-6)  # (advantage 0, β 0: only the pretraining term is left)
+    np.testing.assert_allclose(losses[0.7], 0.7 * want_nll, rtol=1e-5)
+
+
+def test_ema_is_the_moving_average_of_the_policy_after_each_optimizer_step(tok):
+    _, trainer, state = _trainer(tok, GRPO, prompts=4, group=2, epochs=1, minibatches=1, reward="gold", beta=0.0,
+                                 ema=0.75)
+    assert "ema" in state["frozen"] and trainer.active_task.served_slot == ("frozen", "ema")
+    want = jax.tree.map(np.asarray, state["params"]["policy"])
+    for step in range(2):
+        policy = trainer.model(trainer.inference_params(state))["policy"]
+        prompts = [q for q in (PROMPTS[:2] * 2) for _ in range(2)]
+        roll = sample(policy, tok, prompts, row_seeds(0, step, 8), context=CONTEXT, max_new_tokens=6, temperature=1.0)
+        scored = score_rollout(trainer, state, roll)
+        state, _, _ = update(trainer, state, roll, scored, np.tile([0.0, 1.0], 4), 0.0, 0, step)
+        now = jax.tree.map(np.asarray, state["params"]["policy"])
+        want = jax.tree.map(lambda e, p: 0.75 * e + 0.25 * p, want, now)
+    got = jax.tree.map(np.asarray, state["frozen"]["ema"])
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(now))) > 0

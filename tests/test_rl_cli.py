@@ -92,16 +92,31 @@ PLUTAO = [sys.executable, "-m", "plutao.experiments"]
 
 def test_ppo_resumed_at_a_checkpoint_equals_uninterrupted(tiny_stages, tmp_path, capsys):
     """Fast sibling of the slow SIGKILL test below: the RL loop's resume path (checkpoint, optimizer and
-    value-head state, step-indexed rollout seeds, the adaptive β) in one process, stopped by train.stop_at_step."""
+    value-head state, step-indexed rollout seeds, the adaptive β, PPO-ptx's step-indexed pretraining rows
+    and the policy's moving average) in one process, stopped by train.stop_at_step."""
     args = ["ppo", str(tiny_stages["sft"]), "--reward", str(tiny_stages["rm"]), "train.steps=4",
-            "train.checkpoint_every=2", "train.eval_every=0", *RL]
+            "train.checkpoint_every=2", "train.eval_every=0", "rl.ptx_coef=0.5", "rl.ema=0.5", *RL]
     straight, resumed = straight_and_resumed(args, tmp_path, capsys, stop_at=2)
-    keys = ("loss", "pg_loss", "value_loss", "rm_score", "kl", "clipfrac")
+    keys = ("loss", "pg_loss", "value_loss", "ptx_loss", "rm_score", "kl", "clipfrac")
     want = {r["step"]: [r[k] for k in keys] for r in _records(straight)}
     got = {r["step"]: [r[k] for k in keys] for r in _records(resumed)}
     assert sorted(got) == sorted(want) == [1, 2, 3, 4]
     for step, values in want.items():
         np.testing.assert_allclose(got[step], values, rtol=1e-5, atol=1e-7)
+    # rl.ptx_data left empty: the base run's own data, recorded in the run's config.
+    base_data = json.loads((tiny_stages["base"] / "config.json").read_text())["data"]
+    rl = json.loads((straight / "config.json").read_text())["rl"]
+    assert (rl["ptx_data"], rl["ptx_weights"]) == (base_data["path"], base_data["weights"])
+    # The run serves the moving average (not the policy), and the resumed run's is the straight one's.
+    run = load_run(straight)
+    target = {part: {slot: run.trainer.abstract_sharded_state()["params"]} for part, slot in
+              (("params", "policy"), ("frozen", "ema"))}
+    saved = Checkpoints(straight / "checkpoints", async_save=False, read_only=True).restore_part(4, target)
+    served, ema, policy = (jax.tree.leaves(t) for t in (run.params, saved["frozen"]["ema"], saved["params"]["policy"]))
+    assert all(np.array_equal(a, b) for a, b in zip(served, ema))
+    assert any(not np.array_equal(a, b) for a, b in zip(ema, policy))
+    for a, b in zip(served, jax.tree.leaves(load_run(resumed).params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.slow  # (fast sibling: test_ppo_resumed_at_a_checkpoint_equals_uninterrupted)

@@ -34,6 +34,24 @@ def check_reward_run(reward: str, policy_parent: Path) -> Path:
     return path
 
 
+def ptx_source(parent: Path, overrides: list[str]) -> dict:
+    """With rl.ptx_coef > 0 and no rl.ptx_data given: the pretraining text of the base run the SFT
+    parent was trained from (its data.path and data.weights), recorded in this run's config."""
+    from plutao.train.config.schema import parse_overrides
+    from plutao.train.run.rundir import parse_init_from
+
+    given = parse_overrides(overrides)
+    try:
+        coef = float(given.get("rl.ptx_coef", 0))
+    except ValueError:
+        return {}  # (the config's validation says what is wrong with it)
+    base_spec = existing_run_config(parent).get("train", {}).get("init_from", "")
+    if not coef or "rl.ptx_data" in given or not base_spec:
+        return {}
+    data = existing_run_config(parse_init_from(base_spec)[0]).get("data", {})
+    return {"rl.ptx_data": data.get("path", ""), "rl.ptx_weights": list(data.get("weights", []))}
+
+
 def _prompts(args) -> dict:
     data = args.data
     return {"data.path": str(Path(data).absolute()) if data.endswith(".jsonl") else data, "data.val_path": ""}
@@ -47,6 +65,7 @@ def cmd_ppo(args) -> int:
         raise UserError("`plutao ppo` learns against a reward model: give --reward RM_RUN (a `plutao reward` run)")
     rm = check_reward_run(args.reward, parent)
     extra = {"rl.reward": str(rm.absolute())} | ({"rl.beta": args.beta} if args.beta is not None else {})
+    extra |= ptx_source(parent, list(args.overrides))
     cfg, _ = stage_config(parent, "ppo", _prompts(args) | extra, args.step, list(args.overrides))
     run_dir = Path(args.workdir)
     _check_not_other_parent(run_dir, cfg)
@@ -64,6 +83,7 @@ def cmd_grpo(args) -> int:
     for key, value in (("rl.group", args.group), ("rl.baseline", args.baseline), ("rl.beta", args.beta)):
         if value is not None:
             extra[key] = value
+    extra |= ptx_source(parent, list(args.overrides))
     cfg, _ = stage_config(parent, "grpo", _prompts(args) | extra, args.step, list(args.overrides))
     run_dir = Path(args.workdir)
     _check_not_other_parent(run_dir, cfg)

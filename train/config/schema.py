@@ -119,9 +119,15 @@ class RLConfig:
     whiten_rewards: bool = False  # standardise the scores over each rollout batch before the KL is added
     baseline: Literal["group", "rloo"] = "group"  # GRPO: group mean/std, or leave-one-out
     uninformative: Literal["drop", "keep"] = "drop"  # GRPO groups whose rewards are all equal: weight 0, or kept
-    # PPO-ptx (the pretraining loss mixed into each update) and a policy EMA: not available yet, so
-    # only 0 is accepted (the keys are kept so that runs recording them still load).
+    # PPO-ptx (InstructGPT): each update's loss adds ptx_coef × the mean next-token cross-entropy of
+    # as many pretraining rows as the update has reply rows, drawn from rl.ptx_data.
     ptx_coef: float = 0.0
+    # The pretraining text: a data.path-like source or mixture, documents separated at <|endoftext|>;
+    # `plutao ppo`/`grpo` fill in the base run's data.path and data.weights when it is left empty.
+    ptx_data: str | list[str] = ""
+    ptx_weights: list[float] = dataclasses.field(default_factory=list)  # mixture weights; empty = equal
+    # > 0: an exponential moving average of the policy (decay per optimizer step) is what the run
+    # serves (sample, chat, report card, its held-out evaluations); rollouts still come from the policy.
     ema: float = 0.0
     eval_problems: int = 100  # held-out problems per digit count (1–5) answered greedily at each evaluation
 

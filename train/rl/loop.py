@@ -7,7 +7,8 @@ RL step k:
    (train/tasks/policy.py: score); the reward is the reward model's score or the gold checker;
 3. advantages on the host (the task: PPO's GAE over KL-shaped rewards, GRPO's group baselines);
 4. update: rl.epochs passes over the batch in rl.minibatches optimizer steps (each a train step of
-   train/step.py, the same jitted function supervised training uses);
+   train/step.py, the same jitted function supervised training uses), with rl.ptx_coef each beside
+   its own pretraining rows, with rl.ema each followed by the moving average's update;
 5. metrics of the step (metrics.jsonl: reward-model score, gold reward, KL to the reference, entropy,
    clip fraction, approx-KL, value loss, explained variance, lengths, ratio mean/variance, time in
    sampling vs learning), greedy held-out accuracy every train.eval_every steps, samples every
@@ -44,7 +45,7 @@ from plutao.train.run.checkpoint import Checkpoints
 from plutao.train.run.lineage import init_from_parent, merge_params
 from plutao.train.run.metrics import MetricsLog, plot_rewards
 from plutao.train.run.resume import StopFlag, resume
-from plutao.train.tasks.policy import RL_AXES
+from plutao.train.tasks.policy import RL_AXES, RolloutData
 from plutao.train.worlds import arith
 
 SCORED_KEYS = ("tokens", "targets", "rm_tokens", "rm_index")
@@ -75,6 +76,8 @@ def load_parents(trainer, state: dict, cfg, fingerprint: str) -> tuple[dict, dic
     policy, lineage = restored(target["params"]["policy"], sft, "policy")
     params = {"policy": merge_params(state["params"]["policy"], policy)}
     frozen = {"reference": restored(target["frozen"]["reference"], sft, "reference")[0]}
+    if "ema" in trainer.slots:  # (the moving average starts at the SFT policy)
+        frozen["ema"] = restored(target["frozen"]["ema"], sft, "moving average")[0]
     if "reward" in trainer.slots:
         rm_dir, rm_step = reward_spec(cfg)
         spec = f"{rm_dir.absolute()}:{rm_step}"
@@ -118,10 +121,23 @@ def score_rollout(trainer, state: dict, roll: Rollout) -> dict:
     return {k: np.asarray(to_host(v)) for k, v in scored.items()}
 
 
+@functools.cache
+def _ema_step(trainer, decay: float):
+    """ema ← decay·ema + (1 − decay)·policy, in place (the moving average's buffers are donated)."""
+    sh = trainer.state_shardings
+
+    def step(ema, policy):
+        return jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype), ema, policy)
+
+    return jax.jit(step, in_shardings=(sh["frozen"]["ema"], sh["params"]["policy"]),
+                   out_shardings=sh["frozen"]["ema"], donate_argnums=0)
+
+
 def update(trainer, state: dict, roll: Rollout, scored: dict, scores: np.ndarray, beta: float, seed: int,
-           step: int) -> tuple[dict, dict, dict]:
-    """Advantages from the scores (the task's), then rl.epochs passes of rl.minibatches train steps.
-    Returns (state, mean step metrics, the advantages' metrics)."""
+           step: int, data: RolloutData | None = None) -> tuple[dict, dict, dict]:
+    """Advantages from the scores (the task's), then rl.epochs passes of rl.minibatches train steps
+    (each with its pretraining rows under rl.ptx_coef, each followed by the moving average's update
+    under rl.ema). Returns (state, mean step metrics, the advantages' metrics)."""
     task, r = trainer.active_task, trainer.active_task.cfg.rl
     mask = roll.loss_weights
     inputs = {"old_logprobs": scored["logprobs"] * mask, "ref_logprobs": scored["ref_logprobs"] * mask}
@@ -133,12 +149,18 @@ def update(trainer, state: dict, roll: Rollout, scored: dict, scores: np.ndarray
     rng = np.random.default_rng([seed, 0xA11, step])
     per, rows = task.step_rows(), roll.n
     sums: dict = {}
-    for _ in range(r.epochs):
+    for epoch in range(r.epochs):
         order = rng.permutation(rows)
         for mb in range(r.minibatches):
             idx = np.sort(order[mb * per:(mb + 1) * per])
-            state, m = trainer.train_step(state, _sharded({k: v[idx] for k, v in full.items()}, task.batch_axes,
-                                                          trainer.mesh))
+            batch = {k: v[idx] for k, v in full.items()}
+            if r.ptx_coef:  # (optimizer step u of the run reads pretraining batch u: resumable)
+                u = (step * r.epochs + epoch) * r.minibatches + mb
+                batch |= data.pretraining_batch(u, trainer.active_task.ids.eot_id)
+            state, m = trainer.train_step(state, _sharded(batch, task.batch_axes, trainer.mesh))
+            if r.ema:
+                ema = _ema_step(trainer, r.ema)(state["frozen"]["ema"], state["params"]["policy"])
+                state = {**state, "frozen": {**state["frozen"], "ema": ema}}
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v  # (device scalars: one transfer at the end)
     n = r.epochs * r.minibatches
@@ -146,7 +168,13 @@ def update(trainer, state: dict, roll: Rollout, scored: dict, scores: np.ndarray
 
 
 def _policy(trainer, state):
-    return trainer.model(trainer.inference_params(state))[trainer.active_task.served]
+    """The model rollouts sample from (the policy being trained)."""
+    return trainer.model(trainer.inference_params(state))["policy"]
+
+
+def _served(trainer, state):
+    """The model the run serves and evaluates: the policy, or its moving average under rl.ema."""
+    return trainer.model(trainer.inference_params(state))[trainer.active_task.served_slot[1]]
 
 
 def evaluate_policy(policy, tokenizer, source: PromptSource, cfg) -> dict:
@@ -198,7 +226,8 @@ def train_rl(p, run_dir: Path, saved: dict | None, write_run_files, quiet: bool,
     cfg, trainer, task, tok = p.cfg, p.trainer, p.task, p.tokenizer
     r, t = cfg.rl, cfg.train
     main = jax.process_index() == 0
-    source: PromptSource = p.batches
+    data: RolloutData = p.batches
+    source: PromptSource = data.prompts
     own = run_dir / "checkpoints"
     history_entry = None
     lineage = None
@@ -239,7 +268,7 @@ def train_rl(p, run_dir: Path, saved: dict | None, write_run_files, quiet: bool,
 
     def evaluation(at):
         nonlocal last_eval
-        last_eval = evaluate_policy(_policy(trainer, state), tok, source, cfg)
+        last_eval = evaluate_policy(_served(trainer, state), tok, source, cfg)
         if last_eval:
             metrics_log.write({"step": at, "split": "val", **last_eval})
             by = last_eval.get("accuracy_by_digits", {})
@@ -268,7 +297,7 @@ def train_rl(p, run_dir: Path, saved: dict | None, write_run_files, quiet: bool,
                     raise NonFiniteError(f"the reward of RL step {step + 1} is NaN/inf (reward model {r.reward}); "
                                          f"{last_checkpoint(checkpoints)}")
                 t2 = time.perf_counter()
-                state, learned, adv_metrics = update(trainer, state, roll, scored, scores, beta, t.seed, step)
+                state, learned, adv_metrics = update(trainer, state, roll, scored, scores, beta, t.seed, step, data)
                 t3 = time.perf_counter()
                 if int(to_host(state["health"]["first_nonfinite"])):
                     raise NonFiniteError(f"the loss or gradient norm became NaN/inf at RL step {step + 1}; not saving "
@@ -277,7 +306,8 @@ def train_rl(p, run_dir: Path, saved: dict | None, write_run_files, quiet: bool,
                 real_tokens = float((roll.tokens != tok.pad_id).sum())
                 m = {"step": step, "split": "train", **rollout_metrics(roll, scored, rm_score, gold), **adv_metrics,
                      "loss": learned["loss"], "grad_norm": learned["grad_norm"], "lr": learned["lr"],
-                     **{k: learned[k] for k in task.step_metrics if k not in ("ratio", "ratio_sq")},
+                     **{k: learned[k] for k in task.step_metrics if k not in ("ratio", "ratio_sq")
+                        and (k != "ptx_loss" or r.ptx_coef)},
                      "ratio_mean": learned["ratio"], "ratio_var": max(learned["ratio_sq"] - learned["ratio"] ** 2, 0.0),
                      "beta": beta, "sample_seconds": t1 - t0, "score_seconds": t2 - t1, "learn_seconds": t3 - t2,
                      "rollout_tokens_per_sec": float(roll.lengths.sum()) / max(t1 - t0, 1e-9),

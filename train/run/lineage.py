@@ -65,8 +65,9 @@ def load_run(run_dir: Path, step: int | None = None) -> LoadedRun:
     if not steps:
         raise UserError(f"{run_dir} has no checkpoint yet; train it first (`plutao train --workdir {run_dir}`)")
     target = {"params": trainer.abstract_sharded_state()["params"]}
-    if task.served:
-        target = {"params": {task.served: target["params"]}}
+    if task.served_slot:  # (a policy's, or its moving average's, parameters)
+        part, slot = task.served_slot
+        target = {part: {slot: target["params"]}}
     if step is None:  # the newest that can be read (an unreadable one is reported, and left as it is)
         step, state, unreadable = checkpoints.restore_newest(target, part=True)
         for bad, reason in unreadable:
@@ -85,7 +86,7 @@ def load_run(run_dir: Path, step: int | None = None) -> LoadedRun:
     if task.chat and recorded not in (None, template_hash(tokenizer)):
         raise UserError(f"{run_dir} was trained with another chat template (hash {recorded}); use the version of plutao "
                         "that trained it")
-    params = state["params"][task.served] if task.served else state["params"]
+    params = state[task.served_slot[0]][task.served_slot[1]] if task.served_slot else state["params"]
     if trainer.adapted:  # adapters in the checkpoint, the base from the run they adapt: used merged
         adapted = {"params": params, "frozen": {"base": lora_base(trainer, saved.get("lineage", {}),
                                                                   tokenizer.fingerprint, cfg.model)}}

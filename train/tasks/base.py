@@ -184,6 +184,12 @@ class Task:
                     "lora": ModelSlot(lambda rngs: Adapters(self.cfg.model, self.cfg.lora, rngs))}
         return {"model": ModelSlot(self.build_model)}
 
+    @property
+    def served_slot(self) -> tuple[str, str] | None:
+        """Where in a checkpoint the served model's parameters are: (part, slot), e.g. ("params",
+        "policy"); None = the checkpoint's parameters are the model's."""
+        return ("params", self.served) if self.served else None
+
     def served_task(self) -> Task:
         """The task of the model a run is used through after training (itself, unless `served` names a slot)."""
         return self

@@ -59,5 +59,5 @@ class GRPO(PolicyGradient):
         logp, sums = self.policy_terms(models, batch, constrain)
         m = batch["loss_weights"]
         sums["kl_loss"] = (rl.kl_k3(logp, batch["ref_logprobs"]) * m).sum()
-        sums["loss"] = sums["pg_loss"] + self.cfg.rl.beta * sums["kl_loss"]
+        sums["loss"] = sums["pg_loss"] + self.cfg.rl.beta * sums["kl_loss"] + self.cfg.rl.ptx_coef * sums["ptx_loss"]
         return sums

@@ -79,6 +79,7 @@ class PPO(PolicyGradient):
         m = batch["loss_weights"]
         vf = rl.clipped_value_loss(v, batch["old_values"], batch["returns"], self.cfg.rl.value_clip)
         sums["value_loss"] = (vf * m).sum()
-        sums["loss"] = sums["pg_loss"] + self.cfg.rl.value_coef * sums["value_loss"]
+        sums["loss"] = (sums["pg_loss"] + self.cfg.rl.value_coef * sums["value_loss"]
+                        + self.cfg.rl.ptx_coef * sums["ptx_loss"])
         return sums
 
