@@ -9,7 +9,8 @@ Per rollout batch (train/rl/loop.py):
    (train/rl/objectives.py: token_rewards); β fixed, or adapted toward rl.target_kl (Ziegler et al.);
 3. GAE(γ = rl.gamma, λ = rl.lam) over the value model's estimates, advantages whitened per batch;
 4. rl.epochs passes of rl.minibatches steps: clipped ratio (rl.clip) + rl.value_coef × clipped value
-   loss (rl.value_clip), mean over the minibatch's reply tokens.
+   loss (rl.value_clip), mean over the minibatch's reply tokens (+ rl.ptx_coef × the pretraining rows'
+   mean cross-entropy: PPO-ptx, train/tasks/policy.py).
 
 The value model is a decoder with a scalar head at every position, initialised from the reward
 model (trunk and head), trained beside the policy (its own learning rate: rl.value_lr).
