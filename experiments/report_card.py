@@ -14,6 +14,9 @@ reward model scores highest kept. Rows:
 - the gold win rate of every column against every other (the world's hidden labeler,
   `arith.gold_key`, on the same prompts; a tie counts ½) with a bootstrap 95% interval over
   problems, and with --reward the reward model's verdict beside it;
+- the mean log-probability of each problem's gold answer by digit count (the direct reply with
+  <|end|>, or " ANSWER\n" after a base run's few-shot prompt: experiments/report_card_likelihood.py),
+  and KL to the first SFT column with the entropy of each column's temperature-1 replies;
 - mean reply length, distinct answers per prompt at temperature 1, and bits per byte on the
   held-out pretraining mixture of the run's base ancestor (what the later stages cost the base skill);
 - with --problems-file: the accuracy on the user's own problems.
@@ -25,15 +28,14 @@ does the sampling, every column in fixed-size batched calls so one compiled prog
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
 import numpy as np
-from flax import nnx
 
 from plutao.experiments.report_card_files import ColumnCache, checkpoint_stamp
+from plutao.experiments.report_card_likelihood import gold_logprobs, kl_and_entropy
 from plutao.experiments.report_card_stats import (
     BEST_OF,
     BEST_OF_DISTINCT,
@@ -44,16 +46,15 @@ from plutao.experiments.report_card_stats import (
     T1,
     Reply,
     combined_bits_per_byte,
+    mean_by_digits,
     window_cap,
 )
 from plutao.experiments.report_card_summary import summarize
 from plutao.model.decode import complete
-from plutao.model.heads import forward_logits
 from plutao.tokenizer.chat import prompt_ids, reply_stop_ids
 from plutao.train.config.errors import UserError
 from plutao.train.config.schema import Config
 from plutao.train.eval.likelihood import stream_metrics
-from plutao.train.rl.rollouts import Prompt, pack
 from plutao.train.run.lineage import load_run
 from plutao.train.run.rundir import existing_run_config, parse_init_from, read_run_config
 from plutao.train.worlds import arith, arith_prompts
@@ -367,41 +368,17 @@ def check(runs: Sequence[str], *, reward: str | None, best_of: int, problems: in
                 Path(out) if out is not None else None)
 
 
-def kl_and_entropy(run, reference, prompt_ids: Sequence[Sequence[int]], replies: Sequence[Reply],
-                   rows: int = 128) -> tuple[float, float]:
-    """(mean KL(run ‖ reference) per reply, mean entropy per reply token) over replies sampled from the
-    run at temperature 1: Σ over each reply's positions of the exact KL of the next-token
-    distributions (an unbiased estimate of the sequence-level KL, ≥ 0), on the run's own tokens."""
-
-    tok, context = run.tokenizer, run.cfg.model.context_length
-    graph_a, params_a = nnx.split(run.model)
-    graph_b, params_b = nnx.split(reference.model)
-    both = _kl_pass(graph_a, graph_b)
-    kl, ent, n_tok = [], 0.0, 0
-    for lo in range(0, len(replies), rows):
-        part = list(range(lo, min(lo + rows, len(replies))))
-        part += [part[-1]] * (rows - len(part))
-        roll = pack(tok, [Prompt([])] * rows, [list(prompt_ids[i]) for i in part],
-                    [list(replies[i].tokens) for i in part], [[0.0] * len(replies[i].tokens) for i in part], context)
-        kl_BT, ent_BT = (np.asarray(x) for x in both(params_a, params_b, roll.tokens))
-        n = min(rows, len(replies) - lo)
-        mask = roll.loss_weights[:n]
-        kl += (kl_BT[:n] * mask).sum(1).tolist()
-        ent += float((ent_BT[:n] * mask).sum())
-        n_tok += int(mask.sum())
-    return float(np.mean(kl)), ent / max(n_tok, 1)
-
-
-@functools.cache
-def _kl_pass(graph_a, graph_b):
-    from plutao.train.rl.objectives import entropy, kl_exact
-
-    def run(params_a, params_b, tokens):
-        logits_a, _ = forward_logits(nnx.merge(graph_a, params_a), tokens)
-        logits_b, _ = forward_logits(nnx.merge(graph_b, params_b), tokens)
-        return kl_exact(logits_a, logits_b), entropy(logits_a)
-
-    return jax.jit(run)
+def gold_sequences(run, problems: Problems) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt, gold answer) token ids per problem: a chat run's prompt through the template and the
+    demonstrator's direct reply with <|end|>; a base run's direct few-shot prompt and " ANSWER\n" (the
+    prompts cut to fit the context as the sampled ones are)."""
+    tok, context, budget = run.tokenizer, run.cfg.model.context_length, problems.reply_tokens(run)
+    if run.task.chat:
+        answers = [tok.encode_unseen(str(p.answer)).tolist() + [tok.end_id] for p in problems.problems]
+        return _chat_ids(tok, problems.messages, context, budget), answers
+    limit = max(context - budget, context // 2, 1)
+    prompts = [few_shot_ids(tok, problems.world, p, limit, False)[0] for p in problems.problems]
+    return prompts, [tok.encode_unseen(f" {p.answer}\n").tolist() for p in problems.problems]
 
 
 def reference_run(loaded) -> object | None:
@@ -484,16 +461,26 @@ def evaluate(plan: Plan, log: Callable[[str], None] = lambda msg: None) -> dict:
         against = {"run": str(reference.run_dir.absolute()), "step": reference.step}
         for run, column in zip(loaded, [c for c in columns if c.kind != "best-of"]):
             if run.tokenizer.fingerprint == reference.tokenizer.fingerprint:
-                kl[column.name] = cache.kl(column.name, keys[column.name], against)
+                kl[column.name] = cache.derived(column.name, keys[column.name], "kl", against)
                 if kl[column.name] is None:
                     log(f"report-card: {column.name}: KL to {reference.run_dir.name} over its temperature-1 replies")
                     ids = _chat_ids(run.tokenizer, problems.messages, run.cfg.model.context_length,
                                     problems.reply_tokens(run))
-                    kl[column.name] = kl_and_entropy(run, reference, ids, column.t1)
-                    cache.put_kl(column.name, keys[column.name], against, kl[column.name])
+                    kl[column.name] = [float(v) for v in kl_and_entropy(run, reference, ids, column.t1)]
+                    cache.put_derived(column.name, keys[column.name], "kl", kl[column.name], against)
+    gold = {}
+    for run, column in zip(loaded, [c for c in columns if c.kind != "best-of"]):
+        gold[column.name] = cache.derived(column.name, keys[column.name], "gold_logprob")
+        if gold[column.name] is None:
+            log(f"report-card: {column.name}: log-probability of each problem's gold answer")
+            gold[column.name] = gold_logprobs(run, *gold_sequences(run, problems))
+            cache.put_derived(column.name, keys[column.name], "gold_logprob", gold[column.name])
     tok = loaded[0].tokenizer
     report = summarize(columns, problems, plan, bits, notes, end_id=tok.end_id, user_id=tok.user_id)
     for name, (k, e) in kl.items():
         report["runs"][name] |= {"kl_to_reference": k, "entropy": e}
+    for name, values in gold.items():
+        report["runs"][name] |= {"gold_logprob": float(np.mean(values)),
+                                 "gold_logprob_by_digits": mean_by_digits(values, problems.digits_P)}
     report["settings"]["reference"] = reference.run_dir.name if reference is not None else None
     return report

@@ -57,6 +57,10 @@ def markdown(report: dict) -> str:
         rows.append(line(f"KL(run ‖ {s.get('reference')}) per T=1 reply (nats)",
                          [_cell(r.get("kl_to_reference")) for r in runs.values()]))
         rows.append(line("entropy per reply token at T=1 (nats)", [_cell(r.get("entropy")) for r in runs.values()]))
+    if any("gold_logprob_by_digits" in r for r in runs.values()):
+        for d in map(str, s["digit_counts"]):
+            rows.append(line(f"{d}-digit log p(gold answer) (nats; the direct reply, or the few-shot one for a base run)",
+                             [_cell(r.get("gold_logprob_by_digits", {}).get(d), 2) for r in runs.values()]))
     if any("mean_reward" in r for r in runs.values()):
         rows.append(line("mean reward (reward model)", [_cell(r.get("mean_reward")) for r in runs.values()]))
     if s["problems_file"] is not None:
@@ -283,17 +287,18 @@ class ColumnCache:
             "few_shot": _replies(c.few_shot), "file_replies": _replies(c.file_replies), "rewards": rewards,
             "best_of": c.best_of, "extra": {k: _replies(v) for k, v in c.extra.items()}, "shots": c.shots}})
 
-    def kl(self, name: str, key: dict, reference: dict) -> tuple[float, float] | None:
-        """The column's (KL, entropy) against `reference` (its run and step), if measured before."""
+    def derived(self, name: str, key: dict, row: str, reference: dict | None = None):
+        """A row measured from the column's run after its replies (its "kl" against `reference`, its
+        "gold_logprob"), if measured before under this key (and against this reference)."""
         record = self._read(name, key)
-        if record is None or record.get("kl", {}).get("reference") != reference:
+        if record is None or row not in record or record[row].get("reference") != reference:
             return None
-        return tuple(record["kl"]["value"])
+        return record[row]["value"]
 
-    def put_kl(self, name: str, key: dict, reference: dict, value: tuple[float, float]) -> None:
+    def put_derived(self, name: str, key: dict, row: str, value, reference: dict | None = None) -> None:
         record = self._read(name, key)
         if record is not None:
-            self._store(name, record | {"kl": {"reference": reference, "value": [float(v) for v in value]}})
+            self._store(name, record | {row: {"reference": reference, "value": value}})
 
     def clear(self) -> None:
         if self.folder is None or not self.folder.is_dir():

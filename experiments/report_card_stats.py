@@ -55,8 +55,12 @@ def matches(reply: str, answer: str, mode: str = "last-number") -> bool:
 
 
 def accuracy_by_digits(correct_P: Sequence[bool], digits_P: Sequence[int]) -> dict[str, float]:
-    correct_P, digits_P = np.asarray(correct_P, bool), np.asarray(digits_P)
-    return {str(d): float(correct_P[digits_P == d].mean()) for d in DIGITS if (digits_P == d).any()}
+    return mean_by_digits(np.asarray(correct_P, bool), digits_P)
+
+
+def mean_by_digits(values_P: Sequence[float], digits_P: Sequence[int]) -> dict[str, float]:
+    values_P, digits_P = np.asarray(values_P), np.asarray(digits_P)
+    return {str(d): float(values_P[digits_P == d].mean()) for d in DIGITS if (digits_P == d).any()}
 
 
 def outcomes(keys_a: Sequence, keys_b: Sequence) -> np.ndarray:

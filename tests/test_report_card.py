@@ -249,6 +249,46 @@ def test_correctness_win_rates_and_the_leaderboard_cover_every_column(card):
     assert [row["rating"] for row in board] == sorted((row["rating"] for row in board), reverse=True)
 
 
+def test_gold_answer_logprobs_equal_a_plain_forward_pass(card, pipeline):
+    """log p(gold answer | prompt): the chat run's direct reply + <|end|> after the chat template, the
+    base run's " ANSWER\n" after the direct few-shot prompt (the prompt's last tokens that fit the
+    context), each computed here unpadded, one at a time."""
+    import jax.numpy as jnp
+
+    from plutao.model.heads import forward_logits
+    from plutao.tokenizer.chat import prompt_ids
+    from plutao.train.losses import token_logprobs
+    from plutao.train.run.lineage import load_run
+
+    report, _ = card
+    world, n = arith.World(), report["settings"]["problems_per_digit_count"]
+    assert "gold_logprob" not in report["runs"]["sft+best-of-2"]  # (the SFT model's own row)
+    for name in ("base", "sft"):
+        run = load_run(pipeline[name])
+        tok, budget = run.tokenizer, arith.reply_budget(world, run.cfg.model.context_length)
+        for d in (1, 3):
+            want = []
+            for i in range(n):
+                messages, p = arith.evaluation_problem(world, d, i)
+                if name == "sft":
+                    head = prompt_ids(messages, tok)
+                    answer = tok.encode_unseen(str(p.answer)).tolist() + [tok.end_id]
+                else:
+                    limit = max(run.cfg.model.context_length - budget, run.cfg.model.context_length // 2)
+                    head = rc.few_shot_ids(tok, world, p, limit, False)[0]
+                    answer = tok.encode_unseen(f" {p.answer}\n").tolist()
+                ctx = run.cfg.model.context_length  # (the prompt's last tokens that fit, as the sampled rows')
+                head = rc.fit(head, ctx, budget)
+                head = head[max(len(head) + len(answer) - ctx, 0):]
+                seq = jnp.asarray([list(head) + answer], jnp.int32)
+                logits, _ = forward_logits(run.model, seq[:, :-1])
+                logp = np.asarray(token_logprobs(logits, seq[:, 1:]))[0, len(head) - 1:]
+                want.append(float(logp.sum()))
+            got = report["runs"][name]["gold_logprob_by_digits"][str(d)]
+            np.testing.assert_allclose(got, np.mean(want), rtol=1e-4)
+            assert got < 0
+
+
 def test_the_markdown_table_has_a_column_per_run(card):
     report, _ = card
     header = markdown(report).splitlines()[2]
