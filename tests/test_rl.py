@@ -235,3 +235,89 @@ def test_ema_is_the_moving_average_of_the_policy_after_each_optimizer_step(tok):
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     assert max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(now))) > 0
+
+
+def _preset_trainer(tok, stage: str, share: float):
+    """A policy trained (supervised) to answer every prompt with `x` a `share` of the time and `y`
+    otherwise — an SFT model that is sometimes right — and a trainer with the stage preset's
+    optimizer and rl.* settings (train/config/presets.py), the reference at the same weights."""
+    import optax
+    from flax import nnx
+
+    from plutao.tokenizer.chat import prompt_ids
+    from plutao.train.config.presets import STAGE_PRESETS
+
+    preset = STAGE_PRESETS[stage]
+    rl = {k.removeprefix("rl."): v for k, v in preset.items() if k.startswith("rl.")}
+    task_cls = {"ppo": PPO, "grpo": GRPO}[stage]
+    cfg, trainer, state = _trainer(tok, task_cls, **rl, reward="gold" if stage == "grpo" else "unused",
+                                   max_new_tokens=4)
+    o = dataclasses.replace(cfg.optim, **{k.removeprefix("optim."): v for k, v in preset.items()
+                                           if k.startswith("optim.")})
+    task = trainer.active_task
+    tx = make_optimizer(o, task.updates(), trainer.param_roles(), task.optim_groups())
+    trainer = Trainer(cfg.model, tx, lr_schedule(o, task.updates()), trainer.mesh, 0, task=task)
+    graph, params = nnx.split(trainer.model(trainer.inference_params(state))["policy"])
+    x, y = tok.encode("x")[0], tok.encode("y")[0]
+    heads = [prompt_ids(q.messages, tok) for q in PROMPTS]
+    sup = optax.adam(3e-3)
+
+    @jax.jit
+    def sup_step(params, opt, tokens, weights):
+        def loss(p):
+            logits, _ = forward_logits(nnx.merge(graph, p), tokens[:, :-1])
+            return -(token_logprobs(logits, tokens[:, 1:]) * weights).sum() / weights.sum()
+        updates, opt = sup.update(jax.grad(loss)(params), opt, params)
+        return optax.apply_updates(params, updates), opt
+
+    rng, opt = np.random.default_rng(0), sup.init(params)
+    width = max(map(len, heads)) + 2
+    for _ in range(60):
+        tokens = np.full((32, width), tok.pad_id, np.int32)
+        weights = np.zeros((32, width - 1), np.float32)
+        for b in range(32):
+            seq = heads[b % 3] + [x if rng.random() < share else y, tok.end_id]
+            tokens[b, :len(seq)] = seq
+            weights[b, len(seq) - 3:len(seq) - 1] = 1.0
+        params, opt = sup_step(params, opt, tokens, weights)
+    warm = nnx.to_pure_dict(nnx.state(nnx.merge(graph, params), nnx.Param))
+    state = trainer.init_state()
+    for part, slot in (("params", "policy"), ("frozen", "reference")):
+        state[part][slot] = jax.tree.map(jnp.array, warm)
+    return cfg, trainer, state, x
+
+
+def _learns_at_the_preset(tok, stage: str) -> list[float]:
+    """The share of replies starting with the paid-for `x`, per RL step, over the preset's steps."""
+    from plutao.train.config.presets import STAGE_PRESETS
+
+    cfg, trainer, state, x = _preset_trainer(tok, stage, share=0.3)
+    r, rows = cfg.rl, cfg.rl.prompts * cfg.rl.group
+    prompts = [PROMPTS[(i // r.group) % 3] for i in range(rows)]
+    history = []
+    for step in range(STAGE_PRESETS[stage]["train.steps"]):
+        policy = trainer.model(trainer.inference_params(state))["policy"]
+        roll = sample(policy, tok, prompts, row_seeds(0, step, rows), context=CONTEXT, max_new_tokens=4,
+                      temperature=1.0)
+        first = roll.targets[np.arange(rows), roll.loss_weights.argmax(1)]
+        scores = (first == x).astype(np.float32)  # (verifiable: the reply starts with x)
+        history.append(float(scores.mean()))
+        state, learned, _ = update(trainer, state, roll, score_rollout(trainer, state, roll), scores, r.beta, 0, step)
+        assert np.isfinite(learned["loss"])
+    return history
+
+
+def test_grpo_at_the_preset_learns_a_verifiable_reward_from_a_policy_that_is_sometimes_right(tok):
+    """The GRPO preset's learning rate, steps, groups, epochs, β and dropping of groups without signal,
+    from a policy right 30% of the time: the paid-for first token becomes the more likely one."""
+    history = _learns_at_the_preset(tok, "grpo")
+    start, end = np.mean(history[:5]), np.mean(history[-8:])
+    assert start < 0.45 and end > start + 0.12 and end > 0.5, (start, end)
+
+
+@pytest.mark.slow  # (fast sibling: test_ppo_learns_to_emit_the_token_it_is_paid_for_and_a_large_beta_holds_it_near_the_reference)
+def test_ppo_at_the_preset_learns_a_paid_for_token_from_a_policy_that_is_sometimes_right(tok):
+    """The PPO preset's learning rate (3e-5), value learning rate, β, steps and unwhitened rewards."""
+    history = _learns_at_the_preset(tok, "ppo")
+    start, end = np.mean(history[:5]), np.mean(history[-8:])
+    assert start < 0.45 and end > start + 0.12 and end > 0.5, (start, end)
