@@ -309,6 +309,7 @@ def _learns_at_the_preset(tok, stage: str) -> list[float]:
     return history
 
 
+@pytest.mark.slow  # (fast sibling: test_grpo_drops_the_rows_of_groups_without_signal_from_the_token_mean)
 def test_grpo_at_the_preset_learns_a_verifiable_reward_from_a_policy_that_is_sometimes_right(tok):
     """The GRPO preset's learning rate, steps, groups, epochs, β and dropping of groups without signal,
     from a policy right 30% of the time: the paid-for first token becomes the more likely one."""
