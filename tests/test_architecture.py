@@ -5,7 +5,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("model", "train", "tokenizer", "experiments")
+PACKAGES = ("model", "train", "tokenizer", "experiments", "tools")
 # Where `family` may still be read outside train/tasks/, and why (README lists the same places):
 FAMILY_ALLOWED = {
     "model/config.py": "the knob itself",
@@ -41,8 +41,13 @@ def test_model_imports_nothing_from_train_tokenizer_or_experiments():
     assert {p: b for p, b in bad.items() if b} == {}
 
 
+def test_tools_import_nothing_else_of_plutao():
+    assert {path: imported_packages(tree) - {"tools"} for path, tree in sources("tools")
+            if imported_packages(tree) - {"tools"}} == {}
+
+
 def test_nothing_outside_experiments_imports_experiments():
-    bad = {path: "experiments" for pkg in ("model", "train", "tokenizer") for path, tree in sources(pkg)
+    bad = {path: "experiments" for pkg in ("model", "train", "tokenizer", "tools") for path, tree in sources(pkg)
            if "experiments" in imported_packages(tree)}
     assert bad == {}
 
