@@ -1,5 +1,7 @@
 """The chat template: golden masks, one rendering for training and sampling, what is supervised."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -93,3 +95,83 @@ def test_a_long_prompt_is_fitted_by_whole_turns_then_the_last_message(tok):
     ids, _, cut = fitted_prompt_ids(prompt, tok, 8)
     assert len(ids) == 8 and cut > 0 and ids[:2] == [tok.eot_id, tok.user_id]
     assert ids[-2:] == [tok.end_id, tok.assistant_id]
+
+
+# --- tool use -----------------------------------------------------------------------------------------
+
+def _call(i, expression):
+    return {"id": f"c{i}", "type": "function",
+            "function": {"name": "calculator", "arguments": json.dumps({"expression": expression})}}
+
+
+TOOL_CONVERSATION = [
+    {"role": "user", "content": "2+3?"},
+    {"role": "assistant", "content": None, "tool_calls": [_call(0, "2+3"), _call(1, "4+4")]},
+    {"role": "tool", "tool_call_id": "c0", "content": "5"},
+    {"role": "tool", "tool_call_id": "c1", "content": "8"},
+    {"role": "assistant", "content": "5"},
+]
+
+
+@pytest.fixture(scope="module")
+def tool_tok():
+    from plutao.tokenizer import TOOL_TOKENS, grown
+
+    return grown(CharTokenizer.train(["Be brief. 2+3? and 4+4? 5 8 0123456789 calculator()"]), TOOL_TOKENS)
+
+
+def test_golden_masks_with_tool_calls_the_result_is_never_a_target(tool_tok):
+    # The call and the <|tool|> closing it are the assistant's; each result, its <|end|> and the
+    # <|assistant|> the runtime writes after it are not.
+    assert marked(tool_tok, render(TOOL_CONVERSATION, tool_tok), colour=False) == (
+        "<|endoftext|><|user|>2+3?<|end|><|assistant|>[<|call|>][c][a][l][c][u][l][a][t][o][r][(][2][+][3][)]"
+        "[<|tool|>]5<|end|><|assistant|>[<|call|>][c][a][l][c][u][l][a][t][o][r][(][4][+][4][)][<|tool|>]8<|end|>"
+        "<|assistant|>[5][<|end|>]")
+    # A prompt that ends with a result is continued by the model after <|assistant|>, as at sampling.
+    one_call = [TOOL_CONVERSATION[0], {**TOOL_CONVERSATION[1], "tool_calls": [_call(0, "2+3")]}, TOOL_CONVERSATION[2]]
+    assert prompt_ids(one_call, tool_tok) == render(one_call, tool_tok).ids.tolist() + [tool_tok.assistant_id]
+
+
+def test_a_tokenizer_without_tool_tokens_keeps_its_template_and_refuses_tool_turns(tok, tool_tok):
+    from plutao.tokenizer.chat import template_hash
+
+    # The hash a run recorded before tools existed (an old run keeps loading), and a new one with them.
+    assert template_hash(tok) == "b201478371d350c0" and template_hash(tool_tok) != template_hash(tok)
+    from plutao.tokenizer import TOOL_TOKENS, grown
+
+    assert render(CONVERSATION, tok).ids.tolist() == render(CONVERSATION, grown(tok, TOOL_TOKENS)).ids.tolist()
+    with pytest.raises(ChatError, match="no <\\|call\\|> and <\\|tool\\|> tokens"):
+        render(TOOL_CONVERSATION, tok)
+
+
+@pytest.mark.parametrize("messages, said", [
+    ([{"role": "user", "content": "x"}, {"role": "tool", "tool_call_id": "c0", "content": "5"}], "answers no assistant"),
+    (TOOL_CONVERSATION[:3] + TOOL_CONVERSATION[4:], "before the result of tool call 'c1'"),
+    (TOOL_CONVERSATION[:2] + TOOL_CONVERSATION[3:], "answers tool call 'c1', but 'c0'"),
+    (TOOL_CONVERSATION[:3], "tool call 'c1' has no \"tool\" message"),
+    ([TOOL_CONVERSATION[0], {"role": "assistant", "content": "", "tool_calls": [{"id": "c0", "function": {}}]}],
+     "must be {\"id\""),
+    ([TOOL_CONVERSATION[0], {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "c0", "type": "function", "function": {"name": "calculator", "arguments": '{"a": "1", "b": "2"}'}}]}],
+     "one string value"),
+    ([{"role": "user", "content": "x", "tool_calls": [_call(0, "1")]}], "only an assistant message"),
+])
+def test_malformed_tool_turns_are_one_line_chat_errors(tool_tok, messages, said):
+    with pytest.raises(ChatError) as e:
+        render(messages, tool_tok)
+    assert said in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kind", ["char", "byte", "word", "bpe"])
+def test_growing_a_vocabulary_keeps_every_id_and_adds_the_tool_tokens_after_it(kind):
+    from plutao.tokenizer import TOOL_TOKENS, grown, train_tokenizer
+
+    text = "the cat sat on the mat, 347+589=936 and <|call|> stays text\n" * 40
+    old = train_tokenizer(kind, [text], **({"vocab_size": 300} if kind == "bpe" else {}))
+    new = grown(old, TOOL_TOKENS)
+    assert (new.call_id, new.tool_id, new.vocab_size) == (old.vocab_size, old.vocab_size + 1, old.vocab_size + 2)
+    assert new.encode_unseen(text).tolist() == old.encode_unseen(text).tolist()  # (text never becomes a call)
+    assert new.specials == old.specials | {"<|call|>": old.vocab_size, "<|tool|>": old.vocab_size + 1}
+    assert new.token_strings([new.call_id, new.tool_id]) == ["<|call|>", "<|tool|>"] and new.has_tools
+    assert not old.has_tools
+    assert grown(new, TOOL_TOKENS) is new and new.fingerprint != old.fingerprint

@@ -20,8 +20,8 @@ from .base import Tokenizer
 from .bpe import BPETokenizer
 from .byte import ByteTokenizer
 from .char import CharTokenizer
-from .factory import TOKENIZER_KINDS, load_tokenizer, train_tokenizer
-from .specials import DEFAULT_ROLES, NUM_SPECIAL, SPECIAL_TOKENS, SpecialTokens, TokenizerError
+from .factory import TOKENIZER_KINDS, grown, load_tokenizer, train_tokenizer
+from .specials import DEFAULT_ROLES, NUM_SPECIAL, SPECIAL_TOKENS, TOOL_TOKENS, SpecialTokens, TokenizerError
 from .viewer import format_tokens
 from .word import WordTokenizer
 
@@ -30,6 +30,7 @@ __all__ = [
     "NUM_SPECIAL",
     "SPECIAL_TOKENS",
     "TOKENIZER_KINDS",
+    "TOOL_TOKENS",
     "BPETokenizer",
     "ByteTokenizer",
     "CharTokenizer",
@@ -38,6 +39,7 @@ __all__ = [
     "TokenizerError",
     "WordTokenizer",
     "format_tokens",
+    "grown",
     "load_tokenizer",
     "train_tokenizer",
 ]

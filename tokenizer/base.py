@@ -164,6 +164,19 @@ class Tokenizer(abc.ABC):
     def end_id(self) -> int:
         return self.special_id("end")
 
+    @property
+    def call_id(self) -> int:
+        return self.special_id("call")
+
+    @property
+    def tool_id(self) -> int:
+        return self.special_id("tool")
+
+    @property
+    def has_tools(self) -> bool:
+        """Whether it declares the tool-use tokens (<|call|> and <|tool|>: tokenizer/chat.py)."""
+        return self.has_special("call") and self.has_special("tool")
+
     @overload
     def is_special(self, ids: int) -> bool: ...
 
@@ -317,6 +330,10 @@ class Tokenizer(abc.ABC):
 
     def _save_files(self, directory: Path) -> None:
         """Write kind-specific files next to tokenizer.json."""
+
+    def _grow_files(self, directory: Path, names: list[str]) -> None:
+        """Make the kind-specific files saved in `directory` reserve `names` at the next ids (the kinds
+        whose files hold no ids need nothing: tokenizer/factory.py: grown)."""
 
     @classmethod
     @abc.abstractmethod

@@ -363,6 +363,17 @@ class BPETokenizer(Tokenizer):
     def _save_files(self, directory: Path) -> None:
         write_atomic(directory / MODEL_FILE, self.model_bytes)
 
+    def _grow_files(self, directory: Path, names: list[str]) -> None:
+        """Append `names` to the saved sentencepiece model as control pieces (never produced from text)."""
+        from sentencepiece import sentencepiece_model_pb2
+
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(self.model_bytes)
+        for name in names:
+            piece = proto.pieces.add()
+            piece.piece, piece.score, piece.type = name, 0.0, sentencepiece_model_pb2.ModelProto.SentencePiece.CONTROL
+        write_atomic(directory / MODEL_FILE, proto.SerializeToString())
+
     @classmethod
     def _from_config(cls, config: dict[str, Any], directory: Path) -> BPETokenizer:
         name = config.get("model_file", MODEL_FILE)

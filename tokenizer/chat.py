@@ -10,21 +10,37 @@ differ. A conversation is laid out as
 Every token of an assistant turn's text and the `<|end|>` closing it are supervised (weight 1);
 everything else (role tokens, system and user text, the leading <|endoftext|>) is context
 (weight 0). Padding is `<pad>`, never `<|end|>` or `<|endoftext|>`, so the model learns to stop.
+
+Tool use (a tokenizer that declares <|call|> and <|tool|>; `tokenizer.grown` adds them to a run's):
+an assistant message with OpenAI `tool_calls`, each answered by a `tool` message with its
+`tool_call_id`, is laid out call by call as
+
+    <|assistant|> text <|call|> NAME(ARGUMENT) <|tool|> result <|end|> <|assistant|> text <|end|>
+
+The call, and the <|tool|> that closes it, are the assistant's (supervised); the result and its
+<|end|>, and the <|assistant|> after it, are the runtime's (weight 0): a sampler that meets <|tool|>
+runs the call and appends exactly those tokens, then the model goes on. ARGUMENT is the one string
+value of the call's JSON `arguments` (`{"expression": "347+589"}` → calculator(347+589)). A
+tokenizer without the tool tokens renders as before, and its template hash is unchanged.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from collections.abc import Sequence
 
 import numpy as np
 
 from plutao.tokenizer.base import Tokenizer
 from plutao.tokenizer.specials import TokenizerError
+from plutao.tools import format_call
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 TEMPLATE = "plutao-chat-v1: <|endoftext|> then <|ROLE|> content <|end|> per message; reply after <|assistant|>"
+TOOL_TEMPLATE = ("plutao-chat-tools-v1: assistant text <|call|> NAME(ARGUMENT) <|tool|> result <|end|> <|assistant|> "
+                 "then the reply goes on")
 
 
 class ChatError(TokenizerError):
@@ -43,29 +59,76 @@ class Rendered:
 def template_hash(tokenizer: Tokenizer) -> str:
     """What a run's chat tokens depend on: the layout above and the ids of the tokens it uses."""
     ids = [tokenizer.eot_id, *role_ids(tokenizer).values(), tokenizer.end_id, tokenizer.reward_id, tokenizer.pad_id]
+    if tokenizer.has_tools:  # (a tokenizer without the tool tokens keeps the hash its runs recorded)
+        return hashlib.sha256(f"{TEMPLATE}|{TOOL_TEMPLATE}|{ids}|{[tokenizer.call_id, tokenizer.tool_id]}".encode()
+                              ).hexdigest()[:16]
     return hashlib.sha256(f"{TEMPLATE}|{ids}".encode()).hexdigest()[:16]
 
 
 def role_ids(tokenizer: Tokenizer) -> dict[str, int]:
+    """The role tokens that open a message (a tool's result follows the <|tool|> closing its call)."""
     return {"system": tokenizer.system_id, "user": tokenizer.user_id, "assistant": tokenizer.assistant_id}
 
 
+def call_argument(call, where: str) -> tuple[str, str]:
+    """(name, argument text) of an OpenAI tool call {"id", "type": "function", "function": {"name",
+    "arguments"}}: `arguments` is a JSON object with one string value (or a plain string)."""
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+        raise ChatError(f"{where} must be {{\"id\", \"type\": \"function\", \"function\": {{\"name\", \"arguments\"}}}}")
+    arguments = fn.get("arguments", "")
+    try:
+        parsed = json.loads(arguments) if isinstance(arguments, str) else arguments
+    except json.JSONDecodeError:
+        parsed = arguments
+    if isinstance(parsed, dict) and len(parsed) == 1 and isinstance(next(iter(parsed.values())), str):
+        parsed = next(iter(parsed.values()))
+    if not isinstance(parsed, str):
+        raise ChatError(f"{where} has arguments {arguments!r}; give a JSON object with one string value, e.g. "
+                        "{\"expression\": \"347+589\"}")
+    return fn["name"], parsed
+
+
 def check_messages(messages, *, needs_reply: bool = False, generation: bool = False) -> list[dict]:
-    """`messages` as a list of {"role", "content"} dicts, or a ChatError saying what is wrong."""
+    """`messages` as a list of {"role", "content"} dicts (an assistant's also with "tool_calls", a tool's
+    with "tool_call_id"), or a ChatError saying what is wrong."""
     if not isinstance(messages, list) or not messages:
         raise ChatError("\"messages\" must be a non-empty list of {\"role\", \"content\"} objects")
-    out = []
+    out, pending = [], []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        calls = m.get("tool_calls") if isinstance(m, dict) else None
+        if not isinstance(m, dict) or "role" not in m or ("content" not in m and not calls):
             raise ChatError(f"message {i} must be an object with \"role\" and \"content\"")
-        role, content = m["role"], m["content"]
+        role, content = m["role"], m.get("content")
         if role not in ROLES:
             raise ChatError(f"message {i} has role {role!r}; use one of {', '.join(ROLES)}")
+        if content is None and calls:
+            content = ""
         if not isinstance(content, str):
             raise ChatError(f"message {i} ({role}) has non-text content; \"content\" must be a string")
         if role == "system" and i != 0:
             raise ChatError(f"message {i} is a system message; only the first message may be one")
-        out.append({"role": role, "content": content})
+        if pending and role != "tool":
+            raise ChatError(f"message {i} ({role}) comes before the result of tool call {pending[0]!r}; answer each "
+                            "call with a \"tool\" message first")
+        item = {"role": role, "content": content}
+        if calls:
+            if role != "assistant" or not isinstance(calls, list):
+                raise ChatError(f"message {i}: only an assistant message carries \"tool_calls\" (a list)")
+            for k, call in enumerate(calls):
+                call_argument(call, f"message {i} tool call {k}")
+                pending.append(str(call.get("id", "")))
+            item["tool_calls"] = calls
+        if role == "tool":
+            if not pending:
+                raise ChatError(f"message {i} is a tool result that answers no assistant tool call")
+            if m.get("tool_call_id", pending[0]) != pending[0]:
+                raise ChatError(f"message {i} answers tool call {m.get('tool_call_id')!r}, but {pending[0]!r} is the "
+                                "next one to answer; give the results in the order of the calls")
+            item["tool_call_id"] = pending.pop(0)
+        out.append(item)
+    if pending:
+        raise ChatError(f"tool call {pending[0]!r} has no \"tool\" message with its result")
     if needs_reply and not any(m["role"] == "assistant" for m in out):
         raise ChatError("the conversation has no assistant turn, so nothing in it would be trained; add one")
     if generation and out[-1]["role"] == "assistant":
@@ -77,12 +140,37 @@ def render(messages: Sequence[dict], tokenizer: Tokenizer) -> Rendered:
     """The conversation's ids and loss weights (assistant text and its <|end|> are supervised)."""
     messages = check_messages(list(messages))
     roles = role_ids(tokenizer)
+    if any(m["role"] == "tool" for m in messages) and not tokenizer.has_tools:
+        raise ChatError("the conversation uses tools, but this tokenizer has no <|call|> and <|tool|> tokens; start "
+                        "from a run that has them (a run trained on tool use grows its parent's vocabulary)")
     ids, weights = [tokenizer.eot_id], [0]
+    calls: list = []  # (an assistant's later calls: each opens its own <|assistant|> after the result before)
+
+    def add(tokens, weight):
+        ids.extend(tokens)
+        weights.extend([weight] * len(tokens))
+
+    def call(c):
+        add([tokenizer.call_id, *tokenizer.encode_unseen(format_call(*call_argument(c, "a tool call"))).tolist(),
+             tokenizer.tool_id], 1)
+
     for m in messages:
         text = tokenizer.encode_unseen(m["content"]).tolist()  # (a character a char vocabulary lacks: <unk>)
+        if m["role"] == "tool":
+            add([*text, tokenizer.end_id], 0)
+            if calls:
+                add([tokenizer.assistant_id], 0)
+                call(calls.pop(0))
+            continue
+        if m.get("tool_calls"):
+            add([roles["assistant"]], 0)
+            add(text, 1)
+            call(m["tool_calls"][0])
+            calls = list(m["tool_calls"][1:])
+            continue
         supervised = int(m["role"] == "assistant")
-        ids += [roles[m["role"]], *text, tokenizer.end_id]
-        weights += [0, *[supervised] * len(text), supervised]
+        add([roles[m["role"]]], 0)
+        add([*text, tokenizer.end_id], supervised)
     return Rendered(np.asarray(ids, np.int32), np.asarray(weights, np.int32))
 
 

@@ -97,3 +97,24 @@ def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:
                 "the files do not belong together, save the tokenizer again"
             )
     return tok
+
+
+def grown(tokenizer: Tokenizer, names: Iterable[str]) -> Tokenizer:
+    """The same tokenizer with the special tokens `names` declared at the ids after its vocabulary, in
+    order (those it declares already are kept where they are): every id it had encodes and decodes as
+    before, so a model grows by new embedding rows only. Growing by nothing new returns it unchanged."""
+    new = [n for n in dict.fromkeys(names) if not tokenizer.has_special(n)]
+    if not new:
+        return tokenizer
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        tokenizer.save(d)
+        tokenizer._grow_files(Path(d), new)
+        config = json.loads((Path(d) / CONFIG_FILE).read_text())
+        config["special_ids"] = dict(config["special_ids"]) | {n: tokenizer.vocab_size + i for i, n in enumerate(new)}
+        config["vocab_size"] = tokenizer.vocab_size + len(new)
+        out = type(tokenizer)._from_config(config, Path(d))
+    if out.vocab_size != config["vocab_size"] or out.ordinary_ids.tolist() != tokenizer.ordinary_ids.tolist():
+        raise TokenizerError(f"a {tokenizer.kind} tokenizer cannot grow by {', '.join(new)} without moving its ids")
+    return out

@@ -72,7 +72,12 @@ DEFAULT_ROLES: dict[str, str] = {
     "user": "<|user|>",
     "assistant": "<|assistant|>",
     "end": "<|end|>",
+    # Tool use (tokenizer/chat.py): never in the historical layout; a run gains them at the end of its
+    # vocabulary (`tokenizer.grown`), so every id it had keeps its meaning.
+    "call": "<|call|>",
+    "tool": "<|tool|>",
 }
+TOOL_TOKENS: tuple[str, ...] = ("<|call|>", "<|tool|>")
 
 CONFIG_FILE = "tokenizer.json"
 FORMAT_VERSION = 1
