@@ -89,3 +89,48 @@ def test_a_parent_that_is_not_a_run_is_named(small_corpus, tmp_path):
     cfg = cfg_of(small_corpus, **{"train.init_from": str(tmp_path / "nowhere")})
     with pytest.raises(UserError, match="does not exist"):
         train(cfg, tmp_path / "child", quiet=True)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_adding_the_tool_tokens_grows_the_vocabulary_and_keeps_the_parents_logits(parent, small_corpus, tmp_path,
+                                                                                tied):
+    from plutao.tokenizer import TOOL_TOKENS
+
+    source = parent
+    if not tied:  # (an untied parent: its head grows along its own vocabulary axis too)
+        source = tmp_path / "untied"
+        train(cfg_of(small_corpus, **{"model.tie_embeddings": False, "train.steps": 3}), source, quiet=True)
+    cfg = cfg_of(small_corpus, **{"train.init_from": str(source), "data.add_specials": list(TOOL_TOKENS),
+                                  "model.tie_embeddings": tied})
+    p = prepare(cfg, tmp_path / "child")
+    old_vocab = load_run(source).tokenizer.vocab_size
+    assert p.tokenizer.has_tools and (p.tokenizer.call_id, p.tokenizer.tool_id) == (old_vocab, old_vocab + 1)
+    assert p.cfg.model.vocab_size == old_vocab + 2 and p.grown_from["added"] == list(TOOL_TOKENS)
+    restored, lineage = init_from_parent(p.trainer.abstract_sharded_state()["params"], cfg.train.init_from,
+                                         p.tokenizer.fingerprint, p.cfg.model, grown_from=p.grown_from)
+    assert lineage["grown"]["vocab"] == [old_vocab, old_vocab + 2] and lineage["fresh"] == []
+    assert lineage["grown"]["parameters"] == (["token_embed"] if tied else ["lm_head", "token_embed"])
+    params = merge_params(p.trainer.init_state()["params"], restored)
+    embed, parent_embed = np.asarray(params["token_embed"]), np.asarray(load_run(source).params["token_embed"])
+    np.testing.assert_array_equal(embed[:old_vocab], parent_embed)
+    np.testing.assert_allclose(embed[old_vocab:], np.repeat(parent_embed.mean(0, keepdims=True), 2, 0), rtol=1e-6)
+    tokens = np.asarray(p.batches.train(0)["tokens"][:2])  # (the parent's ids only)
+    want = np.asarray(forward_logits(load_run(source).model, tokens)[0])
+    got = np.asarray(forward_logits(p.trainer.model(params), tokens)[0])
+    np.testing.assert_array_equal(got[..., :old_vocab], want)
+
+
+def test_a_grown_run_grows_no_further_and_only_tool_tokens_may_be_added(parent, small_corpus, tmp_path):
+    from plutao.tokenizer import TOOL_TOKENS
+    from plutao.train.config.schema import validate
+
+    grown = tmp_path / "grown"
+    train(cfg_of(small_corpus, **{"train.init_from": str(parent), "data.add_specials": list(TOOL_TOKENS),
+                                  "train.steps": 3}), grown, quiet=True)
+    saved = json.loads((grown / "config.json").read_text())
+    assert saved["lineage"]["grown"]["added"] == list(TOOL_TOKENS)
+    again = prepare(cfg_of(small_corpus, **{"train.init_from": str(grown), "data.add_specials": list(TOOL_TOKENS)}),
+                    tmp_path / "again")
+    assert again.grown_from is None and again.cfg.model.vocab_size == saved["model"]["vocab_size"]
+    with pytest.raises(UserError, match="data.add_specials may add only the tool tokens"):
+        validate(cfg_of(small_corpus, **{"data.add_specials": ["<|foo|>"]}))

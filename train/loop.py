@@ -98,7 +98,13 @@ def _train(cfg: Config, run_dir: Path, devices, quiet: bool, allow_changed: tupl
         # Read (and refused, if it does not fit) before anything is created in the run directory.
         abstract = trainer.abstract_sharded_state()  # (a LoRA run's parent fills its frozen base)
         parent_params, lineage = init_from_parent(abstract["frozen"]["base"] if trainer.adapted else abstract["params"],
-                                                  cfg.train.init_from, p.tokenizer.fingerprint, cfg.model)
+                                                  cfg.train.init_from, p.tokenizer.fingerprint, cfg.model,
+                                                  grown_from=p.grown_from)
+        if p.grown_from is not None:
+            g = p.grown_from
+            log(f"the parent's tokenizer grows by {', '.join(g['added'])} (ids {g['vocab'][0]}–{g['vocab'][1] - 1}); "
+                f"{', '.join(lineage['grown']['parameters']) or 'no parameter'} gain their rows, each the mean of "
+                "the parent's")
         if p.task.chat:  # (what the chat tokens of this run mean: the template and the ids it uses)
             lineage["template_hash"] = template_hash(p.tokenizer)
     checkpoints = Checkpoints(own, keep=cfg.train.keep_checkpoints)

@@ -19,7 +19,7 @@ import numpy as np
 
 from plutao.model.config import ModelConfig
 from plutao.model.sampling import to_host
-from plutao.tokenizer import Tokenizer, TokenizerError, load_tokenizer, train_tokenizer
+from plutao.tokenizer import Tokenizer, TokenizerError, grown, load_tokenizer, train_tokenizer
 from plutao.train.config.errors import UserError
 from plutao.train.config.schema import Config
 from plutao.train.data import sources as data_lib
@@ -43,6 +43,9 @@ class Prepared:
     data_summary: str
     notes: list[str] = dataclasses.field(default_factory=list)  # one-line facts worth telling at start
     task: Task | None = None
+    # data.add_specials grew the tokenizer this run started from: {"fingerprint" (before), "added",
+    # "vocab": [before, after]}; None when nothing was added here.
+    grown_from: dict | None = None
 
 
 
@@ -87,10 +90,16 @@ def prepare(cfg: Config, run_dir: Path | None, *, devices=None) -> Prepared:
                                 "restore the tokenizer folder or use a new --workdir")
         else:  # never held-out text: what the task says its tokenizer may see
             tokenizer = train_tokenizer(cfg.data.tokenizer, data.tokenizer_texts, cfg.data.vocab_size or None)
+        before, tokenizer = tokenizer, grown(tokenizer, cfg.data.add_specials)
     except TokenizerError as e:
         raise UserError(str(e)) from None
+    grown_from = None if tokenizer is before else {
+        "fingerprint": before.fingerprint, "added": [n for n in tokenizer.specials if n not in before.specials],
+        "vocab": [before.vocab_size, tokenizer.vocab_size]}
 
     vocab = cfg.model.vocab_size or tokenizer.vocab_size
+    if grown_from is not None:  # (the parent's rows, then the added ones: train/run/lineage.py)
+        vocab = max(vocab, tokenizer.vocab_size)
     if vocab < tokenizer.vocab_size:
         raise UserError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer.vocab_size} ids; "
                         "set model.vocab_size=0 (= the tokenizer's) or larger")
@@ -101,7 +110,7 @@ def prepare(cfg: Config, run_dir: Path | None, *, devices=None) -> Prepared:
     task = task_for(cfg, tokenizer)
     batches, summary = task.batches(data, tokenizer)
     if not task.trained_by_gradient:  # counted, not trained: no mesh, optimizer or step functions
-        return Prepared(cfg, tokenizer, batches, None, summary, task=task)
+        return Prepared(cfg, tokenizer, batches, None, summary, task=task, grown_from=grown_from)
     mesh = sharding.make_mesh(cfg.mesh, devices)
     sharding.check_divisibility(cfg.model, mesh, task.step_rows(), cfg.train.grad_accum)
     # The optimizer sees the trainable parameters only (several models: their roles, per-model settings).
@@ -112,7 +121,7 @@ def prepare(cfg: Config, run_dir: Path | None, *, devices=None) -> Prepared:
                       cfg.train.grad_accum, task, on_nonfinite=cfg.train.on_nonfinite)
     trainer.split.check()
     notes = [note for note in (trainer.split.note(trainer.moments_per_param), attention_note(cfg.model)) if note]
-    return Prepared(cfg, tokenizer, batches, trainer, summary, notes, task)
+    return Prepared(cfg, tokenizer, batches, trainer, summary, notes, task, grown_from)
 
 
 def parent_tokenizer_dir(cfg: Config) -> Path:

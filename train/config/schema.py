@@ -19,7 +19,7 @@ from typing import Any, Literal, get_args, get_origin
 import tomllib
 
 from plutao.model.config import ModelConfig
-from plutao.tokenizer.specials import SpecialTokens
+from plutao.tokenizer.specials import TOOL_TOKENS, SpecialTokens
 from plutao.train.config.errors import UserError
 from plutao.train.config.presets import PRESETS
 from plutao.train.worlds.arith import World, problems_in_config, reply_budget, version_problem
@@ -42,6 +42,10 @@ class DataConfig:
     # Rows are cut from the concatenated corpus, so a row may hold the end of one document and the start
     # of the next. true: no token attends across an <|endoftext|> (segment ids, positions restart there).
     separate_documents: bool = False
+    # Special tokens this run adds after its tokenizer's vocabulary (a parent's, with train.init_from):
+    # only the declared tool tokens, <|call|> and <|tool|>. The model grows by their rows: the parent's
+    # rows are copied, each new one starts at the mean of the parent's (recorded in the lineage).
+    add_specials: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,6 +352,9 @@ def validate(cfg: Config, task_problems: Sequence[str] = ()) -> None:
         problems.append("data.tokenizer=bpe needs data.vocab_size (e.g. data.vocab_size=4096)")
     if not 0.0 < d.val_fraction < 1.0:
         problems.append(f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+    if set(d.add_specials) - set(TOOL_TOKENS):
+        problems.append(f"data.add_specials may add only the tool tokens {', '.join(TOOL_TOKENS)}, got "
+                        f"{', '.join(sorted(set(d.add_specials) - set(TOOL_TOKENS)))}")
     if d.weights and len(d.weights) != (len(d.path) if isinstance(d.path, list) else 1):
         problems.append("data.weights needs one weight per data.path source")
     if any(w < 0 for w in d.weights) or (d.weights and sum(d.weights) <= 0):

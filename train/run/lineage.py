@@ -107,13 +107,18 @@ def _leaf_name(path) -> str:
     return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
-def init_from_parent(params_target, spec: str, tokenizer_fingerprint: str | None = None, model=None
-                     ) -> tuple[dict, dict]:
+def init_from_parent(params_target, spec: str, tokenizer_fingerprint: str | None = None, model=None,
+                     grown_from: dict | None = None) -> tuple[dict, dict]:
     """The parameters of `params_target` (sharded ShapeDtypeStructs) that run `spec` ("RUN" or "RUN:STEP")
     also has, restored from its checkpoint, and the lineage to record: {"parent", "step", "config_hash",
     "tokenizer_fingerprint", "restored", "fresh"}. A parameter the parent holds with another shape is a
     one-line UserError (the backbones do not match); one it lacks (e.g. a new head) stays to be
-    initialised fresh. Only parameters are read: never the parent's optimizer state."""
+    initialised fresh. Only parameters are read: never the parent's optimizer state.
+
+    `grown_from` (train/prepare.py: data.add_specials grew the parent's tokenizer): the parent speaks the
+    tokenizer before growth, and every parameter with a vocabulary axis grows along it — the parent's
+    rows copied, each added row the mean of the parent's — so the parent's logits on its own ids are
+    unchanged until training moves them."""
     parent, step = parse_init_from(spec)
     saved = existing_run_config(parent)
     fingerprint = saved.get("provenance", {}).get("tokenizer_fingerprint")
@@ -121,7 +126,16 @@ def init_from_parent(params_target, spec: str, tokenizer_fingerprint: str | None
     if model is not None and parent_family != model.family:  # (a model config: the families must agree)
         raise UserError(f"train.init_from={spec}: that run is a model.family={parent_family} model and this one "
                         f"model.family={model.family}; start from a run of the same family")
-    if tokenizer_fingerprint and fingerprint not in (None, tokenizer_fingerprint):
+    parent_vocab, vocab = saved.get("model", {}).get("vocab_size"), model.vocab_size if model is not None else None
+    if grown_from is not None:
+        if fingerprint not in (None, grown_from["fingerprint"]):
+            raise UserError(f"train.init_from={spec}: that run's tokenizer is not the one data.add_specials grew; start "
+                            "from the run whose tokenizer this one extends")
+        if parent_vocab != grown_from["vocab"][0]:
+            raise UserError(f"train.init_from={spec}: that model has {parent_vocab} vocabulary rows for a tokenizer of "
+                            f"{grown_from['vocab'][0]} ids; data.add_specials grows only a model whose rows are its "
+                            "tokenizer's")
+    elif tokenizer_fingerprint and fingerprint not in (None, tokenizer_fingerprint):
         raise UserError(f"train.init_from={spec}: that run's tokenizer differs from this run's; a run started from "
                         "another uses its tokenizer (start in a new --workdir)")
     if not (parent / "checkpoints").is_dir():
@@ -141,12 +155,18 @@ def init_from_parent(params_target, spec: str, tokenizer_fingerprint: str | None
         except Unreadable as e:
             raise UserError(f"train.init_from={spec}: checkpoint {step} of {parent} cannot be read ({e})") from None
         shared: dict = {}
-        fresh = []
+        fresh, grows = [], {}  # (grows: leaf name → (path, its axis of the vocabulary, the target leaf))
         for path, leaf in jax.tree_util.tree_flatten_with_path(params_target)[0]:
             name = _leaf_name(path)
             have = recorded.get(f"params.{name}")
             if have is None:
                 fresh.append(name)
+                continue
+            axis = _grown_axis(have, leaf, parent_vocab, vocab) if grown_from is not None else None
+            if axis is not None:
+                grows[name] = (path, axis, leaf)
+                _nested_set(shared, path, jax.ShapeDtypeStruct(have[0], leaf.dtype,
+                                                               sharding=sharding.replicated(leaf.sharding.mesh)))
                 continue
             if have != (tuple(leaf.shape), np.dtype(leaf.dtype).name):
                 raise UserError(f"train.init_from={spec}: the parent's {name} is {have[0]} {have[1]} but this model's is "
@@ -161,9 +181,34 @@ def init_from_parent(params_target, spec: str, tokenizer_fingerprint: str | None
             raise UserError(f"train.init_from={spec}: checkpoint {step} of {parent} cannot be read ({e})") from None
     finally:
         checkpoints.close()
+    for name, (path, axis, leaf) in grows.items():
+        old = np.asarray(jax.device_get(_nested_get(restored, path)))
+        added = np.repeat(old.mean(axis=axis, keepdims=True), leaf.shape[axis] - old.shape[axis], axis=axis)
+        _nested_set(restored, path, jax.device_put(np.concatenate([old, added], axis=axis).astype(old.dtype),
+                                                   leaf.sharding))
     lineage = {"parent": str(parent.absolute()), "step": step, "config_hash": config_hash(saved),
                "tokenizer_fingerprint": fingerprint, "restored": len(jax.tree.leaves(shared)), "fresh": fresh}
+    if grown_from is not None:
+        lineage["grown"] = {**grown_from, "parameters": sorted(grows), "new_rows": "the mean of the parent's rows"}
     return restored, lineage
+
+
+def _grown_axis(have: tuple, leaf, parent_vocab: int | None, vocab: int | None) -> int | None:
+    """The axis along which a parent's parameter (shape, dtype) grows into `leaf`: the one axis where
+    they differ, holding the parent's vocabulary there and this model's here; None if it does not grow."""
+    shape, dtype = have
+    if dtype != np.dtype(leaf.dtype).name or len(shape) != len(leaf.shape) or parent_vocab is None:
+        return None
+    differ = [i for i, (a, b) in enumerate(zip(shape, leaf.shape)) if a != b]
+    if len(differ) == 1 and shape[differ[0]] == parent_vocab and leaf.shape[differ[0]] == vocab:
+        return differ[0]
+    return None
+
+
+def _nested_get(tree: dict, path):
+    for k in path:
+        tree = tree[getattr(k, "key", getattr(k, "idx", None))]
+    return tree
 
 
 def lora_base(trainer: Trainer, lineage: dict, fingerprint: str | None, model) -> dict:

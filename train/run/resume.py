@@ -50,8 +50,8 @@ def check_compatible(saved: dict, cfg: Config, run_dir: Path) -> None:
                             f"set data.{key}={old} to resume, or use a new --workdir")
     old_model = saved["model"]
     for key, new in dataclasses.asdict(cfg.model.resolved()).items():
-        if key == "vocab_size" and new == 0:
-            continue
+        if key == "vocab_size" and (new == 0 or (cfg.data.add_specials and new < old_model.get(key, 0))):
+            continue  # (not known yet: the tokenizer's, or the parent's grown by data.add_specials)
         if key in ("dropout", "dtype", "remat", "attention"):  # these change computation, not the parameters
             continue
         if old_model.get(key, getattr(ModelConfig(), key)) != new:
