@@ -127,8 +127,10 @@ def test_a_grown_run_grows_no_further_and_only_tool_tokens_may_be_added(parent, 
     grown = tmp_path / "grown"
     train(cfg_of(small_corpus, **{"train.init_from": str(parent), "data.add_specials": list(TOOL_TOKENS),
                                   "train.steps": 3}), grown, quiet=True)
+    train(cfg_of(small_corpus, **{"train.init_from": str(parent), "data.add_specials": list(TOOL_TOKENS),
+                                  "train.steps": 4}), grown, quiet=True)  # (resumed: the grown vocabulary fits)
     saved = json.loads((grown / "config.json").read_text())
-    assert saved["lineage"]["grown"]["added"] == list(TOOL_TOKENS)
+    assert saved["lineage"]["grown"]["added"] == list(TOOL_TOKENS) and load_run(grown).step == 4
     again = prepare(cfg_of(small_corpus, **{"train.init_from": str(grown), "data.add_specials": list(TOOL_TOKENS)}),
                     tmp_path / "again")
     assert again.grown_from is None and again.cfg.model.vocab_size == saved["model"]["vocab_size"]

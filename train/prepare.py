@@ -98,7 +98,7 @@ def prepare(cfg: Config, run_dir: Path | None, *, devices=None) -> Prepared:
         "vocab": [before.vocab_size, tokenizer.vocab_size]}
 
     vocab = cfg.model.vocab_size or tokenizer.vocab_size
-    if grown_from is not None:  # (the parent's rows, then the added ones: train/run/lineage.py)
+    if cfg.data.add_specials:  # (the parent's rows, then the added ones: train/run/lineage.py; or resumed so)
         vocab = max(vocab, tokenizer.vocab_size)
     if vocab < tokenizer.vocab_size:
         raise UserError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer.vocab_size} ids; "
