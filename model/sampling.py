@@ -75,6 +75,9 @@ class Completion:
     sampler_logprobs: list[float]
     model_logprobs: list[float]
     stop_token: int | None
+    # Positions in `tokens` the runtime wrote, not the model (a tool's result: model/agent.py); their
+    # log-probs are 0 and mean nothing. Empty without tools.
+    forced: tuple[int, ...] = ()
 
     @property
     def content(self) -> list[int]:

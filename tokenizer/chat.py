@@ -35,7 +35,7 @@ import numpy as np
 
 from plutao.tokenizer.base import Tokenizer
 from plutao.tokenizer.specials import TokenizerError
-from plutao.tools import format_call
+from plutao.tools import format_call, run_call
 
 ROLES = ("system", "user", "assistant", "tool")
 TEMPLATE = "plutao-chat-v1: <|endoftext|> then <|ROLE|> content <|end|> per message; reply after <|assistant|>"
@@ -243,3 +243,40 @@ def marked(tokenizer: Tokenizer, rendered: Rendered, *, colour: bool) -> str:
         else:
             out.append(f"[{shown}]" if w else shown)
     return "".join(out)
+
+
+# --- the runtime side of a tool call (model/agent.py runs the loop) -------------------------------
+
+def call_text(tokenizer: Tokenizer, reply: Sequence[int]) -> str | None:
+    """The call a reply's tokens end with: the text from its last <|call|> to the <|tool|> closing it
+    (None when the reply opened no call before it)."""
+    reply = list(reply)
+    if not reply or reply[-1] != tokenizer.tool_id or tokenizer.call_id not in reply:
+        return None
+    start = len(reply) - 1 - reply[::-1].index(tokenizer.call_id)
+    return tokenizer.decode(reply[start + 1:-1])
+
+
+def tool_turn_ids(tokenizer: Tokenizer, result: str, max_tokens: int | None = None) -> list[int]:
+    """What the runtime writes after a call's <|tool|>: the result (its first `max_tokens` tokens),
+    <|end|>, then <|assistant|>, from which the model goes on."""
+    ids = tokenizer.encode_unseen(result).tolist()
+    return [*(ids if max_tokens is None else ids[:max_tokens]), tokenizer.end_id, tokenizer.assistant_id]
+
+
+def tool_answerer(tokenizer: Tokenizer, tools, *, max_calls: int = 4, max_result_tokens: int | None = None):
+    """The agent loop's `answer`: run the call a row's reply ends with (plutao.tools: run_call never
+    raises) and give the tokens of its tool turn; a call beyond `max_calls`, or a <|tool|> with no
+    call before it, is answered with an error line and the reply goes on."""
+
+    def answer(row: int, reply: list[int], calls: int) -> list[int]:
+        text = call_text(tokenizer, reply)
+        if calls >= max_calls:
+            result = f"error: at most {max_calls} tool calls per reply; answer without another"
+        elif text is None:
+            result = "error: no call to answer; write NAME(ARGUMENT) after the call token first"
+        else:
+            result = run_call(tools, text)
+        return tool_turn_ids(tokenizer, result, max_result_tokens)
+
+    return answer
