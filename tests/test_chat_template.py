@@ -117,15 +117,15 @@ TOOL_CONVERSATION = [
 def tool_tok():
     from plutao.tokenizer import TOOL_TOKENS, grown
 
-    return grown(CharTokenizer.train(["Be brief. 2+3? and 4+4? 5 8 0123456789 calculator()"]), TOOL_TOKENS)
+    return grown(CharTokenizer.train(["Be brief. 2+3? and 4+4? 5 8 0123456789 calculator:"]), TOOL_TOKENS)
 
 
 def test_golden_masks_with_tool_calls_the_result_is_never_a_target(tool_tok):
     # The call and the <|tool|> closing it are the assistant's; each result, its <|end|> and the
     # <|assistant|> the runtime writes after it are not.
     assert marked(tool_tok, render(TOOL_CONVERSATION, tool_tok), colour=False) == (
-        "<|endoftext|><|user|>2+3?<|end|><|assistant|>[<|call|>][c][a][l][c][u][l][a][t][o][r][(][2][+][3][)]"
-        "[<|tool|>]5<|end|><|assistant|>[<|call|>][c][a][l][c][u][l][a][t][o][r][(][4][+][4][)][<|tool|>]8<|end|>"
+        "<|endoftext|><|user|>2+3?<|end|><|assistant|>[<|call|>][c][a][l][c][u][l][a][t][o][r][:][ ][2][+][3]"
+        "[<|tool|>]5<|end|><|assistant|>[<|call|>][c][a][l][c][u][l][a][t][o][r][:][ ][4][+][4][<|tool|>]8<|end|>"
         "<|assistant|>[5][<|end|>]")
     # A prompt that ends with a result is continued by the model after <|assistant|>, as at sampling.
     one_call = [TOOL_CONVERSATION[0], {**TOOL_CONVERSATION[1], "tool_calls": [_call(0, "2+3")]}, TOOL_CONVERSATION[2]]

@@ -75,13 +75,13 @@ def test_a_rounded_result_rounds_half_even_at_the_last_place():
 
 
 def test_run_call_answers_every_call_and_never_raises():
-    assert run_call(TOOLS, "calculator(347+589)") == "936"
-    assert run_call(TOOLS, " calculator( 1 + 1 ) ") == "2"
-    assert parse_call("calculator(1+(2*3))") == ("calculator", "1+(2*3)")
-    assert run_call(TOOLS, "calculator 1+1").startswith("error: a call is written NAME(ARGUMENT)")
-    assert run_call(TOOLS, "search(cats)") == "error: unknown tool 'search'; available: calculator"
-    assert run_call({}, "calculator(1)") == "error: unknown tool 'calculator'; available: none"
-    assert "takes at most" in run_call(TOOLS, f"calculator({'1+' * MAX_INPUT}1)")
+    assert run_call(TOOLS, "calculator: 347+589") == "936"
+    assert run_call(TOOLS, " calculator :  1 + 1  ") == "2"
+    assert parse_call("calculator: 1+(2*3)") == ("calculator", "1+(2*3)") == parse_call("calculator:1+(2*3)")
+    assert run_call(TOOLS, "calculator 1+1").startswith("error: a call is written NAME: ARGUMENT")
+    assert run_call(TOOLS, "search: cats") == "error: unknown tool 'search'; available: calculator"
+    assert run_call({}, "calculator: 1") == "error: unknown tool 'calculator'; available: none"
+    assert "takes at most" in run_call(TOOLS, f"calculator: {'1+' * MAX_INPUT}1")
 
     def broken(_):
         raise RuntimeError("disk\non fire")
@@ -90,8 +90,8 @@ def test_run_call_answers_every_call_and_never_raises():
         return "y" * (10 * MAX_RESULT)
 
     tools = {"broken": Tool("broken", "", "x", broken), "chatty": Tool("chatty", "", "x", chatty)}
-    assert run_call(tools, "broken(1)") == "error: broken failed (RuntimeError: disk on fire)"
-    long = run_call(tools, "chatty(1)")
+    assert run_call(tools, "broken: 1") == "error: broken failed (RuntimeError: disk on fire)"
+    long = run_call(tools, "chatty: 1")
     assert len(long) <= MAX_RESULT and long.endswith("(result cut)")
 
 

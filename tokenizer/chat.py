@@ -15,12 +15,12 @@ Tool use (a tokenizer that declares <|call|> and <|tool|>; `tokenizer.grown` add
 an assistant message with OpenAI `tool_calls`, each answered by a `tool` message with its
 `tool_call_id`, is laid out call by call as
 
-    <|assistant|> text <|call|> NAME(ARGUMENT) <|tool|> result <|end|> <|assistant|> text <|end|>
+    <|assistant|> text <|call|> NAME: ARGUMENT <|tool|> result <|end|> <|assistant|> text <|end|>
 
 The call, and the <|tool|> that closes it, are the assistant's (supervised); the result and its
 <|end|>, and the <|assistant|> after it, are the runtime's (weight 0): a sampler that meets <|tool|>
 runs the call and appends exactly those tokens, then the model goes on. ARGUMENT is the one string
-value of the call's JSON `arguments` (`{"expression": "347+589"}` → calculator(347+589)). A
+value of the call's JSON `arguments` (`{"expression": "347+589"}` → calculator: 347+589). A
 tokenizer without the tool tokens renders as before, and its template hash is unchanged.
 """
 
@@ -39,7 +39,7 @@ from plutao.tools import format_call, run_call
 
 ROLES = ("system", "user", "assistant", "tool")
 TEMPLATE = "plutao-chat-v1: <|endoftext|> then <|ROLE|> content <|end|> per message; reply after <|assistant|>"
-TOOL_TEMPLATE = ("plutao-chat-tools-v1: assistant text <|call|> NAME(ARGUMENT) <|tool|> result <|end|> <|assistant|> "
+TOOL_TEMPLATE = ("plutao-chat-tools-v1: assistant text <|call|> NAME: ARGUMENT <|tool|> result <|end|> <|assistant|> "
                  "then the reply goes on")
 
 
@@ -274,7 +274,7 @@ def tool_answerer(tokenizer: Tokenizer, tools, *, max_calls: int = 4, max_result
         if calls >= max_calls:
             result = f"error: at most {max_calls} tool calls per reply; answer without another"
         elif text is None:
-            result = "error: no call to answer; write NAME(ARGUMENT) after the call token first"
+            result = "error: no call to answer; write NAME: ARGUMENT after the call token first"
         else:
             result = run_call(tools, text)
         return tool_turn_ids(tokenizer, result, max_result_tokens)

@@ -1,6 +1,7 @@
 """Tools a model may call while it replies: a registry of name → `Tool`, and the one way to run a call.
 
-A model writes a call as `NAME(ARGUMENT)` between the chat template's call tokens; the runtime (the
+A model writes a call as `NAME: ARGUMENT` between the chat template's call tokens (characters a
+character vocabulary trained on ordinary text already has, unlike brackets); the runtime (the
 sampler's agent loop, `plutao chat`, the report card, the server) runs it with `run_call` and inserts
 the returned text as the tool's turn. `run_call` never raises: an unknown tool, a malformed call or
 a failing tool is answered with a line starting "error:", which the model reads like any result.
@@ -20,7 +21,7 @@ from types import MappingProxyType
 from plutao.tools.calculator import MAX_INPUT, calculate
 
 MAX_RESULT = 200  # characters of a result inserted into a reply (longer ones are cut, and say so)
-_CALL = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\((.*)\)\s*$", re.DOTALL)
+_CALL = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*:\s?(.*?)\s*$", re.DOTALL)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +41,7 @@ class Tool:
 
 
 CALCULATOR = Tool("calculator", "Exact arithmetic: + - * / and parentheses over integers and decimals, "
-                  "e.g. calculator(347+589) → 936.", "expression", calculate)
+                  "e.g. calculator: 347+589 → 936.", "expression", calculate)
 TOOLS: Mapping[str, Tool] = MappingProxyType({CALCULATOR.name: CALCULATOR})
 
 
@@ -58,11 +59,11 @@ def tools_named(names: str | list[str] | tuple[str, ...]) -> dict[str, Tool]:
 
 
 def format_call(name: str, argument: str) -> str:
-    return f"{name}({argument})"
+    return f"{name}: {argument}"
 
 
 def parse_call(text: str) -> tuple[str, str] | None:
-    """`NAME(ARGUMENT)` → (name, argument); None when the text is not a call."""
+    """`NAME: ARGUMENT` → (name, argument); None when the text is not a call."""
     m = _CALL.match(text)
     return (m.group(1), m.group(2)) if m else None
 
@@ -71,7 +72,7 @@ def run_call(tools: Mapping[str, Tool], text: str) -> str:
     """The result of the call the model wrote (`text`), as the text of the tool's turn; never raises."""
     call = parse_call(text)
     if call is None:
-        return "error: a call is written NAME(ARGUMENT), e.g. calculator(347+589)"
+        return "error: a call is written NAME: ARGUMENT, e.g. calculator: 347+589"
     name, argument = call
     tool = tools.get(name)
     if tool is None:

@@ -64,9 +64,13 @@ def tokenize_chat(args) -> int:
     if args.text is not None:
         raise UserError("give TEXT to tokenize or --chat FILE.jsonl, not both")
     if args.chat == "builtin:arith":  # the arithmetic world's demonstrations (what `plutao sft` trains on)
+        from plutao.train.config.schema import Config
+        from plutao.train.run.rundir import read_run_config
         from plutao.train.worlds import arith
 
-        conversations = [d["messages"] for d in arith.demonstrations(arith.World())]
+        saved = read_run_config(Path(args.tokenizer)) if args.tokenizer and Path(args.tokenizer).is_dir() else None
+        world = Config.from_dict(saved).world if saved else arith.World()  # (a run's own world: its tool rate)
+        conversations = [d["messages"] for d in arith.demonstrations(world)]
     else:
         conversations = read_conversations(Path(args.chat))
     n = len(conversations)

@@ -31,6 +31,7 @@ arith_prompts.py.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import zlib
@@ -62,6 +63,7 @@ class World:
     demo_error_rate: float = 0.08  # demonstrations with one wrong step
     worked_rate: float = 0.5  # demonstrations answered worked (unless the system prompt decides)
     verbose_rate: float = 0.1  # direct demonstrations answered in a sentence
+    tool_rate: float = 0.0  # demonstrations of 1–5 digits answered with the calculator (tool_demo_reply)
     held_out_permille: int = 20  # problems (by hash) kept out of every training stream
     labeler_noise: float = 0.0  # Bradley–Terry temperature of the labeler (0 = the gold order)
     documents: int = 16000  # pretraining documents of equations and of dialogue (each)
@@ -93,7 +95,7 @@ def problems_in_config(world: World) -> list[str]:
             problems.append(f"world.{key} needs one non-negative weight per digit count 1..world.max_digits "
                             f"({world.max_digits}), not all zero; got {weights}")
     for key in ("shorter_operand", "portuguese", "worked_share", "wrong_share", "demo_error_rate", "worked_rate",
-                "verbose_rate"):
+                "verbose_rate", "tool_rate"):
         if not 0.0 <= getattr(world, key) <= 1.0:
             problems.append(f"world.{key} must be in [0, 1], got {getattr(world, key)}")
     if not 0 <= world.held_out_permille < 1000:
@@ -324,6 +326,12 @@ def demonstration(world: World, index: int, *, held_out_stream: bool = False) ->
     messages = [{"role": "system", "content": system}] if system else []
     problems = []
     for _ in range(2 if rng.random() < 0.2 else 1):
+        if world.tool_rate and system != STEP_BY_STEP and rng.random() < world.tool_rate:
+            p = training_problem(world, rng, [1.0] * MAX_DIGITS)  # (beyond the training range too)
+            messages += [{"role": "user", "content": question_text(p, rng, language(world, rng))},
+                         *tool_demo_reply(p, len(problems))]
+            problems.append(p.to_dict())
+            continue
         p = training_problem(world, rng)
         lang = language(world, rng)
         wrong = rng.random() < world.demo_error_rate
@@ -335,6 +343,15 @@ def demonstration(world: World, index: int, *, held_out_stream: bool = False) ->
                      {"role": "assistant", "content": reply}]
         problems.append(p.to_dict())
     return {"messages": messages, "problems": problems}
+
+
+def tool_demo_reply(p: Problem, k: int) -> list[dict]:
+    """The demonstrator's reply with the calculator, as OpenAI messages: the call, its result, the answer."""
+    call = {"id": f"call_{k}", "type": "function",
+            "function": {"name": "calculator", "arguments": json.dumps({"expression": f"{p.a}{p.op}{p.b}"})}}
+    return [{"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call["id"], "content": str(p.answer)},
+            {"role": "assistant", "content": str(p.answer)}]
 
 
 def demonstrations(world: World, n: int | None = None, *, held_out: bool = False) -> list[dict]:
