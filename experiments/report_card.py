@@ -50,8 +50,10 @@ from plutao.experiments.report_card_stats import (
     window_cap,
 )
 from plutao.experiments.report_card_summary import summarize
+from plutao.experiments.report_card_tools import tool_replies
 from plutao.model.decode import complete
 from plutao.tokenizer.chat import prompt_ids, reply_stop_ids
+from plutao.tools import ToolError, tools_named
 from plutao.train.config.errors import UserError
 from plutao.train.config.schema import Config
 from plutao.train.eval.likelihood import stream_metrics
@@ -188,6 +190,8 @@ class Column:
     # examples that fit each prompt ("shots", "shots_worked").
     extra: dict[str, list[Reply]] = dataclasses.field(default_factory=dict)
     shots: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    # Per-reply counts of the "tools" replies: "tool_calls", "tool_errors" (experiments/report_card_tools.py).
+    counts: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
 
 def _chat_ids(tokenizer, messages: Sequence[list[dict]], context: int, budget: int) -> list[list[int]]:
@@ -201,7 +205,8 @@ def _rewards(scorer, messages: Sequence[list[dict]], replies: Sequence[Reply]) -
                         ended=[r.stop == end_id for r in replies])
 
 
-def run_column(run, problems: Problems, file_messages: list[list[dict]] | None, seed: int, log) -> Column:
+def run_column(run, problems: Problems, file_messages: list[list[dict]] | None, seed: int, log,
+               tools: Sequence[str] = ()) -> Column:
     """Every reply a run's column needs, each kind in one batched sampling pass."""
 
     tok, model, context, budget = run.tokenizer, run.model, run.cfg.model.context_length, problems.reply_tokens(run)
@@ -243,6 +248,9 @@ def run_column(run, problems: Problems, file_messages: list[list[dict]] | None, 
                 column.extra[row] = replies
             else:
                 column.few_shot = replies
+    if tools and run.task.chat and tok.has_tools:
+        column.extra["tools"], column.counts["tool_calls"], column.counts["tool_errors"] = tool_replies(
+            run, ids, tools, budget, ROWS_PER_CALL, log)
     if file_messages:
         log(f"report-card: {name}: {len(file_messages)} greedy replies to the problems file")
         column.file_replies = greedy_on(file_messages)
@@ -320,10 +328,11 @@ class Plan:
     match: str
     seed: int
     out: Path | None = None  # the card's folder: finished columns are kept in OUT/columns/ while measuring
+    tools: tuple[str, ...] = ()  # chat runs with the tool tokens also answer with these tools
 
 
 def check(runs: Sequence[str], *, reward: str | None, best_of: int, problems: int, problems_file: str | None,
-          match: str = "last-number", seed: int = 0, out: str | None = None) -> Plan:
+          match: str = "last-number", seed: int = 0, out: str | None = None, tools: str = "") -> Plan:
     """Everything that can be wrong with the arguments, as one-line UserErrors, before any model loads."""
     from plutao.train.data.conversations import read_problems
     from plutao.train.tasks import task_class
@@ -336,6 +345,10 @@ def check(runs: Sequence[str], *, reward: str | None, best_of: int, problems: in
         raise UserError(f"--problems must be ≥ 1 per digit count, got {problems}")
     if match not in ("last-number", "exact"):
         raise UserError(f"--match must be last-number or exact, got {match!r}")
+    try:
+        tool_names = tuple(tools_named(tools)) if tools else ()
+    except ToolError as e:
+        raise UserError(f"--tools: {e}") from None
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise UserError(f"--out {out} is a file; give a folder for report.md, report.json and the charts")
     file_problems = read_problems(problems_file) if problems_file else None
@@ -365,7 +378,7 @@ def check(runs: Sequence[str], *, reward: str | None, best_of: int, problems: in
             raise UserError(f"two columns would be named {name!r}; columns are named by the run directory's name, so "
                             "give runs whose directories have different names")
     return Plan(paths, names, chat, Path(reward) if reward else None, best_of, problems, file_problems, match, seed,
-                Path(out) if out is not None else None)
+                Path(out) if out is not None else None, tool_names)
 
 
 def gold_sequences(run, problems: Problems) -> tuple[list[list[int]], list[list[int]]]:
@@ -399,7 +412,8 @@ def column_key(run, plan: Plan, scorer, budget: int) -> dict:
             "reply_tokens": budget, "rows": sorted(SYSTEMS), "problems_file": [m for m, _ in files] if files else None,
             "reward": None if scorer is None else [str(Path(plan.reward).absolute()),
                                                    checkpoint_stamp(plan.reward, scorer.run.step),
-                                                   float(scorer.offset), float(scorer.scale)]}
+                                                   float(scorer.offset), float(scorer.scale)]
+            } | ({"tools": list(plan.tools)} if plan.tools else {})
 
 
 def evaluate(plan: Plan, log: Callable[[str], None] = lambda msg: None) -> dict:
@@ -438,7 +452,7 @@ def evaluate(plan: Plan, log: Callable[[str], None] = lambda msg: None) -> dict:
         if hit is not None:
             column, bits[column.name], note = hit
         else:
-            column = run_column(run, problems, file_messages, plan.seed, log)
+            column = run_column(run, problems, file_messages, plan.seed, log, plan.tools)
             bits[column.name], note = bits_per_byte(run, bpb_cache, log)
             if scorer is not None:
                 column.rewards = _rewards(scorer, problems.messages, column.greedy)

@@ -57,6 +57,14 @@ def markdown(report: dict) -> str:
         rows.append(line(f"KL(run ‖ {s.get('reference')}) per T=1 reply (nats)",
                          [_cell(r.get("kl_to_reference")) for r in runs.values()]))
         rows.append(line("entropy per reply token at T=1 (nats)", [_cell(r.get("entropy")) for r in runs.values()]))
+    if any("tool_accuracy_by_digits" in r for r in runs.values()):
+        for d in map(str, s["digit_counts"]):
+            rows.append(line(f"{d}-digit accuracy with {', '.join(s.get('tools') or [])}, greedy / share calling it",
+                             [f"{_cell(r.get('tool_accuracy_by_digits', {}).get(d))} / "
+                              f"{_cell(r.get('tool_call_rate_by_digits', {}).get(d))}" for r in runs.values()]))
+        rows.append(line("tool calls answered with an error; reply tokens with the tool",
+                         [f"{_cell(r.get('tool_calls_malformed'))}; {_cell(r.get('tool_tokens_per_reply'), 1)}"
+                          for r in runs.values()]))
     if any("gold_logprob_by_digits" in r for r in runs.values()):
         for d in map(str, s["digit_counts"]):
             rows.append(line(f"{d}-digit log p(gold answer) (nats; the direct reply, or the few-shot one for a base run)",
@@ -273,7 +281,8 @@ class ColumnCache:
                       greedy if c["t1"] == "greedy" else _read_replies(c["t1"]), c["distinct"],
                       few_shot=_read_replies(c["few_shot"]), file_replies=_read_replies(c["file_replies"]),
                       rewards=rewards, best_of=c["best_of"],
-                      extra={k: _read_replies(v) for k, v in c.get("extra", {}).items()}, shots=c.get("shots", {}))
+                      extra={k: _read_replies(v) for k, v in c.get("extra", {}).items()}, shots=c.get("shots", {}),
+                      counts=c.get("counts", {}))
         return column, record["bits_per_byte"], record["note"]
 
     def put(self, key: dict, column, bits: float | None, note: str | None) -> None:
@@ -285,7 +294,8 @@ class ColumnCache:
             "name": c.name, "run_dir": str(c.run_dir), "step": c.step, "kind": c.kind, "greedy": _replies(c.greedy),
             "t1": "greedy" if c.t1 is c.greedy else _replies(c.t1), "distinct": c.distinct,
             "few_shot": _replies(c.few_shot), "file_replies": _replies(c.file_replies), "rewards": rewards,
-            "best_of": c.best_of, "extra": {k: _replies(v) for k, v in c.extra.items()}, "shots": c.shots}})
+            "best_of": c.best_of, "extra": {k: _replies(v) for k, v in c.extra.items()}, "shots": c.shots,
+            "counts": c.counts}})
 
     def derived(self, name: str, key: dict, row: str, reference: dict | None = None):
         """A row measured from the column's run after its replies (its "kl" against `reference`, its

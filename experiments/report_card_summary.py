@@ -18,6 +18,7 @@ from plutao.experiments.report_card_stats import (
     format_ok,
     leaderboard,
     matches,
+    mean_by_digits,
     pass_at_k,
     win_rates,
     win_rates_by_digits,
@@ -57,6 +58,14 @@ def column_row(c, problems, plan, bits: dict, *, end_id: int, user_id: int) -> d
         if name in c.extra:
             row |= _accuracy(probs, c.extra[name], digits_P, f"{name}_accuracy", f"{name}_accuracy_by_digits")
             row[f"{name}_worked_share"] = float(np.mean([arith.reply_form(r.text) == "worked" for r in c.extra[name]]))
+    if "tools" in c.extra:  # (the same problems answered with the tools: experiments/report_card_tools.py)
+        row |= _accuracy(probs, c.extra["tools"], digits_P, "tool_accuracy", "tool_accuracy_by_digits")
+        calls, errors = np.asarray(c.counts["tool_calls"]), np.asarray(c.counts["tool_errors"])
+        row |= {"tool_call_rate": float(np.mean(calls > 0)),
+                "tool_call_rate_by_digits": mean_by_digits(calls > 0, digits_P),
+                "tool_calls_per_reply": float(calls.mean()),
+                "tool_calls_malformed": float(errors.sum() / calls.sum()) if calls.sum() else None,
+                "tool_tokens_per_reply": float(np.mean([r.length for r in c.extra["tools"]]))}
     if "held_out" in c.extra:
         row["held_out_accuracy"] = float(np.mean([arith.correct(p, r.text) for (_, p), r
                                                   in zip(problems.held_out, c.extra["held_out"])]))
@@ -96,6 +105,7 @@ def summarize(columns, problems, plan, bits: dict, notes: list[str], *, end_id: 
         "bootstrap_samples": BOOTSTRAP_SAMPLES, "distinct": {"problems": len(problems.distinct),
                                                              "samples": DISTINCT_SAMPLES},
         "bits_per_byte_tokens_per_source": BITS_PER_BYTE_TOKENS,
-        "match": plan.match, "problems_file": len(plan.file_problems) if plan.file_problems is not None else None}
+        "match": plan.match, "problems_file": len(plan.file_problems) if plan.file_problems is not None else None,
+        "tools": list(plan.tools)}
     report["notes"] = notes
     return report

@@ -372,3 +372,36 @@ def test_the_summary_of_made_up_replies_equals_hand_counts():
     assert [w[str(d)]["rate"] for d in range(1, 6)] == [0.25, 0.25, 0.75, 0.75, 0.75]
     assert report["correctness_win_rates"]["a vs b"]["all"]["rate"] == pytest.approx((0.25 * 4 + 0.75 * 6) / 10)
     assert [row["name"] for row in report["leaderboard"]] == ["a", "b"]  # (a is right on 5, b on 4)
+
+
+def test_the_tool_rows_of_made_up_replies_equal_hand_counts():
+    """With --tools: accuracy of the final answers, the share of replies that called, errors per call
+    and the tokens a reply took with its tool turns — from replies written by hand."""
+    from plutao.experiments.report_card_summary import summarize
+    from plutao.experiments.report_card_tools import final_answer
+
+    assert final_answer([5, 6, 7, 8, 9], (2, 3)) == [9] and final_answer([5, 6], ()) == [5, 6]
+    world = arith.World()
+    problems = rc.evaluation_problems(world, 2)
+    probs = problems.problems
+    greedy = [stats.Reply(str(p.answer + 1), 3, END) for p in probs]  # wrong without the tool
+    # With it: right on 4- and 5-digit problems (which called it once, and one of those calls erred).
+    tools = [stats.Reply(str(p.answer if p.digits >= 4 else p.answer + 1), 20 if p.digits >= 4 else 3, END)
+             for p in probs]
+    calls = [int(p.digits >= 4) for p in probs]
+    errors = [0] * len(probs)
+    errors[calls.index(1)] = 1
+    c = rc.Column("t", rc.Path("t"), 1, "chat", greedy, greedy, [[r.text] * 8 for r in greedy[:len(problems.distinct)]])
+    c.extra, c.counts = {"tools": tools}, {"tool_calls": calls, "tool_errors": errors}
+    plan = rc.Plan([rc.Path("t")], ["t"], [True], None, 0, 2, None, "last-number", 0, tools=("calculator",))
+    row = summarize([c], problems, plan, {}, [], end_id=END, user_id=USER)["runs"]["t"]
+    assert row["accuracy_by_digits"] == {str(d): 0.0 for d in range(1, 6)}
+    assert row["tool_accuracy_by_digits"] == row["tool_call_rate_by_digits"] == {
+        "1": 0.0, "2": 0.0, "3": 0.0, "4": 1.0, "5": 1.0}
+    assert row["tool_call_rate"] == 0.4 and row["tool_calls_malformed"] == 0.25  # (1 error in 4 calls)
+    assert row["tool_tokens_per_reply"] == pytest.approx((4 * 20 + 6 * 3) / 10)
+
+
+def test_an_unknown_tool_is_refused_before_loading(pipeline, tmp_path):
+    err = _refused(["report-card", str(pipeline["sft"]), "--tools", "calculator,abacus"], tmp_path / "card")
+    assert "--tools: unknown tool 'abacus'; the tools are calculator" in err

@@ -17,7 +17,7 @@ def cmd_report_card(args) -> int:
     from plutao.experiments.report_card_files import markdown, write_report
 
     plan = check(args.runs, reward=args.reward, best_of=args.best_of, problems=args.problems,
-                 problems_file=args.problems_file, match=args.match, seed=args.seed, out=args.out)
+                 problems_file=args.problems_file, match=args.match, seed=args.seed, out=args.out, tools=args.tools)
     report = evaluate(plan, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     if jax.process_index() != 0:
         return 0
@@ -44,6 +44,8 @@ def register(sub) -> None:
                     help="--problems-file: the reply's last number must equal the answer, or the whole reply")
     rc.add_argument("--out", default=str(Path("runs") / "report-card"), help="where report.md, report.json and "
                     "the charts go (default: %(default)s; runs/ is ignored by git)")
+    rc.add_argument("--tools", default="", metavar="NAMES", help="e.g. calculator: chat runs whose tokenizer has the "
+                    "tool tokens also answer with these tools (rows tool_accuracy_by_digits, tool_call_rate_by_digits)")
     rc.add_argument("--seed", type=int, default=0)
     rc.add_argument("--json", action="store_true")
     rc.set_defaults(fn=cmd_report_card)
