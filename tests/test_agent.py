@@ -139,3 +139,24 @@ def test_tool_answers_from_a_real_tokenizer_never_raise():
     assert said(answer(0, reply("abacus: 1"), 1)) == "error: unknown tool 'abacus'; "  # (cut to 30 tokens)
     assert said(answer(0, reply("calculator: 2+3"), 2)).startswith("error: at most 2 tool calls")
     assert said(answer(0, [tok.tool_id], 0)).startswith("error: no call to answer")
+
+
+def test_a_reply_with_tool_turns_reads_back_as_openai_messages_that_render_to_its_tokens():
+    from plutao.tokenizer import TOOL_TOKENS, CharTokenizer, grown
+    from plutao.tokenizer.chat import prompt_ids, render, reply_messages, shown_reply, tool_turn_ids
+
+    tok = grown(CharTokenizer.train(["calculator: 0123456789+- What is?"]), TOOL_TOKENS)
+    prompt = [{"role": "user", "content": "What is 302+813?"}]
+    reply, forced = [], []
+    for call, result in (("calculator: 302+813", "1115"), ("calculator: 1115-15", "1100")):
+        reply += [tok.call_id, *tok.encode(call), tok.tool_id]
+        turn = tool_turn_ids(tok, result)
+        forced += range(len(reply), len(reply) + len(turn))
+        reply += turn
+    reply += [*tok.encode("1100"), tok.end_id]
+    messages = reply_messages(tok, reply, forced)
+    assert [m["role"] for m in messages] == ["assistant", "tool", "assistant", "tool", "assistant"]
+    assert messages[0]["tool_calls"][0]["function"] == {"name": "calculator", "arguments": '{"expression": "302+813"}'}
+    assert messages[3]["content"] == "1100" and messages[4] == {"role": "assistant", "content": "1100"}
+    assert render(prompt + messages, tok).ids.tolist() == prompt_ids(prompt, tok) + reply
+    assert shown_reply(messages) == "[calculator: 302+813 → 1115] [calculator: 1115-15 → 1100] 1100"

@@ -295,3 +295,13 @@ def test_chat_refuses_a_system_message_that_leaves_no_room(runs, capsys):
     assert main(["chat", str(runs["sft"]), "--system", "a" * 40, "--max-new-tokens", "16"]) == 2
     line = one_line_error(capsys)
     assert "--system is too long" in line
+
+
+@pytest.mark.parametrize("command", ["sample", "chat"])
+@pytest.mark.parametrize("tools, message", [("calculator", "has no tool tokens"),
+                                            ("abacus", "--tools: unknown tool 'abacus'; the tools are calculator")])
+def test_tools_need_a_run_trained_to_call_them(runs, capsys, monkeypatch, command, tools, message):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("What is 1 plus 1?\n"))
+    extra = ["--prompt", "What is 1 plus 1?"] if command == "sample" else []
+    assert main([command, str(runs["sft"]), "--tools", tools, *extra]) == 2
+    assert message in one_line_error(capsys)

@@ -225,6 +225,8 @@ class Tokenizer(abc.ABC):
         tokens, which end a reply); with `vocab_size` (a model's, padded past this tokenizer's), also
         the ids from this tokenizer's vocab_size up to it, which decode to nothing."""
         allowed = set(self.text_specials()) | {int(i) for i in keep}
+        if self.has_tools:  # (a call and the token closing it are the model's to write)
+            allowed |= {self.call_id, self.tool_id}
         allowed |= {self.special_id(role) for role in ("eot", "end") if self.has_special(role)}
         extra = range(self.vocab_size, int(vocab_size)) if vocab_size is not None else range(0)
         return tuple(i for i in self.sorted_special_ids if i not in allowed) + tuple(extra)

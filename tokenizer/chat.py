@@ -35,7 +35,7 @@ import numpy as np
 
 from plutao.tokenizer.base import Tokenizer
 from plutao.tokenizer.specials import TokenizerError
-from plutao.tools import format_call, run_call
+from plutao.tools import TOOLS, format_call, parse_call, run_call
 
 ROLES = ("system", "user", "assistant", "tool")
 TEMPLATE = "plutao-chat-v1: <|endoftext|> then <|ROLE|> content <|end|> per message; reply after <|assistant|>"
@@ -280,3 +280,52 @@ def tool_answerer(tokenizer: Tokenizer, tools, *, max_calls: int = 4, max_result
         return tool_turn_ids(tokenizer, result, max_result_tokens)
 
     return answer
+
+
+def reply_messages(tokenizer: Tokenizer, tokens: Sequence[int], forced: Sequence[int]) -> list[dict]:
+    """A reply the agent loop sampled (its tokens, the positions the runtime forced) as OpenAI messages:
+    each call an assistant message with `tool_calls`, each result a `tool` message, the text after the
+    last result the final assistant message (its stop token left out)."""
+    forced, stops = set(forced), set(reply_stop_ids(tokenizer)) | {tokenizer.eot_id}
+    out: list[dict] = []
+    text: list[int] = []
+    i, n = 0, len(tokens)
+    while i < n:
+        t = tokens[i]
+        if t == tokenizer.call_id and i not in forced:
+            j = i + 1
+            while j < n and tokens[j] != tokenizer.tool_id:
+                j += 1
+            call = tokenizer.decode(list(tokens[i + 1:j]))
+            name, argument = parse_call(call) or ("", call)
+            parameter = TOOLS[name].parameter if name in TOOLS else "input"
+            call_id = f"call_{len(out)}"
+            out.append({"role": "assistant", "content": tokenizer.decode(text), "tool_calls": [
+                {"id": call_id, "type": "function",
+                 "function": {"name": name, "arguments": json.dumps({parameter: argument})}}]})
+            k = j + 1
+            while k < n and k in forced:
+                k += 1
+            result = [x for x in tokens[j + 1:k] if x not in (tokenizer.end_id, tokenizer.assistant_id)]
+            out.append({"role": "tool", "tool_call_id": call_id, "content": tokenizer.decode(result)})
+            text, i = [], k
+            continue
+        if not (i == n - 1 and t in stops):
+            text.append(t)
+        i += 1
+    out.append({"role": "assistant", "content": tokenizer.decode(text)})
+    return out
+
+
+def shown_reply(messages: Sequence[dict]) -> str:
+    """A reply's messages as one line of text, each tool turn as [NAME: ARGUMENT → RESULT]."""
+    parts = []
+    for m in messages:
+        if m.get("tool_calls"):
+            name, argument = call_argument(m["tool_calls"][0], "a tool call")
+            parts.append(m["content"] + f"[{format_call(name, argument)} → ")
+        elif m["role"] == "tool":
+            parts.append(m["content"] + "] ")
+        else:
+            parts.append(m["content"])
+    return "".join(parts)

@@ -100,6 +100,7 @@ class Side:
     model: object
     history: list[dict] = dataclasses.field(default_factory=list)
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    answer: object = None  # with --tools: the agent loop's answer (tokenizer/chat.py: tool_answerer)
     longest_reply: int = 0  # tokens the longest reply of the conversation took, its stop token included
 
     @property
@@ -183,7 +184,9 @@ def _fit(side: Side, system: list[dict], where: str) -> list[int]:
     dropped = 0
     ids = chat.prompt_ids(system + side.history, tok)
     while len(ids) > budget and len(side.history) > 1:
-        del side.history[:2]
+        # (a turn: the user's message, then the reply's messages — tool turns included — up to the next one)
+        nxt = next((i for i, m in enumerate(side.history) if i and m["role"] == "user"), len(side.history) - 1)
+        del side.history[:nxt]
         dropped += 1
         ids = chat.prompt_ids(system + side.history, tok)
     if dropped:
@@ -197,6 +200,23 @@ def _fit(side: Side, system: list[dict], where: str) -> list[int]:
         note(f"message cut: the model sees only its last {n_text - cut} of {n_text} tokens (context {side.context}, "
              f"{reserve} kept for the reply)")
     return ids
+
+
+def _reply_with_tools(side: Side, prompt: list[int], sampling, one_line: bool) -> list[dict]:
+    """The side's reply through the agent loop, shown when done with each tool turn as
+    [NAME: ARGUMENT → RESULT]; its messages (the calls and results too) for the history."""
+    from plutao.model.agent import complete_with_tools
+    from plutao.tokenizer.chat import reply_messages, shown_reply
+
+    tok = side.tokenizer
+    [c] = complete_with_tools(side.model, [prompt], sampling, eot_id=tok.eot_id, pad_id=tok.pad_id,
+                              pause_id=tok.tool_id, answer=side.answer)
+    messages = reply_messages(tok, c.tokens, c.forced)
+    text = shown_reply(messages)
+    sys.stdout.write(f"{side.label}> " + (text.replace("\r", "\\r").replace("\n", "\\n") if one_line else text) + "\n")
+    sys.stdout.flush()
+    side.longest_reply = max(side.longest_reply, min(len(c.tokens) + 1, sampling.max_new_tokens))
+    return messages
 
 
 def _reply(side: Side, prompt: list[int], sampling, one_line: bool) -> str:
@@ -243,9 +263,20 @@ def _read_line(interactive: bool) -> str | None:
     return None if line == "" else line.rstrip("\r\n")
 
 
+def _tools(names: str) -> dict:
+    from plutao.tools import ToolError, tools_named
+    from plutao.train.config.errors import UserError
+
+    try:
+        return tools_named(names) if names else {}
+    except ToolError as e:
+        raise UserError(f"--tools: {e}") from None
+
+
 def cmd_chat(args) -> int:
     from plutao.model.sampling import SamplingConfig
     from plutao.tokenizer import TokenizerError, chat
+    from plutao.train.config.errors import UserError
     from plutao.train.run.lineage import load_run
 
     # Arguments first, then the runs' configs: nothing is loaded for a chat that cannot start.
@@ -254,6 +285,7 @@ def cmd_chat(args) -> int:
                               max_new_tokens=DEFAULT_MAX_NEW_TOKENS if asked is None else asked, seed=args.seed)
     run_dirs = [args.run_dir, *(args.compare or [])]
     tasks = _check_runs(run_dirs, asked)
+    tools = _tools(args.tools)
     labels = _labels(run_dirs)
     system = [{"role": "system", "content": args.system}] if args.system else []
 
@@ -264,6 +296,10 @@ def cmd_chat(args) -> int:
         fitting = min(DEFAULT_MAX_NEW_TOKENS, max(context // 2, 1))  # (the default, in this run's context)
         side = Side(label, run, run.model, max_new_tokens=fitting if asked is None else asked)
         chat.reply_stop_ids(side.tokenizer)  # (a tokenizer without the template's tokens is refused here)
+        if tools:
+            if not (task.chat and side.tokenizer.has_tools):
+                raise UserError(f"--tools: {d} has no tool tokens; give chat runs trained to call tools")
+            side.answer = chat.tool_answerer(side.tokenizer, tools, max_result_tokens=max(context // 8, 8))
         _check_system(side, system)
         if not task.chat:
             print(f"plutao: {d} was not trained on the chat template (a base run); it continues the conversation's "
@@ -330,8 +366,11 @@ def cmd_chat(args) -> int:
             sampling = dataclasses.replace(settings, temperature=temperature, seed=args.seed + turn,
                                            max_new_tokens=side.max_new_tokens, stop_ids=stops,
                                            banned_ids=side.tokenizer.unsampled_ids(stops, side.run.cfg.model.vocab_size))
-            reply = _reply(side, prompt, sampling, one_line=not interactive)
-            side.history.append({"role": "assistant", "content": reply})
+            if side.answer is not None:
+                side.history += _reply_with_tools(side, prompt, sampling, one_line=not interactive)
+            else:
+                side.history.append({"role": "assistant", "content": _reply(side, prompt, sampling,
+                                                                            one_line=not interactive)})
         turn += 1
 
 
@@ -347,5 +386,7 @@ def register(sub) -> None:
                     f"{DEFAULT_MAX_NEW_TOKENS}, or half the context when that is less)")
     ch.add_argument("--seed", type=int, default=0)
     ch.add_argument("--compare", nargs="+", metavar="RUN", help="also answer every message with these runs")
+    ch.add_argument("--tools", default="", metavar="NAMES", help="let the replies call these tools (e.g. calculator; "
+                    "runs trained to call tools), each call shown as [NAME: ARGUMENT → RESULT]")
     ch.add_argument("--step", type=int)
     ch.set_defaults(fn=cmd_chat)

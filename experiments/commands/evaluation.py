@@ -133,6 +133,8 @@ def cmd_sample(args) -> int:
         for r, (i, p) in enumerate(cands, 1):
             print(f"{r:>4}  {i:>6}  {p:8.4f}  {tok.token_strings([i])[0]!r}")
         print()
+    if args.tools:
+        return _sample_with_tools(args, run, task, prompt, sampling)
     if args.stream:
         sys.stdout.write(args.prompt)
         sys.stdout.flush()
@@ -158,6 +160,33 @@ def cmd_sample(args) -> int:
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
         print(args.prompt + tok.decode(ids))
+    return 0
+
+
+def _sample_with_tools(args, run, task, prompt, sampling) -> int:
+    """Chat replies through the agent loop: each tool turn shown as [NAME: ARGUMENT → RESULT]."""
+    from plutao.model.agent import complete_with_tools
+    from plutao.tokenizer.chat import reply_messages, shown_reply, tool_answerer
+    from plutao.tools import ToolError, tools_named
+    from plutao.train.config.errors import UserError
+
+    tok = run.tokenizer
+    try:
+        tools = tools_named(args.tools)
+    except ToolError as e:
+        raise UserError(f"--tools: {e}") from None
+    if not task.chat or not tok.has_tools:
+        raise UserError(f"--tools: {args.run_dir} has no tool tokens; give a chat run trained to call tools (`plutao "
+                        "sft BASE data.add_specials='[\"<|call|>\",\"<|tool|>\"]' world.tool_rate=0.3`)")
+    if args.stream:
+        raise UserError("--stream shows a reply as it is written; with --tools each reply is shown when it is done")
+    answer = tool_answerer(tok, tools, max_result_tokens=max(run.cfg.model.context_length // 8, 8))
+    outs = complete_with_tools(run.model, [prompt] * args.num_samples, sampling, eot_id=tok.eot_id, pad_id=tok.pad_id,
+                               pause_id=tok.tool_id, answer=answer)
+    for i, c in enumerate(outs):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1} ---")
+        print(shown_reply(reply_messages(tok, c.tokens, c.forced)))
     return 0
 
 
@@ -376,6 +405,8 @@ def register(sub) -> None:
     s.add_argument("--show-probs", type=int, default=0, metavar="K",
                    help="table of the K likeliest next tokens; 0 = none (default: %(default)s)")
     s.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    s.add_argument("--tools", default="", metavar="NAMES", help="chat runs with the tool tokens: let the reply call "
+                   "these tools (e.g. calculator); each call shown as [NAME: ARGUMENT → RESULT]")
     s.add_argument("--no-stop", action="store_true", help="do not stop at <|endoftext|>")
     s.add_argument("--step", type=int, help="checkpoint step (default: latest)")
     s.add_argument("--system", help="chat runs: a system message before the prompt")
