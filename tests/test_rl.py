@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 
 from plutao.model.config import ModelConfig
+from plutao.model.decode import complete
 from plutao.model.heads import forward_logits
+from plutao.model.sampling import SamplingConfig
 from plutao.tokenizer import train_tokenizer
-from plutao.tokenizer.chat import prompt_ids, reward_ids
+from plutao.tokenizer.chat import prompt_ids, reply_stop_ids, reward_ids
 from plutao.train.config.schema import Config, DataConfig, OptimConfig, RLConfig, TrainConfig
 from plutao.train.losses import token_logprobs
 from plutao.train.optim import lr_schedule, make_optimizer
@@ -324,3 +326,39 @@ def test_ppo_at_the_preset_learns_a_paid_for_token_from_a_policy_that_is_sometim
     history = _learns_at_the_preset(tok, "ppo")
     start, end = np.mean(history[:5]), np.mean(history[-8:])
     assert start < 0.45 and end > start + 0.12 and end > 0.5, (start, end)
+
+
+def test_rollout_rows_with_tool_turns_hold_the_result_as_a_hole_and_keep_the_training_logprobs(tok):
+    """A reply that paused, took forced tokens and went on: in the training row the forced positions
+    carry no loss weight and no sampler log-prob, the policy's own tokens keep the sampler's log-probs,
+    equal to the training forward pass over the whole row (tool turn included) to 1e-5; the gold
+    checker reads the final answer only."""
+    from plutao.model.agent import complete_with_tools
+    from plutao.train.rl.rollouts import pack
+
+    _, trainer, state = _trainer(tok)
+    policy = trainer.model(trainer.inference_params(state))["policy"]
+    ids = [prompt_ids(p.messages, tok) for p in PROMPTS]
+    pause = complete(policy, ids[:1], SamplingConfig(temperature=0.0, max_new_tokens=1), eot_id=tok.eot_id,
+                     pad_id=tok.pad_id)[0].tokens[0]  # (a token the random policy is sure to write first)
+    result = tok.encode("123") + [tok.end_id, tok.assistant_id]
+    samplings = [SamplingConfig(temperature=float(s > 0), max_new_tokens=6, seed=s, stop_ids=reply_stop_ids(tok))
+                 for s in range(3)]  # (row 0 greedy: it pauses; the others sampled)
+    outs = complete_with_tools(policy, ids, samplings, eot_id=tok.eot_id, pad_id=tok.pad_id, pause_id=pause,
+                               answer=lambda row, reply, calls: result)
+    assert outs[0].forced  # (row 0 paused at least once)
+    roll = pack(tok, PROMPTS, ids, [c.tokens for c in outs], [c.model_logprobs for c in outs], CONTEXT,
+                [c.forced for c in outs])
+    first = roll.loss_weights.argmax(1)
+    for b, c in enumerate(outs):
+        holes = first[b] + np.asarray(c.forced, np.int64)
+        assert (roll.loss_weights[b, holes] == 0).all() and (roll.sampler_logprobs[b, holes] == 0).all()
+        assert roll.loss_weights[b].sum() == len(c.tokens) - len(c.forced)
+        final = c.tokens[max(c.forced) + 1:] if c.forced else c.tokens
+        assert roll.replies[b] == tok.decode(final[:-1] if c.stop_token is not None else final)  # (the final answer)
+    logits, _ = forward_logits(policy, jnp.asarray(roll.tokens))
+    forward = np.asarray(token_logprobs(logits, jnp.asarray(roll.targets)))
+    mask = roll.loss_weights > 0
+    np.testing.assert_allclose(forward[mask], roll.sampler_logprobs[mask], atol=1e-5)
+    scored = score_rollout(trainer, state, roll)
+    np.testing.assert_allclose(scored["logprobs"][mask], roll.sampler_logprobs[mask], atol=1e-5)

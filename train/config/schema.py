@@ -134,6 +134,7 @@ class RLConfig:
     # serves (sample, chat, report card, its held-out evaluations); rollouts still come from the policy.
     ema: float = 0.0
     eval_problems: int = 100  # held-out problems per digit count (1–5) answered greedily at each evaluation
+    tools: str = ""  # tools the rollouts (and evaluations) may call, e.g. "calculator" (a policy with tool tokens)
 
 
 @dataclasses.dataclass(frozen=True)

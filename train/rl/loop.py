@@ -183,7 +183,7 @@ def evaluate_policy(policy, tokenizer, source: PromptSource, cfg) -> dict:
     if not prompts:
         return {}
     out = sample(policy, tokenizer, prompts, [0] * len(prompts), context=cfg.model.context_length,
-                 max_new_tokens=cfg.reply_tokens, temperature=0.0)
+                 max_new_tokens=cfg.reply_tokens, temperature=0.0, tools=cfg.rl.tools)
     gold = out.gold()
     result = {"accuracy": float(np.nanmean(gold)), "format_ok": float(out.ended.mean()),
               "mean_length": float(out.lengths.mean())}
@@ -225,6 +225,9 @@ def train_rl(p, run_dir: Path, saved: dict | None, write_run_files, quiet: bool,
 
     cfg, trainer, task, tok = p.cfg, p.trainer, p.task, p.tokenizer
     r, t = cfg.rl, cfg.train
+    if r.tools and not tok.has_tools:
+        raise UserError(f"rl.tools={r.tools}: the policy's tokenizer has no tool tokens; start from an SFT run trained "
+                        "to call tools (data.add_specials and world.tool_rate)")
     main = jax.process_index() == 0
     data: RolloutData = p.batches
     source: PromptSource = data.prompts
@@ -287,7 +290,7 @@ def train_rl(p, run_dir: Path, saved: dict | None, write_run_files, quiet: bool,
                 policy = _policy(trainer, state)
                 prompts = [q for q in source.step(step, r.prompts) for _ in range(r.group)]
                 roll = sample(policy, tok, prompts, row_seeds(t.seed, step, rows), context=cfg.model.context_length,
-                              max_new_tokens=cfg.reply_tokens, temperature=r.temperature)
+                              max_new_tokens=cfg.reply_tokens, temperature=r.temperature, tools=r.tools)
                 t1 = time.perf_counter()
                 scored = score_rollout(trainer, state, roll)
                 gold = roll.gold()

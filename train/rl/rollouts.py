@@ -9,6 +9,12 @@ position t holds the prediction of token t + 1, and `loss_weights` is 1 at the p
 target is a reply token the policy chose (its stop token included: ending is an action too). The
 reward model reads the same token ids, not a re-encoding of the decoded text: prompt + reply +
 <|end|> (when the reply ended with it) + <|reward|>, its score read at <|reward|>.
+
+With rl.tools (a policy whose tokenizer has the tool tokens) the replies come from the agent loop
+(model/agent.py): a tool's result sits inside the row where the runtime wrote it, with loss weight 0
+and no sampler log-prob (a hole in the mask: GAE and the losses skip it), the reward model reads the
+whole row, tool turns included, and the gold checker reads the assistant's final answer (the text
+after the last tool turn), never the tool's output.
 """
 
 from __future__ import annotations
@@ -17,10 +23,12 @@ import dataclasses
 
 import numpy as np
 
+from plutao.model.agent import complete_with_tools
 from plutao.model.decode import complete
 from plutao.model.sampling import SamplingConfig, prompt_width
 from plutao.tokenizer import Tokenizer
-from plutao.tokenizer.chat import ChatError, fitted_prompt_ids, reply_stop_ids
+from plutao.tokenizer.chat import ChatError, fitted_prompt_ids, reply_stop_ids, tool_answerer
+from plutao.tools import tools_named
 from plutao.train.config.errors import UserError
 from plutao.train.data.conversations import read_problems, single_path
 from plutao.train.worlds import arith
@@ -114,8 +122,9 @@ def prompt_budget(context: int, max_new_tokens: int) -> int:
 
 
 def sample(model, tokenizer: Tokenizer, prompts: list[Prompt], seeds: list[int], *, context: int,
-           max_new_tokens: int, temperature: float) -> Rollout:
-    """Replies to `prompts` (row b drawing from seeds[b]) in one batched sampler call, as training rows."""
+           max_new_tokens: int, temperature: float, tools: str | list[str] = "") -> Rollout:
+    """Replies to `prompts` (row b drawing from seeds[b]) in one batched sampler call, as training rows;
+    with `tools` (names) through the agent loop, a tool's result marked as not the policy's."""
     try:
         ids = [fitted_prompt_ids(p.messages, tokenizer, prompt_budget(context, max_new_tokens))[0] for p in prompts]
     except ChatError as e:
@@ -123,15 +132,22 @@ def sample(model, tokenizer: Tokenizer, prompts: list[Prompt], seeds: list[int],
     stops = reply_stop_ids(tokenizer)
     samplings = [SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens, seed=s, stop_ids=stops)
                  for s in seeds]
-    completions = complete(model, ids, samplings, eot_id=tokenizer.eot_id, pad_id=tokenizer.pad_id)
+    if tools:
+        answer = tool_answerer(tokenizer, tools_named(tools), max_result_tokens=max(context // 8, 8))
+        completions = complete_with_tools(model, ids, samplings, eot_id=tokenizer.eot_id, pad_id=tokenizer.pad_id,
+                                          pause_id=tokenizer.tool_id, answer=answer)
+    else:
+        completions = complete(model, ids, samplings, eot_id=tokenizer.eot_id, pad_id=tokenizer.pad_id)
     return pack(tokenizer, prompts, ids, [c.tokens for c in completions],
-                [c.model_logprobs for c in completions], context)
+                [c.model_logprobs for c in completions], context, [c.forced for c in completions])
 
 
 def pack(tokenizer: Tokenizer, prompts: list[Prompt], prompt_ids: list[list[int]], replies: list[list[int]],
-         logprobs: list[list[float]], context: int) -> Rollout:
-    """Training rows (and reward-model rows) of prompts and the sampled reply tokens."""
+         logprobs: list[list[float]], context: int, forced: list | None = None) -> Rollout:
+    """Training rows (and reward-model rows) of prompts and the sampled reply tokens; `forced[b]`: the
+    positions of reply b the runtime wrote (a tool's result), which are no action of the policy."""
     N = len(prompts)
+    forced = forced or [()] * N
     # (a prompt and reply longer than the context lose the prompt's oldest tokens, never the reply's)
     prompt_ids = [list(p)[max(len(p) + len(r) - context, 0):] for p, r in zip(prompt_ids, replies)]
     W = prompt_width(max(len(p) + len(r) for p, r in zip(prompt_ids, replies)), context)
@@ -141,16 +157,19 @@ def pack(tokenizer: Tokenizer, prompts: list[Prompt], prompt_ids: list[list[int]
     sampler = np.zeros((N, W), np.float32)
     rm_rows, texts, lengths, ended = [], [], [], []
     stops = reply_stop_ids(tokenizer) + (tokenizer.eot_id,)
-    for b, (p, r, lp) in enumerate(zip(prompt_ids, replies, logprobs)):
+    for b, (p, r, lp, f) in enumerate(zip(prompt_ids, replies, logprobs, forced)):
         seq = list(p) + list(r)
         tokens[b, :len(seq)] = seq
         targets[b, :len(seq) - 1] = seq[1:]
         weights[b, len(p) - 1:len(seq) - 1] = 1.0
         sampler[b, len(p) - 1:len(seq) - 1] = lp
+        if len(f):  # (the runtime's tokens: holes in the mask)
+            at = len(p) - 1 + np.asarray(f, np.int64)
+            weights[b, at], sampler[b, at] = 0.0, 0.0
         done = bool(r) and r[-1] == tokenizer.end_id
         content = r[:-1] if r and r[-1] in stops else r
         rm_rows.append((list(p) + list(content) + ([tokenizer.end_id] if done else []) + [tokenizer.reward_id])[-context:])
-        texts.append(tokenizer.decode(content))
+        texts.append(tokenizer.decode(content[max(f) + 1:] if len(f) else content))  # (the final answer)
         lengths.append(len(r))
         ended.append(done)
     W2 = prompt_width(max(len(x) for x in rm_rows), context)

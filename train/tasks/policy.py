@@ -29,6 +29,7 @@ import numpy as np
 from plutao.model.families import build_model
 from plutao.model.heads import ScalarHead, forward_logits
 from plutao.model.layers import no_constraint
+from plutao.tools import ToolError, tools_named
 from plutao.train.config.errors import UserError
 from plutao.train.config.schema import DataConfig
 from plutao.train.data import sources as data_lib
@@ -120,6 +121,10 @@ class PolicyGradient(CausalLM):
                        "run's data when the SFT run names its base run)")
         if r.ptx_weights and len(r.ptx_weights) != len(r.ptx_data if isinstance(r.ptx_data, list) else [r.ptx_data]):
             out.append("rl.ptx_weights needs one weight per rl.ptx_data source")
+        try:
+            tools_named(r.tools)
+        except ToolError as e:
+            out.append(f"rl.tools: {e}")
         if not 0 <= r.ema < 1:
             out.append(f"rl.ema is a decay per optimizer step in [0, 1) (0 = off; e.g. 0.99), got {r.ema}")
         if r.temperature != 1.0:  # (the update's ratio and KL read the model at temperature 1)
