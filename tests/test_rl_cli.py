@@ -45,7 +45,7 @@ def _tampered_reward_run(tiny_stages, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["ppo-no-reward", "ppo-reward-is-sft", "ppo-other-tokenizer", "grpo-group-1",
-                                  "lora-target", "lora-on-reward", "dpo-beta"])
+                                  "lora-target", "lora-on-reward", "dpo-beta", "grpo-unknown-tool", "grpo-tools-untrained"])
 def test_bad_rl_input_is_a_one_line_error_and_writes_nothing(tiny_stages, tmp_path, capsys, case):
     sft, work = tiny_stages["sft"], tmp_path / "run"
     argv, message = {
@@ -58,6 +58,10 @@ def test_bad_rl_input_is_a_one_line_error_and_writes_nothing(tiny_stages, tmp_pa
                          "--quiet"], "unknown target 'qkv'"),
         "lora-on-reward": (["reward", sft, "--workdir", work, "lora.rank=4", "--quiet"], "lora.rank applies to"),
         "dpo-beta": (["dpo", sft, "--workdir", work, "--beta", "0", "--quiet"], "--beta must be > 0"),
+        "grpo-unknown-tool": (["grpo", sft, "--reward", "gold", "--workdir", work, "rl.tools=abacus", *RL],
+                              "unknown tool 'abacus'"),
+        "grpo-tools-untrained": (["grpo", sft, "--reward", "gold", "--workdir", work, "rl.tools=calculator", *RL],
+                                 "the policy's tokenizer has no tool tokens"),
     }[case]
     code, _, err = run_cli(capsys, *argv)
     assert code == 2, err
