@@ -12,17 +12,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from plutao.experiments.report_card_stats import Reply
-from plutao.model.agent import complete_with_tools
+from plutao.model.agent import complete_with_tools, final_answer
 from plutao.model.sampling import SamplingConfig
-from plutao.tokenizer.chat import reply_stop_ids, tool_answerer
+from plutao.tokenizer.chat import reply_stop_ids, result_tokens, tool_answerer
 from plutao.tools import tools_named
 
 MAX_CALLS = 4  # tool calls per reply
-
-
-def final_answer(tokens: Sequence[int], forced: Sequence[int]) -> list[int]:
-    """The reply's tokens after its last forced one (the whole reply when it called nothing)."""
-    return list(tokens[max(forced) + 1:]) if forced else list(tokens)
 
 
 def tool_replies(run, prompts: Sequence[Sequence[int]], tool_names: Sequence[str], budget: int,
@@ -30,7 +25,7 @@ def tool_replies(run, prompts: Sequence[Sequence[int]], tool_names: Sequence[str
     """(greedy replies with the tools — text = the final answer —, calls per reply, error results per reply)."""
     tok, model = run.tokenizer, run.model
     answer = tool_answerer(tok, tools_named(list(tool_names)), max_calls=MAX_CALLS,
-                           max_result_tokens=max(run.cfg.model.context_length // 8, 8))
+                           max_result_tokens=result_tokens(run.cfg.model.context_length, budget, MAX_CALLS))
     error = tok.encode_unseen("error:").tolist()
     sampling = SamplingConfig(temperature=0.0, max_new_tokens=budget, stop_ids=reply_stop_ids(tok))
     replies, calls, errors = [], [], []
@@ -38,7 +33,7 @@ def tool_replies(run, prompts: Sequence[Sequence[int]], tool_names: Sequence[str
         part = [list(p) for p in prompts[lo:lo + rows_per_call]]
         log(f"report-card: {run.run_dir.name}: {len(part)} greedy replies with {', '.join(tool_names)}")
         for c in complete_with_tools(model, part, sampling, eot_id=tok.eot_id, pad_id=tok.pad_id,
-                                     pause_id=tok.tool_id, answer=answer):
+                                     pause_id=tok.tool_id, answer=answer, max_calls=MAX_CALLS):
             final = final_answer(c.tokens, c.forced)
             content = final[:-1] if c.stop_token is not None else final
             results = [i for i in c.forced if i > 0 and c.tokens[i - 1] == tok.tool_id]  # (each result's start)

@@ -7,7 +7,9 @@ that slot's cache at its own column; the row then emits its next token from the 
 and goes on, while the other rows keep decoding in the same chunks. Forced tokens do not count
 against a row's max_new_tokens and are reported by position (`Completion.forced`), with log-probs 0.
 Knowing nothing of tokenizers or tools, the loop takes `answer` from its caller
-(tokenizer/chat.py: tool_answerer builds one from a run's tokenizer and a set of tools).
+(tokenizer/chat.py: tool_answerer builds one from a run's tokenizer and a set of tools). A row is
+answered at most max_calls + 1 times (the last answer is the caller's refusal); a row that calls
+again after that ends there, so a reply's length stays bounded by its budget and its answers.
 """
 
 from __future__ import annotations
@@ -24,9 +26,15 @@ from plutao.model.sampling import CHUNK, Completion, SamplingConfig
 Answer = Callable[[int, list[int], int], list[int]]  # (row, its new tokens so far, calls so far) → tokens
 
 
+def final_answer(tokens: Sequence[int], forced: Sequence[int]) -> list[int]:
+    """A reply's tokens after its last forced one: the assistant's final answer (the whole reply when
+    it called nothing)."""
+    return list(tokens[max(forced) + 1:]) if len(forced) else list(tokens)
+
+
 def complete_with_tools(model: nnx.Module, prompts: Sequence[Sequence[int]],
                         sampling: SamplingConfig | Sequence[SamplingConfig], *, eot_id: int, pad_id: int,
-                        pause_id: int, answer: Answer, chunk: int = CHUNK) -> list[Completion]:
+                        pause_id: int, answer: Answer, max_calls: int = 4, chunk: int = CHUNK) -> list[Completion]:
     """`decode.complete` with tool calls: each row's new tokens (forced ones included, marked), their
     log-probs, and the stop token that ended it (never the pause)."""
     samplings = _per_row(sampling, len(prompts))
@@ -54,7 +62,7 @@ def complete_with_tools(model: nnx.Module, prompts: Sequence[Sequence[int]],
     while True:
         own = [len(tokens[b]) - len(forced[b]) for b in range(len(prompts))]
         waiting = [b for b in range(len(prompts)) if not active[b] and tokens[b] and tokens[b][-1] == pause_id
-                   and own[b] < samplings[b].max_new_tokens]
+                   and own[b] < samplings[b].max_new_tokens and calls[b] <= max_calls]
         if waiting:
             extra = [list(answer(b, list(tokens[b]), calls[b])) for b in waiting]
             for b, f in zip(waiting, extra):

@@ -446,6 +446,9 @@ class SlotDecoder:
         on, e.g. the <|tool|> closing a call) and let it go on: it emits its next token from the same
         random stream, with the same settings and budget. A row whose cache cannot take them starts a
         fresh cache from its last context // 2 tokens (or as many as the forced ones need)."""
+        if getattr(nnx.merge(self.graphdef, self.params), "state_carries_padding", False):
+            raise SamplingError("appending tokens to a live slot (a tool's result) needs a Transformer decoder: a "
+                                "recurrent model's state would run through the padding")
         ids = np.asarray(slot_ids, np.int32)
         index, window, token = (np.asarray(x) for x in _host((slots.index_B, slots.window_BC, slots.token_B)))
         fed = [[int(token[b]), *map(int, f)] for b, f in zip(ids, forced)]

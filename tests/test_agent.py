@@ -160,3 +160,51 @@ def test_a_reply_with_tool_turns_reads_back_as_openai_messages_that_render_to_it
     assert messages[3]["content"] == "1100" and messages[4] == {"role": "assistant", "content": "1100"}
     assert render(prompt + messages, tok).ids.tolist() == prompt_ids(prompt, tok) + reply
     assert shown_reply(messages) == "[calculator: 302+813 → 1115] [calculator: 1115-15 → 1100] 1100"
+
+
+def test_a_row_that_keeps_calling_is_answered_max_calls_plus_one_times_then_ends(gpt):
+    prompt = [3, 4, 5]
+    pause = first_token(gpt, prompt, greedy(1))
+    asked = []
+    out = complete_with_tools(gpt, [prompt], greedy(30), eot_id=EOT, pad_id=PAD, pause_id=pause, max_calls=2,
+                              answer=lambda row, reply, calls: asked.append(calls) or [pause])  # (it pauses again)
+    assert asked == [0, 1, 2]  # (two calls, one refusal; the next pause ends the reply)
+    assert out[0].tokens[-1] == pause and out[0].stop_token is None and len(out[0].forced) == 3
+
+
+def test_a_malformed_or_cut_off_call_reads_back_without_an_error():
+    from plutao.tokenizer import TOOL_TOKENS, CharTokenizer, grown
+    from plutao.tokenizer.chat import (
+        call_text,
+        prompt_ids,
+        render,
+        reply_messages,
+        shown_reply,
+        tool_turn_ids,
+    )
+
+    tok = grown(CharTokenizer.train(["calculator: 0123456789+- What is? error"]), TOOL_TOKENS)
+    prompt = [{"role": "user", "content": "What is 3+4?"}]
+    reply = [tok.call_id, *tok.encode("3+4"), tok.tool_id]  # (no NAME: before the expression)
+    turn = tool_turn_ids(tok, "error")
+    forced = list(range(len(reply), len(reply) + len(turn)))
+    reply += turn + [*tok.encode("7"), tok.end_id]
+    messages = reply_messages(tok, reply, forced)
+    assert messages[0]["tool_calls"][0]["function"]["name"] == "" and shown_reply(messages) == "[3+4 → error] 7"
+    assert render(prompt + messages, tok).ids.tolist() == prompt_ids(prompt, tok) + reply
+    cut = [*tok.encode("1"), tok.call_id, *tok.encode("calculator: 3")]  # (the budget ran out inside the call)
+    assert reply_messages(tok, cut, []) == [{"role": "assistant", "content": "1<|call|>calculator: 3"}]
+    # A bare <|tool|> after an answered call is no call at all (the old one is not read again).
+    assert call_text(tok, reply[:-1] + [tok.tool_id]) is None
+
+
+def test_extending_a_recurrent_models_slot_is_refused():
+    from plutao.model.baselines.rnn import RecurrentLM
+    from plutao.model.sampling import SamplingError
+
+    rnn = RecurrentLM(ModelConfig(family="gru", vocab_size=40, context_length=CONTEXT, n_layers=1, d_model=16,
+                                  n_heads=1), nnx.Rngs(0))
+    decoder = SlotDecoder.of(rnn, eot_id=EOT, pad_id=PAD)
+    slots, _ = decoder.start([[3, 4]], [greedy(1)])
+    with pytest.raises(SamplingError, match="needs a Transformer decoder"):
+        decoder.extend(slots, [0], [FORCED])

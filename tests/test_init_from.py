@@ -136,3 +136,5 @@ def test_a_grown_run_grows_no_further_and_only_tool_tokens_may_be_added(parent, 
     assert again.grown_from is None and again.cfg.model.vocab_size == saved["model"]["vocab_size"]
     with pytest.raises(UserError, match="data.add_specials may add only the tool tokens"):
         validate(cfg_of(small_corpus, **{"data.add_specials": ["<|foo|>"]}))
+    with pytest.raises(UserError, match="which LoRA keeps frozen"):
+        validate(cfg_of(small_corpus, **{"data.add_specials": list(TOOL_TOKENS), "lora.rank": 4}))

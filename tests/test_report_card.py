@@ -378,7 +378,7 @@ def test_the_tool_rows_of_made_up_replies_equal_hand_counts():
     """With --tools: accuracy of the final answers, the share of replies that called, errors per call
     and the tokens a reply took with its tool turns — from replies written by hand."""
     from plutao.experiments.report_card_summary import summarize
-    from plutao.experiments.report_card_tools import final_answer
+    from plutao.model.agent import final_answer
 
     assert final_answer([5, 6, 7, 8, 9], (2, 3)) == [9] and final_answer([5, 6], ()) == [5, 6]
     world = arith.World()

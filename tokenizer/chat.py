@@ -74,7 +74,7 @@ def call_argument(call, where: str) -> tuple[str, str]:
     """(name, argument text) of an OpenAI tool call {"id", "type": "function", "function": {"name",
     "arguments"}}: `arguments` is a JSON object with one string value (or a plain string)."""
     fn = call.get("function") if isinstance(call, dict) else None
-    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
         raise ChatError(f"{where} must be {{\"id\", \"type\": \"function\", \"function\": {{\"name\", \"arguments\"}}}}")
     arguments = fn.get("arguments", "")
     try:
@@ -251,10 +251,18 @@ def call_text(tokenizer: Tokenizer, reply: Sequence[int]) -> str | None:
     """The call a reply's tokens end with: the text from its last <|call|> to the <|tool|> closing it
     (None when the reply opened no call before it)."""
     reply = list(reply)
-    if not reply or reply[-1] != tokenizer.tool_id or tokenizer.call_id not in reply:
+    turn = len(reply) - reply[::-1].index(tokenizer.assistant_id) if tokenizer.assistant_id in reply else 0
+    own = reply[turn:]  # (since the last tool turn: an older call is answered already)
+    if not own or own[-1] != tokenizer.tool_id or tokenizer.call_id not in own:
         return None
-    start = len(reply) - 1 - reply[::-1].index(tokenizer.call_id)
-    return tokenizer.decode(reply[start + 1:-1])
+    start = len(own) - 1 - own[::-1].index(tokenizer.call_id)
+    return tokenizer.decode(own[start + 1:-1])
+
+
+def result_tokens(context: int, reply_budget: int, max_calls: int) -> int:
+    """The most tokens of one tool result, so that a reply of `reply_budget` tokens of its own and up to
+    max_calls + 1 tool turns (each result, <|end|>, <|assistant|>) stays within the context."""
+    return max((context - 2 - reply_budget) // (max_calls + 1) - 2, 1)
 
 
 def tool_turn_ids(tokenizer: Tokenizer, result: str, max_tokens: int | None = None) -> list[int]:
@@ -296,8 +304,11 @@ def reply_messages(tokenizer: Tokenizer, tokens: Sequence[int], forced: Sequence
             j = i + 1
             while j < n and tokens[j] != tokenizer.tool_id:
                 j += 1
+            if j >= n:  # (cut off inside its call: no tool turn happened)
+                text += [x for x in tokens[i:] if x not in stops]
+                break
             call = tokenizer.decode(list(tokens[i + 1:j]))
-            name, argument = parse_call(call) or ("", call)
+            name, argument = parse_call(call) or ("", call)  # (unreadable: the raw text, with no name)
             parameter = TOOLS[name].parameter if name in TOOLS else "input"
             call_id = f"call_{len(out)}"
             out.append({"role": "assistant", "content": tokenizer.decode(text), "tool_calls": [

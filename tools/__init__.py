@@ -59,7 +59,8 @@ def tools_named(names: str | list[str] | tuple[str, ...]) -> dict[str, Tool]:
 
 
 def format_call(name: str, argument: str) -> str:
-    return f"{name}: {argument}"
+    """The text of a call; with no name (a call the runtime could not read), the argument as written."""
+    return f"{name}: {argument}" if name else argument
 
 
 def parse_call(text: str) -> tuple[str, str] | None:

@@ -210,7 +210,7 @@ def _reply_with_tools(side: Side, prompt: list[int], sampling, one_line: bool) -
 
     tok = side.tokenizer
     [c] = complete_with_tools(side.model, [prompt], sampling, eot_id=tok.eot_id, pad_id=tok.pad_id,
-                              pause_id=tok.tool_id, answer=side.answer)
+                              pause_id=tok.tool_id, answer=side.answer, max_calls=MAX_CALLS)
     messages = reply_messages(tok, c.tokens, c.forced)
     text = shown_reply(messages)
     sys.stdout.write(f"{side.label}> " + (text.replace("\r", "\\r").replace("\n", "\\n") if one_line else text) + "\n")
@@ -263,6 +263,9 @@ def _read_line(interactive: bool) -> str | None:
     return None if line == "" else line.rstrip("\r\n")
 
 
+MAX_CALLS = 4  # tool calls per reply
+
+
 def _tools(names: str) -> dict:
     from plutao.tools import ToolError, tools_named
     from plutao.train.config.errors import UserError
@@ -286,6 +289,9 @@ def cmd_chat(args) -> int:
     run_dirs = [args.run_dir, *(args.compare or [])]
     tasks = _check_runs(run_dirs, asked)
     tools = _tools(args.tools)
+    for d, task in zip(run_dirs, tasks):  # (before any run loads)
+        if tools and not (task.chat and task.cfg.data.add_specials):
+            raise UserError(f"--tools: {d} has no tool tokens; give chat runs trained to call tools")
     labels = _labels(run_dirs)
     system = [{"role": "system", "content": args.system}] if args.system else []
 
@@ -297,9 +303,8 @@ def cmd_chat(args) -> int:
         side = Side(label, run, run.model, max_new_tokens=fitting if asked is None else asked)
         chat.reply_stop_ids(side.tokenizer)  # (a tokenizer without the template's tokens is refused here)
         if tools:
-            if not (task.chat and side.tokenizer.has_tools):
-                raise UserError(f"--tools: {d} has no tool tokens; give chat runs trained to call tools")
-            side.answer = chat.tool_answerer(side.tokenizer, tools, max_result_tokens=max(context // 8, 8))
+            side.answer = chat.tool_answerer(side.tokenizer, tools, max_calls=MAX_CALLS, max_result_tokens=chat.result_tokens(
+                context, side.max_new_tokens, MAX_CALLS))
         _check_system(side, system)
         if not task.chat:
             print(f"plutao: {d} was not trained on the chat template (a base run); it continues the conversation's "

@@ -82,6 +82,8 @@ def cmd_sample(args) -> int:
         raise SamplingError("--num-samples must be ≥ 1 and --show-probs ≥ 0")
     task = run_task(Path(args.run_dir))
     task.check_command("sample", args.run_dir)
+    if args.tools:
+        _check_tools(args, task)
     if not task.trained_by_gradient:
         return _sample_ngram(args, sampling)
     if args.best_of is not None or args.reward:
@@ -163,26 +165,33 @@ def cmd_sample(args) -> int:
     return 0
 
 
-def _sample_with_tools(args, run, task, prompt, sampling) -> int:
-    """Chat replies through the agent loop: each tool turn shown as [NAME: ARGUMENT → RESULT]."""
-    from plutao.model.agent import complete_with_tools
-    from plutao.tokenizer.chat import reply_messages, shown_reply, tool_answerer
+def _check_tools(args, task) -> dict:
+    """--tools, refused in one line before anything loads: unknown names, a run not trained to call tools."""
     from plutao.tools import ToolError, tools_named
     from plutao.train.config.errors import UserError
 
-    tok = run.tokenizer
     try:
         tools = tools_named(args.tools)
     except ToolError as e:
         raise UserError(f"--tools: {e}") from None
-    if not task.chat or not tok.has_tools:
+    if not task.chat or not task.cfg.data.add_specials:
         raise UserError(f"--tools: {args.run_dir} has no tool tokens; give a chat run trained to call tools (`plutao "
                         "sft BASE data.add_specials='[\"<|call|>\",\"<|tool|>\"]' world.tool_rate=0.3`)")
-    if args.stream:
+    if getattr(args, "stream", False):
         raise UserError("--stream shows a reply as it is written; with --tools each reply is shown when it is done")
-    answer = tool_answerer(tok, tools, max_result_tokens=max(run.cfg.model.context_length // 8, 8))
+    return tools
+
+
+def _sample_with_tools(args, run, task, prompt, sampling) -> int:
+    """Chat replies through the agent loop: each tool turn shown as [NAME: ARGUMENT → RESULT]."""
+    from plutao.model.agent import complete_with_tools
+    from plutao.tokenizer.chat import reply_messages, result_tokens, shown_reply, tool_answerer
+
+    tok, calls = run.tokenizer, 4
+    answer = tool_answerer(tok, _check_tools(args, task), max_calls=calls,
+                           max_result_tokens=result_tokens(run.cfg.model.context_length, sampling.max_new_tokens, calls))
     outs = complete_with_tools(run.model, [prompt] * args.num_samples, sampling, eot_id=tok.eot_id, pad_id=tok.pad_id,
-                               pause_id=tok.tool_id, answer=answer)
+                               pause_id=tok.tool_id, answer=answer, max_calls=calls)
     for i, c in enumerate(outs):
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")

@@ -36,19 +36,19 @@ def check_reward_run(reward: str, policy_parent: Path) -> Path:
 
 def ptx_source(parent: Path, overrides: list[str]) -> dict:
     """With rl.ptx_coef > 0 and no rl.ptx_data given: the pretraining text of the base run the SFT
-    parent was trained from (its data.path and data.weights), recorded in this run's config."""
+    parent descends from (its data.path and data.weights), recorded in this run's config."""
+    from plutao.experiments.report_card import pretraining_ancestor
     from plutao.train.config.schema import parse_overrides
-    from plutao.train.run.rundir import parse_init_from
 
     given = parse_overrides(overrides)
     try:
         coef = float(given.get("rl.ptx_coef", 0))
     except ValueError:
         return {}  # (the config's validation says what is wrong with it)
-    base_spec = existing_run_config(parent).get("train", {}).get("init_from", "")
-    if not coef or "rl.ptx_data" in given or not base_spec:
+    base = pretraining_ancestor(parent) if coef and "rl.ptx_data" not in given else None
+    if base is None:
         return {}
-    data = existing_run_config(parse_init_from(base_spec)[0]).get("data", {})
+    data = existing_run_config(base).get("data", {})
     return {"rl.ptx_data": data.get("path", ""), "rl.ptx_weights": list(data.get("weights", []))}
 
 

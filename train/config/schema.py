@@ -353,6 +353,9 @@ def validate(cfg: Config, task_problems: Sequence[str] = ()) -> None:
         problems.append("data.tokenizer=bpe needs data.vocab_size (e.g. data.vocab_size=4096)")
     if not 0.0 < d.val_fraction < 1.0:
         problems.append(f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+    if d.add_specials and cfg.lora.rank:
+        problems.append("data.add_specials grows the embedding rows, which LoRA keeps frozen (lora.rank); grow the "
+                        "vocabulary in a full fine-tune first, then adapt that run")
     if set(d.add_specials) - set(TOOL_TOKENS):
         problems.append(f"data.add_specials may add only the tool tokens {', '.join(TOOL_TOKENS)}, got "
                         f"{', '.join(sorted(set(d.add_specials) - set(TOOL_TOKENS)))}")

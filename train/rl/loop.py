@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -76,8 +77,8 @@ def load_parents(trainer, state: dict, cfg, fingerprint: str) -> tuple[dict, dic
     policy, lineage = restored(target["params"]["policy"], sft, "policy")
     params = {"policy": merge_params(state["params"]["policy"], policy)}
     frozen = {"reference": restored(target["frozen"]["reference"], sft, "reference")[0]}
-    if "ema" in trainer.slots:  # (the moving average starts at the SFT policy)
-        frozen["ema"] = restored(target["frozen"]["ema"], sft, "moving average")[0]
+    if "ema" in trainer.slots:  # (the moving average starts at the SFT policy: its own copy, updated in place)
+        frozen["ema"] = jax.tree.map(jnp.copy, params["policy"])
     if "reward" in trainer.slots:
         rm_dir, rm_step = reward_spec(cfg)
         spec = f"{rm_dir.absolute()}:{rm_step}"

@@ -23,11 +23,11 @@ import dataclasses
 
 import numpy as np
 
-from plutao.model.agent import complete_with_tools
+from plutao.model.agent import complete_with_tools, final_answer
 from plutao.model.decode import complete
 from plutao.model.sampling import SamplingConfig, prompt_width
 from plutao.tokenizer import Tokenizer
-from plutao.tokenizer.chat import ChatError, fitted_prompt_ids, reply_stop_ids, tool_answerer
+from plutao.tokenizer.chat import ChatError, fitted_prompt_ids, reply_stop_ids, result_tokens, tool_answerer
 from plutao.tools import tools_named
 from plutao.train.config.errors import UserError
 from plutao.train.data.conversations import read_problems, single_path
@@ -116,6 +116,9 @@ class Rollout:
                          for p, r, e in zip(self.prompts, self.replies, self.ended)], np.float32)
 
 
+MAX_CALLS = 4  # tool calls per reply (one more is answered with a refusal; a further one ends the reply)
+
+
 def prompt_budget(context: int, max_new_tokens: int) -> int:
     """Prompt tokens kept (older turns dropped first) so prompt + reply + <|reward|> fit the context."""
     return max(context - max_new_tokens - 1, context // 2, 1)
@@ -133,9 +136,10 @@ def sample(model, tokenizer: Tokenizer, prompts: list[Prompt], seeds: list[int],
     samplings = [SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens, seed=s, stop_ids=stops)
                  for s in seeds]
     if tools:
-        answer = tool_answerer(tokenizer, tools_named(tools), max_result_tokens=max(context // 8, 8))
+        answer = tool_answerer(tokenizer, tools_named(tools), max_calls=MAX_CALLS,
+                               max_result_tokens=result_tokens(context, max_new_tokens, MAX_CALLS))
         completions = complete_with_tools(model, ids, samplings, eot_id=tokenizer.eot_id, pad_id=tokenizer.pad_id,
-                                          pause_id=tokenizer.tool_id, answer=answer)
+                                          pause_id=tokenizer.tool_id, answer=answer, max_calls=MAX_CALLS)
     else:
         completions = complete(model, ids, samplings, eot_id=tokenizer.eot_id, pad_id=tokenizer.pad_id)
     return pack(tokenizer, prompts, ids, [c.tokens for c in completions],
@@ -148,6 +152,9 @@ def pack(tokenizer: Tokenizer, prompts: list[Prompt], prompt_ids: list[list[int]
     positions of reply b the runtime wrote (a tool's result), which are no action of the policy."""
     N = len(prompts)
     forced = forced or [()] * N
+    if max(len(r) for r in replies) >= context:
+        raise UserError(f"a reply of {max(len(r) for r in replies)} tokens (tool turns included) leaves no room for its "
+                        f"prompt in the {context}-token context; lower rl.max_new_tokens")
     # (a prompt and reply longer than the context lose the prompt's oldest tokens, never the reply's)
     prompt_ids = [list(p)[max(len(p) + len(r) - context, 0):] for p, r in zip(prompt_ids, replies)]
     W = prompt_width(max(len(p) + len(r) for p, r in zip(prompt_ids, replies)), context)
@@ -169,7 +176,7 @@ def pack(tokenizer: Tokenizer, prompts: list[Prompt], prompt_ids: list[list[int]
         done = bool(r) and r[-1] == tokenizer.end_id
         content = r[:-1] if r and r[-1] in stops else r
         rm_rows.append((list(p) + list(content) + ([tokenizer.end_id] if done else []) + [tokenizer.reward_id])[-context:])
-        texts.append(tokenizer.decode(content[max(f) + 1:] if len(f) else content))  # (the final answer)
+        texts.append(tokenizer.decode(final_answer(content, f)))  # (the final answer, never a tool's output)
         lengths.append(len(r))
         ended.append(done)
     W2 = prompt_width(max(len(x) for x in rm_rows), context)
