@@ -195,7 +195,8 @@ def evaluate_policy(policy, tokenizer, source: PromptSource, cfg) -> dict:
     return result
 
 
-def rollout_metrics(roll: Rollout, scored: dict, rm_score: np.ndarray | None, gold: np.ndarray) -> dict:
+def rollout_metrics(roll: Rollout, scored: dict, rm_score: np.ndarray | None, gold: np.ndarray,
+                    tool_id: int | None = None) -> dict:
     mask = roll.loss_weights
     n_tok = max(float(mask.sum()), 1.0)
     gap = np.abs(scored["logprobs"] - roll.sampler_logprobs) * mask
@@ -209,6 +210,9 @@ def rollout_metrics(roll: Rollout, scored: dict, rm_score: np.ndarray | None, go
         out["rm_score"] = float(rm_score.mean())
     if np.isfinite(gold).any():
         out["gold_reward"] = float(np.nanmean(gold))
+    if tool_id is not None:  # (rl.tools: the share of replies that called a tool, and calls per reply)
+        calls_B = ((roll.targets == tool_id) & (mask > 0)).sum(1)
+        out["tool_call_rate"], out["tool_calls"] = float((calls_B > 0).mean()), float(calls_B.mean())
     return out
 
 
@@ -308,7 +312,7 @@ def train_rl(p, run_dir: Path, saved: dict | None, write_run_files, quiet: bool,
                                          "that state; lower optim.lr or rl.clip")
                 step += 1
                 real_tokens = float((roll.tokens != tok.pad_id).sum())
-                m = {"step": step, "split": "train", **rollout_metrics(roll, scored, rm_score, gold), **adv_metrics,
+                m = {"step": step, "split": "train", **rollout_metrics(roll, scored, rm_score, gold, tok.tool_id if r.tools else None), **adv_metrics,
                      "loss": learned["loss"], "grad_norm": learned["grad_norm"], "lr": learned["lr"],
                      **{k: learned[k] for k in task.step_metrics if k not in ("ratio", "ratio_sq")
                         and (k != "ptx_loss" or r.ptx_coef)},
