@@ -23,10 +23,8 @@ vocabulary), so rows with different bans share one program too.
 
 `SlotDecoder` is the engine a continuous-batching server drives: `fill` prefills new prompts into
 chosen slots while the others keep their state, `step` advances every active slot by one token
-with its own settings, and `extend` appends tokens the row did not choose (a tool's result) to a
-live slot: written into its cache at its own column, after which it emits its next token from the
-same random stream (not restarted) and the same token budget (forced tokens do not count against
-it). `generate`, `complete` and `stream` are built on it; the agent loop is model/agent.py.
+with its own settings; model/agent.py's `extend` appends tokens a row did not choose (a tool's
+result) to a live slot. `generate`, `complete` and `stream` are built on it.
 
 Only `_prefill` and `_decode_step` call the model.
 """
@@ -182,49 +180,6 @@ def _fill(graphdef, params, slots: Slots, ids_N, tokens_NW, lengths_N, rows_N: R
     return slots, Emitted(token_N, sampler_lp_N, model_lp_N, jnp.ones((N,), bool))
 
 
-def _gathered(slots: Slots, ids_N, axes: list[int]):
-    """The cache rows of slots ids_N."""
-    leaves, treedef = jax.tree.flatten(slots.cache)
-    return jax.tree.unflatten(treedef, [jnp.take(leaf, ids_N, axis=a, mode="clip") for leaf, a in zip(leaves, axes)])
-
-
-def _go_on(slots: Slots, ids_N, axes, cache_N, window_NC, index_N, logits_NV) -> tuple[Slots, Emitted]:
-    """Rows ids_N, given a new cache, emit their next token from their own stream and budget."""
-    N = ids_N.shape[0]
-    rows_N = Rows(*(jnp.take(x, ids_N, axis=0, mode="clip") for x in slots.rows))
-    produced_N = jnp.take(slots.produced_B, ids_N, mode="clip")
-    token_N, sampler_lp_N, model_lp_N, stops_N = _choose(logits_NV, rows_N, produced_N)
-    slots = _put(slots, ids_N, axes, cache_N, window_BC=window_NC, index_B=index_N, token_B=token_N,
-                 produced_B=produced_N + 1, active_B=~stops_N)
-    return slots, Emitted(token_N, sampler_lp_N, model_lp_N, jnp.ones((N,), bool))
-
-
-def _extend(graphdef, params, slots: Slots, ids_N, tokens_NK, count_N, context: int):
-    """Rows ids_N feed count_n tokens each (their newest token, not yet fed, then the forced ones; the
-    rest of the K columns is padding) at their own cache columns, then emit their next token. The
-    padding lands beyond the row's index, where nothing attends before it is overwritten."""
-    model = nnx.merge(graphdef, params)
-    axes = _batch_axes(model, context)
-    N, K = tokens_NK.shape
-    index_N = jnp.take(slots.index_B, ids_N, mode="clip")
-    out = model(tokens_NK, cache=_gathered(slots, ids_N, axes), cache_index=index_N)
-    last_N = count_N - 1
-    logits_NV = model.logits(jnp.take_along_axis(out.hidden_BTD, last_N[:, None, None], axis=1)[:, 0])
-    cols_NK = index_N[:, None] + jnp.arange(K)
-    cols_NK = jnp.where((jnp.arange(K)[None] < count_N[:, None]) & (cols_NK < context), cols_NK, context)
-    window_NC = jnp.take(slots.window_BC, ids_N, axis=0, mode="clip").at[jnp.arange(N)[:, None], cols_NK].set(
-        tokens_NK, mode="drop")
-    return _go_on(slots, ids_N, axes, out.cache, window_NC, index_N + count_N, logits_NV)
-
-
-def _reprefill(graphdef, params, slots: Slots, ids_N, tokens_NW, lengths_N, context: int):
-    """Rows ids_N start a fresh cache from the given tokens (the tail of what they hold, and the
-    forced tokens: when those do not fit after it) and emit their next token, their stream going on."""
-    logits_NV, cache_N, window_NC = _prefill_window(graphdef, params, tokens_NW, lengths_N, context)
-    return _go_on(slots, ids_N, _batch_axes(nnx.merge(graphdef, params), context), cache_N, window_NC, lengths_N,
-                  logits_NV)
-
-
 def _start(graphdef, params, tokens_NW, lengths_N, rows_N: Rows, context: int):
     """N fresh slots filled with N prompts: one program for a whole `generate` batch's prefill."""
     N = tokens_NW.shape[0]
@@ -336,8 +291,6 @@ _empty_jit = jax.jit(_empty, static_argnums=(0, 2, 3))
 _fill_jit = jax.jit(_fill, static_argnums=(0, 7), donate_argnums=2)
 _start_jit = jax.jit(_start, static_argnums=(0, 5))
 _decode_chunk_jit = jax.jit(_decode_chunk, static_argnums=(0, 4), donate_argnums=2)
-_extend_jit = jax.jit(_extend, static_argnums=(0, 6), donate_argnums=2)
-_reprefill_jit = jax.jit(_reprefill, static_argnums=(0, 6), donate_argnums=2)
 
 
 # --- the host side ---------------------------------------------------------------------------------
@@ -439,52 +392,6 @@ class SlotDecoder:
         tokens, lengths = self._padded(prompts)
         return _fill_jit(self.graphdef, self.params, slots, np.asarray(slot_ids, np.int32), tokens, lengths,
                          _rows(samplings, self.eot_id, self.vocab), self.context)
-
-    def extend(self, slots: Slots, slot_ids: Sequence[int], forced: Sequence[Sequence[int]]
-               ) -> tuple[Slots, Emitted]:
-        """Append `forced[i]` to stopped slot slot_ids[i] after its newest token (the one it stopped
-        on, e.g. the <|tool|> closing a call) and let it go on: it emits its next token from the same
-        random stream, with the same settings and budget. A row whose cache cannot take them starts a
-        fresh cache from its last context // 2 tokens (or as many as the forced ones need)."""
-        if getattr(nnx.merge(self.graphdef, self.params), "state_carries_padding", False):
-            raise SamplingError("appending tokens to a live slot (a tool's result) needs a Transformer decoder: a "
-                                "recurrent model's state would run through the padding")
-        ids = np.asarray(slot_ids, np.int32)
-        index, window, token = (np.asarray(x) for x in _host((slots.index_B, slots.window_BC, slots.token_B)))
-        fed = [[int(token[b]), *map(int, f)] for b, f in zip(ids, forced)]
-        fits = [index[b] + len(f) <= self.context for b, f in zip(ids, fed)]
-        emitted = []
-        for keep in (True, False):
-            part = [i for i, ok in enumerate(fits) if ok == keep]
-            if not part:
-                continue
-            n = 1 << max(len(part) - 1, 0).bit_length()  # (padded to a power of two: few programs)
-            part_ids = np.full(n, len(index), np.int32)  # (ids past the last slot change nothing)
-            part_ids[:len(part)] = ids[part]
-            if keep:
-                width = prompt_width(max(len(fed[i]) for i in part), self.context)
-                tokens = np.full((n, width), self.pad_id, np.int32)
-                counts = np.ones(n, np.int32)
-                for j, i in enumerate(part):
-                    tokens[j, :len(fed[i])], counts[j] = fed[i], len(fed[i])
-                slots, e = _extend_jit(self.graphdef, self.params, slots, part_ids, tokens, counts, self.context)
-            else:
-                tails = [list(window[ids[i], :index[ids[i]]]) + fed[i] for i in part]
-                keep_n = [max(self.context // 2, len(fed[i])) for i in part]
-                if max(keep_n) > self.context:
-                    raise SamplingError(f"{max(len(fed[i]) for i in part)} forced tokens do not fit the model's "
-                                        f"context of {self.context}; cut the tool result shorter")
-                tails = [t[-k:] for t, k in zip(tails, keep_n)]
-                tails += [tails[-1]] * (n - len(part))
-                tokens, lengths = self._padded(tails)
-                slots, e = _reprefill_jit(self.graphdef, self.params, slots, part_ids, tokens, lengths, self.context)
-            emitted.append((part, e))
-        out = [None] * len(ids)
-        for part, e in emitted:
-            e = _host(e)
-            for j, i in enumerate(part):
-                out[i] = tuple(np.asarray(x)[j] for x in e)
-        return slots, Emitted(*(np.array([o[k] for o in out]) for k in range(4)))
 
     def run(self, slots: Slots, n_steps: int = CHUNK) -> tuple[Slots, Emitted]:
         return _decode_chunk_jit(self.graphdef, self.params, slots, np.int32(n_steps), self.context)

@@ -1,4 +1,4 @@
-"""Tool calls inside sampling: `SlotDecoder.extend` appends tokens a row did not choose to its live
+"""Tool calls inside sampling: `extend` (model/agent.py) appends tokens a row did not choose to its live
 slot — its next tokens and log-probs equal a reference that prefills the whole prefix, its random
 stream goes on (never restarts), the other rows are untouched — and the agent loop answers every
 call exactly once, never crashing on a bad one."""
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from plutao.model.agent import complete_with_tools
+from plutao.model.agent import complete_with_tools, extend
 from plutao.model.config import ModelConfig
 from plutao.model.decode import SlotDecoder, complete
 from plutao.model.gpt import GPT
@@ -50,7 +50,7 @@ def test_a_continued_greedy_row_equals_a_prefill_of_its_whole_prefix(gpt, prompt
     decoder = SlotDecoder.of(gpt, eot_id=EOT, pad_id=PAD)
     slots, first = decoder.start([prompt], [greedy(12, stops=(g,))])  # (stops on its first token: a pause)
     assert int(np.asarray(first.tokens)[0]) == g and not bool(np.asarray(slots.active_B)[0])
-    slots, e = decoder.extend(slots, [0], [FORCED])
+    slots, e = extend(decoder, slots, [0], [FORCED])
     slots, rest = run_out(decoder, slots)
     after = [int(e.tokens[0])] + rest[0]
     prefix = prompt + [g] + FORCED
@@ -68,7 +68,7 @@ def test_the_random_stream_goes_on_after_the_forced_tokens(gpt):
     decoder = SlotDecoder.of(gpt, eot_id=EOT, pad_id=PAD)
     slots, _ = decoder.start([prompt], [SamplingConfig(temperature=1.0, max_new_tokens=8, seed=seed,
                                                        stop_at_eot=False, stop_ids=(t0,))])
-    slots, e = decoder.extend(slots, [0], [FORCED])
+    slots, e = extend(decoder, slots, [0], [FORCED])
     logits = forward_logits(gpt, jnp.asarray([prompt + [t0] + FORCED], jnp.int32))[0][:, -1]
     u = jax.random.uniform(jax.random.fold_in(jax.random.key(seed), 1), ())  # (draw 1, not draw 0 again)
     token, sampler_lp, model_lp = sample_rows(logits, u[None], jnp.ones(1), jnp.zeros(1, jnp.int32), jnp.ones(1),
@@ -87,7 +87,7 @@ def test_the_other_rows_keep_decoding_as_if_alone(gpt):
     g = solo[0][0]
     decoder = SlotDecoder.of(gpt, eot_id=EOT, pad_id=PAD)
     slots, first = decoder.start(prompts, [greedy(10, stops=(g,))] + samplings[1:])
-    slots, _ = decoder.extend(slots, [0], [FORCED])
+    slots, _ = extend(decoder, slots, [0], [FORCED])
     slots, rest = run_out(decoder, slots)
     for b in (1, 2):
         assert [int(np.asarray(first.tokens)[b])] + rest[b] == solo[b]
@@ -207,4 +207,4 @@ def test_extending_a_recurrent_models_slot_is_refused():
     decoder = SlotDecoder.of(rnn, eot_id=EOT, pad_id=PAD)
     slots, _ = decoder.start([[3, 4]], [greedy(1)])
     with pytest.raises(SamplingError, match="needs a Transformer decoder"):
-        decoder.extend(slots, [0], [FORCED])
+        extend(decoder, slots, [0], [FORCED])

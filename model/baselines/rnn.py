@@ -125,14 +125,14 @@ class RecurrentLM(nnx.Module):
     """Embedding → n_layers recurrent layers (hidden size d_model) → vocabulary logits.
 
     Its "cache" is a state every fed token passes through, so padding cannot be fed after a row's
-    tokens (model/decode.py: SlotDecoder.extend refuses it: `state_carries_padding`).
+    tokens (model/agent.py: extend refuses it: `state_carries_padding`).
 
     Dropout follows Zaremba et al. (2014): on the non-recurrent connections only (embeddings,
     between layers, before the head), so the memory carried through time is not corrupted.
     Positions need no encoding: the recurrence itself orders the tokens.
     """
 
-    state_carries_padding = True  # (model/decode.py: no right-padded extension of a live slot)
+    state_carries_padding = True  # (model/agent.py: no right-padded extension of a live slot)
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         if cfg.family not in N_GATES:

@@ -30,6 +30,13 @@ def restart_positions(starts_BT: np.ndarray) -> np.ndarray:
     return (index_BT - np.maximum.accumulate(np.where(starts_BT, index_BT, 0), axis=1)).astype(np.int32)
 
 
+def document_segments(tokens_BT: np.ndarray, eot_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(segment ids, positions) of packed rows: each <|endoftext|> starts a new segment, where positions
+    restart at 0."""
+    starts_BT = tokens_BT == eot_id
+    return (np.cumsum(starts_BT, axis=1) + 1).astype(np.int32), restart_positions(starts_BT)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class CausalLM(Task):
     name = "causal_lm"
@@ -63,9 +70,8 @@ class CausalLM(Task):
         precedes), and positions restart there, so no token attends across a document boundary."""
         if not self.separates_documents:
             return batch
-        starts_BT = batch["tokens"] == self.ids.eot_id
-        return batch | {"segment_ids": (np.cumsum(starts_BT, axis=1) + 1).astype(np.int32),
-                        "positions": restart_positions(starts_BT)}
+        segment_ids, positions = document_segments(batch["tokens"], self.ids.eot_id)
+        return batch | {"segment_ids": segment_ids, "positions": positions}
 
     def segments_of(self, batch) -> dict:
         return ({"segment_ids_BT": batch["segment_ids"], "positions_BT": batch["positions"]}

@@ -38,7 +38,7 @@ from plutao.train.losses import token_logprobs
 from plutao.train.rl import objectives as rl
 from plutao.train.rl.rollouts import PromptSource
 from plutao.train.tasks.base import Data, ModelSlot
-from plutao.train.tasks.causal_lm import CausalLM, restart_positions
+from plutao.train.tasks.causal_lm import CausalLM, document_segments
 from plutao.train.tasks.sft import SFT
 
 PER_TOKEN = ("batch", "length")
@@ -58,11 +58,9 @@ class RolloutData:
         """The `ptx_*` arrays of optimizer step `update` of the run (a pure function of it: resumable);
         no token attends across an <|endoftext|>."""
         rows = self.pretraining.train_rows(update)
-        tokens = rows[:, :-1]
-        starts_BT = tokens == eot_id
-        return {"ptx_tokens": tokens, "ptx_targets": rows[:, 1:],
-                "ptx_segment_ids": (np.cumsum(starts_BT, axis=1) + 1).astype(np.int32),
-                "ptx_positions": restart_positions(starts_BT)}
+        segment_ids, positions = document_segments(rows[:, :-1], eot_id)
+        return {"ptx_tokens": rows[:, :-1], "ptx_targets": rows[:, 1:], "ptx_segment_ids": segment_ids,
+                "ptx_positions": positions}
 
 
 def scalar_model(cfg, rngs):

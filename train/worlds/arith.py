@@ -330,17 +330,16 @@ def demonstration(world: World, index: int, *, held_out_stream: bool = False) ->
             p = training_problem(world, rng, [1.0] * MAX_DIGITS)  # (beyond the training range too)
             messages += [{"role": "user", "content": question_text(p, rng, language(world, rng))},
                          *tool_demo_reply(p, len(problems))]
-            problems.append(p.to_dict())
-            continue
-        p = training_problem(world, rng)
-        lang = language(world, rng)
-        wrong = rng.random() < world.demo_error_rate
-        worked_form = system == STEP_BY_STEP or (system != NUMBER_ONLY and rng.random() < world.worked_rate)
-        reply = answer_text(p, world, rng, worked_form, wrong)
-        if not worked_form and rng.random() < world.verbose_rate:
-            reply = verbose_answer(int(reply), rng, lang)
-        messages += [{"role": "user", "content": question_text(p, rng, lang)},
-                     {"role": "assistant", "content": reply}]
+        else:
+            p = training_problem(world, rng)
+            lang = language(world, rng)
+            wrong = rng.random() < world.demo_error_rate
+            worked_form = system == STEP_BY_STEP or (system != NUMBER_ONLY and rng.random() < world.worked_rate)
+            reply = answer_text(p, world, rng, worked_form, wrong)
+            if not worked_form and rng.random() < world.verbose_rate:
+                reply = verbose_answer(int(reply), rng, lang)
+            messages += [{"role": "user", "content": question_text(p, rng, lang)},
+                         {"role": "assistant", "content": reply}]
         problems.append(p.to_dict())
     return {"messages": messages, "problems": problems}
 
