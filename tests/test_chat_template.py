@@ -132,6 +132,21 @@ def test_golden_masks_with_tool_calls_the_result_is_never_a_target(tool_tok):
     assert prompt_ids(one_call, tool_tok) == render(one_call, tool_tok).ids.tolist() + [tool_tok.assistant_id]
 
 
+def test_the_runtime_targets_are_the_unsupervised_tokens_of_a_reply_with_tool_turns(tok, tool_tok):
+    from plutao.tokenizer.chat import runtime_targets, tool_turn_marks
+
+    # What a DPO pair or a rollout reads from tokens alone equals what the template supervises.
+    history = [{"role": "user", "content": "4+4?"}, {**TOOL_CONVERSATION[1], "tool_calls": [_call(2, "4+4")]},
+               {"role": "tool", "tool_call_id": "c2", "content": "8"}, {"role": "assistant", "content": "8"}]
+    for messages in (TOOL_CONVERSATION, history + TOOL_CONVERSATION):
+        r = render(messages, tool_tok)
+        reply = len(prompt_ids(messages[:len(messages) - 4], tool_tok)) - 1  # (the last reply's first target)
+        hole = runtime_targets(r.ids[1:], tool_turn_marks(tool_tok))
+        assert (hole[reply:] == (r.weights[1:][reply:] == 0)).all()
+        assert hole[reply:].sum() == 6  # (two results: "5" <|end|> <|assistant|> and "8" <|end|> <|assistant|>)
+    assert tool_turn_marks(tok) == () and not runtime_targets(render(CONVERSATION, tok).ids, ()).any()
+
+
 def test_a_tokenizer_without_tool_tokens_keeps_its_template_and_refuses_tool_turns(tok, tool_tok):
     from plutao.tokenizer.chat import template_hash
 

@@ -183,7 +183,8 @@ def test_rl_problems_are_user_errors():
         dataclasses.replace(base, rl=RLConfig(temperature=1.0, max_new_tokens=8))))
     for rl, said in (({"ptx_coef": 0.5}, "rl.ptx_data=PATH"), ({"ptx_coef": -1.0}, "rl.ptx_coef must be ≥ 0"),
                      ({"ema": 1.0}, "rl.ema is a decay"), ({"ptx_coef": 1.0, "ptx_data": ["a", "b"], "ptx_weights": [1.0]},
-                                                           "one weight per")):
+                                                           "one weight per"),
+                     ({"tool_cost": 0.2}, "with rl.tools set"), ({"tool_cost": -0.1, "tools": "calculator"}, "≥ 0")):
         assert any(said in p for p in PolicyGradient.problems(
             dataclasses.replace(base, rl=RLConfig(max_new_tokens=8, **rl)))), rl
 
@@ -354,6 +355,7 @@ def test_rollout_rows_with_tool_turns_hold_the_result_as_a_hole_and_keep_the_tra
         holes = first[b] + np.asarray(c.forced, np.int64)
         assert (roll.loss_weights[b, holes] == 0).all() and (roll.sampler_logprobs[b, holes] == 0).all()
         assert roll.loss_weights[b].sum() == len(c.tokens) - len(c.forced)
+        assert roll.calls[b] == len(c.forced) // len(result)  # (what rl.tool_cost charges for)
         final = c.tokens[max(c.forced) + 1:] if c.forced else c.tokens
         assert roll.replies[b] == tok.decode(final[:-1] if c.stop_token is not None else final)  # (the final answer)
     logits, _ = forward_logits(policy, jnp.asarray(roll.tokens))

@@ -272,6 +272,28 @@ def tool_turn_ids(tokenizer: Tokenizer, result: str, max_tokens: int | None = No
     return [*(ids if max_tokens is None else ids[:max_tokens]), tokenizer.end_id, tokenizer.assistant_id]
 
 
+def tool_turn_marks(tokenizer: Tokenizer) -> tuple[int, int] | tuple[()]:
+    """(<|tool|>, <|assistant|>): the ids `runtime_targets` reads; () for a tokenizer without tools."""
+    return (tokenizer.tool_id, tokenizer.assistant_id) if tokenizer.has_tools else ()
+
+
+def runtime_targets(targets, tool_turn: tuple[int, int] | tuple[()]) -> np.ndarray:
+    """Which of a reply's target tokens (..., T) the runtime wrote, by the layout above: everything after a
+    <|tool|> up to and including the <|assistant|> that follows its result (weight 0 in `render`; holes
+    in a DPO pair). `tool_turn`: `tool_turn_marks(tokenizer)`; with () all False."""
+    targets = np.asarray(targets)
+    if not tool_turn:
+        return np.zeros(targets.shape, bool)
+    tool_id, assistant_id = tool_turn
+    index = np.broadcast_to(np.arange(targets.shape[-1]), targets.shape)
+
+    def last_before(token):  # (the index of the latest `token` strictly before each position; -1 if none)
+        seen = np.maximum.accumulate(np.where(targets == token, index, -1), axis=-1)
+        return np.concatenate([np.full(targets.shape[:-1] + (1,), -1), seen[..., :-1]], axis=-1)
+
+    return last_before(tool_id) > last_before(assistant_id)
+
+
 def tool_answerer(tokenizer: Tokenizer, tools, *, max_calls: int = 4, max_result_tokens: int | None = None):
     """The agent loop's `answer`: run the call a row's reply ends with (plutao.tools: run_call never
     raises) and give the tokens of its tool turn; a call beyond `max_calls`, or a <|tool|> with no

@@ -130,18 +130,26 @@ def make_comparisons(parent: Path, step: int | None, cfg: Config, run_dir: Path)
     from plutao.train.data.conversations import write_jsonl
     from plutao.train.parallel.distributed import log
     from plutao.train.rl.comparisons import make_rankings, usable
+    from plutao.train.rl.rollouts import check_tools
     from plutao.train.run.lineage import load_run
 
     folder = run_dir / "comparisons"
     info = {"parent": cfg.train.init_from, "world": dataclasses.asdict(cfg.world)}
+    if cfg.rl.tools:  # (replies sampled with tools: the rankings differ; without, the key is absent as before)
+        info["tools"] = cfg.rl.tools
+    def as_now(have: dict) -> dict:  # (world settings added since the files were made: at their defaults)
+        return {**have, "world": {**dataclasses.asdict(type(cfg.world)()), **have.get("world", {})}}
+
     if cached(folder, info, f"{folder} holds the rankings {run_dir} was trained on, from another parent or other "
-                            "world.* settings; use a new --workdir (or the same settings)"):
+                            "world.* or rl.tools settings; use a new --workdir (or the same settings)", as_now):
         return
     sft = load_run(parent, step)
+    check_tools(cfg.rl.tools, sft.tokenizer)
     world, context = cfg.world, cfg.model.context_length
     lines = {}
     for split, n, held_out in (("train", world.comparisons, False), ("val", max(world.comparisons // 10, 5), True)):
-        made = make_rankings(sft.model, sft.tokenizer, world, held_out=held_out, context=context, n=n, log=log)
+        made = make_rankings(sft.model, sft.tokenizer, world, held_out=held_out, context=context, n=n, log=log,
+                             tools=cfg.rl.tools)
         lines[split] = [x for x in made if usable(x)]
         log(f"{split}: {len(lines[split]):,} of {n:,} prompts have replies of different quality")
         if not lines[split]:
@@ -159,12 +167,13 @@ def make_comparisons(parent: Path, step: int | None, cfg: Config, run_dir: Path)
         any_process(False)  # (every process waits until the files are there)
 
 
-def cached(folder: Path, info: dict, refusal: str) -> bool:
-    """Whether FOLDER/info.json says the files beside it were made from `info` (then they are reused).
-    Files made otherwise are remade, unless a run was trained on them (FOLDER/../config.json): refused."""
+def cached(folder: Path, info: dict, refusal: str, as_now=lambda have: have) -> bool:
+    """Whether FOLDER/info.json (read through `as_now`, which fills settings added since) says the files
+    beside it were made from `info` (then they are reused). Files made otherwise are remade, unless a run
+    was trained on them (FOLDER/../config.json): refused."""
     try:
-        have = json.loads((folder / "info.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        have = as_now(json.loads((folder / "info.json").read_text()))
+    except (OSError, json.JSONDecodeError, TypeError, AttributeError):
         have = None
     if have == info:
         return True
@@ -188,7 +197,7 @@ def shift_rewards(run_dir: Path, parent: Path, parent_step: int | None) -> None:
     import jax
     import numpy as np
 
-    from plutao.train.data.conversations import read_rankings, single_path, with_held_out
+    from plutao.train.data.conversations import read_rankings, reply_turns, single_path, with_held_out
     from plutao.train.parallel.distributed import log
     from plutao.train.rl.rewards import RewardScorer, write_shift
 
@@ -198,7 +207,7 @@ def shift_rewards(run_dir: Path, parent: Path, parent_step: int | None) -> None:
     data = scorer.run.cfg.data
     path = single_path(data)
     _, held, _ = with_held_out(read_rankings(path), read_rankings, path, data, "rankings")
-    replies = [r.prompt + [{"role": "assistant", "content": text}] for r in held for text in r.responses]
+    replies = [r.prompt + reply_turns(x) for r in held for x in r.responses]
     ended = [e for r in held for e in r.meta.get("ended", [True] * len(r.responses))]  # (scored as they ended)
     spread = float(np.std(scorer.raw(replies, ended=ended))) if len(replies) > 1 else 0.0
     scale = spread if spread > 1e-6 else 1.0

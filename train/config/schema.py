@@ -135,6 +135,7 @@ class RLConfig:
     ema: float = 0.0
     eval_problems: int = 100  # held-out problems per digit count (1–5) answered greedily at each evaluation
     tools: str = ""  # tools the rollouts (and evaluations) may call, e.g. "calculator" (a policy with tool tokens)
+    tool_cost: float = 0.0  # subtracted from a reply's reward per tool call (a tool that is not free)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,7 +3,8 @@
 - conversations (SFT): {"messages": [{"role", "content"}, ...]} or {"prompt": ..., "response": ...};
 - rankings (reward model): {"prompt", "chosen", "rejected"} pairs, or {"prompt", "responses": [best, …,
   worst]} ranked lists (optionally "ranks": [0, 0, 1, …] when some responses tie); a prompt is text
-  (a user message) or a list of messages;
+  (a user message) or a list of messages; a response is text, or — a reply that called tools — the
+  list of messages it made (assistant with "tool_calls", "tool" results, the final assistant message);
 - problems (report card): {"messages": [...], "answer": "799"}.
 
 A line that is not what its file should hold is a one-line UserError naming the file and line.
@@ -22,7 +23,7 @@ from plutao.train.config.errors import UserError
 @dataclasses.dataclass(frozen=True)
 class Ranking:
     prompt: list[dict]  # messages ending with a user turn
-    responses: list[str]
+    responses: list[str | list[dict]]  # text, or a reply with tool turns as its messages (reply_turns)
     ranks: list[int]  # 0 = best; equal ranks tie (no pair between them)
     meta: dict = dataclasses.field(default_factory=dict)  # e.g. the built-in world's gold facts
 
@@ -60,6 +61,32 @@ def _prompt(obj: dict, where: str) -> list[dict]:
     raise UserError(f"{where}: \"prompt\" must be text or a list of messages")
 
 
+def reply_turns(response: str | list[dict]) -> list[dict]:
+    """A ranked response as the messages that follow the prompt."""
+    return [{"role": "assistant", "content": response}] if isinstance(response, str) else list(response)
+
+
+def final_text(response: str | list[dict]) -> str:
+    """The text of a response's last assistant message (a tool's output never counts as the answer)."""
+    return response if isinstance(response, str) else response[-1]["content"]
+
+
+def _response(response, where: str) -> str | list[dict]:
+    if isinstance(response, str):
+        return response
+    if isinstance(response, list) and response and all(isinstance(m, dict) for m in response):
+        if any(m.get("role") not in ("assistant", "tool") for m in response) or response[-1].get("role") != "assistant" \
+                or response[-1].get("tool_calls"):
+            raise UserError(f"{where}: a response given as messages holds assistant and tool messages only and ends "
+                            "with the assistant's final message")
+        try:
+            return check_messages([{"role": "user", "content": "?"}, *response], needs_reply=True)[1:]
+        except ChatError as e:
+            raise UserError(f"{where}: a response with tool turns: {e}") from None
+    raise UserError(f"{where}: each response must be text, or the list of assistant and tool messages of a reply "
+                    "that called tools")
+
+
 def read_conversations(path) -> list[list[dict]]:
     """SFT conversations (each with at least one assistant turn)."""
     out = []
@@ -87,14 +114,15 @@ def read_rankings(path) -> list[Ranking]:
         where = f"{path}:{lineno}"
         prompt = _prompt(obj, where)
         if "chosen" in obj or "rejected" in obj:
-            responses = [obj.get("chosen"), obj.get("rejected")]
-            if not all(isinstance(r, str) for r in responses):
-                raise UserError(f"{where}: a pair needs text \"chosen\" and \"rejected\"")
+            if obj.get("chosen") is None or obj.get("rejected") is None:
+                raise UserError(f"{where}: a pair needs both \"chosen\" and \"rejected\"")
+            responses = [_response(obj["chosen"], where), _response(obj["rejected"], where)]
             ranks = [0, 1]
         elif "responses" in obj:
             responses = obj["responses"]
-            if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
-                raise UserError(f"{where}: \"responses\" must be a list of texts, best first")
+            if not isinstance(responses, list):
+                raise UserError(f"{where}: \"responses\" must be a list of replies, best first")
+            responses = [_response(r, where) for r in responses]
             if len(responses) < 2:
                 raise UserError(f"{where}: a ranked list needs at least 2 responses (got {len(responses)}); "
                                 "a ranking of one response has no pair to learn from")

@@ -9,7 +9,7 @@ import itertools
 
 import numpy as np
 
-from plutao.train.data.conversations import Ranking
+from plutao.train.data.conversations import Ranking, reply_turns
 
 
 def _pairs(ranks):
@@ -24,7 +24,7 @@ def _accuracy(margins: list[float]) -> float | None:
 
 
 def evaluate_rankings(scorer, rankings: list[Ranking], bins: int = 5) -> dict:
-    convs = [r.prompt + [{"role": "assistant", "content": x}] for r in rankings for x in r.responses]
+    convs = [r.prompt + reply_turns(x) for r in rankings for x in r.responses]
     ended = [e for r in rankings for e in r.meta.get("ended", [True] * len(r.responses))]
     scores = scorer.score(convs, ended=ended)
     margins, by_digits, both_wrong, right_wrong, gold = [], {}, [], [], []

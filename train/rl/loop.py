@@ -41,7 +41,7 @@ from plutao.train.parallel import sharding
 from plutao.train.parallel.distributed import log
 from plutao.train.rl import objectives as rl
 from plutao.train.rl.rewards import read_shift
-from plutao.train.rl.rollouts import PromptSource, Rollout, row_seeds, sample
+from plutao.train.rl.rollouts import PromptSource, Rollout, check_tools, row_seeds, sample
 from plutao.train.run.checkpoint import Checkpoints
 from plutao.train.run.lineage import init_from_parent, merge_params
 from plutao.train.run.metrics import MetricsLog, plot_rewards
@@ -196,7 +196,7 @@ def evaluate_policy(policy, tokenizer, source: PromptSource, cfg) -> dict:
 
 
 def rollout_metrics(roll: Rollout, scored: dict, rm_score: np.ndarray | None, gold: np.ndarray,
-                    tool_id: int | None = None) -> dict:
+                    tools: bool = False) -> dict:
     mask = roll.loss_weights
     n_tok = max(float(mask.sum()), 1.0)
     gap = np.abs(scored["logprobs"] - roll.sampler_logprobs) * mask
@@ -210,9 +210,8 @@ def rollout_metrics(roll: Rollout, scored: dict, rm_score: np.ndarray | None, go
         out["rm_score"] = float(rm_score.mean())
     if np.isfinite(gold).any():
         out["gold_reward"] = float(np.nanmean(gold))
-    if tool_id is not None:  # (rl.tools: the share of replies that called a tool, and calls per reply)
-        calls_B = ((roll.targets == tool_id) & (mask > 0)).sum(1)
-        out["tool_call_rate"], out["tool_calls"] = float((calls_B > 0).mean()), float(calls_B.mean())
+    if tools:  # (rl.tools: the share of replies that called a tool, and calls per reply)
+        out["tool_call_rate"], out["tool_calls"] = float((roll.calls > 0).mean()), float(roll.calls.mean())
     return out
 
 
@@ -230,9 +229,7 @@ def train_rl(p, run_dir: Path, saved: dict | None, write_run_files, quiet: bool,
 
     cfg, trainer, task, tok = p.cfg, p.trainer, p.task, p.tokenizer
     r, t = cfg.rl, cfg.train
-    if r.tools and not tok.has_tools:
-        raise UserError(f"rl.tools={r.tools}: the policy's tokenizer has no tool tokens; start from an SFT run trained "
-                        "to call tools (data.add_specials and world.tool_rate)")
+    check_tools(r.tools, tok)
     main = jax.process_index() == 0
     data: RolloutData = p.batches
     source: PromptSource = data.prompts
@@ -300,7 +297,7 @@ def train_rl(p, run_dir: Path, saved: dict | None, write_run_files, quiet: bool,
                 scored = score_rollout(trainer, state, roll)
                 gold = roll.gold()
                 rm_score = (scored["rm_score"] - offset) / scale if "rm_score" in scored else None
-                scores = rm_score if rm_score is not None else gold
+                scores = (rm_score if rm_score is not None else gold) - r.tool_cost * roll.calls  # (rl.tool_cost)
                 if not np.isfinite(scores).all():
                     raise NonFiniteError(f"the reward of RL step {step + 1} is NaN/inf (reward model {r.reward}); "
                                          f"{last_checkpoint(checkpoints)}")
@@ -312,7 +309,7 @@ def train_rl(p, run_dir: Path, saved: dict | None, write_run_files, quiet: bool,
                                          "that state; lower optim.lr or rl.clip")
                 step += 1
                 real_tokens = float((roll.tokens != tok.pad_id).sum())
-                m = {"step": step, "split": "train", **rollout_metrics(roll, scored, rm_score, gold, tok.tool_id if r.tools else None), **adv_metrics,
+                m = {"step": step, "split": "train", **rollout_metrics(roll, scored, rm_score, gold, bool(r.tools)), **adv_metrics,
                      "loss": learned["loss"], "grad_norm": learned["grad_norm"], "lr": learned["lr"],
                      **{k: learned[k] for k in task.step_metrics if k not in ("ratio", "ratio_sq")
                         and (k != "ptx_loss" or r.ptx_coef)},

@@ -28,7 +28,7 @@ from plutao.model.decode import complete
 from plutao.model.sampling import SamplingConfig, prompt_width
 from plutao.tokenizer import Tokenizer
 from plutao.tokenizer.chat import ChatError, fitted_prompt_ids, reply_stop_ids, result_tokens, tool_answerer
-from plutao.tools import tools_named
+from plutao.tools import ToolError, tools_named
 from plutao.train.config.errors import UserError
 from plutao.train.data.conversations import read_problems, single_path
 from plutao.train.worlds import arith
@@ -105,6 +105,7 @@ class Rollout:
     replies: list[str]
     lengths: np.ndarray  # (N,) reply tokens (the stop token included)
     ended: np.ndarray  # (N,) bool: the reply ended with <|end|>
+    calls: np.ndarray  # (N,) int32: tool calls the runtime answered in the reply
 
     @property
     def n(self) -> int:
@@ -117,6 +118,17 @@ class Rollout:
 
 
 MAX_CALLS = 4  # tool calls per reply (one more is answered with a refusal; a further one ends the reply)
+
+
+def check_tools(tools: str, tokenizer: Tokenizer) -> None:
+    """rl.tools must name known tools, and the policy must have the tokens to call them."""
+    try:
+        tools_named(tools)
+    except ToolError as e:
+        raise UserError(f"rl.tools={tools}: {e}") from None
+    if tools and not tokenizer.has_tools:
+        raise UserError(f"rl.tools={tools}: the policy's tokenizer has no tool tokens; start from an SFT run trained "
+                        "to call tools (data.add_specials and world.tool_rate)")
 
 
 def prompt_budget(context: int, max_new_tokens: int) -> int:
@@ -162,7 +174,7 @@ def pack(tokenizer: Tokenizer, prompts: list[Prompt], prompt_ids: list[list[int]
     targets = np.full((N, W), tokenizer.pad_id, np.int32)
     weights = np.zeros((N, W), np.float32)
     sampler = np.zeros((N, W), np.float32)
-    rm_rows, texts, lengths, ended = [], [], [], []
+    rm_rows, texts, lengths, ended, calls = [], [], [], [], []
     stops = reply_stop_ids(tokenizer) + (tokenizer.eot_id,)
     for b, (p, r, lp, f) in enumerate(zip(prompt_ids, replies, logprobs, forced)):
         seq = list(p) + list(r)
@@ -179,6 +191,7 @@ def pack(tokenizer: Tokenizer, prompts: list[Prompt], prompt_ids: list[list[int]
         texts.append(tokenizer.decode(final_answer(content, f)))  # (the final answer, never a tool's output)
         lengths.append(len(r))
         ended.append(done)
+        calls.append(sum(1 for i in f if i > 0 and (i - 1) not in f))  # (each answered call: one run of forced tokens)
     W2 = prompt_width(max(len(x) for x in rm_rows), context)
     rm_tokens = np.full((N, W2), tokenizer.pad_id, np.int32)
     rm_index = np.zeros(N, np.int32)
@@ -186,7 +199,7 @@ def pack(tokenizer: Tokenizer, prompts: list[Prompt], prompt_ids: list[list[int]
         rm_tokens[b, :len(row)] = row
         rm_index[b] = len(row) - 1
     return Rollout(list(prompts), tokens, targets, weights, sampler, rm_tokens, rm_index, texts,
-                   np.asarray(lengths, np.int32), np.asarray(ended, bool))
+                   np.asarray(lengths, np.int32), np.asarray(ended, bool), np.asarray(calls, np.int32))
 
 
 def row_seeds(seed: int, step: int, n: int) -> list[int]:

@@ -23,6 +23,7 @@ from plutao.model.layers import no_constraint
 from plutao.model.lora import Adapters, expand_targets
 from plutao.model.sampling import to_host
 from plutao.tokenizer import Tokenizer
+from plutao.tokenizer.chat import tool_turn_marks
 from plutao.train.config.errors import UserError
 from plutao.train.config.schema import Config, OptimConfig
 from plutao.train.data.batches import AXES
@@ -54,6 +55,7 @@ class TokenIds:
     # label smoothing spreads its mass over these and the ordinary ids, never over padding, other
     # specials or the padded rows of a vocabulary rounded up past the tokenizer's.
     target_specials: tuple[int, ...] = ()
+    tool_turn: tuple[int, ...] = ()  # (<|tool|>, <|assistant|>) of a tokenizer with tools (chat.runtime_targets)
 
     @classmethod
     def of(cls, tokenizer: Tokenizer | None) -> TokenIds:
@@ -62,7 +64,8 @@ class TokenIds:
         return cls(pad_id=tokenizer.pad_id, mask_id=tokenizer.mask_id, eot_id=tokenizer.eot_id,
                    vocab_limit=tokenizer.vocab_size,
                    ordinary=tuple(int(i) for i in np.flatnonzero(ordinary_mask(tokenizer))),
-                   target_specials=(tokenizer.eot_id, tokenizer.eos_id, tokenizer.unk_id))
+                   target_specials=(tokenizer.eot_id, tokenizer.eos_id, tokenizer.unk_id),
+                   tool_turn=tool_turn_marks(tokenizer))
 
     def ordinary_V(self, vocab: int) -> Array:
         """(V,) bool: the ordinary ids (all ids when unknown)."""

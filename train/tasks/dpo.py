@@ -8,7 +8,8 @@ SFT model and the very function the loss uses (`sequence_logprobs`), and writes 
 training state holds the policy alone.
 
 A reply's log-prob sums its tokens and its <|end|> when it ended (a reply that ran to its budget is
-scored without one). Metrics: the implicit rewards β·(log π − log π_ref) of chosen and rejected, their
+scored without one); a reply that called a tool sums the assistant's tokens only, never the tool's result
+(the tokens `runtime_targets` marks). Metrics: the implicit rewards β·(log π − log π_ref) of chosen and rejected, their
 margin, the share of pairs ordered right, and the chosen reply's log-prob per pair, whose fall while
 the margin grows is a known failure of DPO (both replies become less likely, the rejected faster).
 """
@@ -24,11 +25,11 @@ import numpy as np
 from plutao.model.heads import forward_logits
 from plutao.model.layers import no_constraint
 from plutao.model.sampling import prompt_width
-from plutao.tokenizer.chat import ChatError, prompt_ids
+from plutao.tokenizer.chat import ChatError, prompt_ids, render, runtime_targets
 from plutao.train.config.errors import UserError
 from plutao.train.data.batches import NamedBatches
 from plutao.train.data.chat_batches import PreferencePairs, encode_pair
-from plutao.train.data.conversations import Ranking, read_rankings, single_path, with_held_out
+from plutao.train.data.conversations import Ranking, read_rankings, reply_turns, single_path, with_held_out
 from plutao.train.losses import token_logprobs
 from plutao.train.rl import objectives as rl
 from plutao.train.tasks.base import Data
@@ -57,14 +58,21 @@ def pairs_of(rankings: list[Ranking]) -> list[Ranking]:
     return out
 
 
+def reply_ids(prompt: list[dict], response, tokenizer, ended: bool) -> list[int]:
+    """A reply's ids after the prompt's <|assistant|> through the chat template (its tool turns too), its
+    <|end|> kept only when it ended."""
+    head = len(prompt_ids(prompt, tokenizer))
+    ids = render(prompt + reply_turns(response), tokenizer).ids.tolist()[head:]
+    return ids if ended else ids[:-1]
+
+
 def encode_pairs(pairs: list[Ranking], tokenizer, context: int) -> tuple[list, int]:
     """(EncodedPairs, width): prompt ids through the chat template, each reply + <|end|> when it ended."""
     try:
         seqs = []
         for p in pairs:
             ids = prompt_ids(p.prompt, tokenizer)
-            replies = [[int(i) for i in tokenizer.encode_unseen(x)] + ([tokenizer.end_id] if e else [])
-                       for x, e in zip(p.responses, p.meta.get("ended", [True, True]))]
+            replies = [reply_ids(p.prompt, x, tokenizer, e) for x, e in zip(p.responses, p.meta.get("ended", [True, True]))]
             seqs.append((ids, replies, p.meta.get("reference_logprobs", (0.0, 0.0))))
     except ChatError as e:
         raise UserError(str(e)) from None
@@ -130,7 +138,8 @@ class DPO(CausalLM):
         W = rows.shape[-1] - 3
         tokens = rows[..., :W]
         index = np.arange(W - 1)
-        weights = ((index >= rows[..., W, None]) & (index < rows[..., W + 1, None])).astype(np.float32)
+        reply = (index >= rows[..., W, None]) & (index < rows[..., W + 1, None])
+        weights = (reply & ~runtime_targets(tokens[..., 1:], self.ids.tool_turn)).astype(np.float32)  # (tool turns: holes)
         return {"pair_tokens": tokens[..., :-1], "pair_targets": tokens[..., 1:], "pair_weights": weights,
                 "reference": np.ascontiguousarray(rows[..., W + 2]).view(np.float32)}
 

@@ -123,6 +123,8 @@ class PolicyGradient(CausalLM):
             tools_named(r.tools)
         except ToolError as e:
             out.append(f"rl.tools: {e}")
+        if r.tool_cost < 0 or (r.tool_cost and not r.tools):
+            out.append(f"rl.tool_cost={r.tool_cost:g} is a reward taken per tool call: ≥ 0, and with rl.tools set")
         if not 0 <= r.ema < 1:
             out.append(f"rl.ema is a decay per optimizer step in [0, 1) (0 = off; e.g. 0.99), got {r.ema}")
         if r.temperature != 1.0:  # (the update's ratio and KL read the model at temperature 1)

@@ -22,7 +22,7 @@ from plutao.tokenizer.chat import ChatError, reward_ids
 from plutao.train.config.errors import UserError
 from plutao.train.data.batches import NamedBatches
 from plutao.train.data.chat_batches import RankedBatches, encode_ranking
-from plutao.train.data.conversations import Ranking, read_rankings, single_path, with_held_out
+from plutao.train.data.conversations import Ranking, read_rankings, reply_turns, single_path, with_held_out
 from plutao.train.losses import ranking_loss_sums
 from plutao.train.tasks.base import Data
 from plutao.train.tasks.causal_lm import CausalLM
@@ -89,14 +89,14 @@ class RewardModel(CausalLM):
 
     def read(self) -> Data:
         train, val, name = ranking_data(self.cfg)
-        texts = [m["content"] for r in train for m in r.prompt] + [x for r in train for x in r.responses]
+        texts = [m["content"] for r in train for m in r.prompt + [t for x in r.responses for t in reply_turns(x)]]
         return Data(texts, (train, val), name)
 
     def batches(self, data, tokenizer):
         train, val = data.payload
         context = self.cfg.model.context_length
         try:
-            seqs = [[reward_ids(r.prompt + [{"role": "assistant", "content": x}], tokenizer, ended=end)
+            seqs = [[reward_ids(r.prompt + reply_turns(x), tokenizer, ended=end)
                      for x, end in zip(r.responses, r.meta.get("ended", [True] * len(r.responses)))]
                     for r in train + val]
         except ChatError as e:

@@ -24,8 +24,7 @@ documents, demonstrations, prompts and rankings on every machine.
   correct ≻ ended ≻ share of correct steps (worked) or of correct digits (direct); no length term.
   `labeler_ranks` adds Bradley–Terry noise: P(i above j) = σ((u_i − u_j)/noise) for gold utilities u.
 
-Prompts that measure a model of the world without training it (few-shot, unseen phrasings) are
-arith_prompts.py.
+Prompts that measure a model of the world without training it (few-shot, unseen phrasings): arith_prompts.py.
 """
 
 from __future__ import annotations
@@ -63,7 +62,8 @@ class World:
     demo_error_rate: float = 0.08  # demonstrations with one wrong step
     worked_rate: float = 0.5  # demonstrations answered worked (unless the system prompt decides)
     verbose_rate: float = 0.1  # direct demonstrations answered in a sentence
-    tool_rate: float = 0.0  # demonstrations of 1–5 digits answered with the calculator (tool_demo_reply)
+    tool_rate: float = 0.0  # demonstrations answered with the calculator (tool_demo_reply)
+    tool_digit_weights: list[float] = dataclasses.field(default_factory=lambda: [1.0] * MAX_DIGITS)  # theirs, 1..5
     held_out_permille: int = 20  # problems (by hash) kept out of every training stream
     labeler_noise: float = 0.0  # Bradley–Terry temperature of the labeler (0 = the gold order)
     documents: int = 16000  # pretraining documents of equations and of dialogue (each)
@@ -89,11 +89,11 @@ def problems_in_config(world: World) -> list[str]:
     problems = []
     if not 1 <= world.max_digits <= MAX_DIGITS:
         problems.append(f"world.max_digits must be in 1..{MAX_DIGITS}, got {world.max_digits}")
-    for key in ("digit_weights", "prompt_digit_weights"):
+    for key, n in (("digit_weights", world.max_digits), ("prompt_digit_weights", world.max_digits),
+                   ("tool_digit_weights", MAX_DIGITS)):
         weights = getattr(world, key)
-        if len(weights) != world.max_digits or any(w < 0 for w in weights) or sum(weights) <= 0:
-            problems.append(f"world.{key} needs one non-negative weight per digit count 1..world.max_digits "
-                            f"({world.max_digits}), not all zero; got {weights}")
+        if len(weights) != n or any(w < 0 for w in weights) or sum(weights) <= 0:
+            problems.append(f"world.{key} needs one non-negative weight per digit count 1..{n}, not all zero; got {weights}")
     for key in ("shorter_operand", "portuguese", "worked_share", "wrong_share", "demo_error_rate", "worked_rate",
                 "verbose_rate", "tool_rate"):
         if not 0.0 <= getattr(world, key) <= 1.0:
@@ -327,7 +327,7 @@ def demonstration(world: World, index: int, *, held_out_stream: bool = False) ->
     problems = []
     for _ in range(2 if rng.random() < 0.2 else 1):
         if world.tool_rate and system != STEP_BY_STEP and rng.random() < world.tool_rate:
-            p = training_problem(world, rng, [1.0] * MAX_DIGITS)  # (beyond the training range too)
+            p = training_problem(world, rng, world.tool_digit_weights)  # (beyond the training range too)
             messages += [{"role": "user", "content": question_text(p, rng, language(world, rng))},
                          *tool_demo_reply(p, len(problems))]
         else:
