@@ -5,14 +5,15 @@ their summary over seeds.
 Per seed s (DIR/seed{s}/, train.seed = s in every stage, world.seed = s in the base and so in every stage,
 which inherits the base's world):
   base       plutao train arith-base
-  sft        plutao sft base
-  rm         plutao reward sft
-  ppo        plutao ppo sft --reward rm
+  sft        plutao sft base                   (with --tools: TOOL_SFT, demonstrations that call the tool)
+  rm         plutao reward sft                 (with --tools: replies sampled with the tool, rl.tools)
+  ppo        plutao ppo sft --reward rm        (with --tools: rollouts may call it)
   dpo        plutao dpo sft --data rm          (the comparisons the reward model learned from)
   grpo-gold  plutao grpo sft --reward gold     (verifiable rewards)
   grpo-rm    plutao grpo sft --reward rm       (learned preferences)
   report     plutao report-card base sft ppo dpo grpo-gold grpo-rm --reward rm --best-of N
              --problems-file unseen-phrasings.jsonl (100 problems in phrasings the world never writes)
+             [--tools calculator: every chat run also answered with the tool]
 A finished stage leaves DIR/seed{s}/STAGE.done (its summary); re-running skips it, and an interrupted
 one resumes from its checkpoint; a stage (or the report card) stopped by SIGINT/SIGTERM stops the pipeline
 too, with exit code 130/143. Then DIR/summary.json and DIR/summary.md: every report-card figure as mean ± std
@@ -37,6 +38,9 @@ STAGES = ("base", "sft", "rm", "ppo", "dpo", "grpo-gold", "grpo-rm")
 DEFAULT_STEPS = {"base": 1600, "sft": 600, "rm": 300, "ppo": 40, "dpo": 300, "grpo-gold": 40, "grpo-rm": 40}
 COMPARISONS = 2000
 COLUMNS = ("base", "sft", "ppo", "dpo", "grpo-gold", "grpo-rm")
+# The SFT stage with tools: the demonstrator answers 15% of its problems — 4 and 5 digits, beyond the
+# training range, where the model's own working fails — with a call; the vocabulary grows by the tool tokens.
+TOOL_SFT = ['data.add_specials=["<|call|>","<|tool|>"]', "world.tool_rate=0.15", "world.tool_digit_weights=[0,0,0,1,1]"]
 
 
 def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
@@ -55,14 +59,18 @@ def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
     return out
 
 
-def commands(seed_dir: Path, seed: int, scale: float, overrides: dict[str, list[str]]) -> dict[str, list[str]]:
-    """The plutao command line of each stage of one seed."""
+def commands(seed_dir: Path, seed: int, scale: float, overrides: dict[str, list[str]],
+             tools: str = "") -> dict[str, list[str]]:
+    """The plutao command line of each stage of one seed (`tools`: the SFT stage learns to call them and
+    the stages that sample from its policy may)."""
     d = {s: str(seed_dir / s) for s in STAGES}
 
     def extra(stage):
         steps = max(1, round(DEFAULT_STEPS[stage] * scale))
         world = [f"world.seed={seed}"] if stage == "base" else []  # (later stages inherit the base's world)
-        return [f"train.seed={seed}", f"train.steps={steps}", *world] + (
+        use = (TOOL_SFT if stage == "sft" else [f"rl.tools={tools}"] if stage in ("rm", "ppo", "grpo-gold", "grpo-rm")
+               else []) if tools else []
+        return [f"train.seed={seed}", f"train.steps={steps}", *world, *use] + (
             [f"world.comparisons={max(20, round(COMPARISONS * scale))}"] if stage == "rm" else []) + overrides[stage]
 
     return {
@@ -76,11 +84,12 @@ def commands(seed_dir: Path, seed: int, scale: float, overrides: dict[str, list[
     }
 
 
-def run_seed(seed_dir: Path, seed: int, scale: float, overrides, *, problems: int, best_of: int, log) -> dict:
+def run_seed(seed_dir: Path, seed: int, scale: float, overrides, *, problems: int, best_of: int, log,
+             tools: str = "") -> dict:
     """Every stage of one seed (skipping finished ones), then its report card; returns report.json."""
 
     seed_dir.mkdir(parents=True, exist_ok=True)
-    for stage, argv in commands(seed_dir, seed, scale, overrides).items():
+    for stage, argv in commands(seed_dir, seed, scale, overrides, tools).items():
         done = seed_dir / f"{stage}.done"
         if done.is_file():
             log(f"pipeline: seed {seed} {stage}: done before, skipped")
@@ -103,7 +112,7 @@ def run_seed(seed_dir: Path, seed: int, scale: float, overrides, *, problems: in
         unseen = write_unseen_phrasings(seed_dir)
         argv = ["report-card", *(str(seed_dir / c) for c in COLUMNS), "--reward", str(seed_dir / "rm"),
                 "--best-of", str(best_of), "--problems", str(problems), "--out", str(report_dir), "--seed", str(seed),
-                "--problems-file", str(unseen)]
+                "--problems-file", str(unseen)] + (["--tools", tools] if tools else [])
         log(f"pipeline: seed {seed} report card: plutao {' '.join(argv)}")
         rc = cli.main(argv)
         if rc in (130, 143):
@@ -214,12 +223,15 @@ def markdown(summary: dict) -> str:
     def row(label, cells):
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
 
-    for key, label in (("accuracy_by_digits", "greedy"), ("step_by_step_accuracy_by_digits", "think step by step"),
-                       ("direct_accuracy_by_digits", "number only"), ("accuracy_by_digits_few_shot", "few-shot, direct"),
-                       ("accuracy_by_digits_few_shot_worked", "few-shot, worked")):
+    for key, label in (("accuracy_by_digits", "accuracy (greedy)"), ("step_by_step_accuracy_by_digits",
+                       "accuracy (think step by step)"), ("direct_accuracy_by_digits", "accuracy (number only)"),
+                       ("tool_accuracy_by_digits", "accuracy (with the tool)"),
+                       ("tool_call_rate_by_digits", "share calling the tool"),
+                       ("accuracy_by_digits_few_shot", "accuracy (few-shot, direct)"),
+                       ("accuracy_by_digits_few_shot_worked", "accuracy (few-shot, worked)")):
         if any(key in runs[n] for n in names):
             for d in map(str, range(1, 6)):
-                row(f"{d}-digit accuracy ({label})", [_ms(runs[n].get(key, {}).get(d)) for n in names])
+                row(f"{d}-digit {label}", [_ms(runs[n].get(key, {}).get(d)) for n in names])
     for key, label in (("accuracy", "all digits (greedy)"), ("accuracy_t1", "all digits (T=1)"),
                        ("format_ok", "format ok"), ("mean_length", "mean reply length"),
                        ("distinct", "distinct answers per prompt"), ("entropy", "entropy per reply token (T=1)"),
@@ -251,15 +263,24 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(workdir: Path, seeds: int, scale: float, overrides: list[str], *, problems: int, best_of: int, log) -> dict:
+def run(workdir: Path, seeds: int, scale: float, overrides: list[str], *, problems: int, best_of: int, log,
+        tools: str = "") -> dict:
     if seeds < 1:
         raise UserError(f"--seeds must be ≥ 1, got {seeds}")
     if not scale > 0:
         raise UserError(f"--scale must be > 0, got {scale}")
+    if tools:
+        from plutao.tools import ToolError, tools_named
+
+        try:
+            tools_named(tools)
+        except ToolError as e:
+            raise UserError(f"--tools {tools}: {e} (or none)") from None
     per_stage = split_overrides(overrides)
     reports = {}
     for s in range(seeds):
-        reports[s] = run_seed(workdir / f"seed{s}", s, scale, per_stage, problems=problems, best_of=best_of, log=log)
+        reports[s] = run_seed(workdir / f"seed{s}", s, scale, per_stage, problems=problems, best_of=best_of, log=log,
+                              tools=tools)
     summary = summarize(reports)
     _write(workdir / "summary.json", json.dumps(summary, indent=2))
     _write(workdir / "summary.md", markdown(summary))

@@ -144,9 +144,11 @@ def final_answer(tokens: Sequence[int], forced: Sequence[int]) -> list[int]:
 
 def complete_with_tools(model: nnx.Module, prompts: Sequence[Sequence[int]],
                         sampling: SamplingConfig | Sequence[SamplingConfig], *, eot_id: int, pad_id: int,
-                        pause_id: int, answer: Answer, max_calls: int = 4, chunk: int = CHUNK) -> list[Completion]:
+                        pause_id: int, answer: Answer, max_calls: int = 4, chunk: int = CHUNK,
+                        on_tokens: Callable[[int, list[int], bool], None] | None = None) -> list[Completion]:
     """`decode.complete` with tool calls: each row's new tokens (forced ones included, marked), their
-    log-probs, and the stop token that ended it (never the pause)."""
+    log-probs, and the stop token that ended it (never the pause). `on_tokens(row, tokens, forced)` sees
+    them as they come (streaming)."""
     samplings = _per_row(sampling, len(prompts))
     paused = [dataclasses.replace(s, stop_ids=s.stop_ids + (pause_id,)) for s in samplings]
     decoder = SlotDecoder.of(model, eot_id=eot_id, pad_id=pad_id)
@@ -162,6 +164,8 @@ def complete_with_tools(model: nnx.Module, prompts: Sequence[Sequence[int]],
             t, s, m, v = t[:, None], s[:, None], m[:, None], v[:, None]
         for b in range(len(prompts)):
             keep = v[b]
+            if on_tokens is not None and keep.any():
+                on_tokens(b, t[b][keep].tolist(), False)
             tokens[b] += t[b][keep].tolist()
             sampler_lp[b] += s[b][keep].tolist()
             model_lp[b] += m[b][keep].tolist()
@@ -176,6 +180,8 @@ def complete_with_tools(model: nnx.Module, prompts: Sequence[Sequence[int]],
         if waiting:
             extra = [list(answer(b, list(tokens[b]), calls[b])) for b in waiting]
             for b, f in zip(waiting, extra):
+                if on_tokens is not None:
+                    on_tokens(b, list(f), True)
                 calls[b] += 1
                 forced[b] += range(len(tokens[b]), len(tokens[b]) + len(f))
                 tokens[b] += f
@@ -183,6 +189,8 @@ def complete_with_tools(model: nnx.Module, prompts: Sequence[Sequence[int]],
                 model_lp[b] += [0.0] * len(f)
             slots, e = extend(decoder, slots, waiting, extra)
             for j, b in enumerate(waiting):
+                if on_tokens is not None:
+                    on_tokens(b, [int(e.tokens[j])], False)
                 tokens[b].append(int(e.tokens[j]))
                 sampler_lp[b].append(float(e.sampler_logprobs[j]))
                 model_lp[b].append(float(e.model_logprobs[j]))

@@ -34,7 +34,17 @@ def test_the_pipeline_resumes_a_stage_cut_short_and_skips_finished_ones(tmp_path
     assert len((seed / "unseen-phrasings.jsonl").read_text().splitlines()) == 100  # the card's problems file
     assert "ppo vs sft" in report["correctness_win_rates"] and len(report["leaderboard"]) == 7
     assert json.loads((seed / "base" / "config.json").read_text())["world"]["seed"] == 0  # --seeds varies the world
+    # --tools calculator (the default): the SFT run learned to call it, the later stages may, the card asks both ways.
+    assert json.loads((seed / "sft" / "config.json").read_text())["world"]["tool_rate"] > 0
+    assert json.loads((seed / "grpo-gold" / "config.json").read_text())["rl"]["tools"] == "calculator"
+    assert "tool_accuracy_by_digits" in report["runs"]["grpo-rm"] and "tool_accuracy_by_digits" not in report["runs"]["base"]
     summary = json.loads((work / "summary.json").read_text())
     assert summary["seeds"] == [0] and "ppo vs sft" in summary["win_rates"]
     assert summary["reports"]["0"]["runs"] == report["runs"] and "3" in summary["correctness_win_rates"]
-    assert "Pipeline summary" in (work / "summary.md").read_text()
+    assert "Pipeline summary" in (work / "summary.md").read_text() and "accuracy (with the tool)" in (
+        work / "summary.md").read_text()
+
+
+def test_an_unknown_tool_stops_the_pipeline_before_any_stage(tmp_path, capsys):
+    assert main(["pipeline", "arith", "--workdir", str(tmp_path / "p"), "--tools", "abacus"]) == 2
+    assert "--tools abacus: unknown tool 'abacus'" in capsys.readouterr().err and not (tmp_path / "p").exists()

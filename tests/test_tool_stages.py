@@ -93,3 +93,20 @@ def test_a_sampled_reply_with_a_tool_turn_reads_back_as_messages_that_render_to_
     assert key[0] is True  # (the labeler reads the final answer)
     text, _, _ = reply_of(tok, Completion(reply[:3], [0.0] * 3, [0.0] * 3, None))
     assert isinstance(text, str)  # (no call: the reply is its text, as before)
+
+
+@pytest.mark.parametrize("piece", [1, 3, 100])
+def test_a_streamed_reply_shows_what_the_finished_reply_shows_the_tools_tokens_marked(tok, piece):
+    from plutao.tokenizer.chat import ReplyStream, reply_messages, shown_reply
+
+    head = prompt_ids(PROMPT, tok)
+    reply = render(PROMPT + WITH_TOOL, tok).ids.tolist()[len(head):]
+    start = reply.index(tok.tool_id) + 1
+    forced = set(range(start, start + len("8200") + 2))
+    stream, text, at = ReplyStream(tok), "", 0
+    while at < len(reply):  # (in pieces as the agent loop hands them over: a forced run never mixed with the model's)
+        end = min(at + piece, len(reply))
+        end = next((j for j in range(at + 1, end) if (j in forced) != (at in forced)), end)
+        text += stream.feed(reply[at:end], at in forced)
+        at = end
+    assert text == shown_reply(reply_messages(tok, reply, sorted(forced))) == "[calculator: 4821+3379 → 8200] 8200"

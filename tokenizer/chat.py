@@ -362,3 +362,33 @@ def shown_reply(messages: Sequence[dict]) -> str:
         else:
             parts.append(m["content"])
     return "".join(parts)
+
+
+class ReplyStream:
+    """A reply shown while the agent loop writes it, as `shown_reply` shows it when done: the model's
+    text, each tool turn as [NAME: ARGUMENT → RESULT] (the result is the runtime's: `forced`), stop
+    tokens left out. `feed` returns the text to add; a partial multi-byte character waits."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tok, self.segment, self.shown = tokenizer, [], ""
+        self.stops = set(reply_stop_ids(tokenizer)) | {tokenizer.eot_id}
+
+    def _new(self, flush: bool = False) -> str:
+        text = self.tok.decode(self.segment)
+        if text.endswith("\ufffd") and not flush:
+            return ""
+        new = text[len(self.shown):] if text.startswith(self.shown) else ""
+        self.segment, self.shown = ([], "") if flush else (self.segment, text)
+        return new
+
+    def feed(self, tokens: Sequence[int], forced: bool) -> str:
+        tok, out = self.tok, []
+        for t in tokens:
+            if forced and t == tok.assistant_id:  # (the runtime hands the turn back: the tool turn is over)
+                out.append(self._new(flush=True) + "] ")
+            elif not forced and t in (tok.call_id, tok.tool_id) and tok.has_tools:
+                out.append(self._new(flush=True) + ("[" if t == tok.call_id else " → "))
+            elif t != tok.end_id and (forced or t not in self.stops):
+                self.segment.append(t)
+                out.append(self._new())
+        return "".join(out)

@@ -203,20 +203,26 @@ def _fit(side: Side, system: list[dict], where: str) -> list[int]:
 
 
 def _reply_with_tools(side: Side, prompt: list[int], sampling, one_line: bool) -> list[dict]:
-    """The side's reply through the agent loop, shown when done with each tool turn as
+    """The side's reply through the agent loop, streamed with each tool turn shown as
     [NAME: ARGUMENT → RESULT]; its messages (the calls and results too) for the history."""
     from plutao.model.agent import complete_with_tools
-    from plutao.tokenizer.chat import reply_messages, shown_reply
+    from plutao.tokenizer.chat import ReplyStream, reply_messages
 
     tok = side.tokenizer
+    shown = ReplyStream(tok)
+
+    def write(row, tokens, forced):
+        text = shown.feed(tokens, forced)
+        sys.stdout.write(text.replace("\r", "\\r").replace("\n", "\\n") if one_line else text)
+        sys.stdout.flush()
+
+    sys.stdout.write(f"{side.label}> ")
     [c] = complete_with_tools(side.model, [prompt], sampling, eot_id=tok.eot_id, pad_id=tok.pad_id,
-                              pause_id=tok.tool_id, answer=side.answer, max_calls=MAX_CALLS)
-    messages = reply_messages(tok, c.tokens, c.forced)
-    text = shown_reply(messages)
-    sys.stdout.write(f"{side.label}> " + (text.replace("\r", "\\r").replace("\n", "\\n") if one_line else text) + "\n")
+                              pause_id=tok.tool_id, answer=side.answer, max_calls=MAX_CALLS, on_tokens=write)
+    sys.stdout.write("\n")
     sys.stdout.flush()
     side.longest_reply = max(side.longest_reply, min(len(c.tokens) + 1, sampling.max_new_tokens))
-    return messages
+    return reply_messages(tok, c.tokens, c.forced)
 
 
 def _reply(side: Side, prompt: list[int], sampling, one_line: bool) -> str:
@@ -277,6 +283,7 @@ def _tools(names: str) -> dict:
 
 
 def cmd_chat(args) -> int:
+    from plutao.experiments.commands.evaluation import calls_tools
     from plutao.model.sampling import SamplingConfig
     from plutao.tokenizer import TokenizerError, chat
     from plutao.train.config.errors import UserError
@@ -290,7 +297,7 @@ def cmd_chat(args) -> int:
     tasks = _check_runs(run_dirs, asked)
     tools = _tools(args.tools)
     for d, task in zip(run_dirs, tasks):  # (before any run loads)
-        if tools and not (task.chat and task.cfg.data.add_specials):
+        if tools and not calls_tools(d, task):
             raise UserError(f"--tools: {d} has no tool tokens; give chat runs trained to call tools")
     labels = _labels(run_dirs)
     system = [{"role": "system", "content": args.system}] if args.system else []

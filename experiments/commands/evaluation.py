@@ -33,6 +33,17 @@ def run_task(run_dir: Path):
     return task_class(cfg)(cfg)
 
 
+def calls_tools(run_dir: Path, task) -> bool:
+    """Whether a saved chat run can call tools: its tokenizer has the tool tokens (its own data.add_specials
+    grew it, or it descends from a run that did). Reads the tokenizer only."""
+    from plutao.tokenizer import TokenizerError, load_tokenizer
+
+    try:
+        return bool(task.chat) and load_tokenizer(Path(run_dir) / "tokenizer").has_tools
+    except (OSError, TokenizerError):
+        return False
+
+
 def _sampling(args):
     from plutao.model.sampling import SamplingConfig
 
@@ -174,28 +185,43 @@ def _check_tools(args, task) -> dict:
         tools = tools_named(args.tools)
     except ToolError as e:
         raise UserError(f"--tools: {e}") from None
-    if not task.chat or not task.cfg.data.add_specials:
+    if not calls_tools(args.run_dir, task):
         raise UserError(f"--tools: {args.run_dir} has no tool tokens; give a chat run trained to call tools (`plutao "
                         "sft BASE data.add_specials='[\"<|call|>\",\"<|tool|>\"]' world.tool_rate=0.3`)")
-    if getattr(args, "stream", False):
-        raise UserError("--stream shows a reply as it is written; with --tools each reply is shown when it is done")
+    if getattr(args, "stream", False) and getattr(args, "num_samples", 1) > 1:
+        raise UserError("--stream with --tools shows one reply as it is written; give --num-samples 1")
     return tools
 
 
 def _sample_with_tools(args, run, task, prompt, sampling) -> int:
-    """Chat replies through the agent loop: each tool turn shown as [NAME: ARGUMENT → RESULT]."""
+    """Chat replies through the agent loop: each tool turn shown as [NAME: ARGUMENT → RESULT] (with
+    --stream as it is written); with --show-probs each reply token's probability, the tool's marked."""
+    import math
+
     from plutao.model.agent import complete_with_tools
-    from plutao.tokenizer.chat import reply_messages, result_tokens, shown_reply, tool_answerer
+    from plutao.tokenizer.chat import ReplyStream, reply_messages, result_tokens, shown_reply, tool_answerer
 
     tok, calls = run.tokenizer, 4
     answer = tool_answerer(tok, _check_tools(args, task), max_calls=calls,
                            max_result_tokens=result_tokens(run.cfg.model.context_length, sampling.max_new_tokens, calls))
+    shown = ReplyStream(tok)
+
+    def write(row, tokens, forced):
+        sys.stdout.write(shown.feed(tokens, forced))
+        sys.stdout.flush()
+
     outs = complete_with_tools(run.model, [prompt] * args.num_samples, sampling, eot_id=tok.eot_id, pad_id=tok.pad_id,
-                               pause_id=tok.tool_id, answer=answer, max_calls=calls)
+                               pause_id=tok.tool_id, answer=answer, max_calls=calls,
+                               on_tokens=write if args.stream else None)
     for i, c in enumerate(outs):
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
-        print(shown_reply(reply_messages(tok, c.tokens, c.forced)))
+        print("" if args.stream else shown_reply(reply_messages(tok, c.tokens, c.forced)))
+        if args.show_probs:
+            forced = set(c.forced)
+            print(f"{'pos':>4}  {'prob':>8}  token  (tool: written by the runtime, not sampled)")
+            for j, (t, lp) in enumerate(zip(c.tokens, c.sampler_logprobs)):
+                print(f"{j:>4}  {'tool' if j in forced else f'{math.exp(lp):.4f}':>8}  {tok.token_strings([t])[0]!r}")
     return 0
 
 

@@ -200,7 +200,8 @@ def cmd_pipeline(args) -> int:
     from plutao.experiments.pipeline import run
 
     summary = run(Path(args.workdir), args.seeds, args.scale, list(args.overrides), problems=args.problems,
-                  best_of=args.best_of, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+                  best_of=args.best_of, log=lambda msg: print(msg, file=sys.stderr, flush=True),
+                  tools="" if args.tools == "none" else args.tools)
     if args.json:
         print(json.dumps(summary))
     return 0
@@ -239,6 +240,9 @@ def register(sub) -> None:
     pi.add_argument("--scale", type=float, default=1.0, help="multiplies every stage's step count (default 1)")
     pi.add_argument("--problems", type=int, default=200, help="report card: problems per digit count (default 200)")
     pi.add_argument("--best-of", type=int, default=8, help="report card: best-of-N column of the SFT run (default 8)")
+    pi.add_argument("--tools", default="calculator", help="tools the SFT stage learns to call (on 4–5 digit problems) "
+                    "and the later stages may call; the report card asks every chat run with and without them "
+                    "(default %(default)s; none = no tools)")
     pi.add_argument("--json", action="store_true", help="print DIR/summary.json (each seed's report card and the mean "
                     "± std over seeds) on stdout")
     pi.set_defaults(fn=cmd_pipeline)
