@@ -148,11 +148,12 @@ def command_modules() -> tuple:
         report_card,
         rl,
         scale,
+        serve,
         sweeps,
         training,
     )
 
-    return (training, evaluation, inspection, assistant, rl, lora, chat, report_card, scale, sweeps, benchmarks)
+    return (training, evaluation, inspection, assistant, rl, lora, chat, report_card, scale, sweeps, benchmarks, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

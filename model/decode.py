@@ -374,9 +374,10 @@ class SlotDecoder:
         """The width of the model's logits: the width of each row's banned-ids mask."""
         return _vocab(nnx.merge(self.graphdef, self.params))
 
-    def _padded(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    def _padded(self, prompts: Sequence[Sequence[int]], min_width: int = 1) -> tuple[np.ndarray, np.ndarray]:
         _check_prompts(prompts, self.context)
-        return _left_pad(prompts, prompt_width(max(len(p) for p in prompts), self.context), self.pad_id)
+        width = prompt_width(max(min_width, *(len(p) for p in prompts)), self.context)
+        return _left_pad(prompts, width, self.pad_id)
 
     def empty(self, n_slots: int) -> Slots:
         return _empty_jit(self.graphdef, self.params, n_slots, self.context)
@@ -388,8 +389,9 @@ class SlotDecoder:
         return _start_jit(self.graphdef, self.params, tokens, lengths, _rows(samplings, self.eot_id, self.vocab), self.context)
 
     def fill(self, slots: Slots, slot_ids: Sequence[int], prompts: Sequence[Sequence[int]],
-             samplings: Sequence[SamplingConfig]) -> tuple[Slots, Emitted]:
-        tokens, lengths = self._padded(prompts)
+             samplings: Sequence[SamplingConfig], min_width: int = 1) -> tuple[Slots, Emitted]:
+        """Prefill `prompts` into slots `slot_ids` (left-padded to at least `min_width`: fewer programs)."""
+        tokens, lengths = self._padded(prompts, min_width)
         return _fill_jit(self.graphdef, self.params, slots, np.asarray(slot_ids, np.int32), tokens, lengths,
                          _rows(samplings, self.eot_id, self.vocab), self.context)
 

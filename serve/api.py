@@ -1,0 +1,454 @@
+"""The HTTP API: OpenAI's completions, chat completions and models routes (shapes as the official client
+parses them), ours for rewards, tokenization, health and Prometheus metrics, and the web chat at `/`.
+
+Each generation request becomes one engine Request per choice (serve/engine.py); the engine thread
+hands tokens back through `loop.call_soon_threadsafe` into the request's asyncio queue. Text is decoded
+incrementally (a partial multi-byte character waits), stop strings are matched on the text (the request
+is cancelled at once, its slot freed), and a client that goes away cancels its requests too.
+Log-probs are the model's at temperature 1 from one scoring pass over prompt and reply (what
+`plutao score` computes), so `logprobs`, `echo` and `plutao score` agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from plutao.model.sampling import SamplingConfig, SamplingError
+from plutao.serve import engine as eng
+from plutao.serve.metrics import Metrics
+from plutao.serve.schemas import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    RewardRequest,
+    Sampling,
+    TokenizeRequest,
+)
+from plutao.serve.served import Served, token_logprobs
+from plutao.tokenizer import TokenizerError
+from plutao.tokenizer import chat as template
+from plutao.train.config.errors import UserError
+
+PAGE = Path(__file__).with_name("page.html")
+OPEN = ("/health", "/")  # routes answered without the API key (the page holds no model and no data)
+
+
+class Choice:
+    """One reply being written: its tokens (the stop token left out), its text so far, and what of it was
+    sent; stop strings cut it (and end it), and text that could be the start of one waits."""
+
+    def __init__(self, tok, stops: list[str], stop_ids):
+        self.tok, self.stops, self.stop_ids = tok, stops, set(stop_ids)
+        self.tokens: list[int] = []
+        self.text, self.sent, self.finish, self.hit = "", "", None, False
+        self.first_at: float | None = None
+        self.last_at: float | None = None
+
+    def add(self, event: eng.Event) -> str:
+        tokens = list(event.tokens)
+        if event.finish == "stop" and tokens and tokens[-1] in self.stop_ids:
+            tokens = tokens[:-1]
+        self.tokens += tokens
+        full = self.tok.decode(self.tokens)
+        cut = min((i for i in (full.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            full, self.hit, self.finish = full[:cut], True, "stop"
+            while self.tokens and len(self.tok.decode(self.tokens[:-1])) >= cut:
+                self.tokens.pop()  # (the tokens of the stop string and after it are not the reply's)
+        elif event.finish:
+            self.finish = event.finish
+        self.text = full
+        done = self.finish is not None
+        hold = 0 if done else max((len(s) - 1 for s in self.stops), default=0)
+        ready = full[:len(full) - hold] if hold else full
+        if not done and ready.endswith("\ufffd"):
+            ready = ready[:-1]
+        new = ready[len(self.sent):] if ready.startswith(self.sent) and len(ready) > len(self.sent) else ""
+        self.sent += new
+        return new
+
+
+def create_app(served: dict[str, Served], engine: eng.Engine, *, api_key: str | None = None,
+               timeout: float | None = None, chunk: int = 4) -> FastAPI:
+    metrics = Metrics(engine)
+    state = {"ready": False, "error": None}
+
+    def warm():
+        try:
+            for name, s in served.items():
+                if s.backend is not None and hasattr(s.backend, "warm"):
+                    engine.call(name, lambda b: b.warm(chunk)).result()
+            state["ready"] = True
+        except Exception as e:  # noqa: BLE001 (reported by /health, never a hang)
+            state["error"] = f"{type(e).__name__}: {e}"
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        if engine.thread is None:
+            engine.start()
+        threading.Thread(target=warm, name="plutao-warm", daemon=True).start()
+        yield
+        await asyncio.get_running_loop().run_in_executor(None, engine.stop, 5.0)
+
+    app = FastAPI(title="plutao", lifespan=lifespan)
+    app.state.plutao = state
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, e: ApiError):
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
+        return ApiError(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", param=where).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, e: StarletteHTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return ApiError(e.status_code, str(e.detail), type=kind).response()
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if api_key and request.url.path not in OPEN:
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                response = ApiError(401, "missing or wrong API key: send the header Authorization: Bearer KEY",
+                                    type="authentication_error", code="invalid_api_key").response()
+                metrics.request(request.url.path, 401)
+                return response
+        try:
+            response = await call_next(request)
+        except Exception as e:  # noqa: BLE001 (an error inside one request is that request's 500, never the server's)
+            response = ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error").response()
+        metrics.request(request.url.path, response.status_code)
+        return response
+
+    def model_of(name: str) -> Served:
+        if name not in served:
+            raise ApiError(404, f"model {name!r} is not served here; GET /v1/models lists the ones that are "
+                           f"({', '.join(served)})", type="not_found_error", param="model", code="model_not_found")
+        return served[name]
+
+    def sampling_for(s: Served, req: Sampling, max_tokens: int, stop_ids, seed: int) -> SamplingConfig:
+        try:
+            return SamplingConfig(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, max_new_tokens=max_tokens,
+                                  seed=seed, stop_ids=tuple(stop_ids),
+                                  banned_ids=s.tokenizer.unsampled_ids(tuple(stop_ids), s.model.cfg.vocab_size))
+        except SamplingError as e:
+            raise ApiError(400, str(e)) from None
+
+    def check_fits(s: Served, n_prompt: int, max_tokens: int, start: int = 0) -> None:
+        """`start`: tokens the model reads before the prompt (a completion's <|endoftext|>)."""
+        total = n_prompt + start + max_tokens
+        if total > s.context:
+            with_start = f" ({n_prompt + start} with the <|endoftext|> it starts from)" if start else ""
+            raise ApiError(400, f"the prompt is {n_prompt} tokens{with_start} and max_tokens is {max_tokens}: {total} is "
+                           f"more than the model's context of {s.context} tokens; shorten the prompt or lower max_tokens",
+                           param="max_tokens", code="context_length_exceeded")
+
+    def decoder(s: Served, what: str) -> None:
+        if s.judges:
+            raise ApiError(400, f"{s.name} is a reward model: it scores replies (POST /v1/rewards), it does not write "
+                           f"{what}", param="model")
+
+    async def generate(request: Request, s: Served, prompts: list[list[int]], samplings: list[SamplingConfig],
+                       stops: list[str], stop_ids) -> AsyncIterator[tuple[int, Choice, str]]:
+        """Yield (choice index, choice, new text) as tokens arrive, until every choice is done."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        choices = [Choice(s.tokenizer, stops, stop_ids) for _ in prompts]
+        reqs, begun = [], time.perf_counter()
+        for i, (p, sp) in enumerate(zip(prompts, samplings)):
+            r = eng.Request(s.name, p, sp, lambda ev, i=i: loop.call_soon_threadsafe(queue.put_nowait, (i, ev)),
+                            timeout=timeout)
+            reqs.append(r)
+        try:
+            for r in reqs:
+                try:
+                    engine.submit(r)
+                except eng.QueueFull as e:
+                    raise ApiError(429, f"the server is busy ({e}); retry shortly", type="rate_limit_error",
+                                   headers={"Retry-After": "1"}) from None
+                except eng.Stopping:
+                    raise ApiError(503, "the server is shutting down", type="server_error") from None
+                metrics.prompt_tokens(len(r.prompt))
+            started, left = time.perf_counter(), len(reqs)
+            while left:
+                try:
+                    i, ev = await asyncio.wait_for(queue.get(), 0.25)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return
+                    continue
+                c = choices[i]
+                if c.finish is not None:
+                    continue
+                if ev.finish == "timeout":
+                    raise ApiError(408, f"the request took longer than the server's --timeout of {timeout:g} s; its "
+                                   "slot is freed", type="timeout_error", code="timeout")
+                if ev.finish == "error":
+                    raise ApiError(500, ev.error, type="server_error")
+                now = time.perf_counter()
+                if ev.tokens:
+                    metrics.tokens_out(len(ev.tokens))
+                    if c.first_at is None:
+                        metrics.first_token(now - started)
+                        c.first_at = now
+                    elif c.last_at is not None:
+                        metrics.between_tokens((now - c.last_at) / len(ev.tokens))
+                    c.last_at = now
+                new = c.add(ev)
+                if c.hit:
+                    engine.cancel(reqs[i])
+                if c.finish is not None:
+                    left -= 1
+                yield i, c, new
+        finally:
+            for r in reqs:
+                engine.cancel(r)
+            metrics.latency(time.perf_counter() - begun)
+
+    def seeds(req: Sampling, n: int) -> list[int]:
+        if req.seed is None:
+            return [secrets.randbelow(2 ** 31) for _ in range(n)]
+        return [(req.seed + i) % 2 ** 31 for i in range(n)]  # (choice i of a seeded request: seed + i)
+
+    def usage(prompt_tokens: int, choices: list[Choice]) -> dict:
+        out = sum(len(c.tokens) for c in choices)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": out, "total_tokens": prompt_tokens + out}
+
+    async def logprob_rows(s: Served, ids: list[int], k: int):
+        return await asyncio.wrap_future(engine.call(s.name, lambda b: token_logprobs(s, ids, k)))
+
+    def sse(obj) -> str:
+        return f"data: {json.dumps(obj)}\n\n"
+
+    # --- routes ---------------------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health():
+        if state["error"]:
+            return JSONResponse({"status": "failed", "error": state["error"]}, status_code=503)
+        if engine.stopping or not state["ready"]:
+            return JSONResponse({"status": "stopping" if engine.stopping else "loading"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        body, kind = metrics.render()
+        return Response(body, media_type=kind)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [
+            {"id": s.name, "object": "model", "created": int(s.run_dir.stat().st_mtime), "owned_by": "plutao",
+             "stage": s.stage, "chat": s.chat, "reward_model": s.judges, "context_length": s.context,
+             "tools": s.has_tools} for s in served.values()]}
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        s = model_of(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise ApiError(400, "give either prompt (text) or messages (a chat, through the run's template)")
+        try:
+            ids = (template.prompt_ids(req.messages, s.tokenizer) if req.messages is not None
+                   else s.tokenizer.encode(req.prompt))
+        except (TokenizerError, UserError, ValueError) as e:
+            raise ApiError(400, str(e), param="messages" if req.messages is not None else "prompt") from None
+        return {"tokens": [int(i) for i in ids], "count": len(ids), "max_model_len": s.context,
+                "token_strings": s.tokenizer.token_strings(list(ids))}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        s = model_of(req.model)
+        bad = [i for i in req.tokens if not 0 <= i < s.tokenizer.vocab_size]
+        if bad:
+            raise ApiError(400, f"token id {bad[0]} is not in the vocabulary (0..{s.tokenizer.vocab_size - 1})",
+                           param="tokens")
+        return {"prompt": s.tokenizer.decode(req.tokens)}
+
+    @app.post("/v1/rewards")
+    async def rewards(req: RewardRequest):
+        s = model_of(req.model)
+        if not s.judges:
+            raise ApiError(400, f"{s.name} is not a reward model; serve a `plutao reward` run to score replies",
+                           param="model")
+        try:
+            messages = template.check_messages(req.messages)
+            template.reward_ids(messages, s.tokenizer)
+        except (TokenizerError, UserError, ValueError) as e:
+            raise ApiError(400, str(e), param="messages") from None
+        score = await asyncio.wrap_future(engine.call(s.name, lambda b: float(s.scorer.score([messages])[0])))
+        return {"object": "reward", "model": s.name, "score": score}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        s = model_of(req.model)
+        decoder(s, "completions")
+        tok = s.tokenizer
+        p = req.prompt
+        texts = [p] if isinstance(p, str) else p if p and isinstance(p[0], str) else None
+        try:
+            ids = ([tok.encode(t) for t in texts] if texts is not None else
+                   [list(p)] if not p or isinstance(p[0], int) else [list(x) for x in p])
+        except (TokenizerError, UserError, ValueError) as e:
+            raise ApiError(400, f"prompt: {e}", param="prompt") from None
+        if any(not 0 <= i < tok.vocab_size for x in ids for i in x):
+            raise ApiError(400, f"prompt: token ids must be in 0..{tok.vocab_size - 1}", param="prompt")
+        if req.stream and req.logprobs:
+            raise ApiError(400, "logprobs with alternatives (logprobs > 0) are computed after the reply; ask without "
+                           "stream", param="logprobs")
+        max_tokens = req.max_tokens or 16
+        for x in ids:
+            check_fits(s, len(x), max_tokens, start=1)
+        stop_ids = (tok.eot_id,)
+        stops = req.stops()
+        prompts = [[tok.eot_id] + x for x in ids for _ in range(req.n)]
+        samplings = [sampling_for(s, req, max_tokens, (), seed) for seed in seeds(req, len(prompts))]
+        rid, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
+
+        def chunk(i, text, finish, logprobs=None):
+            return {"id": rid, "object": "text_completion", "created": created, "model": s.name,
+                    "choices": [{"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
+
+        prompt_count = sum(len(x) for x in ids)
+        if req.stream:
+            async def events():
+                done = []
+                try:
+                    if req.echo:  # (each choice's prompt first, as the text it was given)
+                        for i in range(len(prompts)):
+                            yield sse(chunk(i, texts[i // req.n] if texts else tok.decode(ids[i // req.n]), None))
+                    async for i, c, new in generate(request, s, prompts, samplings, stops, stop_ids):
+                        if new or c.finish:
+                            yield sse(chunk(i, new, c.finish))
+                        if c.finish:
+                            done.append(c)
+                    if req.stream_options and req.stream_options.include_usage:
+                        yield sse({"id": rid, "object": "text_completion", "created": created, "model": s.name,
+                                   "choices": [], "usage": usage(prompt_count * req.n, done)})
+                except ApiError as e:
+                    yield sse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
+                yield "data: [DONE]\n\n"
+            return StreamingResponse(events(), media_type="text/event-stream")
+        choices: list[Choice] = [None] * len(prompts)
+        async for i, c, _ in generate(request, s, prompts, samplings, stops, stop_ids):
+            choices[i] = c
+        if any(c is None or c.finish is None for c in choices):
+            return Response(status_code=499)  # (the client went away)
+        out = []
+        for i, c in enumerate(choices):
+            head = ids[i // req.n]
+            text = ((texts[i // req.n] if texts else tok.decode(head)) if req.echo else "") + c.text
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs = await completion_logprobs(s, head, c.tokens, req.logprobs, req.echo)
+            out.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": c.finish})
+        return {"id": rid, "object": "text_completion", "created": created, "model": s.name, "choices": out,
+                "usage": usage(prompt_count * req.n, choices)}
+
+    async def completion_logprobs(s: Served, prompt: list[int], reply: list[int], k: int, echo: bool) -> dict:
+        tok = s.tokenizer
+        nxt, top_lp, top_ids = await logprob_rows(s, [tok.eot_id] + prompt + reply, max(k, 1))
+        shown = (prompt + reply) if echo else reply
+        at = 0 if echo else len(prompt)
+        strings = tok.token_strings(shown)
+        offsets, pos = [], 0
+        for t in strings:
+            offsets.append(pos)
+            pos += len(t)
+        return {"tokens": strings, "token_logprobs": [float(x) for x in nxt[at:at + len(shown)]],
+                "top_logprobs": [{tok.token_strings([int(j)])[0]: float(v) for j, v in zip(top_ids[r][:k], top_lp[r][:k])}
+                                 for r in range(at, at + len(shown))] if k else None,
+                "text_offset": offsets}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatRequest, request: Request):
+        s = model_of(req.model)
+        decoder(s, "chat replies")
+        if not s.chat:
+            raise ApiError(400, f"{s.name} is a {s.stage} run, which continues text rather than chatting; use "
+                           "/v1/completions, or serve a chat run (`plutao sft` and the stages after it)", param="model")
+        tok = s.tokenizer
+        try:
+            messages = template.check_messages([m.model_dump(exclude_none=True) for m in req.messages], generation=True)
+            prompt = template.prompt_ids(messages, tok)
+        except (TokenizerError, UserError, ValueError) as e:
+            raise ApiError(400, f"messages: {e}", param="messages") from None
+        if req.stream and req.top_logprobs:
+            raise ApiError(400, "top_logprobs are computed after the reply; ask without stream", param="top_logprobs")
+        max_tokens = req.max_completion_tokens or req.max_tokens or max(s.context - len(prompt), 1)
+        check_fits(s, len(prompt), max_tokens)
+        stop_ids = template.reply_stop_ids(tok)
+        samplings = [sampling_for(s, req, max_tokens, stop_ids, seed) for seed in seeds(req, req.n)]
+        stops = req.stops()
+        rid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
+        head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": s.name}
+        if req.stream:
+            async def events():
+                done = []
+                try:
+                    for i in range(req.n):
+                        yield sse(head | {"choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                       "logprobs": None, "finish_reason": None}]})
+                    async for i, c, new in generate(request, s, [prompt] * req.n, samplings, stops, stop_ids):
+                        if new:
+                            yield sse(head | {"choices": [{"index": i, "delta": {"content": new}, "logprobs": None,
+                                                           "finish_reason": None}]})
+                        if c.finish:
+                            done.append(c)
+                            yield sse(head | {"choices": [{"index": i, "delta": {}, "logprobs": None,
+                                                           "finish_reason": c.finish}]})
+                    if req.stream_options and req.stream_options.include_usage:
+                        yield sse(head | {"choices": [], "usage": usage(len(prompt) * req.n, done)})
+                except ApiError as e:
+                    yield sse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
+                yield "data: [DONE]\n\n"
+            return StreamingResponse(events(), media_type="text/event-stream")
+        choices: list[Choice] = [None] * req.n
+        async for i, c, _ in generate(request, s, [prompt] * req.n, samplings, stops, stop_ids):
+            choices[i] = c
+        if any(c is None or c.finish is None for c in choices):
+            return Response(status_code=499)
+        out = []
+        for i, c in enumerate(choices):
+            logprobs = None
+            if req.logprobs:
+                logprobs = {"content": await chat_logprobs(s, prompt, c.tokens, req.top_logprobs or 0)}
+            out.append({"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": logprobs,
+                        "finish_reason": c.finish})
+        return {"id": rid, "object": "chat.completion", "created": created, "model": s.name, "choices": out,
+                "usage": usage(len(prompt) * req.n, choices)}
+
+    async def chat_logprobs(s: Served, prompt: list[int], reply: list[int], k: int) -> list[dict]:
+        tok = s.tokenizer
+        nxt, top_lp, top_ids = await logprob_rows(s, prompt + reply, max(k, 1))
+        at = len(prompt) - 1
+
+        def entry(token_id, lp):
+            text = tok.token_strings([int(token_id)])[0]
+            return {"token": text, "logprob": float(lp), "bytes": list(text.encode("utf-8"))}
+
+        return [entry(t, nxt[at + j]) | {"top_logprobs": [entry(a, v) for a, v in zip(top_ids[at + j][:k],
+                                                                                     top_lp[at + j][:k])]}
+                for j, t in enumerate(reply)]
+
+    return app

@@ -1,0 +1,184 @@
+"""The serving engine's scheduler with a hand-computable fake model behind the real thread and queues:
+every request gets the tokens it would get alone, whatever it is batched with; a slot is freed at once
+when its request stops, is cancelled or times out; a full queue refuses; one request's failure never
+reaches another; admitting fills one request alone or a group padded to 8; a stop lets running requests finish."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from plutao.model.sampling import SamplingConfig
+from plutao.serve import engine as eng
+
+EOT = 0
+V = 97
+
+
+def solo(prompt, s: SamplingConfig) -> list[int]:
+    """The fake model alone: after prompt p it writes (p[-1] + seed + n) mod V for n = 1, 2, ... until a
+    stop id (kept) or max_new_tokens."""
+    out = []
+    for n in range(1, s.max_new_tokens + 1):
+        t = (prompt[-1] + s.seed + n) % V
+        out.append(t)
+        if t in Fake.stop_ids(s):
+            break
+    return out
+
+
+class Fake:
+    """Slots of the fake model, as DecoderBackend offers them to the scheduler."""
+
+    context = 10 ** 6
+
+    def __init__(self, n_slots):
+        self.n_slots = n_slots
+        self.rows = [None] * n_slots  # [prompt, sampling, produced, active]
+        self.fills, self.steps, self.lock = [], 0, threading.Lock()
+
+    @staticmethod
+    def stop_ids(s):
+        return tuple(s.stop_ids) + ((EOT,) if s.stop_at_eot else ())
+
+    def _next(self, b):
+        prompt, s, n, _ = self.rows[b]
+        t = (prompt[-1] + s.seed + n + 1) % V
+        self.rows[b][2] = n + 1
+        self.rows[b][3] = not (t in self.stop_ids(s) or n + 1 >= s.max_new_tokens)
+        return t
+
+    def fill(self, slot_ids, prompts, samplings):
+        self.fills.append(eng.padded_count(len(slot_ids)))
+        out = []
+        for b, p, s in zip(slot_ids, prompts, samplings):
+            self.rows[b] = [list(p), s, 0, True]
+            out.append(self._next(b))
+        return np.array(out), -np.array(out) / 100.0, np.array([self.rows[b][3] for b in slot_ids])
+
+    def run(self, steps):
+        self.steps += 1
+        B = self.n_slots
+        tokens, valid = np.zeros((B, steps), int), np.zeros((B, steps), bool)
+        for b in range(B):
+            for k in range(steps):
+                if self.rows[b] is not None and self.rows[b][3]:
+                    tokens[b, k], valid[b, k] = self._next(b), True
+        active = np.array([r is not None and r[3] for r in self.rows])
+        return tokens, -tokens / 100.0, valid, active
+
+    def release(self, slot_ids):
+        for b in slot_ids:
+            if self.rows[b] is not None:
+                self.rows[b][3] = False
+
+
+class Collect:
+    def __init__(self):
+        self.tokens, self.finish, self.done = [], None, threading.Event()
+
+    def __call__(self, ev: eng.Event):
+        self.tokens += ev.tokens
+        if ev.finish:
+            self.finish = ev.finish
+            self.done.set()
+
+
+@pytest.fixture
+def running():
+    engines = []
+
+    def start(n_slots=4, **kw):
+        fake = Fake(n_slots)
+        e = eng.Engine({"m": fake}, **kw)
+        e.start()
+        engines.append(e)
+        return e, fake
+
+    yield start
+    for e in engines:
+        e.stop(1.0)
+
+
+def submit(e, prompt, s, **kw):
+    c = Collect()
+    r = eng.Request("m", prompt, s, c, **kw)
+    e.submit(r)
+    return r, c
+
+
+def test_every_request_gets_its_solo_tokens_however_it_is_batched(running):
+    e, fake = running(n_slots=4, chunk=3)
+    rng = np.random.default_rng(0)
+    cases = [([int(rng.integers(1, V))], SamplingConfig(max_new_tokens=int(rng.integers(1, 12)), seed=int(rng.integers(9)),
+                                                        stop_ids=(int(rng.integers(1, V)),))) for _ in range(30)]
+    got = [submit(e, p, s) for p, s in cases]  # (30 requests, 4 slots: most wait)
+    for (p, s), (_, c) in zip(cases, got):
+        assert c.done.wait(5)
+        assert c.tokens == solo(p, s)
+        assert c.finish == ("stop" if c.tokens[-1] in Fake.stop_ids(s) else "length")
+    assert set(fake.fills) <= {1, 8} and e.slots_in_use() == 0 and e.queue_depth() == 0
+
+
+def test_a_cancelled_request_frees_its_slot_at_once_and_the_next_one_takes_it(running):
+    e, _fake = running(n_slots=1, chunk=1)
+    long = SamplingConfig(max_new_tokens=10 ** 6, stop_at_eot=False)
+    r, c = submit(e, [5], long)
+    _waiting_r, waiting = submit(e, [7], SamplingConfig(max_new_tokens=3))
+    time.sleep(0.05)
+    assert e.slots_in_use() == 1 and not waiting.done.is_set()
+    e.cancel(r)
+    assert waiting.done.wait(2) and waiting.tokens == solo([7], SamplingConfig(max_new_tokens=3))
+    deadline = time.monotonic() + 1
+    while e.slots_in_use() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert e.slots_in_use() == 0 and c.finish is None  # (a cancelled request hears nothing more)
+
+
+def test_a_request_past_its_timeout_ends_and_frees_its_slot(running):
+    e, _ = running(n_slots=1, chunk=1)
+    _r, c = submit(e, [5], SamplingConfig(max_new_tokens=10 ** 6, stop_at_eot=False), timeout=0.1)
+    assert c.done.wait(2) and c.finish == "timeout"
+    _after, d = submit(e, [3], SamplingConfig(max_new_tokens=2))
+    assert d.done.wait(2) and d.tokens == solo([3], SamplingConfig(max_new_tokens=2))
+
+
+def test_a_full_queue_refuses_and_a_stopping_engine_admits_nothing(running):
+    e, _ = running(n_slots=1, max_queue=2, chunk=1)
+    long = SamplingConfig(max_new_tokens=10 ** 6, stop_at_eot=False)
+    first = submit(e, [1], long)
+    time.sleep(0.05)  # (the first takes the slot; two more may wait)
+    submit(e, [1], long), submit(e, [1], long)
+    with pytest.raises(eng.QueueFull):
+        submit(e, [1], long)
+    assert not e.stop(0.1)  # (they never finish: cancelled at the end of the grace period)
+    with pytest.raises(eng.Stopping):
+        submit(e, [1], long)
+    assert first[0].cancelled
+
+
+def test_a_failing_callback_ends_only_its_own_request(running):
+    e, _ = running(n_slots=2, chunk=2)
+
+    def boom(ev):
+        raise RuntimeError("client bug")
+
+    bad = eng.Request("m", [4], SamplingConfig(max_new_tokens=50), boom)
+    e.submit(bad)
+    s = SamplingConfig(max_new_tokens=20)
+    _, good = submit(e, [9], s)
+    assert good.done.wait(2) and good.tokens == solo([9], s)
+    assert bad.cancelled
+
+
+def test_stop_lets_running_requests_finish_within_the_grace_period(running):
+    e, _ = running(n_slots=2, chunk=1)
+    s = SamplingConfig(max_new_tokens=30)
+    _, c = submit(e, [2], s)
+    assert e.stop(2.0) and c.finish == "length" and c.tokens == solo([2], s)
+
+
+def test_fill_groups_and_padded_counts():
+    assert eng.fill_groups(0) == [] and eng.fill_groups(3) == [3] and eng.fill_groups(19) == [8, 8, 3]
+    assert [eng.padded_count(n) for n in range(1, 9)] == [1, 8, 8, 8, 8, 8, 8, 8]
