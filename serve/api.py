@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from plutao.model.sampling import SamplingConfig, SamplingError
 from plutao.serve import engine as eng
 from plutao.serve.metrics import Metrics
+from plutao.serve.replies import Choice, turn_messages
 from plutao.serve.schemas import (
     ApiError,
     ChatRequest,
@@ -40,45 +41,12 @@ from plutao.serve.schemas import (
 from plutao.serve.served import Served, token_logprobs
 from plutao.tokenizer import TokenizerError
 from plutao.tokenizer import chat as template
+from plutao.tools import TOOLS
 from plutao.train.config.errors import UserError
 
 PAGE = Path(__file__).with_name("page.html")
-OPEN = ("/health", "/")  # routes answered without the API key (the page holds no model and no data)
-
-
-class Choice:
-    """One reply being written: its tokens (the stop token left out), its text so far, and what of it was
-    sent; stop strings cut it (and end it), and text that could be the start of one waits."""
-
-    def __init__(self, tok, stops: list[str], stop_ids):
-        self.tok, self.stops, self.stop_ids = tok, stops, set(stop_ids)
-        self.tokens: list[int] = []
-        self.text, self.sent, self.finish, self.hit = "", "", None, False
-        self.first_at: float | None = None
-        self.last_at: float | None = None
-
-    def add(self, event: eng.Event) -> str:
-        tokens = list(event.tokens)
-        if event.finish == "stop" and tokens and tokens[-1] in self.stop_ids:
-            tokens = tokens[:-1]
-        self.tokens += tokens
-        full = self.tok.decode(self.tokens)
-        cut = min((i for i in (full.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            full, self.hit, self.finish = full[:cut], True, "stop"
-            while self.tokens and len(self.tok.decode(self.tokens[:-1])) >= cut:
-                self.tokens.pop()  # (the tokens of the stop string and after it are not the reply's)
-        elif event.finish:
-            self.finish = event.finish
-        self.text = full
-        done = self.finish is not None
-        hold = 0 if done else max((len(s) - 1 for s in self.stops), default=0)
-        ready = full[:len(full) - hold] if hold else full
-        if not done and ready.endswith("\ufffd"):
-            ready = ready[:-1]
-        new = ready[len(self.sent):] if ready.startswith(self.sent) and len(ready) > len(self.sent) else ""
-        self.sent += new
-        return new
+MAX_CALLS = 4  # tool calls per reply, as in sampling and RL
+OPEN = ("/health", "/", "/favicon.ico")  # routes answered without the API key (the page holds no model and no data)
 
 
 def create_app(served: dict[str, Served], engine: eng.Engine, *, api_key: str | None = None,
@@ -166,15 +134,17 @@ def create_app(served: dict[str, Served], engine: eng.Engine, *, api_key: str | 
                            f"{what}", param="model")
 
     async def generate(request: Request, s: Served, prompts: list[list[int]], samplings: list[SamplingConfig],
-                       stops: list[str], stop_ids) -> AsyncIterator[tuple[int, Choice, str]]:
-        """Yield (choice index, choice, new text) as tokens arrive, until every choice is done."""
+                       stops: list[str], stop_ids, answer=None) -> AsyncIterator[tuple[int, Choice, str]]:
+        """Yield (choice index, choice, new text) as tokens arrive, until every choice is done (`answer`:
+        the replies may call the run's tools)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        choices = [Choice(s.tokenizer, stops, stop_ids) for _ in prompts]
+        choices = [Choice(s.tokenizer, stops, stop_ids, tools=answer is not None) for _ in prompts]
         reqs, begun = [], time.perf_counter()
         for i, (p, sp) in enumerate(zip(prompts, samplings)):
             r = eng.Request(s.name, p, sp, lambda ev, i=i: loop.call_soon_threadsafe(queue.put_nowait, (i, ev)),
-                            timeout=timeout)
+                            timeout=timeout, answer=answer, pause_id=s.tokenizer.tool_id if answer else -1,
+                            max_calls=MAX_CALLS)
             reqs.append(r)
         try:
             for r in reqs:
@@ -203,7 +173,7 @@ def create_app(served: dict[str, Served], engine: eng.Engine, *, api_key: str | 
                 if ev.finish == "error":
                     raise ApiError(500, ev.error, type="server_error")
                 now = time.perf_counter()
-                if ev.tokens:
+                if ev.tokens and not ev.forced:
                     metrics.tokens_out(len(ev.tokens))
                     if c.first_at is None:
                         metrics.first_token(now - started)
@@ -228,7 +198,7 @@ def create_app(served: dict[str, Served], engine: eng.Engine, *, api_key: str | 
         return [(req.seed + i) % 2 ** 31 for i in range(n)]  # (choice i of a seeded request: seed + i)
 
     def usage(prompt_tokens: int, choices: list[Choice]) -> dict:
-        out = sum(len(c.tokens) for c in choices)
+        out = sum(c.generated for c in choices)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": out, "total_tokens": prompt_tokens + out}
 
     async def logprob_rows(s: Served, ids: list[int], k: int):
@@ -255,6 +225,10 @@ def create_app(served: dict[str, Served], engine: eng.Engine, *, api_key: str | 
     @app.get("/", response_class=HTMLResponse)
     async def page():
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    @app.get("/favicon.ico")
+    async def favicon():
+        return Response(status_code=204)
 
     @app.get("/v1/models")
     async def models():
@@ -384,9 +358,8 @@ def create_app(served: dict[str, Served], engine: eng.Engine, *, api_key: str | 
     async def chat_completions(req: ChatRequest, request: Request):
         s = model_of(req.model)
         decoder(s, "chat replies")
-        if not s.chat:
-            raise ApiError(400, f"{s.name} is a {s.stage} run, which continues text rather than chatting; use "
-                           "/v1/completions, or serve a chat run (`plutao sft` and the stages after it)", param="model")
+        # (a base run was not trained on the template: it continues the conversation's text as best it can,
+        # as in `plutao chat` — what the compare view shows next to the stages that were)
         tok = s.tokenizer
         try:
             messages = template.check_messages([m.model_dump(exclude_none=True) for m in req.messages], generation=True)
@@ -397,8 +370,16 @@ def create_app(served: dict[str, Served], engine: eng.Engine, *, api_key: str | 
             raise ApiError(400, "top_logprobs are computed after the reply; ask without stream", param="top_logprobs")
         max_tokens = req.max_completion_tokens or req.max_tokens or max(s.context - len(prompt), 1)
         check_fits(s, len(prompt), max_tokens)
+        answer = None
+        if s.has_tools and req.tool_choice != "none":  # (a run trained to call tools calls them, as in `plutao chat`)
+            if req.logprobs:
+                raise ApiError(400, f"{s.name} may call tools, and log-probs of a reply with tool turns are not given; "
+                               "send tool_choice: \"none\" with logprobs", param="logprobs")
+            answer = template.tool_answerer(tok, TOOLS, max_calls=MAX_CALLS, max_result_tokens=template.result_tokens(
+                s.context, max_tokens, MAX_CALLS))
         stop_ids = template.reply_stop_ids(tok)
-        samplings = [sampling_for(s, req, max_tokens, stop_ids, seed) for seed in seeds(req, req.n)]
+        samplings = [sampling_for(s, req, max_tokens, stop_ids + ((tok.tool_id,) if answer else ()), seed)
+                     for seed in seeds(req, req.n)]
         stops = req.stops()
         rid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": s.name}
@@ -409,7 +390,10 @@ def create_app(served: dict[str, Served], engine: eng.Engine, *, api_key: str | 
                     for i in range(req.n):
                         yield sse(head | {"choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                        "logprobs": None, "finish_reason": None}]})
-                    async for i, c, new in generate(request, s, [prompt] * req.n, samplings, stops, stop_ids):
+                    async for i, c, new in generate(request, s, [prompt] * req.n, samplings, stops, stop_ids, answer):
+                        for turn in c.take_turns():  # (a call and its result, as they happen)
+                            yield sse(head | {"choices": [{"index": i, "delta": {"tool_turns": turn_messages(
+                                [turn], len(c.turns) - 1)}, "logprobs": None, "finish_reason": None}]})
                         if new:
                             yield sse(head | {"choices": [{"index": i, "delta": {"content": new}, "logprobs": None,
                                                            "finish_reason": None}]})
@@ -424,7 +408,7 @@ def create_app(served: dict[str, Served], engine: eng.Engine, *, api_key: str | 
                 yield "data: [DONE]\n\n"
             return StreamingResponse(events(), media_type="text/event-stream")
         choices: list[Choice] = [None] * req.n
-        async for i, c, _ in generate(request, s, [prompt] * req.n, samplings, stops, stop_ids):
+        async for i, c, _ in generate(request, s, [prompt] * req.n, samplings, stops, stop_ids, answer):
             choices[i] = c
         if any(c is None or c.finish is None for c in choices):
             return Response(status_code=499)
@@ -433,8 +417,10 @@ def create_app(served: dict[str, Served], engine: eng.Engine, *, api_key: str | 
             logprobs = None
             if req.logprobs:
                 logprobs = {"content": await chat_logprobs(s, prompt, c.tokens, req.top_logprobs or 0)}
-            out.append({"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": logprobs,
-                        "finish_reason": c.finish})
+            message = {"role": "assistant", "content": c.text}
+            if c.turns:  # (the calls it made and their results, as OpenAI messages: already answered)
+                message["tool_turns"] = turn_messages(c.turns)
+            out.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": c.finish})
         return {"id": rid, "object": "chat.completion", "created": created, "model": s.name, "choices": out,
                 "usage": usage(len(prompt) * req.n, choices)}
 

@@ -10,6 +10,11 @@ program: every one was compiled before the server said it was ready), then advan
 random stream is a function of its own seed and position (model/decode.py), so a seeded request gives
 the same tokens whatever it is batched with.
 
+A request that may call tools (`answer`, as model/agent.py's loop takes it) stops at its pause token
+(<|tool|>); the scheduler runs the call, appends the result to the live slot (model/agent.py: extend,
+the row's random stream and budget going on) and the row decodes on — the other rows never wait for
+more than that one extension.
+
 `Backend` is what the scheduler drives: `DecoderBackend` over a real model, or a hand-computable fake in
 the tests (the scheduler, threads and queues are the real ones).
 """
@@ -50,6 +55,7 @@ class Event:
     logprobs: list[float]
     finish: str | None = None
     error: str = ""
+    forced: bool = False  # the runtime wrote these tokens (a tool's result), not the model
 
 
 @dataclasses.dataclass(eq=False)
@@ -60,9 +66,14 @@ class Request:
     on_event: Callable[[Event], None]  # called on the engine thread; must not block
     timeout: float | None = None  # seconds from submission; then finish "timeout" and the slot is freed
     cancelled: bool = False  # set by the caller (a client went away, a stop string matched): freed at once
+    answer: Callable[[int, list[int], int], list[int]] | None = None  # tool calls: (row, reply, calls) → tokens
+    pause_id: int = -1  # the token that closes a call (in the sampling's stop ids when `answer` is set)
+    max_calls: int = 4
     submitted: float = 0.0
     slot: int | None = None
     produced: int = 0
+    calls: int = 0
+    reply: list[int] = dataclasses.field(default_factory=list)
 
 
 class Backend(Protocol):
@@ -76,6 +87,8 @@ class Backend(Protocol):
     def run(self, steps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]: ...  # (B, k) ×3, (B,) active
 
     def release(self, slot_ids: list[int]) -> None: ...
+
+    def extend(self, slot_ids: list[int], forced: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 
 
 def fill_groups(n: int) -> list[int]:
@@ -118,6 +131,14 @@ class DecoderBackend:
 
     def release(self, slot_ids):
         self.slots = self.slots._replace(active_B=self.slots.active_B.at[np.asarray(slot_ids)].set(False))
+
+    def extend(self, slot_ids, forced):
+        from plutao.model.agent import extend
+        from plutao.model.decode import _host
+
+        self.slots, e = extend(self.decoder, self.slots, slot_ids, forced)
+        e, active = _host((e, self.slots.active_B))
+        return np.asarray(e.tokens), np.asarray(e.model_logprobs), np.asarray(active)[list(slot_ids)]
 
     def warm(self, chunk: int) -> int:
         """Compile every program the scheduler can call (each prompt-width bucket × fill-group size, and the
@@ -293,13 +314,28 @@ class Engine:
 
     def _deliver(self, m: ModelSlots, r: Request, tokens: list[int], logprobs: list[float], active: bool) -> None:
         r.produced += len(tokens)
-        finish = None
-        if not active:
-            finish = "stop" if tokens and tokens[-1] in m.backend.stop_ids(r.sampling) else "length"
+        r.reply += tokens
         if r.cancelled:
             return
-        if not self._send(r, Event(tokens, logprobs, finish)) or finish is not None:
+        paused = (not active and r.answer is not None and tokens and tokens[-1] == r.pause_id
+                  and r.produced < r.sampling.max_new_tokens and r.calls <= r.max_calls)
+        finish = None
+        if not active and not paused:
+            finish = "stop" if tokens and tokens[-1] in m.backend.stop_ids(r.sampling) else "length"
+        if not self._send(r, Event(tokens, logprobs, finish)):
             self._free(m, [r.slot])
+            return
+        if finish is not None:
+            self._free(m, [r.slot])
+        elif paused:  # (run the call, write its result into the slot, and let the row go on)
+            forced = list(r.answer(r.slot, list(r.reply), r.calls))
+            r.calls += 1
+            r.reply += forced
+            if not self._send(r, Event(forced, [0.0] * len(forced), None, forced=True)):
+                self._free(m, [r.slot])
+                return
+            token, logprob, still = m.backend.extend([r.slot], [forced])
+            self._deliver(m, r, [int(token[0])], [float(logprob[0])], bool(still[0]))
 
 
 def requests_in(engine: Engine) -> Sequence[Request]:

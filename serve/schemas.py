@@ -71,6 +71,8 @@ class ChatRequest(Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS)
+    tool_choice: str | dict | None = None  # "none": a run trained to call tools answers without them
+    tools: list[dict] | None = None  # (the server's own tools are the ones a run calls; client tools are not run)
 
 
 class RewardRequest(BaseModel):

@@ -166,7 +166,6 @@ def test_rewards_and_tokenization(server, tok):
     ("/v1/completions", {"model": "nope", "prompt": "1"}, KEY, 404, "model 'nope' is not served here"),
     ("/v1/completions", {"model": "base", "prompt": "1"}, "wrong", 401, "API key"),
     ("/v1/models", None, None, 401, "API key"),
-    ("/v1/chat/completions", {"model": "base", "messages": CHAT}, KEY, 400, "continues text rather than chatting"),
     ("/v1/chat/completions", {"model": "sft", "messages": [{"role": "wizard", "content": "hi"}]}, KEY, 400, "role"),
     ("/v1/completions", {"model": "rm", "prompt": "1"}, KEY, 400, "is a reward model"),
     ("/v1/rewards", {"model": "base", "messages": CHAT}, KEY, 400, "not a reward model"),
@@ -194,6 +193,71 @@ def test_malformed_json_is_a_400_and_health_needs_no_key(server):
 def test_the_page_is_served_with_its_test_hooks(server):
     page = httpx.get(server["url"] + "/").text
     assert 'data-testid="message"' in page and "http" not in page.split("<script>")[1].split("fetch(")[0]
+
+
+def test_the_terminal_chat_talks_to_the_server(server, client):
+    want = client.chat.completions.create(model="sft", messages=CHAT, max_tokens=8, temperature=0, seed=0)
+    out = subprocess.run([sys.executable, "-m", "plutao.experiments", "chat", "--url", server["url"], "--model", "sft",
+                          "--api-key", KEY, "--temperature", "0", "--max-new-tokens", "8"], check=False, input="What is 3+4?\n",
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert f"sft> {want.choices[0].message.content}".replace("\n", "\\n") in out.stdout
+    wrong = subprocess.run([sys.executable, "-m", "plutao.experiments", "chat", "--url", server["url"], "--model", "nope",
+                            "--api-key", KEY], check=False, input="", capture_output=True, text=True, timeout=120)
+    assert wrong.returncode == 2 and "--model 'nope'" in wrong.stderr and len(wrong.stderr.strip().splitlines()) == 1
+
+
+def browser():
+    """Headless Chromium through Selenium (Debian's chromium and chromium-driver), or a skip that says why."""
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver")
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not binary or not driver:
+        pytest.skip("no chromium and chromedriver here (apt install chromium chromium-driver)")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def test_the_web_chat_streams_an_answer_and_compares_the_runs_in_a_real_browser(server, client, tmp_path):
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    want = {m: client.chat.completions.create(model=m, messages=[{"role": "user", "content": "3+4?"}], max_tokens=8,
+                                              temperature=0).choices[0].message.content for m in ("sft", "base")}
+    driver = browser()
+    try:
+        driver.get(server["url"] + "/")
+        driver.execute_script(f"localStorage.setItem('plutao-key', '{KEY}')")  # (as a user's earlier visit left it)
+        driver.refresh()
+        wait = WebDriverWait(driver, 30)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '[data-testid="pick-base"]'))
+        driver.find_element(By.CSS_SELECTOR, '[data-testid="pick-base"]').click()  # (sft is ticked already)
+        driver.find_element(By.CSS_SELECTOR, '[data-testid="max-tokens"]').send_keys("8")
+        driver.find_element(By.CSS_SELECTOR, '[data-testid="message"]').send_keys("3+4?")
+        driver.find_element(By.CSS_SELECTOR, '[data-testid="send"]').click()
+
+        def answers(d):
+            got = {m: d.find_elements(By.CSS_SELECTOR, f'[data-testid="column-{m}"] [data-testid="answer"]')
+                   for m in want}
+            return got if all(a and a[-1].get_attribute("data-state") == "done" for a in got.values()) else None
+
+        try:
+            got = wait.until(answers)
+        except TimeoutException:
+            raise AssertionError(driver.find_element(By.ID, "columns").get_attribute("innerHTML")) from None
+        assert {m: a[-1].get_attribute("textContent") for m, a in got.items()} == want
+        driver.save_screenshot(str(tmp_path / "web-chat.png"))
+        assert (tmp_path / "web-chat.png").stat().st_size > 0
+    finally:
+        driver.quit()
 
 
 def test_sigterm_lets_a_running_request_finish_and_exits_0(server, client):

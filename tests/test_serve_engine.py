@@ -16,14 +16,19 @@ EOT = 0
 V = 97
 
 
-def solo(prompt, s: SamplingConfig) -> list[int]:
-    """The fake model alone: after prompt p it writes (p[-1] + seed + n) mod V for n = 1, 2, ... until a
-    stop id (kept) or max_new_tokens."""
-    out = []
-    for n in range(1, s.max_new_tokens + 1):
-        t = (prompt[-1] + s.seed + n) % V
-        out.append(t)
-        if t in Fake.stop_ids(s):
+def solo(prompt, s: SamplingConfig, answer=None, pause=-1) -> list[int]:
+    """The fake model alone: each token is (the one before it + seed + 1) mod V, until a stop id (kept) or
+    max_new_tokens; with `answer`, the pause token is followed by answer's tokens (not counted)."""
+    out, last, n = [], prompt[-1], 0
+    while n < s.max_new_tokens:
+        last = (last + s.seed + 1) % V
+        out.append(last)
+        n += 1
+        if last == pause and answer is not None and n < s.max_new_tokens:
+            forced = answer(0, out, 0)
+            out += forced
+            last = forced[-1]
+        elif last in Fake.stop_ids(s):
             break
     return out
 
@@ -35,7 +40,7 @@ class Fake:
 
     def __init__(self, n_slots):
         self.n_slots = n_slots
-        self.rows = [None] * n_slots  # [prompt, sampling, produced, active]
+        self.rows = [None] * n_slots  # [last token, sampling, produced, active]
         self.fills, self.steps, self.lock = [], 0, threading.Lock()
 
     @staticmethod
@@ -43,9 +48,9 @@ class Fake:
         return tuple(s.stop_ids) + ((EOT,) if s.stop_at_eot else ())
 
     def _next(self, b):
-        prompt, s, n, _ = self.rows[b]
-        t = (prompt[-1] + s.seed + n + 1) % V
-        self.rows[b][2] = n + 1
+        last, s, n, _ = self.rows[b]
+        t = (last + s.seed + 1) % V
+        self.rows[b][0], self.rows[b][2] = t, n + 1
         self.rows[b][3] = not (t in self.stop_ids(s) or n + 1 >= s.max_new_tokens)
         return t
 
@@ -53,7 +58,7 @@ class Fake:
         self.fills.append(eng.padded_count(len(slot_ids)))
         out = []
         for b, p, s in zip(slot_ids, prompts, samplings):
-            self.rows[b] = [list(p), s, 0, True]
+            self.rows[b] = [p[-1], s, 0, True]
             out.append(self._next(b))
         return np.array(out), -np.array(out) / 100.0, np.array([self.rows[b][3] for b in slot_ids])
 
@@ -67,6 +72,13 @@ class Fake:
                     tokens[b, k], valid[b, k] = self._next(b), True
         active = np.array([r is not None and r[3] for r in self.rows])
         return tokens, -tokens / 100.0, valid, active
+
+    def extend(self, slot_ids, forced):
+        out = []
+        for b, f in zip(slot_ids, forced):
+            self.rows[b][0], self.rows[b][3] = f[-1], True
+            out.append(self._next(b))
+        return np.array(out), -np.array(out) / 100.0, np.array([self.rows[b][3] for b in slot_ids])
 
     def release(self, slot_ids):
         for b in slot_ids:
@@ -179,6 +191,53 @@ def test_stop_lets_running_requests_finish_within_the_grace_period(running):
     assert e.stop(2.0) and c.finish == "length" and c.tokens == solo([2], s)
 
 
+def test_a_tool_call_pauses_the_row_writes_the_result_into_its_slot_and_the_row_goes_on(running):
+    e, _ = running(n_slots=3, chunk=2)
+    pause = 12
+
+    def answer(row, reply, calls):
+        return [50 + calls, 60]
+
+    s = SamplingConfig(max_new_tokens=20, stop_ids=(pause,), stop_at_eot=False)
+    c = Collect()
+    forced = []
+    r = eng.Request("m", [5], s, lambda ev: (forced.append(ev.tokens) if ev.forced else None, c(ev)), answer=answer,
+                    pause_id=pause, max_calls=4)
+    e.submit(r)
+    _, other = submit(e, [30], SamplingConfig(max_new_tokens=15, stop_at_eot=False))  # (decodes beside it)
+    assert c.done.wait(2) and other.done.wait(2)
+    assert c.tokens == solo([5], s, answer, pause) and forced == [[50, 60]]
+    assert c.finish == "length" and other.tokens == solo([30], SamplingConfig(max_new_tokens=15, stop_at_eot=False))
+
+
 def test_fill_groups_and_padded_counts():
     assert eng.fill_groups(0) == [] and eng.fill_groups(3) == [3] and eng.fill_groups(19) == [8, 8, 3]
     assert [eng.padded_count(n) for n in range(1, 9)] == [1, 8, 8, 8, 8, 8, 8, 8]
+
+
+def test_a_reply_with_a_tool_turn_keeps_the_call_and_result_apart_from_its_text():
+    from plutao.serve.replies import Choice, turn_messages
+    from plutao.tokenizer import TOOL_TOKENS, CharTokenizer, grown
+    from plutao.tokenizer.chat import reply_messages, reply_stop_ids
+
+    tok = grown(CharTokenizer.train(["What is 4821+3379? 0123456789 calculator: so"]), TOOL_TOKENS)
+    model = [tok.call_id, *tok.encode("calculator: 4821+3379"), tok.tool_id]
+    forced = [*tok.encode("8200"), tok.end_id, tok.assistant_id]
+    after = [*tok.encode("so 8200"), tok.end_id]
+    c = Choice(tok, [], reply_stop_ids(tok), tools=True)
+    streamed = "".join([c.add(eng.Event(model[:5], [0.0] * 5)), c.add(eng.Event(model[5:], [0.0] * (len(model) - 5))),
+                        c.add(eng.Event(forced, [0.0] * len(forced), forced=True)),
+                        c.add(eng.Event(after, [0.0] * len(after), "stop"))])
+    assert streamed == c.text == "so 8200" and c.finish == "stop" and c.generated == len(model) + len(after) - 1
+    want = reply_messages(tok, model + forced + after, range(len(model), len(model) + len(forced)))
+    assert turn_messages(c.turns) == want[:-1]  # (the call and its result, as the agent loop reads them back)
+    assert [t["content"] for t in turn_messages(c.take_turns()) if t["role"] == "tool"] == ["8200"]
+    assert c.take_turns() == []
+
+
+def test_a_tool_result_is_never_cut_to_a_few_tokens_by_a_long_reply_budget():
+    from plutao.tokenizer.chat import result_tokens
+
+    assert result_tokens(192, 41, 4) == 48  # (the report card's budget: a quarter of the context)
+    assert result_tokens(192, 168, 4) == 48 and result_tokens(32, 300, 4) == 8  # (once 2 and 1: results cut short)
+    assert result_tokens(4096, 100, 4) == (4096 - 2 - 100) // 5 - 2

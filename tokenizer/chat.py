@@ -260,9 +260,11 @@ def call_text(tokenizer: Tokenizer, reply: Sequence[int]) -> str | None:
 
 
 def result_tokens(context: int, reply_budget: int, max_calls: int) -> int:
-    """The most tokens of one tool result, so that a reply of `reply_budget` tokens of its own and up to
-    max_calls + 1 tool turns (each result, <|end|>, <|assistant|>) stays within the context."""
-    return max((context - 2 - reply_budget) // (max_calls + 1) - 2, 1)
+    """The most tokens of one tool result: what lets a reply of `reply_budget` tokens of its own and up to
+    max_calls + 1 tool turns (each result, <|end|>, <|assistant|>) stay within the context, but never less
+    than a quarter of the context (at most 64 tokens), so a long reply budget never cuts a result to a few
+    meaningless tokens (a reply that then outgrows the context goes on from its last tokens: model/agent.py)."""
+    return max((context - 2 - reply_budget) // (max_calls + 1) - 2, min(context // 4, 64), 1)
 
 
 def tool_turn_ids(tokenizer: Tokenizer, result: str, max_tokens: int | None = None) -> list[int]:

@@ -283,6 +283,14 @@ def _tools(names: str) -> dict:
 
 
 def cmd_chat(args) -> int:
+    if args.url:
+        from plutao.serve.client import remote_chat
+
+        return remote_chat(args)
+    if not args.run_dir:
+        from plutao.train.config.errors import UserError
+
+        raise UserError("give a run directory to chat with, or --url http://HOST:PORT of a `plutao serve`")
     from plutao.experiments.commands.evaluation import calls_tools
     from plutao.model.sampling import SamplingConfig
     from plutao.tokenizer import TokenizerError, chat
@@ -389,7 +397,10 @@ def cmd_chat(args) -> int:
 def register(sub) -> None:
     """Add this module's subcommands to the `plutao` parser."""
     ch = sub.add_parser("chat", help="chat with a run in the terminal (reads one message per line when piped)")
-    ch.add_argument("run_dir")
+    ch.add_argument("run_dir", nargs="?", help="the run to chat with (or --url)")
+    ch.add_argument("--url", help="chat with a model of a running `plutao serve` at http://HOST:PORT instead")
+    ch.add_argument("--model", help="with --url: the served model (default: the first chat model it lists)")
+    ch.add_argument("--api-key", help="with --url: the server's key (default: PLUTAO_API_KEY)")
     ch.add_argument("--system", help="a system message at the start of the conversation")
     ch.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: %(default)s); /temp X changes it")
     ch.add_argument("--top-k", type=int, default=0)
