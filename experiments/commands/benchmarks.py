@@ -36,6 +36,17 @@ def cmd_bench_baselines(args) -> int:
     return 0
 
 
+def cmd_bench_serve(args) -> int:
+    from plutao.experiments.serve_bench import run_serve_bench
+
+    result = run_serve_bench(args.run_dir, requests=args.requests, levels=[int(x) for x in args.concurrency.split(",")],
+                             max_tokens=args.max_tokens, slots=args.slots, chunk=args.chunk, soak=args.soak,
+                             soak_concurrency=args.soak_concurrency, out=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
 def register(sub) -> None:
     """Add this module's subcommands to the `plutao` parser."""
     bw = sub.add_parser("bench-sweep", help="sweep overhead: time to the first step, share outside training steps")
@@ -60,3 +71,15 @@ def register(sub) -> None:
     b.add_argument("--workdir", help="run directory for the benchmark (default: a temporary one)")
     b.add_argument("--json", action="store_true")
     b.set_defaults(fn=cmd_bench)
+    bs = sub.add_parser("bench-serve", help="the server under load (requests/s, tokens/s, TTFT, p50/p99 latency) against "
+                        "the plain sampler answering the same requests one at a time")
+    bs.add_argument("run_dir", help="a chat run to serve")
+    bs.add_argument("--concurrency", default="1,8,32,64", help="client concurrency levels (default %(default)s)")
+    bs.add_argument("--requests", type=int, default=64, help="requests per level, at least the level (default %(default)s)")
+    bs.add_argument("--max-tokens", type=int, default=48, help="reply budget of each request (default %(default)s)")
+    bs.add_argument("--slots", type=int, default=32, help="the server's slots (default %(default)s)")
+    bs.add_argument("--chunk", type=int, default=4, help="the server's decode steps between admissions (default %(default)s)")
+    bs.add_argument("--soak", type=float, default=0.0, metavar="S", help="then S seconds of load with clients walking away")
+    bs.add_argument("--soak-concurrency", type=int, default=64)
+    bs.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
+    bs.set_defaults(fn=cmd_bench_serve)
