@@ -63,14 +63,17 @@ def served_name(run_dir: Path, taken: set[str]) -> str:
 
 
 def load_served(run_dirs: list[str], n_slots: int) -> dict[str, Served]:
-    from plutao.experiments.commands.evaluation import run_task
+    from plutao.train.config.schema import Config
     from plutao.train.rl.rewards import RewardScorer
     from plutao.train.run.lineage import load_run
+    from plutao.train.run.rundir import existing_run_config
+    from plutao.train.tasks import task_class
 
     out: dict[str, Served] = {}
     for d in map(Path, run_dirs):
-        task = run_task(d)
-        if not task.trained_by_gradient or getattr(task, "decoder_only", True) is None:
+        cfg = Config.from_dict(existing_run_config(d))
+        task = task_class(cfg)(cfg)
+        if not task.trained_by_gradient:
             raise UserError(f"{d} is a {task.label} run, which `plutao serve` cannot serve; serve a language model, "
                             "an assistant stage or a reward model")
         name = served_name(d, set(out))
