@@ -268,3 +268,13 @@ def test_sigterm_lets_a_running_request_finish_and_exits_0(server, client):
         proc.send_signal(signal.SIGTERM)
         assert running.result(timeout=30).choices[0].finish_reason in ("stop", "length")
     assert proc.wait(timeout=30) == 0
+
+
+def test_serve_refuses_bad_arguments_in_one_line_before_loading(tiny_stages, tmp_path, capsys):
+    from plutao.experiments.cli import main
+
+    for argv, said in (([str(tmp_path / "missing")], "missing"), ([str(tiny_stages["sft"]), "--slots", "0"],
+                                                                  "--slots must be ≥ 1")):
+        assert main(["serve", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert said in err and len(err.splitlines()) == 1, err
