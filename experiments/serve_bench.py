@@ -15,8 +15,6 @@ import json
 import os
 import random
 import resource
-import socket
-import threading
 import time
 from pathlib import Path
 
@@ -48,29 +46,6 @@ def _prompts(run, n: int, max_tokens: int) -> list[list[dict]]:
 
         raise UserError(f"--max-tokens {max_tokens} leaves too little of the run's context for its questions; lower it")
     return out
-
-
-def _start(served, engine, chunk: int):
-    import httpx
-    import uvicorn
-
-    from plutao.serve.api import create_app
-
-    app = create_app(served, engine, chunk=chunk)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return url, server, thread
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
 
 
 async def _one(client, url: str, body: dict, walk_away: bool = False) -> dict:
@@ -184,7 +159,11 @@ def run_serve_bench(run_dir: str, *, requests: int, levels: list[int], max_token
           f"{baseline['tokens_per_s']:.0f} tokens/s; with one decoder kept: {baseline['one_decoder_tokens_per_s']:.0f} "
           "tokens/s", file=out, flush=True)
     engine = Engine({s.name: s.backend}, max_queue=4 * max(max(levels), soak_concurrency), chunk=chunk)
-    url, server, thread = _start(served, engine, chunk)
+    from plutao.serve.api import create_app
+    from plutao.serve.local import LocalServer
+
+    local = LocalServer(create_app(served, engine, chunk=chunk))
+    url = local.url
     table = []
     for c in levels:
         row = asyncio.run(_level(url, bodies[:max(requests, c)], c))
@@ -204,6 +183,5 @@ def run_serve_bench(run_dir: str, *, requests: int, levels: list[int], max_token
                                    "slots_in_use_after": engine.slots_in_use(), "queue_after": engine.queue_depth(),
                                    "rss_mb_start": rss0, "rss_mb_end": _rss_mb()}
         print(f"soak: {json.dumps(result['soak'])}", file=out, flush=True)
-    server.should_exit = True
-    thread.join(30)
+    local.stop()
     return result

@@ -61,7 +61,7 @@ def write(path, lines):
      ":1: the conversation has no assistant turn"),
     ("reward", ['{"prompt": "2+2?", "responses": ["4"]}', '{"prompt": "1+1?", "chosen": "2", "rejected": "3"}'],
      ":1: a ranked list needs at least 2 responses"),
-    ("reward", ['{"prompt": "2+2?", "chosen": "4"}'], ":1: a pair needs text"),
+    ("reward", ['{"prompt": "2+2?", "chosen": "4"}'], ':1: a pair needs both "chosen" and "rejected"'),
 ])
 def test_bad_user_data_is_a_one_line_error_and_writes_nothing(tiny_stages, tmp_path, capsys, stage, lines, message):
     data = write(tmp_path / "data.jsonl", lines)
