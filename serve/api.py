@@ -111,11 +111,11 @@ def create_app(served: dict[str, Served], engine: eng.Engine, *, api_key: str | 
                            f"({', '.join(served)})", type="not_found_error", param="model", code="model_not_found")
         return served[name]
 
-    def sampling_for(s: Served, req: Sampling, max_tokens: int, stop_ids, seed: int) -> SamplingConfig:
+    def sampling_for(s: Served, req: Sampling, max_tokens: int, stop_ids, seed: int, ban=()) -> SamplingConfig:
         try:
             return SamplingConfig(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, max_new_tokens=max_tokens,
-                                  seed=seed, stop_ids=tuple(stop_ids),
-                                  banned_ids=s.tokenizer.unsampled_ids(tuple(stop_ids), s.model.cfg.vocab_size))
+                                  seed=seed, stop_ids=tuple(stop_ids), banned_ids=(
+                                      *s.tokenizer.unsampled_ids(tuple(stop_ids), s.model.cfg.vocab_size), *ban))
         except SamplingError as e:
             raise ApiError(400, str(e)) from None
 
@@ -378,7 +378,9 @@ def create_app(served: dict[str, Served], engine: eng.Engine, *, api_key: str | 
             answer = template.tool_answerer(tok, TOOLS, max_calls=MAX_CALLS, max_result_tokens=template.result_tokens(
                 s.context, max_tokens, MAX_CALLS))
         stop_ids = template.reply_stop_ids(tok)
-        samplings = [sampling_for(s, req, max_tokens, stop_ids + ((tok.tool_id,) if answer else ()), seed)
+        # (with tool_choice "none" a run that can call tools may not open a call: it answers itself)
+        ban = (tok.call_id,) if s.has_tools and answer is None else ()
+        samplings = [sampling_for(s, req, max_tokens, stop_ids + ((tok.tool_id,) if answer else ()), seed, ban)
                      for seed in seeds(req, req.n)]
         stops = req.stops()
         rid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
