@@ -38,14 +38,13 @@ from plutao.serve.schemas import (
     Sampling,
     TokenizeRequest,
 )
-from plutao.serve.served import Served, token_logprobs
+from plutao.serve.served import MAX_CALLS, Served, token_logprobs
 from plutao.tokenizer import TokenizerError
 from plutao.tokenizer import chat as template
 from plutao.tools import TOOLS
 from plutao.train.config.errors import UserError
 
 PAGE = Path(__file__).with_name("page.html")
-MAX_CALLS = 4  # tool calls per reply, as in sampling and RL
 OPEN = ("/health", "/", "/favicon.ico")  # routes answered without the API key (the page holds no model and no data)
 
 

@@ -104,13 +104,14 @@ def padded_count(n: int) -> int:
 class DecoderBackend:
     """A model's decoding slots (model/decode.py: SlotDecoder) as the scheduler uses them."""
 
-    def __init__(self, model, *, n_slots: int, eot_id: int, pad_id: int):
+    def __init__(self, model, *, n_slots: int, eot_id: int, pad_id: int, tool_results: int = 0):
         from plutao.model.decode import SlotDecoder, _stop_set
 
         self.decoder = SlotDecoder.of(model, eot_id=eot_id, pad_id=pad_id)
         self.n_slots, self.context, self.eot_id = n_slots, self.decoder.context, eot_id
         self.slots = self.decoder.empty(n_slots)
         self.stop_ids = lambda s: _stop_set(s, eot_id)
+        self.tool_results = tool_results  # (a run that calls tools: the longest result the warm-up extends by)
 
     def fill(self, slot_ids, prompts, samplings):
         from plutao.model.decode import _host
@@ -142,7 +143,8 @@ class DecoderBackend:
 
     def warm(self, chunk: int) -> int:
         """Compile every program the scheduler can call (each prompt-width bucket × fill-group size, and the
-        decode chunk) before the server says it is ready; returns how many fills it ran."""
+        decode chunk, and for a run that calls tools each width of a result written into a slot) before the
+        server says it is ready; returns how many fills it ran."""
         widths = sorted({prompt_width(max(n, MIN_WIDTH), self.context) for n in range(1, self.context + 1)})
         greedy = SamplingConfig(temperature=0.0, max_new_tokens=1)
         runs = 0
@@ -151,6 +153,10 @@ class DecoderBackend:
                 self.fill(list(range(count)), [[self.eot_id] * w] * count, [greedy] * count)
                 runs += 1
         self.run(chunk)
+        if self.tool_results:  # (a result, <|end|> and <|assistant|> after the token the row paused on)
+            for w in sorted({prompt_width(n + 3, self.context) for n in range(1, self.tool_results + 1)}):
+                self.fill([0], [[self.eot_id] * MIN_WIDTH], [greedy])
+                self.extend([0], [[self.eot_id] * (w - 1)])
         self.release(list(range(self.n_slots)))
         return runs
 

@@ -17,9 +17,11 @@ from flax import nnx
 from plutao.model.heads import forward_logits
 from plutao.model.sampling import prompt_width
 from plutao.serve.engine import DecoderBackend
+from plutao.tokenizer.chat import result_tokens
 from plutao.train.config.errors import UserError
 
 TOP_LOGPROBS = 20  # the most alternatives a request may ask for per token (OpenAI's limit)
+MAX_CALLS = 4  # tool calls per reply, as in sampling and RL
 
 
 @dataclasses.dataclass
@@ -86,7 +88,10 @@ def load_served(run_dirs: list[str], n_slots: int) -> dict[str, Served]:
         task.check_command("sample", str(d))
         run = load_run(d)
         model = run.model
-        backend = DecoderBackend(model, n_slots=n_slots, eot_id=run.tokenizer.eot_id, pad_id=run.tokenizer.pad_id)
+        tools = bool(task.chat) and run.tokenizer.has_tools
+        backend = DecoderBackend(model, n_slots=n_slots, eot_id=run.tokenizer.eot_id, pad_id=run.tokenizer.pad_id,
+                                 tool_results=result_tokens(run.cfg.model.context_length, run.cfg.model.context_length // 2,
+                                                            MAX_CALLS) if tools else 0)
         out[name] = Served(name, d, task.label, run.tokenizer, run.cfg.model.context_length, bool(task.chat), False,
                            model=model, backend=backend)
     return out
