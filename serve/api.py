@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import secrets
 import threading
@@ -46,6 +47,50 @@ from plutao.train.config.errors import UserError
 
 PAGE = Path(__file__).with_name("page.html")
 OPEN = ("/health", "/", "/favicon.ico")  # routes answered without the API key (the page holds no model and no data)
+
+
+class Guard:
+    """Pure ASGI middleware (a BaseHTTPMiddleware would hide a client's disconnect from the routes): the
+    API key on every route but OPEN, each response's status in the metrics, and an exception inside one
+    request answered as that request's 500."""
+
+    def __init__(self, app, api_key: str | None, metrics: Metrics):
+        self.app, self.api_key, self.metrics = app, api_key, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, status = scope["path"], {"code": 500, "started": False}
+        if self.api_key and path not in OPEN:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, f"Bearer {self.api_key}".encode()):
+                self.metrics.request(path, 401)
+                return await ApiError(401, "missing or wrong API key: send the header Authorization: Bearer KEY",
+                                      type="authentication_error", code="invalid_api_key").response()(scope, receive, send)
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                status["code"], status["started"] = message["status"], True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception as e:  # noqa: BLE001 (an error inside one request is that request's 500, never the server's)
+            if not status["started"]:
+                await ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error").response()(
+                    scope, receive, send)
+        self.metrics.request(path, status["code"])
+
+
+@dataclasses.dataclass
+class Generation:
+    """The engine requests of one API request (one per choice), the queue their events arrive on, and the
+    replies being written."""
+
+    queue: asyncio.Queue
+    choices: list[Choice]
+    requests: list
+    begun: float
 
 
 def create_app(served: dict[str, Served], engine: eng.Engine, *, api_key: str | None = None,
@@ -88,21 +133,7 @@ def create_app(served: dict[str, Served], engine: eng.Engine, *, api_key: str | 
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         return ApiError(e.status_code, str(e.detail), type=kind).response()
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if api_key and request.url.path not in OPEN:
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                response = ApiError(401, "missing or wrong API key: send the header Authorization: Bearer KEY",
-                                    type="authentication_error", code="invalid_api_key").response()
-                metrics.request(request.url.path, 401)
-                return response
-        try:
-            response = await call_next(request)
-        except Exception as e:  # noqa: BLE001 (an error inside one request is that request's 500, never the server's)
-            response = ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error").response()
-        metrics.request(request.url.path, response.status_code)
-        return response
+    app.add_middleware(Guard, api_key=api_key, metrics=metrics)
 
     def model_of(name: str) -> Served:
         if name not in served:
@@ -132,38 +163,48 @@ def create_app(served: dict[str, Served], engine: eng.Engine, *, api_key: str | 
             raise ApiError(400, f"{s.name} is a reward model: it scores replies (POST /v1/rewards), it does not write "
                            f"{what}", param="model")
 
-    async def generate(request: Request, s: Served, prompts: list[list[int]], samplings: list[SamplingConfig],
-                       stops: list[str], stop_ids, answer=None) -> AsyncIterator[tuple[int, Choice, str]]:
-        """Yield (choice index, choice, new text) as tokens arrive, until every choice is done (`answer`:
-        the replies may call the run's tools)."""
+    def submit(s: Served, prompts: list[list[int]], samplings: list[SamplingConfig], stops: list[str], stop_ids,
+               answer=None) -> Generation:
+        """Hand one engine request per choice to the engine (`answer`: the replies may call the run's tools);
+        a full queue or a stopping server is refused here, before any response has started (429, 503)."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        choices = [Choice(s.tokenizer, stops, stop_ids, tools=answer is not None) for _ in prompts]
-        reqs, begun = [], time.perf_counter()
+        gen = Generation(asyncio.Queue(), [Choice(s.tokenizer, stops, stop_ids, tools=answer is not None)
+                                           for _ in prompts], [], time.perf_counter())
         for i, (p, sp) in enumerate(zip(prompts, samplings)):
-            r = eng.Request(s.name, p, sp, lambda ev, i=i: loop.call_soon_threadsafe(queue.put_nowait, (i, ev)),
-                            timeout=timeout, answer=answer, pause_id=s.tokenizer.tool_id if answer else -1,
-                            max_calls=MAX_CALLS)
-            reqs.append(r)
+            gen.requests.append(eng.Request(
+                s.name, p, sp, lambda ev, i=i: loop.call_soon_threadsafe(gen.queue.put_nowait, (i, ev)), timeout=timeout,
+                answer=answer, pause_id=s.tokenizer.tool_id if answer else -1, max_calls=MAX_CALLS))
         try:
-            for r in reqs:
-                try:
-                    engine.submit(r)
-                except eng.QueueFull as e:
-                    raise ApiError(429, f"the server is busy ({e}); retry shortly", type="rate_limit_error",
-                                   headers={"Retry-After": "1"}) from None
-                except eng.Stopping:
-                    raise ApiError(503, "the server is shutting down", type="server_error") from None
+            for r in gen.requests:
+                engine.submit(r)
                 metrics.prompt_tokens(len(r.prompt))
-            started, left = time.perf_counter(), len(reqs)
+        except (eng.QueueFull, eng.Stopping) as e:
+            for r in gen.requests:
+                engine.cancel(r)
+            if isinstance(e, eng.QueueFull):
+                raise ApiError(429, f"the server is busy ({e}); retry shortly", type="rate_limit_error",
+                               headers={"Retry-After": "1"}) from None
+            raise ApiError(503, str(e), type="server_error") from None
+        return gen
+
+    async def follow(request: Request, gen: Generation) -> AsyncIterator[tuple[int, Choice, str]]:
+        """Yield (choice index, choice, new text) as tokens arrive, until every choice is done; a client that
+        goes away (checked at least every 0.25 s) cancels them all."""
+        left, checked = len(gen.requests), time.perf_counter()
+        try:
             while left:
                 try:
-                    i, ev = await asyncio.wait_for(queue.get(), 0.25)
+                    i, ev = await asyncio.wait_for(gen.queue.get(), 0.25)
                 except asyncio.TimeoutError:
+                    i = ev = None
+                now = time.perf_counter()
+                if now - checked >= 0.25 or ev is None:
+                    checked = now
                     if await request.is_disconnected():
                         return
+                if ev is None:
                     continue
-                c = choices[i]
+                c = gen.choices[i]
                 if c.finish is not None:
                     continue
                 if ev.finish == "timeout":
@@ -171,25 +212,24 @@ def create_app(served: dict[str, Served], engine: eng.Engine, *, api_key: str | 
                                    "slot is freed", type="timeout_error", code="timeout")
                 if ev.finish == "error":
                     raise ApiError(500, ev.error, type="server_error")
-                now = time.perf_counter()
                 if ev.tokens and not ev.forced:
                     metrics.tokens_out(len(ev.tokens))
                     if c.first_at is None:
-                        metrics.first_token(now - started)
+                        metrics.first_token(now - gen.begun)
                         c.first_at = now
                     elif c.last_at is not None:
                         metrics.between_tokens((now - c.last_at) / len(ev.tokens))
                     c.last_at = now
                 new = c.add(ev)
                 if c.hit:
-                    engine.cancel(reqs[i])
+                    engine.cancel(gen.requests[i])
                 if c.finish is not None:
                     left -= 1
                 yield i, c, new
         finally:
-            for r in reqs:
+            for r in gen.requests:
                 engine.cancel(r)
-            metrics.latency(time.perf_counter() - begun)
+            metrics.latency(time.perf_counter() - gen.begun)
 
     def seeds(req: Sampling, n: int) -> list[int]:
         if req.seed is None:
@@ -210,8 +250,9 @@ def create_app(served: dict[str, Served], engine: eng.Engine, *, api_key: str | 
 
     @app.get("/health")
     async def health():
-        if state["error"]:
-            return JSONResponse({"status": "failed", "error": state["error"]}, status_code=503)
+        if state["error"] or engine.crashed is not None:
+            return JSONResponse({"status": "failed", "error": state["error"] or f"the engine failed: {engine.crashed}"},
+                                status_code=503)
         if engine.stopping or not state["ready"]:
             return JSONResponse({"status": "stopping" if engine.stopping else "loading"}, status_code=503)
         return {"status": "ok"}
@@ -286,9 +327,9 @@ def create_app(served: dict[str, Served], engine: eng.Engine, *, api_key: str | 
             raise ApiError(400, f"prompt: {e}", param="prompt") from None
         if any(not 0 <= i < tok.vocab_size for x in ids for i in x):
             raise ApiError(400, f"prompt: token ids must be in 0..{tok.vocab_size - 1}", param="prompt")
-        if req.stream and req.logprobs:
-            raise ApiError(400, "logprobs with alternatives (logprobs > 0) are computed after the reply; ask without "
-                           "stream", param="logprobs")
+        if req.stream and req.logprobs is not None:
+            raise ApiError(400, "logprobs are computed after the reply (one scoring pass); ask for them without stream",
+                           param="logprobs")
         max_tokens = req.max_tokens or 16
         for x in ids:
             check_fits(s, len(x), max_tokens, start=1)
@@ -302,7 +343,8 @@ def create_app(served: dict[str, Served], engine: eng.Engine, *, api_key: str | 
             return {"id": rid, "object": "text_completion", "created": created, "model": s.name,
                     "choices": [{"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
 
-        prompt_count = sum(len(x) for x in ids)
+        prompt_count = sum(len(x) for x in ids)  # (each prompt once, however many choices it has)
+        gen = submit(s, prompts, samplings, stops, stop_ids)
         if req.stream:
             async def events():
                 done = []
@@ -310,20 +352,20 @@ def create_app(served: dict[str, Served], engine: eng.Engine, *, api_key: str | 
                     if req.echo:  # (each choice's prompt first, as the text it was given)
                         for i in range(len(prompts)):
                             yield sse(chunk(i, texts[i // req.n] if texts else tok.decode(ids[i // req.n]), None))
-                    async for i, c, new in generate(request, s, prompts, samplings, stops, stop_ids):
+                    async for i, c, new in follow(request, gen):
                         if new or c.finish:
                             yield sse(chunk(i, new, c.finish))
                         if c.finish:
                             done.append(c)
                     if req.stream_options and req.stream_options.include_usage:
                         yield sse({"id": rid, "object": "text_completion", "created": created, "model": s.name,
-                                   "choices": [], "usage": usage(prompt_count * req.n, done)})
+                                   "choices": [], "usage": usage(prompt_count, done)})
                 except ApiError as e:
                     yield sse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
                 yield "data: [DONE]\n\n"
             return StreamingResponse(events(), media_type="text/event-stream")
         choices: list[Choice] = [None] * len(prompts)
-        async for i, c, _ in generate(request, s, prompts, samplings, stops, stop_ids):
+        async for i, c, _ in follow(request, gen):
             choices[i] = c
         if any(c is None or c.finish is None for c in choices):
             return Response(status_code=499)  # (the client went away)
@@ -336,7 +378,7 @@ def create_app(served: dict[str, Served], engine: eng.Engine, *, api_key: str | 
                 logprobs = await completion_logprobs(s, head, c.tokens, req.logprobs, req.echo)
             out.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": c.finish})
         return {"id": rid, "object": "text_completion", "created": created, "model": s.name, "choices": out,
-                "usage": usage(prompt_count * req.n, choices)}
+                "usage": usage(prompt_count, choices)}
 
     async def completion_logprobs(s: Served, prompt: list[int], reply: list[int], k: int, echo: bool) -> dict:
         tok = s.tokenizer
@@ -365,8 +407,9 @@ def create_app(served: dict[str, Served], engine: eng.Engine, *, api_key: str | 
             prompt = template.prompt_ids(messages, tok)
         except (TokenizerError, UserError, ValueError) as e:
             raise ApiError(400, f"messages: {e}", param="messages") from None
-        if req.stream and req.top_logprobs:
-            raise ApiError(400, "top_logprobs are computed after the reply; ask without stream", param="top_logprobs")
+        if req.stream and req.logprobs:
+            raise ApiError(400, "logprobs are computed after the reply (one scoring pass); ask for them without stream",
+                           param="logprobs")
         max_tokens = req.max_completion_tokens or req.max_tokens or max(s.context - len(prompt), 1)
         check_fits(s, len(prompt), max_tokens)
         answer = None
@@ -384,6 +427,8 @@ def create_app(served: dict[str, Served], engine: eng.Engine, *, api_key: str | 
         stops = req.stops()
         rid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": s.name}
+        # (the sampler also stops at <|endoftext|>: a base run chatting often ends so; it is no reply text)
+        gen = submit(s, [prompt] * req.n, samplings, stops, stop_ids + (tok.eot_id,), answer)
         if req.stream:
             async def events():
                 done = []
@@ -391,7 +436,7 @@ def create_app(served: dict[str, Served], engine: eng.Engine, *, api_key: str | 
                     for i in range(req.n):
                         yield sse(head | {"choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                        "logprobs": None, "finish_reason": None}]})
-                    async for i, c, new in generate(request, s, [prompt] * req.n, samplings, stops, stop_ids, answer):
+                    async for i, c, new in follow(request, gen):
                         for turn in c.take_turns():  # (a call and its result, as they happen)
                             yield sse(head | {"choices": [{"index": i, "delta": {"tool_turns": turn_messages(
                                 [turn], len(c.turns) - 1)}, "logprobs": None, "finish_reason": None}]})
@@ -403,13 +448,13 @@ def create_app(served: dict[str, Served], engine: eng.Engine, *, api_key: str | 
                             yield sse(head | {"choices": [{"index": i, "delta": {}, "logprobs": None,
                                                            "finish_reason": c.finish}]})
                     if req.stream_options and req.stream_options.include_usage:
-                        yield sse(head | {"choices": [], "usage": usage(len(prompt) * req.n, done)})
+                        yield sse(head | {"choices": [], "usage": usage(len(prompt), done)})
                 except ApiError as e:
                     yield sse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
                 yield "data: [DONE]\n\n"
             return StreamingResponse(events(), media_type="text/event-stream")
         choices: list[Choice] = [None] * req.n
-        async for i, c, _ in generate(request, s, [prompt] * req.n, samplings, stops, stop_ids, answer):
+        async for i, c, _ in follow(request, gen):
             choices[i] = c
         if any(c is None or c.finish is None for c in choices):
             return Response(status_code=499)
@@ -423,7 +468,7 @@ def create_app(served: dict[str, Served], engine: eng.Engine, *, api_key: str | 
                 message["tool_turns"] = turn_messages(c.turns)
             out.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": c.finish})
         return {"id": rid, "object": "chat.completion", "created": created, "model": s.name, "choices": out,
-                "usage": usage(len(prompt) * req.n, choices)}
+                "usage": usage(len(prompt), choices)}
 
     async def chat_logprobs(s: Served, prompt: list[int], reply: list[int], k: int) -> list[dict]:
         tok = s.tokenizer

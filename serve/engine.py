@@ -43,7 +43,7 @@ class QueueFull(Exception):
 
 
 class Stopping(Exception):
-    """The engine is shutting down and admits nothing new (the server answers 503)."""
+    """The engine is shutting down, or has failed, and admits nothing new (the server answers 503)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,11 +180,14 @@ class Engine:
         self.stopping = False
         self.thread: threading.Thread | None = None
         self.crashed: BaseException | None = None
+        self.admitting: list[Request] = []  # (taken from a queue, not yet in a slot: failed too if the device fails)
 
     # --- the caller's side (any thread) -----------------------------------------------------------------
 
     def submit(self, request: Request) -> None:
         with self.cond:
+            if self.crashed is not None:
+                raise Stopping(f"the engine failed ({self.crashed}); restart the server")
             if self.stopping:
                 raise Stopping("the server is shutting down")
             if self.queue_depth() >= self.max_queue:
@@ -202,6 +205,9 @@ class Engine:
         """Run fn(backend) on the engine thread between steps (device work that is not decoding)."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self.cond:
+            if self.crashed is not None:
+                future.set_exception(Stopping(f"the engine failed ({self.crashed}); restart the server"))
+                return future
             self.calls.append((model, fn, future))
             self.cond.notify()
         return future
@@ -258,10 +264,16 @@ class Engine:
                 for m in self.models.values():
                     self._tick(m)
         except BaseException as e:  # noqa: BLE001 (the device failed: every request still here gets an error)
-            self.crashed = e
-            for m in self.models.values():
-                for r in [*m.waiting, *(o for o in m.owner if o is not None)]:
-                    self._send(r, Event([], [], "error", f"the engine failed: {e}"))
+            with self.cond:
+                self.crashed = e
+                left = [*self.admitting, *(r for m in self.models.values() for r in
+                                          [*m.waiting, *(o for o in m.owner if o is not None)])]
+                calls, self.calls = list(self.calls), collections.deque()
+            for r in left:
+                self._send(r, Event([], [], "error", f"the engine failed: {e}"))
+            for _, _, future in calls:
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(Stopping(f"the engine failed ({e}); restart the server"))
 
     def _has_work(self) -> bool:
         return bool(self.calls) or any(m.waiting or any(o is not None for o in m.owner) for m in self.models.values())
@@ -302,6 +314,7 @@ class Engine:
             m.waiting = keep
             free = [s for s, o in enumerate(m.owner) if o is None]
             admitted = [m.waiting.popleft() for _ in range(min(len(free), len(m.waiting)))]
+            self.admitting = list(admitted)
         at = 0
         for size in fill_groups(len(admitted)):
             group, slots = admitted[at:at + size], free[at:at + size]
@@ -310,6 +323,7 @@ class Engine:
             for s, r, t, lp, a in zip(slots, group, tokens, logprobs, active):
                 r.slot, m.owner[s] = s, r
                 self._deliver(m, r, [int(t)], [float(lp)], bool(a))
+        self.admitting = []
         if not any(o is not None for o in m.owner):
             return
         tokens, logprobs, valid, active = m.backend.run(self.chunk)
@@ -334,13 +348,18 @@ class Engine:
         if finish is not None:
             self._free(m, [r.slot])
         elif paused:  # (run the call, write its result into the slot, and let the row go on)
-            forced = list(r.answer(r.slot, list(r.reply), r.calls))
-            r.calls += 1
-            r.reply += forced
-            if not self._send(r, Event(forced, [0.0] * len(forced), None, forced=True)):
+            try:
+                forced = list(r.answer(r.slot, list(r.reply), r.calls))
+                r.calls += 1
+                r.reply += forced
+                if not self._send(r, Event(forced, [0.0] * len(forced), None, forced=True)):
+                    self._free(m, [r.slot])
+                    return
+                token, logprob, still = m.backend.extend([r.slot], [forced])
+            except Exception as e:  # noqa: BLE001 (this request's tool turn failed: it ends, the others go on)
+                self._send(r, Event([], [], "error", f"the tool turn failed: {type(e).__name__}: {e}"))
                 self._free(m, [r.slot])
                 return
-            token, logprob, still = m.backend.extend([r.slot], [forced])
             self._deliver(m, r, [int(token[0])], [float(logprob[0])], bool(still[0]))
 
 

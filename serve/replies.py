@@ -51,14 +51,15 @@ class Choice:
             full, self.hit, self.finish = full[:cut], True, "stop"
             while self.tokens and len(tok.decode(self.tokens[:-1])) >= cut:
                 self.tokens.pop()  # (the tokens of the stop string and after it are not the reply's)
+                self.generated -= 1
         elif event.finish:
             self.finish = event.finish
         self.text = full
         done = self.finish is not None
         hold = 0 if done else max((len(s) - 1 for s in self.stops), default=0)
         ready = full[:len(full) - hold] if hold else full
-        if not done and ready.endswith("\ufffd"):
-            ready = ready[:-1]
+        if not done:  # (a character cut between tokens decodes to U+FFFD, one per byte: it waits for the rest)
+            ready = ready.rstrip("\ufffd")
         new = ready[len(self.sent):] if ready.startswith(self.sent) and len(ready) > len(self.sent) else ""
         self.sent += new
         return new

@@ -241,3 +241,40 @@ def test_a_tool_result_is_never_cut_to_a_few_tokens_by_a_long_reply_budget():
     assert result_tokens(192, 41, 4) == 48  # (the report card's budget: a quarter of the context)
     assert result_tokens(192, 168, 4) == 48 and result_tokens(32, 300, 4) == 8  # (once 2 and 1: results cut short)
     assert result_tokens(4096, 100, 4) == (4096 - 2 - 100) // 5 - 2
+
+
+def test_a_failed_device_ends_every_request_with_an_error_and_refuses_new_work(running):
+    e, fake = running(n_slots=2, chunk=1)
+
+    def broken(*a, **k):
+        raise RuntimeError("device lost")
+
+    fake.fill = broken
+    got = [submit(e, [3], SamplingConfig(max_new_tokens=5)) for _ in range(3)]
+    for _, c in got:
+        assert c.done.wait(2) and c.finish == "error"
+    with pytest.raises(eng.Stopping, match="the engine failed"):
+        submit(e, [3], SamplingConfig(max_new_tokens=5))
+    with pytest.raises(eng.Stopping):
+        e.call("m", lambda b: 1).result(timeout=1)
+
+
+def test_a_failing_tool_turn_ends_only_its_own_request(running):
+    e, _ = running(n_slots=2, chunk=1)
+
+    def broken(row, reply, calls):
+        raise ValueError("tool crashed")
+
+    s = SamplingConfig(max_new_tokens=20, stop_ids=(12,), stop_at_eot=False)
+    c = Collect()
+    e.submit(eng.Request("m", [5], s, c, answer=broken, pause_id=12))
+    _, other = submit(e, [30], SamplingConfig(max_new_tokens=15, stop_at_eot=False))
+    assert c.done.wait(2) and c.finish == "error" and other.done.wait(2) and other.finish == "length"
+    assert settle(e)
+
+
+def settle(e, seconds=1.0):
+    deadline = time.monotonic() + seconds
+    while e.slots_in_use() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return e.slots_in_use() == 0
