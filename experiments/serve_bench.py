@@ -117,10 +117,10 @@ def run_serve_bench(run_dir: str, *, requests: int, levels: list[int], max_token
                     soak: float, soak_concurrency: int, out) -> dict:
     import jax
 
+    from plutao.experiments.serve.served import load_served
     from plutao.model.decode import SlotDecoder, _completions, complete
+    from plutao.model.engine import Engine
     from plutao.model.sampling import SamplingConfig
-    from plutao.serve.engine import Engine
-    from plutao.serve.served import load_served
     from plutao.tokenizer.chat import prompt_ids, reply_stop_ids
 
     served = load_served([run_dir], slots)
@@ -159,8 +159,8 @@ def run_serve_bench(run_dir: str, *, requests: int, levels: list[int], max_token
           f"{baseline['tokens_per_s']:.0f} tokens/s; with one decoder kept: {baseline['one_decoder_tokens_per_s']:.0f} "
           "tokens/s", file=out, flush=True)
     engine = Engine({s.name: s.backend}, max_queue=4 * max(max(levels), soak_concurrency), chunk=chunk)
-    from plutao.serve.api import create_app
-    from plutao.serve.local import LocalServer
+    from plutao.experiments.serve.api import create_app
+    from plutao.experiments.serve.local import LocalServer
 
     local = LocalServer(create_app(served, engine, chunk=chunk))
     url = local.url

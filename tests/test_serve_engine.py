@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
+from plutao.model import engine as eng
 from plutao.model.sampling import SamplingConfig
-from plutao.serve import engine as eng
 
 EOT = 0
 V = 97
@@ -216,7 +216,7 @@ def test_fill_groups_and_padded_counts():
 
 
 def test_a_reply_with_a_tool_turn_keeps_the_call_and_result_apart_from_its_text():
-    from plutao.serve.replies import Choice, turn_messages
+    from plutao.experiments.serve.replies import Choice, turn_messages
     from plutao.tokenizer import TOOL_TOKENS, CharTokenizer, grown
     from plutao.tokenizer.chat import reply_messages, reply_stop_ids
 

@@ -16,10 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_serve_engine import Fake
 
-from plutao.serve import engine as eng
-from plutao.serve.api import create_app
-from plutao.serve.local import LocalServer
-from plutao.serve.served import Served
+from plutao.experiments.serve.api import create_app
+from plutao.experiments.serve.local import LocalServer
+from plutao.experiments.serve.served import Served
+from plutao.model import engine as eng
 from plutao.tokenizer import CharTokenizer
 
 

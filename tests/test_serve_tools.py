@@ -11,10 +11,10 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from plutao.serve import engine as eng
-from plutao.serve.api import create_app
-from plutao.serve.local import LocalServer
-from plutao.serve.served import Served
+from plutao.experiments.serve.api import create_app
+from plutao.experiments.serve.local import LocalServer
+from plutao.experiments.serve.served import Served
+from plutao.model import engine as eng
 from plutao.tokenizer import TOOL_TOKENS, CharTokenizer, grown
 
 

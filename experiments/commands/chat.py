@@ -284,7 +284,7 @@ def _tools(names: str) -> dict:
 
 def cmd_chat(args) -> int:
     if args.url:
-        from plutao.serve.client import remote_chat
+        from plutao.experiments.serve.client import remote_chat
 
         return remote_chat(args)
     if not args.run_dir:

@@ -1,4 +1,4 @@
-"""`plutao serve RUN [RUN ...]`: the runs as an OpenAI-compatible HTTP service (plutao.serve) on one
+"""`plutao serve RUN [RUN ...]`: the runs as an OpenAI-compatible HTTP service (experiments/serve/) on one
 host, with a web chat at `/` that compares them."""
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ def cmd_serve(args) -> int:
             raise UserError(f"{name} must be ≥ {low}, got {value}")
     if args.timeout is not None and args.timeout <= 0:
         raise UserError(f"--timeout must be > 0 seconds, got {args.timeout}")
-    from plutao.serve.api import create_app
-    from plutao.serve.engine import Engine
-    from plutao.serve.served import load_served
+    from plutao.experiments.serve.api import create_app
+    from plutao.experiments.serve.served import load_served
+    from plutao.model.engine import Engine
 
     served = load_served(args.runs, args.slots)
     engine = Engine({name: s.backend for name, s in served.items()}, max_queue=args.max_queue, chunk=args.chunk)

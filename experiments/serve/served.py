@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from plutao.model.engine import DecoderBackend
 from plutao.model.heads import forward_logits
 from plutao.model.sampling import prompt_width
-from plutao.serve.engine import DecoderBackend
 from plutao.tokenizer.chat import result_tokens
 from plutao.train.config.errors import UserError
 

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from plutao.serve.served import TOP_LOGPROBS
+from plutao.experiments.serve.served import TOP_LOGPROBS
 
 
 class ApiError(Exception):

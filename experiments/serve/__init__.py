@@ -2,7 +2,9 @@
 API (so the official `openai` client, curl, chat UIs and evaluation harnesses reach a plutao model), ours
 for rewards and tokenization, Prometheus metrics, and a web chat that compares the stages side by side.
 
-engine.py  the scheduler thread: continuous batching over the decoding slots of model/decode.py
+The engine under it (the scheduler thread: continuous batching over the decoding slots) is
+model/engine.py, beside the sampler it drives.
+
 served.py  the runs served (loaded once) and their scoring passes
 schemas.py request bodies and OpenAI's error shape
 api.py     the FastAPI routes

@@ -26,11 +26,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from plutao.model.sampling import SamplingConfig, SamplingError
-from plutao.serve import engine as eng
-from plutao.serve.metrics import Metrics
-from plutao.serve.replies import Choice, turn_messages
-from plutao.serve.schemas import (
+from plutao.experiments.serve.metrics import Metrics
+from plutao.experiments.serve.replies import Choice, turn_messages
+from plutao.experiments.serve.schemas import (
     ApiError,
     ChatRequest,
     CompletionRequest,
@@ -39,7 +37,9 @@ from plutao.serve.schemas import (
     Sampling,
     TokenizeRequest,
 )
-from plutao.serve.served import MAX_CALLS, Served, token_logprobs
+from plutao.experiments.serve.served import MAX_CALLS, Served, token_logprobs
+from plutao.model import engine as eng
+from plutao.model.sampling import SamplingConfig, SamplingError
 from plutao.tokenizer import TokenizerError
 from plutao.tokenizer import chat as template
 from plutao.tools import TOOLS

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from plutao.serve.engine import Event
+from plutao.model.engine import Event
 from plutao.tools import TOOLS, parse_call
 
 
