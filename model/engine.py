@@ -345,8 +345,8 @@ class Engine:
         if not self._send(r, Event(tokens, logprobs, finish)):
             self._free(m, [r.slot])
             return
-        if finish is not None:
-            self._free(m, [r.slot])
+        if finish is not None:  # (the row stopped by itself: its slot is idle on the device already)
+            m.owner[r.slot] = None
         elif paused:  # (run the call, write its result into the slot, and let the row go on)
             try:
                 forced = list(r.answer(r.slot, list(r.reply), r.calls))
