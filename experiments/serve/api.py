@@ -37,7 +37,7 @@ from plutao.experiments.serve.schemas import (
     Sampling,
     TokenizeRequest,
 )
-from plutao.experiments.serve.served import MAX_CALLS, Served, token_logprobs
+from plutao.experiments.serve.served import MAX_CALLS, Served, token_logprobs, warm_scoring
 from plutao.model import engine as eng
 from plutao.model.sampling import SamplingConfig, SamplingError
 from plutao.tokenizer import TokenizerError
@@ -103,6 +103,7 @@ def create_app(served: dict[str, Served], engine: eng.Engine, *, api_key: str | 
             for name, s in served.items():
                 if s.backend is not None and hasattr(s.backend, "warm"):
                     engine.call(name, lambda b: b.warm(chunk)).result()
+                    engine.call(name, lambda b, s=s: warm_scoring(s)).result()  # (logprobs and echo)
             state["ready"] = True
         except Exception as e:  # noqa: BLE001 (reported by /health, never a hang)
             state["error"] = f"{type(e).__name__}: {e}"

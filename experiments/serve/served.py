@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from plutao.model.engine import DecoderBackend
+from plutao.model.engine import MIN_WIDTH, DecoderBackend
 from plutao.model.heads import forward_logits
 from plutao.model.sampling import prompt_width
 from plutao.tokenizer.chat import result_tokens
@@ -106,11 +106,19 @@ def _scored(graphdef, params, tokens_1W, k: int):
     return nxt, top_lp, top_ids
 
 
+def warm_scoring(served: Served) -> int:
+    """Compile the scoring pass at every width a request can need (before the server says it is ready)."""
+    widths = sorted({prompt_width(max(n, MIN_WIDTH), served.context) for n in range(1, served.context + 1)})
+    for w in widths:
+        token_logprobs(served, [served.tokenizer.eot_id] * w, 1)
+    return len(widths)
+
+
 def token_logprobs(served: Served, ids: list[int], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For ids[1:]: each token's log-prob given the ones before it (the model at temperature 1, as
     `plutao score` computes it), and the k likeliest alternatives (log-probs, ids) at each position.
     Runs on the engine thread."""
-    width = prompt_width(len(ids), served.context)
+    width = prompt_width(max(len(ids), MIN_WIDTH), served.context)
     tokens = np.full((1, width), served.tokenizer.pad_id, np.int32)
     tokens[0, :len(ids)] = ids
     graphdef, params = nnx.split(served.model)
