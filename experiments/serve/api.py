@@ -278,9 +278,28 @@ def create_app(served: dict[str, Served], engine: eng.Engine, *, api_key: str | 
              "stage": s.stage, "chat": s.chat, "reward_model": s.judges, "context_length": s.context,
              "tools": s.has_tools} for s in served.values()]}
 
+    def model_or_only(name: str | None) -> Served:
+        """The named model, or with no name the one decoder served (vLLM's tokenizer routes take no model)."""
+        if name is not None:
+            return model_of(name)
+        decoders = [s for s in served.values() if not s.judges]
+        if len(decoders) != 1:
+            raise ApiError(400, f"give \"model\": this server serves {', '.join(served)}", param="model")
+        return decoders[0]
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(model: str | None = None):
+        """The tokenizer's special tokens, in the shape vLLM gives them (lm-evaluation-harness's remote
+        tokenizer reads it)."""
+        s = model_or_only(model)
+        tok = s.tokenizer
+        return {"model": s.name, "eos_token": tok.token_strings([tok.eot_id])[0], "bos_token": None,
+                "pad_token": tok.token_strings([tok.pad_id])[0], "max_model_len": s.context,
+                "vocab_size": tok.vocab_size}
+
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest):
-        s = model_of(req.model)
+        s = model_or_only(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise ApiError(400, "give either prompt (text) or messages (a chat, through the run's template)")
         try:
@@ -293,7 +312,7 @@ def create_app(served: dict[str, Served], engine: eng.Engine, *, api_key: str | 
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest):
-        s = model_of(req.model)
+        s = model_or_only(req.model)
         bad = [i for i in req.tokens if not 0 <= i < s.tokenizer.vocab_size]
         if bad:
             raise ApiError(400, f"token id {bad[0]} is not in the vocabulary (0..{s.tokenizer.vocab_size - 1})",
@@ -375,8 +394,9 @@ def create_app(served: dict[str, Served], engine: eng.Engine, *, api_key: str | 
             head = ids[i // req.n]
             text = ((texts[i // req.n] if texts else tok.decode(head)) if req.echo else "") + c.text
             logprobs = None
-            if req.logprobs is not None:
-                logprobs = await completion_logprobs(s, head, c.tokens, req.logprobs, req.echo)
+            if req.logprobs is not None:  # (a reply that stopped on <|endoftext|> lists it last, as its text does not)
+                ended = [c.stop_token] if c.stop_token is not None and not c.hit else []
+                logprobs = await completion_logprobs(s, head, c.tokens + ended, req.logprobs, req.echo)
             out.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": c.finish})
         return {"id": rid, "object": "text_completion", "created": created, "model": s.name, "choices": out,
                 "usage": usage(prompt_count, choices)}

@@ -7,7 +7,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/rewards", "/tokenize", "/detokenize",
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/rewards", "/tokenize", "/detokenize", "/tokenizer_info",
           "/health", "/metrics", "/")
 LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 

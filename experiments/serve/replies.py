@@ -17,6 +17,7 @@ class Choice:
         self.tokens: list[int] = []  # the reply's text tokens (calls, results and the stop token left out)
         self.generated = 0  # tokens the model wrote (calls included): usage's completion_tokens
         self.text, self.sent, self.finish, self.hit = "", "", None, False
+        self.stop_token: int | None = None  # (the token the reply stopped on, left out of its text)
         self.turns: list[dict] = []  # answered tool calls: {"call", "result"}
         self.new_turns: list[dict] = []  # ... those not yet sent
         self.call: list[int] | None = None  # the call being written (after <|call|>)
@@ -35,7 +36,7 @@ class Choice:
             return ""
         tokens = list(event.tokens)
         if event.finish == "stop" and tokens and tokens[-1] in self.stop_ids:
-            tokens = tokens[:-1]
+            self.stop_token, tokens = tokens[-1], tokens[:-1]
         self.generated += len(tokens)
         for t in tokens:
             if self.tools and t == tok.call_id:

@@ -83,12 +83,12 @@ class RewardRequest(BaseModel):
 
 class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    model: str
+    model: str | None = None  # (optional when one decoder is served, as vLLM's tokenizer routes take it)
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
 
 
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    model: str
+    model: str | None = None
     tokens: list[int]
