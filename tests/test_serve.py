@@ -79,6 +79,9 @@ def test_models_completions_and_chat_through_the_official_client(client, tok):
     r = client.chat.completions.create(model="sft", messages=CHAT, max_tokens=8, temperature=0)
     assert r.choices[0].message.role == "assistant" and r.choices[0].finish_reason in ("stop", "length")
     assert r.usage.completion_tokens == len(tok.encode(r.choices[0].message.content))
+    for seed in range(4):  # (a base run chatting often stops at <|endoftext|>: never part of the reply's text)
+        b = client.chat.completions.create(model="base", messages=CHAT, max_tokens=12, temperature=1.0, seed=seed)
+        assert "<|endoftext|>" not in b.choices[0].message.content
 
 
 def test_a_streamed_reply_reassembles_to_the_whole_one_and_reports_usage_only_when_asked(client):

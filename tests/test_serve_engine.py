@@ -278,3 +278,16 @@ def settle(e, seconds=1.0):
     while e.slots_in_use() and time.monotonic() < deadline:
         time.sleep(0.01)
     return e.slots_in_use() == 0
+
+
+@pytest.mark.parametrize("kind", ["byte", "bpe"])
+def test_a_character_split_between_tokens_waits_for_the_rest_of_it(kind):
+    from plutao.experiments.serve.replies import Choice
+    from plutao.tokenizer import train_tokenizer
+
+    # (sentencepiece's byte fallback decodes a cut character as one U+FFFD per byte so far)
+    tok = train_tokenizer(kind, ["the quick brown fox jumps over the lazy dog " * 50], vocab_size=300)
+    ids = tok.encode("ab 😀 cd é!")
+    c = Choice(tok, [], ())
+    streamed = "".join(c.add(eng.Event([t], [0.0])) for t in ids[:-1]) + c.add(eng.Event(ids[-1:], [0.0], "length"))
+    assert streamed == c.text == "ab 😀 cd é!"

@@ -97,6 +97,8 @@ def test_a_full_queue_is_a_429_with_retry_after_and_the_next_request_is_answered
         time.sleep(0.01)
     r = httpx.post(url + "/v1/completions", json=LONG, timeout=10)
     assert r.status_code == 429 and r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "rate_limit_error"
+    streamed = httpx.post(url + "/v1/completions", json=LONG | {"stream": True}, timeout=10)  # (refused before it starts)
+    assert streamed.status_code == 429 and streamed.headers["retry-after"] == "1"
     for s, o in zip(streams, opened):
         s.__exit__(None, None, None)
     assert settled(engine, 2.0)
