@@ -136,6 +136,25 @@ def test_logprobs_and_echo_equal_plutao_scores_per_token_logprobs(client, server
     assert all(len(t.top_logprobs) == 3 and t.top_logprobs[0].logprob >= t.logprob - 1e-6 for t in content)
 
 
+def test_what_the_harness_reads_equals_scoring_directly(server, client):
+    """What lm-evaluation-harness's local-completions does (its slow test runs the harness itself): the
+    remote tokenizer's routes, then a context + continuation sent as token ids with echo and logprobs,
+    the continuation's log-likelihood read as token_logprobs[len(context):-1]."""
+    from plutao.train.eval.likelihood import score_text
+    from plutao.train.run.lineage import load_run
+
+    info = httpx.get(server["url"] + "/tokenizer_info?model=base", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert info["eos_token"] == "<|endoftext|>" and info["max_model_len"] == 32
+    context = post(server, "/tokenize", {"model": "base", "prompt": "12+13=", "add_special_tokens": False}).json()["tokens"]
+    continuation = post(server, "/tokenize", {"model": "base", "prompt": "25"}).json()["tokens"]
+    out = client.completions.create(model="base", prompt=context + continuation, max_tokens=1, temperature=0, echo=True,
+                                    logprobs=1, seed=1234)
+    got = sum(out.choices[0].logprobs.token_logprobs[len(context):-1])
+    run = load_run(server["runs"]["base"])
+    per_token = score_text(run.trainer.graphdef, run.params, run.tokenizer, "12+13=25", 32)["per_token"]
+    assert got == pytest.approx(sum(r["logprob"] for r in per_token[len(context):]), abs=1e-4)
+
+
 def test_48_concurrent_requests_each_equal_their_solo_result(client):
     rng = np.random.default_rng(0)
     asks = [{"model": "base", "prompt": str(int(rng.integers(1, 999))) + "+", "max_tokens": int(rng.integers(2, 12)),

@@ -113,9 +113,12 @@ def test_a_request_past_the_timeout_is_a_408_and_frees_its_slot(serving):
     assert httpx.post(url + "/v1/completions", json={"model": "fake", "prompt": "a", "max_tokens": 2}).status_code == 200
 
 
+def containers(inner):
+    return st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+
+
 JSON = st.recursive(st.none() | st.booleans() | st.integers(-10 ** 6, 10 ** 6) | st.floats(allow_nan=True)
-                    | st.text(max_size=8), lambda inner: st.lists(inner, max_size=3)
-                    | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=6)
+                    | st.text(max_size=8), containers, max_leaves=6)
 FIELDS = ("model", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed",
           "logprobs", "echo", "stream", "top_logprobs", "stream_options")
 

@@ -18,6 +18,7 @@ DOCS = [{"q": "2+3=", "choices": ["5", "7"], "label": 0}, {"q": "4+4=", "choices
         {"q": "12+13=", "choices": ["25", "52"], "label": 0}]
 
 
+@pytest.mark.slow  # (about a minute: torch, the harness and a server; fast sibling: test_serve.py's harness-shaped one)
 def test_the_harness_scores_a_local_task_through_the_server_as_scoring_it_directly(tiny_stages, tmp_path):
     from lm_eval.tasks import TaskManager
 
