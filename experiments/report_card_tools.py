@@ -14,10 +14,8 @@ from collections.abc import Callable, Sequence
 from plutao.experiments.report_card_stats import Reply
 from plutao.model.agent import complete_with_tools, final_answer
 from plutao.model.sampling import SamplingConfig
-from plutao.tokenizer.chat import reply_stop_ids, result_tokens, tool_answerer
+from plutao.tokenizer.chat import MAX_CALLS, reply_stop_ids, result_tokens, tool_answerer
 from plutao.tools import tools_named
-
-MAX_CALLS = 4  # tool calls per reply
 
 
 def tool_replies(run, prompts: Sequence[Sequence[int]], tool_names: Sequence[str], budget: int,

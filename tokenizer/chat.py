@@ -247,6 +247,8 @@ def marked(tokenizer: Tokenizer, rendered: Rendered, *, colour: bool) -> str:
 
 # --- the runtime side of a tool call (model/agent.py runs the loop) -------------------------------
 
+MAX_CALLS = 4  # tool calls per reply everywhere (one more is answered with a refusal; a further one ends the reply)
+
 def call_text(tokenizer: Tokenizer, reply: Sequence[int]) -> str | None:
     """The call a reply's tokens end with: the text from its last <|call|> to the <|tool|> closing it
     (None when the reply opened no call before it)."""
@@ -296,7 +298,7 @@ def runtime_targets(targets, tool_turn: tuple[int, int] | tuple[()]) -> np.ndarr
     return last_before(tool_id) > last_before(assistant_id)
 
 
-def tool_answerer(tokenizer: Tokenizer, tools, *, max_calls: int = 4, max_result_tokens: int | None = None):
+def tool_answerer(tokenizer: Tokenizer, tools, *, max_calls: int = MAX_CALLS, max_result_tokens: int | None = None):
     """The agent loop's `answer`: run the call a row's reply ends with (plutao.tools: run_call never
     raises) and give the tokens of its tool turn; a call beyond `max_calls`, or a <|tool|> with no
     call before it, is answered with an error line and the reply goes on."""

@@ -206,7 +206,7 @@ def _reply_with_tools(side: Side, prompt: list[int], sampling, one_line: bool) -
     """The side's reply through the agent loop, streamed with each tool turn shown as
     [NAME: ARGUMENT → RESULT]; its messages (the calls and results too) for the history."""
     from plutao.model.agent import complete_with_tools
-    from plutao.tokenizer.chat import ReplyStream, reply_messages
+    from plutao.tokenizer.chat import MAX_CALLS, ReplyStream, reply_messages
 
     tok = side.tokenizer
     shown = ReplyStream(tok)
@@ -269,7 +269,6 @@ def _read_line(interactive: bool) -> str | None:
     return None if line == "" else line.rstrip("\r\n")
 
 
-MAX_CALLS = 4  # tool calls per reply
 
 
 def _tools(names: str) -> dict:
@@ -318,8 +317,8 @@ def cmd_chat(args) -> int:
         side = Side(label, run, run.model, max_new_tokens=fitting if asked is None else asked)
         chat.reply_stop_ids(side.tokenizer)  # (a tokenizer without the template's tokens is refused here)
         if tools:
-            side.answer = chat.tool_answerer(side.tokenizer, tools, max_calls=MAX_CALLS, max_result_tokens=chat.result_tokens(
-                context, side.max_new_tokens, MAX_CALLS))
+            side.answer = chat.tool_answerer(side.tokenizer, tools, max_calls=chat.MAX_CALLS, max_result_tokens=chat.result_tokens(
+                context, side.max_new_tokens, chat.MAX_CALLS))
         _check_system(side, system)
         if not task.chat:
             print(f"plutao: {d} was not trained on the chat template (a base run); it continues the conversation's "

@@ -199,9 +199,16 @@ def _sample_with_tools(args, run, task, prompt, sampling) -> int:
     import math
 
     from plutao.model.agent import complete_with_tools
-    from plutao.tokenizer.chat import ReplyStream, reply_messages, result_tokens, shown_reply, tool_answerer
+    from plutao.tokenizer.chat import (
+        MAX_CALLS,
+        ReplyStream,
+        reply_messages,
+        result_tokens,
+        shown_reply,
+        tool_answerer,
+    )
 
-    tok, calls = run.tokenizer, 4
+    tok, calls = run.tokenizer, MAX_CALLS
     answer = tool_answerer(tok, _check_tools(args, task), max_calls=calls,
                            max_result_tokens=result_tokens(run.cfg.model.context_length, sampling.max_new_tokens, calls))
     shown = ReplyStream(tok)

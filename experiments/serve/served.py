@@ -17,11 +17,10 @@ from flax import nnx
 from plutao.model.engine import MIN_WIDTH, DecoderBackend
 from plutao.model.heads import forward_logits
 from plutao.model.sampling import prompt_width
-from plutao.tokenizer.chat import result_tokens
+from plutao.tokenizer.chat import MAX_CALLS, result_tokens
 from plutao.train.config.errors import UserError
 
 TOP_LOGPROBS = 20  # the most alternatives a request may ask for per token (OpenAI's limit)
-MAX_CALLS = 4  # tool calls per reply, as in sampling and RL
 
 
 @dataclasses.dataclass

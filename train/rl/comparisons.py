@@ -17,6 +17,7 @@ from plutao.model.agent import complete_with_tools
 from plutao.model.decode import complete
 from plutao.model.sampling import SamplingConfig
 from plutao.tokenizer.chat import (
+    MAX_CALLS,
     fitted_prompt_ids,
     reply_messages,
     reply_stop_ids,
@@ -30,7 +31,6 @@ from plutao.train.worlds import arith
 ROWS_PER_CALL = 256
 
 
-MAX_CALLS = 4  # tool calls per reply, as in rollouts
 
 
 def sample_replies(model, tokenizer, prompts: list[list[dict]], seeds: list[int], *, context: int, max_new_tokens: int,

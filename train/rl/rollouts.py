@@ -27,7 +27,14 @@ from plutao.model.agent import complete_with_tools, final_answer
 from plutao.model.decode import complete
 from plutao.model.sampling import SamplingConfig, prompt_width
 from plutao.tokenizer import Tokenizer
-from plutao.tokenizer.chat import ChatError, fitted_prompt_ids, reply_stop_ids, result_tokens, tool_answerer
+from plutao.tokenizer.chat import (
+    MAX_CALLS,
+    ChatError,
+    fitted_prompt_ids,
+    reply_stop_ids,
+    result_tokens,
+    tool_answerer,
+)
 from plutao.tools import ToolError, tools_named
 from plutao.train.config.errors import UserError
 from plutao.train.data.conversations import read_problems, single_path
@@ -117,7 +124,6 @@ class Rollout:
                          for p, r, e in zip(self.prompts, self.replies, self.ended)], np.float32)
 
 
-MAX_CALLS = 4  # tool calls per reply (one more is answered with a refusal; a further one ends the reply)
 
 
 def check_tools(tools: str, tokenizer: Tokenizer) -> None:
