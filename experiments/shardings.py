@@ -30,9 +30,9 @@ def sharding_dump(cfg: Config, n_devices: int) -> dict:
     B, T = cfg.train.batch_size, model.context_length
     shapes = {"x_BTD (embeddings, block outputs)": (B, T, model.d_model),
               "q/k/v_BTHK": (B, T, model.n_heads, model.d_head), "mlp hidden_NF": (B * T, model.d_ff),
-              "logits_BTV": (B, T, model.vocab_size)}
-    acts = {name: _spec_list(sharding.logical_to_spec(axes, mesh, shapes[name]))
-            for name, axes in sharding.ACTIVATION_AXES.items()}
+              "logits_BTV": (B, T, model.vocab_size), "k/v_BTGK": (B, T, model.kv_heads, model.d_head)}
+    axes_of = sharding.ACTIVATION_AXES | (sharding.GROUPED_ACTIVATION_AXES if model.grouped else {})
+    acts = {name: _spec_list(sharding.logical_to_spec(axes, mesh, shapes[name])) for name, axes in axes_of.items()}
     return {"mesh": dict(zip(mesh.axis_names, mesh.axis_sizes)), "params": dict(sorted(flat.items())),
             "activations": acts, "batch": _spec_list(sharding.logical_to_spec(("batch", "length"), mesh, (B, T)))}
 

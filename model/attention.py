@@ -1,7 +1,8 @@
 """Multi-head scaled dot-product attention with an optional KV cache.
 
-The cache is a plain pytree `{"k": (B, S, H, K), "v": (B, S, H, K)}` passed in and returned, so
-decoding stays a pure function. During decoding, queries sit at cache columns
+The cache is a plain pytree `{"k": (B, S, G, K), "v": (B, S, G, K)}` passed in and returned, so
+decoding stays a pure function; G is the number of key/value heads (model.n_kv_heads: the heads
+themselves, or fewer under grouped-query attention, which shrinks the cache by n_heads / G). During decoding, queries sit at cache columns
 [index, index + T) and may attend to every filled column at or before their own. The index is one
 number for the whole batch, or one per row (B,): a batch of decoding slots, each at its own column.
 """
@@ -16,7 +17,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from plutao.model.config import ModelConfig
-from plutao.model.layers import INIT_STD, apply_rotary, dropout, no_constraint, normal_param, zeros_param
+from plutao.model.layers import (
+    INIT_STD,
+    apply_rotary,
+    dropout,
+    no_constraint,
+    normal_param,
+    rope_frequencies,
+    zeros_param,
+)
 
 Array = jax.Array
 MASKED = -1e30  # finite, so a fully masked row gives a uniform (not NaN) softmax
@@ -109,7 +118,7 @@ def init_cache(batch: int, length: int, cfg: ModelConfig, dtype=jnp.float32):
     """An empty KV cache for every layer: a list of per-layer dicts, or one dict of (L, ...) arrays
     when the layers are scanned."""
     cfg = cfg.resolved()
-    shape = (batch, length, cfg.n_heads, cfg.d_head)
+    shape = (batch, length, cfg.kv_heads, cfg.d_head)
     if cfg.scan_layers:
         stacked = (cfg.n_layers, *shape)
         return {"k": jnp.zeros(stacked, dtype), "v": jnp.zeros(stacked, dtype)}
@@ -139,7 +148,8 @@ def attend(q_BTHK: Array, k_BSHK: Array, v_BSHK: Array, mask: Mask, w_o_HKD: Arr
            dropout_rate: float, dropout_key: Array | None, return_weights: bool) -> tuple[Array, Array | None]:
     """softmax(QKᵀ/√d_k)V per head, heads concatenated and projected by W^O: (out (B, T, D), weights or None).
 
-    impl != "naive" calls the fused `jax.nn.dot_product_attention` with the mask's structure, except
+    Keys and values may have fewer heads G than the queries' H (grouped-query attention): query head h
+    reads key/value head h // (H / G). impl != "naive" calls the fused `jax.nn.dot_product_attention` with the mask's structure, except
     where a setting needs the explicit path: returned weights, or dropout on the weights."""
     dt = q_BTHK.dtype
     B, T, H, K = q_BTHK.shape
@@ -156,6 +166,8 @@ def attend(q_BTHK: Array, k_BSHK: Array, v_BSHK: Array, mask: Mask, w_o_HKD: Arr
             out_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, mask=mask.allowed_BTS[:, None],
                                                     implementation=implementation)
     else:
+        if k_BSHK.shape[2] != H:  # (each key/value head repeated for the query heads of its group)
+            k_BSHK, v_BSHK = (jnp.repeat(a, H // a.shape[2], axis=2) for a in (k_BSHK, v_BSHK))
         weights_BHTS = attention_weights(q_BTHK, k_BSHK, mask.allowed_BTS)
         probs_BHTS = dropout(weights_BHTS, dropout_rate, dropout_key).astype(dt)
         out_BTHK = jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BSHK)
@@ -166,18 +178,52 @@ def attend(q_BTHK: Array, k_BSHK: Array, v_BSHK: Array, mask: Mask, w_o_HKD: Arr
 
 
 class MultiHeadAttention(nnx.Module):
-    """h heads of scaled dot-product attention, concatenated and projected by W^O."""
+    """h heads of scaled dot-product attention, concatenated and projected by W^O. With fewer key/value
+    heads than query heads (model.n_kv_heads, grouped-query attention) W^Q and W^{KV} are separate
+    weights; otherwise one fused W^{QKV}, so a single matmul reads x once."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        d, h, k = cfg.d_model, cfg.n_heads, cfg.d_head
+        d, h, k, g = cfg.d_model, cfg.n_heads, cfg.d_head, cfg.kv_heads
         self.rotary = cfg.positions == "rotary"
+        self.rope = cfg  # (static: the frequencies are constants of the traced program)
         self.dropout_rate = cfg.dropout
         self.impl = cfg.attention
-        # W^Q, W^K, W^V stored as one (D, 3, H, K) tensor: a single matmul reads x once.
-        self.w_qkv = normal_param(rngs, (d, 3, h, k), ("embed", None, "heads", "kv"), INIT_STD)
-        self.b_qkv = zeros_param((3, h, k), (None, "heads", "kv")) if cfg.bias else None
+        bias = cfg.attn_bias
+        if cfg.grouped:
+            self.w_q = normal_param(rngs, (d, h, k), ("embed", "heads", "kv"), INIT_STD)
+            self.w_kv = normal_param(rngs, (d, 2, g, k), ("embed", None, "kv_heads", "kv"), INIT_STD)
+            self.b_q = zeros_param((h, k), ("heads", "kv")) if bias else None
+            self.b_kv = zeros_param((2, g, k), (None, "kv_heads", "kv")) if bias else None
+        else:
+            # W^Q, W^K, W^V stored as one (D, 3, H, K) tensor.
+            self.w_qkv = normal_param(rngs, (d, 3, h, k), ("embed", None, "heads", "kv"), INIT_STD)
+            self.b_qkv = zeros_param((3, h, k), (None, "heads", "kv")) if bias else None
         self.w_o = normal_param(rngs, (h, k, d), ("heads", "kv", "embed"), INIT_STD / math.sqrt(2 * cfg.n_layers))
-        self.b_o = zeros_param((d,), ("embed",)) if cfg.bias else None
+        self.b_o = zeros_param((d,), ("embed",)) if bias else None
+
+    def project(self, x_BTD: Array, constrain=no_constraint) -> tuple[Array, Array, Array]:
+        """Queries (B, T, H, K), keys and values (B, T, G, K) of x."""
+        dt = x_BTD.dtype
+        B, T, D = x_BTD.shape
+        # Projections on flat (B·T, D) rows: the layout XLA's CPU backend handles best. The weights keep
+        # heads a separate axis that tensor parallelism can split.
+        x_ND = x_BTD.reshape(B * T, D)
+        if hasattr(self, "w_qkv"):
+            qkv_N3HK = jnp.einsum("nd,dshk->nshk", x_ND, self.w_qkv[...].astype(dt))
+            if self.b_qkv is not None:
+                qkv_N3HK = qkv_N3HK + self.b_qkv[...].astype(dt)
+            H, K = qkv_N3HK.shape[2:]
+            return tuple(constrain(qkv_N3HK[:, i].reshape(B, T, H, K), ("batch", "length", "heads", "kv"))
+                         for i in range(3))
+        q_NHK = jnp.einsum("nd,dhk->nhk", x_ND, self.w_q[...].astype(dt))
+        kv_N2GK = jnp.einsum("nd,dsgk->nsgk", x_ND, self.w_kv[...].astype(dt))
+        if self.b_q is not None:
+            q_NHK, kv_N2GK = q_NHK + self.b_q[...].astype(dt), kv_N2GK + self.b_kv[...].astype(dt)
+        G, K = kv_N2GK.shape[2:]
+        q_BTHK = constrain(q_NHK.reshape(B, T, -1, K), ("batch", "length", "heads", "kv"))
+        k_BTGK, v_BTGK = (constrain(kv_N2GK[:, i].reshape(B, T, G, K), ("batch", "length", "kv_heads", "kv"))
+                          for i in range(2))
+        return q_BTHK, k_BTGK, v_BTGK
 
     def __call__(
         self,
@@ -192,26 +238,19 @@ class MultiHeadAttention(nnx.Module):
         constrain=no_constraint,
     ):
         dt = x_BTD.dtype
-        B, T, D = x_BTD.shape
-        _, _, H, K = self.w_qkv.shape
-        # Projections on flat (B·T, D) rows: the layout XLA's CPU backend handles best. The weight keeps
-        # its (D, 3, H, K) shape so heads stay a separate axis that tensor parallelism can split.
-        qkv_N3HK = jnp.einsum("nd,dshk->nshk", x_BTD.reshape(B * T, D), self.w_qkv[...].astype(dt))
-        if self.b_qkv is not None:
-            qkv_N3HK = qkv_N3HK + self.b_qkv[...].astype(dt)
-        q_BTHK, k_BTHK, v_BTHK = (constrain(qkv_N3HK[:, i].reshape(B, T, H, K), ("batch", "length", "heads", "kv"))
-                                  for i in range(3))
+        q_BTHK, k_BTGK, v_BTGK = self.project(x_BTD, constrain)
         if self.rotary:
-            q_BTHK = apply_rotary(q_BTHK, positions_BT)
-            k_BTHK = apply_rotary(k_BTHK, positions_BT)
+            inv_freq_F = rope_frequencies(q_BTHK.shape[-1], self.rope)
+            q_BTHK = apply_rotary(q_BTHK, positions_BT, inv_freq_F)
+            k_BTGK = apply_rotary(k_BTGK, positions_BT, inv_freq_F)
         if cache is not None:
-            k_BSHK = write_cache(cache["k"], k_BTHK, cache_index)
-            v_BSHK = write_cache(cache["v"], v_BTHK, cache_index)
-            cache = {"k": k_BSHK, "v": v_BSHK}
-            k_BSHK, v_BSHK = k_BSHK.astype(dt), v_BSHK.astype(dt)
+            k_BSGK = write_cache(cache["k"], k_BTGK, cache_index)
+            v_BSGK = write_cache(cache["v"], v_BTGK, cache_index)
+            cache = {"k": k_BSGK, "v": v_BSGK}
+            k_BSGK, v_BSGK = k_BSGK.astype(dt), v_BSGK.astype(dt)
         else:
-            k_BSHK, v_BSHK = k_BTHK, v_BTHK
-        out_BTD, weights_BHTS = attend(q_BTHK, k_BSHK, v_BSHK, mask, self.w_o[...], self.b_o, impl=self.impl,
+            k_BSGK, v_BSGK = k_BTGK, v_BTGK
+        out_BTD, weights_BHTS = attend(q_BTHK, k_BSGK, v_BSGK, mask, self.w_o[...], self.b_o, impl=self.impl,
                                        dropout_rate=self.dropout_rate, dropout_key=dropout_key,
                                        return_weights=return_weights)
         return out_BTD, cache, (weights_BHTS if return_weights else None)

@@ -31,7 +31,7 @@ class BERT(nnx.Module):
                                        role="embedding")
                           if cfg.positions == "learned" else None)
         self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
-        self.final_norm = Norm(cfg.d_model, cfg.norm_type, cfg.bias) if cfg.norm == "pre" else None
+        self.final_norm = Norm(cfg.d_model, cfg.norm_type, cfg.bias, cfg.norm_eps) if cfg.norm == "pre" else None
         self.lm_head = (None if cfg.tie_embeddings
                         else normal_param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), INIT_STD))
 

@@ -37,9 +37,9 @@ class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.pre_norm = cfg.norm == "pre"
         self.dropout_rate = cfg.dropout
-        self.norm_attn = Norm(cfg.d_model, cfg.norm_type, cfg.bias)
+        self.norm_attn = Norm(cfg.d_model, cfg.norm_type, cfg.bias, cfg.norm_eps)
         self.attn = MultiHeadAttention(cfg, rngs)
-        self.norm_mlp = Norm(cfg.d_model, cfg.norm_type, cfg.bias)
+        self.norm_mlp = Norm(cfg.d_model, cfg.norm_type, cfg.bias, cfg.norm_eps)
         self.mlp = FeedForward(cfg, rngs)
 
     def __call__(self, x_BTD, mask, positions_BT, *, cache=None, cache_index=None, dropout_key=None,
@@ -66,11 +66,11 @@ class CrossBlock(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.pre_norm = cfg.norm == "pre"
         self.dropout_rate = cfg.dropout
-        self.norm_self = Norm(cfg.d_model, cfg.norm_type, cfg.bias)
+        self.norm_self = Norm(cfg.d_model, cfg.norm_type, cfg.bias, cfg.norm_eps)
         self.self_attn = MultiHeadAttention(cfg, rngs)
-        self.norm_cross = Norm(cfg.d_model, cfg.norm_type, cfg.bias)
+        self.norm_cross = Norm(cfg.d_model, cfg.norm_type, cfg.bias, cfg.norm_eps)
         self.cross_attn = CrossAttention(cfg, rngs)
-        self.norm_mlp = Norm(cfg.d_model, cfg.norm_type, cfg.bias)
+        self.norm_mlp = Norm(cfg.d_model, cfg.norm_type, cfg.bias, cfg.norm_eps)
         self.mlp = FeedForward(cfg, rngs)
 
     def __call__(self, x_BTD, self_mask, positions_BT, memory_kv, cross_mask, *, cache=None,

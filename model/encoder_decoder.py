@@ -39,8 +39,8 @@ class EncoderDecoder(nnx.Module):
                           if cfg.positions == "learned" else None)
         self.encoder = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_encoder_layers or cfg.n_layers)])
         self.decoder = nnx.List([CrossBlock(cfg, rngs) for _ in range(cfg.n_layers)])
-        self.encoder_norm = Norm(cfg.d_model, cfg.norm_type, cfg.bias) if cfg.norm == "pre" else None
-        self.decoder_norm = Norm(cfg.d_model, cfg.norm_type, cfg.bias) if cfg.norm == "pre" else None
+        self.encoder_norm = Norm(cfg.d_model, cfg.norm_type, cfg.bias, cfg.norm_eps) if cfg.norm == "pre" else None
+        self.decoder_norm = Norm(cfg.d_model, cfg.norm_type, cfg.bias, cfg.norm_eps) if cfg.norm == "pre" else None
 
     def _embed(self, tokens_BT, positions_BT, key, constrain):
         cfg = self.cfg

@@ -43,7 +43,7 @@ class GPT(nnx.Module):
         self.blocks = stacked_blocks(cfg, rngs) if cfg.scan_layers else nnx.List([Block(cfg, rngs)
                                                                                   for _ in range(cfg.n_layers)])
         # Post-norm blocks already end in a norm; pre-norm needs one before the head (GPT-2).
-        self.final_norm = Norm(cfg.d_model, cfg.norm_type, cfg.bias) if cfg.norm == "pre" else None
+        self.final_norm = Norm(cfg.d_model, cfg.norm_type, cfg.bias, cfg.norm_eps) if cfg.norm == "pre" else None
         self.lm_head = (
             None if cfg.tie_embeddings
             else normal_param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), INIT_STD)

@@ -61,10 +61,34 @@ def sinusoidal_table(length: int, d_model: int) -> Array:
     return table_LD.at[:, 1::2].set(jnp.cos(angle_LH[:, : d_model // 2]))
 
 
-def apply_rotary(x_BTHK: Array, positions_BT: Array, base: float = 10000.0) -> Array:
-    """Rotate feature pairs (i, i + K/2) by position-dependent angles (RoPE, half-split layout)."""
+def rope_frequencies(d_head: int, cfg: ModelConfig | None = None) -> Array:
+    """The rotary frequencies θ^(-2i/d_head), i < d_head/2 (θ = model.rope_theta, 10000 by default),
+    rescaled for long contexts as model.rope_scaling says (what Llama-family configs call
+    rope_scaling / rope_parameters: "linear", or Llama 3.1's "llama3")."""
+    half = d_head // 2
+    theta = cfg.rope_theta if cfg is not None else 10000.0
+    inv_freq_F = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
+    if cfg is None or cfg.rope_scaling == "none":
+        return inv_freq_F
+    if cfg.rope_scaling == "linear":
+        return inv_freq_F / cfg.rope_factor
+    # llama3: long wavelengths slowed by the factor, short ones kept, the band between interpolated.
+    factor, old = cfg.rope_factor, cfg.rope_original_context
+    low_wavelen, high_wavelen = old / cfg.rope_low_freq_factor, old / cfg.rope_high_freq_factor
+    wavelen_F = 2 * math.pi / inv_freq_F
+    scaled_F = jnp.where(wavelen_F > low_wavelen, inv_freq_F / factor, inv_freq_F)
+    smooth_F = (old / wavelen_F - cfg.rope_low_freq_factor) / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+    smoothed_F = (1 - smooth_F) * scaled_F / factor + smooth_F * scaled_F
+    medium_F = (wavelen_F >= high_wavelen) & (wavelen_F <= low_wavelen)
+    return jnp.where(medium_F, smoothed_F, scaled_F)
+
+
+def apply_rotary(x_BTHK: Array, positions_BT: Array, inv_freq_F: Array | None = None) -> Array:
+    """Rotate feature pairs (i, i + K/2) by position × frequency i (RoPE in the half-split layout that
+    Llama-family checkpoints use); `inv_freq_F` defaults to θ = 10000."""
     half = x_BTHK.shape[-1] // 2
-    inv_freq_F = 1.0 / (base ** (jnp.arange(half, dtype=jnp.float32) / half))
+    if inv_freq_F is None:
+        inv_freq_F = rope_frequencies(x_BTHK.shape[-1])
     angle_BTF = positions_BT.astype(jnp.float32)[..., None] * inv_freq_F
     sin_BT1F = jnp.sin(angle_BTF)[:, :, None, :]
     cos_BT1F = jnp.cos(angle_BTF)[:, :, None, :]
@@ -76,7 +100,7 @@ def apply_rotary(x_BTHK: Array, positions_BT: Array, base: float = 10000.0) -> A
 class Norm(nnx.Module):
     """LayerNorm (mean/variance, optional bias) or RMSNorm (root mean square only); computed in f32."""
 
-    def __init__(self, d_model: int, kind: str, bias: bool, eps: float = 1e-5):
+    def __init__(self, d_model: int, kind: str, bias: bool, eps: float = 1e-5):  # (eps: model.norm_eps)
         self.kind, self.eps = kind, eps
         self.scale = ones_param((d_model,), ("embed",))
         self.bias = zeros_param((d_model,), ("embed",)) if (bias and kind == "layernorm") else None
@@ -102,8 +126,10 @@ class FeedForward(nnx.Module):
         self.w_gate = normal_param(rngs, (d, f), ("embed", "mlp"), INIT_STD) if cfg.activation == "swiglu" else None
         # Residual-path outputs are scaled down with depth (GPT-2) so the stream's variance stays bounded.
         self.w_out = normal_param(rngs, (f, d), ("mlp", "embed"), INIT_STD / math.sqrt(2 * cfg.n_layers))
-        self.b_in = zeros_param((f,), ("mlp",)) if cfg.bias else None
-        self.b_out = zeros_param((d,), ("embed",)) if cfg.bias else None
+        self.b_in = zeros_param((f,), ("mlp",)) if cfg.ffn_bias else None
+        self.b_out = zeros_param((d,), ("embed",)) if cfg.ffn_bias else None
+        # (the gate's bias only when asked for by name: runs saved with model.bias=true and SwiGLU have none)
+        self.b_gate = zeros_param((f,), ("mlp",)) if cfg.activation == "swiglu" and cfg.mlp_bias == "on" else None
 
     def __call__(self, x_BTD: Array, constrain=no_constraint) -> Array:
         dt = x_BTD.dtype
@@ -120,7 +146,10 @@ class FeedForward(nnx.Module):
         elif self.activation == "gelu":
             h_NF = jax.nn.gelu(h_NF, approximate=True)
         else:
-            h_NF = jax.nn.silu(x_ND @ self.w_gate[...].astype(dt)) * h_NF
+            gate_NF = x_ND @ self.w_gate[...].astype(dt)
+            if self.b_gate is not None:
+                gate_NF = gate_NF + self.b_gate[...].astype(dt)
+            h_NF = jax.nn.silu(gate_NF) * h_NF
         out_ND = h_NF @ self.w_out[...].astype(dt)
         if self.b_out is not None:
             out_ND = out_ND + self.b_out[...].astype(dt)

@@ -34,6 +34,15 @@ PROJECTIONS = {
     "down": ("mlp", "w_out", None, ("mlp",), ("embed",)),
 }
 GROUPS = {"attention": ("q", "k", "v", "o"), "mlp": ("up", "gate", "down")}
+# Grouped-query attention keeps W^Q (D, H, K) apart from W^{KV} (D, 2, G, K).
+GROUPED = {"q": ("attn", "w_q", None, ("embed",), ("heads", "kv")),
+           "k": ("attn", "w_kv", 0, ("embed",), ("kv_heads", "kv")),
+           "v": ("attn", "w_kv", 1, ("embed",), ("kv_heads", "kv"))}
+
+
+def projections(model_cfg) -> dict:
+    """PROJECTIONS for this model's attention layout."""
+    return PROJECTIONS | GROUPED if model_cfg.grouped else PROJECTIONS
 
 
 def expand_targets(targets) -> tuple[str, ...]:
@@ -55,7 +64,8 @@ class Adapters(nnx.Module):
     def __init__(self, model_cfg, lora_cfg, rngs: nnx.Rngs):
         self.rank, self.scale = lora_cfg.rank, lora_cfg.alpha / lora_cfg.rank
         d, f, h, k = model_cfg.d_model, model_cfg.d_ff, model_cfg.n_heads, model_cfg.resolved().d_head
-        sizes = {"embed": d, "mlp": f, "heads": h, "kv": k}
+        sizes = {"embed": d, "mlp": f, "heads": h, "kv": k, "kv_heads": model_cfg.kv_heads}
+        self.projections = projections(model_cfg)
         names = [t for t in expand_targets(lora_cfg.targets) if t != "gate" or model_cfg.activation == "swiglu"]
         self.names = tuple(names)
         self.n_layers = model_cfg.n_layers
@@ -63,7 +73,7 @@ class Adapters(nnx.Module):
         r = lora_cfg.rank
         for layer in range(model_cfg.n_layers):
             for t in names:
-                _, _, _, ins, outs = PROJECTIONS[t]
+                _, _, _, ins, outs = self.projections[t]
                 key = f"{t}{layer}"
                 fan_in = int(np.prod([sizes[x] for x in ins]))
                 a[key] = normal_param(rngs, tuple(sizes[x] for x in ins) + (r,), ins + (None,), fan_in ** -0.5,
@@ -82,7 +92,7 @@ def adapted_params(params: dict, adapters: Adapters) -> dict:
     out = jax.tree.map(lambda x: x, params)
     for layer in range(adapters.n_layers):
         for t in adapters.names:
-            module, weight, part, _, _ = PROJECTIONS[t]
+            module, weight, part, _, _ = adapters.projections[t]
             block = out["blocks"][layer][module]
             w = block[weight]
             d = adapters.delta(f"{t}{layer}").astype(w.dtype)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from plutao.model.config import ModelConfig
 
 GPT2_VOCAB = 50257
+LLAMA3_VOCAB = 128256
 
 
 def _gpt3(n_layers: int, d_model: int, n_heads: int, d_head: int) -> ModelConfig:
@@ -37,6 +38,12 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
                               n_heads=1),
     "gpt2-124m": ModelConfig(vocab_size=GPT2_VOCAB, context_length=1024, n_layers=12, d_model=768, n_heads=12,
                              bias=True),
+    # Llama 3.2 1B's shape (Meta 2024): grouped-query attention (32 query heads, 8 key/value heads),
+    # RMSNorm, SwiGLU, rotary θ = 500000 with Llama 3.1's long-context scaling, tied embeddings.
+    "llama-1b": ModelConfig(vocab_size=LLAMA3_VOCAB, context_length=8192, n_layers=16, d_model=2048, n_heads=32,
+                            n_kv_heads=8, d_head=64, d_ff=8192, norm_type="rmsnorm", positions="rotary",
+                            activation="swiglu", norm_eps=1e-5, rope_theta=500000.0, rope_scaling="llama3",
+                            rope_factor=32.0, rope_original_context=8192),
     "gpt3-small": _gpt3(12, 768, 12, 64),
     "gpt3-medium": _gpt3(24, 1024, 16, 64),
     "gpt3-large": _gpt3(24, 1536, 16, 96),
@@ -51,6 +58,6 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
 
 # Published sizes, to check our counts against (parameters).
 PUBLISHED_PARAMS = {
-    "transformer-base": 65e6, "gpt2-124m": 124e6, "gpt3-small": 125e6, "gpt3-medium": 350e6, "gpt3-large": 760e6, "gpt3-xl": 1.3e9,
+    "transformer-base": 65e6, "gpt2-124m": 124e6, "llama-1b": 1.24e9, "gpt3-small": 125e6, "gpt3-medium": 350e6, "gpt3-large": 760e6, "gpt3-xl": 1.3e9,
     "gpt3-2.7b": 2.7e9, "gpt3-6.7b": 6.7e9, "gpt3-13b": 13e9, "gpt3-175b": 175e9,
 }

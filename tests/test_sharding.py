@@ -21,6 +21,9 @@ CASES = {
     "gpt2-124m-tensor8": ("gpt2-124m", ["mesh.data=1", "mesh.tensor=8"], 8),
     "gpt2-124m-data2-fsdp2-tensor2": ("gpt2-124m", ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"], 8),
     "gpt3-6.7b-fsdp64": ("gpt3-6.7b", ["mesh.data=1", "mesh.fsdp=64"], 64),
+    # Grouped-query attention: 8 key/value heads split over tensor=8 (and left whole at tensor=16).
+    "llama-1b-fsdp2-tensor8": ("llama-1b", ["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=8"], 16),
+    "llama-1b-tensor16": ("llama-1b", ["mesh.data=1", "mesh.tensor=16"], 16),
 }
 
 

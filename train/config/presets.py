@@ -96,6 +96,11 @@ PRESETS: dict[str, dict] = {
         "train.checkpoint_every": 400, "train.eval_batches": 20, "optim.lr": 2e-3, "optim.min_lr": 2e-4,
         "train.sample_prompt": "Q: What is 23 plus 45?\nA:", "train.sample_tokens": 80,
     },
+    "llama-1b": _model("llama-1b") | {
+        "model.vocab_size": 128256, "data.tokenizer": "bpe", "data.vocab_size": 128256, "train.batch_size": 256,
+        "optim.lr": 3e-4, "optim.min_lr": 3e-5, "optim.beta2": 0.95, "optim.weight_decay": 0.1,
+        "optim.warmup_steps": 2000, "optim.grad_clip": 1.0,
+    },
     "gpt3-small": _gpt3("gpt3-small", 256, 6.0e-4),
     "gpt3-medium": _gpt3("gpt3-medium", 256, 3.0e-4),
     "gpt3-large": _gpt3("gpt3-large", 256, 2.5e-4),

@@ -41,6 +41,7 @@ LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
     "embed": ("fsdp",),
     "vocab": ("tensor",),
     "heads": ("tensor",),
+    "kv_heads": ("tensor",),  # grouped-query attention's key/value heads (whole when tensor does not divide them)
     "mlp": ("tensor",),
     "kv": (),
     "layers": (),
@@ -53,6 +54,8 @@ ACTIVATION_AXES: dict[str, tuple[str, ...]] = {
     "mlp hidden_NF": ("batch", "mlp"),
     "logits_BTV": ("batch", "length", "vocab"),
 }
+# Grouped-query attention's keys and values (only in models with fewer key/value heads).
+GROUPED_ACTIVATION_AXES = {"k/v_BTGK": ("batch", "length", "kv_heads", "kv")}
 # Activations keep the model dimension whole: FSDP's axis is already spent on the batch.
 LOGICAL_AXIS_RULES["act_embed"] = ()
 
@@ -133,7 +136,7 @@ def param_specs(abstract_state, mesh) -> dict:
 
 
 # The config key behind each parameter dimension a mesh axis splits (for messages).
-AXIS_KEYS = {"embed": "model.d_model", "heads": "model.n_heads", "mlp": "model.d_ff", "vocab": "the vocabulary size"}
+AXIS_KEYS = {"embed": "model.d_model", "heads": "model.n_heads", "kv_heads": "model.n_kv_heads", "mlp": "model.d_ff", "vocab": "the vocabulary size"}
 SHARDING_AXES = ("fsdp", "tensor")  # mesh axes that split parameters (data only splits the batch)
 
 

@@ -48,13 +48,14 @@ def check_compatible(saved: dict, cfg: Config, run_dir: Path) -> None:
         if old != new:
             raise UserError(f"{run_dir} was trained with data.{key}={old}, but the config says {new}; "
                             f"set data.{key}={old} to resume, or use a new --workdir")
-    old_model = saved["model"]
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    old_model = dataclasses.asdict(ModelConfig(**{k: v for k, v in saved["model"].items() if k in known}).resolved())
     for key, new in dataclasses.asdict(cfg.model.resolved()).items():
         if key == "vocab_size" and (new == 0 or (cfg.data.add_specials and new < old_model.get(key, 0))):
             continue  # (not known yet: the tokenizer's, or the parent's grown by data.add_specials)
         if key in ("dropout", "dtype", "remat", "attention"):  # these change computation, not the parameters
             continue
-        if old_model.get(key, getattr(ModelConfig(), key)) != new:
+        if old_model[key] != new:
             raise UserError(f"the checkpoint in {run_dir} has model.{key}={old_model.get(key)}, but the config says "
                             f"{new}; set model.{key}={old_model.get(key)} to resume, or use a new --workdir")
 
