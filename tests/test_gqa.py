@@ -31,7 +31,7 @@ def as_multi_head(gqa: GPT, cfg: ModelConfig) -> GPT:
     mha = GPT(with_kv(0, attention_bias=cfg.attention_bias), nnx.Rngs(9))
     params = nnx.to_pure_dict(nnx.state(gqa, nnx.Param))
     group = cfg.n_heads // cfg.kv_heads
-    for i, block in params["blocks"].items():
+    for block in params["blocks"].values():
         attn = block["attn"]
         w_kv = np.repeat(np.asarray(attn.pop("w_kv")), group, axis=2)
         attn["w_qkv"] = np.concatenate([np.asarray(attn.pop("w_q"))[:, None], w_kv], axis=1)
