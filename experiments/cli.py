@@ -144,6 +144,7 @@ def command_modules() -> tuple:
         chat,
         evaluation,
         inspection,
+        interop,
         lora,
         report_card,
         rl,
@@ -153,7 +154,8 @@ def command_modules() -> tuple:
         training,
     )
 
-    return (training, evaluation, inspection, assistant, rl, lora, chat, report_card, scale, sweeps, benchmarks, serve)
+    return (training, evaluation, inspection, assistant, rl, lora, interop, chat, report_card, scale, sweeps, benchmarks,
+            serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

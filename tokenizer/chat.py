@@ -58,7 +58,8 @@ class Rendered:
 
 def template_hash(tokenizer: Tokenizer) -> str:
     """What a run's chat tokens depend on: the layout above and the ids of the tokens it uses."""
-    ids = [tokenizer.eot_id, *role_ids(tokenizer).values(), tokenizer.end_id, tokenizer.reward_id, tokenizer.pad_id]
+    reward = tokenizer.reward_id if tokenizer.has_special("reward") else -1  # (an imported tokenizer may have none)
+    ids = [tokenizer.eot_id, *role_ids(tokenizer).values(), tokenizer.end_id, reward, tokenizer.pad_id]
     if tokenizer.has_tools:  # (a tokenizer without the tool tokens keeps the hash its runs recorded)
         return hashlib.sha256(f"{TEMPLATE}|{TOOL_TEMPLATE}|{ids}|{[tokenizer.call_id, tokenizer.tool_id]}".encode()
                               ).hexdigest()[:16]
@@ -67,7 +68,8 @@ def template_hash(tokenizer: Tokenizer) -> str:
 
 def role_ids(tokenizer: Tokenizer) -> dict[str, int]:
     """The role tokens that open a message (a tool's result follows the <|tool|> closing its call)."""
-    return {"system": tokenizer.system_id, "user": tokenizer.user_id, "assistant": tokenizer.assistant_id}
+    return {role: tokenizer.special_id(role) for role in ("system", "user", "assistant")
+            if role != "system" or tokenizer.has_special(role)}
 
 
 def call_argument(call, where: str) -> tuple[str, str]:
@@ -140,6 +142,9 @@ def render(messages: Sequence[dict], tokenizer: Tokenizer) -> Rendered:
     """The conversation's ids and loss weights (assistant text and its <|end|> are supervised)."""
     messages = check_messages(list(messages))
     roles = role_ids(tokenizer)
+    if any(m["role"] == "system" for m in messages) and "system" not in roles:
+        raise ChatError("this tokenizer's chat template has no system role; put the instructions in the first user "
+                        "message")
     if any(m["role"] == "tool" for m in messages) and not tokenizer.has_tools:
         raise ChatError("the conversation uses tools, but this tokenizer has no <|call|> and <|tool|> tokens; start "
                         "from a run that has them (a run trained on tool use grows its parent's vocabulary)")

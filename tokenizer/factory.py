@@ -11,6 +11,7 @@ from .base import Tokenizer
 from .bpe import BPETokenizer
 from .byte import ByteTokenizer
 from .char import CharTokenizer
+from .hf import HFTokenizer
 from .specials import CONFIG_FILE, FORMAT_VERSION, SpecialTokens, TokenizerError
 from .word import WordTokenizer
 
@@ -19,6 +20,7 @@ TOKENIZER_KINDS: dict[str, type[Tokenizer]] = {
     "byte": ByteTokenizer,
     "bpe": BPETokenizer,
     "word": WordTokenizer,
+    "hf": HFTokenizer,  # (imported with a model, never trained here)
 }
 
 
@@ -38,6 +40,9 @@ def train_tokenizer(
     and is ignored by char and byte, whose vocabularies are fixed by the data (char) or by design (byte).
     `specials` declares the special tokens' ids (None: the historical layout, SPECIAL_TOKENS at 0..10)."""
     kind = _check_kind(kind)
+    if kind == "hf":
+        raise TokenizerError("an hf tokenizer comes with the model it belongs to; import one with `plutao import-hf "
+                             "DIR --workdir RUN` and start from that run (train.init_from=RUN)")
     if kind == "char":
         return CharTokenizer.train(texts, specials)
     if kind == "byte":

@@ -32,7 +32,7 @@ class DataConfig:
     # A file, a folder, a .jsonl file, a built-in or downloadable corpus name, or a list of them (a mixture).
     path: str | list[str] = DEFAULT_CORPUS
     weights: list[float] = dataclasses.field(default_factory=list)  # mixture weights; empty = equal
-    tokenizer: Literal["char", "byte", "bpe", "word"] = "char"
+    tokenizer: Literal["char", "byte", "bpe", "word", "hf"] = "char"  # hf: an imported model's (plutao import-hf)
     vocab_size: int = 0  # BPE vocabulary size (required for bpe); word: keep the most frequent (0 = all)
     jsonl_field: str = "text"
     glob: str = "**/*.txt"  # which files of a folder source to read

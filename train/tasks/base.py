@@ -61,10 +61,13 @@ class TokenIds:
     def of(cls, tokenizer: Tokenizer | None) -> TokenIds:
         if tokenizer is None:
             return cls()
-        return cls(pad_id=tokenizer.pad_id, mask_id=tokenizer.mask_id, eot_id=tokenizer.eot_id,
+        def role(name, default=-1):  # (an imported tokenizer may lack a mask or unk token)
+            return tokenizer.special_id(name) if tokenizer.has_special(name) else default
+
+        return cls(pad_id=role("pad", tokenizer.eot_id), mask_id=role("mask"), eot_id=tokenizer.eot_id,
                    vocab_limit=tokenizer.vocab_size,
                    ordinary=tuple(int(i) for i in np.flatnonzero(ordinary_mask(tokenizer))),
-                   target_specials=(tokenizer.eot_id, tokenizer.eos_id, tokenizer.unk_id),
+                   target_specials=tuple(dict.fromkeys(role(r) for r in ("eot", "eos", "unk") if tokenizer.has_special(r))),
                    tool_turn=tool_turn_marks(tokenizer))
 
     def ordinary_V(self, vocab: int) -> Array:
