@@ -4,7 +4,6 @@ single files import alike, the hf tokenizer gives transformers' ids, and bad che
 
 import json
 import shutil
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +17,7 @@ from plutao.train.run.lineage import load_run
 
 pytest.importorskip("transformers")
 pytest.importorskip("torch")
-import hf_models  # noqa: E402  (tests/hf_models.py: tiny models built with transformers)
+import hf_models
 
 PROMPTS = ["Olá, mundo! café", "def add(a, b):\n    return", "The quick brown fox 🙂"]
 
@@ -45,11 +44,11 @@ def imported(tmp_path, source, name="run"):
 
 
 LLAMAS = {  # n_kv_heads ∈ {1, 2, n_heads}; tied and untied; θ ≠ 10000; biases on and off; llama3 scaling
-    "mqa-untied": dict(n_kv=1, tie=False, theta=50000.0),
-    "gqa-tied-bias": dict(n_kv=2, tie=True, theta=20000.0, bias=True),
-    "mha-llama3": dict(n_kv=4, tie=False, theta=500000.0,
-                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    "mqa-untied": {"n_kv": 1, "tie": False, "theta": 50000.0},
+    "gqa-tied-bias": {"n_kv": 2, "tie": True, "theta": 20000.0, "bias": True},
+    "mha-llama3": {"n_kv": 4, "tie": False, "theta": 500000.0,
+                       "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 16}},
 }
 
 

@@ -20,8 +20,8 @@ from .base import Tokenizer
 from .bpe import BPETokenizer
 from .byte import ByteTokenizer
 from .char import CharTokenizer
-from .hf import HFTokenizer
 from .factory import TOKENIZER_KINDS, grown, load_tokenizer, train_tokenizer
+from .hf import HFTokenizer
 from .specials import DEFAULT_ROLES, NUM_SPECIAL, SPECIAL_TOKENS, TOOL_TOKENS, SpecialTokens, TokenizerError
 from .viewer import format_tokens
 from .word import WordTokenizer

@@ -151,8 +151,8 @@ def hf_config(cfg: ModelConfig, arch: str, specials: dict[str, int | None]) -> d
 def export_architecture(cfg: ModelConfig) -> str:
     """The layout a plutao model exports to, or a one-line error naming what neither has."""
     cfg = cfg.resolved()
-    gpt2 = dict(positions="learned", norm_type="layernorm", norm="pre", activation="gelu")
-    llama = dict(positions="rotary", norm_type="rmsnorm", norm="pre", activation="swiglu")
+    gpt2 = {"positions": "learned", "norm_type": "layernorm", "norm": "pre", "activation": "gelu"}
+    llama = {"positions": "rotary", "norm_type": "rmsnorm", "norm": "pre", "activation": "swiglu"}
     if cfg.family != "decoder":
         raise UserError(f"a model.family={cfg.family} model has no Hugging Face causal-LM layout; export-hf writes decoders")
     # (GPT-2's biases are written as zeros where a model has none: the same function)

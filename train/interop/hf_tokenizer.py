@@ -103,11 +103,11 @@ def template_roles(template: str, specials: list[str], skip: set[str], render_sp
     roles = {"user": head[0], "end": between[0], "assistant": between[1]}
     try:
         su = pieces([{"role": "system", "content": MARKS["system"]}, {"role": "user", "content": MARKS["user"]}])
-        sys_head = [t for t in su[0] or [] if t not in skip]
-        if len(su) == 3 and len(sys_head) == 1 and su[1] == [roles["end"], roles["user"]]:
-            roles["system"] = sys_head[0]
     except Exception:  # noqa: BLE001 (no system role: a system message is refused at use)
-        pass
+        su = []
+    sys_head = [t for t in (su[0] if su else None) or [] if t not in skip]
+    if len(su) == 3 and len(sys_head) == 1 and su[1] == [roles["end"], roles["user"]]:
+        roles["system"] = sys_head[0]
     shown = ", ".join(f"{r} {t}" for r, t in roles.items())
     return roles, f"its chat template's role tokens ({shown}) play plutao's chat roles, in plutao's layout"
 
@@ -176,7 +176,8 @@ def plutao_template(tok: Tokenizer) -> str | None:
 
 def _built_definition(tok: Tokenizer) -> str:
     """tokenizer.json for a byte or char tokenizer: a BPE without merges over its ordinary tokens."""
-    from tokenizers import AddedToken, Tokenizer as HF, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HF
 
     if tok.kind == "byte":
         vocab = {c: int(tok.ordinary_ids[b]) for b, c in enumerate(_bytes_to_unicode())}

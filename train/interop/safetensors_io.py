@@ -68,7 +68,7 @@ class File:
         if self._map is None:
             with open(self.path, "rb") as f:
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        begin, end = h["data_offsets"]
+        begin, _end = h["data_offsets"]
         return np.frombuffer(self._map, DTYPES[h["dtype"]], count=int(np.prod(h["shape"], dtype=np.int64)),
                              offset=self.start + begin).reshape(h["shape"])
 
