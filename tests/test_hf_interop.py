@@ -172,3 +172,22 @@ def test_export_refuses_a_layout_transformers_has_not(tmp_path, capsys):
     code = main(["export-hf", str(run.run_dir), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "matches neither GPT-2's layout" in err and not (tmp_path / "out").exists(), err
+
+
+def test_imported_llama_fine_tuned_with_lora_exports_its_fine_tuned_logits(tmp_path):
+    source = hf_models.llama(tmp_path / "hf", chat="roles")
+    base = imported(tmp_path, source, "base")
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Quanto é {a}+{b}?"},
+                                                      {"role": "assistant", "content": f"{a + b} 🙂"}]}) + "\n"
+                             for a in range(8) for b in range(4)))
+    assert main(["sft", str(tmp_path / "base"), "--workdir", str(tmp_path / "sft"), "--data", str(chats),
+                 "lora.rank=4", "lora.targets=[attention,mlp]", "train.steps=3", "train.batch_size=4",
+                 "optim.lr=3e-2", "--quiet"]) == 0
+    assert main(["merge-lora", str(tmp_path / "sft"), "--workdir", str(tmp_path / "merged")]) == 0
+    assert main(["export-hf", str(tmp_path / "merged"), "--out", str(tmp_path / "out")]) == 0
+    merged = load_run(tmp_path / "merged")
+    ids, mask = batch(merged.tokenizer, PROMPTS)
+    tuned, real = our_logits(merged, ids), mask.astype(bool)
+    assert np.abs(tuned - our_logits(base, ids))[real].max() > 1e-2  # (the fine-tuning moved it)
+    np.testing.assert_allclose(hf_models.hf_logits(tmp_path / "out", ids, mask)[real], tuned[real], atol=1e-5, rtol=0)

@@ -255,6 +255,8 @@ def cmd_eval(args) -> int:
     from plutao.train.config.errors import UserError
     from plutao.train.run.lineage import load_run
 
+    if args.harness:
+        return _harness(args)
     task = run_task(Path(args.run_dir))
     if task.rollouts:
         raise UserError(f"{args.run_dir} is a {task.label} run: it learned from replies it sampled itself, not from "
@@ -270,6 +272,28 @@ def cmd_eval(args) -> int:
     result |= {"run_dir": str(run.run_dir), "step": run.step}
     lines = [run.task.eval_line(r, run.step) for r in result.get("sources", [result])]
     return _print_result(args, result, lines)
+
+
+def _harness(args) -> int:
+    from plutao.train.config.errors import UserError
+
+    try:
+        from lm_eval.utils import make_table
+
+        from plutao.experiments.harness import evaluate
+    except ImportError:
+        raise UserError("--harness needs lm-evaluation-harness: pip install 'plutao[eval]'") from None
+    tasks = [t.strip() for t in args.harness.split(",") if t.strip()]
+    try:
+        results = evaluate(args.run_dir, tasks, step=args.step, limit=args.limit or None, num_fewshot=args.num_fewshot,
+                           include_path=args.include_path)
+    except (KeyError, ValueError) as e:  # (an unknown task name)
+        raise UserError(f"lm_eval cannot run --harness {args.harness}: {str(e).splitlines()[0][:200]}") from None
+    if args.json:
+        print(json.dumps({"run_dir": args.run_dir, "results": results["results"]}, default=str))
+    else:
+        print(make_table(results))
+    return 0
 
 
 def _eval_ngram(args) -> int:
@@ -465,7 +489,12 @@ def register(sub) -> None:
                    "pairs `plutao dpo` wrote (default: the run's held-out split)")
     e.add_argument("--beam", type=int, default=4, help="translation: beam size scored besides greedy (default 4)")
     e.add_argument("--length-penalty", type=float, default=0.6, help="translation: GNMT length penalty α")
-    e.add_argument("--limit", type=int, default=0, help="translation: score only the first N pairs (0 = all)")
+    e.add_argument("--limit", type=int, default=0, help="translation: score only the first N pairs; --harness: the "
+                   "first N examples of each task (0 = all)")
+    e.add_argument("--harness", metavar="TASKS", help="lm-evaluation-harness tasks, comma-separated (e.g. "
+                   "hellaswag,lambada_openai): their metrics for this run (needs the eval extra)")
+    e.add_argument("--include-path", help="--harness: a folder of task YAML files of your own")
+    e.add_argument("--num-fewshot", type=int, help="--harness: few-shot examples (default: each task's own)")
 
     tr = run_parser(sub, "translate", cmd_translate,
                     "translate sentences with an encoder-decoder run (greedy or beam search)")

@@ -41,7 +41,7 @@ def register(sub) -> None:
     imp.add_argument("--seed", type=int, default=0, help="train.seed recorded in the run")
     imp.set_defaults(fn=cmd_import_hf)
     exp = sub.add_parser("export-hf", help="a run as a Hugging Face checkpoint (GPT-2 or Llama layout)")
-    exp.add_argument("run_dir", help="a decoder run (a LoRA run: merge it first with plutao merge-lora)")
+    exp.add_argument("run_dir", help="a decoder run (a LoRA run is written with its adapters added in)")
     exp.add_argument("--out", required=True, help="the new directory (must not exist or be empty)")
     exp.add_argument("--step", type=int, help="the checkpoint to export (default: the newest)")
     exp.set_defaults(fn=cmd_export_hf)

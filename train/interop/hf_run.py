@@ -6,7 +6,8 @@ a failure leaves nothing. Each parameter is read from the memory-mapped safetens
 float32 and placed with its target sharding before the next is read: the host never holds the model
 twice. The lineage says where it came from (`imported`).
 
-Export restores a run's parameters (a LoRA run's merged first with `plutao merge-lora`) and streams
+Export restores a run's parameters (a LoRA run's base with its adapters added, as every command
+serves it; `plutao merge-lora` writes the same weights as a run) and streams
 them into model.safetensors in the layout the architecture names, with config.json, the tokenizer and
 a chat template, into a temporary directory renamed into place.
 """
@@ -200,9 +201,6 @@ def export_hf(run, out: Path) -> Exported:
     t0 = time.perf_counter()
     out = Path(out)
     model = run.cfg.model.resolved()
-    if run.trainer.adapted:
-        raise UserError(f"{run.run_dir} is a LoRA run; merge it first (`plutao merge-lora {run.run_dir} --out MERGED`) "
-                        "and export the merged run")
     arch = hf_models.export_architecture(model)
     params = run.params
 

@@ -1,0 +1,103 @@
+"""lm-evaluation-harness on a plutao run: a local multiple-choice task's accuracy equals our own
+scoring of the same choices, loglikelihood_rolling equals plutao's log-probability of the text, and
+generate_until equals greedy sampling cut at the stop string."""
+
+import json
+import math
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip("lm_eval")
+pytest.importorskip("transformers")
+import hf_models  # noqa: E402  (tests/hf_models.py)
+from lm_eval.api.instance import Instance  # noqa: E402
+
+from plutao.experiments.cli import main  # noqa: E402
+from plutao.experiments.harness import PlutaoLM  # noqa: E402
+from plutao.model.decode import generate  # noqa: E402
+from plutao.model.heads import forward_logits  # noqa: E402
+from plutao.model.sampling import SamplingConfig  # noqa: E402
+
+QUESTIONS = [("Olá, mundo!", ["café", "fox", "soma"], 0), ("def add(a, b):", ["return", "lazy", "🙂"], 2),
+             ("The quick brown", ["fox", "dog", "12345"], 1), ("Não há ação", ["sem", "def", "jumps"], 0),
+             ("12345 + 678 =", ["13023", "brûlée", "mundo"], 0)]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("harness")
+    assert main(["import-hf", str(hf_models.llama(tmp / "hf", seed=5)), "--workdir", str(tmp / "run")]) == 0
+    return tmp / "run"
+
+
+def logprob(lm, context: str, continuation: str) -> float:
+    """Σ log P(continuation tokens | context), from one forward pass: our own, written out here."""
+    ctx, whole = lm.tok.encode(context), lm.tok.encode(context + continuation)
+    logits, _ = forward_logits(lm.run.model, jnp.asarray([whole[:-1]], jnp.int32))
+    logp = np.asarray(logits[0], np.float64)
+    logp = logp - np.log(np.exp(logp - logp.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logp.max(-1, keepdims=True)
+    return sum(logp[t - 1, whole[t]] for t in range(len(ctx), len(whole)))
+
+
+def test_multiple_choice_accuracy_equals_our_scoring(run_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    data = tmp_path / "choices.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}, ensure_ascii=False) + "\n"
+                            for q, c, a in QUESTIONS))
+    (tmp_path / "plutao_choices.yaml").write_text(
+        "task: plutao_choices\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {data}\ntest_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{{{question}}}}\"\n"
+        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{answer}}\"\nmetric_list:\n  - metric: acc\n")
+    out = subprocess.run([sys.executable, "-m", "plutao.experiments.cli", "eval", str(run_dir), "--harness",
+                          "plutao_choices", "--include-path", str(tmp_path), "--json"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    acc = json.loads(out.stdout.strip().splitlines()[-1])["results"]["plutao_choices"]["acc,none"]
+    lm = PlutaoLM(str(run_dir))
+    ours = np.mean([int(np.argmax([logprob(lm, q, " " + c) for c in cs])) == a for q, cs, a in QUESTIONS])
+    assert acc == pytest.approx(ours)
+    # and request by request: lm_eval's requests through the batched pass equal the one-row computation
+    requests = [Instance("loglikelihood", {}, (q, " " + c), 0) for q, cs, _ in QUESTIONS for c in cs]
+    got = [lp for lp, _ in lm.loglikelihood(requests)]
+    want = [logprob(lm, q, " " + c) for q, cs, _ in QUESTIONS for c in cs]
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_rolling_loglikelihood_equals_plutao_score_and_its_windows(run_dir, capsys):
+    lm = PlutaoLM(str(run_dir))
+    short = "Olá, mundo! Não há ação sem reação."
+    capsys.readouterr()
+    assert main(["score", str(run_dir), "--text", short, "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["logprob"]
+    [rolled] = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (short,), 0)])
+    assert rolled == pytest.approx(scored, abs=1e-3)
+    # Longer than the context (64): windows of 64 predictions, each from the tokens before it in its window.
+    long = " ".join([hf_models.TEXT] * 3)
+    ids = [lm.tok.eot_id, *lm.tok.encode(long)]
+    assert len(ids) > 2 * 64
+    total = 0.0
+    for lo in range(0, len(ids) - 1, 64):
+        window = ids[lo:lo + 65]
+        logits, _ = forward_logits(lm.run.model, jnp.asarray([window[:-1]], jnp.int32))
+        logp = np.asarray(logits[0], np.float64)
+        lse = np.log(np.exp(logp - logp.max(-1, keepdims=True)).sum(-1)) + logp.max(-1)
+        total += sum(logp[t, window[t + 1]] - lse[t] for t in range(len(window) - 1))
+    [rolled] = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (long,), 0)])
+    assert rolled == pytest.approx(total, abs=1e-2) and math.isfinite(rolled)
+
+
+def test_generate_until_is_greedy_sampling_cut_at_the_stop(run_dir):
+    lm = PlutaoLM(str(run_dir))
+    context = "The quick brown"
+    banned = lm.tok.unsampled_ids(vocab_size=lm.run.cfg.model.vocab_size)
+    greedy = generate(lm.run.model, [lm.tok.encode(context)],
+                      SamplingConfig(temperature=0.0, max_new_tokens=12, banned_ids=banned),
+                      eot_id=lm.tok.eot_id, pad_id=lm.tok.pad_id)[0]
+    text = lm.tok.decode(greedy, skip_special=True)
+    stop = text[3:5] if len(text) > 5 else "\n"
+    [got] = lm.generate_until([Instance("generate_until", {}, (context, {"until": [stop], "max_gen_toks": 12}), 0)])
+    assert got == text[:text.index(stop)] if stop in text else got == text
