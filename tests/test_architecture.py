@@ -13,6 +13,7 @@ FAMILY_ALLOWED = {
     "model/counts.py": "parameter and FLOP counts differ per architecture",
     "model/baselines/rnn.py": "which recurrent cell (lstm, gru, rnn)",
     "train/run/lineage.py": "a parent run's family, to refuse train.init_from across families",
+    "train/interop/hf_models.py": "only a decoder has a Hugging Face causal-LM layout to export to",
 }
 
 
@@ -82,13 +83,14 @@ def test_family_is_read_only_in_the_task_registry_and_the_places_readme_names():
 TRAIN_LAYERS = [
     ["config.errors", "config.presets", "losses", "rl.objectives", "worlds.arith", "worlds.arith_prompts", "run.metrics"],
     ["config.schema"],
-    ["parallel.sharding", "parallel.distributed", "optim", "run.rundir", "run.lock", "run.checkpoint"],
+    ["parallel.sharding", "parallel.distributed", "optim", "run.rundir", "run.lock", "run.checkpoint",
+     "interop.safetensors_io", "interop.hf_models", "interop.hf_tokenizer"],
     ["run.resume"],
     ["data.corpora", "data.sources", "data.batches", "data.chat_batches", "data.conversations", "data.pairs"],
     ["eval.likelihood", "eval.translate", "eval.reward_model", "rl.rollouts", "rl.comparisons"],
     ["tasks"],
     ["step"],
-    ["run.lineage", "ngram_run"],
+    ["run.lineage", "ngram_run", "interop.hf_run"],
     ["prepare", "rl.rewards"],
     ["rl.loop"],
     ["loop"],

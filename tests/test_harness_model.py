@@ -13,14 +13,14 @@ import pytest
 
 pytest.importorskip("lm_eval")
 pytest.importorskip("transformers")
-import hf_models  # noqa: E402  (tests/hf_models.py)
-from lm_eval.api.instance import Instance  # noqa: E402
+import hf_models
+from lm_eval.api.instance import Instance
 
-from plutao.experiments.cli import main  # noqa: E402
-from plutao.experiments.harness import PlutaoLM  # noqa: E402
-from plutao.model.decode import generate  # noqa: E402
-from plutao.model.heads import forward_logits  # noqa: E402
-from plutao.model.sampling import SamplingConfig  # noqa: E402
+from plutao.experiments.cli import main
+from plutao.experiments.harness import PlutaoLM
+from plutao.model.decode import generate
+from plutao.model.heads import forward_logits
+from plutao.model.sampling import SamplingConfig
 
 QUESTIONS = [("Olá, mundo!", ["café", "fox", "soma"], 0), ("def add(a, b):", ["return", "lazy", "🙂"], 2),
              ("The quick brown", ["fox", "dog", "12345"], 1), ("Não há ação", ["sem", "def", "jumps"], 0),
@@ -54,7 +54,7 @@ def test_multiple_choice_accuracy_equals_our_scoring(run_dir, tmp_path, monkeypa
         "doc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{answer}}\"\nmetric_list:\n  - metric: acc\n")
     out = subprocess.run([sys.executable, "-m", "plutao.experiments.cli", "eval", str(run_dir), "--harness",
                           "plutao_choices", "--include-path", str(tmp_path), "--json"],
-                         capture_output=True, text=True, timeout=600)
+                         check=False, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     acc = json.loads(out.stdout.strip().splitlines()[-1])["results"]["plutao_choices"]["acc,none"]
     lm = PlutaoLM(str(run_dir))

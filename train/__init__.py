@@ -13,6 +13,7 @@ One subpackage per part of the data flow; imports point one way, from the bottom
     tasks/     one module per kind of training: model, batches, loss, evaluation, samples
     step.py    the jit-compiled train step over a mesh               (tasks)
     run/       run dir, lock, checkpoints, metrics (bottom: config only); lineage.py loads runs and parents (step)
+    interop/   Hugging Face checkpoints in and out: the mappings (config); hf_run.py writes and reads runs (step)
     rl/rewards, rl/loop   reward sources and the RL loop             (run)
     loop.py, ngram_run.py   the supervised loop and the n-gram fit   (everything)
 """
