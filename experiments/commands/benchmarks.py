@@ -47,6 +47,15 @@ def cmd_bench_serve(args) -> int:
     return 0
 
 
+def cmd_bench_hf(args) -> int:
+    from plutao.experiments.hf_bench import run_hf_bench
+
+    result = run_hf_bench(args.models.split(","), args.workdir, out=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
 def register(sub) -> None:
     """Add this module's subcommands to the `plutao` parser."""
     bw = sub.add_parser("bench-sweep", help="sweep overhead: time to the first step, share outside training steps")
@@ -83,3 +92,9 @@ def register(sub) -> None:
     bs.add_argument("--soak-concurrency", type=int, default=64)
     bs.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
     bs.set_defaults(fn=cmd_bench_serve)
+    bh = sub.add_parser("bench-hf", help="Hugging Face import/export: time and peak memory against the checkpoint, "
+                        "logit agreement with transformers, and what grouped-query attention saves in decoding")
+    bh.add_argument("--models", default="gpt2-124m,llama-1b", help="models to build and convert (default %(default)s)")
+    bh.add_argument("--workdir", help="where the checkpoints and runs go (default: a temporary folder)")
+    bh.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
+    bh.set_defaults(fn=cmd_bench_hf)

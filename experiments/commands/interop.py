@@ -22,7 +22,7 @@ def cmd_export_hf(args) -> int:
     from plutao.train.interop.hf_run import export_hf
     from plutao.train.run.lineage import load_run
 
-    run = load_run(Path(args.run_dir), args.step)
+    run = load_run(Path(args.run_dir), args.step, lazy=True)
     done = export_hf(run, Path(args.out))
     print(f"exported {args.run_dir} (step {run.step}) as {done.architecture}: {done.n_params:,} parameters, "
           f"{done.nbytes / 2**20:,.1f} MiB, into {done.out} in {done.seconds:.1f} s")

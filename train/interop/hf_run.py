@@ -138,7 +138,7 @@ def import_hf(directory: Path, workdir: Path, *, context: int = 0, seed: int = 0
                                          .hexdigest()[:16], "notes": notes},
                             "template_hash": template_hash(tokenizer) if _chat(tokenizer) else None}
         (tmp / "config.json").write_text(json.dumps(saved, indent=1) + "\n")
-        checkpoints = Checkpoints(tmp / "checkpoints", async_save=False)
+        checkpoints = Checkpoints(tmp / "checkpoints", async_save=False, compress=False)
         checkpoints.save(0, {"params": params}, {"val_loss": None, "train_seconds": 0.0, "nonfinite_steps": 0})
         checkpoints.close()
         n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
@@ -155,12 +155,6 @@ def _built_shape(build, shape_of) -> tuple[int, ...]:
         return tuple(build(get).shape)
     except ValueError:
         return (-1,)
-
-
-def _node(tree: dict, path: tuple):
-    for k in path:
-        tree = tree[k]
-    return tree
 
 
 def _hf_shape(sources, ours) -> str:
@@ -197,20 +191,20 @@ class Exported:
 
 
 def export_hf(run, out: Path) -> Exported:
-    """Write the loaded run `run` (train/run/lineage.py: LoadedRun) to `out` as a transformers checkpoint."""
+    """Write the run `run` (train/run/lineage.py: LoadedRun, best loaded `lazy`: each parameter is then
+    read from the checkpoint as its tensor is written) to `out` as a transformers checkpoint."""
     t0 = time.perf_counter()
     out = Path(out)
     model = run.cfg.model.resolved()
     arch = hf_models.export_architecture(model)
-    params = run.params
 
     def get(path):
-        return np.asarray(jax.device_get(_node(params, path)), np.float32)
+        return np.asarray(run.param(path), np.float32)
 
     plan = hf_models.export_plan(arch, model)
     with staged(out, "export-hf") as tmp:
         ids = export_tokenizer(run.tokenizer, tmp)
-        shapes = {name: _built_shape(make, lambda path: _node(params, path).shape) for name, make in plan}
+        shapes = {name: _built_shape(make, run.param_shape) for name, make in plan}
         safetensors_io.write(tmp / safetensors_io.SINGLE,
                              [(name, shapes[name], np.float32, lambda make=make: make(get)) for name, make in plan],
                              {"format": "pt"})

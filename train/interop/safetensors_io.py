@@ -10,7 +10,6 @@ files has an index, model.safetensors.index.json, whose "weight_map" names the f
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 from collections.abc import Callable, Iterable
@@ -52,7 +51,6 @@ class File:
         if self.start + end > size:
             raise UserError(f"{path} is truncated: its header describes {self.start + end:,} bytes but the file has "
                             f"{size:,}; download or copy it again")
-        self._map = None
 
     def names(self) -> list[str]:
         return list(self.header)
@@ -61,19 +59,20 @@ class File:
         return tuple(self.header[name]["shape"])
 
     def get(self, name: str) -> np.ndarray:
-        """The tensor as a read-only view of the file (no copy until the caller converts it)."""
+        """The tensor, read from the file into a new array."""
         h = self.header[name]
         if h["dtype"] not in DTYPES:
             raise UserError(f"{self.path}: tensor {name} has dtype {h['dtype']}, which plutao does not read")
-        if self._map is None:
-            with open(self.path, "rb") as f:
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        begin, _end = h["data_offsets"]
-        return np.frombuffer(self._map, DTYPES[h["dtype"]], count=int(np.prod(h["shape"], dtype=np.int64)),
-                             offset=self.start + begin).reshape(h["shape"])
-
-    def close(self) -> None:
-        self._map = None  # (the views handed out keep the mapping alive until they are gone)
+        begin, end = h["data_offsets"]
+        out = np.empty(h["shape"], DTYPES[h["dtype"]])
+        if out.nbytes != end - begin:
+            raise UserError(f"{self.path}: tensor {name} has {end - begin} bytes for shape {h['shape']} {h['dtype']}; "
+                            "the file is corrupt")
+        with open(self.path, "rb") as f:
+            f.seek(self.start + begin)
+            if f.readinto(out.reshape(-1).view(np.uint8)) != out.nbytes:
+                raise UserError(f"{self.path} is truncated inside tensor {name}; download or copy it again")
+        return out
 
 
 class Checkpoint:
@@ -146,6 +145,6 @@ def write(path: Path, tensors: Iterable[tuple[str, tuple[int, ...], np.dtype, Ca
             array = np.ascontiguousarray(make(), dtype=dtype)
             if array.shape != tuple(shape):
                 raise AssertionError(f"{name}: made {array.shape}, declared {shape}")
-            f.write(array.tobytes())
+            f.write(array.reshape(-1).view(np.uint8))  # (no copy of the bytes)
             del array
     os.replace(tmp, path)

@@ -93,7 +93,8 @@ def _human(n: float) -> str:
 
 
 class Checkpoints:
-    def __init__(self, directory: Path, keep: int = 2, async_save: bool = True, read_only: bool = False):
+    def __init__(self, directory: Path, keep: int = 2, async_save: bool = True, read_only: bool = False,
+                 compress: bool = True):
         self.directory = Path(directory).absolute()
         self.keep = max(keep, 1)
         # Orbax logs every failure it raises (with tracebacks) and warns about read-only managers;
@@ -105,8 +106,11 @@ class Checkpoints:
             self.directory,
             options=ocp.CheckpointManagerOptions(enable_async_checkpointing=async_save, read_only=read_only,
                                                  create=not read_only),
-            item_handlers=ocp.StandardCheckpointHandler(),
+            # (uncompressed: zstd's buffers hold about a second copy of the state while saving; an
+            # imported model, saved once and read often, is written without them)
+            item_handlers=ocp.StandardCheckpointHandler() if compress else ocp.PyTreeCheckpointHandler(use_compression=False),
         )
+        self.compress = compress
         self._pending: tuple[int, int] | None = None  # (step, bytes) of the save in flight
 
     def latest_step(self) -> int | None:
@@ -140,7 +144,8 @@ class Checkpoints:
             return
         nbytes = sum(int(np.prod(leaf.shape)) * leaf.dtype.itemsize for leaf in jax.tree.leaves(state))
         try:
-            self.manager.save(step, args=ocp.args.StandardSave(state), custom_metadata=meta or {}, force=True)
+            args = ocp.args.StandardSave(state) if self.compress else ocp.args.PyTreeSave(state)
+            self.manager.save(step, args=args, custom_metadata=meta or {}, force=True)
         except Exception as e:  # noqa: BLE001 (whatever the storage raised, it ends in one line)
             raise self._save_error(step, e, nbytes) from None
         self._pending = (step, nbytes)

@@ -27,16 +27,36 @@ class LoadedRun:
     cfg: Config
     tokenizer: Tokenizer
     trainer: Trainer
-    params: dict
+    params: dict | None  # (None when loaded `lazy`: read each with `param`)
     step: int
     task: Task
+    _read: object = None
 
     @property
     def model(self):
         return self.trainer.model(self.params)
 
+    def param(self, path: tuple) -> np.ndarray:
+        """One parameter (path in the pure dict, e.g. ("blocks", 0, "attn", "w_o")) as a host array: from
+        the loaded parameters, or, loaded `lazy`, read from the checkpoint alone."""
+        if self.params is not None:
+            node = self.params
+            for k in path:
+                node = node[k]
+            return np.asarray(jax.device_get(node))
+        return self._read(path)
 
-def load_run(run_dir: Path, step: int | None = None) -> LoadedRun:
+    def param_shape(self, path: tuple) -> tuple[int, ...]:
+        node = self.trainer.abstract_sharded_state()["params"] if self.params is None else self.params
+        for k in path:
+            node = node[k]
+        return tuple(node.shape)
+
+
+def load_run(run_dir: Path, step: int | None = None, *, lazy: bool = False) -> LoadedRun:
+    """Open a run: its config, tokenizer and parameters. `lazy`: no parameter is read now; `param(path)`
+    reads one at a time from the checkpoint (exporting a model never holds it; a LoRA run, whose
+    weights are a sum, is loaded whole)."""
     run_dir = Path(run_dir)
     saved = existing_run_config(run_dir)
     cfg = Config.from_dict(saved)
@@ -68,6 +88,8 @@ def load_run(run_dir: Path, step: int | None = None) -> LoadedRun:
     if task.served_slot:  # (a policy's, or its moving average's, parameters)
         part, slot = task.served_slot
         target = {part: {slot: target["params"]}}
+    if lazy and not trainer.adapted:
+        return _lazy_run(run_dir, cfg, tokenizer, trainer, task, checkpoints, steps, step, target)
     if step is None:  # the newest that can be read (an unreadable one is reported, and left as it is)
         step, state, unreadable = checkpoints.restore_newest(target, part=True)
         for bad, reason in unreadable:
@@ -94,6 +116,45 @@ def load_run(run_dir: Path, step: int | None = None) -> LoadedRun:
         plain = task_for(dataclasses.replace(cfg, lora=LoRAConfig()), tokenizer).served_task()
         trainer = Trainer(cfg.model, None, None, mesh, cfg.train.seed, task=plain)
     return LoadedRun(run_dir, cfg, tokenizer, trainer, params, step, task)
+
+
+def _lazy_run(run_dir, cfg, tokenizer, trainer, task, checkpoints, steps, step, target) -> LoadedRun:
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise UserError(f"{run_dir} has no checkpoint at step {step}; available: {', '.join(map(str, sorted(steps)))}")
+    prefix = tuple(task.served_slot) if task.served_slot else ("params",)
+
+    held: dict = {}  # (the group read last: a block's parameters are read together, one block at a time)
+
+    def read(path: tuple) -> np.ndarray:
+        group = path[:2] if path[0] == "blocks" else path
+        if group not in held:
+            held.clear()
+            sub = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                               _nested_get_keys(target, prefix + group))
+            one: dict = {}
+            _nested_set_keys(one, prefix + group, sub)
+            try:
+                held[group] = _nested_get_keys(checkpoints.restore_part(step, one), prefix + group)
+            except Unreadable as e:
+                raise UserError(f"checkpoint {step} of {run_dir} cannot be read ({e}); pass --step of a readable one"
+                                ) from None
+        return np.asarray(jax.device_get(_nested_get_keys(held[group], path[len(group):])))
+
+    return LoadedRun(run_dir, cfg, tokenizer, trainer, None, step, task, read)
+
+
+def _nested_set_keys(tree: dict, keys: tuple, value) -> None:
+    for k in keys[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[keys[-1]] = value
+
+
+def _nested_get_keys(tree, keys: tuple):
+    for k in keys:
+        tree = tree[k]
+    return tree
 
 
 def _nested_set(tree: dict, path, value) -> None:
