@@ -63,7 +63,8 @@ def build(name: str, directory: Path) -> None:
 
 
 def measured(argv: list[str]) -> tuple[float, int]:
-    """(seconds, peak resident bytes) of a child process."""
+    """(seconds, peak resident bytes) of a child process. (Linux carries a process's peak over fork and
+    exec, so the parent stays small: models are built and compared in processes of their own.)"""
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -139,14 +140,17 @@ def run_hf_bench(models: list[str], workdir: str | None = None, out=sys.stdout) 
     for name in models:
         hf_dir, run_dir, back = root / f"{name}-hf", root / f"{name}-run", root / f"{name}-back"
         if not (hf_dir / "config.json").is_file():
-            build(name, hf_dir)
+            subprocess.run([sys.executable, "-m", "plutao.experiments.hf_bench", "--build", name, str(hf_dir)], check=True)
         size = sum(p.stat().st_size for p in hf_dir.glob("*.safetensors"))
         for d in (run_dir, back):
             subprocess.run(["rm", "-rf", str(d)], check=True)
         t_imp, rss_imp = measured([*plutao, "import-hf", str(hf_dir), "--workdir", str(run_dir)])
         t_exp, rss_exp = measured([*plutao, "export-hf", str(run_dir), "--out", str(back)])
         row = {"checkpoint_bytes": size, "import_s": t_imp, "import_peak_rss_bytes": rss_imp, "export_s": t_exp,
-               "export_peak_rss_bytes": rss_exp, **agreement(hf_dir, run_dir)}
+               "export_peak_rss_bytes": rss_exp}
+        agree = subprocess.run([sys.executable, "-m", "plutao.experiments.hf_bench", "--agree", str(hf_dir), str(run_dir)],
+                               check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        row |= json.loads(agree)
         result["models"][name] = row
         print(f"{name}: checkpoint {size / 2**20:,.0f} MiB; import {t_imp:.1f} s, peak {rss_imp / 2**20:,.0f} MiB "
               f"({rss_imp / size:.2f}× the checkpoint, {(rss_imp - baseline) / size:.2f}× above the libraries); "
@@ -161,4 +165,9 @@ def run_hf_bench(models: list[str], workdir: str | None = None, out=sys.stdout) 
 
 
 if __name__ == "__main__":
-    print(json.dumps(run_hf_bench(sys.argv[1:] or list(MODELS))))
+    if sys.argv[1] == "--build":
+        build(sys.argv[2], Path(sys.argv[3]))
+    elif sys.argv[1] == "--agree":
+        print(json.dumps(agreement(Path(sys.argv[2]), Path(sys.argv[3]))))
+    else:
+        print(json.dumps(run_hf_bench(sys.argv[1:] or list(MODELS))))

@@ -37,7 +37,7 @@ def tokenizer(vocab: int = 300, chat: str | None = None):
 
 def llama(directory: Path, *, n_kv: int = 2, tie: bool = False, theta: float = 50000.0, bias: bool = False,
           vocab: int = 300, chat: str | None = None, rope_scaling: dict | None = None, seed: int = 0,
-          shards: str | None = None) -> Path:
+          shards: str | None = None, bf16: bool = False) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -50,6 +50,8 @@ def llama(directory: Path, *, n_kv: int = 2, tie: bool = False, theta: float = 5
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     model = LlamaForCausalLM(config).eval()
     _randomise(model, seed)
+    if bf16:
+        model = model.to(torch.bfloat16)
     model.save_pretrained(directory, max_shard_size=shards) if shards else model.save_pretrained(directory)
     tok.save_pretrained(directory)
     return directory

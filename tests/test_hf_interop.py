@@ -91,6 +91,16 @@ def test_sharded_checkpoint_imports_like_a_single_file(tmp_path):
     np.testing.assert_array_equal(our_logits(a, ids), our_logits(b, ids))
 
 
+def test_a_bfloat16_checkpoint_imports_as_its_float32_values(tmp_path):
+    source = hf_models.llama(tmp_path / "hf", bf16=True)
+    assert '"BF16"' in (source / "model.safetensors").read_bytes()[:20000].decode("latin-1")
+    run = imported(tmp_path, source)
+    ids, mask = batch(run.tokenizer, PROMPTS)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(our_logits(run, ids)[real], hf_models.hf_logits(source, ids, mask)[real], atol=1e-4,
+                               rtol=0)
+
+
 def test_hf_tokenizer_ids_equal_transformers(tmp_path):
     from transformers import AutoTokenizer
 
@@ -191,3 +201,35 @@ def test_imported_llama_fine_tuned_with_lora_exports_its_fine_tuned_logits(tmp_p
     tuned, real = our_logits(merged, ids), mask.astype(bool)
     assert np.abs(tuned - our_logits(base, ids))[real].max() > 1e-2  # (the fine-tuning moved it)
     np.testing.assert_allclose(hf_models.hf_logits(tmp_path / "out", ids, mask)[real], tuned[real], atol=1e-5, rtol=0)
+
+
+def test_a_plutao_chat_run_runs_in_transformers(tiny_stages, tmp_path):
+    """A run trained here (char tokenizer, learned positions, no biases) exports as GPT-2: transformers'
+    logits are ours, its tokenizer gives our ids, its chat template renders our layout."""
+    from transformers import AutoTokenizer
+
+    from plutao.tokenizer.chat import render
+
+    run = load_run(tiny_stages["sft"])
+    assert main(["export-hf", str(tiny_stages["sft"]), "--out", str(tmp_path / "out")]) == 0
+    reference = AutoTokenizer.from_pretrained(tmp_path / "out")
+    messages = [{"role": "user", "content": "What is 12 plus 30?"}, {"role": "assistant", "content": "42"}]
+    ids = render(messages, run.tokenizer).ids.tolist()
+    assert list(reference.apply_chat_template(messages, tokenize=True, return_dict=False)) == ids
+    assert reference("12 plus 30", add_special_tokens=False)["input_ids"] == run.tokenizer.encode("12 plus 30")
+    want = our_logits(run, np.asarray([ids]))
+    np.testing.assert_allclose(hf_models.hf_logits(tmp_path / "out", np.asarray([ids])), want, atol=1e-5, rtol=0)
+
+
+def test_byte_tokenizer_exports_with_equal_ids(tmp_path):
+    from transformers import AutoTokenizer
+
+    from plutao.tokenizer import ByteTokenizer
+    from plutao.train.interop.hf_tokenizer import export_tokenizer
+
+    tok = ByteTokenizer()
+    export_tokenizer(tok, tmp_path)
+    reference = AutoTokenizer.from_pretrained(tmp_path)
+    text = "Olá, ünïcödé 🙂 <tag> \x00\t\n数字"
+    assert reference(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+    assert reference.decode(tok.encode(text)) == text

@@ -26,6 +26,8 @@ def cmd_export_hf(args) -> int:
     done = export_hf(run, Path(args.out))
     print(f"exported {args.run_dir} (step {run.step}) as {done.architecture}: {done.n_params:,} parameters, "
           f"{done.nbytes / 2**20:,.1f} MiB, into {done.out} in {done.seconds:.1f} s")
+    if done.note:
+        print(f"  {done.note}")
     print(f"  load it with transformers: AutoModelForCausalLM.from_pretrained({str(done.out)!r})")
     return 0
 

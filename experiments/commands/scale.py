@@ -32,7 +32,8 @@ def cmd_params(args) -> int:
     pub = f" (published {published / 1e9:.3g}B, {out['relative_to_published']:+.2%})" if published else ""
     print(f"{name}: {counts['total']:,} parameters{pub}")
     print(f"  non-embedding {counts['non_embedding']:,}, embedding {counts['embedding']:,}")
-    print(f"  n_layers {model.n_layers}, d_model {model.d_model}, n_heads {model.n_heads}, d_head {model.d_head}, "
+    print(f"  n_layers {model.n_layers}, d_model {model.d_model}, n_heads {model.n_heads}"
+          f"{f' (key/value heads {model.kv_heads})' if model.grouped else ''}, d_head {model.d_head}, "
           f"d_ff {model.d_ff}, context {model.context_length}, vocab {model.vocab_size}")
     print(f"  batch {cfg.train.batch_size} × {model.context_length} = {out['batch_tokens']:,} tokens, "
           f"lr {cfg.optim.lr:g}; training {out['train_flops_per_token']:.3g} FLOPs/token")

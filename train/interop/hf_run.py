@@ -188,6 +188,7 @@ class Exported:
     n_params: int
     nbytes: int
     seconds: float
+    note: str | None = None
 
 
 def export_hf(run, out: Path) -> Exported:
@@ -203,7 +204,7 @@ def export_hf(run, out: Path) -> Exported:
 
     plan = hf_models.export_plan(arch, model)
     with staged(out, "export-hf") as tmp:
-        ids = export_tokenizer(run.tokenizer, tmp)
+        ids, note = export_tokenizer(run.tokenizer, tmp)
         shapes = {name: _built_shape(make, run.param_shape) for name, make in plan}
         safetensors_io.write(tmp / safetensors_io.SINGLE,
                              [(name, shapes[name], np.float32, lambda make=make: make(get)) for name, make in plan],
@@ -215,7 +216,7 @@ def export_hf(run, out: Path) -> Exported:
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=1) + "\n")
         nbytes = (tmp / safetensors_io.SINGLE).stat().st_size
     n_params = sum(int(np.prod(s)) for s in shapes.values())
-    return Exported(out, arch, n_params, nbytes, time.perf_counter() - t0)
+    return Exported(out, arch, n_params, nbytes, time.perf_counter() - t0, note)
 
 
 def _transformers_version() -> str:

@@ -180,19 +180,18 @@ def _built_definition(tok: Tokenizer) -> str:
     from tokenizers import Tokenizer as HF
 
     if tok.kind == "byte":
-        vocab = {c: int(tok.ordinary_ids[b]) for b, c in enumerate(_bytes_to_unicode())}
+        vocab = {c: int(tok.ordinary_ids[b]) for b, c in enumerate(_bytes_to_unicode())} | tok.specials
         hf = HF(models.BPE(vocab=vocab, merges=[]))
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         hf.decoder = decoders.ByteLevel()
     elif tok.kind == "char":
-        vocab = {tok.decode([int(i)]): int(i) for i in tok.ordinary_ids}
+        vocab = {tok.decode([int(i)]): int(i) for i in tok.ordinary_ids} | tok.specials
         unk = tok.special_tokens.roles.get("unk")
         hf = HF(models.BPE(vocab=vocab, merges=[], unk_token=unk))
         hf.decoder = decoders.Fuse()
     else:
-        raise UserError(f"a {tok.kind} tokenizer cannot be written as a Hugging Face tokenizer.json yet (byte, char and "
-                        "imported hf tokenizers can)")
-    # Specials at their ids: added in id order, each must land where it is declared.
+        raise AssertionError(tok.kind)
+    # The specials sit in the vocabulary at their ids; declared special, they are matched before the model.
     for name, i in sorted(tok.specials.items(), key=lambda kv: kv[1]):
         hf.add_special_tokens([AddedToken(name, special=True, normalized=False)])
         if hf.token_to_id(name) != i:
@@ -214,16 +213,22 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(c) for _, c in sorted(zip(bs, cs))]
 
 
-def export_tokenizer(tok: Tokenizer, out: Path) -> dict[str, int | None]:
-    """Write tokenizer.json, tokenizer_config.json and chat_template.jinja into `out`; the special ids
-    for config.json (bos/eos/pad_token_id)."""
+def export_tokenizer(tok: Tokenizer, out: Path) -> tuple[dict[str, int | None], str | None]:
+    """Write tokenizer.json, tokenizer_config.json and chat_template.jinja into `out`: the special ids
+    for config.json (bos/eos/pad_token_id), and a line when the tokenizer could not be written."""
+    roles = tok.special_tokens.roles
+    ids = {f"{r}_token_id": tok.special_id(roles[r]) if r in roles else None for r in ("bos", "eos", "pad")}
+    if ids["eos_token_id"] is None and "eot" in roles:
+        ids["eos_token_id"] = tok.eot_id
+    if not isinstance(tok, HFTokenizer) and tok.kind not in ("byte", "char"):
+        return ids, (f"the {tok.kind} tokenizer has no Hugging Face form yet, so the directory has the model without "
+                     "it (ids: the run's tokenizer/); byte, char and imported tokenizers are exported")
     if isinstance(tok, HFTokenizer):
         definition = tok.definition
         tok_config = json.loads(tok.extra_files["tokenizer_config.json"]) if "tokenizer_config.json" in tok.extra_files else {}
     else:
         definition, tok_config = _built_definition(tok), {}
     (out / "tokenizer.json").write_text(definition, encoding="utf-8")
-    roles = tok.special_tokens.roles
     tok_config = {k: v for k, v in tok_config.items() if k not in ("chat_template", "added_tokens_decoder",
                                                                    "tokenizer_file", "auto_map")}
     tok_config |= {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
@@ -238,7 +243,4 @@ def export_tokenizer(tok: Tokenizer, out: Path) -> dict[str, int | None]:
         (out / "chat_template.jinja").write_text(template, encoding="utf-8")
     elif isinstance(tok, HFTokenizer) and "chat_template.jinja" in tok.extra_files:
         (out / "chat_template.jinja").write_bytes(tok.extra_files["chat_template.jinja"])
-    ids = {f"{r}_token_id": tok.special_id(roles[r]) if r in roles else None for r in ("bos", "eos", "pad")}
-    if ids["eos_token_id"] is None and "eot" in roles:
-        ids["eos_token_id"] = tok.eot_id
-    return ids
+    return ids, None
