@@ -65,6 +65,12 @@ class PlutaoLM(TemplateLM):
         return self.tok.eot_id
 
     @property
+    def prefix_token_id(self) -> int:
+        """What an empty context is conditioned on: the BOS token where the tokenizer has one (as lm_eval's
+        Hugging Face model does), else <|endoftext|>."""
+        return self.tok.special_id("bos") if self.tok.has_special("bos") else self.tok.eot_id
+
+    @property
     def max_length(self) -> int:
         return self.run.cfg.model.context_length
 
@@ -78,8 +84,9 @@ class PlutaoLM(TemplateLM):
         out: list[tuple[float, bool] | None] = [None] * len(requests)
         rows = []
         for i, (_, context, continuation) in enumerate(requests):
-            whole = (list(context) + list(continuation))[-(self.max_length + 1):]  # (the context's start drops off)
-            rows.append((i, whole, len(continuation)))
+            context = list(context) or [self.prefix_token_id]
+            whole = (context + list(continuation))[-(self.max_length + 1):]  # (the context's start drops off)
+            rows.append((i, whole, min(len(continuation), len(whole) - 1)))
         rows.sort(key=lambda r: -len(r[1]))
         for lo in range(0, len(rows), self.batch):
             chunk = rows[lo:lo + self.batch]
@@ -131,13 +138,13 @@ class PlutaoLM(TemplateLM):
 
 
 def evaluate(run: str, tasks: list[str], *, step: int | None = None, limit: int | None = None,
-             num_fewshot: int | None = None, include_path: str | None = None, batch_size: int = 16) -> dict:
+             num_fewshot: int | None = None, task_manager=None, batch_size: int = 16) -> dict:
     """lm_eval's simple_evaluate on the run (`plutao eval RUN --harness TASKS`)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     model = PlutaoLM(run, step=step, batch_size=batch_size)
-    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+    manager = task_manager or TaskManager()
     return lm_eval.simple_evaluate(model=model, tasks=tasks, limit=limit, num_fewshot=num_fewshot,
                                    task_manager=manager, log_samples=False)
 

@@ -66,6 +66,8 @@ def test_grouped_kv_cache_decoding_equals_full_forward(n_kv, impl):
     model = GPT(cfg, nnx.Rngs(0))
     tokens = np.random.default_rng(2).integers(0, 67, (3, 24)).astype(np.int32)
     full, _ = forward_logits(model, tokens)
+    naive, _ = forward_logits(GPT(with_kv(n_kv, attention="naive"), nnx.Rngs(0)), tokens)  # (same weights)
+    np.testing.assert_allclose(np.asarray(full), np.asarray(naive), atol=1e-5, rtol=1e-5)
     cache = init_cache(3, 24, cfg)
     assert cache[0]["k"].shape == (3, 24, n_kv, cfg.d_head)
     logits, (_, cache, _) = forward_logits(model, tokens[:, :9], cache=cache, cache_index=0)

@@ -43,8 +43,8 @@ def logprob(lm, context: str, continuation: str) -> float:
     return sum(logp[t - 1, whole[t]] for t in range(len(ctx), len(whole)))
 
 
-def test_multiple_choice_accuracy_equals_our_scoring(run_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+def local_task(tmp_path) -> None:
+    """A multiple-choice task over a JSONL file: task YAML in `tmp_path`, nothing downloaded."""
     data = tmp_path / "choices.jsonl"
     data.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}, ensure_ascii=False) + "\n"
                             for q, c, a in QUESTIONS))
@@ -52,14 +52,35 @@ def test_multiple_choice_accuracy_equals_our_scoring(run_dir, tmp_path, monkeypa
         "task: plutao_choices\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
         f"    test: {data}\ntest_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{{{question}}}}\"\n"
         "doc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{answer}}\"\nmetric_list:\n  - metric: acc\n")
+
+
+def our_accuracy(lm) -> float:
+    return float(np.mean([int(np.argmax([logprob(lm, q, " " + c) for c in cs])) == a for q, cs, a in QUESTIONS]))
+
+
+@pytest.mark.slow  # (lm_eval indexes its ~14,000 built-in tasks first: 50 s; the test below is its fast sibling)
+def test_plutao_eval_harness_on_a_local_task(run_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    local_task(tmp_path)
     out = subprocess.run([sys.executable, "-m", "plutao.experiments.cli", "eval", str(run_dir), "--harness",
                           "plutao_choices", "--include-path", str(tmp_path), "--json"],
                          check=False, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     acc = json.loads(out.stdout.strip().splitlines()[-1])["results"]["plutao_choices"]["acc,none"]
+    assert acc == pytest.approx(our_accuracy(PlutaoLM(str(run_dir))))
+
+
+def test_multiple_choice_accuracy_equals_our_scoring(run_dir, tmp_path, monkeypatch):
+    from lm_eval.tasks import TaskManager
+
+    from plutao.experiments.harness import evaluate
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    local_task(tmp_path)
+    manager = TaskManager(include_path=str(tmp_path), include_defaults=False)
+    acc = evaluate(str(run_dir), ["plutao_choices"], task_manager=manager)["results"]["plutao_choices"]["acc,none"]
     lm = PlutaoLM(str(run_dir))
-    ours = np.mean([int(np.argmax([logprob(lm, q, " " + c) for c in cs])) == a for q, cs, a in QUESTIONS])
-    assert acc == pytest.approx(ours)
+    assert acc == pytest.approx(our_accuracy(lm))
     # and request by request: lm_eval's requests through the batched pass equal the one-row computation
     requests = [Instance("loglikelihood", {}, (q, " " + c), 0) for q, cs, _ in QUESTIONS for c in cs]
     got = [lp for lp, _ in lm.loglikelihood(requests)]

@@ -91,6 +91,53 @@ def test_sharded_checkpoint_imports_like_a_single_file(tmp_path):
     np.testing.assert_array_equal(our_logits(a, ids), our_logits(b, ids))
 
 
+def test_long_text_ids_equal_transformers(tmp_path):
+    from transformers import AutoTokenizer
+
+    source = hf_models.llama(tmp_path / "hf")
+    run = imported(tmp_path, source)
+    text = "".join(f"{i} {hf_models.TEXT}" + "\n" * (i % 4) for i in range(700))  # (> 64K characters, blank lines)
+    assert len(text) > 1 << 16
+    want = AutoTokenizer.from_pretrained(source)(text, add_special_tokens=False)["input_ids"]
+    assert run.tokenizer.encode_array(text).tolist() == want
+
+
+def test_scanned_layers_export_as_their_blocks(tmp_path):
+    """A run with model.scan_layers=true (stacked weights) exports block by block."""
+    from flax import nnx
+
+    from plutao.model.config import ModelConfig
+    from plutao.model.gpt import GPT
+    from plutao.tokenizer import ByteTokenizer
+    from plutao.train.config.schema import Config
+    from plutao.train.interop.hf_run import export_hf
+
+    cfg = ModelConfig(vocab_size=267, context_length=32, n_layers=3, d_model=32, n_heads=4, scan_layers=True,
+                      norm_type="rmsnorm", positions="rotary", activation="swiglu").resolved()
+    model = GPT(cfg, nnx.Rngs(0))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+    class Run:
+        tokenizer = ByteTokenizer()
+
+        def __init__(self):
+            self.cfg = Config(model=cfg)
+
+        def param(self, path):
+            node = params
+            for k in path:
+                node = node[k]
+            return np.asarray(node)
+
+        def param_shape(self, path):
+            return self.param(path).shape
+
+    export_hf(Run(), tmp_path / "out")
+    ids = np.random.default_rng(0).integers(0, 267, (2, 16))
+    np.testing.assert_allclose(hf_models.hf_logits(tmp_path / "out", ids), our_logits(type("R", (), {"model": model}),
+                               ids), atol=1e-5, rtol=0)
+
+
 def test_a_bfloat16_checkpoint_imports_as_its_float32_values(tmp_path):
     source = hf_models.llama(tmp_path / "hf", bf16=True)
     assert '"BF16"' in (source / "model.safetensors").read_bytes()[:20000].decode("latin-1")
@@ -156,6 +203,11 @@ def test_bad_checkpoints_are_one_line_and_write_nothing(tmp_path, capsys):
     shutil.copytree(source, other)
     (other / "config.json").write_text(json.dumps(config | {"architectures": ["MistralForCausalLM"]}))
     refused(tmp_path, capsys, other, "MistralForCausalLM is not supported")
+
+    gpt2 = hf_models.gpt2(tmp_path / "gpt2")
+    gpt2_config = json.loads((gpt2 / "config.json").read_text())
+    (gpt2 / "config.json").write_text(json.dumps(gpt2_config | {"scale_attn_by_inverse_layer_idx": True}))
+    refused(tmp_path, capsys, gpt2, "scale_attn_by_inverse_layer_idx=True (per-layer attention scaling) is not supported")
 
     (other / "config.json").write_text(json.dumps(config | {"num_local_experts": 8}))
     refused(tmp_path, capsys, other, "mixture of experts")

@@ -211,7 +211,8 @@ def fitted_prompt_ids(messages: Sequence[dict], tokenizer: Tokenizer, budget: in
 def reply_stop_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
     """Tokens that end a reply: <|end|> (a proper end), or a role token (the model ran on into a turn of
     its own). <|endoftext|> always stops the sampler."""
-    return (tokenizer.end_id, tokenizer.user_id, tokenizer.system_id, tokenizer.assistant_id)
+    roles = role_ids(tokenizer)  # (an imported template may have no system role)
+    return (tokenizer.end_id, roles["user"], *([roles["system"]] if "system" in roles else []), roles["assistant"])
 
 
 def reward_ids(messages: Sequence[dict], tokenizer: Tokenizer, *, ended: bool = True) -> list[int]:

@@ -62,15 +62,8 @@ class HFTokenizer(Tokenizer):
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_array(self, text: str) -> np.ndarray:
-        require_str(text)
-        if len(text) < (1 << 16):
-            return np.asarray(self.encode(text), np.int32)
-        # Long corpora in line blocks, encoded in parallel (a cut after a newline changes nothing for
-        # the pre-tokenizers these models use, which split there).
-        lines = text.splitlines(keepends=True)
-        blocks = ["".join(lines[i:i + 256]) for i in range(0, len(lines), 256)]
-        out = self._tok.encode_batch(blocks, add_special_tokens=False)
-        return np.fromiter((i for e in out for i in e.ids), np.int32)
+        # (in one call: a cut anywhere, even between lines, can change how a pre-tokenizer splits)
+        return np.asarray(self.encode(text), np.int32)
 
     def _decode_run(self, ids: np.ndarray) -> str:
         return self._tok.decode(ids.tolist(), skip_special_tokens=False)

@@ -283,12 +283,17 @@ def _harness(args) -> int:
         from plutao.experiments.harness import evaluate
     except ImportError:
         raise UserError("--harness needs lm-evaluation-harness: pip install 'plutao[eval]'") from None
+    from lm_eval.tasks import TaskManager
+
     tasks = [t.strip() for t in args.harness.split(",") if t.strip()]
-    try:
-        results = evaluate(args.run_dir, tasks, step=args.step, limit=args.limit or None, num_fewshot=args.num_fewshot,
-                           include_path=args.include_path)
-    except (KeyError, ValueError) as e:  # (an unknown task name)
-        raise UserError(f"lm_eval cannot run --harness {args.harness}: {str(e).splitlines()[0][:200]}") from None
+    manager = TaskManager(include_path=args.include_path)
+    known = set(manager.all_tasks)
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        raise UserError(f"lm_eval has no task {unknown[0]!r}; `lm_eval ls tasks` lists them (or add --include-path DIR "
+                        "with your own task YAML)")
+    results = evaluate(args.run_dir, tasks, step=args.step, limit=args.limit or None, num_fewshot=args.num_fewshot,
+                       task_manager=manager)
     if args.json:
         print(json.dumps({"run_dir": args.run_dir, "results": results["results"]}, default=str))
     else:

@@ -37,10 +37,14 @@ def architecture(config: dict, where: str) -> str:
 
 
 def _refuse(config: dict, where: str, keys: dict[str, str]) -> None:
+    """A one-line error for each setting that is on (true, a window, more than one expert)."""
     for key, what in keys.items():
         value = config.get(key)
-        if value not in (None, False, 0, 1, [], {}) or (key == "sliding_window" and value):
-            raise UserError(f"{where}: {key}={value!r} ({what}) is not supported")
+        if value is None or value is False or value == [] or value == {}:
+            continue
+        if type(value) is int and value <= 1 and key != "sliding_window":  # (0 or 1 experts: a dense MLP)
+            continue
+        raise UserError(f"{where}: {key}={value!r} ({what}) is not supported")
 
 
 def _rope(config: dict, where: str) -> dict[str, Any]:
@@ -151,13 +155,13 @@ def hf_config(cfg: ModelConfig, arch: str, specials: dict[str, int | None]) -> d
 def export_architecture(cfg: ModelConfig) -> str:
     """The layout a plutao model exports to, or a one-line error naming what neither has."""
     cfg = cfg.resolved()
-    gpt2 = {"positions": "learned", "norm_type": "layernorm", "norm": "pre", "activation": "gelu"}
+    gpt2 = {"positions": "learned", "norm_type": "layernorm", "norm": "pre"}
     llama = {"positions": "rotary", "norm_type": "rmsnorm", "norm": "pre", "activation": "swiglu"}
     if cfg.family != "decoder":
         raise UserError(f"a model.family={cfg.family} model has no Hugging Face causal-LM layout; export-hf writes decoders")
     # (GPT-2's biases are written as zeros where a model has none: the same function)
     for arch, want, extra in (("GPT2LMHeadModel", gpt2, not cfg.grouped and cfg.d_head * cfg.n_heads == cfg.d_model
-                               and (cfg.activation != "swiglu")),
+                               and cfg.activation in ("gelu", "relu")),
                               ("LlamaForCausalLM", llama, not cfg.bias or cfg.norm_type == "rmsnorm")):
         if all(getattr(cfg, k) == v for k, v in want.items()) and extra:
             return arch

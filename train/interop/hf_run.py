@@ -119,7 +119,14 @@ def import_hf(directory: Path, workdir: Path, *, context: int = 0, seed: int = 0
                             f"implies {_hf_shape(sources, leaves[path].shape)} for it; the weights and the config do not "
                             "belong together")
     used = {n for sources, _ in plan.values() for n in sources}
-    unused = sorted(n for n in names - used if not n.endswith(BUFFERS) and n != "lm_head.weight")
+    unused = sorted(n for n in names - used if not n.endswith(BUFFERS))
+    if unused == ["lm_head.weight"] and model.tie_embeddings:  # (a tied head saved anyway: it must be the embedding)
+        embedding = next(n for n in plan[("token_embed",)][0])
+        if checkpoint.shape("lm_head.weight") != checkpoint.shape(embedding) or not np.array_equal(
+                checkpoint.get("lm_head.weight"), checkpoint.get(embedding)):
+            raise UserError(f"{where}: config.json ties the output head to the embedding (tie_word_embeddings), but "
+                            "the checkpoint's lm_head.weight differs from it; set tie_word_embeddings=false or drop it")
+        unused = []
     if unused:
         raise UserError(f"{where}: the checkpoint has {len(unused)} tensors a {arch} with this config.json does not "
                         f"({unused[0]}, ...); it is another architecture or config")
@@ -199,13 +206,25 @@ def export_hf(run, out: Path) -> Exported:
     model = run.cfg.model.resolved()
     arch = hf_models.export_architecture(model)
 
+    def located(path):  # (scanned layers: block i is row i of the stacked parameters)
+        if model.scan_layers and path[0] == "blocks":
+            return ("blocks", *path[2:]), path[1]
+        return path, None
+
     def get(path):
-        return np.asarray(run.param(path), np.float32)
+        where, i = located(path)
+        array = run.param(where)
+        return np.asarray(array if i is None else array[i], np.float32)
+
+    def shape_of(path):
+        where, i = located(path)
+        shape = run.param_shape(where)
+        return shape if i is None else shape[1:]
 
     plan = hf_models.export_plan(arch, model)
     with staged(out, "export-hf") as tmp:
         ids, note = export_tokenizer(run.tokenizer, tmp)
-        shapes = {name: _built_shape(make, run.param_shape) for name, make in plan}
+        shapes = {name: _built_shape(make, shape_of) for name, make in plan}
         safetensors_io.write(tmp / safetensors_io.SINGLE,
                              [(name, shapes[name], np.float32, lambda make=make: make(get)) for name, make in plan],
                              {"format": "pt"})

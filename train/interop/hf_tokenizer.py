@@ -213,13 +213,15 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(c) for _, c in sorted(zip(bs, cs))]
 
 
-def export_tokenizer(tok: Tokenizer, out: Path) -> tuple[dict[str, int | None], str | None]:
+def export_tokenizer(tok: Tokenizer, out: Path) -> tuple[dict, str | None]:
     """Write tokenizer.json, tokenizer_config.json and chat_template.jinja into `out`: the special ids
     for config.json (bos/eos/pad_token_id), and a line when the tokenizer could not be written."""
     roles = tok.special_tokens.roles
     ids = {f"{r}_token_id": tok.special_id(roles[r]) if r in roles else None for r in ("bos", "eos", "pad")}
     if ids["eos_token_id"] is None and "eot" in roles:
         ids["eos_token_id"] = tok.eot_id
+    if "end" in roles and tok.end_id != ids["eos_token_id"]:  # (a chat reply ends at <|end|>: generation stops there)
+        ids["eos_token_id"] = [ids["eos_token_id"], tok.end_id]
     if not isinstance(tok, HFTokenizer) and tok.kind not in ("byte", "char"):
         return ids, (f"the {tok.kind} tokenizer has no Hugging Face form yet, so the directory has the model without "
                      "it (ids: the run's tokenizer/); byte, char and imported tokenizers are exported")

@@ -1,8 +1,9 @@
 """Safetensors files read and written one tensor at a time.
 
 The format is an 8-byte little-endian header length, a JSON header {name: {"dtype", "shape",
-"data_offsets": [begin, end]}, "__metadata__": {...}}, then the tensors' bytes. Reading memory-maps the
-file and hands out one tensor at a time, so a model never sits in host memory twice; writing computes
+"data_offsets": [begin, end]}, "__metadata__": {...}}, then the tensors' bytes. Reading hands out one
+tensor at a time, each read into its own buffer (no memory map whose pages would stay resident), so a
+model never sits in host memory twice; writing computes
 the header from shapes and streams each tensor as it is produced. A checkpoint split over several
 files has an index, model.safetensors.index.json, whose "weight_map" names the file of each tensor.
 """

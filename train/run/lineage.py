@@ -88,6 +88,10 @@ def load_run(run_dir: Path, step: int | None = None, *, lazy: bool = False) -> L
     if task.served_slot:  # (a policy's, or its moving average's, parameters)
         part, slot = task.served_slot
         target = {part: {slot: target["params"]}}
+    recorded = saved.get("lineage", {}).get("template_hash")
+    if task.chat and recorded not in (None, template_hash(tokenizer)):
+        raise UserError(f"{run_dir} was trained with another chat template (hash {recorded}); use the version of plutao "
+                        "that trained it")
     if lazy and not trainer.adapted:
         return _lazy_run(run_dir, cfg, tokenizer, trainer, task, checkpoints, steps, step, target)
     if step is None:  # the newest that can be read (an unreadable one is reported, and left as it is)
@@ -104,10 +108,6 @@ def load_run(run_dir: Path, step: int | None = None, *, lazy: bool = False) -> L
             raise UserError(f"checkpoint {step} of {run_dir} cannot be read ({e}); leave out --step to use the "
                             "newest readable one") from None
     checkpoints.close()
-    recorded = saved.get("lineage", {}).get("template_hash")
-    if task.chat and recorded not in (None, template_hash(tokenizer)):
-        raise UserError(f"{run_dir} was trained with another chat template (hash {recorded}); use the version of plutao "
-                        "that trained it")
     params = state[task.served_slot[0]][task.served_slot[1]] if task.served_slot else state["params"]
     if trainer.adapted:  # adapters in the checkpoint, the base from the run they adapt: used merged
         adapted = {"params": params, "frozen": {"base": lora_base(trainer, saved.get("lineage", {}),
