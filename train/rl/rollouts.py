@@ -182,6 +182,8 @@ def pack(tokenizer: Tokenizer, prompts: list[Prompt], prompt_ids: list[list[int]
     sampler = np.zeros((N, W), np.float32)
     rm_rows, texts, lengths, ended, calls = [], [], [], [], []
     stops = reply_stop_ids(tokenizer) + (tokenizer.eot_id,)
+    # (the reward model's rows end at <|reward|>; an imported tokenizer without one is judged by gold only)
+    marker = [tokenizer.reward_id] if tokenizer.has_special("reward") else []
     for b, (p, r, lp, f) in enumerate(zip(prompt_ids, replies, logprobs, forced)):
         seq = list(p) + list(r)
         tokens[b, :len(seq)] = seq
@@ -193,7 +195,7 @@ def pack(tokenizer: Tokenizer, prompts: list[Prompt], prompt_ids: list[list[int]
             weights[b, at], sampler[b, at] = 0.0, 0.0
         done = bool(r) and r[-1] == tokenizer.end_id
         content = r[:-1] if r and r[-1] in stops else r
-        rm_rows.append((list(p) + list(content) + ([tokenizer.end_id] if done else []) + [tokenizer.reward_id])[-context:])
+        rm_rows.append((list(p) + list(content) + ([tokenizer.end_id] if done else []) + marker)[-context:])
         texts.append(tokenizer.decode(final_answer(content, f)))  # (the final answer, never a tool's output)
         lengths.append(len(r))
         ended.append(done)
