@@ -34,13 +34,19 @@ def run_dir(tmp_path_factory):
     return tmp / "run"
 
 
-def logprob(lm, context: str, continuation: str) -> float:
-    """Σ log P(continuation tokens | context), from one forward pass: our own, written out here."""
-    ctx, whole = lm.tok.encode(context), lm.tok.encode(context + continuation)
-    logits, _ = forward_logits(lm.run.model, jnp.asarray([whole[:-1]], jnp.int32))
-    logp = np.asarray(logits[0], np.float64)
-    logp = logp - np.log(np.exp(logp - logp.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logp.max(-1, keepdims=True)
-    return sum(logp[t - 1, whole[t]] for t in range(len(ctx), len(whole)))
+def logprobs(lm, pairs: list[tuple[str, str]]) -> list[float]:
+    """Σ log P(continuation tokens | context) for each pair: our own, written out here (one forward pass
+    over the pairs right-padded into a batch; causal, so the padding changes nothing before it)."""
+    rows = [(lm.tok.encode(c), lm.tok.encode(c + x)) for c, x in pairs]
+    T = max(len(w) for _, w in rows)
+    tokens = np.zeros((len(rows), T), np.int32)
+    for i, (_, whole) in enumerate(rows):
+        tokens[i, :len(whole)] = whole
+    logits, _ = forward_logits(lm.run.model, jnp.asarray(tokens[:, :-1]))
+    logp = np.asarray(logits, np.float64)
+    logp = logp - logp.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    return [sum(logp[i, t - 1, whole[t]] for t in range(len(ctx), len(whole))) for i, (ctx, whole) in enumerate(rows)]
 
 
 def local_task(tmp_path) -> None:
@@ -55,7 +61,7 @@ def local_task(tmp_path) -> None:
 
 
 def our_accuracy(lm) -> float:
-    return float(np.mean([int(np.argmax([logprob(lm, q, " " + c) for c in cs])) == a for q, cs, a in QUESTIONS]))
+    return float(np.mean([int(np.argmax(logprobs(lm, [(q, " " + c) for c in cs]))) == a for q, cs, a in QUESTIONS]))
 
 
 @pytest.mark.slow  # (lm_eval indexes its ~14,000 built-in tasks first: 50 s; the test below is its fast sibling)
@@ -84,7 +90,7 @@ def test_multiple_choice_accuracy_equals_our_scoring(run_dir, tmp_path, monkeypa
     # and request by request: lm_eval's requests through the batched pass equal the one-row computation
     requests = [Instance("loglikelihood", {}, (q, " " + c), 0) for q, cs, _ in QUESTIONS for c in cs]
     got = [lp for lp, _ in lm.loglikelihood(requests)]
-    want = [logprob(lm, q, " " + c) for q, cs, _ in QUESTIONS for c in cs]
+    want = logprobs(lm, [(q, " " + c) for q, cs, _ in QUESTIONS for c in cs])
     np.testing.assert_allclose(got, want, atol=1e-4)
 
 
