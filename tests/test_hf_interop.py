@@ -269,6 +269,8 @@ def test_a_plutao_chat_run_runs_in_transformers(tiny_stages, tmp_path):
     ids = render(messages, run.tokenizer).ids.tolist()
     assert list(reference.apply_chat_template(messages, tokenize=True, return_dict=False)) == ids
     assert reference("12 plus 30", add_special_tokens=False)["input_ids"] == run.tokenizer.encode("12 plus 30")
+    # (by default a text opens with <|endoftext|>, as plutao's documents and `plutao sample`'s prompts do)
+    assert reference("12 plus 30")["input_ids"] == [run.tokenizer.eot_id, *run.tokenizer.encode("12 plus 30")]
     want = our_logits(run, np.asarray([ids]))
     np.testing.assert_allclose(hf_models.hf_logits(tmp_path / "out", np.asarray([ids])), want, atol=1e-5, rtol=0)
 

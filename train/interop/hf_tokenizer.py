@@ -176,7 +176,7 @@ def plutao_template(tok: Tokenizer) -> str | None:
 
 def _built_definition(tok: Tokenizer) -> str:
     """tokenizer.json for a byte or char tokenizer: a BPE without merges over its ordinary tokens."""
-    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
     from tokenizers import Tokenizer as HF
 
     if tok.kind == "byte":
@@ -197,6 +197,11 @@ def _built_definition(tok: Tokenizer) -> str:
         if hf.token_to_id(name) != i:
             raise UserError(f"special token {name} would move from id {i} to {hf.token_to_id(name)} in a Hugging Face "
                             "tokenizer; this tokenizer cannot be exported")
+    # A text is a document, which plutao's training opened with <|endoftext|> (as `plutao sample` prompts
+    # do): tokenizing with special tokens (transformers' default) puts it first, as a Llama tokenizer puts BOS.
+    eot = tok.special_tokens.roles["eot"]
+    hf.post_processor = processors.TemplateProcessing(single=f"{eot} $A", pair=f"{eot} $A $B",
+                                                      special_tokens=[(eot, tok.eot_id)])
     return hf.to_str()
 
 
