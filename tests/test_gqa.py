@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_model import decoded_with_cache  # (tests/test_model.py)
 
 from plutao.model.attention import init_cache
 from plutao.model.config import ModelConfig
@@ -68,14 +69,8 @@ def test_grouped_kv_cache_decoding_equals_full_forward(n_kv, impl):
     full, _ = forward_logits(model, tokens)
     naive, _ = forward_logits(GPT(with_kv(n_kv, attention="naive"), nnx.Rngs(0)), tokens)  # (same weights)
     np.testing.assert_allclose(np.asarray(full), np.asarray(naive), atol=1e-5, rtol=1e-5)
-    cache = init_cache(3, 24, cfg)
-    assert cache[0]["k"].shape == (3, 24, n_kv, cfg.d_head)
-    logits, (_, cache, _) = forward_logits(model, tokens[:, :9], cache=cache, cache_index=0)
-    steps = [logits]
-    for t in range(9, 24):
-        logits, (_, cache, _) = forward_logits(model, tokens[:, t:t + 1], cache=cache, cache_index=t)
-        steps.append(logits)
-    np.testing.assert_allclose(np.concatenate(steps, 1), np.asarray(full), atol=1e-5, rtol=1e-5)
+    assert init_cache(3, 24, cfg)[0]["k"].shape == (3, 24, n_kv, cfg.d_head)
+    np.testing.assert_allclose(decoded_with_cache(model, cfg, tokens), np.asarray(full), atol=1e-5, rtol=1e-5)
 
 
 def test_the_cache_shrinks_by_the_group_size():

@@ -56,6 +56,18 @@ def test_causality(positions, norm):
     assert not np.allclose(np.asarray(a[:, 15:]), np.asarray(b[:, 15:]))
 
 
+def decoded_with_cache(model, cfg, tokens, prefill: int = 9):
+    """Logits of `tokens` from a prefill of `prefill` tokens into a KV cache, then one token at a time."""
+    B, T = tokens.shape
+    cache = init_cache(B, T, cfg)
+    logits, (_, cache, _) = forward_logits(model, tokens[:, :prefill], cache=cache, cache_index=0)
+    steps = [logits]
+    for t in range(prefill, T):
+        logits, (_, cache, _) = forward_logits(model, tokens[:, t:t + 1], cache=cache, cache_index=t)
+        steps.append(logits)
+    return np.concatenate(steps, 1)
+
+
 @pytest.mark.parametrize("positions", ["learned", "sinusoidal", "rotary"])
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 def test_kv_cache_decoding_equals_full_forward(positions, activation):
@@ -63,13 +75,7 @@ def test_kv_cache_decoding_equals_full_forward(positions, activation):
     model = make(cfg)
     tokens = np.random.default_rng(2).integers(0, 61, (3, 24)).astype(np.int32)
     full, _ = forward_logits(model, tokens)
-    cache = init_cache(3, 24, cfg)
-    logits, (_, cache, _) = forward_logits(model, tokens[:, :9], cache=cache, cache_index=0)
-    steps = [logits]
-    for t in range(9, 24):
-        logits, (_, cache, _) = forward_logits(model, tokens[:, t:t + 1], cache=cache, cache_index=t)
-        steps.append(logits)
-    np.testing.assert_allclose(np.concatenate(steps, 1), np.asarray(full), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(decoded_with_cache(model, cfg, tokens), np.asarray(full), atol=1e-5, rtol=1e-5)
 
 
 def test_left_padded_rows_decode_like_unpadded():

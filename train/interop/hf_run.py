@@ -30,7 +30,7 @@ from plutao.tokenizer.chat import template_hash
 from plutao.train.config.errors import UserError
 from plutao.train.config.schema import Config, DataConfig, TrainConfig
 from plutao.train.interop import hf_models, safetensors_io
-from plutao.train.interop.hf_tokenizer import export_tokenizer, import_tokenizer
+from plutao.train.interop.hf_tokenizer import export_tokenizer, import_tokenizer, read_json
 from plutao.train.parallel import sharding
 from plutao.train.run.checkpoint import Checkpoints
 from plutao.train.step import Trainer
@@ -65,13 +65,7 @@ def read_hf_config(directory: Path) -> dict:
     path = directory / "config.json"
     if not path.is_file():
         raise UserError(f"{directory} has no config.json; pass the directory transformers' save_pretrained wrote")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {path} ({e}); it must be the JSON transformers writes") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path} is not a JSON object")
-    return config
+    return read_json(path)
 
 
 @dataclasses.dataclass

@@ -34,7 +34,8 @@ def _token(value) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON object file of a checkpoint directory, or a one-line error."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -119,7 +120,7 @@ def import_tokenizer(directory: Path, config: dict) -> tuple[HFTokenizer, str]:
         raise UserError(f"{directory} has no tokenizer.json (the `tokenizers` file a fast tokenizer saves); save the "
                         "tokenizer there with transformers' save_pretrained")
     definition = path.read_text(encoding="utf-8")
-    tok_config = _read_json(directory / "tokenizer_config.json") if (directory / "tokenizer_config.json").is_file() else {}
+    tok_config = read_json(directory / "tokenizer_config.json") if (directory / "tokenizer_config.json").is_file() else {}
     try:
         data = json.loads(definition)
         added = {t["content"]: int(t["id"]) for t in data.get("added_tokens", []) if t.get("special")}
