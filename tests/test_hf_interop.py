@@ -287,3 +287,21 @@ def test_byte_tokenizer_exports_with_equal_ids(tmp_path):
     text = "Olá, ünïcödé 🙂 <tag> \x00\t\n数字"
     assert reference(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
     assert reference.decode(tok.encode(text)) == text
+
+
+def test_sentencepiece_bpe_tokenizer_exports_with_equal_ids(tmp_path):
+    """plutao's sentencepiece BPE as a `tokenizers` BPE: the same ids on text it was not trained on."""
+    from transformers import AutoTokenizer
+
+    from plutao.tokenizer import train_tokenizer
+    from plutao.train.data.corpora import python_docstrings
+    from plutao.train.interop.hf_tokenizer import export_tokenizer
+
+    docs = python_docstrings()
+    tok = train_tokenizer("bpe", ["\n\n".join(docs[:300])], vocab_size=800)
+    export_tokenizer(tok, tmp_path)
+    reference = AutoTokenizer.from_pretrained(tmp_path)
+    texts = [*docs[300:400], hf_models.TEXT, "Tradução: não! 🙂 数字\n\n\tx  =   1  ", "   ", "a\n\nb "]
+    for text in texts:
+        assert reference(text, add_special_tokens=False)["input_ids"] == tok.encode(text), text[:60]
+    assert reference.decode(tok.encode(texts[-3])) == texts[-3]

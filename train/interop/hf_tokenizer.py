@@ -9,7 +9,8 @@ roles, laid out as plutao's template lays them out (tokenizer/chat.py). A templa
 text (ChatML's "<|im_start|>user\\n") has no such tokens: the run keeps plain-text prompting.
 
 Export: the files that load with `AutoTokenizer.from_pretrained`: an hf tokenizer's own (with the
-tokens a run added), or a tokenizer.json built for byte and char tokenizers; and a chat template that
+tokens a run added), or a tokenizer.json built for byte, char and sentencepiece-BPE tokenizers; and
+a chat template that
 renders plutao's layout, so `apply_chat_template` gives our ids.
 """
 
@@ -176,7 +177,8 @@ def plutao_template(tok: Tokenizer) -> str | None:
 
 
 def _built_definition(tok: Tokenizer) -> str:
-    """tokenizer.json for a byte or char tokenizer: a BPE without merges over its ordinary tokens."""
+    """tokenizer.json for a byte, char or sentencepiece-BPE tokenizer (the first two: a BPE without merges
+    over their ordinary tokens)."""
     from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
     from tokenizers import Tokenizer as HF
 
@@ -185,6 +187,8 @@ def _built_definition(tok: Tokenizer) -> str:
         hf = HF(models.BPE(vocab=vocab, merges=[]))
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         hf.decoder = decoders.ByteLevel()
+    elif tok.kind == "bpe":
+        hf = _sentencepiece_bpe(tok)
     elif tok.kind == "char":
         vocab = {tok.decode([int(i)]): int(i) for i in tok.ordinary_ids} | tok.specials
         unk = tok.special_tokens.roles.get("unk")
@@ -204,6 +208,34 @@ def _built_definition(tok: Tokenizer) -> str:
     hf.post_processor = processors.TemplateProcessing(single=f"{eot} $A", pair=f"{eot} $A $B",
                                                       special_tokens=[(eot, tok.eot_id)])
     return hf.to_str()
+
+
+def _sentencepiece_bpe(tok):
+    """A `tokenizers` BPE that encodes as the sentencepiece model does: spaces become ▁, words split
+    where sentencepiece splits them (a run of ▁ and what follows it), pieces merged in the order of
+    their scores, unknown characters as UTF-8 byte pieces, the newline an atomic piece."""
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer as HF
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(tok.model_bytes)
+    kinds = sentencepiece_model_pb2.ModelProto.SentencePiece
+    vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+    scores = {p.piece: p.score for p in proto.pieces if p.type == kinds.NORMAL}
+    merges = []
+    for piece, score in scores.items():  # (every split of a piece into two pieces: a merge ranked by its score)
+        merges += sorted(((piece[:k], piece[k:], score) for k in range(1, len(piece))
+                          if piece[:k] in vocab and piece[k:] in vocab), key=lambda m: (vocab[m[0]], vocab[m[1]]))
+    merges.sort(key=lambda m: -m[2])
+    hf = HF(models.BPE(vocab=vocab, merges=[(a, b) for a, b, _ in merges], byte_fallback=True, fuse_unk=True,
+                       unk_token=proto.pieces[proto.trainer_spec.unk_id].piece))
+    hf.normalizer = normalizers.Replace(" ", "\u2581")
+    hf.pre_tokenizer = pre_tokenizers.Split(Regex("\u2581+[^\u2581]*|[^\u2581]+"), behavior="isolated")
+    hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    symbols = [p.piece for p in proto.pieces if p.type == kinds.USER_DEFINED]  # (the newline)
+    hf.add_tokens([AddedToken(s, normalized=False) for s in symbols])
+    return hf
 
 
 def _bytes_to_unicode() -> list[str]:
@@ -228,9 +260,9 @@ def export_tokenizer(tok: Tokenizer, out: Path) -> tuple[dict, str | None]:
         ids["eos_token_id"] = tok.eot_id
     if "end" in roles and tok.end_id != ids["eos_token_id"]:  # (a chat reply ends at <|end|>: generation stops there)
         ids["eos_token_id"] = [ids["eos_token_id"], tok.end_id]
-    if not isinstance(tok, HFTokenizer) and tok.kind not in ("byte", "char"):
+    if not isinstance(tok, HFTokenizer) and tok.kind not in ("byte", "char", "bpe"):
         return ids, (f"the {tok.kind} tokenizer has no Hugging Face form yet, so the directory has the model without "
-                     "it (ids: the run's tokenizer/); byte, char and imported tokenizers are exported")
+                     "it (ids: the run's tokenizer/); byte, char, bpe and imported tokenizers are exported")
     if isinstance(tok, HFTokenizer):
         definition = tok.definition
         tok_config = json.loads(tok.extra_files["tokenizer_config.json"]) if "tokenizer_config.json" in tok.extra_files else {}
