@@ -10,8 +10,7 @@ text (ChatML's "<|im_start|>user\\n") has no such tokens: the run keeps plain-te
 
 Export: the files that load with `AutoTokenizer.from_pretrained`: an hf tokenizer's own (with the
 tokens a run added), or a tokenizer.json built for byte, char and sentencepiece-BPE tokenizers; and
-a chat template that
-renders plutao's layout, so `apply_chat_template` gives our ids.
+a chat template that renders plutao's layout, so `apply_chat_template` gives our ids.
 """
 
 from __future__ import annotations
