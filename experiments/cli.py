@@ -201,6 +201,9 @@ def run(argv: list[str]) -> int:
         args.overrides = list(args.overrides) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from plutao.experiments import xla_cache
+
+    xla_cache.enable()  # (before JAX is imported: programs compiled by an earlier command load from disk)
     try:
         if args.command != "launch":
             from plutao.train.parallel.distributed import initialize

@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from plutao.experiments import xla_cache
 from plutao.experiments.sweep_spec import SweepSpec
 from plutao.train.config.errors import UserError
 
@@ -148,12 +149,10 @@ def write_trial(directory: Path, record: dict) -> None:
 # --- running one trial -----------------------------------------------------------------------------
 
 def compilation_cache_env(sweep_dir: Path) -> dict[str, str]:
-    """A persistent XLA cache shared by every trial (of this and later sweeps): the first trial of a
-    program compiles it, the rest load the executable from disk. One fixed location, because JAX's
-    cache keys include the cache directory's path. PLUTAO_CACHE moves it with the data cache."""
-    root = Path(os.environ.get("PLUTAO_CACHE", Path.home() / ".cache" / "plutao")).expanduser()
-    return {"JAX_COMPILATION_CACHE_DIR": str(root / "xla"),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+    """The persistent XLA cache shared by every trial (of this and later sweeps, and every other
+    command: experiments/xla_cache.py): the first trial of a program compiles it, the rest load the
+    executable from disk."""
+    return xla_cache.compilation_cache_env()
 
 
 def train_command(base: str | None, trial: Trial) -> list[str]:

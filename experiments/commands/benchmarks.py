@@ -56,6 +56,15 @@ def cmd_bench_hf(args) -> int:
     return 0
 
 
+def cmd_bench_startup(args) -> int:
+    from plutao.experiments.startup_bench import run_startup_bench
+
+    result = run_startup_bench(args.run_dir, args.max_new_tokens, args.repeats, out=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
 def register(sub) -> None:
     """Add this module's subcommands to the `plutao` parser."""
     bw = sub.add_parser("bench-sweep", help="sweep overhead: time to the first step, share outside training steps")
@@ -98,3 +107,10 @@ def register(sub) -> None:
     bh.add_argument("--workdir", help="where the checkpoints and runs go (default: a temporary folder)")
     bh.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
     bh.set_defaults(fn=cmd_bench_hf)
+    bst = sub.add_parser("bench-startup", help="a one-shot `plutao sample` from the shell (cold, warm, without the "
+                         "compilation cache) against nanoGPT's sample.py on the same shape")
+    bst.add_argument("run_dir", help="a trained decoder run")
+    bst.add_argument("--max-new-tokens", type=int, default=100)
+    bst.add_argument("--repeats", type=int, default=5, help="fresh processes per figure (the median is kept)")
+    bst.add_argument("--json", action="store_true")
+    bst.set_defaults(fn=cmd_bench_startup)
