@@ -13,24 +13,25 @@ def entries(root):
     return {p.name for p in (root / "xla").iterdir()} if (root / "xla").is_dir() else set()
 
 
-def sample(run_dir, env):
-    out = subprocess.run([sys.executable, "-m", "plutao.experiments.cli", "sample", str(run_dir), "--prompt", "1",
-                          "--max-new-tokens", "5"], env=env, capture_output=True, text=True, timeout=300, check=False)
+def score(run_dir, env):
+    """`plutao score` in a process of its own (one compiled program: the quickest command that compiles)."""
+    out = subprocess.run([sys.executable, "-m", "plutao.experiments.cli", "score", str(run_dir), "--text", "12+30",
+                          "--json"], env=env, capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr[-1500:]
     return out.stdout
 
 
-def test_a_second_sample_compiles_nothing_and_another_flag_recompiles(tiny_stages, tmp_path):
+def test_a_second_command_compiles_nothing_and_another_flag_recompiles(tiny_stages, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
     env["PLUTAO_CACHE"] = str(tmp_path)
-    first = sample(tiny_stages["base"], env)
+    first = score(tiny_stages["base"], env)
     cached = entries(tmp_path)
     assert cached, "the first run wrote no compiled program"
-    assert sample(tiny_stages["base"], env) == first and entries(tmp_path) == cached  # (all served from disk)
+    assert score(tiny_stages["base"], env) == first and entries(tmp_path) == cached  # (all served from disk)
     flags = env.get("XLA_FLAGS", "")
     env["XLA_FLAGS"] = (flags.replace("--xla_llvm_disable_expensive_passes=true", "") if "expensive" in flags
                         else f"{flags} --xla_llvm_disable_expensive_passes=true")
-    sample(tiny_stages["base"], env)
+    score(tiny_stages["base"], env)
     assert entries(tmp_path) - cached, "a changed XLA flag was served the programs compiled without it"
 
 
