@@ -201,9 +201,10 @@ def run(argv: list[str]) -> int:
         args.overrides = list(args.overrides) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from plutao.experiments import xla_cache
+    from plutao.experiments import allocator, xla_cache
 
     xla_cache.enable()  # (before JAX is imported: programs compiled by an earlier command load from disk)
+    allocator.keep_freed_memory()  # (each step's freed buffers stay mapped for the next one)
     try:
         if args.command != "launch":
             from plutao.train.parallel.distributed import initialize
