@@ -149,6 +149,31 @@ def evaluate(run: str, tasks: list[str], *, step: int | None = None, limit: int 
                                    task_manager=manager, log_samples=False)
 
 
+def cmd_harness(args) -> int:
+    """`plutao eval RUN --harness TASKS`: the tasks named first (an unknown one is a one-line error), then
+    lm_eval's table (or its results as JSON)."""
+    import json
+
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import make_table
+
+    from plutao.train.config.errors import UserError
+
+    tasks = [t.strip() for t in args.harness.split(",") if t.strip()]
+    manager = TaskManager(include_path=args.include_path)
+    unknown = [t for t in tasks if t not in set(manager.all_tasks)]
+    if unknown:
+        raise UserError(f"lm_eval has no task {unknown[0]!r}; `lm_eval ls tasks` lists them (or add --include-path DIR "
+                        "with your own task YAML)")
+    results = evaluate(args.run_dir, tasks, step=args.step, limit=args.limit or None, num_fewshot=args.num_fewshot,
+                       task_manager=manager)
+    if args.json:
+        print(json.dumps({"run_dir": args.run_dir, "results": results["results"]}, default=str))
+    else:
+        print(make_table(results))
+    return 0
+
+
 if __name__ == "__main__":  # lm_eval's command line, with the plutao model registered
     from lm_eval.__main__ import cli_evaluate
 

@@ -22,9 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from plutao.train.interop.hf_models import LAYOUTS
+
 MODELS = {
-    "gpt2-124m": {"arch": "gpt2", "n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024, "vocab_size": 50257},
-    "llama-1b": {"arch": "llama", "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+    "gpt2-124m": {"arch": "GPT2LMHeadModel", "n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024, "vocab_size": 50257},
+    "llama-1b": {"arch": "LlamaForCausalLM", "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
                  "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256,
                  "max_position_embeddings": 8192, "tie_word_embeddings": True,
                  "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
@@ -36,14 +38,9 @@ MODELS = {
 def build(name: str, directory: Path) -> None:
     """A randomly initialised model saved by save_pretrained, with a byte-level tokenizer."""
     import torch
+    import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import (
-        GPT2Config,
-        GPT2LMHeadModel,
-        LlamaConfig,
-        LlamaForCausalLM,
-        PreTrainedTokenizerFast,
-    )
+    from transformers import AutoConfig, PreTrainedTokenizerFast
 
     spec = dict(MODELS[name])
     arch = spec.pop("arch")
@@ -53,11 +50,10 @@ def build(name: str, directory: Path) -> None:
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
     fast.add_special_tokens({"eos_token": "<|endoftext|>"})
+    model_type = LAYOUTS[arch].MODEL_TYPE
+    config = AutoConfig.for_model(model_type, **spec, eos_token_id=fast.eos_token_id, bos_token_id=fast.eos_token_id)
     with torch.device("cpu"):
-        if arch == "gpt2":
-            model = GPT2LMHeadModel(GPT2Config(**spec, eos_token_id=fast.eos_token_id))
-        else:
-            model = LlamaForCausalLM(LlamaConfig(**spec, eos_token_id=fast.eos_token_id, bos_token_id=fast.eos_token_id))
+        model = getattr(transformers, arch)(config)
     model.save_pretrained(directory)
     fast.save_pretrained(directory)
 

@@ -12,7 +12,6 @@ exported back (`plutao export-hf`) carries them unchanged.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -99,8 +98,3 @@ class HFTokenizer(Tokenizer):
             raise TokenizerError(f"cannot read the Hugging Face tokenizer in {str(files)!r}: {e.strerror or e}; "
                                  "import the model again (`plutao import-hf`)") from None
         return cls(definition, SpecialTokens.from_config(config, directory), extra)
-
-    def added_specials(self) -> dict[str, int]:
-        """Every added special token of the file, {content: id} (whatever roles are declared)."""
-        data = json.loads(self.definition)
-        return {t["content"]: int(t["id"]) for t in data.get("added_tokens", []) if t.get("special")}

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from plutao.experiments.commands import run_parser
+from plutao.train.config.errors import UserError
 
 
 def neural_only(cfg, command: str):
@@ -99,8 +100,6 @@ def cmd_sample(args) -> int:
         return _sample_ngram(args, sampling)
     if args.best_of is not None or args.reward:
         from plutao.experiments.commands.assistant import sample_best_of
-        from plutao.train.config.errors import UserError
-
         if args.best_of is None:
             raise UserError("--reward judges --best-of N replies; give --best-of N too")
         if args.best_of < 1:
@@ -124,8 +123,6 @@ def cmd_sample(args) -> int:
         after = f"the assistant turn's start, i.e. after the chat prompt {tok.decode(prompt)!r}"
         args.prompt = ""
     elif args.system:
-        from plutao.train.config.errors import UserError
-
         raise UserError(f"--system applies to chat runs (`plutao sft`); {args.run_dir} completes text")
     # Special tokens that are not text (<pad>, <bos>, ...) are never sampled; the stop tokens are.
     sampling = dataclasses.replace(sampling, banned_ids=tok.unsampled_ids(sampling.stop_ids, run.cfg.model.vocab_size))
@@ -179,8 +176,6 @@ def cmd_sample(args) -> int:
 def _check_tools(args, task) -> dict:
     """--tools, refused in one line before anything loads: unknown names, a run not trained to call tools."""
     from plutao.tools import ToolError, tools_named
-    from plutao.train.config.errors import UserError
-
     try:
         tools = tools_named(args.tools)
     except ToolError as e:
@@ -252,7 +247,6 @@ def _print_result(args, result: dict, lines: list[str]) -> int:
 
 
 def cmd_eval(args) -> int:
-    from plutao.train.config.errors import UserError
     from plutao.train.run.lineage import load_run
 
     if args.harness:
@@ -275,30 +269,11 @@ def cmd_eval(args) -> int:
 
 
 def _harness(args) -> int:
-    from plutao.train.config.errors import UserError
-
     try:
-        from lm_eval.utils import make_table
-
-        from plutao.experiments.harness import evaluate
+        from plutao.experiments.harness import cmd_harness
     except ImportError:
         raise UserError("--harness needs lm-evaluation-harness: pip install 'plutao[eval]'") from None
-    from lm_eval.tasks import TaskManager
-
-    tasks = [t.strip() for t in args.harness.split(",") if t.strip()]
-    manager = TaskManager(include_path=args.include_path)
-    known = set(manager.all_tasks)
-    unknown = [t for t in tasks if t not in known]
-    if unknown:
-        raise UserError(f"lm_eval has no task {unknown[0]!r}; `lm_eval ls tasks` lists them (or add --include-path DIR "
-                        "with your own task YAML)")
-    results = evaluate(args.run_dir, tasks, step=args.step, limit=args.limit or None, num_fewshot=args.num_fewshot,
-                       task_manager=manager)
-    if args.json:
-        print(json.dumps({"run_dir": args.run_dir, "results": results["results"]}, default=str))
-    else:
-        print(make_table(results))
-    return 0
+    return cmd_harness(args)
 
 
 def _eval_ngram(args) -> int:
@@ -327,7 +302,6 @@ def _eval_ngram(args) -> int:
 
 
 def _eval_translation(args) -> int:
-    from plutao.train.config.errors import UserError
     from plutao.train.data.pairs import held_out, read_pairs
     from plutao.train.eval.translate import evaluate_translation
     from plutao.train.run.lineage import load_run
@@ -390,7 +364,6 @@ EVALUATORS = {"ngram": _eval_ngram, "translation": _eval_translation, "reward": 
 
 
 def cmd_translate(args) -> int:
-    from plutao.train.config.errors import UserError
     from plutao.train.eval.translate import translate
     from plutao.train.run.lineage import load_run
 
@@ -442,8 +415,6 @@ def cmd_score(args) -> int:
 
         return score_reward(args, Path(args.run_dir))
     if args.text is None:
-        from plutao.train.config.errors import UserError
-
         raise UserError("give --text T to score (--prompt/--response score a reply with a reward-model run)")
     run = load_run(Path(args.run_dir), args.step)
     result = score_text(run.trainer.graphdef, run.params, run.tokenizer, args.text, run.cfg.model.context_length)

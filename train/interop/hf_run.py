@@ -30,7 +30,7 @@ from plutao.tokenizer.chat import template_hash
 from plutao.train.config.errors import UserError
 from plutao.train.config.schema import Config, DataConfig, TrainConfig
 from plutao.train.interop import hf_models, safetensors_io
-from plutao.train.interop.hf_tokenizer import export_tokenizer, import_tokenizer, read_json
+from plutao.train.interop.hf_tokenizer import export_tokenizer, has_chat_roles, import_tokenizer, read_json
 from plutao.train.parallel import sharding
 from plutao.train.run.checkpoint import Checkpoints
 from plutao.train.step import Trainer
@@ -110,7 +110,7 @@ def import_hf(directory: Path, workdir: Path, *, context: int = 0, seed: int = 0
         shape = _built_shape(build, checkpoint.shape)
         if shape != tuple(leaves[path].shape):
             raise UserError(f"{where}: {', '.join(sources)} has shape {checkpoint.shape(sources[0])}, but config.json "
-                            f"implies {_hf_shape(sources, leaves[path].shape)} for it; the weights and the config do not "
+                            f"implies a tensor for our {tuple(leaves[path].shape)}; the weights and the config do not "
                             "belong together")
     used = {n for sources, _ in plan.values() for n in sources}
     unused = sorted(n for n in names - used if not n.endswith(BUFFERS))
@@ -137,7 +137,7 @@ def import_hf(directory: Path, workdir: Path, *, context: int = 0, seed: int = 0
         saved["lineage"] = {"imported": {"from": str(directory.absolute()), "architecture": arch,
                                          "config_sha256": hashlib.sha256((directory / "config.json").read_bytes())
                                          .hexdigest()[:16], "notes": notes},
-                            "template_hash": template_hash(tokenizer) if _chat(tokenizer) else None}
+                            "template_hash": template_hash(tokenizer) if has_chat_roles(tokenizer) else None}
         (tmp / "config.json").write_text(json.dumps(saved, indent=1) + "\n")
         checkpoints = Checkpoints(tmp / "checkpoints", async_save=False, compress=False)
         checkpoints.save(0, {"params": params}, {"val_loss": None, "train_seconds": 0.0, "nonfinite_steps": 0})
@@ -156,14 +156,6 @@ def _built_shape(build, shape_of) -> tuple[int, ...]:
         return tuple(build(get).shape)
     except ValueError:
         return (-1,)
-
-
-def _hf_shape(sources, ours) -> str:
-    return f"a tensor matching our {tuple(ours)}"
-
-
-def _chat(tokenizer) -> bool:
-    return all(tokenizer.has_special(r) for r in ("user", "assistant", "end"))
 
 
 def _versions() -> dict:

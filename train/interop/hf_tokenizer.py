@@ -160,10 +160,15 @@ def import_tokenizer(directory: Path, config: dict) -> tuple[HFTokenizer, str]:
 # ---- export -------------------------------------------------------------------------------------
 
 
+def has_chat_roles(tok: Tokenizer) -> bool:
+    """Whether the tokenizer has the tokens plutao's chat template needs (system is optional)."""
+    return all(tok.has_special(r) for r in ("user", "assistant", "end"))
+
+
 def plutao_template(tok: Tokenizer) -> str | None:
     """A Jinja chat template that renders tokenizer/chat.py's layout with this tokenizer's tokens (None
     when it has no chat roles)."""
-    if not all(tok.has_special(r) for r in ("user", "assistant", "end")):
+    if not has_chat_roles(tok):
         return None
     name = {r: tok.special_tokens.roles[r] for r in ("eot", "user", "assistant", "end")}
     system = tok.special_tokens.roles.get("system", "")
@@ -175,26 +180,32 @@ def plutao_template(tok: Tokenizer) -> str | None:
             "{% if add_generation_prompt %}{{ '" + name["assistant"] + "' }}{% endif %}")
 
 
-def _built_definition(tok: Tokenizer) -> str:
-    """tokenizer.json for a byte, char or sentencepiece-BPE tokenizer (the first two: a BPE without merges
-    over their ordinary tokens)."""
-    from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
-    from tokenizers import Tokenizer as HF
+def _byte_bpe(tok):
+    """A byte tokenizer: ByteLevel's 256 symbols at its byte ids, no merges."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    if tok.kind == "byte":
-        vocab = {c: int(tok.ordinary_ids[b]) for b, c in enumerate(_bytes_to_unicode())} | tok.specials
-        hf = HF(models.BPE(vocab=vocab, merges=[]))
-        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-        hf.decoder = decoders.ByteLevel()
-    elif tok.kind == "bpe":
-        hf = _sentencepiece_bpe(tok)
-    elif tok.kind == "char":
-        vocab = {tok.decode([int(i)]): int(i) for i in tok.ordinary_ids} | tok.specials
-        unk = tok.special_tokens.roles.get("unk")
-        hf = HF(models.BPE(vocab=vocab, merges=[], unk_token=unk))
-        hf.decoder = decoders.Fuse()
-    else:
-        raise AssertionError(tok.kind)
+    vocab = {c: int(tok.ordinary_ids[b]) for b, c in enumerate(_bytes_to_unicode())} | tok.specials
+    hf = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    hf.decoder = decoders.ByteLevel()
+    return hf
+
+
+def _char_bpe(tok):
+    """A char tokenizer: its characters at their ids, no merges, unknown characters as its unk."""
+    from tokenizers import Tokenizer, decoders, models
+
+    vocab = {tok.decode([int(i)]): int(i) for i in tok.ordinary_ids} | tok.specials
+    hf = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=tok.special_tokens.roles.get("unk")))
+    hf.decoder = decoders.Fuse()
+    return hf
+
+
+def _built_definition(tok: Tokenizer) -> str:
+    """tokenizer.json for a tokenizer kind in BUILDERS."""
+    from tokenizers import AddedToken, processors
+
+    hf = BUILDERS[tok.kind](tok)
     # The specials sit in the vocabulary at their ids; declared special, they are matched before the model.
     for name, i in sorted(tok.specials.items(), key=lambda kv: kv[1]):
         hf.add_special_tokens([AddedToken(name, special=True, normalized=False)])
@@ -250,6 +261,10 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(c) for _, c in sorted(zip(bs, cs))]
 
 
+# The kinds whose tokenizer.json is built here (an hf tokenizer carries its own).
+BUILDERS = {"byte": _byte_bpe, "char": _char_bpe, "bpe": _sentencepiece_bpe}
+
+
 def export_tokenizer(tok: Tokenizer, out: Path) -> tuple[dict, str | None]:
     """Write tokenizer.json, tokenizer_config.json and chat_template.jinja into `out`: the special ids
     for config.json (bos/eos/pad_token_id), and a line when the tokenizer could not be written."""
@@ -259,9 +274,9 @@ def export_tokenizer(tok: Tokenizer, out: Path) -> tuple[dict, str | None]:
         ids["eos_token_id"] = tok.eot_id
     if "end" in roles and tok.end_id != ids["eos_token_id"]:  # (a chat reply ends at <|end|>: generation stops there)
         ids["eos_token_id"] = [ids["eos_token_id"], tok.end_id]
-    if not isinstance(tok, HFTokenizer) and tok.kind not in ("byte", "char", "bpe"):
+    if not isinstance(tok, HFTokenizer) and tok.kind not in BUILDERS:
         return ids, (f"the {tok.kind} tokenizer has no Hugging Face form yet, so the directory has the model without "
-                     "it (ids: the run's tokenizer/); byte, char, bpe and imported tokenizers are exported")
+                     f"it (ids: the run's tokenizer/); {', '.join(BUILDERS)} and imported tokenizers are exported")
     if isinstance(tok, HFTokenizer):
         definition = tok.definition
         tok_config = json.loads(tok.extra_files["tokenizer_config.json"]) if "tokenizer_config.json" in tok.extra_files else {}
