@@ -52,7 +52,13 @@ LLAMAS = {  # n_kv_heads ∈ {1, 2, n_heads}; tied and untied; θ ≠ 10000; bia
 }
 
 
-@pytest.mark.parametrize("case", [*LLAMAS, "gpt2-tied", "gpt2-untied"])
+# (two cases in the slow set: their settings are each covered by a default case too — untied heads by
+# mqa-untied, llama3 scaling by tests/test_gqa.py's frequencies, GPT-2 by gpt2-tied)
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("case", ["mqa-untied", "gqa-tied-bias", pytest.param("mha-llama3", marks=SLOW), "gpt2-tied",
+                                  pytest.param("gpt2-untied", marks=SLOW)])
 def test_imported_logits_equal_transformers_and_export_round_trips(tmp_path, case):
     source = (hf_models.gpt2(tmp_path / "hf", tie=case == "gpt2-tied") if case.startswith("gpt2")
               else hf_models.llama(tmp_path / "hf", **LLAMAS[case]))
