@@ -139,6 +139,31 @@ def test_resume_equals_uninterrupted(small_corpus, tmp_path):
     np.testing.assert_allclose(losses(tmp_path / "straight"), losses(tmp_path / "resumed"), rtol=1e-6)
 
 
+def test_several_steps_per_dispatch_equal_one_per_dispatch_and_resume_exactly(small_corpus, tmp_path):
+    """Blocks of 4 steps (cut at logs, evaluations and checkpoints) give bit for bit the run of single
+    steps; a run stopped at a checkpoint and resumed with another block length too."""
+    overrides = {"train.steps": 23, "train.checkpoint_every": 10, "train.log_every": 5, "train.eval_every": 0,
+                 "model.dropout": 0.1}
+    runs = {}
+    for name, k in (("single", 1), ("blocks", 4)):
+        train(tiny_config(small_corpus, **overrides, **{"train.steps_per_dispatch": k}), tmp_path / name, quiet=True)
+        runs[name] = tmp_path / name
+    first = train(tiny_config(small_corpus, **overrides, **{"train.steps_per_dispatch": 4, "train.stop_at_step": 10}),
+                  tmp_path / "resumed", quiet=True)
+    assert first["step"] == 10
+    train(tiny_config(small_corpus, **overrides, **{"train.steps_per_dispatch": 3}), tmp_path / "resumed", quiet=True)
+    runs["resumed"] = tmp_path / "resumed"
+
+    def logged(d):
+        return [(r["step"], r["loss"], r["grad_norm"]) for r in map(json.loads, (d / "metrics.jsonl").read_text()
+                                                                        .splitlines()) if r.get("split") == "train"]
+
+    assert [s for s, *_ in logged(runs["single"])] == [5, 10, 15, 20, 23]
+    for name in ("blocks", "resumed"):
+        assert_same_params(final_params(runs["single"]), final_params(runs[name]), atol=0)
+        assert logged(runs[name]) == logged(runs["single"]), name
+
+
 TRAIN_SCRIPT = """
 import sys
 from pathlib import Path

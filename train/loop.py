@@ -158,6 +158,20 @@ def _train(cfg: Config, run_dir: Path, devices, quiet: bool, allow_changed: tupl
             # time budget covers the whole run however often it was interrupted and resumed.
             spent_before = float(meta.get("train_seconds", legacy_train_seconds(run_dir, start)))
 
+            events = [e for e in (t.log_every, t.eval_every, t.sample_every, t.checkpoint_every) if e]
+
+            def block_end(first: int, last: int) -> int:
+                """Where the dispatch starting at step `first` ends: after train.steps_per_dispatch steps, at
+                the next step that logs, evaluates, samples or saves, or where the batch shape changes
+                (so every checkpoint, and every point a signal or time budget is acted on, is between
+                blocks, and a resumed run goes through the same steps as one never stopped)."""
+                end = min([last, first + t.steps_per_dispatch] + [(first // e + 1) * e for e in events])
+                shapes = p.batches.train_shapes(first)
+                for s in range(first + 1, end):
+                    if p.batches.train_shapes(s) != shapes:
+                        return s
+                return end
+
             def spent() -> float:
                 return spent_before + time.perf_counter() - budget_start
 
@@ -186,12 +200,17 @@ def _train(cfg: Config, run_dir: Path, devices, quiet: bool, allow_changed: tupl
                                  {"val_loss": good_val, "train_seconds": spent(), "nonfinite_steps": nonfinite})
 
             while step < last_step and not stop.agreed(step, t.log_every, out_of_time()):
-                batch = p.batches.sharded_train(step, trainer.mesh)
-                window_tokens += p.batches.tokens_per_step(step)
+                end = block_end(step, last_step)
+                window_tokens += sum(p.batches.tokens_per_step(s) for s in range(step, end))
                 t0 = time.perf_counter()
-                state, step_metrics = trainer.train_step(state, batch)
-                step += 1
-                window_steps += 1
+                if t.steps_per_dispatch == 1:
+                    state, step_metrics = trainer.train_step(state, p.batches.sharded_train(step, trainer.mesh))
+                else:
+                    batches = p.batches.sharded_block(range(step, end), t.steps_per_dispatch, trainer.mesh)
+                    state, step_metrics = trainer.train_block(state, batches, np.int32(end - step))
+                window_steps += end - step
+                bar.update(end - step - 1)
+                step = end
                 if compile_s is None:
                     jax.block_until_ready(step_metrics)
                     compile_s = time.perf_counter() - t0

@@ -224,6 +224,18 @@ class Trainer:
             new["frozen"] = frozen
         return new, metrics
 
+    def _train_block(self, state, batches, n, seed):
+        """Steps 1..n (n ≤ the block's slots) of `batches`, one after another in one program: the same
+        step as `_train_step`, so k steps per dispatch give bit-for-bit the states of k dispatches.
+        Returns the last step's metrics."""
+        def one(i, carry):
+            return self._train_step(carry[0], jax.tree.map(lambda x: x[i], batches), seed)
+
+        first = jax.tree.map(lambda x: x[0], batches)
+        metrics = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(self._train_step, state, first,
+                                                                                    seed)[1])
+        return jax.lax.fori_loop(0, n, one, (state, metrics))
+
     def _eval_step(self, params, batch, index, seed):
         """Summed plain cross-entropy (no smoothing, no dropout) and its token count (and, for the
         masked LM, correct predictions). Evaluation batch `index` always draws the same masks, and
@@ -243,6 +255,16 @@ class Trainer:
         step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_shardings, repl),
                        out_shardings=(self.state_shardings, repl), donate_argnums=0)
         return SeededStep(step, np.int32(self.seed), self.active_task.named)
+
+    @functools.cached_property
+    def train_block(self):
+        """`train_block(state, batches, n)`: n steps in one dispatch, over named batches stacked on a
+        leading axis (train/data/batches.py: sharded_stack)."""
+        repl = sharding.replicated(self.mesh)
+        step = jax.jit(self._train_block, donate_argnums=0, out_shardings=(self.state_shardings, repl),
+                       in_shardings=(self.state_shardings, batches_lib.stacked_shardings(self.active_task.batch_axes,
+                                                                                         self.mesh), repl, repl))
+        return SeededStep(step, np.int32(self.seed))
 
     @functools.cached_property
     def eval_step(self):

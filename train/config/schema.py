@@ -61,6 +61,10 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2  # the latest k are kept, plus the best by val loss
     log_every: int = 10
+    # Steps run by one dispatch to the devices (a loop on the device over batches sent together): the
+    # host neither waits nor dispatches per step. Blocks end where the run logs, evaluates, samples,
+    # saves or stops, so every checkpoint falls between blocks; 1 = one step per dispatch.
+    steps_per_dispatch: int = 10
     seed: int = 0
     max_seconds: float = 0.0  # a wall-clock budget for this invocation's steps: the run ends there; 0 = none
     stop_at_step: int = 0  # end this invocation at this step (checkpointed, resumable); 0 = run to train.steps
@@ -338,7 +342,8 @@ def validate(cfg: Config, task_problems: Sequence[str] = ()) -> None:
         problems.append(f"train.seed must be in [0, 2^31), got {t.seed}")
     if cfg.model.n_encoder_layers < 0:
         problems.append(f"model.n_encoder_layers must be ≥ 0 (0 = model.n_layers), got {cfg.model.n_encoder_layers}")
-    for key in ("batch_size", "steps", "log_every", "checkpoint_every", "eval_batches", "keep_checkpoints"):
+    for key in ("batch_size", "steps", "log_every", "checkpoint_every", "eval_batches", "keep_checkpoints",
+                "steps_per_dispatch"):
         if getattr(t, key) < 1:
             problems.append(f"train.{key} must be ≥ 1, got {getattr(t, key)}")
     for key in ("eval_every", "sample_every", "stop_at_step"):

@@ -16,7 +16,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from plutao.train.parallel import sharding
 
@@ -74,6 +74,12 @@ class NamedBatches:
     def sharded_train(self, step: int, mesh: Mesh) -> Batch:
         return sharded_batch(lambda rows: self.train(step, rows), self.train_shapes(step), self.axes, mesh)
 
+    def sharded_block(self, steps: range, length: int, mesh: Mesh) -> Batch:
+        """The batches of consecutive `steps` (of one shape) stacked on a leading axis of `length`
+        slots, the unused ones zero: what one dispatch of several train steps reads."""
+        draws = [lambda rows, step=step: self.train(step, rows) for step in steps]
+        return sharded_stack(draws, length, self.train_shapes(steps[0]), self.axes, mesh)
+
     def sharded_val(self, index: int, mesh: Mesh) -> Batch:
         return sharded_batch(lambda rows: self.val(index, rows), self.val_shapes(index), self.axes, mesh)
 
@@ -96,6 +102,32 @@ def sharded_batch(draw: Callable[[slice], Batch], shapes: dict[str, tuple[int, .
 
     sh = shardings({k: axes[k] for k in shapes}, mesh)
     return {k: jax.make_array_from_callback(shape, sh[k], part(k)) for k, shape in shapes.items()}
+
+
+def stacked_shardings(axes: dict[str, tuple[str, ...]], mesh: Mesh) -> dict[str, NamedSharding]:
+    """Each key's sharding with a leading (unsplit) axis of steps."""
+    return {k: NamedSharding(mesh, PartitionSpec(None, *sh.spec)) for k, sh in shardings(axes, mesh).items()}
+
+
+def sharded_stack(draws: list[Callable[[slice], Batch]], length: int, shapes: dict[str, tuple[int, ...]],
+                  axes: dict[str, tuple[str, ...]], mesh: Mesh) -> Batch:
+    """Several batches of one shape as one global batch with a leading axis of `length` slots (the
+    batches first, then zeros), each process drawing only the rows its devices hold."""
+    drawn: dict[tuple, Batch] = {}
+    n_rows = next(iter(shapes.values()))[0]
+
+    def part(key):
+        def rows_for(index):
+            span = index[1].indices(n_rows)
+            if span not in drawn:
+                batches = [draw(index[1]) for draw in draws]
+                drawn[span] = {k: np.stack([b[k] for b in batches] + [np.zeros_like(batches[0][k])] * (length - len(draws)))
+                               for k in batches[0]}
+            return drawn[span][key][(index[0], slice(None), *index[2:])]
+        return rows_for
+
+    sh = stacked_shardings({k: axes[k] for k in shapes}, mesh)
+    return {k: jax.make_array_from_callback((length, *shape), sh[k], part(k)) for k, shape in shapes.items()}
 
 
 def global_batch(batch: Batch, axes: dict[str, tuple[str, ...]], mesh: Mesh) -> Batch:

@@ -36,6 +36,7 @@ RUN_CONTROL = frozenset({
     "train.steps", "train.eval_every", "train.eval_batches", "train.sample_every", "train.sample_tokens",
     "train.sample_prompt", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
     "train.max_seconds", "train.stop_at_step", "train.peak_flops", "train.on_nonfinite", "train.grad_accum",
+    "train.steps_per_dispatch",
     "data.cache_dir", "model.remat", "model.attention", "mesh.data", "mesh.fsdp", "mesh.tensor",
 })
 
