@@ -100,6 +100,8 @@ def run_torch_reference(
     seed: int = 0,
     compile: bool = False,
     log_every: int = 0,
+    timed_from: int = 10,
+    vocab: int = 0,
 ) -> dict:
     """Train the char-level reference model for `steps` steps in float32 and return timing and losses."""
     torch = _import_torch()
@@ -119,7 +121,8 @@ def run_torch_reference(
         win = np.stack([src[s : s + context + 1] for s in starts])
         return torch.from_numpy(win[:, :-1].copy()), torch.from_numpy(win[:, 1:].copy())
 
-    model = _build_model(torch, len(chars), context, n_layers, n_heads, d_model)
+    # (`vocab` > the text's characters: unused embedding rows, as a tokenizer's special tokens add)
+    model = _build_model(torch, max(len(chars), vocab), context, n_layers, n_heads, d_model)
     params = sum(p.numel() for p in model.parameters())
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -150,7 +153,7 @@ def run_torch_reference(
     with torch.no_grad():
         val_loss = statistics.fmean(model(*batch(val)).item() for _ in range(eval_batches))
 
-    timed = times[10:] if len(times) > 10 else times
+    timed = times[timed_from:] if len(times) > timed_from else times
     median_s = statistics.median(timed)
     return {
         "ms_per_step_median": 1000 * median_s,

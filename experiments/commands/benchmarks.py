@@ -11,6 +11,7 @@ def cmd_bench(args) -> int:
     from plutao.experiments.bench import run_bench
 
     result = run_bench(data=args.data, steps=args.steps, torch=not args.no_torch, sample_tokens=args.sample_tokens,
+                       steps_per_dispatch=args.steps_per_dispatch,
                        workdir=args.workdir, out=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(result))
@@ -56,6 +57,17 @@ def cmd_bench_hf(args) -> int:
     return 0
 
 
+def cmd_bench_sizes(args) -> int:
+    from plutao.experiments.sizes_bench import dumps, parse_sizes, run_bench_sizes
+
+    result = run_bench_sizes(parse_sizes(args.sizes), data=args.data, torch=not args.no_torch,
+                             compile=not args.no_compile, profile=not args.no_profile, plot=args.plot,
+                             out=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(dumps(result))
+    return 0
+
+
 def cmd_bench_startup(args) -> int:
     from plutao.experiments.startup_bench import run_startup_bench
 
@@ -86,6 +98,7 @@ def register(sub) -> None:
     b.add_argument("--steps", type=int, default=2000)
     b.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     b.add_argument("--sample-tokens", type=int, default=500)
+    b.add_argument("--steps-per-dispatch", type=int, help="train.steps_per_dispatch (default: the preset's, 10)")
     b.add_argument("--workdir", help="run directory for the benchmark (default: a temporary one)")
     b.add_argument("--json", action="store_true")
     b.set_defaults(fn=cmd_bench)
@@ -107,6 +120,16 @@ def register(sub) -> None:
     bh.add_argument("--workdir", help="where the checkpoints and runs go (default: a temporary folder)")
     bh.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
     bh.set_defaults(fn=cmd_bench_hf)
+    bz = sub.add_parser("bench-sizes", help="training tokens/s at about 1M, 10M and 50M parameters against PyTorch "
+                        "eager and torch.compile of the same recipe, with where plutao's step spends its time")
+    bz.add_argument("--sizes", default="1m,10m,50m", help="sizes: 1m, 10m, 50m or LAYERSxWIDTHxHEADS:CONTEXTxBATCH:STEPS")
+    bz.add_argument("--data", help="Tiny Shakespeare text file (default: ../shared/data or download)")
+    bz.add_argument("--no-torch", action="store_true", help="plutao only")
+    bz.add_argument("--no-compile", action="store_true", help="skip torch.compile (it needs a C++ compiler)")
+    bz.add_argument("--no-profile", action="store_true", help="skip the traced step at each size")
+    bz.add_argument("--plot", help="draw tokens/s and the ratios against the parameter count into this PNG")
+    bz.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
+    bz.set_defaults(fn=cmd_bench_sizes)
     bst = sub.add_parser("bench-startup", help="a one-shot `plutao sample` from the shell (cold, warm, without the "
                          "compilation cache) against nanoGPT's sample.py on the same shape")
     bst.add_argument("run_dir", help="a trained decoder run")
