@@ -146,6 +146,21 @@ def resolve_data(data: str | None) -> str:
     return str(shared) if shared.is_file() else "tinyshakespeare"
 
 
+def shakespeare_file(data: str | None) -> str:
+    """The benchmark's text: --data, else ../shared/data's copy, else Tiny Shakespeare downloaded (or cached)."""
+    data = resolve_data(data)
+    if Path(data).is_file():
+        return data
+    if data != "tinyshakespeare":
+        raise UserError(f"--data {data}: no such file; give Tiny Shakespeare's text (input.txt) with --data FILE")
+    from plutao.train.data.sources import cache_root
+
+    try:
+        return str(corpora.download(data, cache_root(Config().data)))
+    except UserError as e:
+        raise UserError(f"{e} (for the benchmark: --data FILE)") from None
+
+
 def run_bench(data: str | None = None, steps: int = 2000, torch: bool = True, sample_tokens: int = 500,
               workdir: str | None = None, steps_per_dispatch: int | None = None, out=None) -> dict:
     """Run the benchmark; the report goes to `out` (stdout by default)."""
@@ -153,14 +168,7 @@ def run_bench(data: str | None = None, steps: int = 2000, torch: bool = True, sa
 
     if steps < 20:
         raise UserError(f"--steps {steps} is too few to time (the first 10 steps are warm-up); use at least 20")
-    data = resolve_data(data)
-    if not Path(data).is_file():
-        from plutao.train.data.sources import cache_root
-
-        try:
-            data = str(corpora.download(data, cache_root(Config().data)))
-        except UserError as e:
-            raise UserError(f"{e} (for the benchmark: --data FILE)") from None
+    data = shakespeare_file(data)
     tmp = tempfile.TemporaryDirectory(prefix="plutao-bench-")
     work = Path(workdir) if workdir else Path(tmp.name)
     work.mkdir(parents=True, exist_ok=True)
@@ -168,7 +176,7 @@ def run_bench(data: str | None = None, steps: int = 2000, torch: bool = True, sa
     layers = dict(PRESETS["nanogpt-cpu"]) | {"data.path": data, "train.steps": steps, "train.log_every": 10,
                                              "train.eval_every": 0, "train.sample_every": 0,
                                              "train.checkpoint_every": steps, "train.peak_flops": 1.0}
-    if steps_per_dispatch:
+    if steps_per_dispatch is not None:
         layers["train.steps_per_dispatch"] = steps_per_dispatch
     cfg = apply_overrides(Config(), layers)
     load = os.getloadavg()[0]
@@ -206,7 +214,7 @@ def run_bench(data: str | None = None, steps: int = 2000, torch: bool = True, sa
         "compile_seconds": summary["compile_seconds"], "val_loss": summary["val_loss"],
         "flops_per_step": flops_step, "achieved_flops": flops_step / median_ms * 1e3, "matmul_peak": peak,
         "mfu": flops_step / median_ms * 1e3 / peak, "load_before": load, "load_after": os.getloadavg()[0],
-        "steps_per_dispatch": cfg.train.steps_per_dispatch,
+        "steps_per_dispatch": cfg.train.dispatch_slots,
     }
     from plutao.train.eval.likelihood import stream_metrics
 

@@ -91,6 +91,9 @@ def decode(preset: str, slot_counts: list[int], new_tokens: int, prompt_tokens: 
     cfg = dataclasses.replace(MODEL_PRESETS[preset], dtype="bfloat16").resolved()
     model = build_model(cfg, nnx.Rngs(0))
     rng = np.random.default_rng(0)
+    if not 0 < new_tokens < cfg.context_length:
+        raise SystemExit(f"gpu_check: --new-tokens {new_tokens} must be between 1 and the context length "
+                         f"{cfg.context_length} - 1 of the preset {preset}")
     prompt_tokens = min(prompt_tokens, cfg.context_length - new_tokens)
     rows = []
     for n in slot_counts:
@@ -103,7 +106,8 @@ def decode(preset: str, slot_counts: list[int], new_tokens: int, prompt_tokens: 
         out = generate(model, prompts, sampling, eot_id=1, pad_id=0)
         seconds = time.perf_counter() - t
         tokens = sum(len(o) for o in out)
-        rows.append({"slots": n, "new_tokens": tokens, "tokens_per_sec": tokens / seconds,
+        # (the call's time per decode step: the prefill of the n prompts and the host's share included)
+        rows.append({"slots": n, "generated_tokens": tokens, "tokens_per_sec": tokens / seconds,
                      "ms_per_decode_step": seconds / new_tokens * 1e3, "first_call_seconds": first})
         print(json.dumps({"decode": rows[-1]}), flush=True)
     return rows
@@ -143,7 +147,7 @@ def table(result: dict) -> str:
         lines.append(f"| batch {r['batch']} | {r['ms_per_step']:.1f} | {r['tokens_per_sec']:,.0f} | "
                      f"{r['achieved_tflops']:.1f} | {r['mfu_vs_measured_peak']:.0%} | {vendor} |")
     if result.get("decode"):
-        lines += ["", "| decoding (slot sampler) | tokens/s | ms per decode step | first call, s |", "|---|---|---|---|"]
+        lines += ["", "| decoding (slot sampler) | tokens/s | ms per step (with the prefill) | first call, s |", "|---|---|---|---|"]
         for r in result["decode"]:
             lines.append(f"| {r['slots']} slots | {r['tokens_per_sec']:,.0f} | {r['ms_per_decode_step']:.2f} | "
                          f"{r['first_call_seconds']:.1f} |")

@@ -92,10 +92,15 @@ def plan(cfg: Config, device_memory: float | None = None) -> dict:
     mem = compiled.memory_analysis()
     params = sharded_bytes(state["params"])
     opt = sharded_bytes(state["opt_state"])
-    total = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+    # Training sends train.dispatch_slots steps' batches at once (the program compiled here is one
+    # step, whose temporaries a block's device loop reuses): the other batches add to the arguments.
+    block_extra = sharded_bytes(batch) * (cfg.train.dispatch_slots - 1)
+    total = (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+             + block_extra)
     out = {
         "devices": jax.device_count(), "mesh": dict(mesh.shape), "params_bytes": params, "opt_state_bytes": opt,
-        "batch_bytes": sharded_bytes(batch), "temp_bytes": mem.temp_size_in_bytes,
+        "batch_bytes": sharded_bytes(batch), "dispatch_batches_extra_bytes": block_extra,
+        "temp_bytes": mem.temp_size_in_bytes,
         "arguments_bytes": mem.argument_size_in_bytes, "outputs_not_aliased_bytes":
             mem.output_size_in_bytes - mem.alias_size_in_bytes,
         "total_bytes": total, "compile_seconds": compile_s,
@@ -115,9 +120,12 @@ def report(name: str, r: dict) -> str:
              "per device:",
              f"  parameters        {human(r['params_bytes']):>12}",
              f"  optimizer state   {human(r['opt_state_bytes']):>12}",
-             f"  batch             {human(r['batch_bytes']):>12}",
+             f"  batch             {human(r['batch_bytes']):>12}"
+             + (f"   (+ {human(r['dispatch_batches_extra_bytes'])} for the other steps of a dispatch)"
+                if r.get("dispatch_batches_extra_bytes") else ""),
              f"  temporaries       {human(r['temp_bytes']):>12}   (activations, gradients, workspace)",
-             f"  total             {human(r['total_bytes']):>12}   (arguments + temporaries + outputs not donated)"]
+             f"  total             {human(r['total_bytes']):>12}   (arguments + temporaries + outputs not donated"
+             + (", + the dispatch's batches)" if r.get("dispatch_batches_extra_bytes") else ")")]
     if r.get("split_note"):
         lines.append(r["split_note"])
     if "fits" in r:

@@ -59,10 +59,13 @@ def parse_sizes(text: str) -> list[Size]:
             shape, run, steps = item.split(":")
             layers, width, heads = (int(x) for x in shape.split("x"))
             context, batch = (int(x) for x in run.split("x"))
-            out.append(Size(item, layers, width, heads, context, batch, int(steps)))
+            size = Size(item, layers, width, heads, context, batch, int(steps))
+            if min(layers, width, heads, context, batch, size.steps) < 1:
+                raise ValueError
+            out.append(size)
         except ValueError:
             raise UserError(f"--sizes {item!r}: give one of {', '.join(SIZES)} or LAYERSxWIDTHxHEADS:CONTEXTxBATCH:STEPS "
-                            "(e.g. 2x64x2:32x4:20)") from None
+                            "(e.g. 2x64x2:32x4:20; each number ≥ 1)") from None
     if not out:
         raise UserError("--sizes is empty; give e.g. 1m,10m,50m")
     return out
@@ -79,7 +82,7 @@ def size_config(size: Size, data: str) -> Config:
 def time_plutao(cfg: Config, steps: int) -> dict:
     """Median ms per step over blocks of train.steps_per_dispatch steps, after one warm-up block."""
     p = prepare(cfg, None)
-    trainer, k = p.trainer, cfg.train.steps_per_dispatch
+    trainer, k = p.trainer, cfg.train.dispatch_slots  # (the blocks the train loop runs between its log lines)
     state = trainer.init_state()
     t = time.perf_counter()
     state, m = trainer.train_block(state, p.batches.sharded_block(range(k), k, trainer.mesh), np.int32(k))
@@ -88,8 +91,8 @@ def time_plutao(cfg: Config, steps: int) -> dict:
     per_step, step = [], k
     while step < k + steps:
         n = min(k, k + steps - step)
+        t = time.perf_counter()  # (drawing the batches included, as PyTorch's timing includes its own)
         batches = p.batches.sharded_block(range(step, step + n), k, trainer.mesh)
-        t = time.perf_counter()
         state, m = trainer.train_block(state, batches, np.int32(n))
         jax.block_until_ready(m)
         per_step.append((time.perf_counter() - t) / n)
@@ -112,12 +115,10 @@ def time_torch(text: str, size: Size, compile: bool, vocab: int) -> dict:
 
 def run_bench_sizes(sizes: list[Size], data: str | None = None, torch: bool = True, compile: bool = True,
                     profile: bool = True, plot: str | None = None, out=None) -> dict:
-    from plutao.experiments.bench import profile_step, resolve_data
+    from plutao.experiments.bench import profile_step, shakespeare_file
 
     out = out or sys.stdout
-    data = resolve_data(data)
-    if not Path(data).is_file():
-        raise UserError(f"--data {data}: no such file; give Tiny Shakespeare's text (input.txt) with --data FILE")
+    data = shakespeare_file(data)
     text = Path(data).read_text(encoding="utf-8")
     if torch:
         try:
@@ -145,7 +146,7 @@ def run_bench_sizes(sizes: list[Size], data: str | None = None, torch: bool = Tr
                 row["profile"] = profile_step(cfg, Path(work) / size.name, steps=2)
             rows.append(row)
     result = {"rows": rows, "load_before": load, "load_after": os.getloadavg()[0],
-              "steps_per_dispatch": size_config(sizes[0], data).train.steps_per_dispatch}
+              "steps_per_dispatch": size_config(sizes[0], data).train.dispatch_slots}
     if plot:
         result["plot"] = draw(rows, plot)
     print_table(result, out)

@@ -159,13 +159,14 @@ def _train(cfg: Config, run_dir: Path, devices, quiet: bool, allow_changed: tupl
             spent_before = float(meta.get("train_seconds", legacy_train_seconds(run_dir, start)))
 
             events = [e for e in (t.log_every, t.eval_every, t.sample_every, t.checkpoint_every) if e]
+            slots = t.dispatch_slots  # (1: the single-step program, as with train.steps_per_dispatch=1)
 
             def block_end(first: int, last: int) -> int:
                 """Where the dispatch starting at step `first` ends: after train.steps_per_dispatch steps, at
                 the next step that logs, evaluates, samples or saves, or where the batch shape changes
                 (so every checkpoint, and every point a signal or time budget is acted on, is between
                 blocks, and a resumed run goes through the same steps as one never stopped)."""
-                end = min([last, first + t.steps_per_dispatch] + [(first // e + 1) * e for e in events])
+                end = min([last, first + slots] + [(first // e + 1) * e for e in events])
                 shapes = p.batches.train_shapes(first)
                 for s in range(first + 1, end):
                     if p.batches.train_shapes(s) != shapes:
@@ -200,13 +201,14 @@ def _train(cfg: Config, run_dir: Path, devices, quiet: bool, allow_changed: tupl
                                  {"val_loss": good_val, "train_seconds": spent(), "nonfinite_steps": nonfinite})
 
             while step < last_step and not stop.agreed(step, t.log_every, out_of_time()):
-                end = block_end(step, last_step)
+                # (the first dispatch is one step: its time is the compilation's, as with single steps)
+                end = step + 1 if compile_s is None else block_end(step, last_step)
                 window_tokens += sum(p.batches.tokens_per_step(s) for s in range(step, end))
                 t0 = time.perf_counter()
-                if t.steps_per_dispatch == 1:
+                if slots == 1:
                     state, step_metrics = trainer.train_step(state, p.batches.sharded_train(step, trainer.mesh))
                 else:
-                    batches = p.batches.sharded_block(range(step, end), t.steps_per_dispatch, trainer.mesh)
+                    batches = p.batches.sharded_block(range(step, end), slots, trainer.mesh)
                     state, step_metrics = trainer.train_block(state, batches, np.int32(end - step))
                 window_steps += end - step
                 bar.update(end - step - 1)

@@ -123,7 +123,7 @@ def register(sub) -> None:
     bz = sub.add_parser("bench-sizes", help="training tokens/s at about 1M, 10M and 50M parameters against PyTorch "
                         "eager and torch.compile of the same recipe, with where plutao's step spends its time")
     bz.add_argument("--sizes", default="1m,10m,50m", help="sizes: 1m, 10m, 50m or LAYERSxWIDTHxHEADS:CONTEXTxBATCH:STEPS")
-    bz.add_argument("--data", help="Tiny Shakespeare text file (default: ../shared/data or download)")
+    bz.add_argument("--data", help="Tiny Shakespeare text file (default: download or cache)")
     bz.add_argument("--no-torch", action="store_true", help="plutao only")
     bz.add_argument("--no-compile", action="store_true", help="skip torch.compile (it needs a C++ compiler)")
     bz.add_argument("--no-profile", action="store_true", help="skip the traced step at each size")

@@ -63,7 +63,8 @@ class TrainConfig:
     log_every: int = 10
     # Steps run by one dispatch to the devices (a loop on the device over batches sent together): the
     # host neither waits nor dispatches per step. Blocks end where the run logs, evaluates, samples,
-    # saves or stops, so every checkpoint falls between blocks; 1 = one step per dispatch.
+    # saves or stops, so every checkpoint falls between blocks (a block is never longer than
+    # train.log_every); 1 = one step per dispatch. The RL stages dispatch per step (they sample in between).
     steps_per_dispatch: int = 10
     seed: int = 0
     max_seconds: float = 0.0  # a wall-clock budget for this invocation's steps: the run ends there; 0 = none
@@ -82,6 +83,13 @@ class TrainConfig:
     # `plutao reward` set it); "ppo", "grpo" = reinforcement learning from rewards; "dpo" = direct
     # preference optimisation (`plutao ppo`, `plutao grpo`, `plutao dpo`).
     task: Literal["", "sft", "reward", "ppo", "dpo", "grpo"] = ""
+
+    @property
+    def dispatch_slots(self) -> int:
+        """The most steps one dispatch can hold: train.steps_per_dispatch, capped by the intervals at
+        which the run logs, evaluates, samples and saves (the slots of the block program's batches)."""
+        return min([self.steps_per_dispatch, self.log_every, self.checkpoint_every]
+                   + [e for e in (self.eval_every, self.sample_every) if e > 0])
 
 
 @dataclasses.dataclass(frozen=True)
