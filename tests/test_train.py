@@ -195,6 +195,9 @@ def test_resume_after_sigkill(small_corpus, tmp_path, straight_run):
     assert train_steps(tmp_path / "killed") == train_steps(straight_run)
 
 
+# (slow: its fast siblings are test_first_use.py's SIGTERM mid-run, which saves, says how to resume and
+# resumes, and test_resume_equals_uninterrupted_with_any_steps_per_dispatch for the exactness)
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(small_corpus, tmp_path, straight_run):
     done = interrupt_after_first_checkpoint(small_corpus, tmp_path / "term", signal.SIGTERM)
     assert done.returncode == 0, done.stderr[-2000:]
