@@ -64,7 +64,7 @@ def our_accuracy(lm) -> float:
     return float(np.mean([int(np.argmax(logprobs(lm, [(q, " " + c) for c in cs]))) == a for q, cs, a in QUESTIONS]))
 
 
-@pytest.mark.slow  # (lm_eval indexes its ~14,000 built-in tasks first: 50 s; the test below is its fast sibling)
+@pytest.mark.slow  # (lm_eval indexes its ~14,000 built-in tasks first: 50 s; the tests below are its fast siblings)
 def test_plutao_eval_harness_on_a_local_task(run_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     local_task(tmp_path)
@@ -76,6 +76,9 @@ def test_plutao_eval_harness_on_a_local_task(run_dir, tmp_path, monkeypatch):
     assert acc == pytest.approx(our_accuracy(PlutaoLM(str(run_dir))))
 
 
+# (slow: lm_eval's evaluation of a local task in process, 20 s; its fast sibling is the request-by-request
+# test below, and the whole path as a process is the slow test above)
+@pytest.mark.slow
 def test_multiple_choice_accuracy_equals_our_scoring(run_dir, tmp_path, monkeypatch):
     from lm_eval.tasks import TaskManager
 
@@ -85,9 +88,12 @@ def test_multiple_choice_accuracy_equals_our_scoring(run_dir, tmp_path, monkeypa
     local_task(tmp_path)
     manager = TaskManager(include_path=str(tmp_path), include_defaults=False)
     acc = evaluate(str(run_dir), ["plutao_choices"], task_manager=manager)["results"]["plutao_choices"]["acc,none"]
+    assert acc == pytest.approx(our_accuracy(PlutaoLM(str(run_dir))))
+
+
+def test_loglikelihood_requests_equal_the_one_row_computation(run_dir):
+    """lm_eval's multiple-choice requests through the batched pass equal the one-row computation."""
     lm = PlutaoLM(str(run_dir))
-    assert acc == pytest.approx(our_accuracy(lm))
-    # and request by request: lm_eval's requests through the batched pass equal the one-row computation
     requests = [Instance("loglikelihood", {}, (q, " " + c), 0) for q, cs, _ in QUESTIONS for c in cs]
     got = [lp for lp, _ in lm.loglikelihood(requests)]
     want = logprobs(lm, [(q, " " + c) for q, cs, _ in QUESTIONS for c in cs])

@@ -52,13 +52,17 @@ def test_loss_is_cross_entropy_over_assistant_tokens_only(setup):
     model = GPT(cfg.model, nnx.Rngs(0))
     batch = task.named(rows.train_rows(0))
     # Reference: each conversation alone, cross-entropy at the positions whose target is an assistant token.
+    # (each conversation right-padded to one width, so one program serves them all: the model is
+    # causal, so the padding after a conversation changes none of its logits)
     nll, count = 0.0, 0
+    width = batch["tokens"].shape[1]
     for row in range(2):
         seg = batch["segment_ids"][row]
         for s in np.unique(seg[seg > 0]):
             at = np.flatnonzero(seg == s)
-            tokens = batch["tokens"][row, at]
-            logits = np.asarray(forward_logits(model, jnp.asarray(tokens[None]))[0][0])
+            tokens = np.zeros(width, np.int32)
+            tokens[:len(at)] = batch["tokens"][row, at]
+            logits = np.asarray(forward_logits(model, jnp.asarray(tokens[None]))[0][0])[:len(at)]
             logp = logits - jax.scipy.special.logsumexp(logits, axis=-1, keepdims=True)
             w = batch["loss_weights"][row, at]
             t = batch["targets"][row, at]
